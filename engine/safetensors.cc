@@ -10,7 +10,6 @@
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -47,7 +46,7 @@ bool Exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
-// A non-negative JSON integer that fits in int64_t, or nullopt.
+// True (and *out set) for a non-negative JSON integer that fits in int64_t.
 bool GetNonNegativeInt(const json& j, uint64_t* out) {
   if (j.is_number_unsigned()) {
     uint64_t v = j.get<uint64_t>();
@@ -65,9 +64,8 @@ bool GetNonNegativeInt(const json& j, uint64_t* out) {
 }
 
 // Parses one tensor entry of the header. `data_size` is the length of the data region.
-absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
-                              const json& entry, const uint8_t* data_region,
-                              uint64_t data_size, TensorInfo* t) {
+absl::Status ParseTensorEntry(const std::string& path, const std::string& name, const json& entry,
+                              const uint8_t* data_region, uint64_t data_size, TensorInfo* t) {
   auto err = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "': ", what));
   };
@@ -114,14 +112,13 @@ absl::Status ParseTensorEntry(const std::string& path, const std::string& name,
     return err(absl::StrCat("data_offsets [", begin, ", ", end, ") has begin > end"));
   }
   if (end > data_size) {
-    return absl::DataLossError(absl::StrCat(path, ": truncated: tensor '", name,
-                                            "' needs bytes [", begin, ", ", end,
-                                            ") but data region has ", data_size));
+    return absl::DataLossError(absl::StrCat(path, ": truncated: tensor '", name, "' needs bytes [",
+                                            begin, ", ", end, ") but data region has ", data_size));
   }
   if (end - begin != nbytes) {
     return err(absl::StrCat("data_offsets [", begin, ", ", end, ") hold ", end - begin,
                             " bytes but shape ", ShapeToString(shape), " of ",
-                            DTypeName(*dtype), " needs ", nbytes));
+                            std::string(DTypeName(*dtype)), " needs ", nbytes));
   }
 
   t->name = name;
@@ -189,8 +186,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
   if (header_len > size - 8) {
-    return absl::DataLossError(absl::StrCat(path, ": header length ", header_len,
-                                            " exceeds file size ", size));
+    return absl::DataLossError(
+        absl::StrCat(path, ": header length ", header_len, " exceeds file size ", size));
   }
   const uint8_t* data_region = bytes + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
@@ -199,8 +196,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   try {
     header = json::parse(bytes + 8, bytes + 8 + header_len);
   } catch (const std::exception& e) {
-    return absl::DataLossError(
-        absl::StrCat(path, ": header is not valid JSON: ", e.what()));
+    return absl::DataLossError(absl::StrCat(path, ": header is not valid JSON: ", e.what()));
   }
   if (!header.is_object()) {
     return absl::DataLossError(absl::StrCat(path, ": header is not a JSON object"));
@@ -221,8 +217,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
         continue;
       }
       TensorInfo t;
-      absl::Status s =
-          ParseTensorEntry(path, it.key(), it.value(), data_region, data_size, &t);
+      absl::Status s = ParseTensorEntry(path, it.key(), it.value(), data_region, data_size, &t);
       if (!s.ok()) return s;
       f->tensors_.push_back(std::move(t));
     }
@@ -267,7 +262,9 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(
   const std::string index_path = JoinPath(dir, kIndexFile);
   const std::string single_path = JoinPath(dir, kSingleFile);
 
-  if (Exists(index_path)) {
+  // Like transformers: a single model.safetensors wins over an index next to it.
+  const bool has_single = Exists(single_path);
+  if (!has_single && Exists(index_path)) {
     r->sharded_ = true;
     // Read and parse the index.
     std::string text;
@@ -301,29 +298,27 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(
       }
       for (auto it = wm->begin(); it != wm->end(); ++it) {
         if (!it.value().is_string()) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              index_path, ": weight_map entry '", it.key(), "' is not a file name string"));
+          return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map entry '",
+                                                         it.key(), "' is not a file name string"));
         }
         const std::string shard = it.value().get<std::string>();
-        if (shard.empty() || shard[0] == '/' || shard == ".." ||
-            shard.rfind("../", 0) == 0 || shard.find("/../") != std::string::npos) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              index_path, ": weight_map entry '", it.key(), "' names shard '", shard,
-              "' outside the checkpoint directory"));
+        if (shard.empty() || shard[0] == '/' || shard == ".." || shard.rfind("../", 0) == 0 ||
+            shard.find("/../") != std::string::npos) {
+          return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map entry '",
+                                                         it.key(), "' names shard '", shard,
+                                                         "' outside the checkpoint directory"));
         }
         if (wanted(it.key())) by_shard[shard].push_back(it.key());
       }
     } catch (const std::exception& e) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(index_path, ": not valid JSON: ", e.what()));
+      return absl::InvalidArgumentError(absl::StrCat(index_path, ": not valid JSON: ", e.what()));
     }
     for (auto& [shard, names] : by_shard) {
       const std::string shard_path = JoinPath(dir, shard);
       absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(shard_path);
       if (!f.ok()) {
-        return absl::Status(f.status().code(),
-                            absl::StrCat(f.status().message(), " (shard listed in ",
-                                         index_path, ")"));
+        return absl::Status(f.status().code(), absl::StrCat(f.status().message(),
+                                                            " (shard listed in ", index_path, ")"));
       }
       for (const std::string& name : names) {
         const TensorInfo* t = (*f)->Find(name);
@@ -338,7 +333,7 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(
     return r;
   }
 
-  if (Exists(single_path)) {
+  if (has_single) {
     absl::StatusOr<std::unique_ptr<SafetensorsFile>> f = SafetensorsFile::Open(single_path);
     if (!f.ok()) return f.status();
     for (const TensorInfo& t : (*f)->tensors()) {
@@ -348,8 +343,8 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(
     return r;
   }
 
-  return absl::NotFoundError(absl::StrCat(dir, ": no ", kSingleFile, " or ", kIndexFile,
-                                          " in the checkpoint directory"));
+  return absl::NotFoundError(
+      absl::StrCat(dir, ": no ", kSingleFile, " or ", kIndexFile, " in the checkpoint directory"));
 }
 
 const TensorInfo* CheckpointReader::Find(std::string_view name) const {
@@ -357,19 +352,18 @@ const TensorInfo* CheckpointReader::Find(std::string_view name) const {
   return it == index_.end() ? nullptr : it->second;
 }
 
-absl::StatusOr<const TensorInfo*> CheckpointReader::Get(
-    std::string_view name, const std::vector<int64_t>& shape) const {
+absl::StatusOr<const TensorInfo*> CheckpointReader::Get(std::string_view name,
+                                                        const std::vector<int64_t>& shape) const {
   const TensorInfo* t = Find(name);
   if (t == nullptr) {
-    std::string msg = absl::StrCat(dir_, ": missing tensor '", name, "'");
+    std::string msg = absl::StrCat(dir_, ": missing tensor '", std::string(name), "'");
     if (want_ && !want_(name)) absl::StrAppend(&msg, " (not selected by this reader's filter)");
     return absl::NotFoundError(msg);
   }
   if (t->shape != shape) {
-    return absl::InvalidArgumentError(absl::StrCat(t->file, ": tensor '", name, "' has shape ",
-                                                   ShapeToString(t->shape),
-                                                   ", config.json implies ",
-                                                   ShapeToString(shape)));
+    return absl::InvalidArgumentError(absl::StrCat(t->file, ": tensor '", std::string(name),
+                                                   "' has shape ", ShapeToString(t->shape),
+                                                   ", config.json implies ", ShapeToString(shape)));
   }
   return t;
 }

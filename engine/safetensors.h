@@ -74,9 +74,11 @@ class SafetensorsFile {
 };
 
 // A checkpoint directory: `model.safetensors`, or shards listed by
-// `model.safetensors.index.json` ("weight_map": name -> shard file). `want` (optional) selects
-// tensor names: shards holding none of the wanted tensors are not opened, and Find() of an
-// unwanted name returns nullptr -- this is how an expert worker loads only its own
+// `model.safetensors.index.json` ("weight_map": name -> shard file); when both are present the
+// single file is used, as transformers does. In the sharded case the names are those of the
+// weight_map (each must be present in its shard; other tensors in a shard are ignored). `want`
+// (optional) selects tensor names: shards holding none of the wanted tensors are not opened, and
+// Find() of an unwanted name returns nullptr -- this is how an expert worker loads only its own
 // (layer, expert) shards.
 class CheckpointReader {
  public:

@@ -1,0 +1,56 @@
+// The KV cache of one attention worker.
+#ifndef MOEMESH_ENGINE_KV_CACHE_H_
+#define MOEMESH_ENGINE_KV_CACHE_H_
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace moemesh {
+
+// Per sequence and layer: K and V rows [position, kv_dim] in fp32, grown in blocks as the sequence
+// grows. The total number of token slots over all sequences is bounded by `capacity_tokens`.
+// Not thread-safe: the attention worker's step loop owns it.
+class KvCache {
+ public:
+  KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens);
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+
+  // Makes room for positions [0, length) of `seq` (creating it if new).
+  // RESOURCE_EXHAUSTED when the cache has no room; the sequence is then left as it was.
+  absl::Status Reserve(uint64_t seq, int64_t length);
+  // Frees the sequence's slots at once. No-op for an unknown sequence.
+  void Free(uint64_t seq);
+  bool Has(uint64_t seq) const { return seqs_.count(seq) != 0; }
+
+  // Rows [0, reserved length) of `seq`'s K (V) at `layer`; row stride kv_dim(). Valid until the
+  // next Reserve or Free of that sequence.
+  float* K(uint64_t seq, int64_t layer);
+  float* V(uint64_t seq, int64_t layer);
+
+  int64_t kv_dim() const { return kv_dim_; }
+  int64_t capacity_tokens() const { return capacity_; }
+  int64_t used_tokens() const { return used_; }       // slots reserved over all sequences
+  int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
+
+ private:
+  static constexpr int64_t kBlock = 64;  // slots grow in multiples of this
+  struct Seq {
+    int64_t slots = 0;
+    std::vector<std::vector<float>> k, v;  // [layer] -> [slots * kv_dim]
+  };
+
+  const int64_t num_layers_;
+  const int64_t kv_dim_;
+  const int64_t capacity_;
+  int64_t used_ = 0;
+  std::unordered_map<uint64_t, Seq> seqs_;
+};
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_ENGINE_KV_CACHE_H_

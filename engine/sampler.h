@@ -1,0 +1,56 @@
+// Token selection from one row of logits: greedy, or seeded sampling with the usual filters.
+#ifndef MOEMESH_ENGINE_SAMPLER_H_
+#define MOEMESH_ENGINE_SAMPLER_H_
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace moemesh {
+
+struct SamplingConfig {
+  float temperature = 0.0f;        // 0 = greedy (argmax; ties -> lowest id)
+  int32_t top_k = 0;               // 0 = off
+  float top_p = 1.0f;              // (0, 1]
+  float min_p = 0.0f;              // [0, 1]
+  float repetition_penalty = 1.0f; // > 0; as transformers: logit / p if > 0 else logit * p
+  float presence_penalty = 0.0f;   // [-2, 2], subtracted once per distinct generated token
+  float frequency_penalty = 0.0f;  // [-2, 2], subtracted per occurrence in the generated tokens
+  uint64_t seed = 0;
+  int32_t logprobs = 0;            // top-n log-probabilities to report, 0..20
+
+  // InvalidArgument naming the field when a value is out of range.
+  absl::Status Validate() const;
+  bool greedy() const { return temperature <= 0.0f; }
+};
+
+struct TokenChoice {
+  int32_t id = 0;
+  float logprob = 0.0f;                          // of the chosen token, before filtering
+  std::vector<std::pair<int32_t, float>> top;    // top-n (id, logprob) when requested
+};
+
+// One per sequence: owns the random stream, so a seeded sequence gives the same tokens whatever
+// else is in the batch. Not thread-safe.
+class Sampler {
+ public:
+  explicit Sampler(const SamplingConfig& cfg);
+  // `logits`: [vocab], modified in place. `prompt` and `generated` feed the penalties
+  // (repetition: both; presence / frequency: generated only, as OpenAI defines them).
+  TokenChoice Sample(float* logits, int64_t vocab, const std::vector<int32_t>& prompt,
+                     const std::vector<int32_t>& generated);
+
+ private:
+  SamplingConfig cfg_;
+  std::mt19937_64 rng_;
+};
+
+// Index of the largest value (lowest index on ties), as torch.argmax.
+int32_t ArgMax(const float* x, int64_t n);
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_ENGINE_SAMPLER_H_
