@@ -12,6 +12,14 @@ inclusive code-point ranges:
                   Unicode (Zs, Zl, Zp, U+0009..U+000D, U+0085). Python's
                   str.isspace() also accepts U+001C..U+001F (bidi classes B/S
                   that are not White_Space), so those are excluded.
+and, for the NFC normalizer:
+  kCombiningClassRanges  {lo, hi, ccc}: runs of code points with the same
+                  non-zero Canonical_Combining_Class.
+  kCanonicalDecompositions  {cp, first, second, composes}: each canonical
+                  decomposition mapping (second is 0 for a singleton), sorted
+                  by cp; Hangul syllables are left out (they are algorithmic).
+                  composes is 1 when the pair recomposes to cp under NFC
+                  (i.e. cp is a primary composite, not composition-excluded).
 """
 
 import sys
@@ -45,6 +53,49 @@ def is_space(cp):
     return chr(cp).isspace() and not (0x1C <= cp <= 0x1F)
 
 
+def combining_class_ranges():
+    out = []
+    for cp in range(MAX_CP + 1):
+        c = unicodedata.combining(chr(cp))
+        if not c:
+            continue
+        if out and out[-1][1] == cp - 1 and out[-1][2] == c:
+            out[-1][1] = cp
+        else:
+            out.append([cp, cp, c])
+    return out
+
+
+def canonical_decompositions():
+    out = []
+    for cp in range(MAX_CP + 1):
+        if 0xAC00 <= cp <= 0xD7A3:
+            continue
+        d = unicodedata.decomposition(chr(cp))
+        if not d or d.startswith("<"):
+            continue
+        parts = [int(x, 16) for x in d.split()]
+        assert len(parts) in (1, 2), (cp, parts)
+        composes = len(parts) == 2 and unicodedata.normalize("NFC", chr(cp)) == chr(cp)
+        out.append((cp, parts[0], parts[1] if len(parts) == 2 else 0, int(composes)))
+    return out
+
+
+def emit_rows(ctype, name, rows, out, hex_cols):
+    out.append(f"inline constexpr {ctype} {name}[] = {{")
+    line = "   "
+    for row in rows:
+        item = " {" + ", ".join(f"0x{v:X}" if k < hex_cols else str(v)
+                                for k, v in enumerate(row)) + "},"
+        if len(line) + len(item) > 100:
+            out.append(line)
+            line = "   "
+        line += item
+    out.append(line)
+    out.append("};")
+    out.append("")
+
+
 def emit(name, rs, out):
     out.append(f"inline constexpr CodepointRange {name}[] = {{")
     line = "   "
@@ -70,7 +121,8 @@ def main():
         f"(Unicode {unicodedata.unidata_version}); do not edit.",
         "//   python3 tools/gen_unicode_tables.py > engine/unicode_tables.h",
         "// Sorted, non-overlapping, inclusive code-point ranges for the regex classes",
-        "// \\p{L} (General_Category L*), \\p{N} (N*) and \\s (White_Space).",
+        "// \\p{L} (General_Category L*), \\p{N} (N*) and \\s (White_Space), and the",
+        "// canonical combining classes and decompositions that NFC needs.",
         "#ifndef MOEMESH_ENGINE_UNICODE_TABLES_H_",
         "#define MOEMESH_ENGINE_UNICODE_TABLES_H_",
         "",
@@ -84,10 +136,27 @@ def main():
         "  uint32_t hi;",
         "};",
         "",
+        "struct CombiningClassRange {",
+        "  uint32_t lo;",
+        "  uint32_t hi;",
+        "  uint8_t ccc;",
+        "};",
+        "",
+        "struct CanonicalDecomposition {",
+        "  uint32_t cp;",
+        "  uint32_t first;",
+        "  uint32_t second;  // 0: singleton decomposition.",
+        "  uint8_t composes;  // 1: first + second recompose to cp under NFC.",
+        "};",
+        "",
     ]
     emit("kLetterRanges", ranges(is_letter), out)
     emit("kNumberRanges", ranges(is_number), out)
     emit("kSpaceRanges", space, out)
+    emit_rows("CombiningClassRange", "kCombiningClassRanges",
+              combining_class_ranges(), out, hex_cols=2)
+    emit_rows("CanonicalDecomposition", "kCanonicalDecompositions",
+              canonical_decompositions(), out, hex_cols=3)
     out += [
         "}  // namespace unicode_tables",
         "}  // namespace moemesh",
