@@ -1,0 +1,189 @@
+#include "attention_worker/attention_worker.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+
+namespace moemesh {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Times the calls into the expert backend (the step's "waiting on experts" share).
+class TimedExperts : public ExpertBackend {
+ public:
+  explicit TimedExperts(ExpertBackend* inner) : inner_(inner) {}
+  absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
+                          const float* weights, int64_t k, float* out) override {
+    auto t = Clock::now();
+    absl::Status st = inner_->RunExperts(layer, x, n, ids, weights, k, out);
+    seconds += Since(t);
+    return st;
+  }
+  double seconds = 0;
+
+ private:
+  ExpertBackend* inner_;
+};
+
+void SetError(wire::SeqResult* r, const absl::Status& st) {
+  r->set_error_code(static_cast<int32_t>(st.code()));
+  r->set_error(std::string(st.message()));
+}
+
+}  // namespace
+
+SamplingConfig ToSamplingConfig(const moemesh::v1::SamplingParams& p) {
+  SamplingConfig c;
+  if (p.has_temperature()) c.temperature = p.temperature();
+  if (p.has_top_p()) c.top_p = p.top_p();
+  if (p.has_top_k()) c.top_k = p.top_k();
+  if (p.has_min_p()) c.min_p = p.min_p();
+  if (p.has_repetition_penalty()) c.repetition_penalty = p.repetition_penalty();
+  if (p.has_presence_penalty()) c.presence_penalty = p.presence_penalty();
+  if (p.has_frequency_penalty()) c.frequency_penalty = p.frequency_penalty();
+  if (p.has_seed()) c.seed = p.seed();
+  if (p.has_logprobs()) c.logprobs = p.logprobs();
+  return c;
+}
+
+AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder,
+                                 ExpertBackend* experts, const Options& opt)
+    : stack_(stack),
+      encoder_(encoder),
+      experts_(experts),
+      device_(opt.device),
+      cache_(stack->config().num_hidden_layers, stack->kv_dim(), opt.kv_capacity_tokens) {}
+
+absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepResponse* resp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const ModelConfig& cfg = stack_->config();
+  auto t_start = Clock::now();
+  std::vector<SeqStep> batch;
+  std::vector<int> result_of;  // batch entry -> index in resp->results
+  std::vector<int32_t> all_tokens;
+  for (const wire::SeqStep& s : req.seqs()) {
+    wire::SeqResult* r = resp->add_results();
+    r->set_seq_id(s.seq_id());
+    auto fail = [&](absl::Status st) { SetError(r, st); };
+    if (s.tokens_size() == 0) {
+      fail(absl::InvalidArgumentError("no tokens"));
+      continue;
+    }
+    bool bad_id = false;
+    for (int32_t id : s.tokens()) bad_id |= id < 0 || id >= cfg.vocab_size;
+    if (bad_id) {
+      fail(absl::InvalidArgumentError(
+          absl::StrCat("token id outside the vocabulary [0, ", cfg.vocab_size, ")")));
+      continue;
+    }
+    if (s.experts_per_token() < 0 || s.experts_per_token() > cfg.num_experts) {
+      fail(absl::InvalidArgumentError(absl::StrCat("experts_per_token must be in [1, ",
+                                                   cfg.num_experts, "]")));
+      continue;
+    }
+    if (s.start_pos() + s.tokens_size() > cfg.max_position_embeddings) {
+      fail(absl::InvalidArgumentError(absl::StrCat("sequence would exceed the context of ",
+                                                   cfg.max_position_embeddings, " tokens")));
+      continue;
+    }
+    auto it = seqs_.find(s.seq_id());
+    if (s.new_sequence()) {
+      if (s.start_pos() != 0) {
+        fail(absl::InvalidArgumentError("a new sequence starts at position 0"));
+        continue;
+      }
+      if (it != seqs_.end()) cache_.Free(s.seq_id());
+      it = seqs_.insert_or_assign(s.seq_id(),
+                                  std::make_unique<SeqState>(ToSamplingConfig(s.sampling())))
+               .first;
+    } else if (it == seqs_.end()) {
+      fail(absl::FailedPreconditionError(absl::StrCat("unknown sequence ", s.seq_id())));
+      continue;
+    }
+    SeqState& st = *it->second;
+    if (s.start_pos() != st.length) {
+      fail(absl::FailedPreconditionError(absl::StrCat("sequence ", s.seq_id(), " has ", st.length,
+                                                      " tokens, step starts at ", s.start_pos())));
+      continue;
+    }
+    absl::Status reserved = cache_.Reserve(s.seq_id(), s.start_pos() + s.tokens_size());
+    if (!reserved.ok()) {
+      fail(reserved);
+      if (s.new_sequence()) seqs_.erase(it);
+      continue;
+    }
+    SeqStep b;
+    b.seq_id = s.seq_id();
+    b.tokens.assign(s.tokens().begin(), s.tokens().end());
+    b.start_pos = s.start_pos();
+    b.experts_per_token = s.experts_per_token();
+    batch.push_back(std::move(b));
+    result_of.push_back(resp->results_size() - 1);
+    all_tokens.insert(all_tokens.end(), s.tokens().begin(), s.tokens().end());
+  }
+  if (batch.empty()) return absl::OkStatus();
+
+  std::vector<float> hidden(all_tokens.size() * cfg.hidden_size);
+  absl::Status st = encoder_->Encode(all_tokens.data(), static_cast<int64_t>(all_tokens.size()),
+                                     hidden.data());
+  if (!st.ok()) return st;
+  TimedExperts timed(experts_);
+  std::vector<float> logits;
+  st = stack_->Forward(batch, hidden.data(), &cache_, &timed, &logits);
+  if (!st.ok()) return st;
+  auto t_sample = Clock::now();
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const wire::SeqStep& s = req.seqs(result_of[b]);
+    SeqState& state = *seqs_.at(batch[b].seq_id);
+    state.length += static_cast<int64_t>(batch[b].tokens.size());
+    if (state.generated.empty()) {
+      state.prompt.insert(state.prompt.end(), batch[b].tokens.begin(), batch[b].tokens.end());
+    }
+    if (!s.sample()) continue;
+    TokenChoice c = state.sampler.Sample(&logits[b * cfg.vocab_size], cfg.vocab_size,
+                                         state.prompt, state.generated);
+    state.generated.push_back(c.id);
+    wire::SeqResult* r = resp->mutable_results(result_of[b]);
+    r->set_sampled(true);
+    r->set_token(c.id);
+    r->set_logprob(c.logprob);
+    for (const auto& [id, lp] : c.top) {
+      r->add_top_ids(id);
+      r->add_top_logprobs(lp);
+    }
+  }
+  ++steps_;
+  sampling_s_ += Since(t_sample);
+  expert_s_ += timed.seconds;
+  attention_s_ += std::chrono::duration<double>(t_sample - t_start).count() - timed.seconds;
+  return absl::OkStatus();
+}
+
+int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t id : seq_ids) {
+    if (seqs_.erase(id)) ++released_;
+    cache_.Free(id);
+  }
+  return cache_.capacity_tokens() - cache_.used_tokens();
+}
+
+wire::Stats AttentionWorker::GetStats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  wire::Stats s;
+  s.set_kv_capacity_tokens(cache_.capacity_tokens());
+  s.set_kv_used_tokens(cache_.used_tokens());
+  s.set_active_sequences(static_cast<int64_t>(seqs_.size()));
+  s.set_released_sequences(released_);
+  s.set_steps(steps_);
+  s.set_attention_seconds(attention_s_);
+  s.set_expert_wait_seconds(expert_s_);
+  s.set_sampling_seconds(sampling_s_);
+  s.set_device(device_);
+  return s;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,77 @@
+// The attention worker as a plain object: owns the KV cache and the per-sequence sampler state,
+// runs batched forward steps of AttentionStack with embeddings from an EncoderBackend and experts
+// behind an ExpertBackend. The gRPC service (attention_service.h) and the in-process mode both
+// drive this class.
+#ifndef MOEMESH_ATTENTION_WORKER_ATTENTION_WORKER_H_
+#define MOEMESH_ATTENTION_WORKER_ATTENTION_WORKER_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "engine/kv_cache.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "mesh/encoder_backend.h"
+#include "protos/worker.pb.h"
+
+namespace moemesh {
+
+namespace wire = ::moemesh::internal::v1;
+
+// Resolved sampling parameters (the router fills defaults) -> SamplingConfig.
+SamplingConfig ToSamplingConfig(const moemesh::v1::SamplingParams& p);
+
+class AttentionWorker {
+ public:
+  struct Options {
+    int64_t kv_capacity_tokens = 1 << 16;
+    std::string device = "cpu";
+  };
+  // `stack`, `encoder` and `experts` must outlive the worker.
+  AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder, ExpertBackend* experts,
+                  const Options& opt);
+  AttentionWorker(const AttentionWorker&) = delete;
+  AttentionWorker& operator=(const AttentionWorker&) = delete;
+
+  // Runs one step. A sequence whose entry is invalid (unknown sequence, wrong position, token id
+  // outside the vocabulary, KV cache full, ...) gets an error in its SeqResult and is left out;
+  // the others run. A non-OK return (e.g. an expert worker is down) means the whole step failed
+  // and every sequence in it must be released. Thread-safe: steps run one at a time.
+  absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp);
+  // Frees the sequences' KV cache and sampler state; returns the free KV slots after.
+  int64_t Release(const std::vector<uint64_t>& seq_ids);
+  wire::Stats GetStats() const;
+
+  const ModelConfig& config() const { return stack_->config(); }
+
+ private:
+  struct SeqState {
+    explicit SeqState(const SamplingConfig& c) : sampler(c) {}
+    Sampler sampler;
+    std::vector<int32_t> prompt, generated;
+    int64_t length = 0;  // tokens in the KV cache
+  };
+
+  const AttentionStack* const stack_;
+  EncoderBackend* const encoder_;
+  ExpertBackend* const experts_;
+  const std::string device_;
+
+  mutable std::mutex mu_;
+  KvCache cache_ ABSL_GUARDED_BY(mu_);
+  std::unordered_map<uint64_t, std::unique_ptr<SeqState>> seqs_ ABSL_GUARDED_BY(mu_);
+  int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t released_ ABSL_GUARDED_BY(mu_) = 0;
+  double attention_s_ ABSL_GUARDED_BY(mu_) = 0, expert_s_ ABSL_GUARDED_BY(mu_) = 0,
+         sampling_s_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_ATTENTION_WORKER_ATTENTION_WORKER_H_

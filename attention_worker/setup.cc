@@ -1,0 +1,98 @@
+#include "attention_worker/setup.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "mesh/grpc_clients.h"
+#include "mesh/placement.h"
+
+namespace moemesh {
+namespace {
+
+bool IsRoutedExpertTensor(std::string_view name) {
+  return absl::StrContains(std::string(name), ".experts.");
+}
+
+// "L:E" strings from GetStats -> shard set.
+absl::StatusOr<std::set<ExpertId>> ParseShardList(const wire::ExpertStats& s) {
+  std::set<ExpertId> out;
+  for (const std::string& e : s.shards()) {
+    std::vector<std::string> p = absl::StrSplit(e, ':');
+    int32_t l, x;
+    if (p.size() != 2 || !absl::SimpleAtoi(p[0], &l) || !absl::SimpleAtoi(p[1], &x)) {
+      return absl::InvalidArgumentError(absl::StrCat("bad shard '", e, "'"));
+    }
+    out.emplace(l, x);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSetupOptions opt) {
+  auto s = std::make_unique<AttentionSetup>();
+  auto cfg = ModelConfig::FromFile(opt.model_dir + "/config.json");
+  if (!cfg.ok()) return cfg.status();
+  s->cfg = *cfg;
+  auto arch = ArchFor(s->cfg);
+  if (!arch.ok()) return arch.status();
+  s->arch = *arch;
+  const bool remote_experts = !opt.expert_addresses.empty();
+  auto ckpt = CheckpointReader::Open(opt.model_dir, [&](std::string_view name) {
+    return !remote_experts || !IsRoutedExpertTensor(name);
+  });
+  if (!ckpt.ok()) return ckpt.status();
+  s->ckpt = std::move(*ckpt);
+  LoadOptions lo;
+  lo.compute = opt.compute;
+  auto stack = AttentionStack::Load(*s->ckpt, s->cfg, s->arch, lo);
+  if (!stack.ok()) return stack.status();
+  s->stack = std::move(*stack);
+
+  if (opt.encoder_address.empty()) {
+    auto emb = Embedder::Load(*s->ckpt, s->cfg);
+    if (!emb.ok()) return emb.status();
+    s->embedder = std::move(*emb);
+    s->encoder = std::make_unique<LocalEncoder>(s->embedder.get());
+  } else {
+    absl::Status st = WaitHealthy(opt.encoder_address, opt.connect_timeout_seconds);
+    if (!st.ok()) return st;
+    s->encoder = std::make_unique<GrpcEncoder>(opt.encoder_address);
+  }
+
+  if (!remote_experts) {
+    auto ex = ExpertShard::Load(*s->ckpt, s->cfg, s->arch, {}, lo);
+    if (!ex.ok()) return ex.status();
+    s->local_experts = std::move(*ex);
+    s->experts = std::make_unique<LocalExperts>(s->local_experts.get());
+    s->expert_placement.emplace_back("local", ShardSummary(s->local_experts->shards()));
+  } else {
+    std::vector<ExpertWorkerHandle> handles;
+    for (const std::string& addr : opt.expert_addresses) {
+      absl::Status st = WaitHealthy(addr, opt.connect_timeout_seconds);
+      if (!st.ok()) return st;
+      auto t = std::make_unique<GrpcExpertTransport>(addr, opt.expert_timeout_seconds);
+      auto stats = t->GetStats();
+      if (!stats.ok()) return absl::Status(stats.status().code(), absl::StrCat(addr, ": ", stats.status().message()));
+      auto shards = ParseShardList(*stats);
+      if (!shards.ok()) return shards.status();
+      handles.push_back({std::move(t), *shards});
+    }
+    std::vector<std::set<ExpertId>> sets;
+    for (const auto& h : handles) {
+      sets.push_back(h.shards);
+      s->expert_placement.emplace_back(h.transport->name(), ShardSummary(h.shards));
+    }
+    absl::Status cov = CheckCoverage(sets, s->cfg);
+    if (!cov.ok()) return cov;
+    s->experts = std::make_unique<ExpertDispatcher>(std::move(handles), s->cfg.hidden_size,
+                                                    opt.wire_dtype);
+  }
+  AttentionWorker::Options wo;
+  wo.kv_capacity_tokens = opt.kv_capacity_tokens;
+  s->worker = std::make_unique<AttentionWorker>(s->stack.get(), s->encoder.get(), s->experts.get(), wo);
+  return s;
+}
+
+}  // namespace moemesh

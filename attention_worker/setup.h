@@ -1,0 +1,49 @@
+// Assembles an attention worker: its checkpoint tensors, the encoder (local or remote) and the
+// experts (local, or remote expert workers found by address). Used by the attention_worker
+// binary, by the in-process `moemesh serve` and by `moemesh_node` under mpirun.
+#ifndef MOEMESH_ATTENTION_WORKER_SETUP_H_
+#define MOEMESH_ATTENTION_WORKER_SETUP_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "attention_worker/attention_worker.h"
+#include "engine/arch.h"
+#include "engine/config.h"
+#include "engine/model.h"
+#include "mesh/encoder_backend.h"
+#include "mesh/expert_dispatch.h"
+
+namespace moemesh {
+
+struct AttentionSetupOptions {
+  std::string model_dir;
+  std::string encoder_address;                // "" = embed in this process
+  std::vector<std::string> expert_addresses;  // empty = every expert in this process
+  wire::DType wire_dtype = wire::DTYPE_F32;
+  ComputeType compute = ComputeType::kF32;
+  int64_t kv_capacity_tokens = 1 << 16;
+  double expert_timeout_seconds = 30;
+  double connect_timeout_seconds = 60;
+};
+
+struct AttentionSetup {
+  ModelConfig cfg;
+  ArchSpec arch;
+  std::unique_ptr<CheckpointReader> ckpt;
+  std::unique_ptr<AttentionStack> stack;
+  std::unique_ptr<Embedder> embedder;
+  std::unique_ptr<EncoderBackend> encoder;
+  std::unique_ptr<ExpertShard> local_experts;
+  std::unique_ptr<ExpertBackend> experts;
+  std::vector<std::pair<std::string, std::string>> expert_placement;  // (name, shard summary)
+  std::unique_ptr<AttentionWorker> worker;
+};
+
+absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSetupOptions opt);
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_ATTENTION_WORKER_SETUP_H_

@@ -1,0 +1,419 @@
+#include "engine/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "engine/ops/attention.h"
+#include "engine/ops/kernels.h"
+
+namespace moemesh {
+namespace {
+
+std::string LayerName(int64_t layer, const std::string& suffix) {
+  return absl::StrCat("model.layers.", layer, ".", suffix);
+}
+
+void AddInto(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- Embedder
+
+absl::StatusOr<std::unique_ptr<Embedder>> Embedder::Load(const CheckpointReader& ckpt,
+                                                         const ModelConfig& cfg) {
+  auto e = std::make_unique<Embedder>();
+  auto t = ckpt.Get("model.embed_tokens.weight", {cfg.vocab_size, cfg.hidden_size});
+  if (!t.ok()) return t.status();
+  e->table_ = *t;
+  e->vocab_ = cfg.vocab_size;
+  e->hidden_ = cfg.hidden_size;
+  return e;
+}
+
+absl::Status Embedder::Embed(const int32_t* ids, int64_t n, float* out) const {
+  const size_t row_bytes = hidden_ * DTypeSize(table_->dtype);
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", ids[i], " outside the vocabulary [0, ", vocab_, ")"));
+    }
+    const uint8_t* row = static_cast<const uint8_t*>(table_->data) + ids[i] * row_bytes;
+    ToF32(row, table_->dtype, hidden_, out + i * hidden_);
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- ExpertShard
+
+absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const CheckpointReader& ckpt,
+                                                               const ModelConfig& cfg,
+                                                               const ArchSpec& arch,
+                                                               const std::set<ExpertId>& shards,
+                                                               const LoadOptions& opt) {
+  auto s = std::make_unique<ExpertShard>();
+  s->hidden_ = cfg.hidden_size;
+  s->width_ = cfg.moe_intermediate_size;
+  s->num_experts_ = cfg.num_experts;
+  s->experts_.resize(cfg.num_hidden_layers);
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    s->experts_[l].resize(cfg.num_experts);
+    if (!cfg.IsMoeLayer(l)) continue;
+    for (int64_t e = 0; e < cfg.num_experts; ++e) {
+      ExpertId id(static_cast<int32_t>(l), static_cast<int32_t>(e));
+      if (!shards.empty() && shards.count(id) == 0) continue;
+      std::string base =
+          WeightName(arch.moe_prefix, l) + "." + WeightName(arch.expert, l, e) + ".";
+      auto gate_up = LoadFusedLinear(
+          ckpt,
+          {{base + arch.expert_gate + ".weight", s->width_, ""},
+           {base + arch.expert_up + ".weight", s->width_, ""}},
+          s->hidden_, opt.compute, &s->arena_);
+      if (!gate_up.ok()) return gate_up.status();
+      auto down = LoadLinear(ckpt, base + arch.expert_down + ".weight", s->hidden_, s->width_,
+                             opt.compute);
+      if (!down.ok()) return down.status();
+      s->experts_[l][e] =
+          std::make_unique<Expert>(Expert{std::move(*gate_up), std::move(*down)});
+      s->shards_.insert(id);
+    }
+  }
+  for (const ExpertId& id : shards) {
+    if (id.first < 0 || id.first >= cfg.num_hidden_layers || id.second < 0 ||
+        id.second >= cfg.num_experts || !cfg.IsMoeLayer(id.first)) {
+      return absl::InvalidArgumentError(absl::StrCat("no expert ", id.second, " in layer ",
+                                                     id.first, " of this model"));
+    }
+  }
+  return s;
+}
+
+bool ExpertShard::Holds(int32_t layer, int32_t expert) const {
+  return layer >= 0 && layer < static_cast<int32_t>(experts_.size()) && expert >= 0 &&
+         expert < num_experts_ && experts_[layer][expert] != nullptr;
+}
+
+absl::Status ExpertShard::RunExperts(int32_t layer, const float* x, int64_t n,
+                                     const int32_t* ids, const float* weights, int64_t k,
+                                     float* out) const {
+  if (layer < 0 || layer >= static_cast<int32_t>(experts_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  // Rows per expert, in row order.
+  std::vector<std::vector<std::pair<int64_t, float>>> rows(num_experts_);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < k; ++j) {
+      int32_t e = ids[r * k + j];
+      if (e < 0) continue;
+      if (!Holds(layer, e)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("expert ", e, " of layer ", layer, " is not held by this shard"));
+      }
+      rows[e].emplace_back(r, weights[r * k + j]);
+    }
+  }
+  std::vector<float> xe, gu, act, y;
+  for (int64_t e = 0; e < num_experts_; ++e) {
+    const auto& re = rows[e];
+    if (re.empty()) continue;
+    const int64_t m = static_cast<int64_t>(re.size());
+    const Expert& ex = *experts_[layer][e];
+    xe.resize(m * hidden_);
+    gu.resize(m * 2 * width_);
+    act.resize(m * width_);
+    y.resize(m * hidden_);
+    for (int64_t i = 0; i < m; ++i) {
+      std::memcpy(&xe[i * hidden_], x + re[i].first * hidden_, hidden_ * sizeof(float));
+    }
+    ex.gate_up.Forward(xe.data(), m, gu.data());
+    ops::SiluMulRows(gu.data(), m, width_, act.data());
+    ex.down.Forward(act.data(), m, y.data());
+    for (int64_t i = 0; i < m; ++i) {
+      float* o = out + re[i].first * hidden_;
+      const float w = re[i].second;
+      const float* yi = &y[i * hidden_];
+      for (int64_t c = 0; c < hidden_; ++c) o[c] += w * yi[c];
+    }
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- AttentionStack
+
+absl::StatusOr<std::unique_ptr<AttentionStack>> AttentionStack::Load(
+    const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
+    const LoadOptions& opt) {
+  auto s = std::make_unique<AttentionStack>();
+  s->cfg_ = cfg;
+  s->arch_ = arch;
+  const int64_t h = cfg.hidden_size, hd = cfg.head_dim;
+  const int64_t qd = cfg.num_attention_heads * hd, kvd = cfg.num_key_value_heads * hd;
+  s->layers_.resize(cfg.num_hidden_layers);
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    Layer& L = s->layers_[l];
+#define MOEMESH_ASSIGN(lhs, expr)     \
+  {                                   \
+    auto _v = (expr);                 \
+    if (!_v.ok()) return _v.status(); \
+    lhs = std::move(*_v);             \
+  }
+    MOEMESH_ASSIGN(L.input_norm, LoadVector(ckpt, LayerName(l, "input_layernorm.weight"), h));
+    MOEMESH_ASSIGN(L.post_norm,
+                   LoadVector(ckpt, LayerName(l, "post_attention_layernorm.weight"), h));
+    auto bias = [&](const char* p) {
+      return arch.qkv_bias ? LayerName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
+    };
+    MOEMESH_ASSIGN(L.qkv, LoadFusedLinear(
+                              ckpt,
+                              {{LayerName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
+                               {LayerName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
+                               {LayerName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
+                              h, opt.compute, &s->arena_));
+    MOEMESH_ASSIGN(L.o, LoadLinear(ckpt, LayerName(l, "self_attn.o_proj.weight"), h, qd,
+                                   opt.compute));
+    if (arch.qk_norm != QkNorm::kNone) {
+      const bool full = arch.qk_norm == QkNorm::kFull;
+      MOEMESH_ASSIGN(L.q_norm,
+                     LoadVector(ckpt, LayerName(l, "self_attn.q_norm.weight"), full ? qd : hd));
+      MOEMESH_ASSIGN(L.k_norm,
+                     LoadVector(ckpt, LayerName(l, "self_attn.k_norm.weight"), full ? kvd : hd));
+    }
+    L.moe = cfg.IsMoeLayer(l);
+    const std::string moe = WeightName(arch.moe_prefix, l);
+    if (L.moe) {
+      // The router stays in fp32: routing decisions are sensitive and the matrix is small.
+      MOEMESH_ASSIGN(L.router, LoadLinear(ckpt, moe + "." + arch.router + ".weight",
+                                          cfg.num_experts, h, ComputeType::kF32));
+      if (arch.shared_expert) {
+        const int64_t w = cfg.shared_expert_intermediate_size;
+        L.has_mlp = true;
+        MOEMESH_ASSIGN(L.mlp_gate_up,
+                       LoadFusedLinear(ckpt,
+                                       {{moe + ".shared_expert.gate_proj.weight", w, ""},
+                                        {moe + ".shared_expert.up_proj.weight", w, ""}},
+                                       h, opt.compute, &s->arena_));
+        MOEMESH_ASSIGN(L.mlp_down, LoadLinear(ckpt, moe + ".shared_expert.down_proj.weight", h,
+                                              w, opt.compute));
+        L.has_shared_gate = true;
+        MOEMESH_ASSIGN(L.shared_gate, LoadLinear(ckpt, moe + ".shared_expert_gate.weight", 1, h,
+                                                 ComputeType::kF32));
+      }
+    } else {
+      const int64_t w = cfg.intermediate_size;
+      L.has_mlp = true;
+      MOEMESH_ASSIGN(L.mlp_gate_up, LoadFusedLinear(ckpt,
+                                                    {{LayerName(l, "mlp.gate_proj.weight"), w, ""},
+                                                     {LayerName(l, "mlp.up_proj.weight"), w, ""}},
+                                                    h, opt.compute, &s->arena_));
+      MOEMESH_ASSIGN(L.mlp_down,
+                     LoadLinear(ckpt, LayerName(l, "mlp.down_proj.weight"), h, w, opt.compute));
+    }
+  }
+  MOEMESH_ASSIGN(s->final_norm_, LoadVector(ckpt, "model.norm.weight", h));
+  const std::string head = cfg.tie_word_embeddings || ckpt.Find("lm_head.weight") == nullptr
+                               ? "model.embed_tokens.weight"
+                               : "lm_head.weight";
+  MOEMESH_ASSIGN(s->lm_head_, LoadLinear(ckpt, head, cfg.vocab_size, h, opt.compute));
+#undef MOEMESH_ASSIGN
+  return s;
+}
+
+absl::Status AttentionStack::Forward(const std::vector<SeqStep>& batch, float* hidden,
+                                     KvCache* cache, ExpertBackend* experts,
+                                     std::vector<float>* logits) const {
+  const int64_t H = cfg_.hidden_size, hd = cfg_.head_dim;
+  const int64_t nh = cfg_.num_attention_heads, nkv = cfg_.num_key_value_heads;
+  const int64_t qd = nh * hd, kvd = nkv * hd, qkvd = qd + 2 * kvd;
+  const int64_t E = cfg_.num_experts;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const float theta = static_cast<float>(cfg_.rope_theta);
+
+  int64_t T = 0, kmax = 1, out_rows = 0;
+  std::vector<int64_t> offset(batch.size());
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const SeqStep& s = batch[b];
+    if (s.tokens.empty()) return absl::InvalidArgumentError("a batch entry has no tokens");
+    const int64_t k = s.experts_per_token > 0 ? s.experts_per_token : cfg_.num_experts_per_tok;
+    if (k > E) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("experts_per_token ", k, " exceeds the model's ", E, " experts"));
+    }
+    if (!cache->Has(s.seq_id)) {
+      return absl::FailedPreconditionError(absl::StrCat("sequence ", s.seq_id, " has no KV cache"));
+    }
+    kmax = std::max(kmax, k);
+    offset[b] = T;
+    T += static_cast<int64_t>(s.tokens.size());
+    out_rows += s.all_logits ? static_cast<int64_t>(s.tokens.size()) : 1;
+  }
+  std::vector<int32_t> pos(T);
+  for (size_t b = 0; b < batch.size(); ++b) {
+    for (size_t i = 0; i < batch[b].tokens.size(); ++i) {
+      pos[offset[b] + i] = static_cast<int32_t>(batch[b].start_pos + i);
+    }
+  }
+
+  std::vector<float> xn(T * H), qkv(T * qkvd), q(T * qd), k(T * kvd), v(T * kvd), att(T * qd),
+      tmp(T * H), moe_out(T * H), rl(T * E), route_w(T * kmax), mlp_gu, mlp_act;
+  std::vector<int32_t> route_ids(T * kmax);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& L = layers_[l];
+    // Attention block: x += o(attn(rope(qk_norm(qkv(norm(x))))))
+    ops::RmsNorm(hidden, L.input_norm.data(), T, H, eps, xn.data());
+    L.qkv.Forward(xn.data(), T, qkv.data());
+    for (int64_t t = 0; t < T; ++t) {  // q: [T, nh, hd], k/v: [T, nkv, hd]
+      const float* row = &qkv[t * qkvd];
+      std::memcpy(&q[t * qd], row, qd * sizeof(float));
+      std::memcpy(&k[t * kvd], row + qd, kvd * sizeof(float));
+      std::memcpy(&v[t * kvd], row + qd + kvd, kvd * sizeof(float));
+    }
+    if (cfg_.clip_qkv.has_value()) {
+      const float c = static_cast<float>(*cfg_.clip_qkv);
+      for (auto* buf : {&q, &k, &v}) {
+        for (float& x : *buf) x = std::min(std::max(x, -c), c);
+      }
+    }
+    if (arch_.qk_norm == QkNorm::kPerHead) {
+      ops::RmsNorm(q.data(), L.q_norm.data(), T * nh, hd, eps, q.data());
+      ops::RmsNorm(k.data(), L.k_norm.data(), T * nkv, hd, eps, k.data());
+    } else if (arch_.qk_norm == QkNorm::kFull) {
+      ops::RmsNorm(q.data(), L.q_norm.data(), T, qd, eps, q.data());
+      ops::RmsNorm(k.data(), L.k_norm.data(), T, kvd, eps, k.data());
+    }
+    ops::Rope(q.data(), pos.data(), T, nh, hd, theta);
+    ops::Rope(k.data(), pos.data(), T, nkv, hd, theta);
+    for (size_t b = 0; b < batch.size(); ++b) {
+      const SeqStep& s = batch[b];
+      const int64_t n = static_cast<int64_t>(s.tokens.size());
+      float* kc = cache->K(s.seq_id, l);
+      float* vc = cache->V(s.seq_id, l);
+      std::memcpy(kc + s.start_pos * kvd, &k[offset[b] * kvd], n * kvd * sizeof(float));
+      std::memcpy(vc + s.start_pos * kvd, &v[offset[b] * kvd], n * kvd * sizeof(float));
+      ops::Attention(&q[offset[b] * qd], kc, vc, s.start_pos, n, nh, nkv, hd,
+                     &att[offset[b] * qd]);
+    }
+    L.o.Forward(att.data(), T, tmp.data());
+    AddInto(hidden, tmp.data(), T * H);
+
+    // FFN block: x += moe(norm(x)) (+ shared expert) or dense mlp(norm(x)).
+    ops::RmsNorm(hidden, L.post_norm.data(), T, H, eps, xn.data());
+    std::fill(moe_out.begin(), moe_out.end(), 0.0f);
+    if (L.moe) {
+      L.router.Forward(xn.data(), T, rl.data());
+      std::fill(route_ids.begin(), route_ids.end(), -1);
+      std::fill(route_w.begin(), route_w.end(), 0.0f);
+      std::vector<int32_t> ids_b;
+      std::vector<float> w_b;
+      for (size_t b = 0; b < batch.size(); ++b) {
+        const SeqStep& s = batch[b];
+        const int64_t n = static_cast<int64_t>(s.tokens.size());
+        const int64_t kb = s.experts_per_token > 0 ? s.experts_per_token : cfg_.num_experts_per_tok;
+        ids_b.resize(n * kb);
+        w_b.resize(n * kb);
+        ops::TopKRouting(&rl[offset[b] * E], n, E, kb, arch_.norm_topk_prob, ids_b.data(),
+                         w_b.data());
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t j = 0; j < kb; ++j) {
+            route_ids[(offset[b] + i) * kmax + j] = ids_b[i * kb + j];
+            route_w[(offset[b] + i) * kmax + j] = w_b[i * kb + j];
+          }
+        }
+      }
+      absl::Status st = experts->RunExperts(static_cast<int32_t>(l), xn.data(), T,
+                                            route_ids.data(), route_w.data(), kmax,
+                                            moe_out.data());
+      if (!st.ok()) return st;
+    }
+    if (L.has_mlp) {
+      const int64_t w = L.mlp_down.in();
+      mlp_gu.resize(T * 2 * w);
+      mlp_act.resize(T * w);
+      L.mlp_gate_up.Forward(xn.data(), T, mlp_gu.data());
+      ops::SiluMulRows(mlp_gu.data(), T, w, mlp_act.data());
+      L.mlp_down.Forward(mlp_act.data(), T, tmp.data());
+      if (L.has_shared_gate) {
+        std::vector<float> g(T);
+        L.shared_gate.Forward(xn.data(), T, g.data());
+        for (int64_t t = 0; t < T; ++t) {
+          const float s = 1.0f / (1.0f + std::exp(-g[t]));
+          for (int64_t c = 0; c < H; ++c) tmp[t * H + c] *= s;
+        }
+      }
+      AddInto(moe_out.data(), tmp.data(), T * H);
+    }
+    AddInto(hidden, moe_out.data(), T * H);
+  }
+
+  // Final norm and LM head over the requested rows.
+  std::vector<float> sel(out_rows * H);
+  int64_t r = 0;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const int64_t n = static_cast<int64_t>(batch[b].tokens.size());
+    const int64_t first = batch[b].all_logits ? 0 : n - 1;
+    for (int64_t i = first; i < n; ++i, ++r) {
+      std::memcpy(&sel[r * H], hidden + (offset[b] + i) * H, H * sizeof(float));
+    }
+  }
+  ops::RmsNorm(sel.data(), final_norm_.data(), out_rows, H, eps, sel.data());
+  logits->resize(out_rows * cfg_.vocab_size);
+  lm_head_.Forward(sel.data(), out_rows, logits->data());
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- Model
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
+                                                   const LoadOptions& opt) {
+  auto m = std::make_unique<Model>();
+  auto cfg = ModelConfig::FromFile(dir + "/config.json");
+  if (!cfg.ok()) return cfg.status();
+  m->cfg_ = *cfg;
+  auto arch = ArchFor(m->cfg_);
+  if (!arch.ok()) return absl::InvalidArgumentError(absl::StrCat(dir, ": ", arch.status().message()));
+  m->arch_ = *arch;
+  auto ckpt = CheckpointReader::Open(dir);
+  if (!ckpt.ok()) return ckpt.status();
+  m->ckpt_ = std::move(*ckpt);
+  auto emb = Embedder::Load(*m->ckpt_, m->cfg_);
+  if (!emb.ok()) return emb.status();
+  m->embedder_ = std::move(*emb);
+  auto att = AttentionStack::Load(*m->ckpt_, m->cfg_, m->arch_, opt);
+  if (!att.ok()) return att.status();
+  m->attention_ = std::move(*att);
+  auto ex = ExpertShard::Load(*m->ckpt_, m->cfg_, m->arch_, {}, opt);
+  if (!ex.ok()) return ex.status();
+  m->experts_ = std::move(*ex);
+  m->backend_ = std::make_unique<LocalExperts>(m->experts_.get());
+  return m;
+}
+
+std::unique_ptr<KvCache> Model::NewCache(int64_t capacity_tokens) const {
+  return std::make_unique<KvCache>(cfg_.num_hidden_layers, attention_->kv_dim(), capacity_tokens);
+}
+
+absl::Status Model::Step(const std::vector<SeqStep>& batch, KvCache* cache,
+                         std::vector<float>* logits) const {
+  int64_t T = 0;
+  for (const SeqStep& s : batch) T += static_cast<int64_t>(s.tokens.size());
+  std::vector<float> hidden(T * cfg_.hidden_size);
+  int64_t off = 0;
+  for (const SeqStep& s : batch) {
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    if (s.start_pos + n > cfg_.max_position_embeddings) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence length ", s.start_pos + n,
+                                                     " exceeds the context of ",
+                                                     cfg_.max_position_embeddings));
+    }
+    absl::Status st = embedder_->Embed(s.tokens.data(), n, &hidden[off * cfg_.hidden_size]);
+    if (!st.ok()) return st;
+    st = cache->Reserve(s.seq_id, s.start_pos + n);
+    if (!st.ok()) return st;
+    off += n;
+  }
+  return attention_->Forward(batch, hidden.data(), cache, backend_.get(), logits);
+}
+
+}  // namespace moemesh

@@ -1,0 +1,110 @@
+// The engine against Hugging Face transformers' outputs (testdata/oracle, models/pydoc-moe-17m).
+#include <cmath>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "engine/generate.h"
+#include "engine/model.h"
+#include "engine/ops/threading.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace moemesh {
+namespace {
+
+nlohmann::json ReadJson(const std::string& path) {
+  std::ifstream in(path);
+  EXPECT_TRUE(in.good()) << path;
+  return nlohmann::json::parse(in);
+}
+
+class OracleTest : public ::testing::TestWithParam<std::string> {};
+
+// fp32: logits within 1e-4 at every prompt position; 16 greedy ids through the KV cache identical.
+TEST_P(OracleTest, LogitsAndGreedyMatchTransformers) {
+  const std::string dir = "testdata/oracle/" + GetParam();
+  ops::SetNumThreads(2);
+  auto model = Model::Load(dir, LoadOptions{});
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int64_t vocab = (*model)->config().vocab_size;
+  nlohmann::json ref = ReadJson(dir + "/reference.json");
+  ASSERT_FALSE(ref.empty());
+  for (const auto& c : ref) {
+    std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
+    std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
+    GenerateOptions opt;
+    opt.max_new_tokens = static_cast<int64_t>(greedy.size());
+    opt.prompt_logits = true;
+    auto r = Generate(**model, prompt, opt);
+    ASSERT_TRUE(r.ok()) << r.status();
+    const auto& rows = c["logits"];
+    ASSERT_EQ(rows.size(), prompt.size());
+    double max_err = 0;
+    for (size_t p = 0; p < prompt.size(); ++p) {
+      ASSERT_EQ(static_cast<int64_t>(rows[p].size()), vocab);
+      for (int64_t v = 0; v < vocab; ++v) {
+        max_err = std::max(max_err, std::abs(rows[p][v].get<double>() - r->prompt_logits[p * vocab + v]));
+      }
+    }
+    EXPECT_LT(max_err, 1e-4) << GetParam() << " prompt of " << prompt.size() << " tokens";
+    EXPECT_EQ(r->ids, greedy) << GetParam();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, OracleTest,
+                         ::testing::Values("qwen3_moe", "qwen2_moe", "mixtral", "olmoe"),
+                         [](const auto& info) { return info.param; });
+
+// The embedded model: 40 greedy tokens for each of six prompts, fp32 compute over bf16 weights.
+TEST(PydocModelTest, GreedyMatchesTransformers) {
+  const std::string dir = "models/pydoc-moe-17m";
+  ops::SetNumThreads(2);
+  auto model = Model::Load(dir, LoadOptions{});
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int64_t vocab = (*model)->config().vocab_size;
+  nlohmann::json ref = ReadJson(dir + "/reference.json");
+  ASSERT_EQ(ref["prompts"].size(), 6u);
+  for (const auto& c : ref["prompts"]) {
+    std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
+    std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
+    GenerateOptions opt;
+    opt.max_new_tokens = static_cast<int64_t>(greedy.size());
+    opt.prompt_logits = true;
+    auto r = Generate(**model, prompt, opt);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->ids, greedy) << c["prompt"];
+    const auto& last = c["last_logits"];
+    ASSERT_EQ(static_cast<int64_t>(last.size()), vocab);
+    const float* ours = r->prompt_logits.data() + (prompt.size() - 1) * vocab;
+    double max_err = 0;
+    for (int64_t v = 0; v < vocab; ++v) max_err = std::max(max_err, std::abs(last[v].get<double>() - ours[v]));
+    // Trained weights with logits of magnitude ~12: agreement to ~1e-4 relative (the issue's
+    // bar for this model is identical greedy ids, checked above).
+    EXPECT_LT(max_err, 2e-3) << c["prompt"];
+  }
+}
+
+// Fewer or more active experts than trained changes the output (the override is really applied).
+TEST(PydocModelTest, ExpertsPerTokenOverrideChangesLogits) {
+  auto model = Model::Load("models/pydoc-moe-17m", LoadOptions{});
+  ASSERT_TRUE(model.ok()) << model.status();
+  std::vector<int32_t> prompt = {16, 201, 496, 21, 17};
+  GenerateOptions opt;
+  opt.max_new_tokens = 1;
+  opt.prompt_logits = true;
+  auto base = Generate(**model, prompt, opt);
+  opt.experts_per_token = 1;
+  auto one = Generate(**model, prompt, opt);
+  opt.experts_per_token = 16;
+  auto all = Generate(**model, prompt, opt);
+  ASSERT_TRUE(base.ok() && one.ok() && all.ok());
+  EXPECT_NE(base->prompt_logits, one->prompt_logits);
+  EXPECT_NE(base->prompt_logits, all->prompt_logits);
+  opt.experts_per_token = 17;
+  auto too_many = Generate(**model, prompt, opt);
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace moemesh

@@ -1,0 +1,30 @@
+// Causal grouped-query attention over a KV cache (CPU, fp32).
+#ifndef MOEMESH_ENGINE_OPS_ATTENTION_H_
+#define MOEMESH_ENGINE_OPS_ATTENTION_H_
+
+#include <cstdint>
+
+namespace moemesh {
+namespace ops {
+
+// Causal grouped-query attention for ONE sequence over its KV cache, one pass with online
+// softmax, fp32 throughout.
+// q: [n_new, n_heads, head_dim] for positions start_pos .. start_pos+n_new-1.
+// k_cache, v_cache: [>= start_pos+n_new rows, n_kv_heads, head_dim] (row stride =
+// n_kv_heads*head_dim), already holding this step's keys/values. Query i attends to cache rows
+// 0 .. start_pos+i. Head h uses kv head h / (n_heads / n_kv_heads). Scores are
+// (q . k) * (1/sqrt(head_dim)). out: [n_new, n_heads, head_dim]; must not alias q.
+void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
+               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out);
+
+// The same computation split for callers that run their own parallel region: computes part
+// `part` of `num_parts` of the work units (kv head x chunk of new tokens) on the calling
+// thread. Calling every part once gives Attention()'s result exactly.
+void AttentionPart(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
+                   int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+                   int part, int num_parts);
+
+}  // namespace ops
+}  // namespace moemesh
+
+#endif  // MOEMESH_ENGINE_OPS_ATTENTION_H_

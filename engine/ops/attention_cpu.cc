@@ -1,0 +1,397 @@
+// CPU attention: online softmax over 16-key blocks, fp32 throughout.
+//
+// Work is split into units of (kv head, chunk of new tokens); a unit processes every query
+// head of its kv head for its tokens ("rows"), so each K/V block is loaded once per unit.
+// The AVX-512 path (head_dim a multiple of 16, up to 256) transposes each 16-key K block to
+// [head_dim][16] so that 16 scores come out of head_dim FMAs with no horizontal sums, and
+// keeps up to 4 rows' accumulators in registers while streaming V. Other head dims use a
+// generic per-key path.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "engine/ops/attention.h"
+#include "engine/ops/simd_math.h"
+#include "engine/ops/threading.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define UNROLL_LOOP _Pragma("GCC unroll 16")
+
+namespace moemesh {
+namespace ops {
+namespace {
+
+constexpr int64_t kKeyBlock = 16;
+// Rows (token x query head) per unit: enough to amortise the K transposes, small enough to
+// leave parallelism.
+constexpr int64_t kRowsPerUnit = 32;
+// Multiply-adds per thread below which attention stays on the calling thread.
+constexpr int64_t kMinWorkPerThread = 1 << 18;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Everything one unit needs to know.
+struct Unit {
+  const float* k;     // Row 0 of the unit's kv head in the K cache.
+  const float* v;     // Same in the V cache.
+  int64_t kv_stride;  // Floats between cache rows.
+  int64_t head_dim;
+  float scale;
+  int64_t rows;           // Query rows: token-major, head-minor.
+  const float* const* q;  // [rows] -> head_dim floats.
+  float* const* out;      // [rows] -> head_dim floats.
+  const int64_t* ctx;     // [rows] keys visible to each row (non-decreasing).
+};
+
+// ---------------------------------------------------------------------------------------
+// Generic path: any head_dim, one row at a time, per-key dot products.
+
+inline float Dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  }
+  if (i < n) {
+    __mmask16 m = internal::TailMask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+void AttendUnitGeneric(const Unit& u, float* acc) {
+  const int64_t d_len = u.head_dim;
+  float s[kKeyBlock];
+  for (int64_t r = 0; r < u.rows; ++r) {
+    float mx = kNegInf, l = 0.0f;
+    std::fill(acc, acc + d_len, 0.0f);
+    for (int64_t j0 = 0; j0 < u.ctx[r]; j0 += kKeyBlock) {
+      const int64_t nb = std::min(kKeyBlock, u.ctx[r] - j0);
+      float block_max = kNegInf;
+      for (int64_t j = 0; j < nb; ++j) {
+        s[j] = Dot(u.q[r], u.k + (j0 + j) * u.kv_stride, d_len) * u.scale;
+        block_max = std::max(block_max, s[j]);
+      }
+      const float new_max = std::max(mx, block_max);
+      const float corr = internal::ExpScalar(mx - new_max);
+      l *= corr;
+      for (int64_t d = 0; d < d_len; ++d) acc[d] *= corr;
+      for (int64_t j = 0; j < nb; ++j) {
+        const float p = internal::ExpScalar(s[j] - new_max);
+        l += p;
+        const float* vj = u.v + (j0 + j) * u.kv_stride;
+        for (int64_t d = 0; d < d_len; ++d) acc[d] += p * vj[d];
+      }
+      mx = new_max;
+    }
+    const float inv = 1.0f / l;
+    for (int64_t d = 0; d < d_len; ++d) u.out[r][d] = acc[d] * inv;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX-512 path.
+
+#if defined(__AVX512F__)
+
+// In place: r[i] holds row i of a 16x16 block; afterwards r[j] holds column j.
+inline void Transpose16x16(__m512 (&r)[16]) {
+  __m512 t[16];
+  UNROLL_LOOP
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c.
+  __m512 u[16];
+  UNROLL_LOOP
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  __m512 v[16];
+  UNROLL_LOOP
+  for (int c = 0; c < 4; ++c) {
+    v[c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    v[4 + c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    v[8 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    v[12 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+  }
+  UNROLL_LOOP
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0xDD);
+  }
+}
+
+// kt[d][16] = K[j0 + j][d] for j < nb, 0 for j >= nb.
+template <int D16>
+inline void TransposeKeys(const float* k, int64_t stride, int64_t nb, float* kt) {
+  UNROLL_LOOP
+  for (int c = 0; c < D16; ++c) {
+    __m512 r[16];
+    UNROLL_LOOP
+    for (int j = 0; j < 16; ++j) {
+      r[j] = j < nb ? _mm512_loadu_ps(k + j * stride + 16 * c) : _mm512_setzero_ps();
+    }
+    Transpose16x16(r);
+    UNROLL_LOOP
+    for (int d = 0; d < 16; ++d) _mm512_store_ps(kt + (16 * c + d) * 16, r[d]);
+  }
+}
+
+// One 16-key block for NR rows: scores, online-softmax update, P V accumulation.
+// m, l, acc point at the first of the NR rows' state; acc rows are 16 * D16 floats.
+template <int D16, int NR>
+inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, const float* kt, float* m, float* l,
+                      float* acc) {
+  constexpr int kD = 16 * D16;
+  __m512 s0[NR], s1[NR];
+  UNROLL_LOOP
+  for (int r = 0; r < NR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
+  const float* q[NR];
+  UNROLL_LOOP
+  for (int r = 0; r < NR; ++r) q[r] = u.q[r0 + r];
+  for (int d = 0; d < kD; d += 2) {
+    const __m512 k0 = _mm512_load_ps(kt + d * 16);
+    const __m512 k1 = _mm512_load_ps(kt + (d + 1) * 16);
+    UNROLL_LOOP
+    for (int r = 0; r < NR; ++r) {
+      s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k0, s0[r]);
+      s1[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d + 1]), k1, s1[r]);
+    }
+  }
+  alignas(64) float p[NR][16];
+  float corr[NR];
+  int64_t nb = 0;
+  const __m512 scale = _mm512_set1_ps(u.scale);
+  UNROLL_LOOP
+  for (int r = 0; r < NR; ++r) {
+    const int64_t valid = std::min<int64_t>(u.ctx[r0 + r] - j0, kKeyBlock);
+    nb = std::max(nb, valid);
+    const __mmask16 mask = internal::TailMask(valid);
+    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), mask,
+                                        _mm512_mul_ps(_mm512_add_ps(s0[r], s1[r]), scale));
+    const float new_max = std::max(m[r], _mm512_reduce_max_ps(s));
+    corr[r] = internal::ExpScalar(m[r] - new_max);
+    const __m512 e =
+        _mm512_maskz_mov_ps(mask, internal::Exp512(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
+    l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(e);
+    m[r] = new_max;
+    _mm512_store_ps(p[r], e);
+  }
+  __m512 a[NR][D16];
+  UNROLL_LOOP
+  for (int r = 0; r < NR; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]);
+    UNROLL_LOOP
+    for (int i = 0; i < D16; ++i) a[r][i] = _mm512_mul_ps(_mm512_load_ps(acc + r * kD + 16 * i), c);
+  }
+  const float* v = u.v + j0 * u.kv_stride;
+  for (int64_t j = 0; j < nb; ++j) {
+    __m512 vj[D16];
+    UNROLL_LOOP
+    for (int i = 0; i < D16; ++i) vj[i] = _mm512_loadu_ps(v + j * u.kv_stride + 16 * i);
+    UNROLL_LOOP
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[r][j]);
+      UNROLL_LOOP
+      for (int i = 0; i < D16; ++i) a[r][i] = _mm512_fmadd_ps(pj, vj[i], a[r][i]);
+    }
+  }
+  UNROLL_LOOP
+  for (int r = 0; r < NR; ++r) {
+    UNROLL_LOOP
+    for (int i = 0; i < D16; ++i) _mm512_store_ps(acc + r * kD + 16 * i, a[r][i]);
+  }
+}
+
+template <int D16>
+void AttendUnitAvx512(const Unit& u, float* scratch) {
+  constexpr int kD = 16 * D16;
+  // Rows per register tile: accumulators NR * D16 <= 16 zmm.
+  constexpr int kNR = D16 >= 8 ? 2 : 4;
+  float* kt = scratch;               // [kD][16]
+  float* acc = kt + kD * kKeyBlock;  // [rows][kD]
+  float* m = acc + u.rows * kD;      // [rows]
+  float* l = m + u.rows;             // [rows]
+  std::fill(acc, acc + u.rows * kD, 0.0f);
+  std::fill(m, m + u.rows, kNegInf);
+  std::fill(l, l + u.rows, 0.0f);
+  const int64_t max_ctx = u.ctx[u.rows - 1];
+  int64_t first = 0;  // First row that still sees keys at j0 (ctx is non-decreasing).
+  for (int64_t j0 = 0; j0 < max_ctx; j0 += kKeyBlock) {
+    while (u.ctx[first] <= j0) ++first;
+    TransposeKeys<D16>(u.k + j0 * u.kv_stride, u.kv_stride, std::min(kKeyBlock, max_ctx - j0), kt);
+    int64_t r = first;
+    for (; r + kNR <= u.rows; r += kNR) {
+      BlockRows<D16, kNR>(u, r, j0, kt, m + r, l + r, acc + r * kD);
+    }
+    for (; r < u.rows; ++r) BlockRows<D16, 1>(u, r, j0, kt, m + r, l + r, acc + r * kD);
+  }
+  for (int64_t r = 0; r < u.rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+    for (int i = 0; i < D16; ++i) {
+      _mm512_storeu_ps(u.out[r] + 16 * i,
+                       _mm512_mul_ps(_mm512_load_ps(acc + r * kD + 16 * i), inv));
+    }
+  }
+}
+
+#endif  // __AVX512F__
+
+// Per-thread scratch for one unit.
+std::vector<float>& UnitScratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  // +16 for alignment.
+  if (static_cast<int64_t>(buf.size()) < floats + 16) buf.resize(floats + 16);
+  return buf;
+}
+
+float* Align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
+struct Problem {
+  const float* q;
+  const float* k_cache;
+  const float* v_cache;
+  int64_t start_pos, n_new, n_heads, n_kv_heads, head_dim;
+  float* out;
+  int64_t group, tokens_per_unit, chunks;
+  int64_t units() const { return n_kv_heads * chunks; }
+};
+
+Problem MakeProblem(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
+                    int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                    float* out) {
+  Problem p{q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out, 0, 0, 0};
+  p.group = n_heads / n_kv_heads;
+  p.tokens_per_unit = std::max<int64_t>(1, kRowsPerUnit / p.group);
+  p.chunks = (n_new + p.tokens_per_unit - 1) / p.tokens_per_unit;
+  return p;
+}
+
+// Unit index u: kv head u % n_kv_heads, token chunk u / n_kv_heads.
+void RunUnit(const Problem& p, int64_t index) {
+  const int64_t g = index % p.n_kv_heads;
+  const int64_t i0 = (index / p.n_kv_heads) * p.tokens_per_unit;
+  const int64_t i1 = std::min(p.n_new, i0 + p.tokens_per_unit);
+  const int64_t rows = (i1 - i0) * p.group;
+  constexpr int64_t kMaxRows = 256;
+  const float* q_rows[kMaxRows];
+  float* out_rows[kMaxRows];
+  int64_t ctx[kMaxRows];
+  std::vector<const float*> q_heap;
+  std::vector<float*> out_heap;
+  std::vector<int64_t> ctx_heap;
+  const float** qr = q_rows;
+  float** outr = out_rows;
+  int64_t* ctxr = ctx;
+  if (rows > kMaxRows) {
+    q_heap.resize(rows);
+    out_heap.resize(rows);
+    ctx_heap.resize(rows);
+    qr = q_heap.data();
+    outr = out_heap.data();
+    ctxr = ctx_heap.data();
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t a = 0; a < p.group; ++a) {
+      const int64_t r = (i - i0) * p.group + a;
+      const int64_t h = g * p.group + a;
+      qr[r] = p.q + (i * p.n_heads + h) * p.head_dim;
+      outr[r] = p.out + (i * p.n_heads + h) * p.head_dim;
+      ctxr[r] = p.start_pos + i + 1;
+    }
+  }
+  Unit u{p.k_cache + g * p.head_dim,
+         p.v_cache + g * p.head_dim,
+         p.n_kv_heads * p.head_dim,
+         p.head_dim,
+         static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.head_dim))),
+         rows,
+         qr,
+         outr,
+         ctxr};
+#if defined(__AVX512F__)
+  if (p.head_dim % 16 == 0 && p.head_dim <= 256) {
+    float* s = Align64(UnitScratch(p.head_dim * (kKeyBlock + rows) + 2 * rows + 16).data());
+    switch (p.head_dim / 16) {
+      case 1:
+        AttendUnitAvx512<1>(u, s);
+        return;
+      case 2:
+        AttendUnitAvx512<2>(u, s);
+        return;
+      case 4:
+        AttendUnitAvx512<4>(u, s);
+        return;
+      case 8:
+        AttendUnitAvx512<8>(u, s);
+        return;
+      case 16:
+        AttendUnitAvx512<16>(u, s);
+        return;
+      default:
+        break;
+    }
+  }
+#endif
+  AttendUnitGeneric(u, UnitScratch(p.head_dim).data());
+}
+
+}  // namespace
+
+void AttentionPart(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
+                   int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+                   int part, int num_parts) {
+  if (n_new <= 0 || num_parts <= 0 || part < 0 || part >= num_parts) return;
+  const Problem p =
+      MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out);
+  for (int64_t u = part; u < p.units(); u += num_parts) RunUnit(p, u);
+}
+
+void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
+               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out) {
+  if (n_new <= 0) return;
+  const Problem p =
+      MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out);
+  // Keys visited summed over the new tokens, times the work per key for all heads.
+  const int64_t keys = n_new * start_pos + n_new * (n_new + 1) / 2;
+  const int threads = ThreadsFor(keys * n_heads * head_dim * 2, SyncThreads(), kMinWorkPerThread);
+#ifdef _OPENMP
+  if (threads > 1 && p.units() > 1) {
+    // Interleaved units balance the causal triangle.
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      for (int64_t u = t; u < p.units(); u += nt) RunUnit(p, u);
+    }
+    return;
+  }
+#endif
+  for (int64_t u = 0; u < p.units(); ++u) RunUnit(p, u);
+}
+
+}  // namespace ops
+}  // namespace moemesh

@@ -1,0 +1,81 @@
+// Dense projection y = x W^T (+ bias) with W in PyTorch nn.Linear layout [out, in].
+#ifndef MOEMESH_ENGINE_OPS_LINEAR_H_
+#define MOEMESH_ENGINE_OPS_LINEAR_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/dtype.h"
+
+namespace moemesh {
+
+// Arithmetic used by matrix products. kF32 reproduces fp32 PyTorch; kBF16 rounds both
+// operands to bf16 and accumulates in fp32.
+enum class ComputeType { kF32, kBF16 };
+
+namespace ops {
+
+// A weight W of shape [out, in] prepared for y = x W^T (+ bias).
+//
+// Create() copies W into a blocked layout shared by the hand-written small-batch kernels and
+// oneDNN's matmul, so `w` may be released once Create() returns. Storage: kBF16 compute keeps
+// bf16 (F32/F16 weights rounded to bf16); kF32 compute keeps fp32, except that BF16 weights
+// stay bf16 and are widened to fp32 inside the kernels, which is exact (results are those of
+// fp32 weights) and halves the memory traffic. Movable, not copyable. Forward() is const and
+// thread-safe.
+//
+// Forward() uses hand-written AVX-512 kernels for m <= small_m_limit() (no per-call setup:
+// the latency that matters for single-stream decode) and oneDNN above. It uses up to
+// NumThreads() threads (threading.h), but small products run on the calling thread, and
+// calls from inside an OpenMP parallel region run single-threaded.
+class Linear {
+ public:
+  static absl::StatusOr<Linear> Create(const void* w, DType wtype, int64_t out, int64_t in,
+                                       ComputeType ct, const float* bias = nullptr);
+
+  Linear();
+  Linear(Linear&&) noexcept;
+  Linear& operator=(Linear&&) noexcept;
+  Linear(const Linear&) = delete;
+  Linear& operator=(const Linear&) = delete;
+  ~Linear();
+
+  // x: [m, in] fp32 row-major, y: [m, out] fp32 row-major; x and y must not overlap.
+  // kBF16: x is rounded to bf16 (nearest even), products accumulate in fp32.
+  void Forward(const float* x, int64_t m, float* y) const;
+
+  // Computes part `part` of `num_parts` of y's columns (split in 64-column blocks; some parts
+  // may be empty), on the calling thread with the small-batch kernels: for callers that run
+  // their own parallel region over a decode step (an OpenMP fork/join costs microseconds).
+  // Results equal Forward()'s small-kernel results.
+  void ForwardPart(const float* x, int64_t m, float* y, int part, int num_parts) const;
+
+  int64_t in() const;
+  int64_t out() const;
+  ComputeType compute() const;
+
+  // Bytes of packed weights held.
+  int64_t weight_bytes() const;
+
+  // For tests and benchmarks: which implementation runs for batch size m.
+  enum class Path { kAuto, kSmall, kOneDnn };
+  // Forces one implementation (kAuto: pick by m). Not thread-safe against Forward().
+  void set_path_for_testing(Path p);
+  // Largest m that uses the hand-written kernels under kAuto.
+  int64_t small_m_limit() const;
+  // oneDNN's implementation name for batch size m ("" when oneDNN is unavailable).
+  std::string onednn_impl_for_testing(int64_t m) const;
+
+  struct Impl;
+
+ private:
+  explicit Linear(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ops
+}  // namespace moemesh
+
+#endif  // MOEMESH_ENGINE_OPS_LINEAR_H_

@@ -1,0 +1,876 @@
+// CPU implementation of Linear: blocked weights, hand-written small-batch kernels, oneDNN
+// matmul for large batches.
+//
+// Three kernel kinds:
+//   kF32:       fp32 weights, fp32 math              (ct == kF32, F32/F16 checkpoint)
+//   kBF16AsF32: bf16 weights widened to fp32 on load (ct == kF32, BF16 checkpoint). Widening
+//               bf16 is exact, so the results are those of fp32 weights, at half the memory
+//               traffic (decode is bandwidth-bound).
+//   kBF16:      bf16 weights and x, fp32 accumulation (ct == kBF16; vdpbf16ps)
+//
+// Packed weight layouts (oneDNN's own blocked layouts, so its matmul reads them directly):
+//   fp32: [Np/64][Kp][64]      == oneDNN format_tag::BA16a64b   over logical [K, N], Kp = K
+//                                 rounded up to 16
+//   bf16: [Np/64][Kp/2][64][2] == oneDNN format_tag::BA16a64b2a over logical [K, N], Kp = K
+//                                 rounded up to 32
+// with K = in, N = out, Np = N rounded up to 64, padding zeroed. A 64-wide column block is
+// four AVX-512 registers, so the kernels broadcast one x value (or one bf16 pair of x) per k
+// and need no horizontal reductions. For kBF16, x is rounded into bf16 rows zero-padded to Kp
+// and oneDNN sees K = Kp (its bf16 kernels fall back to reference code for K-padded weights).
+// For kBF16AsF32 with large m, the weights are widened into a per-thread fp32 copy for oneDNN.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "engine/dtype.h"
+#include "engine/ops/linear.h"
+#include "engine/ops/threading.h"
+#include "oneapi/dnnl/dnnl.hpp"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Forces full unrolling of the register-tile loops (at -O2 GCC otherwise keeps the
+// accumulators in memory).
+#define UNROLL_LOOP _Pragma("GCC unroll 16")
+
+namespace moemesh {
+namespace ops {
+namespace {
+
+enum class Kind { kF32, kBF16AsF32, kBF16 };
+
+constexpr int64_t kColBlock = 64;  // Output columns per packed block.
+constexpr int64_t kKPadF32 = 16;   // K padding of the fp32 layout.
+constexpr int64_t kKPadBF16 = 32;  // K padding of the bf16 layout.
+// Largest m served by the hand-written kernels under Path::kAuto (linear_benchmark.cc: they
+// match or beat oneDNN up to about these sizes). kBF16AsF32 has no oneDNN kernel (oneDNN 2.6
+// has no f32 x bf16 matmul; it would need the weights widened per call), so the hand-written
+// kernels serve every m while a column block stays L2-resident (they re-read the block for
+// every 4 rows and do not block K).
+constexpr int64_t kSmallMLimitF32 = 64;
+constexpr int64_t kSmallMLimitBF16 = 64;
+constexpr int64_t kSmallMLimitBF16AsF32LargeK = 32;
+constexpr int64_t kL2ResidentBlockBytes = 512 << 10;
+// Multiply-adds per thread below which the small kernels stay on the calling thread (an
+// OpenMP fork/join costs ~2.5 us on the 2-vCPU dev VM).
+constexpr int64_t kMinWorkPerThread = 1 << 19;
+
+int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using AlignedArray = std::unique_ptr<T[], FreeDeleter>;
+
+template <typename T>
+AlignedArray<T> AllocZeroed(int64_t n) {
+  size_t bytes = static_cast<size_t>(RoundUp(std::max<int64_t>(n, 1) * sizeof(T), 64));
+  void* p = std::aligned_alloc(64, bytes);
+  if (p != nullptr) std::memset(p, 0, bytes);
+  return AlignedArray<T>(static_cast<T*>(p));
+}
+
+// Grow-only per-thread buffer; Forward() allocates nothing in steady state.
+class ThreadScratch {
+ public:
+  ~ThreadScratch() { std::free(p_); }
+  void* Get(size_t bytes) {
+    if (bytes > cap_) {
+      std::free(p_);
+      cap_ = static_cast<size_t>(RoundUp(std::max(bytes, 2 * cap_), 64));
+      p_ = std::aligned_alloc(64, cap_);
+      if (p_ == nullptr) std::abort();  // Out of memory; Forward() cannot report it.
+    }
+    return p_;
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t cap_ = 0;
+};
+
+thread_local ThreadScratch t_x_bf16;
+thread_local ThreadScratch t_w_f32;
+thread_local ThreadScratch t_dnnl_scratchpad;
+
+// Rounds rows of x [m, k] (stride k) to bf16 (nearest even) into dst [m, ld] (ld >= k),
+// zero-padding each row to ld.
+void RoundRowsToBF16(const float* x, int64_t m, int64_t k, int64_t ld, uint16_t* dst) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * k;
+    uint16_t* d = dst + r * ld;
+    int64_t i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 16 <= k; i += 16) {
+      __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+      std::memcpy(d + i, &v, 32);
+    }
+#endif
+    for (; i < k; ++i) d[i] = F32ToBF16(src[i]);
+    for (; i < ld; ++i) d[i] = 0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small-batch kernels. Each computes rows [R, ncols <= 64] of y for one packed column block.
+
+#if defined(__AVX512F__)
+
+// Makes the compiler keep v in a register: otherwise GCC folds the weight loads into every
+// FMA as memory operands, which makes the multi-row tiles load-bound.
+template <typename T>
+inline void Pin(T& v) {
+#if defined(__GNUC__)
+  asm("" : "+v"(v));
+#endif
+}
+
+inline __mmask16 LaneMask(int64_t valid) {
+  if (valid >= 16) return 0xffff;
+  if (valid <= 0) return 0;
+  return static_cast<__mmask16>((1u << valid) - 1);
+}
+
+template <int R>
+inline void StoreTile(__m512 (&acc)[R][4], const float* bias, float* y, int64_t ldy,
+                      int64_t ncols) {
+  UNROLL_LOOP
+  for (int c = 0; c < 4; ++c) {
+    __mmask16 mask = LaneMask(ncols - 16 * c);
+    if (mask == 0) break;
+    __m512 b = bias != nullptr ? _mm512_loadu_ps(bias + 16 * c) : _mm512_setzero_ps();
+    UNROLL_LOOP
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * c, mask, _mm512_add_ps(acc[r][c], b));
+    }
+  }
+}
+
+template <int R>
+inline void ZeroTile(__m512 (&acc)[R][4]) {
+  UNROLL_LOOP
+  for (int r = 0; r < R; ++r) {
+    UNROLL_LOOP
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+}
+
+// Splits 16 bf16 pairs into the fp32 values of the even-k and odd-k halves.
+inline void WidenPairs(__m512i v, __m512* even, __m512* odd) {
+  *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// fp32 weights: w is one block [Kp][64]; x rows (fp32) have stride ldx.
+template <int R>
+void TileF32(const float* x, int64_t ldx, const float* w, int64_t k_len, const float* bias,
+             float* y, int64_t ldy, int64_t ncols) {
+  __m512 acc[R][4];
+  ZeroTile<R>(acc);
+  if constexpr (R == 1) {
+    // Even and odd k accumulate separately: 8 independent FMA chains hide the FMA latency.
+    __m512 acc2[1][4];
+    ZeroTile<1>(acc2);
+    int64_t k = 0;
+    for (; k + 2 <= k_len; k += 2) {
+      const float* wk = w + k * kColBlock;
+      __m512 x0 = _mm512_set1_ps(x[k]);
+      __m512 x1 = _mm512_set1_ps(x[k + 1]);
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        acc[0][c] = _mm512_fmadd_ps(_mm512_load_ps(wk + 16 * c), x0, acc[0][c]);
+        acc2[0][c] = _mm512_fmadd_ps(_mm512_load_ps(wk + 64 + 16 * c), x1, acc2[0][c]);
+      }
+    }
+    if (k < k_len) {
+      const float* wk = w + k * kColBlock;
+      __m512 x0 = _mm512_set1_ps(x[k]);
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        acc[0][c] = _mm512_fmadd_ps(_mm512_load_ps(wk + 16 * c), x0, acc[0][c]);
+      }
+    }
+    UNROLL_LOOP
+    for (int c = 0; c < 4; ++c) acc[0][c] = _mm512_add_ps(acc[0][c], acc2[0][c]);
+  } else {
+    for (int64_t k = 0; k < k_len; ++k) {
+      const float* wk = w + k * kColBlock;
+      __m512 wv[4];
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        wv[c] = _mm512_load_ps(wk + 16 * c);
+        Pin(wv[c]);
+      }
+      UNROLL_LOOP
+      for (int r = 0; r < R; ++r) {
+        __m512 xv = _mm512_set1_ps(x[r * ldx + k]);
+        UNROLL_LOOP
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(wv[c], xv, acc[r][c]);
+      }
+    }
+  }
+  StoreTile<R>(acc, bias, y, ldy, ncols);
+}
+
+// bf16 weights, fp32 x and math: w is one block [Kp/2][64][2]. Same summation order as
+// TileF32, so results equal those of the fp32 weights.
+template <int R>
+void TileBF16AsF32(const float* x, int64_t ldx, const uint16_t* w, int64_t k_len, const float* bias,
+                   float* y, int64_t ldy, int64_t ncols) {
+  const int64_t full_pairs = k_len / 2;
+  __m512 acc[R][4];
+  ZeroTile<R>(acc);
+  if constexpr (R == 1) {
+    __m512 acc2[1][4];
+    ZeroTile<1>(acc2);
+    for (int64_t p = 0; p < full_pairs; ++p) {
+      const uint16_t* wp = w + p * 2 * kColBlock;
+      __m512 x0 = _mm512_set1_ps(x[2 * p]);
+      __m512 x1 = _mm512_set1_ps(x[2 * p + 1]);
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        __m512 we, wo;
+        WidenPairs(_mm512_load_si512(wp + 32 * c), &we, &wo);
+        acc[0][c] = _mm512_fmadd_ps(we, x0, acc[0][c]);
+        acc2[0][c] = _mm512_fmadd_ps(wo, x1, acc2[0][c]);
+      }
+    }
+    if (k_len & 1) {
+      const uint16_t* wp = w + full_pairs * 2 * kColBlock;
+      __m512 x0 = _mm512_set1_ps(x[k_len - 1]);
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        __m512 we, wo;
+        WidenPairs(_mm512_load_si512(wp + 32 * c), &we, &wo);
+        acc[0][c] = _mm512_fmadd_ps(we, x0, acc[0][c]);
+      }
+    }
+    UNROLL_LOOP
+    for (int c = 0; c < 4; ++c) acc[0][c] = _mm512_add_ps(acc[0][c], acc2[0][c]);
+  } else {
+    const int64_t pairs = (k_len + 1) / 2;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* wp = w + p * 2 * kColBlock;
+      const bool has_odd = 2 * p + 1 < k_len;
+      __m512 we[4], wo[4];
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        WidenPairs(_mm512_load_si512(wp + 32 * c), &we[c], &wo[c]);
+        Pin(we[c]);
+        Pin(wo[c]);
+      }
+      UNROLL_LOOP
+      for (int r = 0; r < R; ++r) {
+        __m512 x0 = _mm512_set1_ps(x[r * ldx + 2 * p]);
+        UNROLL_LOOP
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(we[c], x0, acc[r][c]);
+        if (has_odd) {
+          __m512 x1 = _mm512_set1_ps(x[r * ldx + 2 * p + 1]);
+          UNROLL_LOOP
+          for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(wo[c], x1, acc[r][c]);
+        }
+      }
+    }
+  }
+  StoreTile<R>(acc, bias, y, ldy, ncols);
+}
+
+#endif  // __AVX512F__
+
+#if defined(__AVX512BF16__)
+
+inline __m512bh BroadcastPair(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
+}
+
+// bf16 weights and x: w is one block [Kp/2][64][2]; x rows are bf16 with stride ldx (even,
+// zero-padded past k_len).
+template <int R>
+void TileBF16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t k_len, const float* bias,
+              float* y, int64_t ldy, int64_t ncols) {
+  const int64_t pairs = (k_len + 1) / 2;
+  __m512 acc[R][4];
+  ZeroTile<R>(acc);
+  if constexpr (R == 1) {
+    __m512 acc2[1][4];
+    ZeroTile<1>(acc2);
+    int64_t p = 0;
+    for (; p + 2 <= pairs; p += 2) {
+      const uint16_t* wp = w + p * 2 * kColBlock;
+      __m512bh x0 = BroadcastPair(x + 2 * p);
+      __m512bh x1 = BroadcastPair(x + 2 * p + 2);
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        acc[0][c] = _mm512_dpbf16_ps(acc[0][c], (__m512bh)_mm512_load_si512(wp + 32 * c), x0);
+        acc2[0][c] =
+            _mm512_dpbf16_ps(acc2[0][c], (__m512bh)_mm512_load_si512(wp + 128 + 32 * c), x1);
+      }
+    }
+    if (p < pairs) {
+      const uint16_t* wp = w + p * 2 * kColBlock;
+      __m512bh x0 = BroadcastPair(x + 2 * p);
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        acc[0][c] = _mm512_dpbf16_ps(acc[0][c], (__m512bh)_mm512_load_si512(wp + 32 * c), x0);
+      }
+    }
+    UNROLL_LOOP
+    for (int c = 0; c < 4; ++c) acc[0][c] = _mm512_add_ps(acc[0][c], acc2[0][c]);
+  } else {
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* wp = w + p * 2 * kColBlock;
+      __m512i wv[4];
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        wv[c] = _mm512_load_si512(wp + 32 * c);
+        Pin(wv[c]);
+      }
+      UNROLL_LOOP
+      for (int r = 0; r < R; ++r) {
+        __m512bh xv = BroadcastPair(x + r * ldx + 2 * p);
+        UNROLL_LOOP
+        for (int c = 0; c < 4; ++c) {
+          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)wv[c], xv);
+        }
+      }
+    }
+  }
+  StoreTile<R>(acc, bias, y, ldy, ncols);
+}
+
+#endif  // __AVX512BF16__
+
+// Portable fallbacks over the same layouts.
+[[maybe_unused]] void TileF32Generic(const float* x, int64_t ldx, int64_t rows, const float* w,
+                                     int64_t k_len, const float* bias, float* y, int64_t ldy,
+                                     int64_t ncols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc[kColBlock] = {};
+    for (int64_t k = 0; k < k_len; ++k) {
+      const float xv = x[r * ldx + k];
+      const float* wk = w + k * kColBlock;
+      for (int64_t c = 0; c < kColBlock; ++c) acc[c] += xv * wk[c];
+    }
+    for (int64_t c = 0; c < ncols; ++c) {
+      y[r * ldy + c] = acc[c] + (bias != nullptr ? bias[c] : 0.0f);
+    }
+  }
+}
+
+// x is fp32 (kBF16AsF32) or bf16 (kBF16); w is a bf16 block.
+template <typename X>
+[[maybe_unused]] void TileBF16Generic(const X* x, int64_t ldx, int64_t rows, const uint16_t* w,
+                                      int64_t k_len, const float* bias, float* y, int64_t ldy,
+                                      int64_t ncols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc[kColBlock] = {};
+    for (int64_t k = 0; k < k_len; ++k) {
+      float xv;
+      if constexpr (std::is_same_v<X, float>) {
+        xv = x[r * ldx + k];
+      } else {
+        xv = BF16ToF32(x[r * ldx + k]);
+      }
+      const uint16_t* wk = w + (k / 2) * 2 * kColBlock + (k & 1);
+      for (int64_t c = 0; c < kColBlock; ++c) acc[c] += xv * BF16ToF32(wk[2 * c]);
+    }
+    for (int64_t c = 0; c < ncols; ++c) {
+      y[r * ldy + c] = acc[c] + (bias != nullptr ? bias[c] : 0.0f);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+struct TileF32Fn {
+  template <int R>
+  static void Run(const float* x, int64_t ldx, const void* w, int64_t k_len, const float* bias,
+                  float* y, int64_t ldy, int64_t ncols) {
+    TileF32<R>(x, ldx, static_cast<const float*>(w), k_len, bias, y, ldy, ncols);
+  }
+};
+struct TileBF16AsF32Fn {
+  template <int R>
+  static void Run(const float* x, int64_t ldx, const void* w, int64_t k_len, const float* bias,
+                  float* y, int64_t ldy, int64_t ncols) {
+    TileBF16AsF32<R>(x, ldx, static_cast<const uint16_t*>(w), k_len, bias, y, ldy, ncols);
+  }
+};
+#endif
+#if defined(__AVX512BF16__)
+struct TileBF16Fn {
+  template <int R>
+  static void Run(const uint16_t* x, int64_t ldx, const void* w, int64_t k_len, const float* bias,
+                  float* y, int64_t ldy, int64_t ncols) {
+    TileBF16<R>(x, ldx, static_cast<const uint16_t*>(w), k_len, bias, y, ldy, ncols);
+  }
+};
+#endif
+
+// Rows [0, rows) of one column block, in tiles of 4 rows and one tile for the remainder.
+template <typename Tile, typename X>
+[[maybe_unused]] void TileRows(const X* x, int64_t ldx, int64_t rows, const void* w, int64_t k_len,
+                               const float* bias, float* y, int64_t ldy, int64_t ncols) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    Tile::template Run<4>(x + r * ldx, ldx, w, k_len, bias, y + r * ldy, ldy, ncols);
+  }
+  switch (rows - r) {
+    case 3:
+      Tile::template Run<3>(x + r * ldx, ldx, w, k_len, bias, y + r * ldy, ldy, ncols);
+      break;
+    case 2:
+      Tile::template Run<2>(x + r * ldx, ldx, w, k_len, bias, y + r * ldy, ldy, ncols);
+      break;
+    case 1:
+      Tile::template Run<1>(x + r * ldx, ldx, w, k_len, bias, y + r * ldy, ldy, ncols);
+      break;
+    default:
+      break;
+  }
+}
+
+void BlockRows(Kind kind, const void* x, int64_t ldx, int64_t rows, const void* w, int64_t k_len,
+               const float* bias, float* y, int64_t ldy, int64_t ncols) {
+  switch (kind) {
+    case Kind::kF32:
+#if defined(__AVX512F__)
+      TileRows<TileF32Fn>(static_cast<const float*>(x), ldx, rows, w, k_len, bias, y, ldy, ncols);
+#else
+      TileF32Generic(static_cast<const float*>(x), ldx, rows, static_cast<const float*>(w), k_len,
+                     bias, y, ldy, ncols);
+#endif
+      return;
+    case Kind::kBF16AsF32:
+#if defined(__AVX512F__)
+      TileRows<TileBF16AsF32Fn>(static_cast<const float*>(x), ldx, rows, w, k_len, bias, y, ldy,
+                                ncols);
+#else
+      TileBF16Generic<float>(static_cast<const float*>(x), ldx, rows,
+                             static_cast<const uint16_t*>(w), k_len, bias, y, ldy, ncols);
+#endif
+      return;
+    case Kind::kBF16:
+#if defined(__AVX512BF16__)
+      TileRows<TileBF16Fn>(static_cast<const uint16_t*>(x), ldx, rows, w, k_len, bias, y, ldy,
+                           ncols);
+#else
+      TileBF16Generic<uint16_t>(static_cast<const uint16_t*>(x), ldx, rows,
+                                static_cast<const uint16_t*>(w), k_len, bias, y, ldy, ncols);
+#endif
+      return;
+  }
+}
+
+// Widens packed bf16 blocks [b0, b1) ([Kp32/2][64][2] each) into the fp32 layout
+// ([Kp16][64] each) at dst.
+void WidenBlocks(const uint16_t* src, int64_t kp_src, float* dst, int64_t kp_dst, int64_t b0,
+                 int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint16_t* s = src + b * kp_src * kColBlock;
+    float* d = dst + b * kp_dst * kColBlock;
+    for (int64_t p = 0; p < kp_dst / 2; ++p) {
+#if defined(__AVX512F__)
+      for (int c = 0; c < 4; ++c) {
+        __m512 even, odd;
+        WidenPairs(_mm512_load_si512(s + p * 2 * kColBlock + 32 * c), &even, &odd);
+        _mm512_store_ps(d + (2 * p) * kColBlock + 16 * c, even);
+        _mm512_store_ps(d + (2 * p + 1) * kColBlock + 16 * c, odd);
+      }
+#else
+      for (int64_t c = 0; c < kColBlock; ++c) {
+        d[(2 * p) * kColBlock + c] = BF16ToF32(s[p * 2 * kColBlock + 2 * c]);
+        d[(2 * p + 1) * kColBlock + c] = BF16ToF32(s[p * 2 * kColBlock + 2 * c + 1]);
+      }
+#endif
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// oneDNN matmul over packed weights. Primitives are cached per (m, threads): oneDNN bakes the
+// thread count into a primitive. Beyond kMaxCached distinct m values a runtime-M primitive
+// serves the rest. Scratchpads are user-managed and per thread, so Run() is thread-safe.
+
+const dnnl::engine* CpuEngine() {
+  static const dnnl::engine* engine = []() -> const dnnl::engine* {
+    try {
+      return new dnnl::engine(dnnl::engine::kind::cpu, 0);
+    } catch (const dnnl::error&) {
+      return nullptr;
+    }
+  }();
+  return engine;
+}
+
+dnnl::stream* ThreadStream() {
+  thread_local std::unique_ptr<dnnl::stream> stream;
+  if (stream == nullptr) {
+    const dnnl::engine* engine = CpuEngine();
+    if (engine == nullptr) return nullptr;
+    try {
+      stream = std::make_unique<dnnl::stream>(*engine);
+    } catch (const dnnl::error&) {
+      return nullptr;
+    }
+  }
+  return stream.get();
+}
+
+class DnnlMatmul {
+ public:
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+
+  // Weights are [k, n] in BA16a64b (fp32) or BA16a64b2a (bf16) layout of `weight_bytes`
+  // bytes; `weights` (may be null: then passed to each Run) and `bias` ([n] or null) must
+  // outlive this object. Source rows have stride `ld`. Null if oneDNN cannot serve it.
+  static std::unique_ptr<DnnlMatmul> Create(dt type, int64_t k, int64_t n, int64_t ld,
+                                            void* weights, int64_t weight_bytes,
+                                            const float* bias) {
+    const dnnl::engine* engine = CpuEngine();
+    if (engine == nullptr) return nullptr;
+    try {
+      auto mm = std::unique_ptr<DnnlMatmul>(new DnnlMatmul());
+      mm->type_ = type;
+      mm->k_ = k;
+      mm->n_ = n;
+      mm->ld_ = ld;
+      mm->w_md_ =
+          dnnl::memory::desc({k, n}, type, type == dt::bf16 ? tag::BA16a64b2a : tag::BA16a64b);
+      if (static_cast<int64_t>(mm->w_md_.get_size()) != weight_bytes) return nullptr;
+      if (weights != nullptr) mm->w_mem_ = dnnl::memory(mm->w_md_, *engine, weights);
+      if (bias != nullptr) {
+        mm->bias_md_ = dnnl::memory::desc({1, n}, dt::f32, tag::ab);
+        mm->bias_mem_ = dnnl::memory(mm->bias_md_, *engine, const_cast<float*>(bias));
+      }
+      return mm;
+    } catch (const dnnl::error&) {
+      return nullptr;
+    }
+  }
+
+  std::string ImplName(int64_t m) const {
+    try {
+      const Prim* prim = Get(m, SyncThreads());
+      return prim != nullptr ? prim->impl : "";
+    } catch (const dnnl::error&) {
+      return "";
+    }
+  }
+
+  // y [m, n] = x [m, k] W; `weights` overrides the buffer given to Create(). False on
+  // failure (y is then unspecified; the caller recomputes it).
+  bool Run(const void* x, int64_t m, float* y, const void* weights = nullptr) const {
+    const int threads = SyncThreads();
+    dnnl::stream* stream = ThreadStream();
+    if (stream == nullptr) return false;
+    try {
+      const Prim* prim = Get(m, threads);
+      if (prim == nullptr) return false;
+      const dnnl::engine& engine = *CpuEngine();
+      dnnl::memory src({{m, k_}, type_, {ld_, 1}}, engine, const_cast<void*>(x));
+      dnnl::memory dst({{m, n_}, dt::f32, {n_, 1}}, engine, y);
+      dnnl::memory wei =
+          weights != nullptr ? dnnl::memory(w_md_, engine, const_cast<void*>(weights)) : w_mem_;
+      if (!wei) return false;
+      std::unordered_map<int, dnnl::memory> args = {
+          {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
+      if (bias_mem_) args.emplace(DNNL_ARG_BIAS, bias_mem_);
+      if (prim->scratchpad_md.get_size() > 0) {
+        void* buf = t_dnnl_scratchpad.Get(prim->scratchpad_md.get_size());
+        args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(prim->scratchpad_md, engine, buf));
+      }
+      prim->matmul.execute(*stream, args);
+      stream->wait();
+      return true;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }
+
+ private:
+  struct Prim {
+    dnnl::matmul matmul;
+    dnnl::memory::desc scratchpad_md;
+    std::string impl;
+  };
+  static constexpr size_t kMaxCached = 32;
+
+  DnnlMatmul() = default;
+
+  // Throws dnnl::error.
+  const Prim* Get(int64_t m, int threads) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find({m, threads});
+    if (it != cache_.end()) return it->second.get();
+    int64_t key_m = m;
+    if (cache_.size() >= kMaxCached) {
+      key_m = DNNL_RUNTIME_DIM_VAL;
+      it = cache_.find({key_m, threads});
+      if (it != cache_.end()) return it->second.get();
+    }
+    dnnl::memory::desc src_md({key_m, k_}, type_, {ld_, 1});
+    dnnl::memory::desc dst_md({key_m, n_}, dt::f32, {n_, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::desc desc = bias_mem_ ? dnnl::matmul::desc(src_md, w_md_, bias_md_, dst_md)
+                                        : dnnl::matmul::desc(src_md, w_md_, dst_md);
+    dnnl::matmul::primitive_desc pd(desc, attr, *CpuEngine());
+    auto prim = std::make_unique<Prim>();
+    prim->matmul = dnnl::matmul(pd);
+    prim->scratchpad_md = pd.scratchpad_desc();
+    prim->impl = pd.impl_info_str();
+    const Prim* result = prim.get();
+    cache_[{key_m, threads}] = std::move(prim);
+    return result;
+  }
+
+  dt type_ = dt::f32;
+  int64_t k_ = 0, n_ = 0, ld_ = 0;
+  dnnl::memory::desc w_md_, bias_md_;
+  dnnl::memory w_mem_, bias_mem_;
+  mutable std::mutex mu_;
+  mutable std::map<std::pair<int64_t, int>, std::unique_ptr<Prim>> cache_;
+};
+
+float ElementToF32(const void* w, DType wtype, int64_t i) {
+  switch (wtype) {
+    case DType::kF32:
+      return static_cast<const float*>(w)[i];
+    case DType::kBF16:
+      return BF16ToF32(static_cast<const uint16_t*>(w)[i]);
+    case DType::kF16:
+      return F16ToF32(static_cast<const uint16_t*>(w)[i]);
+  }
+  return 0.0f;
+}
+
+}  // namespace
+
+struct Linear::Impl {
+  int64_t out = 0, in = 0;
+  ComputeType ct = ComputeType::kF32;
+  Kind kind = Kind::kF32;
+  int64_t blocks = 0;  // Np / 64.
+  int64_t k_pad = 0;   // Kp of the packed layout.
+  int64_t weight_bytes = 0;
+  AlignedArray<float> w_f32;      // kF32.
+  AlignedArray<uint16_t> w_bf16;  // kBF16AsF32, kBF16.
+  AlignedArray<float> bias;       // [Np] or null.
+  std::unique_ptr<DnnlMatmul> dnnl;
+  Path path = Path::kAuto;
+  int64_t small_m_limit = 0;
+
+  const void* Block(int64_t b) const {
+    return kind == Kind::kF32 ? static_cast<const void*>(w_f32.get() + b * k_pad * kColBlock)
+                              : static_cast<const void*>(w_bf16.get() + b * k_pad * kColBlock);
+  }
+  // The kernels' x: x itself, or (kBF16) its bf16 copy in this thread's scratch. Sets *ld.
+  const void* PrepareX(const float* x, int64_t m, int64_t* ld) const {
+    if (kind != Kind::kBF16) {
+      *ld = in;
+      return x;
+    }
+    auto* xb = static_cast<uint16_t*>(t_x_bf16.Get(m * k_pad * sizeof(uint16_t)));
+    RoundRowsToBF16(x, m, in, k_pad, xb);
+    *ld = k_pad;
+    return xb;
+  }
+  void RunBlocks(const void* x, int64_t ld, int64_t m, float* y, int64_t b0, int64_t b1) const {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t col = b * kColBlock;
+      BlockRows(kind, x, ld, m, Block(b), in, bias != nullptr ? bias.get() + col : nullptr, y + col,
+                out, std::min(kColBlock, out - col));
+    }
+  }
+  void ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const;
+  bool ForwardOneDnn(const void* x, int64_t m, float* y) const;
+};
+
+void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const {
+  const int threads = ThreadsFor(m * in * out, SyncThreads(), kMinWorkPerThread);
+#ifdef _OPENMP
+  // Split column blocks when there are enough of them, else rows. Row chunks start at
+  // multiples of 4, so every row goes through the same tile as single-threaded and results
+  // do not depend on the thread count.
+  const bool split_rows = blocks < 2 * threads && m >= 8 * threads;
+  if (threads > 1 && (blocks > 1 || split_rows)) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      const int nt = omp_get_num_threads();
+      if (split_rows) {
+        const int64_t r0 = std::min(m, RoundUp(m * t / nt, 4));
+        const int64_t r1 = t + 1 == nt ? m : std::min(m, RoundUp(m * (t + 1) / nt, 4));
+        const char* xr = static_cast<const char*>(x) +
+                         r0 * ld * (kind == Kind::kBF16 ? sizeof(uint16_t) : sizeof(float));
+        if (r1 > r0) RunBlocks(xr, ld, r1 - r0, y + r0 * out, 0, blocks);
+      } else {
+        RunBlocks(x, ld, m, y, blocks * t / nt, blocks * (t + 1) / nt);
+      }
+    }
+    return;
+  }
+#endif
+  RunBlocks(x, ld, m, y, 0, blocks);
+}
+
+bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
+  if (kind != Kind::kBF16AsF32) return dnnl->Run(x, m, y);
+  // Widen the weights into this thread's fp32 scratch (cost ~ one m=1 pass; only used for
+  // m above the small-kernel limit).
+  const int64_t kp_f32 = RoundUp(in, kKPadF32);
+  auto* wf = static_cast<float*>(t_w_f32.Get(blocks * kp_f32 * kColBlock * sizeof(float)));
+  const int threads = ThreadsFor(blocks * kp_f32 * kColBlock, SyncThreads(), 1 << 18);
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      const int nt = omp_get_num_threads();
+      WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, blocks * t / nt, blocks * (t + 1) / nt);
+    }
+  } else {
+    WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, 0, blocks);
+  }
+#else
+  WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, 0, blocks);
+#endif
+  return dnnl->Run(x, m, y, wf);
+}
+
+absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, int64_t in,
+                                      ComputeType ct, const float* bias) {
+  if (w == nullptr) return absl::InvalidArgumentError("Linear::Create: null weight");
+  if (out <= 0 || in <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Linear::Create: bad shape [", out, ", ", in, "]"));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->out = out;
+  impl->in = in;
+  impl->ct = ct;
+  if (ct == ComputeType::kBF16) {
+    impl->kind = Kind::kBF16;
+  } else {
+    impl->kind = wtype == DType::kBF16 ? Kind::kBF16AsF32 : Kind::kF32;
+  }
+  impl->blocks = RoundUp(out, kColBlock) / kColBlock;
+  impl->k_pad = RoundUp(in, impl->kind == Kind::kF32 ? kKPadF32 : kKPadBF16);
+  const int64_t packed = impl->blocks * impl->k_pad * kColBlock;
+
+  if (impl->kind == Kind::kF32) {
+    impl->w_f32 = AllocZeroed<float>(packed);
+    if (impl->w_f32 == nullptr) return absl::ResourceExhaustedError("Linear::Create: no memory");
+    impl->weight_bytes = packed * 4;
+    float* dst = impl->w_f32.get();
+    for (int64_t n = 0; n < out; ++n) {
+      float* col = dst + (n / kColBlock) * impl->k_pad * kColBlock + n % kColBlock;
+      for (int64_t k = 0; k < in; ++k) col[k * kColBlock] = ElementToF32(w, wtype, n * in + k);
+    }
+  } else {
+    impl->w_bf16 = AllocZeroed<uint16_t>(packed);
+    if (impl->w_bf16 == nullptr) {
+      return absl::ResourceExhaustedError("Linear::Create: no memory");
+    }
+    impl->weight_bytes = packed * 2;
+    uint16_t* dst = impl->w_bf16.get();
+    for (int64_t n = 0; n < out; ++n) {
+      uint16_t* col = dst + (n / kColBlock) * impl->k_pad * kColBlock + (n % kColBlock) * 2;
+      for (int64_t k = 0; k < in; ++k) {
+        uint16_t v = wtype == DType::kBF16 ? static_cast<const uint16_t*>(w)[n * in + k]
+                                           : F32ToBF16(ElementToF32(w, wtype, n * in + k));
+        col[(k / 2) * 2 * kColBlock + (k & 1)] = v;
+      }
+    }
+  }
+  if (bias != nullptr) {
+    impl->bias = AllocZeroed<float>(impl->blocks * kColBlock);
+    if (impl->bias == nullptr) return absl::ResourceExhaustedError("Linear::Create: no memory");
+    std::memcpy(impl->bias.get(), bias, out * sizeof(float));
+  }
+  using dt = dnnl::memory::data_type;
+  switch (impl->kind) {
+    case Kind::kF32:
+      impl->dnnl = DnnlMatmul::Create(dt::f32, in, out, in, impl->w_f32.get(), impl->weight_bytes,
+                                      impl->bias.get());
+      impl->small_m_limit = kSmallMLimitF32;
+      break;
+    case Kind::kBF16AsF32:
+      impl->dnnl = DnnlMatmul::Create(dt::f32, in, out, in, nullptr,
+                                      impl->blocks * RoundUp(in, kKPadF32) * kColBlock * 4,
+                                      impl->bias.get());
+      impl->small_m_limit = impl->k_pad * kColBlock * 2 <= kL2ResidentBlockBytes
+                                ? std::numeric_limits<int64_t>::max()
+                                : kSmallMLimitBF16AsF32LargeK;
+      break;
+    case Kind::kBF16:
+      impl->dnnl = DnnlMatmul::Create(dt::bf16, impl->k_pad, out, impl->k_pad, impl->w_bf16.get(),
+                                      impl->weight_bytes, impl->bias.get());
+      impl->small_m_limit = kSmallMLimitBF16;
+      break;
+  }
+  return Linear(std::move(impl));
+}
+
+Linear::Linear() = default;
+Linear::Linear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Linear::Linear(Linear&&) noexcept = default;
+Linear& Linear::operator=(Linear&&) noexcept = default;
+Linear::~Linear() = default;
+
+int64_t Linear::in() const { return impl_->in; }
+int64_t Linear::out() const { return impl_->out; }
+ComputeType Linear::compute() const { return impl_->ct; }
+int64_t Linear::weight_bytes() const { return impl_->weight_bytes; }
+void Linear::set_path_for_testing(Path p) { impl_->path = p; }
+int64_t Linear::small_m_limit() const { return impl_->small_m_limit; }
+std::string Linear::onednn_impl_for_testing(int64_t m) const {
+  return impl_->dnnl != nullptr ? impl_->dnnl->ImplName(m) : "";
+}
+
+void Linear::Forward(const float* x, int64_t m, float* y) const {
+  if (m <= 0) return;
+  const Impl& p = *impl_;
+  int64_t ld;
+  const void* src = p.PrepareX(x, m, &ld);
+  const bool use_dnnl = p.dnnl != nullptr &&
+                        (p.path == Path::kOneDnn || (p.path == Path::kAuto && m > p.small_m_limit));
+  if (use_dnnl && p.ForwardOneDnn(src, m, y)) return;
+  p.ForwardSmall(src, ld, m, y);
+}
+
+void Linear::ForwardPart(const float* x, int64_t m, float* y, int part, int num_parts) const {
+  if (m <= 0 || num_parts <= 0 || part < 0 || part >= num_parts) return;
+  const Impl& p = *impl_;
+  const int64_t b0 = p.blocks * part / num_parts;
+  const int64_t b1 = p.blocks * (part + 1) / num_parts;
+  if (b0 == b1) return;
+  int64_t ld;
+  const void* src = p.PrepareX(x, m, &ld);
+  p.RunBlocks(src, ld, m, y, b0, b1);
+}
+
+}  // namespace ops
+}  // namespace moemesh

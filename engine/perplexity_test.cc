@@ -1,0 +1,51 @@
+// Held-out perplexity of the embedded model against transformers' figures (its README).
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "engine/generate.h"
+#include "engine/model.h"
+#include "engine/ops/threading.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace moemesh {
+namespace {
+
+constexpr char kDir[] = "models/pydoc-moe-17m";
+
+std::vector<int32_t> HeldoutIds() {
+  std::ifstream in(std::string(kDir) + "/heldout_ids.json");
+  nlohmann::json j = nlohmann::json::parse(in);
+  if (j.is_object()) j = j.begin().value();
+  return j.get<std::vector<int32_t>>();
+}
+
+double RefNll(int k) {
+  std::ifstream in(std::string(kDir) + "/reference.json");
+  nlohmann::json j = nlohmann::json::parse(in);
+  return j["val_nll_by_topk"][std::to_string(k)].get<double>();
+}
+
+TEST(PerplexityTest, MatchesTransformersForTopK1_4_16AndBf16IsClose) {
+  ops::SetNumThreads(2);
+  std::vector<int32_t> ids = HeldoutIds();
+  ASSERT_EQ(ids.size(), 33734u);
+  auto fp32 = Model::Load(kDir, LoadOptions{ComputeType::kF32});
+  auto bf16 = Model::Load(kDir, LoadOptions{ComputeType::kBF16});
+  ASSERT_TRUE(fp32.ok()) << fp32.status();
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  for (int k : {1, 4, 16}) {
+    auto r = Perplexity(**fp32, ids, 512, k);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, 33733);
+    EXPECT_NEAR(r->nll, RefNll(k), 0.03) << "k=" << k;
+    auto rb = Perplexity(**bf16, ids, 512, k);
+    ASSERT_TRUE(rb.ok()) << rb.status();
+    EXPECT_NEAR(rb->nll, r->nll, 0.02) << "bf16 vs fp32, k=" << k;
+    std::printf("k=%d fp32 nll %.6f (ref %.6f)  bf16 nll %.6f\n", k, r->nll, RefNll(k), rb->nll);
+  }
+}
+
+}  // namespace
+}  // namespace moemesh

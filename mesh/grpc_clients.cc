@@ -1,0 +1,107 @@
+#include "mesh/grpc_clients.h"
+
+#include <chrono>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "protos/grpc/health/v1/health.grpc.pb.h"
+
+namespace moemesh {
+namespace {
+
+std::chrono::system_clock::time_point After(double seconds) {
+  return std::chrono::system_clock::now() +
+         std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6));
+}
+
+}  // namespace
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  // A channel of its own per peer (not shared through the global subchannel pool).
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+absl::Status WaitHealthy(const std::string& address, double timeout_seconds) {
+  auto channel = InternalChannel(address);
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  const auto deadline = After(timeout_seconds);
+  grpc::Status last;
+  while (std::chrono::system_clock::now() < deadline) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(After(1.0));
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    last = stub->Check(&ctx, req, &resp);
+    if (last.ok() && resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      return absl::OkStatus();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return absl::DeadlineExceededError(absl::StrCat(address, " did not become healthy within ",
+                                                  timeout_seconds, " s: ", last.error_message()));
+}
+
+GrpcExpertTransport::GrpcExpertTransport(const std::string& address, double call_timeout_seconds)
+    : address_(address),
+      timeout_(call_timeout_seconds),
+      stub_(wire::Expert::NewStub(InternalChannel(address))) {}
+
+void GrpcExpertTransport::RunExpertsAsync(const wire::RunExpertsRequest* req,
+                                          wire::RunExpertsResponse* resp,
+                                          std::function<void(absl::Status)> done) {
+  auto* ctx = new grpc::ClientContext;
+  ctx->set_deadline(After(timeout_));
+  stub_->async()->RunExperts(ctx, req, resp, [ctx, done = std::move(done)](grpc::Status s) {
+    delete ctx;
+    done(FromGrpc(s));
+  });
+}
+
+absl::StatusOr<wire::ExpertStats> GrpcExpertTransport::GetStats() {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(After(timeout_));
+  wire::StatsRequest req;
+  wire::ExpertStats resp;
+  grpc::Status s = stub_->GetStats(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+GrpcEncoder::GrpcEncoder(const std::string& address)
+    : address_(address), stub_(wire::Encoder::NewStub(InternalChannel(address))) {}
+
+absl::Status GrpcEncoder::Encode(const int32_t* ids, int64_t n, float* out) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(After(30.0));
+  wire::EncodeRequest req;
+  req.mutable_ids()->Add(ids, ids + n);
+  wire::EncodeResponse resp;
+  grpc::Status s = stub_->Encode(&ctx, req, &resp);
+  if (!s.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                        absl::StrCat("encoder ", address_, ": ", s.error_message()));
+  }
+  int64_t rows = n, cols = -1;
+  std::vector<float> h;
+  absl::Status st = DecodeFloats(resp.hidden(), "hidden", &rows, &cols, &h);
+  if (!st.ok()) return st;
+  std::copy(h.begin(), h.end(), out);
+  return absl::OkStatus();
+}
+
+}  // namespace moemesh

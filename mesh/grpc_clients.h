@@ -1,0 +1,53 @@
+// gRPC clients of the internal services, as the attention worker and the router use them.
+#ifndef MOEMESH_MESH_GRPC_CLIENTS_H_
+#define MOEMESH_MESH_GRPC_CLIENTS_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "grpcpp/grpcpp.h"
+#include "mesh/encoder_backend.h"
+#include "mesh/expert_dispatch.h"
+#include "protos/worker.grpc.pb.h"
+
+namespace moemesh {
+
+// grpc::Status <-> absl::Status (same numeric codes).
+absl::Status FromGrpc(const grpc::Status& s);
+grpc::Status ToGrpc(const absl::Status& s);
+
+// A channel for internal traffic: insecure loopback/cluster network, large messages allowed.
+std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address);
+
+// Waits until `address` answers grpc.health.v1 with SERVING (or the deadline passes).
+absl::Status WaitHealthy(const std::string& address, double timeout_seconds);
+
+class GrpcExpertTransport : public ExpertTransport {
+ public:
+  GrpcExpertTransport(const std::string& address, double call_timeout_seconds);
+  void RunExpertsAsync(const wire::RunExpertsRequest* req, wire::RunExpertsResponse* resp,
+                       std::function<void(absl::Status)> done) override;
+  std::string name() const override { return address_; }
+  absl::StatusOr<wire::ExpertStats> GetStats();
+
+ private:
+  const std::string address_;
+  const double timeout_;
+  std::unique_ptr<wire::Expert::Stub> stub_;
+};
+
+class GrpcEncoder : public EncoderBackend {
+ public:
+  explicit GrpcEncoder(const std::string& address);
+  absl::Status Encode(const int32_t* ids, int64_t n, float* out) override;
+
+ private:
+  const std::string address_;
+  std::unique_ptr<wire::Encoder::Stub> stub_;
+};
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_MESH_GRPC_CLIENTS_H_

@@ -1,0 +1,26 @@
+// Starting a gRPC server the way every MoE Mesh service does: health checking and reflection on,
+// large messages allowed, listening on one address.
+#ifndef MOEMESH_MESH_SERVER_H_
+#define MOEMESH_MESH_SERVER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "grpcpp/grpcpp.h"
+
+namespace moemesh {
+
+// Builds and starts a server on `address` ("host:port"; port 0 picks a free one, reported in
+// `bound_address`). InvalidArgument/Unavailable with the address when it cannot listen.
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::string& address,
+                                                          const std::vector<grpc::Service*>& services,
+                                                          std::string* bound_address = nullptr);
+
+// Blocks until SIGINT or SIGTERM, then shuts `server` down (in-flight calls get 2 s to finish).
+void ServeUntilSignal(grpc::Server* server);
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_MESH_SERVER_H_

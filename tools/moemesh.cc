@@ -1,0 +1,183 @@
+// moemesh: the engine's command-line tool. Prints one JSON object on stdout.
+//
+//   moemesh generate   --model=DIR (--prompt=TEXT | --input_ids=1,2,3) --max_new_tokens=N
+//                      [--greedy] [--logits_out=FILE] [--experts_per_token=K]
+//                      [--compute_dtype=fp32|bf16] [--threads=T]
+//   moemesh perplexity --model=DIR --file=TEXT_FILE [--window=512] [--experts_per_token=K]
+//   moemesh tokenize   --model=DIR --text=TEXT
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "engine/config.h"
+#include "engine/generate.h"
+#include "engine/model.h"
+#include "engine/ops/threading.h"
+#include "engine/tokenizer.h"
+#include "nlohmann/json.hpp"
+
+ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (config.json, *.safetensors, tokenizer.json).");
+ABSL_FLAG(std::string, prompt, "", "generate: prompt text.");
+ABSL_FLAG(std::string, input_ids, "", "generate: prompt as comma-separated token ids (instead of --prompt).");
+ABSL_FLAG(int64_t, max_new_tokens, 32, "generate: number of new tokens.");
+ABSL_FLAG(bool, greedy, false, "generate: greedy decoding (otherwise --temperature/--top_p/--top_k/--seed).");
+ABSL_FLAG(double, temperature, 0.8, "generate: sampling temperature when not --greedy.");
+ABSL_FLAG(double, top_p, 0.95, "generate: nucleus sampling threshold when not --greedy.");
+ABSL_FLAG(int32_t, top_k, 0, "generate: keep the k most likely tokens (0 = all) when not --greedy.");
+ABSL_FLAG(uint64_t, seed, 0, "generate: random seed when not --greedy.");
+ABSL_FLAG(bool, ignore_eos, false, "generate: keep going after the end-of-sequence token.");
+ABSL_FLAG(std::string, logits_out, "", "generate: write the logits of every prompt position to FILE as a JSON list of rows.");
+ABSL_FLAG(int32_t, experts_per_token, 0, "Active experts per token (0 = the model's num_experts_per_tok).");
+ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
+ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
+ABSL_FLAG(std::string, file, "", "perplexity: text file; documents separated by \"\\n<|endoftext|>\\n\".");
+ABSL_FLAG(int64_t, window, 512, "perplexity: window of input tokens, scored independently.");
+ABSL_FLAG(std::string, text, "", "tokenize: text to encode.");
+
+namespace moemesh {
+namespace {
+
+int Fail(const absl::Status& st) {
+  nlohmann::json j;
+  j["error"] = std::string(st.message());
+  std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+  std::cerr << "moemesh: " << st.message() << std::endl;
+  return 1;
+}
+
+void Print(const nlohmann::json& j) {
+  std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer() {
+  return Tokenizer::FromFile(absl::GetFlag(FLAGS_model) + "/tokenizer.json");
+}
+
+absl::StatusOr<std::unique_ptr<Model>> LoadModel() {
+  LoadOptions opt;
+  const std::string dt = absl::GetFlag(FLAGS_compute_dtype);
+  if (dt == "bf16") {
+    opt.compute = ComputeType::kBF16;
+  } else if (dt != "fp32") {
+    return absl::InvalidArgumentError(absl::StrCat("--compute_dtype must be fp32 or bf16, not '", dt, "'"));
+  }
+  ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
+  return Model::Load(absl::GetFlag(FLAGS_model), opt);
+}
+
+int RunGenerate() {
+  auto tok = LoadTokenizer();
+  if (!tok.ok()) return Fail(tok.status());
+  std::vector<int32_t> prompt;
+  if (!absl::GetFlag(FLAGS_input_ids).empty()) {
+    for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_input_ids), ',', absl::SkipWhitespace())) {
+      int32_t id;
+      if (!absl::SimpleAtoi(s, &id)) return Fail(absl::InvalidArgumentError(absl::StrCat("--input_ids: '", s, "' is not an integer")));
+      prompt.push_back(id);
+    }
+  } else if (!absl::GetFlag(FLAGS_prompt).empty()) {
+    prompt = (*tok)->Encode(absl::GetFlag(FLAGS_prompt), /*add_special_tokens=*/true);
+  } else {
+    return Fail(absl::InvalidArgumentError("give --prompt=TEXT or --input_ids=1,2,3"));
+  }
+  auto model = LoadModel();
+  if (!model.ok()) return Fail(model.status());
+  GenerateOptions opt;
+  opt.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  opt.experts_per_token = absl::GetFlag(FLAGS_experts_per_token);
+  opt.prompt_logits = !absl::GetFlag(FLAGS_logits_out).empty();
+  if (!absl::GetFlag(FLAGS_greedy)) {
+    opt.sampling.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+    opt.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+    opt.sampling.top_k = absl::GetFlag(FLAGS_top_k);
+    opt.sampling.seed = absl::GetFlag(FLAGS_seed);
+  }
+  if (!absl::GetFlag(FLAGS_ignore_eos)) opt.stop_token_ids = (*model)->config().eos_token_ids;
+  auto r = Generate(**model, prompt, opt);
+  if (!r.ok()) return Fail(r.status());
+  if (opt.prompt_logits) {
+    const int64_t vocab = (*model)->config().vocab_size;
+    std::ofstream out(absl::GetFlag(FLAGS_logits_out));
+    out << "[";
+    char buf[32];
+    for (size_t p = 0; p < prompt.size(); ++p) {
+      out << (p ? ",\n[" : "[");
+      for (int64_t v = 0; v < vocab; ++v) {
+        std::snprintf(buf, sizeof(buf), "%.9g", r->prompt_logits[p * vocab + v]);
+        out << (v ? "," : "") << buf;
+      }
+      out << "]";
+    }
+    out << "]\n";
+    if (!out) return Fail(absl::InternalError("could not write " + absl::GetFlag(FLAGS_logits_out)));
+  }
+  nlohmann::json j;
+  j["ids"] = r->ids;
+  j["text"] = (*tok)->Decode(r->ids, /*skip_special_tokens=*/true);
+  j["prompt_tokens"] = prompt.size();
+  j["prefill_tok_s"] = r->prefill_seconds > 0 ? prompt.size() / r->prefill_seconds : 0.0;
+  j["decode_tok_s"] = r->ids.size() > 1 && r->decode_seconds > 0 ? (r->ids.size() - 1) / r->decode_seconds : 0.0;
+  Print(j);
+  return 0;
+}
+
+int RunPerplexity() {
+  auto tok = LoadTokenizer();
+  if (!tok.ok()) return Fail(tok.status());
+  std::ifstream in(absl::GetFlag(FLAGS_file), std::ios::binary);
+  if (!in) return Fail(absl::NotFoundError("cannot read --file=" + absl::GetFlag(FLAGS_file)));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  // Each document encoded on its own, followed by the end-of-text id (as the reference does).
+  auto eot = (*tok)->TokenToId("<|endoftext|>");
+  if (!eot.has_value()) return Fail(absl::InvalidArgumentError("the tokenizer has no <|endoftext|> token"));
+  const std::vector<int32_t> ids = EncodeDocuments(**tok, text, "\n<|endoftext|>\n", *eot);
+  auto model = LoadModel();
+  if (!model.ok()) return Fail(model.status());
+  auto r = Perplexity(**model, ids, absl::GetFlag(FLAGS_window), absl::GetFlag(FLAGS_experts_per_token));
+  if (!r.ok()) return Fail(r.status());
+  nlohmann::json j;
+  j["tokens"] = r->tokens;
+  j["nll"] = r->nll;
+  j["ppl"] = r->ppl;
+  Print(j);
+  return 0;
+}
+
+int RunTokenize() {
+  auto tok = LoadTokenizer();
+  if (!tok.ok()) return Fail(tok.status());
+  nlohmann::json j;
+  j["ids"] = (*tok)->Encode(absl::GetFlag(FLAGS_text), /*add_special_tokens=*/true);
+  Print(j);
+  return 0;
+}
+
+}  // namespace
+}  // namespace moemesh
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "moemesh generate|perplexity|tokenize --model=DIR [flags]\n"
+      "  generate   --prompt=TEXT | --input_ids=1,2,3 [--max_new_tokens=N] [--greedy] [--logits_out=FILE]\n"
+      "  perplexity --file=TEXT_FILE [--window=512]\n"
+      "  tokenize   --text=TEXT\n"
+      "Prints one JSON object on stdout.");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  const std::string cmd = args.size() > 1 ? args[1] : "";
+  if (cmd == "generate") return moemesh::RunGenerate();
+  if (cmd == "perplexity") return moemesh::RunPerplexity();
+  if (cmd == "tokenize") return moemesh::RunTokenize();
+  std::cerr << absl::ProgramUsageMessage() << "\n(try --help)" << std::endl;
+  return 2;
+}
