@@ -35,20 +35,6 @@ void SetError(wire::SeqResult* r, const absl::Status& st) {
 
 }  // namespace
 
-SamplingConfig ToSamplingConfig(const moemesh::v1::SamplingParams& p) {
-  SamplingConfig c;
-  if (p.has_temperature()) c.temperature = p.temperature();
-  if (p.has_top_p()) c.top_p = p.top_p();
-  if (p.has_top_k()) c.top_k = p.top_k();
-  if (p.has_min_p()) c.min_p = p.min_p();
-  if (p.has_repetition_penalty()) c.repetition_penalty = p.repetition_penalty();
-  if (p.has_presence_penalty()) c.presence_penalty = p.presence_penalty();
-  if (p.has_frequency_penalty()) c.frequency_penalty = p.frequency_penalty();
-  if (p.has_seed()) c.seed = p.seed();
-  if (p.has_logprobs()) c.logprobs = p.logprobs();
-  return c;
-}
-
 AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder,
                                  ExpertBackend* experts, const Options& opt)
     : stack_(stack),

@@ -18,14 +18,12 @@
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "mesh/encoder_backend.h"
+#include "mesh/sampling_params.h"
 #include "protos/worker.pb.h"
 
 namespace moemesh {
 
 namespace wire = ::moemesh::internal::v1;
-
-// Resolved sampling parameters (the router fills defaults) -> SamplingConfig.
-SamplingConfig ToSamplingConfig(const moemesh::v1::SamplingParams& p);
 
 class AttentionWorker {
  public:

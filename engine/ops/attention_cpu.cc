@@ -2,10 +2,10 @@
 //
 // Work is split into units of (kv head, chunk of new tokens); a unit processes every query
 // head of its kv head for its tokens ("rows"), so each K/V block is loaded once per unit.
-// The AVX-512 path (head_dim a multiple of 16, up to 256) transposes each 16-key K block to
-// [head_dim][16] so that 16 scores come out of head_dim FMAs with no horizontal sums, and
-// keeps up to 4 rows' accumulators in registers while streaming V. Other head dims use a
-// generic per-key path.
+// The AVX-512 path (head_dim 16, 32, 64, 128 or 256) computes a block's 16 scores as vector
+// dot products followed by one transposing 16-way horizontal sum, keeps the accumulators of
+// up to 2 rows in registers while streaming V, and shares each K/V row load between them.
+// Other head dims use a generic per-key path.
 
 #include <algorithm>
 #include <cmath>
@@ -109,88 +109,81 @@ void AttendUnitGeneric(const Unit& u, float* acc) {
 
 #if defined(__AVX512F__)
 
-// In place: r[i] holds row i of a 16x16 block; afterwards r[j] holds column j.
-inline void Transpose16x16(__m512 (&r)[16]) {
-  __m512 t[16];
-  UNROLL_LOOP
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c.
-  __m512 u[16];
+// Pairwise step of a 16-way horizontal sum: per 128-bit lane, the two halves of x0 and of x1
+// added and interleaved.
+inline __m512 PairSum(__m512 x0, __m512 x1) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1));
+}
+
+// y[i] = PairSum(x[2i], x[2i+1]) for 16 vectors x; returns lane j = sum of x[j]'s 16 lanes.
+inline __m512 FinishSum16(const __m512 (&y)[8]) {
+  __m512 z[4];
   UNROLL_LOOP
   for (int i = 0; i < 4; ++i) {
-    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    // Lane L of z[i]: the lane-L sums of x[4i..4i+3].
+    z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
   }
-  __m512 v[16];
-  UNROLL_LOOP
-  for (int c = 0; c < 4; ++c) {
-    v[c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-    v[4 + c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-    v[8 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    v[12 + c] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-  }
-  UNROLL_LOOP
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0x88);
-    r[8 + c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0xDD);
-    r[4 + c] = _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0xDD);
-  }
+  const __m512 s01 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+  const __m512 s23 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88), _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
 }
 
-// kt[d][16] = K[j0 + j][d] for j < nb, 0 for j >= nb.
-template <int D16>
-inline void TransposeKeys(const float* k, int64_t stride, int64_t nb, float* kt) {
-  UNROLL_LOOP
-  for (int c = 0; c < D16; ++c) {
-    __m512 r[16];
-    UNROLL_LOOP
-    for (int j = 0; j < 16; ++j) {
-      r[j] = j < nb ? _mm512_loadu_ps(k + j * stride + 16 * c) : _mm512_setzero_ps();
-    }
-    Transpose16x16(r);
-    UNROLL_LOOP
-    for (int d = 0; d < 16; ++d) _mm512_store_ps(kt + (16 * c + d) * 16, r[d]);
-  }
-}
-
-// One 16-key block for NR rows: scores, online-softmax update, P V accumulation.
-// m, l, acc point at the first of the NR rows' state; acc rows are 16 * D16 floats.
+// One 16-key block starting at key j0 for NR rows r0..r0+NR-1 (all of which see key j0):
+// scores, online-softmax update, P V accumulation. m, l, acc point at row r0's state; acc
+// rows hold 16 * D16 floats (64-byte aligned).
 template <int D16, int NR>
-inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, const float* kt, float* m, float* l,
-                      float* acc) {
+inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, float* m, float* l, float* acc) {
   constexpr int kD = 16 * D16;
-  __m512 s0[NR], s1[NR];
+  const int64_t max_valid = std::min<int64_t>(u.ctx[r0 + NR - 1] - j0, kKeyBlock);
+  const float* k = u.k + j0 * u.kv_stride;
+
+  // Scores: per key a D16-vector dot product, then a transposing 16-way horizontal sum.
+  __m512 q[NR][D16];
   UNROLL_LOOP
-  for (int r = 0; r < NR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
-  const float* q[NR];
-  UNROLL_LOOP
-  for (int r = 0; r < NR; ++r) q[r] = u.q[r0 + r];
-  for (int d = 0; d < kD; d += 2) {
-    const __m512 k0 = _mm512_load_ps(kt + d * 16);
-    const __m512 k1 = _mm512_load_ps(kt + (d + 1) * 16);
+  for (int r = 0; r < NR; ++r) {
     UNROLL_LOOP
-    for (int r = 0; r < NR; ++r) {
-      s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k0, s0[r]);
-      s1[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d + 1]), k1, s1[r]);
-    }
+    for (int c = 0; c < D16; ++c) q[r][c] = _mm512_loadu_ps(u.q[r0 + r] + 16 * c);
   }
+  __m512 y[NR][8];
+  UNROLL_LOOP
+  for (int jp = 0; jp < 8; ++jp) {
+    __m512 x[NR][2];
+    UNROLL_LOOP
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = 2 * jp + h;
+      if (j < max_valid) {
+        const float* kj = k + j * u.kv_stride;
+        __m512 kv[D16];
+        UNROLL_LOOP
+        for (int c = 0; c < D16; ++c) kv[c] = _mm512_loadu_ps(kj + 16 * c);
+        UNROLL_LOOP
+        for (int r = 0; r < NR; ++r) {
+          __m512 t = _mm512_mul_ps(q[r][0], kv[0]);
+          UNROLL_LOOP
+          for (int c = 1; c < D16; ++c) t = _mm512_fmadd_ps(q[r][c], kv[c], t);
+          x[r][h] = t;
+        }
+      } else {
+        UNROLL_LOOP
+        for (int r = 0; r < NR; ++r) x[r][h] = _mm512_setzero_ps();
+      }
+    }
+    UNROLL_LOOP
+    for (int r = 0; r < NR; ++r) y[r][jp] = PairSum(x[r][0], x[r][1]);
+  }
+
+  // Online softmax.
   alignas(64) float p[NR][16];
   float corr[NR];
-  int64_t nb = 0;
   const __m512 scale = _mm512_set1_ps(u.scale);
   UNROLL_LOOP
   for (int r = 0; r < NR; ++r) {
-    const int64_t valid = std::min<int64_t>(u.ctx[r0 + r] - j0, kKeyBlock);
-    nb = std::max(nb, valid);
-    const __mmask16 mask = internal::TailMask(valid);
-    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), mask,
-                                        _mm512_mul_ps(_mm512_add_ps(s0[r], s1[r]), scale));
+    const __mmask16 mask = internal::TailMask(std::min<int64_t>(u.ctx[r0 + r] - j0, kKeyBlock));
+    const __m512 s =
+        _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), mask, _mm512_mul_ps(FinishSum16(y[r]), scale));
     const float new_max = std::max(m[r], _mm512_reduce_max_ps(s));
     corr[r] = internal::ExpScalar(m[r] - new_max);
     const __m512 e =
@@ -199,41 +192,65 @@ inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, const float* kt, fl
     m[r] = new_max;
     _mm512_store_ps(p[r], e);
   }
-  __m512 a[NR][D16];
+
+  // acc = acc * corr + P V, even and odd keys in separate accumulators when registers allow
+  // (the FMA chains are latency-bound otherwise).
+  constexpr int kSets = NR * D16 <= 8 ? 2 : 1;
+  __m512 a[kSets][NR][D16];
   UNROLL_LOOP
   for (int r = 0; r < NR; ++r) {
     const __m512 c = _mm512_set1_ps(corr[r]);
     UNROLL_LOOP
-    for (int i = 0; i < D16; ++i) a[r][i] = _mm512_mul_ps(_mm512_load_ps(acc + r * kD + 16 * i), c);
+    for (int i = 0; i < D16; ++i) {
+      a[0][r][i] = _mm512_mul_ps(_mm512_load_ps(acc + r * kD + 16 * i), c);
+      if constexpr (kSets == 2) a[1][r][i] = _mm512_setzero_ps();
+    }
   }
   const float* v = u.v + j0 * u.kv_stride;
-  for (int64_t j = 0; j < nb; ++j) {
-    __m512 vj[D16];
+  int64_t j = 0;
+  for (; j + kSets <= max_valid; j += kSets) {
     UNROLL_LOOP
-    for (int i = 0; i < D16; ++i) vj[i] = _mm512_loadu_ps(v + j * u.kv_stride + 16 * i);
+    for (int set = 0; set < kSets; ++set) {
+      __m512 vj[D16];
+      UNROLL_LOOP
+      for (int i = 0; i < D16; ++i) vj[i] = _mm512_loadu_ps(v + (j + set) * u.kv_stride + 16 * i);
+      UNROLL_LOOP
+      for (int r = 0; r < NR; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r][j + set]);
+        UNROLL_LOOP
+        for (int i = 0; i < D16; ++i) a[set][r][i] = _mm512_fmadd_ps(pj, vj[i], a[set][r][i]);
+      }
+    }
+  }
+  for (; j < max_valid; ++j) {
     UNROLL_LOOP
     for (int r = 0; r < NR; ++r) {
       const __m512 pj = _mm512_set1_ps(p[r][j]);
       UNROLL_LOOP
-      for (int i = 0; i < D16; ++i) a[r][i] = _mm512_fmadd_ps(pj, vj[i], a[r][i]);
+      for (int i = 0; i < D16; ++i) {
+        a[0][r][i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * u.kv_stride + 16 * i), a[0][r][i]);
+      }
     }
   }
   UNROLL_LOOP
   for (int r = 0; r < NR; ++r) {
     UNROLL_LOOP
-    for (int i = 0; i < D16; ++i) _mm512_store_ps(acc + r * kD + 16 * i, a[r][i]);
+    for (int i = 0; i < D16; ++i) {
+      __m512 sum = a[0][r][i];
+      if constexpr (kSets == 2) sum = _mm512_add_ps(sum, a[1][r][i]);
+      _mm512_store_ps(acc + r * kD + 16 * i, sum);
+    }
   }
 }
 
 template <int D16>
 void AttendUnitAvx512(const Unit& u, float* scratch) {
   constexpr int kD = 16 * D16;
-  // Rows per register tile: accumulators NR * D16 <= 16 zmm.
-  constexpr int kNR = D16 >= 8 ? 2 : 4;
-  float* kt = scratch;               // [kD][16]
-  float* acc = kt + kD * kKeyBlock;  // [rows][kD]
-  float* m = acc + u.rows * kD;      // [rows]
-  float* l = m + u.rows;             // [rows]
+  // Rows per register tile: two share each K/V load while registers last.
+  constexpr int kNR = D16 <= 4 ? 2 : 1;
+  float* acc = scratch;          // [rows][kD]
+  float* m = acc + u.rows * kD;  // [rows]
+  float* l = m + u.rows;         // [rows]
   std::fill(acc, acc + u.rows * kD, 0.0f);
   std::fill(m, m + u.rows, kNegInf);
   std::fill(l, l + u.rows, 0.0f);
@@ -241,12 +258,11 @@ void AttendUnitAvx512(const Unit& u, float* scratch) {
   int64_t first = 0;  // First row that still sees keys at j0 (ctx is non-decreasing).
   for (int64_t j0 = 0; j0 < max_ctx; j0 += kKeyBlock) {
     while (u.ctx[first] <= j0) ++first;
-    TransposeKeys<D16>(u.k + j0 * u.kv_stride, u.kv_stride, std::min(kKeyBlock, max_ctx - j0), kt);
     int64_t r = first;
     for (; r + kNR <= u.rows; r += kNR) {
-      BlockRows<D16, kNR>(u, r, j0, kt, m + r, l + r, acc + r * kD);
+      BlockRows<D16, kNR>(u, r, j0, m + r, l + r, acc + r * kD);
     }
-    for (; r < u.rows; ++r) BlockRows<D16, 1>(u, r, j0, kt, m + r, l + r, acc + r * kD);
+    for (; r < u.rows; ++r) BlockRows<D16, 1>(u, r, j0, m + r, l + r, acc + r * kD);
   }
   for (int64_t r = 0; r < u.rows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
@@ -335,7 +351,7 @@ void RunUnit(const Problem& p, int64_t index) {
          ctxr};
 #if defined(__AVX512F__)
   if (p.head_dim % 16 == 0 && p.head_dim <= 256) {
-    float* s = Align64(UnitScratch(p.head_dim * (kKeyBlock + rows) + 2 * rows + 16).data());
+    float* s = Align64(UnitScratch(p.head_dim * rows + 2 * rows + 16).data());
     switch (p.head_dim / 16) {
       case 1:
         AttendUnitAvx512<1>(u, s);

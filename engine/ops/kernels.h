@@ -26,6 +26,10 @@ void SiluMul(const float* gate, const float* up, int64_t n, float* out);
 // gate_up rows are [gate(width) | up(width)]; out is [rows, width]. out may alias gate_up.
 void SiluMulRows(const float* gate_up, int64_t rows, int64_t width, float* out);
 
+// out[i] = 1 / (1 + exp(-x[i])) (torch.sigmoid in fp32; e.g. qwen2_moe's shared-expert gate).
+// out may alias x.
+void Sigmoid(const float* x, int64_t n, float* out);
+
 // Row-wise softmax in place: x [rows, n].
 void Softmax(float* x, int64_t rows, int64_t n);
 

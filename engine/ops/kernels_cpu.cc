@@ -193,6 +193,21 @@ void SiluMulRows(const float* gate_up, int64_t rows, int64_t width, float* out) 
   }
 }
 
+void Sigmoid(const float* x, int64_t n, float* out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i < n; i += 16) {
+    __mmask16 m = TailMask(n - i);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    __m512 e = Exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+  }
+#else
+  for (; i < n; ++i) out[i] = 1.0f / (1.0f + ExpScalar(-x[i]));
+#endif
+}
+
 void Softmax(float* x, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) SoftmaxRow(x + r * n, n);
 }

@@ -8,6 +8,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -17,10 +18,6 @@
 #include "engine/ops/linear.h"
 #include "engine/ops/threading.h"
 #include "gtest/gtest.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace moemesh {
 namespace ops {
@@ -308,18 +305,12 @@ TEST(LinearTest, ForwardFromInsideParallelRegion) {
 }
 
 TEST(SpinBarrierTest, OrdersPhases) {
-  constexpr int kThreads = 2, kPhases = 2000;
+  constexpr int kThreads = 3, kPhases = 2000;
   SpinBarrier barrier(kThreads);
   std::atomic<int> slots[kThreads];
   for (auto& s : slots) s.store(-1);
   std::atomic<int> errors{0};
-#pragma omp parallel num_threads(kThreads)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num();
-#else
-    const int t = 0;
-#endif
+  auto body = [&](int t) {
     for (int phase = 0; phase < kPhases; ++phase) {
       slots[t].store(phase, std::memory_order_relaxed);
       barrier.Wait();
@@ -328,7 +319,11 @@ TEST(SpinBarrierTest, OrdersPhases) {
       }
       barrier.Wait();
     }
-  }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < kThreads; ++t) threads.emplace_back(body, t);
+  body(0);
+  for (auto& th : threads) th.join();
   EXPECT_EQ(errors.load(), 0);
 }
 
@@ -455,6 +450,22 @@ TEST(SiluMulTest, RowsVariantAndInPlace) {
     std::vector<float> inplace = gu;
     SiluMulRows(inplace.data(), rows, width, inplace.data());
     for (int64_t i = 0; i < rows * width; ++i) EXPECT_EQ(inplace[i], out[i]);
+  }
+}
+
+TEST(SigmoidTest, MatchesReference) {
+  std::mt19937 rng(15);
+  for (int64_t n : {1, 16, 33}) {
+    std::vector<float> x = RandomVector(n, &rng, -30.0f, 30.0f);
+    x[0] = -200.0f;
+    std::vector<float> y(n);
+    Sigmoid(x.data(), n, y.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const double ref = 1.0 / (1.0 + std::exp(-static_cast<double>(x[i])));
+      EXPECT_NEAR(y[i], ref, 1e-6 * std::max(1e-30, ref)) << x[i];
+    }
+    Sigmoid(x.data(), n, x.data());
+    EXPECT_EQ(x, y);
   }
 }
 

@@ -1,0 +1,76 @@
+#include "router/attention_client.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "mesh/grpc_clients.h"
+
+namespace moemesh {
+namespace {
+
+void SetDeadline(grpc::ClientContext* ctx, double seconds) {
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6)));
+}
+
+absl::Status Annotate(const std::string& address, const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat("attention worker ", address, ": ", s.error_message()));
+}
+
+}  // namespace
+
+GrpcAttentionClient::GrpcAttentionClient(const std::string& address, double step_timeout_seconds)
+    : address_(address),
+      timeout_(step_timeout_seconds),
+      stub_(wire::Attention::NewStub(InternalChannel(address))) {}
+
+absl::Status GrpcAttentionClient::Step(const wire::StepRequest& req, wire::StepResponse* resp) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, timeout_);
+  return Annotate(address_, stub_->Step(&ctx, req, resp));
+}
+
+absl::Status GrpcAttentionClient::Release(const std::vector<uint64_t>& seq_ids) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, timeout_);
+  wire::ReleaseRequest req;
+  for (uint64_t id : seq_ids) req.add_seq_ids(id);
+  wire::ReleaseResponse resp;
+  return Annotate(address_, stub_->Release(&ctx, req, &resp));
+}
+
+absl::StatusOr<wire::Stats> GrpcAttentionClient::GetStats() {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, timeout_);
+  wire::StatsRequest req;
+  wire::Stats resp;
+  absl::Status st = Annotate(address_, stub_->GetStats(&ctx, req, &resp));
+  if (!st.ok()) return st;
+  return resp;
+}
+
+moemesh::v1::ModelInfo BasicModelInfo(const ModelConfig& cfg) {
+  moemesh::v1::ModelInfo info;
+  info.set_family(cfg.model_type);
+  info.set_num_layers(static_cast<int32_t>(cfg.num_hidden_layers));
+  info.set_hidden_size(static_cast<int32_t>(cfg.hidden_size));
+  info.set_vocab_size(static_cast<int32_t>(cfg.vocab_size));
+  info.set_num_experts(static_cast<int32_t>(cfg.num_experts));
+  info.set_experts_per_token(static_cast<int32_t>(cfg.num_experts_per_tok));
+  info.set_max_context(static_cast<int32_t>(cfg.max_position_embeddings));
+  info.set_version(kVersion);
+  return info;
+}
+
+void AddWorker(moemesh::v1::ModelInfo* info, const std::string& role, const std::string& address,
+               const std::string& device, const std::string& shards) {
+  auto* w = info->add_workers();
+  w->set_role(role);
+  w->set_address(address);
+  w->set_device(device);
+  if (!shards.empty()) w->add_shards(shards);
+}
+
+}  // namespace moemesh

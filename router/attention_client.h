@@ -1,0 +1,37 @@
+// The router's gRPC client of an attention worker, and the ModelInfo it reports.
+#ifndef MOEMESH_ROUTER_ATTENTION_CLIENT_H_
+#define MOEMESH_ROUTER_ATTENTION_CLIENT_H_
+
+#include <memory>
+#include <string>
+
+#include "engine/config.h"
+#include "protos/generation.pb.h"
+#include "protos/worker.grpc.pb.h"
+#include "router/router.h"
+
+namespace moemesh {
+
+inline constexpr char kVersion[] = "moemesh 0.1.0";
+
+class GrpcAttentionClient : public AttentionClient {
+ public:
+  GrpcAttentionClient(const std::string& address, double step_timeout_seconds);
+  absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) override;
+  absl::Status Release(const std::vector<uint64_t>& seq_ids) override;
+  absl::StatusOr<wire::Stats> GetStats() override;
+
+ private:
+  const std::string address_;
+  const double timeout_;
+  std::unique_ptr<wire::Attention::Stub> stub_;
+};
+
+// Family, sizes and version; the caller appends the workers.
+moemesh::v1::ModelInfo BasicModelInfo(const ModelConfig& cfg);
+void AddWorker(moemesh::v1::ModelInfo* info, const std::string& role, const std::string& address,
+               const std::string& device, const std::string& shards = "");
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_ROUTER_ATTENTION_CLIENT_H_

@@ -1,0 +1,96 @@
+// router: serves the public API (moemesh.v1.Generation) over an attention worker.
+//   router --model=DIR --address=127.0.0.1:50051 --attention=127.0.0.1:50053
+//   router --config=cluster.textproto
+#include <iostream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "engine/config.h"
+#include "engine/tokenizer.h"
+#include "mesh/grpc_clients.h"
+#include "mesh/placement.h"
+#include "mesh/server.h"
+#include "router/attention_client.h"
+#include "router/generation_service.h"
+#include "router/router.h"
+
+ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (tokenizer.json, config.json, generation_config.json).");
+ABSL_FLAG(std::string, address, "127.0.0.1:50051", "host:port of the public API.");
+ABSL_FLAG(std::string, attention, "127.0.0.1:50053", "Attention worker address.");
+ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): gives model and every address.");
+ABSL_FLAG(int64_t, max_queue, 256, "Requests that may wait for KV cache room; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_running, 64, "Sequences batched in one step.");
+ABSL_FLAG(int64_t, prefill_chunk, 256, "Prompt tokens prefilled per step (long prompts go in chunks).");
+ABSL_FLAG(double, step_timeout, 60, "Seconds before a step RPC to the attention worker fails.");
+
+namespace moemesh {
+namespace {
+
+int Fail(const absl::Status& st) {
+  std::cerr << "router: " << st << std::endl;
+  return 1;
+}
+
+int Main() {
+  std::string model_dir = absl::GetFlag(FLAGS_model);
+  std::string address = absl::GetFlag(FLAGS_address);
+  std::string attention = absl::GetFlag(FLAGS_attention);
+  ClusterConfig cluster;
+  if (!absl::GetFlag(FLAGS_config).empty()) {
+    auto c = LoadClusterConfig(absl::GetFlag(FLAGS_config));
+    if (!c.ok()) return Fail(c.status());
+    cluster = *c;
+    if (!cluster.model().empty()) model_dir = cluster.model();
+    address = cluster.router().address();
+    attention = cluster.attention().address();
+  }
+  auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
+  if (!cfg.ok()) return Fail(cfg.status());
+  auto gen = GenerationDefaults::FromFile(model_dir + "/generation_config.json");
+  if (!gen.ok()) return Fail(gen.status());
+  auto tok = Tokenizer::FromFile(model_dir + "/tokenizer.json");
+  if (!tok.ok()) return Fail(tok.status());
+  absl::Status st = WaitHealthy(attention, 120);
+  if (!st.ok()) return Fail(st);
+  GrpcAttentionClient client(attention, absl::GetFlag(FLAGS_step_timeout));
+  RouterOptions ro;
+  ro.max_queue = absl::GetFlag(FLAGS_max_queue);
+  ro.max_running = absl::GetFlag(FLAGS_max_running);
+  ro.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  auto router = Router::Create(tok->get(), *cfg, *gen, &client, ro);
+  if (!router.ok()) return Fail(router.status());
+  moemesh::v1::ModelInfo info = BasicModelInfo(*cfg);
+  AddWorker(&info, "router", address, "cpu");
+  if (!cluster.encoder().address().empty()) AddWorker(&info, "encoder", cluster.encoder().address(), "cpu");
+  auto stats = client.GetStats();
+  AddWorker(&info, "attention", attention, stats.ok() ? stats->device() : "cpu");
+  for (const auto& e : cluster.experts()) {
+    GrpcExpertTransport t(e.address(), 10);
+    auto es = t.GetStats();
+    std::set<ExpertId> shards;
+    if (es.ok()) {
+      for (const std::string& s : es->shards()) {
+        auto pos = s.find(':');
+        shards.emplace(std::stoi(s.substr(0, pos)), std::stoi(s.substr(pos + 1)));
+      }
+    }
+    AddWorker(&info, "expert", e.address(), es.ok() ? es->device() : "unknown", ShardSummary(shards));
+  }
+  GenerationService service(router->get(), tok->get(), info);
+  std::string bound;
+  auto server = StartServer(address, {&service}, &bound);
+  if (!server.ok()) return Fail(server.status());
+  std::cerr << "router: serving moemesh.v1.Generation on " << bound << std::endl;
+  ServeUntilSignal(server->get());
+  return 0;
+}
+
+}  // namespace
+}  // namespace moemesh
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("router --model=DIR --address=HOST:PORT --attention=ADDR");
+  absl::ParseCommandLine(argc, argv);
+  return moemesh::Main();
+}

@@ -1,0 +1,387 @@
+#include "router/router.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "mesh/sampling_params.h"
+#include "router/chat_template.h"
+
+namespace moemesh {
+namespace {
+
+using moemesh::v1::FinishReason;
+using moemesh::v1::GenerateRequest;
+using moemesh::v1::GenerateResponse;
+
+absl::Status BadField(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat("field '", field, "' ", why));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, const ModelConfig& cfg,
+                                                       const GenerationDefaults& defaults,
+                                                       AttentionClient* attention,
+                                                       const RouterOptions& opt) {
+  int64_t cap = opt.kv_capacity_tokens;
+  if (cap <= 0) {
+    auto stats = attention->GetStats();
+    if (!stats.ok()) return stats.status();
+    cap = stats->kv_capacity_tokens();
+  }
+  return std::unique_ptr<Router>(new Router(tok, cfg, defaults, attention, opt, cap));
+}
+
+Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
+               AttentionClient* attention, const RouterOptions& opt, int64_t kv_capacity)
+    : tok_(tok),
+      cfg_(cfg),
+      defaults_(defaults),
+      attention_(attention),
+      opt_(opt),
+      kv_capacity_(kv_capacity) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Router::~Router() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+  std::vector<Outgoing> out;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    const absl::Status st = absl::UnavailableError("the router is shutting down");
+    for (auto& r : running_) Fail(r.get(), st, &out);
+    for (auto& r : waiting_) Fail(r.get(), st, &out);
+    running_.clear();
+    waiting_.clear();
+  }
+  Deliver(&out);
+}
+
+absl::StatusOr<std::vector<int32_t>> Router::PromptIds(const GenerateRequest& req) const {
+  std::vector<int32_t> ids;
+  switch (req.input_case()) {
+    case GenerateRequest::kText:
+      ids = tok_->Encode(req.text(), /*add_special_tokens=*/true);
+      break;
+    case GenerateRequest::kTokenIds:
+      ids.assign(req.token_ids().ids().begin(), req.token_ids().ids().end());
+      for (int32_t id : ids) {
+        if (id < 0 || id >= cfg_.vocab_size) {
+          return BadField("token_ids", absl::StrCat("holds id ", id, " outside the vocabulary [0, ",
+                                                    cfg_.vocab_size, ")"));
+        }
+      }
+      break;
+    case GenerateRequest::kChat: {
+      if (!SupportsChatML(*tok_)) {
+        return BadField("chat", "is not supported: the tokenizer has no <|im_start|> token");
+      }
+      std::vector<std::pair<std::string, std::string>> msgs;
+      for (const auto& m : req.chat().messages()) msgs.emplace_back(m.role(), m.content());
+      auto text = RenderChatML(msgs, /*add_generation_prompt=*/true);
+      if (!text.ok()) return BadField("chat", std::string(text.status().message()));
+      ids = tok_->Encode(*text, /*add_special_tokens=*/true);
+      break;
+    }
+    default:
+      return absl::InvalidArgumentError("the request has no input: set text, token_ids or chat");
+  }
+  if (ids.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  return ids;
+}
+
+absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSink* sink) {
+  auto prompt = PromptIds(req);
+  if (!prompt.ok()) return prompt.status();
+  const int64_t ctx = cfg_.max_position_embeddings;
+  const int64_t plen = static_cast<int64_t>(prompt->size());
+  if (plen >= ctx) {
+    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", plen,
+                                                   " tokens; the model's context is ", ctx));
+  }
+  auto r = std::make_unique<Request>();
+  r->prompt = std::move(*prompt);
+  const auto& sp = req.sampling();
+  r->sampling = ResolveDefaults(sp, defaults_);
+  absl::Status st = ToSamplingConfig(r->sampling).Validate();
+  if (!st.ok()) return st;
+  if (sp.has_max_tokens() && sp.max_tokens() < 1) return BadField("max_tokens", "must be >= 1");
+  r->max_tokens = ctx - plen;
+  if (sp.has_max_tokens()) {
+    r->max_tokens = std::min<int64_t>(r->max_tokens, sp.max_tokens());
+  } else if (defaults_.max_new_tokens) {
+    r->max_tokens = std::min<int64_t>(r->max_tokens, *defaults_.max_new_tokens);
+  }
+  if (sp.has_experts_per_token() &&
+      (sp.experts_per_token() < 1 || sp.experts_per_token() > cfg_.num_experts)) {
+    return BadField("experts_per_token", absl::StrCat("must be in [1, ", cfg_.num_experts, "]"));
+  }
+  r->experts_per_token = sp.has_experts_per_token() ? sp.experts_per_token() : 0;
+  for (int32_t id : sp.stop_token_ids()) {
+    if (id < 0 || id >= cfg_.vocab_size) {
+      return BadField("stop_token_ids", absl::StrCat("holds id ", id, " outside the vocabulary"));
+    }
+  }
+  r->stop_ids.assign(sp.stop_token_ids().begin(), sp.stop_token_ids().end());
+  r->ignore_eos = sp.has_ignore_eos() && sp.ignore_eos();
+  if (!r->ignore_eos) {
+    for (int32_t id : cfg_.eos_token_ids) r->stop_ids.push_back(id);
+    for (int32_t id : defaults_.eos_token_ids) r->stop_ids.push_back(id);
+  }
+  r->stream = std::make_unique<TextStream>(
+      tok_, std::vector<std::string>(sp.stop().begin(), sp.stop().end()), /*skip_special=*/true);
+  r->sink = sink;
+  const int64_t need = plen + r->max_tokens;
+  std::lock_guard<std::mutex> l(mu_);
+  if (need > kv_capacity_) {
+    ++counters_.rejected;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the request needs ", need, " KV cache slots (prompt + max_tokens); the cache holds ",
+        kv_capacity_, ": lower max_tokens"));
+  }
+  if (static_cast<int64_t>(waiting_.size()) >= opt_.max_queue) {
+    ++counters_.rejected;
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the request queue is full (", waiting_.size(), " waiting): retry later"));
+  }
+  r->id = next_id_++;
+  const uint64_t id = r->id;
+  waiting_.push_back(std::move(r));
+  ++counters_.submitted;
+  cv_.notify_all();
+  return id;
+}
+
+void Router::Cancel(uint64_t id) {
+  std::vector<Outgoing> out;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+      if ((*it)->id == id) {
+        Finish(it->get(), moemesh::v1::FINISH_REASON_CANCELLED, "", &out);
+        waiting_.erase(it);
+        break;
+      }
+    }
+    for (auto& r : running_) {
+      if (r->id == id) r->cancelled = true;
+    }
+    cv_.notify_all();
+  }
+  Deliver(&out);
+}
+
+Router::Counters Router::counters() const {
+  std::lock_guard<std::mutex> l(mu_);
+  Counters c = counters_;
+  c.waiting = static_cast<int64_t>(waiting_.size());
+  c.running = static_cast<int64_t>(running_.size());
+  c.kv_reserved = kv_reserved_;
+  return c;
+}
+
+void Router::Finish(Request* r, FinishReason reason, const std::string& text_tail,
+                    std::vector<Outgoing>* out) {
+  Outgoing o;
+  o.sink = r->sink;
+  o.final_response = true;
+  o.response.set_text(text_tail);
+  o.response.set_finish_reason(reason);
+  o.response.set_prompt_tokens(static_cast<int32_t>(r->prompt.size()));
+  o.response.set_completion_tokens(static_cast<int32_t>(r->generated.size()));
+  out->push_back(std::move(o));
+  Outgoing f;
+  f.sink = r->sink;
+  f.finish = true;
+  out->push_back(std::move(f));
+  if (reason == moemesh::v1::FINISH_REASON_CANCELLED) {
+    ++counters_.cancelled;
+  } else {
+    ++counters_.finished;
+  }
+  kv_reserved_ -= r->reserved;
+  r->reserved = 0;
+  if (r->started) to_release_.push_back(r->id);
+  r->sink = nullptr;
+}
+
+void Router::Fail(Request* r, const absl::Status& st, std::vector<Outgoing>* out) {
+  if (r->sink == nullptr) return;
+  Outgoing f;
+  f.sink = r->sink;
+  f.finish = true;
+  f.status = st;
+  out->push_back(std::move(f));
+  ++counters_.failed;
+  kv_reserved_ -= r->reserved;
+  r->reserved = 0;
+  if (r->started) to_release_.push_back(r->id);
+  r->sink = nullptr;
+}
+
+bool Router::OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoing>* out) {
+  const int32_t id = res.token();
+  r->generated.push_back(id);
+  Outgoing o;
+  o.sink = r->sink;
+  GenerateResponse& resp = o.response;
+  resp.add_ids(id);
+  if (r->sampling.has_logprobs() && r->sampling.logprobs() > 0) {
+    auto* lp = resp.add_logprobs();
+    lp->mutable_chosen()->set_id(id);
+    lp->mutable_chosen()->set_logprob(res.logprob());
+    lp->mutable_chosen()->set_text(tok_->Decode({id}, false));
+    for (int i = 0; i < res.top_ids_size(); ++i) {
+      auto* t = lp->add_top();
+      t->set_id(res.top_ids(i));
+      t->set_logprob(res.top_logprobs(i));
+      t->set_text(tok_->Decode({res.top_ids(i)}, false));
+    }
+  }
+  StreamDelta d = r->stream->Push(id);
+  std::string text = d.text;
+  FinishReason reason = moemesh::v1::FINISH_REASON_UNSPECIFIED;
+  const bool stop_id = std::find(r->stop_ids.begin(), r->stop_ids.end(), id) != r->stop_ids.end();
+  const int64_t total = static_cast<int64_t>(r->prompt.size() + r->generated.size());
+  if (d.stopped) {
+    reason = moemesh::v1::FINISH_REASON_STOP;
+  } else if (stop_id || static_cast<int64_t>(r->generated.size()) >= r->max_tokens ||
+             total >= cfg_.max_position_embeddings) {
+    text += r->stream->Finish();
+    reason = stop_id || r->stream->stopped() ? moemesh::v1::FINISH_REASON_STOP
+                                             : moemesh::v1::FINISH_REASON_LENGTH;
+  }
+  if (reason == moemesh::v1::FINISH_REASON_UNSPECIFIED) {
+    resp.set_text(text);
+    out->push_back(std::move(o));
+    return false;
+  }
+  // The token's response is the last one: it carries the finish reason and the counts.
+  Finish(r, reason, text, out);
+  // Merge: move ids/logprobs into the final response Finish queued.
+  GenerateResponse& fin = (*out)[out->size() - 2].response;
+  *fin.mutable_ids() = resp.ids();
+  *fin.mutable_logprobs() = resp.logprobs();
+  return true;
+}
+
+void Router::Deliver(std::vector<Outgoing>* out) {
+  for (Outgoing& o : *out) {
+    if (o.finish) {
+      o.sink->OnFinish(o.status);
+    } else {
+      o.sink->OnResponse(o.response);
+    }
+  }
+  out->clear();
+}
+
+void Router::Loop() {
+  std::vector<Outgoing> out;
+  while (true) {
+    wire::StepRequest req;
+    std::vector<Request*> in_step;
+    std::vector<int64_t> chunk;  // prompt tokens each step entry carries (0 = decode)
+    std::vector<uint64_t> releases;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] {
+        return stop_ || !waiting_.empty() || !running_.empty() || !to_release_.empty();
+      });
+      if (stop_) break;
+      // Cancelled requests end at this step boundary.
+      for (auto& r : running_) {
+        if (r->cancelled && r->sink != nullptr) {
+          Finish(r.get(), moemesh::v1::FINISH_REASON_CANCELLED, "", &out);
+        }
+      }
+      running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                    [](const auto& r) { return r->sink == nullptr; }),
+                     running_.end());
+      // Admission: first come first served while the KV cache has room for the worst case.
+      while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < opt_.max_running) {
+        Request* r = waiting_.front().get();
+        const int64_t need = static_cast<int64_t>(r->prompt.size()) + r->max_tokens;
+        if (kv_reserved_ + need > kv_capacity_) break;
+        kv_reserved_ += need;
+        r->reserved = need;
+        running_.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+      }
+      // One step: a token for every decoding sequence, prompt chunks within the budget.
+      int64_t budget = opt_.prefill_chunk;
+      for (auto& rp : running_) {
+        Request* r = rp.get();
+        wire::SeqStep* s = nullptr;
+        const int64_t plen = static_cast<int64_t>(r->prompt.size());
+        if (r->prefilled < plen) {
+          const int64_t n = std::min(plen - r->prefilled, budget);
+          if (n <= 0) continue;
+          budget -= n;
+          s = req.add_seqs();
+          s->mutable_tokens()->Add(r->prompt.begin() + r->prefilled,
+                                   r->prompt.begin() + r->prefilled + n);
+          s->set_start_pos(r->prefilled);
+          s->set_sample(r->prefilled + n == plen);
+          chunk.push_back(n);
+        } else {
+          s = req.add_seqs();
+          s->add_tokens(r->generated.back());
+          s->set_start_pos(plen + static_cast<int64_t>(r->generated.size()) - 1);
+          s->set_sample(true);
+          chunk.push_back(0);
+        }
+        s->set_seq_id(r->id);
+        s->set_experts_per_token(r->experts_per_token);
+        if (!r->started) {
+          s->set_new_sequence(true);
+          *s->mutable_sampling() = r->sampling;
+          r->started = true;
+        }
+        in_step.push_back(r);
+      }
+      releases.swap(to_release_);
+    }
+    Deliver(&out);
+    if (!releases.empty()) attention_->Release(releases).IgnoreError();
+    if (in_step.empty()) continue;
+
+    wire::StepResponse resp;
+    absl::Status st = attention_->Step(req, &resp);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      ++counters_.steps;
+      if (st.ok() && resp.results_size() != static_cast<int>(in_step.size())) {
+        st = absl::InternalError("the attention worker answered a different number of sequences");
+      }
+      for (size_t i = 0; i < in_step.size(); ++i) {
+        Request* r = in_step[i];
+        if (r->sink == nullptr) continue;
+        if (!st.ok()) {
+          Fail(r, absl::Status(st.code(), absl::StrCat("step failed: ", st.message())), &out);
+          continue;
+        }
+        const wire::SeqResult& res = resp.results(static_cast<int>(i));
+        if (res.error_code() != 0) {
+          Fail(r, absl::Status(static_cast<absl::StatusCode>(res.error_code()), res.error()), &out);
+          continue;
+        }
+        r->prefilled += chunk[i];
+        if (r->cancelled || !res.sampled()) continue;
+        OnToken(r, res, &out);
+      }
+      running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                    [](const auto& r) { return r->sink == nullptr; }),
+                     running_.end());
+    }
+    Deliver(&out);
+  }
+}
+
+}  // namespace moemesh

@@ -1,0 +1,165 @@
+// The router as a plain object: tokenizes, queues and schedules requests with continuous batching
+// over one attention worker, applies stop conditions and streams text. The gRPC service
+// (generation_service.h) and the in-process mode both drive this class.
+#ifndef MOEMESH_ROUTER_ROUTER_H_
+#define MOEMESH_ROUTER_ROUTER_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/config.h"
+#include "engine/tokenizer.h"
+#include "protos/generation.pb.h"
+#include "protos/worker.pb.h"
+#include "router/text_stream.h"
+
+namespace moemesh {
+
+namespace wire = ::moemesh::internal::v1;
+
+// How the router reaches its attention worker (in-process or gRPC). Thread-compatible: the
+// router calls it from its scheduler thread only.
+class AttentionClient {
+ public:
+  virtual ~AttentionClient() = default;
+  virtual absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) = 0;
+  virtual absl::Status Release(const std::vector<uint64_t>& seq_ids) = 0;
+  virtual absl::StatusOr<wire::Stats> GetStats() = 0;
+};
+
+// Receives one request's responses. The router calls it from its scheduler thread (or from
+// Submit/Cancel's caller), never concurrently for one request, and never after OnFinish.
+class GenerationSink {
+ public:
+  virtual ~GenerationSink() = default;
+  virtual void OnResponse(const moemesh::v1::GenerateResponse& r) = 0;
+  // The last call. OK after a response with a finish reason; otherwise the request failed.
+  virtual void OnFinish(const absl::Status& status) = 0;
+};
+
+struct RouterOptions {
+  int64_t max_queue = 256;       // requests waiting for KV cache room; beyond: RESOURCE_EXHAUSTED
+  int64_t max_running = 64;      // sequences in one step's batch
+  int64_t prefill_chunk = 256;   // prompt tokens per step over all prefilling sequences
+  int64_t kv_capacity_tokens = 0;  // 0 = ask the attention worker
+};
+
+class Router {
+ public:
+  // `tok` and `attention` must outlive the router.
+  static absl::StatusOr<std::unique_ptr<Router>> Create(const Tokenizer* tok, const ModelConfig& cfg,
+                                                        const GenerationDefaults& defaults,
+                                                        AttentionClient* attention,
+                                                        const RouterOptions& opt);
+  ~Router();  // stops scheduling; unfinished requests end with UNAVAILABLE
+  Router(const Router&) = delete;
+  Router& operator=(const Router&) = delete;
+
+  // Validates and queues a request. A non-OK result (INVALID_ARGUMENT naming the field,
+  // RESOURCE_EXHAUSTED when the queue is full) means the sink is never called. Thread-safe.
+  absl::StatusOr<uint64_t> Submit(const moemesh::v1::GenerateRequest& req, GenerationSink* sink);
+  // Stops a request: its sequence is freed at the next step boundary, its sink gets a final
+  // response with FINISH_REASON_CANCELLED. Unknown or finished ids are ignored. Thread-safe.
+  void Cancel(uint64_t id);
+
+  // Prompt tokens for `req` as Submit would compute them (text, ids or chat messages).
+  absl::StatusOr<std::vector<int32_t>> PromptIds(const moemesh::v1::GenerateRequest& req) const;
+
+  struct Counters {
+    int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0;
+    int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;
+  };
+  Counters counters() const;
+  const ModelConfig& config() const { return cfg_; }
+  int64_t kv_capacity_tokens() const { return kv_capacity_; }
+
+ private:
+  struct Request {
+    uint64_t id = 0;
+    GenerationSink* sink = nullptr;
+    std::vector<int32_t> prompt;
+    moemesh::v1::SamplingParams sampling;  // defaults resolved
+    int64_t max_tokens = 0;
+    bool ignore_eos = false;
+    int32_t experts_per_token = 0;
+    std::vector<int32_t> stop_ids;
+    std::unique_ptr<TextStream> stream;
+    // Scheduling state.
+    int64_t prefilled = 0;          // prompt tokens in the KV cache
+    std::vector<int32_t> generated;
+    bool started = false;           // sent its first step
+    bool cancelled = false;
+    int64_t reserved = 0;           // KV slots counted against the capacity
+  };
+  struct Outgoing {
+    GenerationSink* sink;
+    bool final_response = false;
+    moemesh::v1::GenerateResponse response;
+    bool finish = false;
+    absl::Status status;
+  };
+
+  Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
+         AttentionClient* attention, const RouterOptions& opt, int64_t kv_capacity);
+  void Loop();
+  // Ends `r` (running or waiting): queues its last response / status; frees its KV reservation.
+  void Finish(Request* r, moemesh::v1::FinishReason reason, const std::string& text_tail,
+              std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Fail(Request* r, const absl::Status& st, std::vector<Outgoing>* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Applies one sampled token; true when the request is finished.
+  bool OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoing>* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static void Deliver(std::vector<Outgoing>* out);
+
+  // Constant after construction.
+  const Tokenizer* const tok_;
+  const ModelConfig cfg_;
+  const GenerationDefaults defaults_;
+  AttentionClient* const attention_;
+  const RouterOptions opt_;
+  const int64_t kv_capacity_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::deque<std::unique_ptr<Request>> waiting_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<Request>> running_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
+  int64_t kv_reserved_ ABSL_GUARDED_BY(mu_) = 0;
+  Counters counters_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+// In-process attention client over an AttentionWorker-like object.
+template <typename Worker>
+class LocalAttentionClient : public AttentionClient {
+ public:
+  explicit LocalAttentionClient(Worker* w) : w_(w) {}
+  absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) override {
+    return w_->Step(req, resp);
+  }
+  absl::Status Release(const std::vector<uint64_t>& ids) override {
+    w_->Release(ids);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<wire::Stats> GetStats() override { return w_->GetStats(); }
+
+ private:
+  Worker* w_;
+};
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_ROUTER_ROUTER_H_
