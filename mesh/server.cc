@@ -38,10 +38,14 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::string& add
   return server;
 }
 
-void ServeUntilSignal(grpc::Server* server) {
+void WaitForSignal() {
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+}
+
+void ServeUntilSignal(grpc::Server* server) {
+  WaitForSignal();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
 }
 

@@ -18,7 +18,10 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::string& add
                                                           const std::vector<grpc::Service*>& services,
                                                           std::string* bound_address = nullptr);
 
-// Blocks until SIGINT or SIGTERM, then shuts `server` down (in-flight calls get 2 s to finish).
+// Blocks until SIGINT or SIGTERM.
+void WaitForSignal();
+
+// WaitForSignal, then shuts `server` down (in-flight calls get 2 s to finish).
 void ServeUntilSignal(grpc::Server* server);
 
 }  // namespace moemesh

@@ -1,6 +1,7 @@
 // router: serves the public API (moemesh.v1.Generation) over an attention worker.
 //   router --model=DIR --address=127.0.0.1:50051 --attention=127.0.0.1:50053
 //   router --config=cluster.textproto
+#include <chrono>
 #include <iostream>
 
 #include "absl/flags/flag.h"
@@ -82,6 +83,7 @@ int Main() {
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());
   std::cerr << "router: serving moemesh.v1.Generation on " << bound << std::endl;
+  // Shutdown cancels in-flight streams; the router (destroyed after the server) ends them.
   ServeUntilSignal(server->get());
   return 0;
 }

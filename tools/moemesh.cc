@@ -5,6 +5,8 @@
 //                      [--compute_dtype=fp32|bf16] [--threads=T]
 //   moemesh perplexity --model=DIR --file=TEXT_FILE [--window=512] [--experts_per_token=K]
 //   moemesh tokenize   --model=DIR --text=TEXT
+//   moemesh serve      --model=DIR --port=P          (every role in this process)
+//   moemesh cluster    --model=DIR --expert_workers=N --port=P   (one process per role)
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -23,9 +25,12 @@
 #include "engine/model.h"
 #include "engine/ops/threading.h"
 #include "engine/tokenizer.h"
+#include "tools/commands.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (config.json, *.safetensors, tokenizer.json).");
+ABSL_FLAG(int32_t, port, 50051, "serve, cluster: port of the public API (cluster: the others follow it).");
+ABSL_FLAG(std::string, host, "127.0.0.1", "serve, cluster: address to listen on.");
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text.");
 ABSL_FLAG(std::string, input_ids, "", "generate: prompt as comma-separated token ids (instead of --prompt).");
 ABSL_FLAG(int64_t, max_new_tokens, 32, "generate: number of new tokens.");
@@ -38,7 +43,7 @@ ABSL_FLAG(bool, ignore_eos, false, "generate: keep going after the end-of-sequen
 ABSL_FLAG(std::string, logits_out, "", "generate: write the logits of every prompt position to FILE as a JSON list of rows.");
 ABSL_FLAG(int32_t, experts_per_token, 0, "Active experts per token (0 = the model's num_experts_per_tok).");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
-ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
+ABSL_FLAG(int32_t, threads, 2, "Compute threads (cluster: per worker process).");
 ABSL_FLAG(std::string, file, "", "perplexity: text file; documents separated by \"\\n<|endoftext|>\\n\".");
 ABSL_FLAG(int64_t, window, 512, "perplexity: window of input tokens, scored independently.");
 ABSL_FLAG(std::string, text, "", "tokenize: text to encode.");
@@ -172,12 +177,16 @@ int main(int argc, char** argv) {
       "  generate   --prompt=TEXT | --input_ids=1,2,3 [--max_new_tokens=N] [--greedy] [--logits_out=FILE]\n"
       "  perplexity --file=TEXT_FILE [--window=512]\n"
       "  tokenize   --text=TEXT\n"
+      "  serve      [--port=50051]                  every role in this process\n"
+      "  cluster    [--expert_workers=2] [--port=50051]   one process per role on loopback\n"
       "Prints one JSON object on stdout.");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   const std::string cmd = args.size() > 1 ? args[1] : "";
   if (cmd == "generate") return moemesh::RunGenerate();
   if (cmd == "perplexity") return moemesh::RunPerplexity();
   if (cmd == "tokenize") return moemesh::RunTokenize();
+  if (cmd == "serve") return moemesh::RunServe();
+  if (cmd == "cluster") return moemesh::RunCluster(argv[0]);
   std::cerr << absl::ProgramUsageMessage() << "\n(try --help)" << std::endl;
   return 2;
 }

@@ -68,9 +68,8 @@ class Linear {
   // oneDNN's implementation name for batch size m ("" when oneDNN is unavailable).
   std::string onednn_impl_for_testing(int64_t m) const;
 
-  struct Impl;
-
  private:
+  struct Impl;
   explicit Linear(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

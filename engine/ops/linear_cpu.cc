@@ -69,9 +69,13 @@ constexpr int64_t kSmallMLimitF32 = 64;
 constexpr int64_t kSmallMLimitBF16 = 64;
 constexpr int64_t kSmallMLimitBF16AsF32LargeK = 32;
 constexpr int64_t kL2ResidentBlockBytes = 512 << 10;
-// Multiply-adds per thread below which the small kernels stay on the calling thread (an
-// OpenMP fork/join costs ~2.5 us on the 2-vCPU dev VM).
-constexpr int64_t kMinWorkPerThread = 1 << 19;
+// Thread-count model for the small kernels: single-threaded time ~ max(weight bytes / 100
+// GB/s, multiply-adds / (100 fp32 or 200 bf16 per ns)), and one more thread per kNsPerThread
+// of it: an OpenMP fork/join costs ~2.5 us on the 2-vCPU dev VM.
+constexpr double kBytesPerNs = 100.0;
+constexpr double kF32MacsPerNs = 100.0;
+constexpr double kBF16MacsPerNs = 200.0;
+constexpr double kNsPerThread = 3000.0;
 
 int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -709,7 +713,13 @@ struct Linear::Impl {
 };
 
 void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const {
-  const int threads = ThreadsFor(m * in * out, SyncThreads(), kMinWorkPerThread);
+  const double macs = static_cast<double>(m) * in * out;
+  const double est_ns = std::max(weight_bytes / kBytesPerNs,
+                                 macs / (kind == Kind::kBF16 ? kBF16MacsPerNs : kF32MacsPerNs));
+  const int max_threads = SyncThreads();
+  const int threads = est_ns < 2 * kNsPerThread
+                          ? 1
+                          : static_cast<int>(std::min<double>(max_threads, est_ns / kNsPerThread));
 #ifdef _OPENMP
   // Split column blocks when there are enough of them, else rows. Row chunks start at
   // multiples of 4, so every row goes through the same tile as single-threaded and results
@@ -742,7 +752,7 @@ bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
   // m above the small-kernel limit).
   const int64_t kp_f32 = RoundUp(in, kKPadF32);
   auto* wf = static_cast<float*>(t_w_f32.Get(blocks * kp_f32 * kColBlock * sizeof(float)));
-  const int threads = ThreadsFor(blocks * kp_f32 * kColBlock, SyncThreads(), 1 << 18);
+  const int threads = ThreadsFor(blocks * kp_f32 * kColBlock, SyncThreads(), 1 << 20);
 #ifdef _OPENMP
   if (threads > 1) {
 #pragma omp parallel num_threads(threads)

@@ -1,0 +1,860 @@
+#!/usr/bin/python3
+"""End-to-end tests of MoE Mesh: real processes on 127.0.0.1, real gRPC, real checkpoints.
+
+  bazel test //tests:cluster_test                  # tests/cluster_test.sh sets the environment
+  /usr/bin/python3 tests/cluster_test.py [-k NAME]  # from the repository root, after
+                                                   # `bazel build //router:router //encoder_worker:encoder_worker
+                                                   #  //attention_worker:attention_worker //expert_worker:expert_worker
+                                                   #  //tools:moemesh` (binaries are taken from bazel-bin/)
+
+Ground truth: testdata/oracle/<family>/reference.json (16 greedy ids per prompt from Hugging Face
+transformers) and models/pydoc-moe-17m/reference.json (40 greedy ids per prompt).
+
+Every process is started in its own process group and killed (SIGTERM, then SIGKILL) at the end
+of the test that owns it, and again at exit whatever happened. Every wait has a deadline.
+Set MOEMESH_TEST_KEEP_LOGS=DIR to keep the processes' logs in DIR.
+"""
+
+import atexit
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENT_PY = os.path.join(ROOT, "scripts", "client.py")
+PYDOC = os.path.join(ROOT, "models", "pydoc-moe-17m")
+ORACLE = os.path.join(ROOT, "testdata", "oracle")
+ORACLE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+def _bin_dir():
+    env = os.environ.get("MOEMESH_BIN_DIR")
+    if env:
+        return os.path.abspath(env)
+    # Under Bazel the binaries sit in the runfiles tree next to tests/; in a source checkout
+    # they are in bazel-bin/.
+    if os.path.isfile(os.path.join(ROOT, "router", "router")):
+        return ROOT
+    return os.path.join(ROOT, "bazel-bin")
+
+
+BIN_DIR = _bin_dir()
+ROUTER = os.path.join(BIN_DIR, "router", "router")
+ENCODER = os.path.join(BIN_DIR, "encoder_worker", "encoder_worker")
+ATTENTION = os.path.join(BIN_DIR, "attention_worker", "attention_worker")
+EXPERT = os.path.join(BIN_DIR, "expert_worker", "expert_worker")
+MOEMESH = os.path.join(BIN_DIR, "tools", "moemesh")
+
+START_TIMEOUT = 90      # seconds for a process to print its address and answer health checks
+CALL_TIMEOUT = 120      # seconds for one Generate call
+STOP_TIMEOUT = 10       # seconds between SIGTERM and SIGKILL
+
+if "XDG_CACHE_HOME" not in os.environ:
+    os.environ["XDG_CACHE_HOME"] = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp(
+        prefix="moemesh-cache-")
+
+
+# ------------------------------------------------------------------------------- gRPC stubs
+
+def _load_client_module():
+    spec = importlib.util.spec_from_file_location("moemesh_client_py", CLIENT_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+client_mod = _load_client_module()
+pb2, pb2_grpc = client_mod.load_stubs()
+
+import grpc  # noqa: E402
+
+
+def _load_worker_stubs():
+    """Returns (worker_pb2, worker_pb2_grpc) for protos/worker.proto.
+
+    Generated the way scripts/client.py generates generation.proto's stubs (protoc and
+    grpc_python_plugin into $XDG_CACHE_HOME/moemesh/py/<hash>), then added to the `protos`
+    package that load_stubs() created, so that worker_pb2's `from protos import generation_pb2`
+    is the module the client uses.
+    """
+    _, gen_proto = client_mod._find_proto()
+    worker_proto = os.path.join(os.path.dirname(gen_proto), "worker.proto")
+    if not os.path.isfile(worker_proto):
+        raise RuntimeError("cannot find %s" % worker_proto)
+    h = client_mod.hashlib.sha256(b"worker-layout-1\0")
+    for p in (gen_proto, worker_proto):
+        with open(p, "rb") as f:
+            h.update(f.read())
+            h.update(b"\0")
+    out = os.path.join(client_mod._cache_root(), "worker-" + h.hexdigest()[:16])
+    marker = os.path.join(out, "protos", "worker_pb2_grpc.py")
+    if not os.path.isfile(marker):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".gen-", dir=os.path.dirname(out))
+        try:
+            src = os.path.join(tmp, "src")
+            os.makedirs(os.path.join(src, "protos"))
+            shutil.copyfile(gen_proto, os.path.join(src, "protos", "generation.proto"))
+            shutil.copyfile(worker_proto, os.path.join(src, "protos", "worker.proto"))
+            gen = os.path.join(tmp, "gen")
+            os.makedirs(gen)
+            cmd = [client_mod.PROTOC, "-I" + src, "--python_out=" + gen,
+                   "--grpc_python_out=" + gen,
+                   "--plugin=protoc-gen-grpc_python=" + client_mod.GRPC_PYTHON_PLUGIN,
+                   "protos/worker.proto"]
+            res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+            if res.returncode != 0:
+                raise RuntimeError("protoc failed: %s" % res.stderr.decode(errors="replace"))
+            try:
+                os.rename(gen, out)
+            except OSError:
+                if not os.path.isfile(marker):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    pkg = sys.modules["protos"]
+    extra = os.path.join(out, "protos")
+    if extra not in pkg.__path__:
+        pkg.__path__.append(extra)
+    return (importlib.import_module("protos.worker_pb2"),
+            importlib.import_module("protos.worker_pb2_grpc"))
+
+
+wpb2, wpb2_grpc = _load_worker_stubs()
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+
+
+def health_ok(addr, timeout=2.0):
+    """True when grpc.health.v1.Health/Check on `addr` (service "") answers SERVING."""
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            check = ch.unary_unary(HEALTH_CHECK, request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+            return check(b"", timeout=timeout) == HEALTH_SERVING
+    except grpc.RpcError:
+        return False
+
+
+def wait_healthy(addr, timeout=START_TIMEOUT, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            proc.check_alive()
+        if health_ok(addr):
+            return
+        time.sleep(0.2)
+    raise AssertionError("%s is not healthy after %ds%s"
+                         % (addr, timeout, proc.describe() if proc else ""))
+
+
+# -------------------------------------------------------------------------------- processes
+
+_LOG_ROOT = tempfile.mkdtemp(prefix="logs-", dir=os.environ.get("TEST_TMPDIR") or None)
+_ALL_PROCS = []
+_ALL_PROCS_LOCK = threading.Lock()
+
+
+def _tail(path, n=3000):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - n))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _proc_stat(pid):
+    """(state, ppid, pgrp, session) of a live pid, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2:].split()
+    return rest[0], int(rest[1]), int(rest[2]), int(rest[3])
+
+
+def _all_pids():
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def descendants(pid):
+    """Live (non-zombie) descendants of `pid`, by walking /proc's parent links."""
+    children = {}
+    for p in _all_pids():
+        st = _proc_stat(p)
+        if st is not None:
+            children.setdefault(st[1], []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return [p for p in out if alive(p)]
+
+
+def alive(pid):
+    st = _proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+class Proc:
+    """A process in its own process group, stdout and stderr to log files."""
+
+    def __init__(self, name, argv):
+        self.name = name
+        self.argv = argv
+        self.out_path = os.path.join(_LOG_ROOT, "%s-%d.out" % (name, len(_ALL_PROCS)))
+        self.err_path = self.out_path[:-4] + ".err"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                      cwd=ROOT, start_new_session=True)
+        self.pid = self.p.pid
+        self.extra_pids = []  # descendants seen (for processes that escape the group)
+        with _ALL_PROCS_LOCK:
+            _ALL_PROCS.append(self)
+
+    def describe(self):
+        return ("\n--- %s (pid %d, rc %s): %s\n--- stdout:\n%s\n--- stderr:\n%s"
+                % (self.name, self.pid, self.p.poll(), " ".join(self.argv),
+                   _tail(self.out_path), _tail(self.err_path)))
+
+    def check_alive(self):
+        if self.p.poll() is not None:
+            raise AssertionError("%s exited early%s" % (self.name, self.describe()))
+
+    def wait_for(self, regex, stream="err", timeout=START_TIMEOUT):
+        """Waits for `regex` in the process's stdout or stderr; returns the match."""
+        path = self.err_path if stream == "err" else self.out_path
+        pat = re.compile(regex, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(path, "rb") as f:
+                m = pat.search(f.read().decode("utf-8", errors="replace"))
+            if m:
+                return m
+            if self.p.poll() is not None:
+                raise AssertionError("%s exited before printing /%s/%s"
+                                     % (self.name, regex, self.describe()))
+            if time.monotonic() > deadline:
+                raise AssertionError("%s did not print /%s/ in %ds%s"
+                                     % (self.name, regex, timeout, self.describe()))
+            time.sleep(0.1)
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # whatever is left of the group
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in self.extra_pids:
+            if alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            self.p.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _stop_all():
+    with _ALL_PROCS_LOCK:
+        procs = list(_ALL_PROCS)
+    for p in reversed(procs):
+        p.stop()
+    keep = os.environ.get("MOEMESH_TEST_KEEP_LOGS")
+    if keep:
+        shutil.copytree(_LOG_ROOT, os.path.join(keep, os.path.basename(_LOG_ROOT)),
+                        dirs_exist_ok=True)
+
+
+atexit.register(_stop_all)
+for _sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(_sig, lambda signum, frame: sys.exit(128 + signum))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ------------------------------------------------------------------------------ models, data
+
+def load_config(model_dir):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    assert experts, "no num_experts / num_local_experts in %s" % model_dir
+    return cfg, int(experts), int(cfg["num_hidden_layers"])
+
+
+def oracle_cases(model_dir):
+    """[(input_ids, greedy)] of a model's reference.json (oracle list or pydoc's "prompts")."""
+    with open(os.path.join(model_dir, "reference.json")) as f:
+        ref = json.load(f)
+    entries = ref["prompts"] if isinstance(ref, dict) else ref
+    return [(list(e["input_ids"]), list(e["greedy"])) for e in entries]
+
+
+def even_shards(model_dir, n):
+    _, experts, layers = load_config(model_dir)
+    out = []
+    for i in range(n):
+        lo, hi = experts * i // n, experts * (i + 1) // n
+        out.append("0-%d:%d-%d" % (layers - 1, lo, hi - 1))
+    return out
+
+
+def uneven_shards(model_dir):
+    """Three contiguous expert ranges of different sizes, every layer (e.g. 16: 0-3, 4-9, 10-15)."""
+    _, experts, layers = load_config(model_dir)
+    assert experts >= 3
+    a = max(1, experts // 4)
+    b = max(1, (experts - a) // 2)
+    bounds = [(0, a), (a, a + b), (a + b, experts)]
+    assert all(hi > lo for lo, hi in bounds)
+    return ["0-%d:%s" % (layers - 1, "%d" % lo if hi - lo == 1 else "%d-%d" % (lo, hi - 1))
+            for lo, hi in bounds]
+
+
+MODELS = [(fam, os.path.join(ORACLE, fam)) for fam in ORACLE_FAMILIES] + [("pydoc", PYDOC)]
+
+
+def heldout_ids():
+    with open(os.path.join(PYDOC, "heldout_ids.json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------- the cluster
+
+class Cluster:
+    """encoder_worker + expert workers (one per shard spec) + attention_worker + router."""
+
+    def __init__(self, model_dir, shards, name="c", kv_capacity_tokens=None,
+                 router_flags=(), encoder=None, experts=None):
+        self.model_dir = model_dir
+        self.procs = []
+        mflag = "--model=" + model_dir
+        if encoder is None:
+            enc = self._start("%s-encoder" % name, [ENCODER, mflag, "--address=127.0.0.1:0"])
+            exps = [self._start("%s-expert%d" % (name, i),
+                                [EXPERT, mflag, "--address=127.0.0.1:0", "--threads=1",
+                                 "--shards=" + spec])
+                    for i, spec in enumerate(shards)]
+            self.encoder = enc.wait_for(r"encoder_worker: serving .* on (\S+)").group(1)
+            self.experts = [p.wait_for(r"expert_worker: serving .* on (\S+)").group(1)
+                            for p in exps]
+        else:  # share another cluster's encoder and expert workers
+            self.encoder, self.experts = encoder, list(experts)
+        aflags = [ATTENTION, mflag, "--address=127.0.0.1:0", "--threads=1",
+                  "--encoder=" + self.encoder, "--experts=" + ",".join(self.experts)]
+        if kv_capacity_tokens:
+            aflags.append("--kv_capacity_tokens=%d" % kv_capacity_tokens)
+        att = self._start("%s-attention" % name, aflags)
+        self.attention = att.wait_for(r"attention_worker: serving on ([^;\s]+)").group(1)
+        router = self._start("%s-router" % name,
+                             [ROUTER, mflag, "--address=127.0.0.1:0",
+                              "--attention=" + self.attention] + list(router_flags))
+        self.addr = router.wait_for(r"serving moemesh\.v1\.Generation on (\S+)").group(1)
+        for p, addr in [(router, self.addr), (att, self.attention)]:
+            wait_healthy(addr, proc=p)
+        self.channel = grpc.insecure_channel(self.addr)
+        self.stub = pb2_grpc.GenerationStub(self.channel)
+        self.att_channel = grpc.insecure_channel(self.attention)
+        self.att_stub = wpb2_grpc.AttentionStub(self.att_channel)
+
+    def _start(self, name, argv):
+        p = Proc(name, argv)
+        self.procs.append(p)
+        return p
+
+    def stats(self):
+        return self.att_stub.GetStats(wpb2.StatsRequest(), timeout=10)
+
+    def describe(self):
+        return "".join(p.describe() for p in self.procs)
+
+    def stop(self):
+        for ch in (getattr(self, "channel", None), getattr(self, "att_channel", None)):
+            if ch is not None:
+                ch.close()
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def start_cluster(model_dir, shards, **kw):
+    """Starts a cluster; on failure stops what was started and re-raises."""
+    c = Cluster.__new__(Cluster)
+    try:
+        Cluster.__init__(c, model_dir, shards, **kw)
+    except BaseException:
+        Cluster.stop(c)
+        raise
+    return c
+
+
+# ------------------------------------------------------------------------------ requests
+
+def make_request(ids, max_tokens, temperature=0.0, top_p=None, seed=None, ignore_eos=True,
+                 **extra):
+    req = pb2.GenerateRequest()
+    req.token_ids.ids.extend(ids)
+    s = req.sampling
+    s.temperature = temperature
+    s.max_tokens = max_tokens
+    s.ignore_eos = ignore_eos
+    if top_p is not None:
+        s.top_p = top_p
+    if seed is not None:
+        s.seed = seed
+    for k, v in extra.items():
+        setattr(s, k, v)
+    return req
+
+
+class Result:
+    def __init__(self):
+        self.ids, self.text, self.responses = [], "", 0
+        self.finish_reason = None
+        self.prompt_tokens = self.completion_tokens = None
+
+    def key(self):
+        return (self.ids, self.text, self.finish_reason, self.completion_tokens)
+
+
+def generate(stub, req, timeout=CALL_TIMEOUT):
+    """Runs one Generate call to the end; returns a Result (raises grpc.RpcError on errors)."""
+    r = Result()
+    for resp in stub.Generate(req, timeout=timeout):
+        r.responses += 1
+        r.ids.extend(resp.ids)
+        r.text += resp.text
+        if resp.finish_reason:
+            assert r.finish_reason is None, "two responses with a finish reason"
+            r.finish_reason = resp.finish_reason
+            r.prompt_tokens = resp.prompt_tokens
+            r.completion_tokens = resp.completion_tokens
+    return r
+
+
+def greedy_ids(stub, ids, n):
+    return generate(stub, make_request(ids, n)).ids
+
+
+class Background:
+    """Runs fn() in a thread; join() returns its result or re-raises its exception."""
+
+    def __init__(self, fn):
+        self.result, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to join()
+            self.error = e
+
+    def join(self, timeout=CALL_TIMEOUT + 30):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError("background call still running after %ds" % timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def poll_until(fn, timeout, interval=0.1):
+    """Calls fn() until it returns a true value or `timeout` passes; returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- shared cluster
+
+_SHARED = {}
+
+
+def shared_pydoc_cluster():
+    """One pydoc cluster with two expert workers (even split), reused by several tests."""
+    c = _SHARED.get("pydoc")
+    if c is None:
+        c = start_cluster(PYDOC, even_shards(PYDOC, 2), name="shared")
+        _SHARED["pydoc"] = c
+    return c
+
+
+def tearDownModule():
+    for c in _SHARED.values():
+        c.stop()
+    _SHARED.clear()
+
+
+PYDOC_CASES = oracle_cases(PYDOC)
+PYDOC_CONTEXT = load_config(PYDOC)[0]["max_position_embeddings"]
+
+
+# ================================================================================== tests
+
+class OracleTest(unittest.TestCase):
+    """Greedy ids through clusters of several shapes and in-process match the references."""
+
+    def check_oracle(self, family, model_dir, stub, where):
+        for i, (ids, greedy) in enumerate(oracle_cases(model_dir)):
+            with self.subTest(model=family, prompt=i, where=where):
+                r = generate(stub, make_request(ids, len(greedy)))
+                self.assertEqual(r.ids, greedy, "%s prompt %d via %s" % (family, i, where))
+                self.assertEqual(r.finish_reason, pb2.FINISH_REASON_LENGTH)
+                self.assertEqual(r.prompt_tokens, len(ids))
+                self.assertEqual(r.completion_tokens, len(greedy))
+
+    def run_cluster(self, family, model_dir, shards, where):
+        c = start_cluster(model_dir, shards, name="%s-%d" % (family, len(shards)))
+        try:
+            info = c.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
+            self.assertEqual(info.num_experts, load_config(model_dir)[1])
+            self.check_oracle(family, model_dir, c.stub, where)
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
+
+    def test_two_expert_workers_even_split(self):
+        for family, model_dir in MODELS:
+            if family == "pydoc" and "pydoc" in _SHARED:
+                self.check_oracle(family, model_dir, _SHARED["pydoc"].stub, "shared cluster")
+                continue
+            self.run_cluster(family, model_dir, even_shards(model_dir, 2),
+                             "2 expert workers %s" % even_shards(model_dir, 2))
+
+    def test_three_expert_workers_uneven_split(self):
+        for family, model_dir in MODELS:
+            shards = uneven_shards(model_dir)
+            self.run_cluster(family, model_dir, shards, "3 expert workers %s" % shards)
+
+    def test_in_process_serve(self):
+        for family, model_dir in MODELS:
+            p, addr = start_serve(model_dir, "serve-" + family)
+            try:
+                with grpc.insecure_channel(addr) as ch:
+                    self.check_oracle(family, model_dir, pb2_grpc.GenerationStub(ch),
+                                      "moemesh serve")
+            except AssertionError as e:
+                raise AssertionError("%s%s" % (e, p.describe())) from None
+            finally:
+                p.stop()
+
+
+def start_serve(model_dir, name, extra=()):
+    """Starts `moemesh serve` on a free port (retrying if the port got taken); returns (Proc, addr)."""
+    last = None
+    for _ in range(3):
+        port = free_port()
+        p = Proc(name, [MOEMESH, "serve", "--model=" + model_dir, "--port=%d" % port,
+                        "--threads=1"] + list(extra))
+        try:
+            m = p.wait_for(r"serving on (\S+:\d+)")
+        except AssertionError as e:
+            p.stop()
+            last = e
+            if "in use" in _tail(p.err_path) or "cannot listen" in _tail(p.err_path):
+                continue
+            raise
+        addr = m.group(1)
+        wait_healthy(addr, proc=p)
+        return p, addr
+    raise last
+
+
+class ConcurrencyTest(unittest.TestCase):
+    PROMPT_LENS = [3, 200, 17, 150, 64, 5, 120, 33, 90, 8, 180, 45, 12, 77, 199, 26]
+    MAX_TOKENS = [1, 48, 7, 30, 16, 48, 2, 25, 40, 11, 3, 48, 20, 9, 33, 1]
+
+    def requests(self):
+        held = heldout_ids()
+        reqs = []
+        for i, (plen, mt) in enumerate(zip(self.PROMPT_LENS, self.MAX_TOKENS)):
+            start = (i * 1999) % (len(held) - plen)
+            ids = held[start:start + plen]
+            if i % 2 == 0:
+                reqs.append(make_request(ids, mt))
+            else:
+                reqs.append(make_request(ids, mt, temperature=0.9, top_p=0.95, seed=i))
+        return reqs
+
+    def test_sixteen_concurrent_streams_match_solo_runs(self):
+        c = shared_pydoc_cluster()
+        reqs = self.requests()
+        solo = [generate(c.stub, r) for r in reqs]
+        for i, r in enumerate(solo):
+            self.assertEqual(len(r.ids), self.MAX_TOKENS[i], "solo run %d" % i)
+            self.assertEqual(r.finish_reason, pb2.FINISH_REASON_LENGTH)
+        barrier = threading.Barrier(len(reqs))
+
+        def run(req):
+            barrier.wait(timeout=30)
+            return generate(c.stub, req, timeout=240)
+
+        jobs = [Background(lambda req=req: run(req)) for req in reqs]
+        together = [j.join(timeout=300) for j in jobs]
+        for i, (a, b) in enumerate(zip(solo, together)):
+            kind = "greedy" if i % 2 == 0 else "sampled seed=%d" % i
+            with self.subTest(stream=i, kind=kind, prompt_tokens=self.PROMPT_LENS[i]):
+                self.assertEqual(b.ids, a.ids, "stream %d (%s): concurrent ids differ from solo"
+                                 % (i, kind))
+                self.assertEqual(b.text, a.text)
+                self.assertEqual(b.finish_reason, a.finish_reason)
+                self.assertEqual(b.completion_tokens, a.completion_tokens)
+                self.assertEqual(b.prompt_tokens, self.PROMPT_LENS[i])
+
+
+class CancelAndDeadlineTest(unittest.TestCase):
+    def wait_idle(self, c, timeout=10):
+        s = poll_until(lambda: c.stats().active_sequences == 0 or None, timeout)
+        self.assertIsNotNone(s, "the attention worker still has active sequences: %s" % c.stats())
+
+    def test_cancel_mid_stream_frees_the_sequence(self):
+        c = shared_pydoc_cluster()
+        self.wait_idle(c)
+        before = c.stats()
+        ids, greedy = PYDOC_CASES[0]
+        call = c.stub.Generate(make_request(ids, 500), timeout=CALL_TIMEOUT)
+        got = []
+        for resp in call:
+            got.extend(resp.ids)
+            if len(got) >= 3:
+                break
+        self.assertEqual(got, greedy[:len(got)])
+        self.assertGreaterEqual(c.stats().active_sequences, 1)
+        call.cancel()
+
+        def freed():
+            s = c.stats()
+            return s if (s.released_sequences >= before.released_sequences + 1 and
+                         s.active_sequences == 0) else None
+
+        s = poll_until(freed, 5)
+        self.assertIsNotNone(s, "sequence not released 5 s after the cancel: before %s now %s"
+                             % (before, c.stats()))
+        self.assertLess(s.kv_used_tokens, before.kv_used_tokens + len(ids) + 1)
+        self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+
+    def test_one_ms_deadline(self):
+        c = shared_pydoc_cluster()
+        ids, greedy = PYDOC_CASES[1]
+        with self.assertRaises(grpc.RpcError) as cm:
+            generate(c.stub, make_request(ids, 200), timeout=0.001)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.wait_idle(c)
+        self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+
+
+class BadInputTest(unittest.TestCase):
+    """Each bad request fails with the right code while a good greedy stream runs beside it."""
+
+    def with_good_stream(self, bad_call, case=0):
+        """Starts a greedy stream, waits for its first token, runs bad_call(), checks the stream."""
+        c = shared_pydoc_cluster()
+        ids, greedy = PYDOC_CASES[case]
+        first = threading.Event()
+        result = Result()
+
+        def good():
+            for resp in c.stub.Generate(make_request(ids, len(greedy)), timeout=CALL_TIMEOUT):
+                result.ids.extend(resp.ids)
+                if resp.finish_reason:
+                    result.finish_reason = resp.finish_reason
+                first.set()
+            return result
+
+        job = Background(good)
+        self.assertTrue(first.wait(60), "the good stream produced nothing in 60 s")
+        try:
+            with self.assertRaises(grpc.RpcError) as cm:
+                bad_call(c)
+        finally:
+            r = job.join()
+        self.assertEqual(r.ids, greedy, "the good stream beside the bad request")
+        self.assertEqual(r.finish_reason, pb2.FINISH_REASON_LENGTH)
+        return cm.exception
+
+    def assert_invalid(self, err, *words):
+        self.assertEqual(err.code(), grpc.StatusCode.INVALID_ARGUMENT, err.details())
+        for w in words:
+            self.assertIn(w, err.details())
+
+    def test_prompt_longer_than_context(self):
+        ids = heldout_ids()[:PYDOC_CONTEXT + 1]
+        err = self.with_good_stream(lambda c: generate(c.stub, make_request(ids, 4)))
+        self.assert_invalid(err)
+
+    def test_top_p_out_of_range(self):
+        err = self.with_good_stream(
+            lambda c: generate(c.stub, make_request([1, 2, 3], 4, temperature=0.5, top_p=1.5)))
+        self.assert_invalid(err, "top_p")
+
+    def test_negative_temperature(self):
+        err = self.with_good_stream(
+            lambda c: generate(c.stub, make_request([1, 2, 3], 4, temperature=-1.0)))
+        self.assert_invalid(err, "temperature")
+
+    def test_experts_per_token_out_of_range(self):
+        err = self.with_good_stream(
+            lambda c: generate(c.stub, make_request([1, 2, 3], 4, experts_per_token=99)))
+        self.assert_invalid(err, "experts_per_token")
+
+    def test_token_id_outside_vocabulary(self):
+        err = self.with_good_stream(
+            lambda c: generate(c.stub, make_request([1, 999999, 3], 4)))
+        self.assert_invalid(err)
+
+    def test_detokenize_bad_id(self):
+        err = self.with_good_stream(
+            lambda c: c.stub.Detokenize(pb2.DetokenizeRequest(ids=[5, 999999]), timeout=10))
+        self.assert_invalid(err)
+
+    def test_queue_full(self):
+        """--max_queue=1 and a 200-token KV cache: one runs, one waits, the next is refused."""
+        shared = shared_pydoc_cluster()
+        small = start_cluster(PYDOC, None, name="small", kv_capacity_tokens=200,
+                              router_flags=["--max_queue=1"], encoder=shared.encoder,
+                              experts=shared.experts)
+        try:
+            ids, greedy = PYDOC_CASES[0]
+            n = 120  # prompt + 120 > 100: two of them never fit in 200 tokens together
+            expected = greedy_ids(shared.stub, ids, n)
+            self.assertEqual(expected[:len(greedy)], greedy)
+            started = threading.Event()
+
+            def run():
+                r = Result()
+                for resp in small.stub.Generate(make_request(ids, n), timeout=CALL_TIMEOUT):
+                    r.ids.extend(resp.ids)
+                    started.set()
+                    if resp.finish_reason:
+                        r.finish_reason = resp.finish_reason
+                return r
+
+            first = Background(run)
+            self.assertTrue(started.wait(60), "the first request produced nothing")
+            # The second waits for KV cache room (the queue now holds 1); the third cannot
+            # queue. Which of the two the router sees first is up to the network: exactly one
+            # of them must be refused, the other must complete.
+            second = Background(run)
+            time.sleep(0.3)
+            third = Background(run)
+            outcomes = []
+            for job in (second, third):
+                try:
+                    outcomes.append(job.join())
+                except grpc.RpcError as e:
+                    outcomes.append(e)
+            r1 = first.join()
+            self.assertEqual(r1.ids, expected)
+            errors = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+            done = [o for o in outcomes if isinstance(o, Result)]
+            self.assertEqual(len(errors), 1, "expected exactly one refusal, got %r"
+                             % [(e.code(), e.details()) for e in errors])
+            self.assertEqual(errors[0].code(), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             errors[0].details())
+            self.assertIn("queue", errors[0].details())
+            self.assertEqual(done[0].ids, expected)
+            self.assertEqual(done[0].finish_reason, pb2.FINISH_REASON_LENGTH)
+            # The small attention worker ends idle.
+            s = poll_until(lambda: small.stats().active_sequences == 0 or None, 10)
+            self.assertIsNotNone(s, "active sequences left: %s" % small.stats())
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, small.describe())) from None
+        finally:
+            small.stop()
+
+
+class ClientScriptTest(unittest.TestCase):
+    def test_client_py_streams_a_completion(self):
+        c = shared_pydoc_cluster()
+        argv = [sys.executable, CLIENT_PY, "--addr=" + c.addr, "--timeout=60", "--max_tokens=12",
+                "--ignore_eos", "--temperature=0", "The os module provides"]
+        res = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        out = res.stdout.decode("utf-8")
+        err = res.stderr.decode("utf-8", errors="replace")
+        self.assertEqual(res.returncode, 0, "stdout=%r stderr=%r" % (out, err))
+        self.assertTrue(out.strip(), "no text: stdout=%r stderr=%r" % (out, err))
+        m = re.search(r"^\[finish=(\w+) prompt_tokens=(\d+) completion_tokens=(\d+) ", err, re.M)
+        self.assertIsNotNone(m, "no summary line: %r" % err)
+        self.assertEqual(m.group(1), "length")
+        self.assertGreater(int(m.group(2)), 0)
+        self.assertEqual(int(m.group(3)), 12)
+
+
+class ClusterCommandTest(unittest.TestCase):
+    def test_moemesh_cluster_serves_and_stops_on_sigint(self):
+        port = free_port()
+        p = Proc("moemesh-cluster", [MOEMESH, "cluster", "--model=" + PYDOC,
+                                     "--expert_workers=2", "--port=%d" % port, "--threads=1"])
+        try:
+            m = p.wait_for(r"^.*\bready\b.*$", stream="out")
+            addr = re.search(r"((?:\d{1,3}\.){3}\d{1,3}|localhost):(\d+)", m.group(0))
+            self.assertIsNotNone(addr, "no router address in %r" % m.group(0))
+            addr = addr.group(0)
+            # The processes of the cluster: the command and everything it started.
+            kids = descendants(p.pid)
+            p.extra_pids = list(kids)
+            self.assertGreaterEqual(len(kids), 4, "expected encoder, 2 experts, attention and "
+                                    "router under pid %d, found %r" % (p.pid, kids))
+            wait_healthy(addr, proc=p)
+            with grpc.insecure_channel(addr) as ch:
+                stub = pb2_grpc.GenerationStub(ch)
+                for ids, greedy in PYDOC_CASES[:2]:
+                    self.assertEqual(greedy_ids(stub, ids, len(greedy)), greedy)
+            kids = descendants(p.pid)
+            p.extra_pids = sorted(set(p.extra_pids) | set(kids))
+            os.kill(p.pid, signal.SIGINT)  # to the command only, as `kill -INT` would
+            try:
+                rc = p.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.fail("moemesh cluster still running 30 s after SIGINT")
+            left = poll_until(lambda: [k for k in p.extra_pids if alive(k)] == [], 5)
+            self.assertTrue(left, "processes of the cluster still running after SIGINT: %r"
+                            % [k for k in p.extra_pids if alive(k)])
+            self.assertIn(rc, (0, 130, -signal.SIGINT), "exit status after SIGINT")
+            self.assertFalse(health_ok(addr, timeout=1), "the router still answers")
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, p.describe())) from None
+        finally:
+            p.stop()
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

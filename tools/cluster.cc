@@ -1,0 +1,203 @@
+// moemesh cluster: one machine, one process per role, on loopback.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "mesh/grpc_clients.h"
+#include "tools/commands.h"
+
+ABSL_FLAG(int32_t, expert_workers, 2, "cluster: number of expert-worker processes (experts split evenly).");
+ABSL_FLAG(std::string, bin_dir, "", "cluster: directory holding router/, encoder_worker/, attention_worker/, expert_worker/ binaries (default: the bazel-bin this tool runs from).");
+ABSL_FLAG(std::string, wire_dtype, "f32", "cluster: hidden states to expert workers as f32 (exact) or bf16.");
+ABSL_FLAG(std::string, log_dir, "", "cluster: where each process's log goes (default: a new directory under /tmp).");
+
+namespace moemesh {
+namespace {
+
+volatile sig_atomic_t g_signal = 0;
+void OnSignal(int s) { g_signal = s; }
+
+struct Child {
+  std::string name;
+  pid_t pid = -1;
+  std::string address;
+};
+
+std::string Dirname(const std::string& p) {
+  auto i = p.rfind('/');
+  return i == std::string::npos ? "." : p.substr(0, i);
+}
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    FILE* f = std::fopen(log.c_str(), "w");
+    if (f != nullptr) {
+      dup2(fileno(f), 1);
+      dup2(fileno(f), 2);
+    }
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    std::perror(("exec " + argv[0]).c_str());
+    _exit(127);
+  }
+  return pid;
+}
+
+void StopAll(std::vector<Child>* children) {
+  for (auto& c : *children) {
+    if (c.pid > 0) kill(c.pid, SIGTERM);
+  }
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (auto& c : *children) {
+    while (c.pid > 0) {
+      int status;
+      pid_t r = waitpid(c.pid, &status, WNOHANG);
+      if (r == c.pid || r < 0) {
+        c.pid = -1;
+      } else if (std::chrono::steady_clock::now() > deadline) {
+        kill(c.pid, SIGKILL);
+        waitpid(c.pid, &status, 0);
+        c.pid = -1;
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int RunCluster(const std::string& argv0) {
+  const int n = absl::GetFlag(FLAGS_expert_workers);
+  if (n < 1) {
+    std::cerr << "moemesh cluster: --expert_workers must be >= 1" << std::endl;
+    return 2;
+  }
+  std::string bin = absl::GetFlag(FLAGS_bin_dir);
+  if (bin.empty()) {
+    char self[4096];
+    ssize_t len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    std::string exe = len > 0 ? std::string(self, len) : argv0;
+    bin = Dirname(Dirname(exe));  // bazel-bin/tools/moemesh -> bazel-bin
+  }
+  for (const char* b : {"router/router", "encoder_worker/encoder_worker",
+                        "attention_worker/attention_worker", "expert_worker/expert_worker"}) {
+    if (access((bin + "/" + b).c_str(), X_OK) != 0) {
+      std::cerr << "moemesh cluster: " << bin << "/" << b
+                << " not found: build it (bazel build //...) or pass --bin_dir" << std::endl;
+      return 1;
+    }
+  }
+  std::string logs = absl::GetFlag(FLAGS_log_dir);
+  if (logs.empty()) {
+    char tmpl[] = "/tmp/moemesh-cluster-XXXXXX";
+    logs = mkdtemp(tmpl);
+  }
+  const std::string host = absl::GetFlag(FLAGS_host);
+  const int port = absl::GetFlag(FLAGS_port);
+  auto addr = [&](int offset) { return absl::StrCat(host, ":", port + offset); };
+
+  // The cluster config every process reads (experts split evenly: no shards listed).
+  const std::string config = logs + "/cluster.textproto";
+  {
+    std::ofstream c(config);
+    c << "model: \"" << absl::GetFlag(FLAGS_model) << "\"\n"
+      << "router { address: \"" << addr(0) << "\" }\n"
+      << "encoder { address: \"" << addr(1) << "\" }\n"
+      << "attention { address: \"" << addr(2) << "\" }\n";
+    for (int i = 0; i < n; ++i) c << "experts { address: \"" << addr(3 + i) << "\" }\n";
+    c << "wire_dtype: \"" << absl::GetFlag(FLAGS_wire_dtype) << "\"\n";
+    if (!c) {
+      std::cerr << "moemesh cluster: cannot write " << config << std::endl;
+      return 1;
+    }
+  }
+  signal(SIGINT, OnSignal);
+  signal(SIGTERM, OnSignal);
+  const std::string threads = absl::StrCat("--threads=", absl::GetFlag(FLAGS_threads));
+  std::vector<Child> children;
+  auto start = [&](const std::string& name, std::vector<std::string> argv, const std::string& a) {
+    Child c;
+    c.name = name;
+    c.address = a;
+    c.pid = Spawn(argv, logs + "/" + name + ".log");
+    children.push_back(c);
+  };
+  start("encoder", {bin + "/encoder_worker/encoder_worker", "--config=" + config}, addr(1));
+  for (int i = 0; i < n; ++i) {
+    start(absl::StrCat("expert", i),
+          {bin + "/expert_worker/expert_worker", "--config=" + config, absl::StrCat("--index=", i),
+           threads, "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype)},
+          addr(3 + i));
+  }
+  start("attention", {bin + "/attention_worker/attention_worker", "--config=" + config, threads,
+                      "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype)},
+        addr(2));
+  start("router", {bin + "/router/router", "--config=" + config}, addr(0));
+
+  // Healthy, in start order; give up if a process dies or the deadline passes.
+  auto died = [&]() -> const Child* {
+    for (auto& c : children) {
+      int status;
+      if (c.pid > 0 && waitpid(c.pid, &status, WNOHANG) == c.pid) {
+        c.pid = -1;
+        return &c;
+      }
+    }
+    return nullptr;
+  };
+  for (const Child& c : children) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(180);
+    while (true) {
+      if (g_signal) {
+        StopAll(&children);
+        return 130;
+      }
+      if (const Child* d = died()) {
+        std::cerr << "moemesh cluster: " << d->name << " exited during start-up; see " << logs
+                  << "/" << d->name << ".log" << std::endl;
+        StopAll(&children);
+        return 1;
+      }
+      if (WaitHealthy(c.address, 0.5).ok()) break;
+      if (std::chrono::steady_clock::now() > deadline) {
+        std::cerr << "moemesh cluster: " << c.name << " not healthy after 180 s; see " << logs
+                  << "/" << c.name << ".log" << std::endl;
+        StopAll(&children);
+        return 1;
+      }
+    }
+  }
+  std::cout << "MoE Mesh cluster ready: router on " << addr(0) << " (encoder " << addr(1)
+            << ", attention " << addr(2) << ", " << n << " expert workers from " << addr(3)
+            << "); logs and config in " << logs << std::endl;
+  std::cout << "Query it:  /usr/bin/python3 scripts/client.py --addr=" << addr(0)
+            << " \"your prompt\"   Stop it: Ctrl-C" << std::endl;
+  while (!g_signal) {
+    if (const Child* d = died()) {
+      std::cerr << "moemesh cluster: " << d->name << " exited; stopping the cluster (see " << logs
+                << "/" << d->name << ".log)" << std::endl;
+      StopAll(&children);
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  std::cout << "moemesh cluster: stopping" << std::endl;
+  StopAll(&children);
+  return 0;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,68 @@
+// moemesh serve: the whole model in one process behind the public API, through the same classes
+// as the cluster (AttentionWorker, Router, GenerationService) with in-process transports.
+#include <chrono>
+#include <iostream>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "attention_worker/setup.h"
+#include "engine/ops/threading.h"
+#include "engine/tokenizer.h"
+#include "mesh/server.h"
+#include "router/attention_client.h"
+#include "router/generation_service.h"
+#include "router/router.h"
+#include "tools/commands.h"
+
+ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "serve: KV cache size in tokens over all sequences.");
+ABSL_FLAG(int64_t, max_queue, 256, "serve: requests that may wait for KV cache room; more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_running, 64, "serve: sequences batched in one step.");
+ABSL_FLAG(int64_t, prefill_chunk, 256, "serve: prompt tokens prefilled per step.");
+
+namespace moemesh {
+namespace {
+
+int Fail(const absl::Status& st) {
+  std::cerr << "moemesh serve: " << st << std::endl;
+  return 1;
+}
+
+}  // namespace
+
+int RunServe() {
+  const std::string dir = absl::GetFlag(FLAGS_model);
+  ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
+  AttentionSetupOptions o;
+  o.model_dir = dir;
+  o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
+  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.compute = ComputeType::kBF16;
+  auto setup = BuildAttentionWorker(std::move(o));
+  if (!setup.ok()) return Fail(setup.status());
+  auto gen = GenerationDefaults::FromFile(dir + "/generation_config.json");
+  if (!gen.ok()) return Fail(gen.status());
+  auto tok = Tokenizer::FromFile(dir + "/tokenizer.json");
+  if (!tok.ok()) return Fail(tok.status());
+  LocalAttentionClient<AttentionWorker> client((*setup)->worker.get());
+  RouterOptions ro;
+  ro.max_queue = absl::GetFlag(FLAGS_max_queue);
+  ro.max_running = absl::GetFlag(FLAGS_max_running);
+  ro.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  auto router = Router::Create(tok->get(), (*setup)->cfg, *gen, &client, ro);
+  if (!router.ok()) return Fail(router.status());
+  const std::string address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
+  moemesh::v1::ModelInfo info = BasicModelInfo((*setup)->cfg);
+  AddWorker(&info, "router", address, "cpu");
+  AddWorker(&info, "encoder", "in-process", "cpu");
+  AddWorker(&info, "attention", "in-process", "cpu");
+  AddWorker(&info, "expert", "in-process", "cpu", (*setup)->expert_placement.front().second);
+  GenerationService service(router->get(), tok->get(), info);
+  std::string bound;
+  auto server = StartServer(address, {&service}, &bound);
+  if (!server.ok()) return Fail(server.status());
+  std::cerr << "moemesh serve: serving " << dir << " on " << bound << std::endl;
+  // Shutdown cancels in-flight streams; the router (destroyed after the server) ends them.
+  ServeUntilSignal(server->get());
+  return 0;
+}
+
+}  // namespace moemesh
