@@ -34,8 +34,10 @@ constexpr int64_t kKeyBlock = 16;
 // Rows (token x query head) per unit: enough to amortise the K transposes, small enough to
 // leave parallelism.
 constexpr int64_t kRowsPerUnit = 32;
-// Multiply-adds per thread below which attention stays on the calling thread.
-constexpr int64_t kMinWorkPerThread = 1 << 18;
+// Multiply-adds per thread below which attention stays on the calling thread (~120 us of
+// work): a fork/join costs microseconds on a quiet machine and milliseconds when another
+// process competes for the cores (see linear_cpu.cc), so decode-sized attention never forks.
+constexpr int64_t kMinWorkPerThread = 1 << 21;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 

@@ -69,13 +69,16 @@ constexpr int64_t kSmallMLimitF32 = 64;
 constexpr int64_t kSmallMLimitBF16 = 64;
 constexpr int64_t kSmallMLimitBF16AsF32LargeK = 32;
 constexpr int64_t kL2ResidentBlockBytes = 512 << 10;
-// Thread-count model for the small kernels: single-threaded time ~ max(weight bytes / 100
-// GB/s, multiply-adds / (100 fp32 or 200 bf16 per ns)), and one more thread per kNsPerThread
-// of it: an OpenMP fork/join costs ~2.5 us on the 2-vCPU dev VM.
+// Thread-count model: single-threaded time ~ max(weight bytes / 100 GB/s, multiply-adds /
+// (100 fp32 or 200 bf16 per ns)), plus one thread per kNsPerThread of it. The bar is high on
+// purpose: an OpenMP fork/join costs ~2.5 us on the 2-vCPU dev VM when it is quiet, but a
+// scheduler time slice (milliseconds) whenever another process competes for the cores, which
+// made 2-thread single-stream decode 5-10x slower than 1-thread when every lm_head forked. So
+// decode-sized products of small models stay on the calling thread; prefill-sized ones split.
 constexpr double kBytesPerNs = 100.0;
 constexpr double kF32MacsPerNs = 100.0;
 constexpr double kBF16MacsPerNs = 200.0;
-constexpr double kNsPerThread = 3000.0;
+constexpr double kNsPerThread = 50000.0;
 
 int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -516,6 +519,29 @@ void WidenBlocks(const uint16_t* src, int64_t kp_src, float* dst, int64_t kp_dst
 // thread count into a primitive. Beyond kMaxCached distinct m values a runtime-M primitive
 // serves the rest. Scratchpads are user-managed and per thread, so Run() is thread-safe.
 
+// Sets the calling thread's OpenMP default team size for a scope (SyncThreads() has set it to
+// the general default before).
+class ScopedOmpThreads {
+ public:
+  explicit ScopedOmpThreads(int n) {
+#ifdef _OPENMP
+    saved_ = omp_get_max_threads();
+    if (n != saved_) omp_set_num_threads(n);
+#endif
+    (void)n;
+  }
+  ~ScopedOmpThreads() {
+#ifdef _OPENMP
+    if (omp_get_max_threads() != saved_) omp_set_num_threads(saved_);
+#endif
+  }
+  ScopedOmpThreads(const ScopedOmpThreads&) = delete;
+  ScopedOmpThreads& operator=(const ScopedOmpThreads&) = delete;
+
+ private:
+  [[maybe_unused]] int saved_ = 1;
+};
+
 const dnnl::engine* CpuEngine() {
   static const dnnl::engine* engine = []() -> const dnnl::engine* {
     try {
@@ -583,12 +609,14 @@ class DnnlMatmul {
     }
   }
 
-  // y [m, n] = x [m, k] W; `weights` overrides the buffer given to Create(). False on
-  // failure (y is then unspecified; the caller recomputes it).
-  bool Run(const void* x, int64_t m, float* y, const void* weights = nullptr) const {
-    const int threads = SyncThreads();
+  // y [m, n] = x [m, k] W on `threads` threads (<= SyncThreads()); `weights` overrides the
+  // buffer given to Create(). False on failure (y is then unspecified; the caller recomputes
+  // it).
+  bool Run(const void* x, int64_t m, float* y, int threads, const void* weights = nullptr) const {
     dnnl::stream* stream = ThreadStream();
     if (stream == nullptr) return false;
+    // oneDNN takes its team size from the calling thread's OpenMP default.
+    ScopedOmpThreads scoped(threads);
     try {
       const Prim* prim = Get(m, threads);
       if (prim == nullptr) return false;
@@ -708,18 +736,21 @@ struct Linear::Impl {
                 out, std::min(kColBlock, out - col));
     }
   }
+  // Threads worth using for batch size m (at most SyncThreads()).
+  int Threads(int64_t m) const {
+    const double macs = static_cast<double>(m) * in * out;
+    const double est_ns = std::max(weight_bytes / kBytesPerNs,
+                                   macs / (kind == Kind::kBF16 ? kBF16MacsPerNs : kF32MacsPerNs));
+    const int max_threads = SyncThreads();
+    if (est_ns < 2 * kNsPerThread) return 1;
+    return static_cast<int>(std::min<double>(max_threads, est_ns / kNsPerThread));
+  }
   void ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const;
   bool ForwardOneDnn(const void* x, int64_t m, float* y) const;
 };
 
 void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const {
-  const double macs = static_cast<double>(m) * in * out;
-  const double est_ns = std::max(weight_bytes / kBytesPerNs,
-                                 macs / (kind == Kind::kBF16 ? kBF16MacsPerNs : kF32MacsPerNs));
-  const int max_threads = SyncThreads();
-  const int threads = est_ns < 2 * kNsPerThread
-                          ? 1
-                          : static_cast<int>(std::min<double>(max_threads, est_ns / kNsPerThread));
+  const int threads = Threads(m);
 #ifdef _OPENMP
   // Split column blocks when there are enough of them, else rows. Row chunks start at
   // multiples of 4, so every row goes through the same tile as single-threaded and results
@@ -747,12 +778,12 @@ void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) 
 }
 
 bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
-  if (kind != Kind::kBF16AsF32) return dnnl->Run(x, m, y);
+  const int threads = Threads(m);
+  if (kind != Kind::kBF16AsF32) return dnnl->Run(x, m, y, threads);
   // Widen the weights into this thread's fp32 scratch (cost ~ one m=1 pass; only used for
   // m above the small-kernel limit).
   const int64_t kp_f32 = RoundUp(in, kKPadF32);
   auto* wf = static_cast<float*>(t_w_f32.Get(blocks * kp_f32 * kColBlock * sizeof(float)));
-  const int threads = ThreadsFor(blocks * kp_f32 * kColBlock, SyncThreads(), 1 << 20);
 #ifdef _OPENMP
   if (threads > 1) {
 #pragma omp parallel num_threads(threads)
@@ -767,7 +798,7 @@ bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
 #else
   WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, 0, blocks);
 #endif
-  return dnnl->Run(x, m, y, wf);
+  return dnnl->Run(x, m, y, threads, wf);
 }
 
 absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, int64_t in,

@@ -14,7 +14,7 @@ namespace internal {
 
 #if defined(__AVX512F__)
 
-// exp(x) for 16 floats, within about 1 ulp (Cephes expf polynomial; 2^n applied with
+// exp(x) for 16 floats, within 2 ulp (Cephes expf polynomial; 2^n applied with
 // vscalefps, so underflow goes to 0 and overflow to inf). NaN propagates, exp(-inf) = 0.
 inline __m512 Exp512(__m512 x) {
   x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));

@@ -1,0 +1,216 @@
+// moemesh_node: one MoE Mesh process per MPI rank, for launching a cluster with OpenMPI:
+//   mpirun -np N moemesh_node [--config=FILE | --model=DIR] [--port=50051]
+// Rank 0 is the router (public API on --port), rank 1 the encoder worker, rank 2 the attention
+// worker, ranks 3..N-1 expert workers (N >= 4). Every rank listens on a free port; addresses are
+// exchanged with MPI_Allgather at start-up, and gRPC carries all traffic after that.
+#include <mpi.h>
+#include <unistd.h>
+
+#include <iostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "attention_worker/attention_service.h"
+#include "attention_worker/setup.h"
+#include "encoder_worker/encoder_service.h"
+#include "engine/arch.h"
+#include "engine/ops/threading.h"
+#include "engine/tokenizer.h"
+#include "expert_worker/expert_service.h"
+#include "mesh/grpc_clients.h"
+#include "mesh/placement.h"
+#include "mesh/server.h"
+#include "router/attention_client.h"
+#include "router/generation_service.h"
+#include "router/router.h"
+
+ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): model, expert shards by expert index (rank - 3), wire_dtype. Addresses in it are ignored.");
+ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (when no --config).");
+ABSL_FLAG(int32_t, port, 50051, "Port of the public API on rank 0.");
+ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address every rank listens on.");
+ABSL_FLAG(std::string, advertise_host, "", "Host name other ranks use to reach this one (default: this host's name).");
+ABSL_FLAG(int32_t, threads, 1, "Compute threads per rank.");
+ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
+ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "Attention worker's KV cache size in tokens.");
+
+namespace moemesh {
+namespace {
+
+constexpr int kAddrLen = 256;
+
+int Fail(int rank, const absl::Status& st) {
+  std::cerr << "moemesh_node rank " << rank << ": " << st << std::endl;
+  MPI_Abort(MPI_COMM_WORLD, 1);
+  return 1;
+}
+
+// Every rank contributes `mine` (may be empty); returns all ranks' strings.
+std::vector<std::string> AllGather(const std::string& mine, int size) {
+  char buf[kAddrLen] = {0};
+  mine.copy(buf, kAddrLen - 1);
+  std::vector<char> all(static_cast<size_t>(kAddrLen) * size);
+  MPI_Allgather(buf, kAddrLen, MPI_CHAR, all.data(), kAddrLen, MPI_CHAR, MPI_COMM_WORLD);
+  std::vector<std::string> out;
+  for (int i = 0; i < size; ++i) out.emplace_back(&all[static_cast<size_t>(i) * kAddrLen]);
+  return out;
+}
+
+std::string Advertised(const std::string& bound) {
+  std::string host = absl::GetFlag(FLAGS_advertise_host);
+  if (host.empty()) {
+    char name[256] = {0};
+    gethostname(name, sizeof(name) - 1);
+    host = name;
+  }
+  return absl::StrCat(host, bound.substr(bound.rfind(':')));
+}
+
+int Main(int rank, int size) {
+  if (size < 4) {
+    if (rank == 0) std::cerr << "moemesh_node: needs at least 4 ranks (router, encoder, attention, expert workers)" << std::endl;
+    return 2;
+  }
+  ClusterConfig cluster;
+  std::string model_dir = absl::GetFlag(FLAGS_model);
+  if (!absl::GetFlag(FLAGS_config).empty()) {
+    auto c = LoadClusterConfig(absl::GetFlag(FLAGS_config));
+    if (!c.ok()) return Fail(rank, c.status());
+    cluster = *c;
+    if (!cluster.model().empty()) model_dir = cluster.model();
+  }
+  const int n_experts = size - 3;
+  while (cluster.experts_size() < n_experts) cluster.add_experts();
+  auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
+  if (!cfg.ok()) return Fail(rank, cfg.status());
+  ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
+  LoadOptions lo;
+  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") lo.compute = ComputeType::kBF16;
+  const std::string listen = absl::StrCat(absl::GetFlag(FLAGS_listen_host), ":0");
+
+  // Phase 1: encoder and expert workers start and publish their addresses.
+  std::unique_ptr<CheckpointReader> ckpt;
+  std::unique_ptr<Embedder> embedder;
+  std::unique_ptr<ExpertShard> shard;
+  std::unique_ptr<grpc::Service> service;
+  std::unique_ptr<grpc::Server> server;
+  std::string mine;
+  if (rank == 1 || rank >= 3) {
+    auto arch = ArchFor(*cfg);
+    if (!arch.ok()) return Fail(rank, arch.status());
+    std::set<ExpertId> shards;
+    if (rank >= 3) {
+      auto s = ShardsOf(cluster, *cfg, rank - 3);
+      if (!s.ok()) return Fail(rank, s.status());
+      shards = *s;
+    }
+    auto c = CheckpointReader::Open(model_dir, [&](std::string_view name) {
+      if (rank == 1) return name == "model.embed_tokens.weight";
+      return absl::StrContains(std::string(name), ".experts.");
+    });
+    if (!c.ok()) return Fail(rank, c.status());
+    ckpt = std::move(*c);
+    if (rank == 1) {
+      auto e = Embedder::Load(*ckpt, *cfg);
+      if (!e.ok()) return Fail(rank, e.status());
+      embedder = std::move(*e);
+      service = std::make_unique<EncoderService>(embedder.get());
+    } else {
+      auto s = ExpertShard::Load(*ckpt, *cfg, *arch, shards, lo);
+      if (!s.ok()) return Fail(rank, s.status());
+      shard = std::move(*s);
+      service = std::make_unique<ExpertService>(shard.get(), cfg->hidden_size, "cpu");
+    }
+    std::string bound;
+    auto srv = StartServer(listen, {service.get()}, &bound);
+    if (!srv.ok()) return Fail(rank, srv.status());
+    server = std::move(*srv);
+    mine = Advertised(bound);
+    std::cerr << "moemesh_node rank " << rank << ": " << (rank == 1 ? "encoder" : "expert worker")
+              << " on " << mine << (rank >= 3 ? " holding " + ShardSummary(shards) : "") << std::endl;
+  }
+  std::vector<std::string> addrs = AllGather(mine, size);
+
+  // Phase 2: the attention worker connects to them and publishes its address.
+  std::unique_ptr<AttentionSetup> setup;
+  mine.clear();
+  if (rank == 2) {
+    AttentionSetupOptions o;
+    o.model_dir = model_dir;
+    o.encoder_address = addrs[1];
+    for (int r = 3; r < size; ++r) o.expert_addresses.push_back(addrs[r]);
+    o.compute = lo.compute;
+    o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
+    if (cluster.wire_dtype() == "bf16") o.wire_dtype = wire::DTYPE_BF16;
+    auto s = BuildAttentionWorker(std::move(o));
+    if (!s.ok()) return Fail(rank, s.status());
+    setup = std::move(*s);
+    service = std::make_unique<AttentionService>(setup->worker.get());
+    std::string bound;
+    auto srv = StartServer(listen, {service.get()}, &bound);
+    if (!srv.ok()) return Fail(rank, srv.status());
+    server = std::move(*srv);
+    mine = Advertised(bound);
+    std::cerr << "moemesh_node rank 2: attention worker on " << mine << std::endl;
+  }
+  addrs[2] = AllGather(mine, size)[2];
+
+  // Phase 3: the router serves the public API.
+  std::unique_ptr<Tokenizer> tok;
+  std::unique_ptr<GrpcAttentionClient> client;
+  std::unique_ptr<Router> router;
+  if (rank == 0) {
+    auto t = Tokenizer::FromFile(model_dir + "/tokenizer.json");
+    if (!t.ok()) return Fail(rank, t.status());
+    tok = std::move(*t);
+    auto gen = GenerationDefaults::FromFile(model_dir + "/generation_config.json");
+    if (!gen.ok()) return Fail(rank, gen.status());
+    absl::Status st = WaitHealthy(addrs[2], 120);
+    if (!st.ok()) return Fail(rank, st);
+    client = std::make_unique<GrpcAttentionClient>(addrs[2], 60);
+    auto r = Router::Create(tok.get(), *cfg, *gen, client.get(), RouterOptions{});
+    if (!r.ok()) return Fail(rank, r.status());
+    router = std::move(*r);
+    const std::string address =
+        absl::StrCat(absl::GetFlag(FLAGS_listen_host), ":", absl::GetFlag(FLAGS_port));
+    moemesh::v1::ModelInfo info = BasicModelInfo(*cfg);
+    AddWorker(&info, "router", address, "cpu");
+    AddWorker(&info, "encoder", addrs[1], "cpu");
+    AddWorker(&info, "attention", addrs[2], "cpu");
+    for (int r = 3; r < size; ++r) {
+      auto s = ShardsOf(cluster, *cfg, r - 3);
+      AddWorker(&info, "expert", addrs[r], "cpu", s.ok() ? ShardSummary(*s) : "");
+    }
+    service = std::make_unique<GenerationService>(router.get(), tok.get(), info);
+    std::string bound;
+    auto srv = StartServer(address, {service.get()}, &bound);
+    if (!srv.ok()) return Fail(rank, srv.status());
+    server = std::move(*srv);
+    std::cout << "MoE Mesh cluster ready (mpirun, " << size << " ranks): router on " << bound
+              << std::endl;
+  }
+  ServeUntilSignal(server.get());
+  server.reset();
+  router.reset();
+  return 0;
+}
+
+}  // namespace
+}  // namespace moemesh
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("mpirun -np N moemesh_node [--config=FILE | --model=DIR] [--port=P]");
+  absl::ParseCommandLine(argc, argv);
+  MPI_Init(&argc, &argv);
+  int rank = 0, size = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  int rc = moemesh::Main(rank, size);
+  MPI_Finalize();
+  return rc;
+}
