@@ -7,16 +7,20 @@
 
 namespace moemesh {
 
-class AttentionService final : public internal::v1::Attention::CallbackService {
+// A synchronous service on purpose: Step blocks until the expert workers answer, and their
+// answers arrive as gRPC callbacks on the callback threads (two on a 2-core machine). Handlers
+// that block on those threads (a Step waiting for experts, a GetStats or second Step waiting for
+// the worker's lock) could take every callback thread and deadlock the worker; sync handlers run
+// on their own thread pool.
+class AttentionService final : public internal::v1::Attention::Service {
  public:
   explicit AttentionService(AttentionWorker* worker) : worker_(worker) {}
-  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const wire::StepRequest* req,
-                                 wire::StepResponse* resp) override;
-  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx,
-                                    const wire::ReleaseRequest* req,
-                                    wire::ReleaseResponse* resp) override;
-  grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* ctx,
-                                     const wire::StatsRequest* req, wire::Stats* resp) override;
+  grpc::Status Step(grpc::ServerContext* ctx, const wire::StepRequest* req,
+                    wire::StepResponse* resp) override;
+  grpc::Status Release(grpc::ServerContext* ctx, const wire::ReleaseRequest* req,
+                       wire::ReleaseResponse* resp) override;
+  grpc::Status GetStats(grpc::ServerContext* ctx, const wire::StatsRequest* req,
+                        wire::Stats* resp) override;
 
  private:
   AttentionWorker* worker_;

@@ -1,21 +1,24 @@
 #!/usr/bin/python3
 """End-to-end tests of MoE Mesh: real processes on 127.0.0.1, real gRPC, real checkpoints.
 
-  bazel test //tests:cluster_test                  # tests/cluster_test.sh sets the environment
-  /usr/bin/python3 tests/cluster_test.py [-k NAME]  # from the repository root, after
-                                                   # `bazel build //router:router //encoder_worker:encoder_worker
-                                                   #  //attention_worker:attention_worker //expert_worker:expert_worker
-                                                   #  //tools:moemesh` (binaries are taken from bazel-bin/)
+  bazel test //tests:cluster_test            # tests/cluster_test.sh sets the environment
+  /usr/bin/python3 tests/cluster_test.py [-k NAME]
+      after `bazel build //router:router //encoder_worker:encoder_worker
+      //attention_worker:attention_worker //expert_worker:expert_worker //tools:moemesh`:
+      the binaries are taken from bazel-bin/ (or from $MOEMESH_BIN_DIR).
 
 Ground truth: testdata/oracle/<family>/reference.json (16 greedy ids per prompt from Hugging Face
 transformers) and models/pydoc-moe-17m/reference.json (40 greedy ids per prompt).
 
 Every process is started in its own process group and killed (SIGTERM, then SIGKILL) at the end
-of the test that owns it, and again at exit whatever happened. Every wait has a deadline.
+of the test that owns it, and again at exit whatever happened; each also gets SIGKILL if this
+process dies (setpriv --pdeathsig). Every wait has a deadline, and a watchdog ends a run that
+hangs anyway (after $MOEMESH_TEST_WATCHDOG_S, default 840 s) with every thread's stack.
 Set MOEMESH_TEST_KEEP_LOGS=DIR to keep the processes' logs in DIR.
 """
 
 import atexit
+import faulthandler
 import importlib
 import importlib.util
 import json
@@ -57,12 +60,11 @@ EXPERT = os.path.join(BIN_DIR, "expert_worker", "expert_worker")
 MOEMESH = os.path.join(BIN_DIR, "tools", "moemesh")
 
 START_TIMEOUT = 90      # seconds for a process to print its address and answer health checks
-CALL_TIMEOUT = 120      # seconds for one Generate call
+CALL_TIMEOUT = 60       # seconds for one Generate call (each takes well under 5 s here)
 STOP_TIMEOUT = 10       # seconds between SIGTERM and SIGKILL
 
-if "XDG_CACHE_HOME" not in os.environ:
-    os.environ["XDG_CACHE_HOME"] = os.environ.get("TEST_TMPDIR") or tempfile.mkdtemp(
-        prefix="moemesh-cache-")
+if "XDG_CACHE_HOME" not in os.environ and os.environ.get("TEST_TMPDIR"):
+    os.environ["XDG_CACHE_HOME"] = os.environ["TEST_TMPDIR"]
 
 
 # ------------------------------------------------------------------------------- gRPC stubs
@@ -78,6 +80,8 @@ client_mod = _load_client_module()
 pb2, pb2_grpc = client_mod.load_stubs()
 
 import grpc  # noqa: E402
+
+unittest.TestCase.maxDiff = None  # show whole id lists when they differ
 
 
 def _load_worker_stubs():
@@ -162,6 +166,7 @@ def wait_healthy(addr, timeout=START_TIMEOUT, proc=None):
 
 # -------------------------------------------------------------------------------- processes
 
+SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin")
 _LOG_ROOT = tempfile.mkdtemp(prefix="logs-", dir=os.environ.get("TEST_TMPDIR") or None)
 _ALL_PROCS = []
 _ALL_PROCS_LOCK = threading.Lock()
@@ -221,9 +226,13 @@ class Proc:
         self.argv = argv
         self.out_path = os.path.join(_LOG_ROOT, "%s-%d.out" % (name, len(_ALL_PROCS)))
         self.err_path = self.out_path[:-4] + ".err"
+        # setpriv execs the command (same pid) with SIGKILL as its parent-death signal: nothing
+        # outlives a test process that is killed outright. (The signal follows the thread that
+        # started the process: processes are started from the main thread only.)
+        wrap = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                      cwd=ROOT, start_new_session=True)
+            self.p = subprocess.Popen(wrap + argv, stdout=out, stderr=err,
+                                      stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
         self.pid = self.p.pid
         self.extra_pids = []  # descendants seen (for processes that escape the group)
         with _ALL_PROCS_LOCK:
@@ -291,9 +300,26 @@ def _stop_all():
     if keep:
         shutil.copytree(_LOG_ROOT, os.path.join(keep, os.path.basename(_LOG_ROOT)),
                         dirs_exist_ok=True)
+    if not os.environ.get("TEST_TMPDIR"):  # Bazel removes its own temporary directory
+        shutil.rmtree(_LOG_ROOT, ignore_errors=True)
 
 
 atexit.register(_stop_all)
+# `kill -USR1 PID` prints every thread's stack.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def _watchdog(seconds):
+    """Ends a hung run before Bazel's limit: stacks to stderr, processes stopped, exit 1."""
+    time.sleep(seconds)
+    sys.stderr.write("\nwatchdog: the run took more than %.0f s; stacks:\n" % seconds)
+    faulthandler.dump_traceback(all_threads=True)
+    _stop_all()
+    os._exit(1)
+
+
+threading.Thread(target=_watchdog, args=(float(os.environ.get("MOEMESH_TEST_WATCHDOG_S", "840")),),
+                 daemon=True, name="watchdog").start()
 for _sig in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(_sig, lambda signum, frame: sys.exit(128 + signum))
 
@@ -372,6 +398,8 @@ class Cluster:
             self.encoder = enc.wait_for(r"encoder_worker: serving .* on (\S+)").group(1)
             self.experts = [p.wait_for(r"expert_worker: serving .* on (\S+)").group(1)
                             for p in exps]
+            for p, addr in zip([enc] + exps, [self.encoder] + self.experts):
+                wait_healthy(addr, proc=p)
         else:  # share another cluster's encoder and expert workers
             self.encoder, self.experts = encoder, list(experts)
         aflags = [ATTENTION, mflag, "--address=127.0.0.1:0", "--threads=1",
@@ -446,9 +474,6 @@ class Result:
         self.finish_reason = None
         self.prompt_tokens = self.completion_tokens = None
 
-    def key(self):
-        return (self.ids, self.text, self.finish_reason, self.completion_tokens)
-
 
 def generate(stub, req, timeout=CALL_TIMEOUT):
     """Runs one Generate call to the end; returns a Result (raises grpc.RpcError on errors)."""
@@ -482,6 +507,10 @@ class Background:
             self.result = fn()
         except BaseException as e:  # noqa: BLE001 - handed to join()
             self.error = e
+
+    def failed(self):
+        """True when fn() has ended with an exception."""
+        return not self.thread.is_alive() and self.error is not None
 
     def join(self, timeout=CALL_TIMEOUT + 30):
         self.thread.join(timeout)
@@ -534,7 +563,13 @@ class OracleTest(unittest.TestCase):
     def check_oracle(self, family, model_dir, stub, where):
         for i, (ids, greedy) in enumerate(oracle_cases(model_dir)):
             with self.subTest(model=family, prompt=i, where=where):
-                r = generate(stub, make_request(ids, len(greedy)))
+                try:
+                    r = generate(stub, make_request(ids, len(greedy)))
+                except grpc.RpcError as e:
+                    # A server that fails or hangs once would make every later prompt wait for
+                    # its deadline too: report this one and stop.
+                    self.fail("%s prompt %d via %s: %s: %s"
+                              % (family, i, where, e.code(), e.details()))
                 self.assertEqual(r.ids, greedy, "%s prompt %d via %s" % (family, i, where))
                 self.assertEqual(r.finish_reason, pb2.FINISH_REASON_LENGTH)
                 self.assertEqual(r.prompt_tokens, len(ids))
@@ -585,7 +620,8 @@ def start_serve(model_dir, name, extra=()):
         p = Proc(name, [MOEMESH, "serve", "--model=" + model_dir, "--port=%d" % port,
                         "--threads=1"] + list(extra))
         try:
-            m = p.wait_for(r"serving on (\S+:\d+)")
+            # "serving on HOST:PORT" (it may name the model between the two words).
+            m = p.wait_for(r"\bserving\b.*\bon (\S+:\d+)\s*$")
         except AssertionError as e:
             p.stop()
             last = e
@@ -668,7 +704,7 @@ class CancelAndDeadlineTest(unittest.TestCase):
         s = poll_until(freed, 5)
         self.assertIsNotNone(s, "sequence not released 5 s after the cancel: before %s now %s"
                              % (before, c.stats()))
-        self.assertLess(s.kv_used_tokens, before.kv_used_tokens + len(ids) + 1)
+        self.assertEqual(s.kv_used_tokens, before.kv_used_tokens, "KV cache not freed: %s" % s)
         self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
 
     def test_one_ms_deadline(self):
@@ -680,19 +716,57 @@ class CancelAndDeadlineTest(unittest.TestCase):
         self.wait_idle(c)
         self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
 
+    def test_deadline_mid_stream_frees_the_sequence(self):
+        """A deadline that expires while tokens stream: the server ends the sequence too."""
+        c = shared_pydoc_cluster()
+        self.wait_idle(c)
+        before = c.stats()
+        ids, greedy = PYDOC_CASES[2]
+        got = []
+        with self.assertRaises(grpc.RpcError) as cm:
+            # 900 tokens take seconds on any machine: the 0.5 s deadline ends the stream early.
+            for resp in c.stub.Generate(make_request(ids, 900), timeout=0.5):
+                got.extend(resp.ids)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertLess(len(got), 900)
+        self.assertEqual(got[:len(greedy)], greedy[:len(got)])
+
+        def freed():
+            s = c.stats()
+            return s if (s.released_sequences >= before.released_sequences + 1 and
+                         s.active_sequences == 0) else None
+
+        self.assertIsNotNone(poll_until(freed, 5), "sequence not released 5 s after the "
+                             "deadline: before %s now %s" % (before, c.stats()))
+        self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+
 
 class BadInputTest(unittest.TestCase):
     """Each bad request fails with the right code while a good greedy stream runs beside it."""
 
-    def with_good_stream(self, bad_call, case=0):
-        """Starts a greedy stream, waits for its first token, runs bad_call(), checks the stream."""
+    GOOD_TOKENS = 200  # long enough (> 1 s) that the bad request surely lands mid-stream
+    _good_reference = None
+
+    def good_reference(self, c):
+        """The good stream's ids when run alone: 200 greedy ids starting with the oracle's 40."""
+        if BadInputTest._good_reference is None:
+            ids, greedy = PYDOC_CASES[0]
+            ref = greedy_ids(c.stub, ids, self.GOOD_TOKENS)
+            self.assertEqual(ref[:len(greedy)], greedy)
+            BadInputTest._good_reference = ref
+        return BadInputTest._good_reference
+
+    def with_good_stream(self, bad_call):
+        """Starts a greedy stream, waits for its first token, runs bad_call(c) (which must raise
+        grpc.RpcError, returned), then checks the stream ends with its solo ids."""
         c = shared_pydoc_cluster()
-        ids, greedy = PYDOC_CASES[case]
+        expected = self.good_reference(c)
+        ids = PYDOC_CASES[0][0]
         first = threading.Event()
         result = Result()
 
         def good():
-            for resp in c.stub.Generate(make_request(ids, len(greedy)), timeout=CALL_TIMEOUT):
+            for resp in c.stub.Generate(make_request(ids, self.GOOD_TOKENS), timeout=CALL_TIMEOUT):
                 result.ids.extend(resp.ids)
                 if resp.finish_reason:
                     result.finish_reason = resp.finish_reason
@@ -704,10 +778,13 @@ class BadInputTest(unittest.TestCase):
         try:
             with self.assertRaises(grpc.RpcError) as cm:
                 bad_call(c)
+            overlapped = job.thread.is_alive()
         finally:
             r = job.join()
-        self.assertEqual(r.ids, greedy, "the good stream beside the bad request")
+        self.assertEqual(r.ids, expected, "the good stream beside the bad request")
         self.assertEqual(r.finish_reason, pb2.FINISH_REASON_LENGTH)
+        self.assertTrue(overlapped, "test timing: the good stream had ended before the bad "
+                        "request was answered")
         return cm.exception
 
     def assert_invalid(self, err, *words):
@@ -746,52 +823,55 @@ class BadInputTest(unittest.TestCase):
         self.assert_invalid(err)
 
     def test_queue_full(self):
-        """--max_queue=1 and a 200-token KV cache: one runs, one waits, the next is refused."""
+        """--max_queue=1: while a long request holds the KV cache, one request waits, the next is
+        refused with RESOURCE_EXHAUSTED; the running and the waiting ones are unharmed."""
         shared = shared_pydoc_cluster()
-        small = start_cluster(PYDOC, None, name="small", kv_capacity_tokens=200,
+        small = start_cluster(PYDOC, None, name="small", kv_capacity_tokens=600,
                               router_flags=["--max_queue=1"], encoder=shared.encoder,
                               experts=shared.experts)
         try:
             ids, greedy = PYDOC_CASES[0]
-            n = 120  # prompt + 120 > 100: two of them never fit in 200 tokens together
-            expected = greedy_ids(shared.stub, ids, n)
-            self.assertEqual(expected[:len(greedy)], greedy)
-            started = threading.Event()
+            # The first needs 5 + 590 of the 600 slots (seconds of decoding); the others need
+            # 5 + 40 each, so they must wait for it.
+            first_call = small.stub.Generate(make_request(ids, 590), timeout=CALL_TIMEOUT)
+            first_ids = list(next(first_call).ids)
 
-            def run():
-                r = Result()
-                for resp in small.stub.Generate(make_request(ids, n), timeout=CALL_TIMEOUT):
-                    r.ids.extend(resp.ids)
-                    started.set()
-                    if resp.finish_reason:
-                        r.finish_reason = resp.finish_reason
-                return r
+            def drain():
+                try:
+                    for resp in first_call:
+                        first_ids.extend(resp.ids)
+                except grpc.RpcError as e:
+                    return e
+                return None
 
-            first = Background(run)
-            self.assertTrue(started.wait(60), "the first request produced nothing")
-            # The second waits for KV cache room (the queue now holds 1); the third cannot
-            # queue. Which of the two the router sees first is up to the network: exactly one
-            # of them must be refused, the other must complete.
-            second = Background(run)
+            first = Background(drain)
+            second = Background(lambda: generate(small.stub, make_request(ids, len(greedy))))
             time.sleep(0.3)
-            third = Background(run)
+            third = Background(lambda: generate(small.stub, make_request(ids, len(greedy))))
+            refused = poll_until(lambda: [j for j in (second, third) if j.failed()], 20)
+            first_running = first.thread.is_alive()
+            first_call.cancel()  # makes room for the waiting one
             outcomes = []
             for job in (second, third):
                 try:
                     outcomes.append(job.join())
                 except grpc.RpcError as e:
                     outcomes.append(e)
-            r1 = first.join()
-            self.assertEqual(r1.ids, expected)
+            first.join()
+            self.assertTrue(first_running, "test timing: the 590-token request ended before the "
+                            "others were refused (%d ids)" % len(first_ids))
             errors = [o for o in outcomes if isinstance(o, grpc.RpcError)]
             done = [o for o in outcomes if isinstance(o, Result)]
-            self.assertEqual(len(errors), 1, "expected exactly one refusal, got %r"
-                             % [(e.code(), e.details()) for e in errors])
+            self.assertEqual(len(errors), 1, "expected exactly one refusal, got %r (refused "
+                             "while the first ran: %d)"
+                             % ([(e.code(), e.details()) for e in errors], len(refused or [])))
             self.assertEqual(errors[0].code(), grpc.StatusCode.RESOURCE_EXHAUSTED,
                              errors[0].details())
             self.assertIn("queue", errors[0].details())
-            self.assertEqual(done[0].ids, expected)
+            self.assertEqual(done[0].ids, greedy, "the request that waited")
             self.assertEqual(done[0].finish_reason, pb2.FINISH_REASON_LENGTH)
+            self.assertLess(len(first_ids), 590)
+            self.assertEqual(first_ids[:len(greedy)], greedy[:len(first_ids)])
             # The small attention worker ends idle.
             s = poll_until(lambda: small.stats().active_sequences == 0 or None, 10)
             self.assertIsNotNone(s, "active sequences left: %s" % small.stats())
@@ -818,40 +898,69 @@ class ClientScriptTest(unittest.TestCase):
         self.assertEqual(int(m.group(3)), 12)
 
 
+HOST_PORT = r"(?:\d{1,3}\.){3}\d{1,3}:\d+|localhost:\d+|\[[0-9a-fA-F:]+\]:\d+"
+
+
 class ClusterCommandTest(unittest.TestCase):
+    def start_cluster_command(self):
+        """Starts `moemesh cluster` (2 expert workers); returns (Proc, ready line, router address).
+
+        The command takes --port for the router and the ports after it for the other processes;
+        if one of those was taken meanwhile it exits, and this tries another port (3 tries).
+        """
+        last = None
+        for _ in range(3):
+            port = free_port()
+            logs = tempfile.mkdtemp(prefix="moemesh-cluster-", dir=_LOG_ROOT)
+            p = Proc("moemesh-cluster", [MOEMESH, "cluster", "--model=" + PYDOC,
+                                         "--expert_workers=2", "--port=%d" % port, "--threads=1",
+                                         "--log_dir=" + logs])
+            try:
+                line = p.wait_for(r"^.*\bready\b.*$", stream="out").group(0)
+            except AssertionError as e:
+                p.stop()
+                last = e
+                # Its processes' logs (attention.log, ...) say why one did not start.
+                said = _tail(p.err_path) + _tail(p.out_path) + "".join(
+                    _tail(os.path.join(logs, f)) for f in os.listdir(logs))
+                if p.p.poll() is not None and re.search(r"in use|cannot listen|bind", said):
+                    continue
+                raise
+            m = (re.search(r"router\D*?(%s)" % HOST_PORT, line) or
+                 re.search(r"(%s)" % HOST_PORT, line))
+            self.assertIsNotNone(m, "no router address in the ready line %r" % line)
+            p.logs = logs
+            return p, line, m.group(1)
+        raise last
+
     def test_moemesh_cluster_serves_and_stops_on_sigint(self):
-        port = free_port()
-        p = Proc("moemesh-cluster", [MOEMESH, "cluster", "--model=" + PYDOC,
-                                     "--expert_workers=2", "--port=%d" % port, "--threads=1"])
+        p, line, addr = self.start_cluster_command()
         try:
-            m = p.wait_for(r"^.*\bready\b.*$", stream="out")
-            addr = re.search(r"((?:\d{1,3}\.){3}\d{1,3}|localhost):(\d+)", m.group(0))
-            self.assertIsNotNone(addr, "no router address in %r" % m.group(0))
-            addr = addr.group(0)
-            # The processes of the cluster: the command and everything it started.
+            # The processes of the cluster: everything the command started.
             kids = descendants(p.pid)
             p.extra_pids = list(kids)
-            self.assertGreaterEqual(len(kids), 4, "expected encoder, 2 experts, attention and "
-                                    "router under pid %d, found %r" % (p.pid, kids))
+            self.assertGreaterEqual(len(kids), 5, "expected encoder, 2 expert workers, attention "
+                                    "worker and router under pid %d, found %r" % (p.pid, kids))
             wait_healthy(addr, proc=p)
             with grpc.insecure_channel(addr) as ch:
                 stub = pb2_grpc.GenerationStub(ch)
                 for ids, greedy in PYDOC_CASES[:2]:
                     self.assertEqual(greedy_ids(stub, ids, len(greedy)), greedy)
-            kids = descendants(p.pid)
-            p.extra_pids = sorted(set(p.extra_pids) | set(kids))
-            os.kill(p.pid, signal.SIGINT)  # to the command only, as `kill -INT` would
+            p.extra_pids = sorted(set(p.extra_pids) | set(descendants(p.pid)))
+            os.kill(p.pid, signal.SIGINT)  # to the command only, as `kill -INT PID` does
             try:
                 rc = p.p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.fail("moemesh cluster still running 30 s after SIGINT")
-            left = poll_until(lambda: [k for k in p.extra_pids if alive(k)] == [], 5)
-            self.assertTrue(left, "processes of the cluster still running after SIGINT: %r"
-                            % [k for k in p.extra_pids if alive(k)])
+            poll_until(lambda: not any(alive(k) for k in p.extra_pids), 5)
+            left = [k for k in p.extra_pids if alive(k)]
+            self.assertEqual(left, [], "processes of the cluster still running after SIGINT")
             self.assertIn(rc, (0, 130, -signal.SIGINT), "exit status after SIGINT")
             self.assertFalse(health_ok(addr, timeout=1), "the router still answers")
         except AssertionError as e:
-            raise AssertionError("%s%s" % (e, p.describe())) from None
+            children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
+                               for f in sorted(os.listdir(p.logs)))
+            raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
         finally:
             p.stop()
 

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <tuple>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -118,6 +119,13 @@ class ThreadScratch {
 thread_local ThreadScratch t_x_bf16;
 thread_local ThreadScratch t_w_f32;
 thread_local ThreadScratch t_dnnl_scratchpad;
+thread_local ThreadScratch t_pad_x, t_pad_y;  // oneDNN inputs/outputs padded to a bucket
+
+// Row counts given to oneDNN: multiples of 16 up to 128, of 64 up to 1024, then of 256.
+int64_t BucketM(int64_t m) {
+  const int64_t step = m <= 128 ? 16 : m <= 1024 ? 64 : 256;
+  return (m + step - 1) / step * step;
+}
 
 // Rounds rows of x [m, k] (stride k) to bf16 (nearest even) into dst [m, ld] (ld >= k),
 // zero-padding each row to ld.
@@ -618,11 +626,23 @@ class DnnlMatmul {
     // oneDNN takes its team size from the calling thread's OpenMP default.
     ScopedOmpThreads scoped(threads);
     try {
-      const Prim* prim = Get(m, threads);
+      // m is rounded up to a bucket (few distinct primitives); the extra rows are zeros.
+      const int64_t mb = BucketM(m);
+      const void* xs = x;
+      float* ys = y;
+      if (mb != m) {
+        const size_t esize = type_ == dt::bf16 ? 2 : 4;
+        char* xp = static_cast<char*>(t_pad_x.Get(mb * ld_ * esize));
+        std::memcpy(xp, x, m * ld_ * esize);
+        std::memset(xp + m * ld_ * esize, 0, (mb - m) * ld_ * esize);
+        xs = xp;
+        ys = static_cast<float*>(t_pad_y.Get(mb * n_ * sizeof(float)));
+      }
+      const Prim* prim = Get(mb, threads);
       if (prim == nullptr) return false;
       const dnnl::engine& engine = *CpuEngine();
-      dnnl::memory src({{m, k_}, type_, {ld_, 1}}, engine, const_cast<void*>(x));
-      dnnl::memory dst({{m, n_}, dt::f32, {n_, 1}}, engine, y);
+      dnnl::memory src({{mb, k_}, type_, {ld_, 1}}, engine, const_cast<void*>(xs));
+      dnnl::memory dst({{mb, n_}, dt::f32, {n_, 1}}, engine, ys);
       dnnl::memory wei =
           weights != nullptr ? dnnl::memory(w_md_, engine, const_cast<void*>(weights)) : w_mem_;
       if (!wei) return false;
@@ -635,6 +655,7 @@ class DnnlMatmul {
       }
       prim->matmul.execute(*stream, args);
       stream->wait();
+      if (ys != y) std::memcpy(y, ys, m * n_ * sizeof(float));
       return true;
     } catch (const dnnl::error&) {
       return false;
@@ -647,23 +668,23 @@ class DnnlMatmul {
     dnnl::memory::desc scratchpad_md;
     std::string impl;
   };
-  static constexpr size_t kMaxCached = 32;
-
   DnnlMatmul() = default;
 
-  // Throws dnnl::error.
+  // Throws dnnl::error. Primitives are shared process-wide by every Linear of the same dtype,
+  // shape and bias, per (bucketed) m and thread count: the experts of a layer see a different
+  // m at every step, and creating a primitive per expert and per m cost more than the
+  // products. (A runtime-M primitive would avoid that, but oneDNN 2.6 serves it with its
+  // reference kernel.)
   const Prim* Get(int64_t m, int threads) const {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = cache_.find({m, threads});
-    if (it != cache_.end()) return it->second.get();
-    int64_t key_m = m;
-    if (cache_.size() >= kMaxCached) {
-      key_m = DNNL_RUNTIME_DIM_VAL;
-      it = cache_.find({key_m, threads});
-      if (it != cache_.end()) return it->second.get();
-    }
-    dnnl::memory::desc src_md({key_m, k_}, type_, {ld_, 1});
-    dnnl::memory::desc dst_md({key_m, n_}, dt::f32, {n_, 1});
+    using Key = std::tuple<int, int64_t, int64_t, int64_t, bool, int64_t, int>;
+    static std::mutex mu;
+    static auto* cache = new std::map<Key, std::unique_ptr<Prim>>;
+    const Key key(static_cast<int>(type_), k_, n_, ld_, static_cast<bool>(bias_mem_), m, threads);
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second.get();
+    dnnl::memory::desc src_md({m, k_}, type_, {ld_, 1});
+    dnnl::memory::desc dst_md({m, n_}, dt::f32, {n_, 1});
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     dnnl::matmul::desc desc = bias_mem_ ? dnnl::matmul::desc(src_md, w_md_, bias_md_, dst_md)
@@ -674,7 +695,7 @@ class DnnlMatmul {
     prim->scratchpad_md = pd.scratchpad_desc();
     prim->impl = pd.impl_info_str();
     const Prim* result = prim.get();
-    cache_[{key_m, threads}] = std::move(prim);
+    (*cache)[key] = std::move(prim);
     return result;
   }
 
@@ -682,8 +703,6 @@ class DnnlMatmul {
   int64_t k_ = 0, n_ = 0, ld_ = 0;
   dnnl::memory::desc w_md_, bias_md_;
   dnnl::memory w_mem_, bias_mem_;
-  mutable std::mutex mu_;
-  mutable std::map<std::pair<int64_t, int>, std::unique_ptr<Prim>> cache_;
 };
 
 float ElementToF32(const void* w, DType wtype, int64_t i) {
