@@ -1,5 +1,6 @@
 // The engine against Hugging Face transformers' outputs (testdata/oracle, models/pydoc-moe-17m).
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -104,6 +105,30 @@ TEST(PydocModelTest, ExpertsPerTokenOverrideChangesLogits) {
   opt.experts_per_token = 17;
   auto too_many = Generate(**model, prompt, opt);
   EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace moemesh
+
+namespace moemesh {
+namespace {
+
+// A checkpoint of a family the engine does not run is refused by name, not misread.
+TEST(ModelLoadTest, UnsupportedModelTypeIsAClearError) {
+  const std::string dir = ::testing::TempDir() + "/llama_ckpt";
+  ASSERT_EQ(system(("mkdir -p " + dir).c_str()), 0);
+  std::ifstream in("testdata/oracle/mixtral/config.json");
+  nlohmann::json cfg = nlohmann::json::parse(in);
+  cfg["model_type"] = "llama";
+  std::ofstream(dir + "/config.json") << cfg.dump();
+  std::ifstream src("testdata/oracle/mixtral/model.safetensors", std::ios::binary);
+  std::ofstream(dir + "/model.safetensors", std::ios::binary) << src.rdbuf();
+  auto model = Model::Load(dir, LoadOptions{});
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(model.status().message().find("unsupported model_type 'llama'"), std::string::npos)
+      << model.status();
+  EXPECT_NE(model.status().message().find(dir), std::string::npos) << model.status();
 }
 
 }  // namespace
