@@ -15,14 +15,12 @@
 #include "router/attention_client.h"
 #include "router/generation_service.h"
 #include "router/router.h"
+#include "router/router_flags.h"
 
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (tokenizer.json, config.json, generation_config.json).");
 ABSL_FLAG(std::string, address, "127.0.0.1:50051", "host:port of the public API.");
 ABSL_FLAG(std::string, attention, "127.0.0.1:50053", "Attention worker address.");
 ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): gives model and every address.");
-ABSL_FLAG(int64_t, max_queue, 256, "Requests that may wait for KV cache room; more get RESOURCE_EXHAUSTED.");
-ABSL_FLAG(int64_t, max_running, 64, "Sequences batched in one step.");
-ABSL_FLAG(int64_t, prefill_chunk, 256, "Prompt tokens prefilled per step (long prompts go in chunks).");
 ABSL_FLAG(double, step_timeout, 60, "Seconds before a step RPC to the attention worker fails.");
 
 namespace moemesh {
@@ -55,10 +53,7 @@ int Main() {
   absl::Status st = WaitHealthy(attention, 120);
   if (!st.ok()) return Fail(st);
   GrpcAttentionClient client(attention, absl::GetFlag(FLAGS_step_timeout));
-  RouterOptions ro;
-  ro.max_queue = absl::GetFlag(FLAGS_max_queue);
-  ro.max_running = absl::GetFlag(FLAGS_max_running);
-  ro.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  RouterOptions ro = RouterOptionsFromFlags();
   auto router = Router::Create(tok->get(), *cfg, *gen, &client, ro);
   if (!router.ok()) return Fail(router.status());
   moemesh::v1::ModelInfo info = BasicModelInfo(*cfg);

@@ -29,6 +29,7 @@
 #include "router/attention_client.h"
 #include "router/generation_service.h"
 #include "router/router.h"
+#include "router/router_flags.h"
 
 ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): model, expert shards by expert index (rank - 3), wire_dtype. Addresses in it are ignored.");
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (when no --config).");
@@ -173,7 +174,7 @@ int Main(int rank, int size) {
     absl::Status st = WaitHealthy(addrs[2], 120);
     if (!st.ok()) return Fail(rank, st);
     client = std::make_unique<GrpcAttentionClient>(addrs[2], 60);
-    auto r = Router::Create(tok.get(), *cfg, *gen, client.get(), RouterOptions{});
+    auto r = Router::Create(tok.get(), *cfg, *gen, client.get(), RouterOptionsFromFlags());
     if (!r.ok()) return Fail(rank, r.status());
     router = std::move(*r);
     const std::string address =

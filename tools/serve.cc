@@ -12,12 +12,10 @@
 #include "router/attention_client.h"
 #include "router/generation_service.h"
 #include "router/router.h"
+#include "router/router_flags.h"
 #include "tools/commands.h"
 
 ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "serve: KV cache size in tokens over all sequences.");
-ABSL_FLAG(int64_t, max_queue, 256, "serve: requests that may wait for KV cache room; more get RESOURCE_EXHAUSTED.");
-ABSL_FLAG(int64_t, max_running, 64, "serve: sequences batched in one step.");
-ABSL_FLAG(int64_t, prefill_chunk, 256, "serve: prompt tokens prefilled per step.");
 
 namespace moemesh {
 namespace {
@@ -43,10 +41,7 @@ int RunServe() {
   auto tok = Tokenizer::FromFile(dir + "/tokenizer.json");
   if (!tok.ok()) return Fail(tok.status());
   LocalAttentionClient<AttentionWorker> client((*setup)->worker.get());
-  RouterOptions ro;
-  ro.max_queue = absl::GetFlag(FLAGS_max_queue);
-  ro.max_running = absl::GetFlag(FLAGS_max_running);
-  ro.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  RouterOptions ro = RouterOptionsFromFlags();
   auto router = Router::Create(tok->get(), (*setup)->cfg, *gen, &client, ro);
   if (!router.ok()) return Fail(router.status());
   const std::string address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
