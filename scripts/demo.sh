@@ -23,7 +23,7 @@ if [ "${1:-}" = "--stop" ]; then
   rm -f "$PIDFILE"
   exit 0
 fi
-PROMPT=${1:-"The for statement in Python"}
+PROMPT=${1:-"To open a file for reading,"}
 
 scripts/setup.sh
 echo "== building (first time: several minutes on 2 cores)"
