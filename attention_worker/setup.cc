@@ -1,9 +1,7 @@
 #include "attention_worker/setup.h"
 
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "mesh/grpc_clients.h"
 #include "mesh/placement.h"
 
@@ -12,20 +10,6 @@ namespace {
 
 bool IsRoutedExpertTensor(std::string_view name) {
   return absl::StrContains(std::string(name), ".experts.");
-}
-
-// "L:E" strings from GetStats -> shard set.
-absl::StatusOr<std::set<ExpertId>> ParseShardList(const wire::ExpertStats& s) {
-  std::set<ExpertId> out;
-  for (const std::string& e : s.shards()) {
-    std::vector<std::string> p = absl::StrSplit(e, ':');
-    int32_t l, x;
-    if (p.size() != 2 || !absl::SimpleAtoi(p[0], &l) || !absl::SimpleAtoi(p[1], &x)) {
-      return absl::InvalidArgumentError(absl::StrCat("bad shard '", e, "'"));
-    }
-    out.emplace(l, x);
-  }
-  return out;
 }
 
 }  // namespace
@@ -75,7 +59,7 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
       auto t = std::make_unique<GrpcExpertTransport>(addr, opt.expert_timeout_seconds);
       auto stats = t->GetStats();
       if (!stats.ok()) return absl::Status(stats.status().code(), absl::StrCat(addr, ": ", stats.status().message()));
-      auto shards = ParseShardList(*stats);
+      auto shards = ShardsFromStats(*stats);
       if (!shards.ok()) return shards.status();
       handles.push_back({std::move(t), *shards});
     }

@@ -71,7 +71,7 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const CheckpointR
           ckpt,
           {{base + arch.expert_gate + ".weight", s->width_, ""},
            {base + arch.expert_up + ".weight", s->width_, ""}},
-          s->hidden_, opt.compute, &s->arena_);
+          s->hidden_, opt.compute);
       if (!gate_up.ok()) return gate_up.status();
       auto down = LoadLinear(ckpt, base + arch.expert_down + ".weight", s->hidden_, s->width_,
                              opt.compute);
@@ -171,7 +171,7 @@ absl::StatusOr<std::unique_ptr<AttentionStack>> AttentionStack::Load(
                               {{LayerName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
                                {LayerName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
                                {LayerName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
-                              h, opt.compute, &s->arena_));
+                              h, opt.compute));
     MOEMESH_ASSIGN(L.o, LoadLinear(ckpt, LayerName(l, "self_attn.o_proj.weight"), h, qd,
                                    opt.compute));
     if (arch.qk_norm != QkNorm::kNone) {
@@ -194,7 +194,7 @@ absl::StatusOr<std::unique_ptr<AttentionStack>> AttentionStack::Load(
                        LoadFusedLinear(ckpt,
                                        {{moe + ".shared_expert.gate_proj.weight", w, ""},
                                         {moe + ".shared_expert.up_proj.weight", w, ""}},
-                                       h, opt.compute, &s->arena_));
+                                       h, opt.compute));
         MOEMESH_ASSIGN(L.mlp_down, LoadLinear(ckpt, moe + ".shared_expert.down_proj.weight", h,
                                               w, opt.compute));
         L.has_shared_gate = true;
@@ -207,7 +207,7 @@ absl::StatusOr<std::unique_ptr<AttentionStack>> AttentionStack::Load(
       MOEMESH_ASSIGN(L.mlp_gate_up, LoadFusedLinear(ckpt,
                                                     {{LayerName(l, "mlp.gate_proj.weight"), w, ""},
                                                      {LayerName(l, "mlp.up_proj.weight"), w, ""}},
-                                                    h, opt.compute, &s->arena_));
+                                                    h, opt.compute));
       MOEMESH_ASSIGN(L.mlp_down,
                      LoadLinear(ckpt, LayerName(l, "mlp.down_proj.weight"), h, w, opt.compute));
     }

@@ -80,7 +80,6 @@ class ExpertShard {
   int64_t hidden_ = 0, width_ = 0, num_experts_ = 0;
   std::vector<std::vector<std::unique_ptr<Expert>>> experts_;  // [layer][expert], null = not held
   std::set<ExpertId> shards_;
-  WeightArena arena_;
 };
 
 // In-process expert backend over one ExpertShard.
@@ -140,7 +139,6 @@ class AttentionStack {
   std::vector<Layer> layers_;
   std::vector<float> final_norm_;
   ops::Linear lm_head_;
-  WeightArena arena_;
 };
 
 // A whole model in one process: the in-process mode and the CLI.

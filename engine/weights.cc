@@ -6,11 +6,6 @@
 
 namespace moemesh {
 
-uint8_t* WeightArena::Allocate(size_t bytes) {
-  buffers_.push_back(std::make_unique<uint8_t[]>(bytes));
-  return buffers_.back().get();
-}
-
 absl::StatusOr<std::vector<float>> LoadVector(const CheckpointReader& ckpt, const std::string& name,
                                               int64_t n) {
   auto t = ckpt.Get(name, {n});
@@ -36,7 +31,7 @@ absl::StatusOr<ops::Linear> LoadLinear(const CheckpointReader& ckpt, const std::
 
 absl::StatusOr<ops::Linear> LoadFusedLinear(const CheckpointReader& ckpt,
                                             const std::vector<LinearPart>& parts, int64_t in,
-                                            ComputeType ct, WeightArena* arena) {
+                                            ComputeType ct) {
   if (parts.size() == 1 && parts[0].bias.empty()) {
     return LoadLinear(ckpt, parts[0].weight, parts[0].rows, in, ct);
   }
@@ -54,7 +49,8 @@ absl::StatusOr<ops::Linear> LoadFusedLinear(const CheckpointReader& ckpt,
     total += p.rows;
   }
   const DType dt = infos[0]->dtype;
-  uint8_t* buf = arena->Allocate(total * in * DTypeSize(dt));
+  std::vector<uint8_t> stacked(total * in * DTypeSize(dt));
+  uint8_t* buf = stacked.data();
   std::vector<float> bias;
   bool any_bias = false;
   for (const LinearPart& p : parts) any_bias |= !p.bias.empty();

@@ -13,21 +13,13 @@
 
 namespace moemesh {
 
-// Keeps buffers alive that Linear ops may point into (fused weights built at load time).
-class WeightArena {
- public:
-  uint8_t* Allocate(size_t bytes);
-
- private:
-  std::vector<std::unique_ptr<uint8_t[]>> buffers_;
-};
-
 // A 1-D tensor of `n` elements as fp32 (norm weights, biases).
 absl::StatusOr<std::vector<float>> LoadVector(const CheckpointReader& ckpt, const std::string& name,
                                               int64_t n);
 
 // Rows of several [rows_i, in] matrices stacked into one [sum rows_i, in] Linear (fused q/k/v,
-// fused gate/up), with optional stacked biases. All parts must share a dtype.
+// fused gate/up), with optional stacked biases. All parts must share a dtype. The stacked copy is
+// temporary: Linear::Create packs its own copy of the weights.
 struct LinearPart {
   std::string weight;  // tensor name
   int64_t rows;
@@ -35,9 +27,9 @@ struct LinearPart {
 };
 absl::StatusOr<ops::Linear> LoadFusedLinear(const CheckpointReader& ckpt,
                                             const std::vector<LinearPart>& parts, int64_t in,
-                                            ComputeType ct, WeightArena* arena);
+                                            ComputeType ct);
 
-// One [out, in] weight, used in place where Linear allows.
+// One [out, in] weight.
 absl::StatusOr<ops::Linear> LoadLinear(const CheckpointReader& ckpt, const std::string& name,
                                        int64_t out, int64_t in, ComputeType ct,
                                        const std::string& bias = "");

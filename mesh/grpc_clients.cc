@@ -3,7 +3,9 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "protos/grpc/health/v1/health.grpc.pb.h"
 
@@ -54,6 +56,19 @@ absl::Status WaitHealthy(const std::string& address, double timeout_seconds) {
   }
   return absl::DeadlineExceededError(absl::StrCat(address, " did not become healthy within ",
                                                   timeout_seconds, " s: ", last.error_message()));
+}
+
+absl::StatusOr<std::set<ExpertId>> ShardsFromStats(const wire::ExpertStats& stats) {
+  std::set<ExpertId> out;
+  for (const std::string& e : stats.shards()) {
+    std::vector<std::string> p = absl::StrSplit(e, ':');
+    int32_t l, x;
+    if (p.size() != 2 || !absl::SimpleAtoi(p[0], &l) || !absl::SimpleAtoi(p[1], &x)) {
+      return absl::InvalidArgumentError(absl::StrCat("bad shard '", e, "' in expert stats"));
+    }
+    out.emplace(l, x);
+  }
+  return out;
 }
 
 GrpcExpertTransport::GrpcExpertTransport(const std::string& address, double call_timeout_seconds)

@@ -3,6 +3,7 @@
 #define MOEMESH_MESH_GRPC_CLIENTS_H_
 
 #include <memory>
+#include <set>
 #include <string>
 
 #include "absl/status/status.h"
@@ -23,6 +24,9 @@ std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address);
 
 // Waits until `address` answers grpc.health.v1 with SERVING (or the deadline passes).
 absl::Status WaitHealthy(const std::string& address, double timeout_seconds);
+
+// The (layer, expert) shards an expert worker reports in ExpertStats ("L:E" strings).
+absl::StatusOr<std::set<ExpertId>> ShardsFromStats(const wire::ExpertStats& stats);
 
 class GrpcExpertTransport : public ExpertTransport {
  public:

@@ -64,14 +64,9 @@ int Main() {
   for (const auto& e : cluster.experts()) {
     GrpcExpertTransport t(e.address(), 10);
     auto es = t.GetStats();
-    std::set<ExpertId> shards;
-    if (es.ok()) {
-      for (const std::string& s : es->shards()) {
-        auto pos = s.find(':');
-        shards.emplace(std::stoi(s.substr(0, pos)), std::stoi(s.substr(pos + 1)));
-      }
-    }
-    AddWorker(&info, "expert", e.address(), es.ok() ? es->device() : "unknown", ShardSummary(shards));
+    auto shards = es.ok() ? ShardsFromStats(*es) : absl::StatusOr<std::set<ExpertId>>(es.status());
+    AddWorker(&info, "expert", e.address(), es.ok() ? es->device() : "unknown",
+              shards.ok() ? ShardSummary(*shards) : "");
   }
   GenerationService service(router->get(), tok->get(), info);
   std::string bound;
