@@ -22,6 +22,8 @@ class TimedExperts : public ExpertBackend {
     seconds += Since(t);
     return st;
   }
+  // In-process experts on the stack's own device run inside Forward (not timed separately).
+  const ExpertShard* local_shard() const override { return inner_->local_shard(); }
   double seconds = 0;
 
  private:
@@ -41,7 +43,7 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       encoder_(encoder),
       experts_(experts),
       device_(opt.device),
-      cache_(stack->config().num_hidden_layers, stack->kv_dim(), opt.kv_capacity_tokens) {}
+      cache_(stack->NewCache(opt.kv_capacity_tokens)) {}
 
 absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepResponse* resp) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -81,7 +83,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
         fail(absl::InvalidArgumentError("a new sequence starts at position 0"));
         continue;
       }
-      if (it != seqs_.end()) cache_.Free(s.seq_id());
+      if (it != seqs_.end()) cache_->Free(s.seq_id());
       it = seqs_.insert_or_assign(s.seq_id(),
                                   std::make_unique<SeqState>(ToSamplingConfig(s.sampling())))
                .first;
@@ -95,7 +97,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
                                                       " tokens, step starts at ", s.start_pos())));
       continue;
     }
-    absl::Status reserved = cache_.Reserve(s.seq_id(), s.start_pos() + s.tokens_size());
+    absl::Status reserved = cache_->Reserve(s.seq_id(), s.start_pos() + s.tokens_size());
     if (!reserved.ok()) {
       fail(reserved);
       if (s.new_sequence()) seqs_.erase(it);
@@ -118,7 +120,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   if (!st.ok()) return st;
   TimedExperts timed(experts_);
   std::vector<float> logits;
-  st = stack_->Forward(batch, hidden.data(), &cache_, &timed, &logits);
+  st = stack_->Forward(batch, hidden.data(), cache_.get(), &timed, &logits);
   if (!st.ok()) return st;
   auto t_sample = Clock::now();
   for (size_t b = 0; b < batch.size(); ++b) {
@@ -152,16 +154,16 @@ int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
   std::lock_guard<std::mutex> lock(mu_);
   for (uint64_t id : seq_ids) {
     if (seqs_.erase(id)) ++released_;
-    cache_.Free(id);
+    cache_->Free(id);
   }
-  return cache_.capacity_tokens() - cache_.used_tokens();
+  return cache_->capacity_tokens() - cache_->used_tokens();
 }
 
 wire::Stats AttentionWorker::GetStats() const {
   std::lock_guard<std::mutex> lock(mu_);
   wire::Stats s;
-  s.set_kv_capacity_tokens(cache_.capacity_tokens());
-  s.set_kv_used_tokens(cache_.used_tokens());
+  s.set_kv_capacity_tokens(cache_->capacity_tokens());
+  s.set_kv_used_tokens(cache_->used_tokens());
   s.set_active_sequences(static_cast<int64_t>(seqs_.size()));
   s.set_released_sequences(released_);
   s.set_steps(steps_);

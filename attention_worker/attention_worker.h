@@ -62,7 +62,7 @@ class AttentionWorker {
   const std::string device_;
 
   mutable std::mutex mu_;
-  KvCache cache_ ABSL_GUARDED_BY(mu_);
+  const std::unique_ptr<KvCache> cache_ ABSL_GUARDED_BY(mu_);
   std::unordered_map<uint64_t, std::unique_ptr<SeqState>> seqs_ ABSL_GUARDED_BY(mu_);
   int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t released_ ABSL_GUARDED_BY(mu_) = 0;

@@ -24,6 +24,7 @@ ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "KV cache size in tokens over all 
 ABSL_FLAG(std::string, wire_dtype, "f32", "Hidden states sent to expert workers as f32 (exact) or bf16.");
 ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
+ABSL_FLAG(std::string, device, "cpu", "Device the attention stack and KV cache live on: cpu, cuda or cuda:N (CUDA needs a binary built with --config=cuda). With --config, the config's attention device wins when set.");
 ABSL_FLAG(double, expert_timeout, 30, "Seconds before an expert call fails over or fails.");
 
 namespace moemesh {
@@ -43,6 +44,7 @@ int Main() {
     o.expert_addresses.emplace_back(a);
   }
   std::string wire = absl::GetFlag(FLAGS_wire_dtype);
+  std::string device = absl::GetFlag(FLAGS_device);
   if (!absl::GetFlag(FLAGS_config).empty()) {
     auto c = LoadClusterConfig(absl::GetFlag(FLAGS_config));
     if (!c.ok()) return Fail(c.status());
@@ -52,7 +54,11 @@ int Main() {
     o.expert_addresses.clear();
     for (const auto& e : c->experts()) o.expert_addresses.push_back(e.address());
     if (!c->wire_dtype().empty()) wire = c->wire_dtype();
+    if (!c->attention().device().empty()) device = c->attention().device();
   }
+  auto dev = ParseDevice(device);
+  if (!dev.ok()) return Fail(dev.status());
+  o.device = *dev;
   if (wire != "f32" && wire != "bf16") return Fail(absl::InvalidArgumentError("--wire_dtype must be f32 or bf16"));
   o.wire_dtype = wire == "bf16" ? wire::DTYPE_BF16 : wire::DTYPE_F32;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.compute = ComputeType::kBF16;
@@ -65,7 +71,7 @@ int Main() {
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());
-  std::cerr << "attention_worker: serving on " << bound << "; experts:";
+  std::cerr << "attention_worker: serving on " << bound << " (" << (*setup)->worker->GetStats().device() << "); experts:";
   for (const auto& [name, shards] : (*setup)->expert_placement) std::cerr << " " << name << "=" << shards;
   std::cerr << std::endl;
   ServeUntilSignal(server->get());

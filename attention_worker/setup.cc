@@ -28,8 +28,11 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   });
   if (!ckpt.ok()) return ckpt.status();
   s->ckpt = std::move(*ckpt);
+  auto described = DescribeDevice(opt.device);
+  if (!described.ok()) return described.status();
   LoadOptions lo;
   lo.compute = opt.compute;
+  lo.device = opt.device;
   auto stack = AttentionStack::Load(*s->ckpt, s->cfg, s->arch, lo);
   if (!stack.ok()) return stack.status();
   s->stack = std::move(*stack);
@@ -75,6 +78,7 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   }
   AttentionWorker::Options wo;
   wo.kv_capacity_tokens = opt.kv_capacity_tokens;
+  wo.device = opt.device.ToString();
   s->worker = std::make_unique<AttentionWorker>(s->stack.get(), s->encoder.get(), s->experts.get(), wo);
   return s;
 }

@@ -24,6 +24,7 @@ struct AttentionSetupOptions {
   std::vector<std::string> expert_addresses;  // empty = every expert in this process
   wire::DType wire_dtype = wire::DTYPE_F32;
   ComputeType compute = ComputeType::kF32;
+  Device device;  // where the attention stack (and in-process experts) run
   int64_t kv_capacity_tokens = 1 << 16;
   double expert_timeout_seconds = 30;
   double connect_timeout_seconds = 60;

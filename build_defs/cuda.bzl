@@ -33,3 +33,10 @@ def cuda_library(name, srcs, hdrs = [], deps = [], visibility = None):
         tags = ["manual"],
         visibility = visibility,
     )
+
+def cuda_backend_deps():
+    """Deps that link the CUDA device backend (--device=cuda) into a binary under --config=cuda."""
+    return select({
+        "//build_defs:cuda_enabled": ["//engine/cuda:backend"],
+        "//conditions:default": [],
+    })

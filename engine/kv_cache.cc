@@ -4,8 +4,16 @@
 
 namespace moemesh {
 
-KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens)
-    : num_layers_(num_layers), kv_dim_(kv_dim), capacity_(capacity_tokens) {}
+KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage)
+    : num_layers_(num_layers),
+      kv_dim_(kv_dim),
+      capacity_(capacity_tokens),
+      host_storage_(host_storage) {}
+
+int64_t KvCache::Slots(uint64_t seq) const {
+  auto it = seqs_.find(seq);
+  return it == seqs_.end() ? 0 : it->second.slots;
+}
 
 absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
   auto it = seqs_.find(seq);
@@ -22,11 +30,11 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
     }
   }
   Seq& s = seqs_[seq];
-  if (s.k.empty()) {
+  if (host_storage_ && s.k.empty()) {
     s.k.resize(num_layers_);
     s.v.resize(num_layers_);
   }
-  for (int64_t l = 0; l < num_layers_; ++l) {
+  for (int64_t l = 0; host_storage_ && l < num_layers_; ++l) {
     s.k[l].resize(want * kv_dim_);
     s.v[l].resize(want * kv_dim_);
   }

@@ -14,21 +14,28 @@ namespace moemesh {
 // Per sequence and layer: K and V rows [position, kv_dim] in fp32, grown in blocks as the sequence
 // grows. The total number of token slots over all sequences is bounded by `capacity_tokens`.
 // Not thread-safe: the attention worker's step loop owns it.
+//
+// This class keeps the rows in host memory (the CPU attention stack). A device's attention stack
+// (AttentionStack::NewCache) derives from it with `host_storage` false: the base class then only
+// does the slot accounting, and the subclass keeps the rows on its device.
 class KvCache {
  public:
-  KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens);
+  KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage = true);
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
+  virtual ~KvCache() = default;
 
   // Makes room for positions [0, length) of `seq` (creating it if new).
   // RESOURCE_EXHAUSTED when the cache has no room; the sequence is then left as it was.
-  absl::Status Reserve(uint64_t seq, int64_t length);
+  virtual absl::Status Reserve(uint64_t seq, int64_t length);
   // Frees the sequence's slots at once. No-op for an unknown sequence.
-  void Free(uint64_t seq);
+  virtual void Free(uint64_t seq);
+  // Slots reserved for `seq` (0 for an unknown sequence).
+  int64_t Slots(uint64_t seq) const;
   bool Has(uint64_t seq) const { return seqs_.count(seq) != 0; }
 
   // Rows [0, reserved length) of `seq`'s K (V) at `layer`; row stride kv_dim(). Valid until the
-  // next Reserve or Free of that sequence.
+  // next Reserve or Free of that sequence. Host storage only.
   float* K(uint64_t seq, int64_t layer);
   float* V(uint64_t seq, int64_t layer);
 
@@ -47,6 +54,7 @@ class KvCache {
   const int64_t num_layers_;
   const int64_t kv_dim_;
   const int64_t capacity_;
+  const bool host_storage_;
   int64_t used_ = 0;
   std::unordered_map<uint64_t, Seq> seqs_;
 };

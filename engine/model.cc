@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "engine/ops/attention.h"
@@ -49,12 +51,60 @@ absl::Status Embedder::Embed(const int32_t* ids, int64_t n, float* out) const {
 
 // ---------------------------------------------------------------- ExpertShard
 
+absl::Status ExpertShard::SetShards(const ModelConfig& cfg, const std::set<ExpertId>& shards) {
+  for (const ExpertId& id : shards) {
+    if (id.first < 0 || id.first >= cfg.num_hidden_layers || id.second < 0 ||
+        id.second >= cfg.num_experts || !cfg.IsMoeLayer(id.first)) {
+      return absl::InvalidArgumentError(absl::StrCat("no expert ", id.second, " in layer ",
+                                                     id.first, " of this model"));
+    }
+  }
+  held_.assign(cfg.num_hidden_layers, std::vector<bool>(cfg.num_experts, false));
+  shards_.clear();
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    if (!cfg.IsMoeLayer(l)) continue;
+    for (int64_t e = 0; e < cfg.num_experts; ++e) {
+      ExpertId id(static_cast<int32_t>(l), static_cast<int32_t>(e));
+      if (!shards.empty() && shards.count(id) == 0) continue;
+      held_[l][e] = true;
+      shards_.insert(id);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertShard::CheckRouting(int32_t layer, int64_t n, const int32_t* ids,
+                                       int64_t k) const {
+  if (layer < 0 || layer >= static_cast<int32_t>(held_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  for (int64_t i = 0; i < n * k; ++i) {
+    const int32_t e = ids[i];
+    if (e >= 0 && !Holds(layer, e)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("expert ", e, " of layer ", layer, " is not held by this shard"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const CheckpointReader& ckpt,
                                                                const ModelConfig& cfg,
                                                                const ArchSpec& arch,
                                                                const std::set<ExpertId>& shards,
                                                                const LoadOptions& opt) {
-  auto s = std::make_unique<ExpertShard>();
+  if (opt.device.is_cpu()) return CpuExpertShard::Load(ckpt, cfg, arch, shards, opt);
+  auto backend = GetDeviceBackend(opt.device.kind);
+  if (!backend.ok()) return backend.status();
+  return (*backend)->load_experts(ckpt, cfg, arch, shards, opt);
+}
+
+absl::StatusOr<std::unique_ptr<CpuExpertShard>> CpuExpertShard::Load(
+    const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
+    const std::set<ExpertId>& shards, const LoadOptions& opt) {
+  auto s = std::make_unique<CpuExpertShard>();
+  absl::Status st = s->SetShards(cfg, shards);
+  if (!st.ok()) return st;
   s->hidden_ = cfg.hidden_size;
   s->width_ = cfg.moe_intermediate_size;
   s->num_experts_ = cfg.num_experts;
@@ -63,8 +113,7 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const CheckpointR
     s->experts_[l].resize(cfg.num_experts);
     if (!cfg.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < cfg.num_experts; ++e) {
-      ExpertId id(static_cast<int32_t>(l), static_cast<int32_t>(e));
-      if (!shards.empty() && shards.count(id) == 0) continue;
+      if (!s->Holds(static_cast<int32_t>(l), static_cast<int32_t>(e))) continue;
       std::string base =
           WeightName(arch.moe_prefix, l) + "." + WeightName(arch.expert, l, e) + ".";
       auto gate_up = LoadFusedLinear(
@@ -78,40 +127,22 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const CheckpointR
       if (!down.ok()) return down.status();
       s->experts_[l][e] =
           std::make_unique<Expert>(Expert{std::move(*gate_up), std::move(*down)});
-      s->shards_.insert(id);
-    }
-  }
-  for (const ExpertId& id : shards) {
-    if (id.first < 0 || id.first >= cfg.num_hidden_layers || id.second < 0 ||
-        id.second >= cfg.num_experts || !cfg.IsMoeLayer(id.first)) {
-      return absl::InvalidArgumentError(absl::StrCat("no expert ", id.second, " in layer ",
-                                                     id.first, " of this model"));
     }
   }
   return s;
 }
 
-bool ExpertShard::Holds(int32_t layer, int32_t expert) const {
-  return layer >= 0 && layer < static_cast<int32_t>(experts_.size()) && expert >= 0 &&
-         expert < num_experts_ && experts_[layer][expert] != nullptr;
-}
-
-absl::Status ExpertShard::RunExperts(int32_t layer, const float* x, int64_t n,
-                                     const int32_t* ids, const float* weights, int64_t k,
-                                     float* out) const {
-  if (layer < 0 || layer >= static_cast<int32_t>(experts_.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
-  }
+absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n,
+                                        const int32_t* ids, const float* weights, int64_t k,
+                                        float* out) const {
+  absl::Status st = CheckRouting(layer, n, ids, k);
+  if (!st.ok()) return st;
   // Rows per expert, in row order.
   std::vector<std::vector<std::pair<int64_t, float>>> rows(num_experts_);
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t j = 0; j < k; ++j) {
       int32_t e = ids[r * k + j];
       if (e < 0) continue;
-      if (!Holds(layer, e)) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("expert ", e, " of layer ", layer, " is not held by this shard"));
-      }
       rows[e].emplace_back(r, weights[r * k + j]);
     }
   }
@@ -146,7 +177,52 @@ absl::Status ExpertShard::RunExperts(int32_t layer, const float* x, int64_t n,
 absl::StatusOr<std::unique_ptr<AttentionStack>> AttentionStack::Load(
     const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
     const LoadOptions& opt) {
-  auto s = std::make_unique<AttentionStack>();
+  if (opt.device.is_cpu()) return CpuAttentionStack::Load(ckpt, cfg, arch, opt);
+  auto backend = GetDeviceBackend(opt.device.kind);
+  if (!backend.ok()) return backend.status();
+  return (*backend)->load_attention(ckpt, cfg, arch, opt);
+}
+
+absl::Status AttentionStack::PlanBatch(const std::vector<SeqStep>& batch, const KvCache& cache,
+                                       std::vector<int64_t>* offset, int64_t* tokens,
+                                       int64_t* kmax, int64_t* out_rows) const {
+  const int64_t E = cfg_.num_experts;
+  int64_t T = 0;
+  *kmax = 1;
+  *out_rows = 0;
+  offset->resize(batch.size());
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const SeqStep& s = batch[b];
+    if (s.tokens.empty()) return absl::InvalidArgumentError("a batch entry has no tokens");
+    const int64_t k = s.experts_per_token > 0 ? s.experts_per_token : cfg_.num_experts_per_tok;
+    if (k > E) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("experts_per_token ", k, " exceeds the model's ", E, " experts"));
+    }
+    if (!cache.Has(s.seq_id)) {
+      return absl::FailedPreconditionError(absl::StrCat("sequence ", s.seq_id, " has no KV cache"));
+    }
+    if (cache.Slots(s.seq_id) < s.start_pos + static_cast<int64_t>(s.tokens.size())) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence ", s.seq_id, " has no KV cache room for its new tokens"));
+    }
+    *kmax = std::max(*kmax, k);
+    (*offset)[b] = T;
+    T += static_cast<int64_t>(s.tokens.size());
+    *out_rows += s.all_logits ? static_cast<int64_t>(s.tokens.size()) : 1;
+  }
+  *tokens = T;
+  return absl::OkStatus();
+}
+
+std::unique_ptr<KvCache> CpuAttentionStack::NewCache(int64_t capacity_tokens) const {
+  return std::make_unique<KvCache>(cfg_.num_hidden_layers, kv_dim(), capacity_tokens);
+}
+
+absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
+    const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
+    const LoadOptions& opt) {
+  auto s = std::make_unique<CpuAttentionStack>();
   s->cfg_ = cfg;
   s->arch_ = arch;
   const int64_t h = cfg.hidden_size, hd = cfg.head_dim;
@@ -221,9 +297,9 @@ absl::StatusOr<std::unique_ptr<AttentionStack>> AttentionStack::Load(
   return s;
 }
 
-absl::Status AttentionStack::Forward(const std::vector<SeqStep>& batch, float* hidden,
-                                     KvCache* cache, ExpertBackend* experts,
-                                     std::vector<float>* logits) const {
+absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float* hidden,
+                                        KvCache* cache, ExpertBackend* experts,
+                                        std::vector<float>* logits) const {
   const int64_t H = cfg_.hidden_size, hd = cfg_.head_dim;
   const int64_t nh = cfg_.num_attention_heads, nkv = cfg_.num_key_value_heads;
   const int64_t qd = nh * hd, kvd = nkv * hd, qkvd = qd + 2 * kvd;
@@ -232,23 +308,9 @@ absl::Status AttentionStack::Forward(const std::vector<SeqStep>& batch, float* h
   const float theta = static_cast<float>(cfg_.rope_theta);
 
   int64_t T = 0, kmax = 1, out_rows = 0;
-  std::vector<int64_t> offset(batch.size());
-  for (size_t b = 0; b < batch.size(); ++b) {
-    const SeqStep& s = batch[b];
-    if (s.tokens.empty()) return absl::InvalidArgumentError("a batch entry has no tokens");
-    const int64_t k = s.experts_per_token > 0 ? s.experts_per_token : cfg_.num_experts_per_tok;
-    if (k > E) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("experts_per_token ", k, " exceeds the model's ", E, " experts"));
-    }
-    if (!cache->Has(s.seq_id)) {
-      return absl::FailedPreconditionError(absl::StrCat("sequence ", s.seq_id, " has no KV cache"));
-    }
-    kmax = std::max(kmax, k);
-    offset[b] = T;
-    T += static_cast<int64_t>(s.tokens.size());
-    out_rows += s.all_logits ? static_cast<int64_t>(s.tokens.size()) : 1;
-  }
+  std::vector<int64_t> offset;
+  absl::Status planned = PlanBatch(batch, *cache, &offset, &T, &kmax, &out_rows);
+  if (!planned.ok()) return planned;
   std::vector<int32_t> pos(T);
   for (size_t b = 0; b < batch.size(); ++b) {
     for (size_t i = 0; i < batch[b].tokens.size(); ++i) {
@@ -391,7 +453,42 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
 }
 
 std::unique_ptr<KvCache> Model::NewCache(int64_t capacity_tokens) const {
-  return std::make_unique<KvCache>(cfg_.num_hidden_layers, attention_->kv_dim(), capacity_tokens);
+  return attention_->NewCache(capacity_tokens);
+}
+
+// ---------------------------------------------------------------- device backends
+
+namespace {
+std::mutex& BackendMu() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<Device::Kind, DeviceBackend>& Backends() {
+  static auto* m = new std::map<Device::Kind, DeviceBackend>();
+  return *m;
+}
+}  // namespace
+
+void RegisterDeviceBackend(Device::Kind kind, DeviceBackend backend) {
+  std::lock_guard<std::mutex> lock(BackendMu());
+  Backends()[kind] = std::move(backend);
+}
+
+absl::StatusOr<const DeviceBackend*> GetDeviceBackend(Device::Kind kind) {
+  std::lock_guard<std::mutex> lock(BackendMu());
+  auto it = Backends().find(kind);
+  if (it == Backends().end()) {
+    return absl::FailedPreconditionError(
+        "this binary was built without CUDA support: build it with `bazel build --config=cuda`");
+  }
+  return &it->second;
+}
+
+absl::StatusOr<std::string> DescribeDevice(const Device& d) {
+  if (d.is_cpu()) return std::string("cpu");
+  auto backend = GetDeviceBackend(d.kind);
+  if (!backend.ok()) return backend.status();
+  return (*backend)->describe(d);
 }
 
 absl::Status Model::Step(const std::vector<SeqStep>& batch, KvCache* cache,

@@ -8,6 +8,7 @@
 #define MOEMESH_ENGINE_MODEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -18,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "engine/arch.h"
 #include "engine/config.h"
+#include "engine/device.h"
 #include "engine/kv_cache.h"
 #include "engine/ops/linear.h"
 #include "engine/safetensors.h"
@@ -27,6 +29,9 @@ namespace moemesh {
 
 struct LoadOptions {
   ComputeType compute = ComputeType::kF32;
+  // Where the attention stack and the experts run. kCuda needs a binary built with
+  // --config=cuda (see CudaBackend below); the embedding table always stays on the host.
+  Device device;
 };
 
 // Token embedding table. Thread-safe after Load.
@@ -43,6 +48,8 @@ class Embedder {
   int64_t vocab_ = 0, hidden_ = 0;
 };
 
+class ExpertShard;
+
 // A (layer, expert) pair.
 using ExpertId = std::pair<int32_t, int32_t>;
 
@@ -55,22 +62,56 @@ class ExpertBackend {
   // x: [n, hidden]; ids, weights: [n, k]; out: [n, hidden], accumulated into.
   virtual absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
                                   const float* weights, int64_t k, float* out) = 0;
+  // The in-process shard behind this backend, if any: a device's attention stack that finds
+  // a shard on its own device calls that shard's device-memory entry point instead of going
+  // through host memory. nullptr for remote experts.
+  virtual const ExpertShard* local_shard() const { return nullptr; }
 };
 
-// The experts an expert worker holds. RunExperts is const and thread-safe.
+// The experts an expert worker holds, on one device. RunExperts is const and thread-safe.
 class ExpertShard {
  public:
-  // Loads `shards` (empty = every routed expert of every MoE layer).
+  virtual ~ExpertShard() = default;
+  // Loads `shards` (empty = every routed expert of every MoE layer) on opt.device: the one
+  // dispatch point between the CPU and the CUDA implementation.
   static absl::StatusOr<std::unique_ptr<ExpertShard>> Load(const CheckpointReader& ckpt,
                                                            const ModelConfig& cfg,
                                                            const ArchSpec& arch,
                                                            const std::set<ExpertId>& shards,
                                                            const LoadOptions& opt);
-  // As ExpertBackend::RunExperts; FailedPrecondition if a row routes to an expert not held here.
-  absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
-                          const float* weights, int64_t k, float* out) const;
-  bool Holds(int32_t layer, int32_t expert) const;
+  // As ExpertBackend::RunExperts (host memory); FailedPrecondition if a row routes to an expert
+  // not held here.
+  virtual absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
+                                  const float* weights, int64_t k, float* out) const = 0;
+  virtual Device device() const = 0;
+  bool Holds(int32_t layer, int32_t expert) const {
+    return layer >= 0 && layer < static_cast<int32_t>(held_.size()) && expert >= 0 &&
+           expert < static_cast<int32_t>(held_[layer].size()) && held_[layer][expert];
+  }
   const std::set<ExpertId>& shards() const { return shards_; }
+
+ protected:
+  // Checks `shards` against the model and fills held_/shards_ (empty = all routed experts).
+  absl::Status SetShards(const ModelConfig& cfg, const std::set<ExpertId>& shards);
+  // InvalidArgument for a bad layer, FailedPrecondition for an expert not held here.
+  absl::Status CheckRouting(int32_t layer, int64_t n, const int32_t* ids, int64_t k) const;
+
+ private:
+  std::vector<std::vector<bool>> held_;  // [layer][expert]
+  std::set<ExpertId> shards_;
+};
+
+// The CPU implementation (Linear kernels: AVX-512 and oneDNN).
+class CpuExpertShard : public ExpertShard {
+ public:
+  static absl::StatusOr<std::unique_ptr<CpuExpertShard>> Load(const CheckpointReader& ckpt,
+                                                              const ModelConfig& cfg,
+                                                              const ArchSpec& arch,
+                                                              const std::set<ExpertId>& shards,
+                                                              const LoadOptions& opt);
+  absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
+                          const float* weights, int64_t k, float* out) const override;
+  Device device() const override { return Device(); }
 
  private:
   struct Expert {
@@ -79,7 +120,6 @@ class ExpertShard {
   };
   int64_t hidden_ = 0, width_ = 0, num_experts_ = 0;
   std::vector<std::vector<std::unique_ptr<Expert>>> experts_;  // [layer][expert], null = not held
-  std::set<ExpertId> shards_;
 };
 
 // In-process expert backend over one ExpertShard.
@@ -90,6 +130,7 @@ class LocalExperts : public ExpertBackend {
                           const float* weights, int64_t k, float* out) override {
     return shard_->RunExperts(layer, x, n, ids, weights, k, out);
   }
+  const ExpertShard* local_shard() const override { return shard_; }
 
  private:
   const ExpertShard* shard_;
@@ -107,19 +148,49 @@ struct SeqStep {
 // Everything of a decoder-only MoE model except the embedding table and the routed experts.
 class AttentionStack {
  public:
+  virtual ~AttentionStack() = default;
+  // Loads on opt.device (the dispatch point between the CPU and the CUDA implementation).
   static absl::StatusOr<std::unique_ptr<AttentionStack>> Load(const CheckpointReader& ckpt,
                                                               const ModelConfig& cfg,
                                                               const ArchSpec& arch,
                                                               const LoadOptions& opt);
-  // One forward step over a batch. `hidden`: [sum tokens, hidden], the embeddings of every
-  // batch entry's tokens in order; overwritten. The KV cache must hold room for each sequence
-  // (Reserve start_pos + tokens). `logits` gets one row of vocab_size per requested position, in
-  // batch order (all tokens of an all_logits entry, else its last token).
-  absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
-                       ExpertBackend* experts, std::vector<float>* logits) const;
+  // One forward step over a batch. `hidden`: [sum tokens, hidden] (host memory), the embeddings
+  // of every batch entry's tokens in order; the CPU stack overwrites it. `cache` must come from
+  // this stack's NewCache() and hold room for each sequence (Reserve start_pos + tokens).
+  // `logits` gets one row of vocab_size per requested position, in batch order (all tokens of
+  // an all_logits entry, else its last token).
+  virtual absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                               ExpertBackend* experts, std::vector<float>* logits) const = 0;
+  // A KV cache for this stack (on its device) of `capacity_tokens` token slots.
+  virtual std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const = 0;
+  virtual Device device() const = 0;
 
   const ModelConfig& config() const { return cfg_; }
   int64_t kv_dim() const { return cfg_.num_key_value_heads * cfg_.head_dim; }
+
+ protected:
+  // Checks a batch against the cache and the model: per-entry experts_per_token <= experts,
+  // tokens present, KV cache present. Returns the total number of tokens and fills offsets
+  // (first row of each entry), the largest k and the number of logits rows.
+  absl::Status PlanBatch(const std::vector<SeqStep>& batch, const KvCache& cache,
+                         std::vector<int64_t>* offset, int64_t* tokens, int64_t* kmax,
+                         int64_t* out_rows) const;
+
+  ModelConfig cfg_;
+  ArchSpec arch_;
+};
+
+// The CPU implementation.
+class CpuAttentionStack : public AttentionStack {
+ public:
+  static absl::StatusOr<std::unique_ptr<CpuAttentionStack>> Load(const CheckpointReader& ckpt,
+                                                                 const ModelConfig& cfg,
+                                                                 const ArchSpec& arch,
+                                                                 const LoadOptions& opt);
+  absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                       ExpertBackend* experts, std::vector<float>* logits) const override;
+  std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const override;
+  Device device() const override { return Device(); }
 
  private:
   struct Layer {
@@ -134,12 +205,31 @@ class AttentionStack {
     bool has_shared_gate = false;
     ops::Linear shared_gate;  // [1, hidden]
   };
-  ModelConfig cfg_;
-  ArchSpec arch_;
   std::vector<Layer> layers_;
   std::vector<float> final_norm_;
   ops::Linear lm_head_;
 };
+
+// Device backends other than the CPU register themselves here when linked into a binary
+// (//engine/cuda:backend, with --config=cuda). Without one, loading on that device fails with a
+// message that says how to build with it.
+struct DeviceBackend {
+  std::function<absl::StatusOr<std::unique_ptr<AttentionStack>>(
+      const CheckpointReader&, const ModelConfig&, const ArchSpec&, const LoadOptions&)>
+      load_attention;
+  std::function<absl::StatusOr<std::unique_ptr<ExpertShard>>(
+      const CheckpointReader&, const ModelConfig&, const ArchSpec&, const std::set<ExpertId>&,
+      const LoadOptions&)>
+      load_experts;
+  // Ok when `d` exists (e.g. cuda:1 on a machine with one GPU is NotFound); its name otherwise.
+  std::function<absl::StatusOr<std::string>(const Device& d)> describe;
+};
+void RegisterDeviceBackend(Device::Kind kind, DeviceBackend backend);
+// The registered backend, or FailedPrecondition naming the build flag that adds it.
+absl::StatusOr<const DeviceBackend*> GetDeviceBackend(Device::Kind kind);
+// Checks that `d` can be used in this binary on this machine; returns a description such as
+// "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)".
+absl::StatusOr<std::string> DescribeDevice(const Device& d);
 
 // A whole model in one process: the in-process mode and the CLI.
 class Model {

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "engine/generate.h"
@@ -20,13 +21,29 @@ nlohmann::json ReadJson(const std::string& path) {
   return nlohmann::json::parse(in);
 }
 
-class OracleTest : public ::testing::TestWithParam<std::string> {};
+// Every test runs on each device: "cpu" always; "cuda:0" reports itself skipped in a binary
+// built without --config=cuda or on a machine without a GPU.
+LoadOptions OnDevice(const std::string& device) {
+  LoadOptions o;
+  o.device = *ParseDevice(device);
+  return o;
+}
+
+#define SKIP_WITHOUT_DEVICE(device)                                   \
+  do {                                                                \
+    auto _d = DescribeDevice(*ParseDevice(device));                   \
+    if (!_d.ok()) GTEST_SKIP() << device << ": " << _d.status();      \
+  } while (0)
+
+class OracleTest : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
 
 // fp32: logits within 1e-4 at every prompt position; 16 greedy ids through the KV cache identical.
 TEST_P(OracleTest, LogitsAndGreedyMatchTransformers) {
-  const std::string dir = "testdata/oracle/" + GetParam();
+  const auto& [family, device] = GetParam();
+  SKIP_WITHOUT_DEVICE(device);
+  const std::string dir = "testdata/oracle/" + family;
   ops::SetNumThreads(2);
-  auto model = Model::Load(dir, LoadOptions{});
+  auto model = Model::Load(dir, OnDevice(device));
   ASSERT_TRUE(model.ok()) << model.status();
   const int64_t vocab = (*model)->config().vocab_size;
   nlohmann::json ref = ReadJson(dir + "/reference.json");
@@ -48,20 +65,34 @@ TEST_P(OracleTest, LogitsAndGreedyMatchTransformers) {
         max_err = std::max(max_err, std::abs(rows[p][v].get<double>() - r->prompt_logits[p * vocab + v]));
       }
     }
-    EXPECT_LT(max_err, 1e-4) << GetParam() << " prompt of " << prompt.size() << " tokens";
-    EXPECT_EQ(r->ids, greedy) << GetParam();
+    EXPECT_LT(max_err, 1e-4) << family << " on " << device << ", prompt of " << prompt.size()
+                             << " tokens";
+    EXPECT_EQ(r->ids, greedy) << family << " on " << device;
   }
 }
 
+std::string ParamName(const std::string& device) {
+  return device == "cpu" ? "cpu" : "cuda";
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, OracleTest,
-                         ::testing::Values("qwen3_moe", "qwen2_moe", "mixtral", "olmoe"),
-                         [](const auto& info) { return info.param; });
+                         ::testing::Combine(::testing::Values("qwen3_moe", "qwen2_moe", "mixtral",
+                                                              "olmoe"),
+                                            ::testing::Values("cpu", "cuda:0")),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" +
+                                  ParamName(std::get<1>(info.param));
+                         });
+
+class PydocModelTest : public ::testing::TestWithParam<std::string> {};
 
 // The embedded model: 40 greedy tokens for each of six prompts, fp32 compute over bf16 weights.
-TEST(PydocModelTest, GreedyMatchesTransformers) {
+TEST_P(PydocModelTest, GreedyMatchesTransformers) {
+  const std::string device = GetParam();
+  SKIP_WITHOUT_DEVICE(device);
   const std::string dir = "models/pydoc-moe-17m";
   ops::SetNumThreads(2);
-  auto model = Model::Load(dir, LoadOptions{});
+  auto model = Model::Load(dir, OnDevice(device));
   ASSERT_TRUE(model.ok()) << model.status();
   const int64_t vocab = (*model)->config().vocab_size;
   nlohmann::json ref = ReadJson(dir + "/reference.json");
@@ -74,7 +105,7 @@ TEST(PydocModelTest, GreedyMatchesTransformers) {
     opt.prompt_logits = true;
     auto r = Generate(**model, prompt, opt);
     ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(r->ids, greedy) << c["prompt"];
+    EXPECT_EQ(r->ids, greedy) << c["prompt"] << " on " << device;
     const auto& last = c["last_logits"];
     ASSERT_EQ(static_cast<int64_t>(last.size()), vocab);
     const float* ours = r->prompt_logits.data() + (prompt.size() - 1) * vocab;
@@ -87,8 +118,10 @@ TEST(PydocModelTest, GreedyMatchesTransformers) {
 }
 
 // Fewer or more active experts than trained changes the output (the override is really applied).
-TEST(PydocModelTest, ExpertsPerTokenOverrideChangesLogits) {
-  auto model = Model::Load("models/pydoc-moe-17m", LoadOptions{});
+TEST_P(PydocModelTest, ExpertsPerTokenOverrideChangesLogits) {
+  const std::string device = GetParam();
+  SKIP_WITHOUT_DEVICE(device);
+  auto model = Model::Load("models/pydoc-moe-17m", OnDevice(device));
   ASSERT_TRUE(model.ok()) << model.status();
   std::vector<int32_t> prompt = {16, 201, 496, 21, 17};
   GenerateOptions opt;
@@ -106,6 +139,9 @@ TEST(PydocModelTest, ExpertsPerTokenOverrideChangesLogits) {
   auto too_many = Generate(**model, prompt, opt);
   EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
 }
+
+INSTANTIATE_TEST_SUITE_P(Devices, PydocModelTest, ::testing::Values("cpu", "cuda:0"),
+                         [](const auto& info) { return ParamName(info.param); });
 
 }  // namespace
 }  // namespace moemesh

@@ -101,6 +101,8 @@ class CheckpointReader {
   std::vector<std::string> Names() const;
   const std::string& dir() const { return dir_; }
 
+  // True for a reader of random weights (--load_format=dummy).
+  bool dummy() const { return dummy_; }
   // True when the checkpoint came with model.safetensors.index.json.
   bool sharded() const { return sharded_; }
   // The safetensors files actually opened (those holding at least one wanted tensor).
@@ -112,6 +114,7 @@ class CheckpointReader {
 
   std::string dir_;
   bool sharded_ = false;
+  bool dummy_ = false;
   std::function<bool(std::string_view)> want_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorInfo*, std::less<>> index_;

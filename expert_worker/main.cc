@@ -24,7 +24,7 @@ ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text); with --index
 ABSL_FLAG(int32_t, index, -1, "This worker's index among the config's experts.");
 ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
-ABSL_FLAG(std::string, device, "cpu", "Device: cpu (cuda:N needs a --config=cuda build).");
+ABSL_FLAG(std::string, device, "cpu", "Device the experts run on: cpu, cuda or cuda:N (CUDA needs a binary built with --config=cuda). With --config, the config's device for this worker wins when set.");
 
 namespace moemesh {
 namespace {
@@ -51,9 +51,14 @@ int Main() {
     }
     address = cluster.experts(i).address();
   }
-  if (absl::GetFlag(FLAGS_device) != "cpu") {
-    return Fail(absl::InvalidArgumentError("--device: this build supports only cpu"));
+  std::string device_name = absl::GetFlag(FLAGS_device);
+  if (from_config && !cluster.experts(absl::GetFlag(FLAGS_index)).device().empty()) {
+    device_name = cluster.experts(absl::GetFlag(FLAGS_index)).device();
   }
+  auto device = ParseDevice(device_name);
+  if (!device.ok()) return Fail(device.status());
+  auto described = DescribeDevice(*device);
+  if (!described.ok()) return Fail(described.status());
   auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
   if (!cfg.ok()) return Fail(cfg.status());
   auto arch = ArchFor(*cfg);
@@ -84,15 +89,17 @@ int Main() {
   if (!ckpt.ok()) return Fail(ckpt.status());
   LoadOptions opt;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") opt.compute = ComputeType::kBF16;
+  opt.device = *device;
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
   auto shard = ExpertShard::Load(**ckpt, *cfg, *arch, shards, opt);
   if (!shard.ok()) return Fail(shard.status());
-  ExpertService service(shard->get(), cfg->hidden_size, "cpu");
+  ExpertService service(shard->get(), cfg->hidden_size, device->ToString());
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());
   std::cerr << "expert_worker: serving " << shards.size() << " experts (" << ShardSummary(shards)
-            << ") of " << model_dir << " on " << bound << std::endl;
+            << ") of " << model_dir << " on " << *described << ", listening on " << bound
+            << std::endl;
   ServeUntilSignal(server->get());
   return 0;
 }

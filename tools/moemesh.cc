@@ -43,6 +43,7 @@ ABSL_FLAG(bool, ignore_eos, false, "generate: keep going after the end-of-sequen
 ABSL_FLAG(std::string, logits_out, "", "generate: write the logits of every prompt position to FILE as a JSON list of rows.");
 ABSL_FLAG(int32_t, experts_per_token, 0, "Active experts per token (0 = the model's num_experts_per_tok).");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
+ABSL_FLAG(std::string, device, "cpu", "generate, perplexity, serve: where the attention stack, KV cache and experts run: cpu, cuda or cuda:N (CUDA needs a binary built with --config=cuda; embeddings stay on the host).");
 ABSL_FLAG(int32_t, threads, 2, "Compute threads (cluster: per worker process).");
 ABSL_FLAG(std::string, file, "", "perplexity: text file; documents separated by \"\\n<|endoftext|>\\n\".");
 ABSL_FLAG(int64_t, window, 512, "perplexity: window of input tokens, scored independently.");
@@ -75,6 +76,11 @@ absl::StatusOr<std::unique_ptr<Model>> LoadModel() {
   } else if (dt != "fp32") {
     return absl::InvalidArgumentError(absl::StrCat("--compute_dtype must be fp32 or bf16, not '", dt, "'"));
   }
+  auto device = ParseDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return device.status();
+  auto described = DescribeDevice(*device);
+  if (!described.ok()) return described.status();
+  opt.device = *device;
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
   return Model::Load(absl::GetFlag(FLAGS_model), opt);
 }

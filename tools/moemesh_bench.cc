@@ -55,6 +55,7 @@ ABSL_FLAG(std::string, mode, "offline", "offline, bandwidth or serving.");
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "offline: model directory.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "offline: fp32 or bf16.");
 ABSL_FLAG(int32_t, threads, 2, "offline, bandwidth: compute threads.");
+ABSL_FLAG(std::string, device, "cpu", "offline: cpu, cuda or cuda:N (CUDA needs a --config=cuda build).");
 ABSL_FLAG(int64_t, prompt_tokens, -1, "Prompt length (default: offline 512, serving 128).");
 ABSL_FLAG(int64_t, decode_tokens, 128, "offline: new tokens per run.");
 ABSL_FLAG(int32_t, repeats, 3, "offline: measured runs after the warm-up.");
@@ -122,6 +123,11 @@ absl::Status RunOffline() {
   }
   const int threads = absl::GetFlag(FLAGS_threads);
   ops::SetNumThreads(threads);
+  auto device = ParseDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return device.status();
+  auto described = DescribeDevice(*device);
+  if (!described.ok()) return described.status();
+  lo.device = *device;
   int64_t n_prompt = absl::GetFlag(FLAGS_prompt_tokens);
   if (n_prompt < 0) n_prompt = 512;
   const int64_t n_decode = absl::GetFlag(FLAGS_decode_tokens);
@@ -154,9 +160,9 @@ absl::Status RunOffline() {
   std::cerr << "\r" << std::string(20, ' ') << "\r";
   const double p = Median(prefill), d = Median(decode);
   std::cout << absl::StrFormat(
-      "offline  model=%s compute=%s threads=%d prompt=%d decode=%d repeats=%d "
+      "offline  model=%s device=%s compute=%s threads=%d prompt=%d decode=%d repeats=%d "
       "(ids: %s, load %.2f s)\n",
-      dir, dt, threads, n_prompt, n_decode, repeats, pool.empty() ? "id 1 repeated" : "ids_file",
+      dir, *described, dt, threads, n_prompt, n_decode, repeats, pool.empty() ? "id 1 repeated" : "ids_file",
       load_s);
   std::cout << absl::StrFormat("%-22s %12s %12s %12s\n", "", "median", "min", "max");
   std::cout << absl::StrFormat("%-22s %12.1f %12.1f %12.1f\n", "prefill tok/s", p,
@@ -167,6 +173,7 @@ absl::Status RunOffline() {
                                *std::max_element(decode.begin(), decode.end()));
   json j = {{"mode", "offline"},         {"model", dir},
             {"compute_dtype", dt},       {"threads", threads},
+            {"device", *described},
             {"prompt_tokens", n_prompt}, {"decode_tokens", n_decode},
             {"repeats", repeats},        {"prefill_tok_s", p},
             {"decode_tok_s", d},         {"prefill_tok_s_runs", prefill},

@@ -34,6 +34,9 @@ int RunServe() {
   o.model_dir = dir;
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.compute = ComputeType::kBF16;
+  auto device = ParseDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return Fail(device.status());
+  o.device = *device;
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
   auto gen = GenerationDefaults::FromFile(dir + "/generation_config.json");

@@ -1,0 +1,919 @@
+#include "engine/cuda/cuda_engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/dtype.h"
+
+namespace moemesh {
+namespace cuda {
+
+#define MOEMESH_CUDA(expr)                                          \
+  do {                                                              \
+    cudaError_t _e = (expr);                                        \
+    if (_e != cudaSuccess) return CudaStatus(_e, #expr);            \
+  } while (0)
+
+#define MOEMESH_BLAS(expr)                                                              \
+  do {                                                                                  \
+    cublasStatus_t _s = (expr);                                                         \
+    if (_s != CUBLAS_STATUS_SUCCESS) {                                                  \
+      return absl::InternalError(absl::StrCat(#expr, ": ", cublasGetStatusString(_s))); \
+    }                                                                                   \
+  } while (0)
+
+#define MOEMESH_OK(expr)                 \
+  do {                                   \
+    absl::Status _st = (expr);           \
+    if (!_st.ok()) return _st;           \
+  } while (0)
+
+absl::Status CudaStatus(cudaError_t e, const char* what) {
+  const std::string msg = absl::StrCat("CUDA error in ", what, ": ", cudaGetErrorString(e));
+  if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  return absl::InternalError(msg);
+}
+
+// ---------------------------------------------------------------- memory
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    if (p_ != nullptr) cudaFree(p_);
+    p_ = o.p_;
+    bytes_ = o.bytes_;
+    o.p_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (p_ != nullptr) cudaFree(p_);
+}
+
+absl::Status DeviceBuffer::Reserve(size_t bytes) {
+  if (bytes <= bytes_) return absl::OkStatus();
+  if (p_ != nullptr) cudaFree(p_);
+  p_ = nullptr;
+  bytes_ = 0;
+  const size_t want = std::max<size_t>(bytes, 256);
+  MOEMESH_CUDA(cudaMalloc(&p_, want));
+  bytes_ = want;
+  return absl::OkStatus();
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  if (p_ != nullptr) cudaFreeHost(p_);
+}
+
+absl::Status PinnedBuffer::Reserve(size_t bytes) {
+  if (bytes <= bytes_) return absl::OkStatus();
+  if (p_ != nullptr) cudaFreeHost(p_);
+  p_ = nullptr;
+  bytes_ = 0;
+  const size_t want = std::max<size_t>(bytes * 5 / 4, 4096);  // grow with slack
+  MOEMESH_CUDA(cudaMallocHost(&p_, want));
+  bytes_ = want;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Exec>> Exec::Create(int device) {
+  auto ex = std::unique_ptr<Exec>(new Exec());
+  MOEMESH_CUDA(cudaSetDevice(device));
+  MOEMESH_CUDA(cudaStreamCreateWithFlags(&ex->stream_, cudaStreamNonBlocking));
+  MOEMESH_BLAS(cublasCreate(&ex->blas_));
+  MOEMESH_BLAS(cublasSetStream(ex->blas_, ex->stream_));
+  return ex;
+}
+
+Exec::~Exec() {
+  if (blas_ != nullptr) cublasDestroy(blas_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status Exec::Sync() {
+  MOEMESH_CUDA(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- projections
+
+absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const float* x, int64_t m,
+                     float* y, int64_t ldy, bool accumulate, bool swiglu) {
+  if (m <= 0) return absl::OkStatus();
+  const int64_t out = swiglu ? mat.rows / 2 : mat.rows;
+  const float* bias = mat.has_bias ? mat.bias.as<float>() : nullptr;
+  if (m <= kSmallM) {
+    MOEMESH_CUDA(SmallMLinear(mat.matrix(slot), mat.wt, bias, out, mat.in, x, m, y, ldy,
+                              accumulate, swiglu, Groups(), ex.stream()));
+    return absl::OkStatus();
+  }
+  const void* b = x;
+  cudaDataType_t t = CUDA_R_32F;
+  if (mat.wt == WType::kBF16) {
+    MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(m * mat.in) * 2));
+    MOEMESH_CUDA(ToBf16(x, m * mat.in, ex.xb16.get(), ex.stream()));
+    b = ex.xb16.get();
+    t = CUDA_R_16BF;
+  }
+  const float one = 1.0f, zero = 0.0f;
+  float* c = y;
+  int64_t ldc = ldy;
+  if (swiglu) {
+    MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(m * mat.rows) * sizeof(float)));
+    c = ex.gu.as<float>();
+    ldc = mat.rows;
+  }
+  MOEMESH_BLAS(cublasGemmEx(ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(mat.rows),
+                            static_cast<int>(m), static_cast<int>(mat.in), &one, mat.matrix(slot),
+                            t, static_cast<int>(mat.in), b, t, static_cast<int>(mat.in),
+                            accumulate && !swiglu ? &one : &zero, c, CUDA_R_32F,
+                            static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (swiglu) {
+    MOEMESH_CUDA(SiluMul(c, m, out, y, WType::kF32, ex.stream()));
+  } else if (bias != nullptr) {
+    MOEMESH_CUDA(AddBias(y, bias, m, out, ldy, ex.stream()));
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- loading
+
+namespace {
+
+uint64_t SeedOf(const std::string& name) { return std::hash<std::string>()(name) | 1; }
+
+// Copies checkpoint tensors to the device, converting to the storage type; with a dummy
+// checkpoint fills random values on the device instead (no host traffic).
+class Uploader {
+ public:
+  Uploader(const CheckpointReader& ckpt, Exec& ex, ComputeType ct)
+      : ckpt_(ckpt), ex_(ex), ct_(ct), dummy_(ckpt.dummy()) {}
+
+  // Storage type of a matrix: bf16 for bf16 checkpoints, dummy weights or bf16 compute.
+  WType TypeOf(const std::string& name, bool force_f32) const {
+    if (force_f32) return WType::kF32;
+    if (dummy_ || ct_ == ComputeType::kBF16) return WType::kBF16;
+    const TensorInfo* t = ckpt_.Find(name);
+    return t != nullptr && t->dtype == DType::kBF16 ? WType::kBF16 : WType::kF32;
+  }
+
+  // `rows` x `in` of tensor `name` into dst (type wt).
+  absl::Status Rows(const std::string& name, int64_t rows, int64_t in, WType wt, void* dst) {
+    const int64_t n = rows * in;
+    if (dummy_) {
+      MOEMESH_CUDA(FillRandom(dst, wt, n, SeedOf(name), 1.0f / std::sqrt(static_cast<float>(in)),
+                              false, ex_.stream()));
+      return absl::OkStatus();
+    }
+    auto t = ckpt_.Get(name, {rows, in});
+    if (!t.ok()) return t.status();
+    const TensorInfo* ti = *t;
+    MOEMESH_OK(ex_.Sync());  // the staging buffer is reused
+    if (wt == WType::kBF16 && ti->dtype == DType::kBF16) {
+      staging_.resize(n * 2);
+      std::memcpy(staging_.data(), ti->data, n * 2);
+    } else {
+      f32_.resize(n);
+      ToF32(ti->data, ti->dtype, n, f32_.data());
+      if (wt == WType::kF32) {
+        staging_.resize(n * 4);
+        std::memcpy(staging_.data(), f32_.data(), n * 4);
+      } else {
+        staging_.resize(n * 2);
+        uint16_t* s = reinterpret_cast<uint16_t*>(staging_.data());
+        for (int64_t i = 0; i < n; ++i) s[i] = F32ToBF16(f32_[i]);
+      }
+    }
+    MOEMESH_CUDA(cudaMemcpy(dst, staging_.data(), staging_.size(), cudaMemcpyHostToDevice));
+    return absl::OkStatus();
+  }
+
+  // A 1-D fp32 vector (norm weights: 1 when dummy; biases: 0 when dummy).
+  absl::Status Vector(const std::string& name, int64_t n, float dummy_value, DeviceBuffer* out) {
+    MOEMESH_OK(out->Reserve(n * sizeof(float)));
+    if (dummy_) {
+      MOEMESH_CUDA(FillRandom(out->get(), WType::kF32, n, 0, dummy_value, true, ex_.stream()));
+      return absl::OkStatus();
+    }
+    auto t = ckpt_.Get(name, {n});
+    if (!t.ok()) return t.status();
+    f32_.resize(n);
+    ToF32((*t)->data, (*t)->dtype, n, f32_.data());
+    MOEMESH_CUDA(cudaMemcpy(out->get(), f32_.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+    return absl::OkStatus();
+  }
+
+  // Parts stacked row-wise into one matrix (fused q/k/v, gate/up), with optional biases.
+  absl::Status Matrix(const std::vector<LinearPart>& parts, int64_t in, bool force_f32,
+                      DeviceMatrix* m) {
+    m->wt = TypeOf(parts[0].weight, force_f32);
+    m->in = in;
+    m->rows = 0;
+    m->count = 1;
+    for (const LinearPart& p : parts) m->rows += p.rows;
+    MOEMESH_OK(m->w.Reserve(static_cast<size_t>(m->rows * in * WTypeSize(m->wt))));
+    int64_t r = 0;
+    m->has_bias = false;
+    for (const LinearPart& p : parts) m->has_bias |= !p.bias.empty();
+    if (m->has_bias) MOEMESH_OK(m->bias.Reserve(m->rows * sizeof(float)));
+    for (const LinearPart& p : parts) {
+      MOEMESH_OK(Rows(p.weight, p.rows, in, m->wt,
+                      static_cast<char*>(m->w.get()) + r * in * WTypeSize(m->wt)));
+      if (m->has_bias) {
+        DeviceBuffer b;
+        if (p.bias.empty()) {
+          MOEMESH_CUDA(cudaMemsetAsync(m->bias.as<float>() + r, 0, p.rows * sizeof(float),
+                                       ex_.stream()));
+        } else {
+          MOEMESH_OK(Vector(p.bias, p.rows, 0.0f, &b));
+          MOEMESH_OK(ex_.Sync());
+          MOEMESH_CUDA(cudaMemcpy(m->bias.as<float>() + r, b.get(), p.rows * sizeof(float),
+                                  cudaMemcpyDeviceToDevice));
+        }
+      }
+      r += p.rows;
+    }
+    return ex_.Sync();
+  }
+
+ private:
+  const CheckpointReader& ckpt_;
+  Exec& ex_;
+  const ComputeType ct_;
+  const bool dummy_;
+  std::vector<char> staging_;
+  std::vector<float> f32_;
+};
+
+std::string LayerName(int64_t layer, const std::string& suffix) {
+  return absl::StrCat("model.layers.", layer, ".", suffix);
+}
+
+absl::Status CheckDevice(const Device& d) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+  if (d.index >= count) {
+    return absl::NotFoundError(absl::StrCat("no CUDA device ", d.ToString(), ": this machine has ",
+                                            count, " GPU", count == 1 ? "" : "s"));
+  }
+  return absl::OkStatus();
+}
+
+// Host-side grouping of the (row, j) assignments of one call by expert.
+struct HostPlan {
+  std::vector<int32_t> perm, where, group_slot, row_begin;
+  int32_t groups = 0;
+  int64_t rows = 0, max_group_rows = 0;
+};
+
+void MakeHostPlan(const int32_t* ids, int64_t n, int64_t k, const std::vector<int32_t>& slot,
+                  HostPlan* p) {
+  const int64_t E = static_cast<int64_t>(slot.size());
+  std::vector<int32_t> count(E, 0), start(E, 0);
+  for (int64_t a = 0; a < n * k; ++a) {
+    if (ids[a] >= 0 && ids[a] < E) ++count[ids[a]];
+  }
+  p->group_slot.clear();
+  p->row_begin.clear();
+  p->max_group_rows = 0;
+  int32_t off = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    start[e] = off;
+    if (count[e] == 0) continue;
+    p->group_slot.push_back(slot[e]);
+    p->row_begin.push_back(off);
+    off += count[e];
+    p->max_group_rows = std::max<int64_t>(p->max_group_rows, count[e]);
+  }
+  p->row_begin.push_back(off);
+  p->groups = static_cast<int32_t>(p->group_slot.size());
+  p->rows = off;
+  p->perm.assign(std::max<int64_t>(off, 1), -1);
+  p->where.assign(n * k, -1);
+  for (int64_t a = 0; a < n * k; ++a) {
+    const int32_t e = ids[a];
+    if (e < 0 || e >= E) continue;
+    p->perm[start[e]] = static_cast<int32_t>(a / k);
+    p->where[a] = start[e]++;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- experts
+
+struct CudaExpertShard::Plan {
+  // Device views.
+  const int32_t* perm = nullptr;
+  const int32_t* where = nullptr;
+  Groups groups;
+  int64_t max_rows = 0;       // upper bound of the grouped rows
+  const HostPlan* host = nullptr;  // set when grouped on the host
+};
+
+struct CudaExpertShard::Scratch {
+  std::unique_ptr<Exec> ex;
+  PinnedBuffer h_x, h_out, h_idx, h_w;
+  DeviceBuffer d_x, d_xg, d_act, d_y, d_out, d_idx, d_w, d_groups;
+  HostPlan host_plan;
+};
+
+CudaExpertShard::~CudaExpertShard() {
+  cudaSetDevice(device_.index);
+  free_.clear();
+  layers_.clear();
+}
+
+std::unique_ptr<CudaExpertShard::Scratch> CudaExpertShard::TakeScratch() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.empty()) return std::make_unique<Scratch>();
+  auto s = std::move(free_.back());
+  free_.pop_back();
+  return s;
+}
+
+void CudaExpertShard::GiveScratch(std::unique_ptr<Scratch> s) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.push_back(std::move(s));
+}
+
+absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
+    const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
+    const std::set<ExpertId>& shards, const LoadOptions& opt) {
+  MOEMESH_OK(CheckDevice(opt.device));
+  MOEMESH_CUDA(cudaSetDevice(opt.device.index));
+  auto s = std::unique_ptr<CudaExpertShard>(new CudaExpertShard());
+  MOEMESH_OK(s->SetShards(cfg, shards));
+  s->device_ = opt.device;
+  s->hidden_ = cfg.hidden_size;
+  s->width_ = cfg.moe_intermediate_size;
+  s->num_experts_ = cfg.num_experts;
+  auto ex = Exec::Create(opt.device.index);
+  if (!ex.ok()) return ex.status();
+  Uploader up(ckpt, **ex, opt.compute);
+  s->layers_.resize(cfg.num_hidden_layers);
+  const int64_t H = s->hidden_, W = s->width_;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    LayerWeights& L = s->layers_[l];
+    L.slot.assign(cfg.num_experts, -1);
+    int32_t held = 0;
+    for (int64_t e = 0; e < cfg.num_experts; ++e) {
+      if (s->Holds(static_cast<int32_t>(l), static_cast<int32_t>(e))) L.slot[e] = held++;
+    }
+    if (held == 0) continue;
+    const std::string moe = WeightName(arch.moe_prefix, l);
+    auto base = [&](int64_t e) { return moe + "." + WeightName(arch.expert, l, e) + "."; };
+    int64_t first = 0;
+    while (L.slot[first] < 0) ++first;
+    const WType wt = up.TypeOf(base(first) + arch.expert_gate + ".weight", false);
+    for (DeviceMatrix* m : {&L.gate_up, &L.down}) {
+      m->wt = wt;
+      m->count = held;
+    }
+    L.gate_up.rows = 2 * W;
+    L.gate_up.in = H;
+    L.down.rows = H;
+    L.down.in = W;
+    MOEMESH_OK(L.gate_up.w.Reserve(static_cast<size_t>(held * 2 * W * H * WTypeSize(wt))));
+    MOEMESH_OK(L.down.w.Reserve(static_cast<size_t>(held * H * W * WTypeSize(wt))));
+    for (int64_t e = 0; e < cfg.num_experts; ++e) {
+      const int32_t slot = L.slot[e];
+      if (slot < 0) continue;
+      char* gu = static_cast<char*>(const_cast<void*>(L.gate_up.matrix(slot)));
+      MOEMESH_OK(up.Rows(base(e) + arch.expert_gate + ".weight", W, H, wt, gu));
+      MOEMESH_OK(up.Rows(base(e) + arch.expert_up + ".weight", W, H, wt, gu + W * H * WTypeSize(wt)));
+      MOEMESH_OK(up.Rows(base(e) + arch.expert_down + ".weight", H, W, wt,
+                         const_cast<void*>(L.down.matrix(slot))));
+    }
+    MOEMESH_OK(L.d_slot.Reserve(L.slot.size() * sizeof(int32_t)));
+    MOEMESH_CUDA(cudaMemcpy(L.d_slot.get(), L.slot.data(), L.slot.size() * sizeof(int32_t),
+                            cudaMemcpyHostToDevice));
+  }
+  MOEMESH_OK((*ex)->Sync());
+  return s;
+}
+
+absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, const float* x,
+                                         int64_t n, const Plan& plan, int64_t k,
+                                         const float* d_weights, float* out) const {
+  const LayerWeights& L = layers_[layer];
+  const int64_t H = hidden_, W = width_, A = plan.max_rows;
+  MOEMESH_OK(s.d_xg.Reserve(A * H * sizeof(float)));
+  MOEMESH_OK(s.d_act.Reserve(A * W * sizeof(float)));
+  MOEMESH_OK(s.d_y.Reserve(A * H * sizeof(float)));
+  float* xg = s.d_xg.as<float>();
+  float* act = s.d_act.as<float>();
+  float* y = s.d_y.as<float>();
+  MOEMESH_CUDA(GatherRows(x, plan.perm, A, H, xg, ex.stream()));
+  if (plan.host == nullptr || plan.host->max_group_rows <= kSmallM) {
+    // All experts in two launches; each group's weights are streamed once per 8 rows.
+    MOEMESH_CUDA(SmallMLinear(L.gate_up.w.get(), L.gate_up.wt, nullptr, W, H, xg, A, act, W,
+                              false, true, plan.groups, ex.stream()));
+    MOEMESH_CUDA(SmallMLinear(L.down.w.get(), L.down.wt, nullptr, H, W, act, A, y, H, false,
+                              false, plan.groups, ex.stream()));
+  } else {
+    const HostPlan& hp = *plan.host;
+    for (int32_t g = 0; g < hp.groups; ++g) {
+      const int64_t b = hp.row_begin[g], m = hp.row_begin[g + 1] - b;
+      MOEMESH_OK(Project(ex, L.gate_up, hp.group_slot[g], xg + b * H, m, act + b * W, W, false,
+                         true));
+      MOEMESH_OK(Project(ex, L.down, hp.group_slot[g], act + b * W, m, y + b * H, H, false,
+                         false));
+    }
+  }
+  MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
+  return absl::OkStatus();
+}
+
+namespace {
+// Uploads a host plan and the routing weights into one device buffer; fills the device views.
+template <typename PlanT>
+absl::Status UploadPlan(Exec& ex, const HostPlan& hp, const float* weights, int64_t nk,
+                        PinnedBuffer* h_idx, DeviceBuffer* d_idx, PlanT* plan, float** d_w) {
+  const int64_t G = hp.groups;
+  const int64_t ints = static_cast<int64_t>(hp.perm.size()) + nk + G + (G + 1) + 1;
+  const size_t bytes = (ints + nk) * 4;
+  MOEMESH_OK(h_idx->Reserve(bytes));
+  MOEMESH_OK(d_idx->Reserve(bytes));
+  int32_t* h = h_idx->as<int32_t>();
+  int32_t* at = h;
+  auto put = [&](const int32_t* src, int64_t n) {
+    std::memcpy(at, src, n * 4);
+    at += n;
+  };
+  put(hp.perm.data(), hp.perm.size());
+  put(hp.where.data(), nk);
+  put(hp.group_slot.data(), G);
+  put(hp.row_begin.data(), G + 1);
+  *at++ = static_cast<int32_t>(G);
+  std::memcpy(at, weights, nk * 4);
+  MOEMESH_CUDA(cudaMemcpyAsync(d_idx->get(), h, bytes, cudaMemcpyHostToDevice, ex.stream()));
+  int32_t* d = d_idx->as<int32_t>();
+  plan->perm = d;
+  d += hp.perm.size();
+  plan->where = d;
+  d += nk;
+  plan->groups.slot = d;
+  d += G;
+  plan->groups.row_begin = d;
+  d += G + 1;
+  plan->groups.num_groups = d;
+  d += 1;
+  plan->groups.max_groups = static_cast<int32_t>(std::max<int64_t>(G, 1));
+  *d_w = reinterpret_cast<float*>(d);
+  plan->max_rows = static_cast<int64_t>(hp.perm.size());
+  plan->host = &hp;
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status CudaExpertShard::RunExperts(int32_t layer, const float* x, int64_t n,
+                                         const int32_t* ids, const float* weights, int64_t k,
+                                         float* out) const {
+  MOEMESH_OK(CheckRouting(layer, n, ids, k));
+  if (n <= 0) return absl::OkStatus();
+  auto s = TakeScratch();
+  absl::Status st = [&]() -> absl::Status {
+    MOEMESH_CUDA(cudaSetDevice(device_.index));
+    if (s->ex == nullptr) {
+      auto ex = Exec::Create(device_.index);
+      if (!ex.ok()) return ex.status();
+      s->ex = std::move(*ex);
+    }
+    Exec& ex = *s->ex;
+    HostPlan& hp = s->host_plan;
+    MakeHostPlan(ids, n, k, layers_[layer].slot, &hp);
+    if (hp.rows == 0) return absl::OkStatus();
+    const int64_t H = hidden_;
+    MOEMESH_OK(s->h_x.Reserve(n * H * sizeof(float)));
+    MOEMESH_OK(s->h_out.Reserve(n * H * sizeof(float)));
+    MOEMESH_OK(s->d_x.Reserve(n * H * sizeof(float)));
+    MOEMESH_OK(s->d_out.Reserve(n * H * sizeof(float)));
+    std::memcpy(s->h_x.as<float>(), x, n * H * sizeof(float));
+    MOEMESH_CUDA(cudaMemcpyAsync(s->d_x.get(), s->h_x.get(), n * H * sizeof(float),
+                                 cudaMemcpyHostToDevice, ex.stream()));
+    Plan plan;
+    float* d_w = nullptr;
+    MOEMESH_OK(UploadPlan(ex, hp, weights, n * k, &s->h_idx, &s->d_idx, &plan, &d_w));
+    MOEMESH_CUDA(cudaMemsetAsync(s->d_out.get(), 0, n * H * sizeof(float), ex.stream()));
+    MOEMESH_OK(RunGrouped(ex, *s, layer, s->d_x.as<float>(), n, plan, k, d_w,
+                          s->d_out.as<float>()));
+    MOEMESH_CUDA(cudaMemcpyAsync(s->h_out.get(), s->d_out.get(), n * H * sizeof(float),
+                                 cudaMemcpyDeviceToHost, ex.stream()));
+    MOEMESH_OK(ex.Sync());
+    const float* r = s->h_out.as<float>();
+    for (int64_t i = 0; i < n * H; ++i) out[i] += r[i];
+    return absl::OkStatus();
+  }();
+  GiveScratch(std::move(s));
+  return st;
+}
+
+absl::Status CudaExpertShard::RunDevice(Exec& ex, int32_t layer, const float* x, int64_t n,
+                                        const int32_t* ids, const float* weights, int64_t k,
+                                        float* out) const {
+  if (layer < 0 || layer >= static_cast<int32_t>(layers_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  if (n <= 0) return absl::OkStatus();
+  auto s = TakeScratch();
+  absl::Status st = [&]() -> absl::Status {
+    const LayerWeights& L = layers_[layer];
+    const int64_t nk = n * k;
+    Plan plan;
+    if (nk <= 2048) {
+      // Group on the device: no host round trip in the decode loop.
+      MOEMESH_OK(s->d_groups.Reserve((2 * nk + 2 * num_experts_ + 2) * sizeof(int32_t)));
+      int32_t* d = s->d_groups.as<int32_t>();
+      int32_t* perm = d;
+      int32_t* where = perm + nk;
+      int32_t* gslot = where + nk;
+      int32_t* rbeg = gslot + num_experts_;
+      int32_t* ng = rbeg + num_experts_ + 1;
+      MOEMESH_CUDA(BuildGroups(ids, n, k, num_experts_, L.d_slot.as<int32_t>(), ng, gslot, rbeg,
+                               perm, where, ex.stream()));
+      plan.perm = perm;
+      plan.where = where;
+      plan.groups = Groups{ng, gslot, rbeg,
+                           static_cast<int32_t>(std::min<int64_t>(nk, num_experts_))};
+      plan.max_rows = nk;
+      return RunGrouped(ex, *s, layer, x, n, plan, k, weights, out);
+    }
+    // Large batches (prefill): group on the host so that big groups go to cuBLAS.
+    std::vector<int32_t> h_ids(nk);
+    std::vector<float> h_w(nk);
+    MOEMESH_CUDA(cudaMemcpyAsync(h_ids.data(), ids, nk * 4, cudaMemcpyDeviceToHost, ex.stream()));
+    MOEMESH_CUDA(cudaMemcpyAsync(h_w.data(), weights, nk * 4, cudaMemcpyDeviceToHost,
+                                 ex.stream()));
+    MOEMESH_OK(ex.Sync());
+    MOEMESH_OK(CheckRouting(layer, n, h_ids.data(), k));
+    MakeHostPlan(h_ids.data(), n, k, L.slot, &s->host_plan);
+    if (s->host_plan.rows == 0) return absl::OkStatus();
+    float* d_w = nullptr;
+    MOEMESH_OK(UploadPlan(ex, s->host_plan, h_w.data(), nk, &s->h_idx, &s->d_idx, &plan, &d_w));
+    MOEMESH_OK(RunGrouped(ex, *s, layer, x, n, plan, k, d_w, out));
+    return ex.Sync();  // the pinned upload buffer is reused by the next call
+  }();
+  GiveScratch(std::move(s));
+  return st;
+}
+
+// ---------------------------------------------------------------- KV cache
+
+namespace {
+
+class CudaKvCache : public KvCache {
+ public:
+  static constexpr int64_t kPage = 16;
+
+  CudaKvCache(int64_t layers, int64_t kv_dim, int64_t capacity, DeviceBuffer pool,
+              int64_t num_pages)
+      : KvCache(layers, kv_dim, capacity, /*host_storage=*/false), pool_(std::move(pool)) {
+    for (int64_t p = num_pages - 1; p >= 0; --p) free_pages_.push_back(static_cast<int32_t>(p));
+  }
+
+  absl::Status Reserve(uint64_t seq, int64_t length) override {
+    auto it = pages_.find(seq);
+    const int64_t have = it == pages_.end() ? 0 : static_cast<int64_t>(it->second.size());
+    const int64_t need = (length + kPage - 1) / kPage;
+    if (need - have > static_cast<int64_t>(free_pages_.size())) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("KV cache full: sequence needs ", length, " slots"));
+    }
+    absl::Status st = KvCache::Reserve(seq, length);
+    if (!st.ok()) return st;
+    std::vector<int32_t>& pages = pages_[seq];
+    while (static_cast<int64_t>(pages.size()) < need) {
+      pages.push_back(free_pages_.back());
+      free_pages_.pop_back();
+    }
+    return absl::OkStatus();
+  }
+
+  void Free(uint64_t seq) override {
+    auto it = pages_.find(seq);
+    if (it != pages_.end()) {
+      for (int32_t p : it->second) free_pages_.push_back(p);
+      pages_.erase(it);
+    }
+    KvCache::Free(seq);
+  }
+
+  const std::vector<int32_t>& Pages(uint64_t seq) const { return pages_.at(seq); }
+  float* pool() const { return pool_.as<float>(); }
+
+ private:
+  DeviceBuffer pool_;
+  std::vector<int32_t> free_pages_;
+  std::unordered_map<uint64_t, std::vector<int32_t>> pages_;
+};
+
+}  // namespace
+
+std::unique_ptr<KvCache> CudaAttentionStack::NewCache(int64_t capacity_tokens) const {
+  cudaSetDevice(device_.index);
+  const int64_t L = cfg_.num_hidden_layers, kvd = kv_dim();
+  // Whole pages for every slot, plus one partial page per sequence in flight.
+  const int64_t pages = (capacity_tokens + CudaKvCache::kPage - 1) / CudaKvCache::kPage + 256;
+  DeviceBuffer pool;
+  absl::Status st =
+      pool.Reserve(static_cast<size_t>(pages * L * 2 * CudaKvCache::kPage * kvd) * sizeof(float));
+  if (!st.ok()) {
+    std::fprintf(stderr, "CUDA KV cache of %lld tokens: %s; the cache will hold nothing\n",
+                 static_cast<long long>(capacity_tokens), std::string(st.message()).c_str());
+    return std::make_unique<CudaKvCache>(L, kvd, 0, DeviceBuffer(), 0);
+  }
+  return std::make_unique<CudaKvCache>(L, kvd, capacity_tokens, std::move(pool), pages);
+}
+
+// ---------------------------------------------------------------- attention stack
+
+struct CudaAttentionStack::Scratch {
+  PinnedBuffer h_hidden, h_idx, h_xn, h_route, h_moe;
+  DeviceBuffer d_idx, h, xn, qkv, q, att, rl, ids, w, tmp, act, g, sel, logits;
+};
+
+CudaAttentionStack::~CudaAttentionStack() {
+  cudaSetDevice(device_.index);
+  scratch_.reset();
+  exec_.reset();
+  layers_.clear();
+}
+
+absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
+    const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
+    const LoadOptions& opt) {
+  MOEMESH_OK(CheckDevice(opt.device));
+  MOEMESH_CUDA(cudaSetDevice(opt.device.index));
+  if (cfg.head_dim > 256 || cfg.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the CUDA attention kernel needs an even head_dim <= 256, not ", cfg.head_dim));
+  }
+  auto s = std::unique_ptr<CudaAttentionStack>(new CudaAttentionStack());
+  s->cfg_ = cfg;
+  s->arch_ = arch;
+  s->device_ = opt.device;
+  auto ex = Exec::Create(opt.device.index);
+  if (!ex.ok()) return ex.status();
+  s->exec_ = std::move(*ex);
+  s->scratch_ = std::make_unique<Scratch>();
+  Uploader up(ckpt, *s->exec_, opt.compute);
+  const int64_t h = cfg.hidden_size, hd = cfg.head_dim;
+  const int64_t qd = cfg.num_attention_heads * hd, kvd = cfg.num_key_value_heads * hd;
+  s->layers_.resize(cfg.num_hidden_layers);
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    Layer& L = s->layers_[l];
+    MOEMESH_OK(up.Vector(LayerName(l, "input_layernorm.weight"), h, 1.0f, &L.input_norm));
+    MOEMESH_OK(up.Vector(LayerName(l, "post_attention_layernorm.weight"), h, 1.0f, &L.post_norm));
+    auto bias = [&](const char* p) {
+      return arch.qkv_bias ? LayerName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
+    };
+    MOEMESH_OK(up.Matrix({{LayerName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
+                          {LayerName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
+                          {LayerName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
+                         h, false, &L.qkv));
+    MOEMESH_OK(up.Matrix({{LayerName(l, "self_attn.o_proj.weight"), h, ""}}, qd, false, &L.o));
+    if (arch.qk_norm != QkNorm::kNone) {
+      const bool full = arch.qk_norm == QkNorm::kFull;
+      MOEMESH_OK(up.Vector(LayerName(l, "self_attn.q_norm.weight"), full ? qd : hd, 1.0f,
+                           &L.q_norm));
+      MOEMESH_OK(up.Vector(LayerName(l, "self_attn.k_norm.weight"), full ? kvd : hd, 1.0f,
+                           &L.k_norm));
+    }
+    L.moe = cfg.IsMoeLayer(l);
+    const std::string moe = WeightName(arch.moe_prefix, l);
+    if (L.moe) {
+      MOEMESH_OK(up.Matrix({{moe + "." + arch.router + ".weight", cfg.num_experts, ""}}, h, true,
+                           &L.router));
+      if (arch.shared_expert) {
+        const int64_t w = cfg.shared_expert_intermediate_size;
+        L.has_mlp = true;
+        MOEMESH_OK(up.Matrix({{moe + ".shared_expert.gate_proj.weight", w, ""},
+                              {moe + ".shared_expert.up_proj.weight", w, ""}},
+                             h, false, &L.mlp_gate_up));
+        MOEMESH_OK(up.Matrix({{moe + ".shared_expert.down_proj.weight", h, ""}}, w, false,
+                             &L.mlp_down));
+        L.has_shared_gate = true;
+        MOEMESH_OK(up.Matrix({{moe + ".shared_expert_gate.weight", 1, ""}}, h, true,
+                             &L.shared_gate));
+      }
+    } else {
+      const int64_t w = cfg.intermediate_size;
+      L.has_mlp = true;
+      MOEMESH_OK(up.Matrix({{LayerName(l, "mlp.gate_proj.weight"), w, ""},
+                            {LayerName(l, "mlp.up_proj.weight"), w, ""}},
+                           h, false, &L.mlp_gate_up));
+      MOEMESH_OK(up.Matrix({{LayerName(l, "mlp.down_proj.weight"), h, ""}}, w, false,
+                           &L.mlp_down));
+    }
+  }
+  MOEMESH_OK(up.Vector("model.norm.weight", h, 1.0f, &s->final_norm_));
+  const std::string head = cfg.tie_word_embeddings || (!ckpt.dummy() && ckpt.Find("lm_head.weight") == nullptr)
+                               ? "model.embed_tokens.weight"
+                               : "lm_head.weight";
+  MOEMESH_OK(up.Matrix({{head, cfg.vocab_size, ""}}, h, false, &s->lm_head_));
+  // Rotary frequencies exactly as the CPU computes them (engine/ops/kernels_cpu.cc).
+  std::vector<float> inv(hd / 2);
+  for (int64_t i = 0; i < hd / 2; ++i) {
+    const float e = static_cast<float>(2 * i) / static_cast<float>(hd);
+    inv[i] = 1.0f / static_cast<float>(std::pow(static_cast<double>(static_cast<float>(cfg.rope_theta)),
+                                                static_cast<double>(e)));
+  }
+  MOEMESH_OK(s->inv_freq_.Reserve(inv.size() * sizeof(float)));
+  MOEMESH_CUDA(cudaMemcpy(s->inv_freq_.get(), inv.data(), inv.size() * sizeof(float),
+                          cudaMemcpyHostToDevice));
+  MOEMESH_OK(s->exec_->Sync());
+  return s;
+}
+
+absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, float* hidden,
+                                         KvCache* cache, ExpertBackend* experts,
+                                         std::vector<float>* logits) const {
+  auto* kv = dynamic_cast<CudaKvCache*>(cache);
+  if (kv == nullptr) {
+    return absl::InvalidArgumentError("the CUDA attention stack needs a cache from its NewCache()");
+  }
+  int64_t T = 0, kmax = 1, R = 0;
+  std::vector<int64_t> offset;
+  MOEMESH_OK(PlanBatch(batch, *cache, &offset, &T, &kmax, &R));
+  std::lock_guard<std::mutex> lock(mu_);
+  MOEMESH_CUDA(cudaSetDevice(device_.index));
+  Exec& ex = *exec_;
+  Scratch& s = *scratch_;
+  cudaStream_t st = ex.stream();
+  const int64_t H = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_attention_heads,
+                nkv = cfg_.num_key_value_heads, qd = nh * hd, kvd = nkv * hd,
+                qkvd = qd + 2 * kvd, E = cfg_.num_experts, V = cfg_.vocab_size;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+
+  // Per-token indices, one upload: [pos T][page_off T][k T][sel R][pages P].
+  int64_t P = 0;
+  for (const SeqStep& b : batch) P += static_cast<int64_t>(kv->Pages(b.seq_id).size());
+  const int64_t n_idx = 3 * T + R + P;
+  MOEMESH_OK(s.h_idx.Reserve(n_idx * 4));
+  MOEMESH_OK(s.d_idx.Reserve(n_idx * 4));
+  int32_t* hi = s.h_idx.as<int32_t>();
+  int32_t* h_pos = hi;
+  int32_t* h_off = hi + T;
+  int32_t* h_k = hi + 2 * T;
+  int32_t* h_sel = hi + 3 * T;
+  int32_t* h_pages = hi + 3 * T + R;
+  int64_t pp = 0, r = 0;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const SeqStep& sq = batch[b];
+    const std::vector<int32_t>& pages = kv->Pages(sq.seq_id);
+    const int64_t n = static_cast<int64_t>(sq.tokens.size());
+    const int64_t k = sq.experts_per_token > 0 ? sq.experts_per_token : cfg_.num_experts_per_tok;
+    for (int64_t i = 0; i < n; ++i) {
+      h_pos[offset[b] + i] = static_cast<int32_t>(sq.start_pos + i);
+      h_off[offset[b] + i] = static_cast<int32_t>(pp);
+      h_k[offset[b] + i] = static_cast<int32_t>(k);
+    }
+    for (int64_t i = sq.all_logits ? 0 : n - 1; i < n; ++i) h_sel[r++] = static_cast<int32_t>(offset[b] + i);
+    std::memcpy(h_pages + pp, pages.data(), pages.size() * 4);
+    pp += static_cast<int64_t>(pages.size());
+  }
+  MOEMESH_CUDA(cudaMemcpyAsync(s.d_idx.get(), hi, n_idx * 4, cudaMemcpyHostToDevice, st));
+  const int32_t* d_pos = s.d_idx.as<int32_t>();
+  const int32_t* d_off = d_pos + T;
+  const int32_t* d_k = d_pos + 2 * T;
+  const int32_t* d_sel = d_pos + 3 * T;
+  const int32_t* d_pages = d_pos + 3 * T + R;
+
+  MOEMESH_OK(s.h_hidden.Reserve(T * H * 4));
+  std::memcpy(s.h_hidden.get(), hidden, T * H * 4);
+  MOEMESH_OK(s.h.Reserve(T * H * 4));
+  MOEMESH_OK(s.xn.Reserve(T * H * 4));
+  MOEMESH_OK(s.qkv.Reserve(T * qkvd * 4));
+  MOEMESH_OK(s.q.Reserve(T * qd * 4));
+  MOEMESH_OK(s.att.Reserve(T * qd * 4));
+  MOEMESH_OK(s.rl.Reserve(T * std::max<int64_t>(E, 1) * 4));
+  MOEMESH_OK(s.ids.Reserve(T * kmax * 4));
+  MOEMESH_OK(s.w.Reserve(T * kmax * 4));
+  MOEMESH_OK(s.tmp.Reserve(T * H * 4));
+  MOEMESH_OK(s.g.Reserve(T * 4));
+  float* d_h = s.h.as<float>();
+  float* d_xn = s.xn.as<float>();
+  MOEMESH_CUDA(cudaMemcpyAsync(d_h, s.h_hidden.get(), T * H * 4, cudaMemcpyHostToDevice, st));
+
+  PagedKv pk;
+  pk.pool = kv->pool();
+  pk.page_size = CudaKvCache::kPage;
+  pk.num_layers = cfg_.num_hidden_layers;
+  pk.kv_dim = kvd;
+  pk.pages = d_pages;
+  pk.page_off = d_off;
+  pk.pos = d_pos;
+  const int qk_mode = arch_.qk_norm == QkNorm::kNone ? 0 : arch_.qk_norm == QkNorm::kPerHead ? 1 : 2;
+  const float clip = cfg_.clip_qkv.has_value() ? static_cast<float>(*cfg_.clip_qkv) : 0.0f;
+  const ExpertShard* local = experts->local_shard();
+  const CudaExpertShard* same_gpu =
+      local != nullptr && local->device() == device_ ? static_cast<const CudaExpertShard*>(local)
+                                                     : nullptr;
+
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const Layer& L = layers_[l];
+    MOEMESH_CUDA(RmsNorm(d_h, L.input_norm.as<float>(), T, H, eps, d_xn, st));
+    MOEMESH_OK(Project(ex, L.qkv, 0, d_xn, T, s.qkv.as<float>(), qkvd, false, false));
+    MOEMESH_CUDA(PrepareQkv(s.qkv.as<float>(), T, nh, nkv, hd, clip, qk_mode,
+                            L.q_norm.as<float>(), L.k_norm.as<float>(), eps,
+                            inv_freq_.as<float>(), static_cast<int64_t>(l), pk, s.q.as<float>(),
+                            st));
+    MOEMESH_CUDA(PagedAttention(s.q.as<float>(), T, nh, nkv, hd, static_cast<int64_t>(l), pk,
+                                s.att.as<float>(), st));
+    MOEMESH_OK(Project(ex, L.o, 0, s.att.as<float>(), T, d_h, H, true, false));
+
+    MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));
+    if (L.moe) {
+      MOEMESH_OK(Project(ex, L.router, 0, d_xn, T, s.rl.as<float>(), E, false, false));
+      MOEMESH_CUDA(TopKRouting(s.rl.as<float>(), T, E, d_k, kmax, arch_.norm_topk_prob,
+                               s.ids.as<int32_t>(), s.w.as<float>(), st));
+      if (same_gpu != nullptr) {
+        MOEMESH_OK(same_gpu->RunDevice(ex, static_cast<int32_t>(l), d_xn, T, s.ids.as<int32_t>(),
+                                       s.w.as<float>(), kmax, d_h));
+      } else {
+        // Experts elsewhere (other processes, the CPU, another GPU): through host memory.
+        MOEMESH_OK(s.h_xn.Reserve(T * H * 4));
+        MOEMESH_OK(s.h_route.Reserve(T * kmax * 8));
+        MOEMESH_OK(s.h_moe.Reserve(T * H * 4));
+        int32_t* h_ids = s.h_route.as<int32_t>();
+        float* h_w = reinterpret_cast<float*>(h_ids + T * kmax);
+        MOEMESH_CUDA(cudaMemcpyAsync(s.h_xn.get(), d_xn, T * H * 4, cudaMemcpyDeviceToHost, st));
+        MOEMESH_CUDA(cudaMemcpyAsync(h_ids, s.ids.get(), T * kmax * 4, cudaMemcpyDeviceToHost, st));
+        MOEMESH_CUDA(cudaMemcpyAsync(h_w, s.w.get(), T * kmax * 4, cudaMemcpyDeviceToHost, st));
+        MOEMESH_OK(ex.Sync());
+        float* moe = s.h_moe.as<float>();
+        std::fill(moe, moe + T * H, 0.0f);
+        MOEMESH_OK(experts->RunExperts(static_cast<int32_t>(l), s.h_xn.as<float>(), T, h_ids, h_w,
+                                       kmax, moe));
+        MOEMESH_CUDA(cudaMemcpyAsync(s.tmp.get(), moe, T * H * 4, cudaMemcpyHostToDevice, st));
+        MOEMESH_CUDA(AddInto(d_h, s.tmp.as<float>(), T * H, st));
+      }
+    }
+    if (L.has_mlp) {
+      const int64_t w = L.mlp_down.in;
+      MOEMESH_OK(s.act.Reserve(T * w * 4));
+      MOEMESH_OK(Project(ex, L.mlp_gate_up, 0, d_xn, T, s.act.as<float>(), w, false, true));
+      if (L.has_shared_gate) {
+        MOEMESH_OK(Project(ex, L.mlp_down, 0, s.act.as<float>(), T, s.tmp.as<float>(), H, false,
+                           false));
+        MOEMESH_OK(Project(ex, L.shared_gate, 0, d_xn, T, s.g.as<float>(), 1, false, false));
+        MOEMESH_CUDA(ScaleRowsBySigmoid(s.tmp.as<float>(), s.g.as<float>(), T, H, st));
+        MOEMESH_CUDA(AddInto(d_h, s.tmp.as<float>(), T * H, st));
+      } else {
+        MOEMESH_OK(Project(ex, L.mlp_down, 0, s.act.as<float>(), T, d_h, H, true, false));
+      }
+    }
+  }
+
+  MOEMESH_OK(s.sel.Reserve(R * H * 4));
+  MOEMESH_OK(s.logits.Reserve(R * V * 4));
+  MOEMESH_CUDA(GatherRows(d_h, d_sel, R, H, s.sel.as<float>(), st));
+  MOEMESH_CUDA(RmsNorm(s.sel.as<float>(), final_norm_.as<float>(), R, H, eps, s.sel.as<float>(), st));
+  MOEMESH_OK(Project(ex, lm_head_, 0, s.sel.as<float>(), R, s.logits.as<float>(), V, false, false));
+  logits->resize(R * V);
+  MOEMESH_CUDA(cudaMemcpyAsync(logits->data(), s.logits.get(), R * V * 4, cudaMemcpyDeviceToHost, st));
+  return ex.Sync();
+}
+
+// ---------------------------------------------------------------- registration
+
+int DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+  return n;
+}
+
+void RegisterCudaBackend() {
+  DeviceBackend b;
+  b.load_attention = [](const CheckpointReader& ckpt, const ModelConfig& cfg,
+                        const ArchSpec& arch,
+                        const LoadOptions& opt) -> absl::StatusOr<std::unique_ptr<AttentionStack>> {
+    auto s = CudaAttentionStack::Load(ckpt, cfg, arch, opt);
+    if (!s.ok()) return s.status();
+    return std::unique_ptr<AttentionStack>(std::move(*s));
+  };
+  b.load_experts = [](const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
+                      const std::set<ExpertId>& shards,
+                      const LoadOptions& opt) -> absl::StatusOr<std::unique_ptr<ExpertShard>> {
+    auto s = CudaExpertShard::Load(ckpt, cfg, arch, shards, opt);
+    if (!s.ok()) return s.status();
+    return std::unique_ptr<ExpertShard>(std::move(*s));
+  };
+  b.describe = [](const Device& d) -> absl::StatusOr<std::string> {
+    MOEMESH_OK(CheckDevice(d));
+    cudaDeviceProp prop;
+    MOEMESH_CUDA(cudaGetDeviceProperties(&prop, d.index));
+    return absl::StrCat(d.ToString(), " (", prop.name, ")");
+  };
+  RegisterDeviceBackend(Device::Kind::kCuda, std::move(b));
+}
+
+}  // namespace cuda
+}  // namespace moemesh

@@ -1,0 +1,189 @@
+// The CUDA implementations of the engine's device-dependent parts: the expert shard of an
+// expert worker and the attention stack of an attention worker (with its paged KV cache on the
+// GPU). Loaded through ExpertShard::Load / AttentionStack::Load with LoadOptions::device =
+// cuda:N once //engine/cuda:backend is linked (bazel build --config=cuda).
+//
+// Weights live on the GPU in the checkpoint's precision (fp32 checkpoints stay fp32 so that the
+// oracle's fp32 logits are reproduced; bf16 stay bf16; --compute_dtype=bf16 stores bf16); the
+// router (gate) stays fp32 as on the CPU. Activations are fp32. Products with at most
+// kSmallM rows run in our own kernel (weights streamed once, fp32 activations, fp32
+// accumulation); larger ones in cuBLAS (fp32 weights: fp32 GEMM; bf16 weights: activations
+// rounded to bf16, fp32 accumulation).
+#ifndef MOEMESH_ENGINE_CUDA_CUDA_ENGINE_H_
+#define MOEMESH_ENGINE_CUDA_CUDA_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/cuda/kernels.h"
+#include "engine/model.h"
+
+namespace moemesh {
+namespace cuda {
+
+constexpr int64_t kSmallM = 16;
+
+absl::Status CudaStatus(cudaError_t e, const char* what);
+
+// Device memory, grown on demand (contents are not kept when it grows). Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr; o.bytes_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer();
+  absl::Status Reserve(size_t bytes);
+  template <typename T>
+  T* as() const { return static_cast<T*>(p_); }
+  void* get() const { return p_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Page-locked host memory (for asynchronous copies), grown on demand. Move-only.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer();
+  absl::Status Reserve(size_t bytes);
+  template <typename T>
+  T* as() const { return static_cast<T*>(p_); }
+  void* get() const { return p_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// A stream, a cuBLAS handle bound to it and the scratch memory of the work queued on it.
+class Exec {
+ public:
+  static absl::StatusOr<std::unique_ptr<Exec>> Create(int device);
+  ~Exec();
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t blas() const { return blas_; }
+  absl::Status Sync();
+  DeviceBuffer xb16, gu;  // scratch of Project's cuBLAS path
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+};
+
+// Weights of one or more (`count`) [rows, in] matrices stored back to back on the device.
+struct DeviceMatrix {
+  DeviceBuffer w;
+  WType wt = WType::kF32;
+  int64_t rows = 0, in = 0, count = 0;
+  DeviceBuffer bias;  // [rows] fp32, or empty
+  bool has_bias = false;
+  const void* matrix(int64_t slot) const {
+    return static_cast<const char*>(w.get()) + slot * rows * in * WTypeSize(wt);
+  }
+};
+
+// y[m, out] (+)= x[m, in] W^T (+ bias) with matrix `slot` of `mat`; with `swiglu`, W is a fused
+// [2 out, in] gate/up matrix and y = silu(gate) * up ([m, out], ldy == out).
+absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const float* x, int64_t m,
+                     float* y, int64_t ldy, bool accumulate, bool swiglu);
+
+// Routed experts on one GPU.
+class CudaExpertShard : public ExpertShard {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaExpertShard>> Load(const CheckpointReader& ckpt,
+                                                               const ModelConfig& cfg,
+                                                               const ArchSpec& arch,
+                                                               const std::set<ExpertId>& shards,
+                                                               const LoadOptions& opt);
+  ~CudaExpertShard() override;
+  // Host memory in and out (the expert worker's RunExperts): rows grouped by expert on the
+  // host, one upload, all experts' products, the weighted combine on the GPU, one download.
+  // Thread-safe: each call in flight takes its own stream and buffers.
+  absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
+                          const float* weights, int64_t k, float* out) const override;
+  Device device() const override { return device_; }
+
+  // Device memory in and out, on `ex`'s stream (the in-process CUDA attention stack): routing
+  // ids/weights [n, k] stay on the GPU when n * k is small (decode); larger batches group on
+  // the host. out[n, hidden] is accumulated into.
+  absl::Status RunDevice(Exec& ex, int32_t layer, const float* x, int64_t n, const int32_t* ids,
+                         const float* weights, int64_t k, float* out) const;
+
+ private:
+  struct Scratch;
+  struct Plan;  // host-side grouping of one call
+  absl::Status RunGrouped(Exec& ex, Scratch& s, int32_t layer, const float* x, int64_t n,
+                          const Plan& plan, int64_t k, const float* d_weights,
+                          float* out) const;
+  std::unique_ptr<Scratch> TakeScratch() const;
+  void GiveScratch(std::unique_ptr<Scratch> s) const;
+
+  Device device_;
+  int64_t hidden_ = 0, width_ = 0, num_experts_ = 0;
+  struct LayerWeights {
+    DeviceMatrix gate_up, down;       // [held, 2 width, hidden], [held, hidden, width]
+    std::vector<int32_t> slot;        // expert -> slot, -1 if not held
+    DeviceBuffer d_slot;              // same on the device
+  };
+  std::vector<LayerWeights> layers_;
+  mutable std::mutex mu_;
+  mutable std::vector<std::unique_ptr<Scratch>> free_;
+};
+
+// The attention side of the model on one GPU.
+class CudaAttentionStack : public AttentionStack {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaAttentionStack>> Load(const CheckpointReader& ckpt,
+                                                                  const ModelConfig& cfg,
+                                                                  const ArchSpec& arch,
+                                                                  const LoadOptions& opt);
+  ~CudaAttentionStack() override;
+  absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                       ExpertBackend* experts, std::vector<float>* logits) const override;
+  std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const override;
+  Device device() const override { return device_; }
+
+ private:
+  struct Layer {
+    DeviceBuffer input_norm, post_norm, q_norm, k_norm;  // fp32
+    DeviceMatrix qkv, o, router, mlp_gate_up, mlp_down, shared_gate;
+    bool moe = true, has_mlp = false, has_shared_gate = false;
+  };
+  struct Scratch;
+  Device device_;
+  std::vector<Layer> layers_;
+  DeviceBuffer final_norm_, inv_freq_;
+  DeviceMatrix lm_head_;
+  mutable std::mutex mu_;
+  std::unique_ptr<Exec> exec_;
+  std::unique_ptr<Scratch> scratch_;
+};
+
+// Registers the CUDA backend with the engine (engine/model.h's RegisterDeviceBackend).
+// //engine/cuda:backend calls it at start-up; tests may call it again (idempotent).
+void RegisterCudaBackend();
+
+// Number of visible GPUs (0 without a driver or GPU; never fails).
+int DeviceCount();
+
+}  // namespace cuda
+}  // namespace moemesh
+
+#endif  // MOEMESH_ENGINE_CUDA_CUDA_ENGINE_H_

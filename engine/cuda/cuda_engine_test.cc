@@ -1,0 +1,370 @@
+// Device ops against references computed here in double precision (or against the CPU ops where
+// the reference is the CPU's exact semantics: routing ids). Each test names its device; CUDA
+// cases report themselves skipped without a GPU.
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/arch.h"
+#include "engine/config.h"
+#include "engine/cuda/cuda_engine.h"
+#include "engine/dtype.h"
+#include "engine/model.h"
+#include "engine/ops/attention.h"
+#include "engine/ops/kernels.h"
+#include "engine/ops/threading.h"
+#include "engine/safetensors.h"
+#include "gtest/gtest.h"
+
+namespace moemesh {
+namespace {
+
+bool HaveGpu() { return cuda::DeviceCount() > 0; }
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine"
+
+std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(-scale, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(g);
+  return v;
+}
+
+template <typename T>
+T* Upload(const std::vector<T>& h, cuda::DeviceBuffer* d) {
+  EXPECT_TRUE(d->Reserve(h.size() * sizeof(T)).ok());
+  EXPECT_EQ(cudaMemcpy(d->get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice),
+            cudaSuccess);
+  return d->as<T>();
+}
+
+template <typename T>
+std::vector<T> Download(const T* d, size_t n) {
+  std::vector<T> h(n);
+  EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  return h;
+}
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<double>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+  return m;
+}
+
+// ---------------------------------------------------------------- projections
+
+struct LinearCase {
+  int64_t m;
+  bool bf16;
+};
+
+class ProjectTest : public ::testing::TestWithParam<LinearCase> {};
+
+// Small-batch kernel (m <= 16) and cuBLAS (m > 16), fp32 and bf16 weights, plain, accumulate,
+// bias and fused SwiGLU, against a double-precision reference over the stored weights.
+TEST_P(ProjectTest, MatchesDoubleReference) {
+  SKIP_WITHOUT_GPU();
+  const auto [m, bf16] = GetParam();
+  const int64_t out = 72, in = 264;  // in % 8 == 0 (vector path); out not a multiple of 8
+  std::vector<float> w = Random(2 * out * in, 1, 0.1f), x = Random(m * in, 2), b = Random(2 * out, 3);
+  std::vector<float> wq(w.size());  // weights as stored
+  for (size_t i = 0; i < w.size(); ++i) wq[i] = bf16 ? BF16ToF32(F32ToBF16(w[i])) : w[i];
+  // With bf16 weights, cuBLAS also sees bf16 activations.
+  std::vector<float> xq(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    xq[i] = bf16 && m > cuda::kSmallM ? BF16ToF32(F32ToBF16(x[i])) : x[i];
+  }
+  auto ex = cuda::Exec::Create(0);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  cuda::DeviceMatrix mat;
+  mat.wt = bf16 ? cuda::WType::kBF16 : cuda::WType::kF32;
+  mat.rows = 2 * out;
+  mat.in = in;
+  mat.count = 1;
+  ASSERT_TRUE(mat.w.Reserve(w.size() * cuda::WTypeSize(mat.wt)).ok());
+  if (bf16) {
+    std::vector<uint16_t> h(w.size());
+    for (size_t i = 0; i < w.size(); ++i) h[i] = F32ToBF16(w[i]);
+    cudaMemcpy(mat.w.get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice);
+  } else {
+    cudaMemcpy(mat.w.get(), w.data(), w.size() * 4, cudaMemcpyHostToDevice);
+  }
+  cuda::DeviceBuffer dx, dy;
+  const float* d_x = Upload(x, &dx);
+  std::vector<float> y0 = Random(m * 2 * out, 4);
+  float* d_y = Upload(y0, &dy);
+
+  // y = x W^T + b, then y += x W^T (accumulate).
+  ASSERT_TRUE(mat.bias.Reserve(2 * out * 4).ok());
+  cudaMemcpy(mat.bias.get(), b.data(), 2 * out * 4, cudaMemcpyHostToDevice);
+  mat.has_bias = true;
+  ASSERT_TRUE(cuda::Project(**ex, mat, 0, d_x, m, d_y, 2 * out, false, false).ok());
+  mat.has_bias = false;
+  ASSERT_TRUE(cuda::Project(**ex, mat, 0, d_x, m, d_y, 2 * out, true, false).ok());
+  ASSERT_TRUE((*ex)->Sync().ok());
+  std::vector<double> ref(m * 2 * out);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t o = 0; o < 2 * out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += double(xq[r * in + i]) * wq[o * in + i];
+      ref[r * 2 * out + o] = 2 * acc + b[o];
+    }
+  }
+  const double tol = bf16 && m > cuda::kSmallM ? 2e-3 : 2e-5;
+  EXPECT_LT(MaxAbsDiff(Download(d_y, m * 2 * out), ref), tol);
+
+  // SwiGLU: silu(gate) * up with gate rows [0, out), up rows [out, 2 out).
+  ASSERT_TRUE(cuda::Project(**ex, mat, 0, d_x, m, d_y, out, false, true).ok());
+  ASSERT_TRUE((*ex)->Sync().ok());
+  std::vector<double> act(m * out);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      const double g = ref[r * 2 * out + o] / 2 - b[o];
+      const double u = ref[r * 2 * out + out + o] / 2 - b[out + o];
+      act[r * out + o] = g / (1 + std::exp(-g)) * u;
+    }
+  }
+  EXPECT_LT(MaxAbsDiff(Download(d_y, m * out), act), tol);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ProjectTest,
+                         ::testing::Values(LinearCase{1, false}, LinearCase{1, true},
+                                           LinearCase{11, false}, LinearCase{11, true},
+                                           LinearCase{40, false}, LinearCase{40, true}),
+                         [](const auto& info) {
+                           return "m" + std::to_string(info.param.m) +
+                                  (info.param.bf16 ? "_bf16" : "_f32");
+                         });
+
+// ---------------------------------------------------------------- norms, routing, attention
+
+TEST(CudaKernelsTest, RmsNormMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 5, dim = 300;
+  std::vector<float> x = Random(rows * dim, 5), w = Random(dim, 6), ref(rows * dim);
+  ops::RmsNorm(x.data(), w.data(), rows, dim, 1e-6f, ref.data());
+  cuda::DeviceBuffer dx, dw;
+  float* d_x = Upload(x, &dx);
+  ASSERT_EQ(cuda::RmsNorm(d_x, Upload(w, &dw), rows, dim, 1e-6f, d_x, nullptr), cudaSuccess);
+  std::vector<double> r(ref.begin(), ref.end());
+  EXPECT_LT(MaxAbsDiff(Download(d_x, rows * dim), r), 1e-5);
+}
+
+// Same experts (ties to the lower index) and weights as the CPU, per-row k, renormalisation.
+TEST(CudaKernelsTest, TopKRoutingMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 7, experts = 60, kmax = 8;
+  std::vector<float> logits = Random(rows * experts, 7, 3.0f);
+  logits[3] = logits[4];  // a tie
+  std::vector<int32_t> kpr = {8, 8, 2, 8, 1, 8, 5};
+  for (bool normalize : {false, true}) {
+    cuda::DeviceBuffer dl, dk, di, dw;
+    ASSERT_TRUE(di.Reserve(rows * kmax * 4).ok());
+    ASSERT_TRUE(dw.Reserve(rows * kmax * 4).ok());
+    ASSERT_EQ(cuda::TopKRouting(Upload(logits, &dl), rows, experts, Upload(kpr, &dk), kmax,
+                                normalize, di.as<int32_t>(), dw.as<float>(), nullptr),
+              cudaSuccess);
+    std::vector<int32_t> ids = Download(di.as<int32_t>(), rows * kmax);
+    std::vector<float> w = Download(dw.as<float>(), rows * kmax);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<int32_t> rid(kpr[r]);
+      std::vector<float> rw(kpr[r]);
+      ops::TopKRouting(&logits[r * experts], 1, experts, kpr[r], normalize, rid.data(), rw.data());
+      for (int64_t j = 0; j < kmax; ++j) {
+        if (j < kpr[r]) {
+          EXPECT_EQ(ids[r * kmax + j], rid[j]) << "row " << r << " slot " << j;
+          EXPECT_NEAR(w[r * kmax + j], rw[j], 1e-5);
+        } else {
+          EXPECT_EQ(ids[r * kmax + j], -1);
+          EXPECT_EQ(w[r * kmax + j], 0.0f);
+        }
+      }
+    }
+  }
+}
+
+// q/k norm per head + RoPE + paged cache write, then paged attention, against the CPU's
+// RmsNorm, Rope and Attention over a contiguous cache. Two sequences in one batch, pages
+// scattered, GQA (8 query heads over 2 kv heads), a head_dim that is not a multiple of 32.
+TEST(CudaKernelsTest, PrepareQkvAndPagedAttentionMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const int64_t nh = 8, nkv = 2, hd = 48, qd = nh * hd, kvd = nkv * hd, qkvd = qd + 2 * kvd;
+  const int64_t page = 16, layers = 2, layer = 1;
+  const std::vector<int64_t> lens = {37, 5};
+  const std::vector<std::vector<int32_t>> pages = {{5, 0, 3}, {1}};
+  const float eps = 1e-6f, theta = 1e6f;
+  std::vector<float> qn = Random(hd, 11), kn = Random(hd, 12);
+  std::vector<float> inv(hd / 2);
+  for (int64_t i = 0; i < hd / 2; ++i) {
+    inv[i] = 1.0f / static_cast<float>(std::pow(double(theta), double(float(2 * i) / float(hd))));
+  }
+  int64_t T = 0;
+  for (int64_t n : lens) T += n;
+  std::vector<float> qkv = Random(T * qkvd, 13);
+  std::vector<int32_t> pos, off, flat;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    for (int64_t i = 0; i < lens[s]; ++i) {
+      pos.push_back(static_cast<int32_t>(i));
+      off.push_back(static_cast<int32_t>(flat.size()));
+    }
+    flat.insert(flat.end(), pages[s].begin(), pages[s].end());
+  }
+  cuda::DeviceBuffer pool, dqkv, dq, dout, dpos, doff, dpages, dqn, dkn, dinv;
+  ASSERT_TRUE(pool.Reserve(6 * layers * 2 * page * kvd * 4).ok());
+  ASSERT_TRUE(dq.Reserve(T * qd * 4).ok());
+  ASSERT_TRUE(dout.Reserve(T * qd * 4).ok());
+  cuda::PagedKv kv;
+  kv.pool = pool.as<float>();
+  kv.page_size = page;
+  kv.num_layers = layers;
+  kv.kv_dim = kvd;
+  kv.pages = Upload(flat, &dpages);
+  kv.page_off = Upload(off, &doff);
+  kv.pos = Upload(pos, &dpos);
+  ASSERT_EQ(cuda::PrepareQkv(Upload(qkv, &dqkv), T, nh, nkv, hd, 0.0f, 1, Upload(qn, &dqn),
+                             Upload(kn, &dkn), eps, Upload(inv, &dinv), layer, kv, dq.as<float>(),
+                             nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::PagedAttention(dq.as<float>(), T, nh, nkv, hd, layer, kv, dout.as<float>(),
+                                 nullptr),
+            cudaSuccess);
+  std::vector<float> got = Download(dout.as<float>(), T * qd);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  // CPU: the same steps per sequence.
+  int64_t t0 = 0;
+  double max_err = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    const int64_t n = lens[s];
+    std::vector<float> q(n * qd), k(n * kvd), v(n * kvd), out(n * qd);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = &qkv[(t0 + i) * qkvd];
+      std::copy(row, row + qd, &q[i * qd]);
+      std::copy(row + qd, row + qd + kvd, &k[i * kvd]);
+      std::copy(row + qd + kvd, row + qkvd, &v[i * kvd]);
+    }
+    ops::RmsNorm(q.data(), qn.data(), n * nh, hd, eps, q.data());
+    ops::RmsNorm(k.data(), kn.data(), n * nkv, hd, eps, k.data());
+    std::vector<int32_t> p(pos.begin() + t0, pos.begin() + t0 + n);
+    ops::Rope(q.data(), p.data(), n, nh, hd, theta);
+    ops::Rope(k.data(), p.data(), n, nkv, hd, theta);
+    ops::Attention(q.data(), k.data(), v.data(), 0, n, nh, nkv, hd, out.data());
+    for (int64_t i = 0; i < n * qd; ++i) {
+      max_err = std::max(max_err, double(std::abs(out[i] - got[t0 * qd + i])));
+    }
+    t0 += n;
+  }
+  EXPECT_LT(max_err, 1e-5);
+}
+
+// ---------------------------------------------------------------- experts
+
+struct ExpertCase {
+  std::string device;
+  ComputeType compute;
+  int64_t rows;
+};
+
+class ExpertShardTest : public ::testing::TestWithParam<ExpertCase> {};
+
+// The routed experts of the embedded model (bf16 weights) on each device, a shard holding half
+// of them, against a double-precision reference computed from the checkpoint's weights.
+TEST_P(ExpertShardTest, MatchesDoubleReference) {
+  const ExpertCase c = GetParam();
+  if (c.device != "cpu") SKIP_WITHOUT_GPU();
+  const std::string dir = "models/pydoc-moe-17m";
+  auto cfg = ModelConfig::FromFile(dir + "/config.json");
+  ASSERT_TRUE(cfg.ok());
+  auto arch = ArchFor(*cfg);
+  auto ckpt = CheckpointReader::Open(dir);
+  ASSERT_TRUE(arch.ok() && ckpt.ok());
+  const int32_t layer = 2;
+  std::set<ExpertId> held;
+  for (int32_t e = 0; e < cfg->num_experts; e += 2) held.insert({layer, e});
+  LoadOptions opt;
+  opt.compute = c.compute;
+  opt.device = *ParseDevice(c.device);
+  auto shard = ExpertShard::Load(**ckpt, *cfg, *arch, held, opt);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  const int64_t H = cfg->hidden_size, W = cfg->moe_intermediate_size, k = 3, n = c.rows;
+  std::vector<float> x = Random(n * H, 21), wts = Random(n * k, 22);
+  std::vector<int32_t> ids(n * k);
+  std::mt19937 g(23);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < k; ++j) ids[r * k + j] = j == 2 && r % 3 == 0 ? -1 : 2 * (g() % 8);
+  }
+  std::vector<float> out = Random(n * H, 24);  // accumulated into
+  std::vector<double> ref(out.begin(), out.end());
+  auto weight = [&](int32_t e, const std::string& which, int64_t rows, int64_t in) {
+    const TensorInfo* t = (*ckpt)->Find(WeightName(arch->moe_prefix, layer) + "." +
+                                        WeightName(arch->expert, layer, e) + "." + which +
+                                        ".weight");
+    std::vector<float> f(rows * in);
+    ToF32(t->data, t->dtype, rows * in, f.data());
+    return f;
+  };
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = ids[r * k + j];
+      if (e < 0) continue;
+      auto gw = weight(e, arch->expert_gate, W, H), uw = weight(e, arch->expert_up, W, H),
+           dw = weight(e, arch->expert_down, H, W);
+      std::vector<double> act(W);
+      for (int64_t o = 0; o < W; ++o) {
+        double gs = 0, us = 0;
+        for (int64_t i = 0; i < H; ++i) {
+          gs += double(x[r * H + i]) * gw[o * H + i];
+          us += double(x[r * H + i]) * uw[o * H + i];
+        }
+        act[o] = gs / (1 + std::exp(-gs)) * us;
+      }
+      for (int64_t o = 0; o < H; ++o) {
+        double s = 0;
+        for (int64_t i = 0; i < W; ++i) s += act[i] * dw[o * W + i];
+        ref[r * H + o] += wts[r * k + j] * s;
+      }
+    }
+  }
+  ASSERT_TRUE((*shard)->RunExperts(layer, x.data(), n, ids.data(), wts.data(), k, out.data()).ok());
+  // bf16 rounding of activations (bf16 compute, or cuBLAS over bf16 weights) costs ~3 digits.
+  const bool rounded = c.compute == ComputeType::kBF16 || (c.device != "cpu" && n * k / 8 > cuda::kSmallM);
+  EXPECT_LT(MaxAbsDiff(out, ref), rounded ? 5e-2 : 1e-4) << c.device << " rows " << n;
+
+  // An expert this shard does not hold is refused, and nothing is written.
+  ids[0] = 1;
+  std::vector<float> before = out;
+  auto st = (*shard)->RunExperts(layer, x.data(), n, ids.data(), wts.data(), k, out.data());
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_EQ(out, before);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Devices, ExpertShardTest,
+    ::testing::Values(ExpertCase{"cpu", ComputeType::kF32, 5},
+                      ExpertCase{"cpu", ComputeType::kF32, 70},
+                      ExpertCase{"cpu", ComputeType::kBF16, 70},
+                      ExpertCase{"cuda:0", ComputeType::kF32, 5},
+                      ExpertCase{"cuda:0", ComputeType::kF32, 70},
+                      ExpertCase{"cuda:0", ComputeType::kBF16, 70}),
+    [](const auto& info) {
+      return (info.param.device == "cpu" ? std::string("cpu") : std::string("cuda")) + "_" +
+             (info.param.compute == ComputeType::kF32 ? "fp32" : "bf16") + "_rows" +
+             std::to_string(info.param.rows);
+    });
+
+// A device that does not exist is a clear error, not a crash.
+TEST(CudaDeviceTest, MissingDeviceIsNotFound) {
+  auto st = DescribeDevice(*ParseDevice("cuda:64"));
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kNotFound) << st.status();
+  if (HaveGpu()) {
+    auto ok = DescribeDevice(*ParseDevice("cuda:0"));
+    ASSERT_TRUE(ok.ok()) << ok.status();
+    EXPECT_EQ(ok->rfind("cuda:0 (", 0), 0u) << *ok;
+  }
+}
+
+}  // namespace
+}  // namespace moemesh

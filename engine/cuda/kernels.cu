@@ -1,0 +1,650 @@
+#include "engine/cuda/kernels.h"
+
+#include <cstdint>
+
+namespace moemesh {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024). `scratch`: 32 floats of shared
+// memory. Every thread gets the result.
+__device__ float BlockSum(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = WarpSum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int nw = blockDim.x / kWarp;
+  float t = lane < nw ? scratch[lane] : 0.0f;
+  return WarpSum(t);
+}
+
+__device__ __forceinline__ float Bf16ToF32(uint16_t b) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
+
+__device__ __forceinline__ uint16_t F32ToBf16(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Eight consecutive weights as fp32.
+__device__ __forceinline__ void Load8(const float* p, float* w) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+  w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+}
+
+__device__ __forceinline__ void Load8(const uint16_t* p, float* w) {
+  const uint4 a = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[2 * i] = __uint_as_float(words[i] << 16);
+    w[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
+__device__ __forceinline__ float Load1(const float* p) { return *p; }
+__device__ __forceinline__ float Load1(const uint16_t* p) { return Bf16ToF32(*p); }
+
+__device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
+
+constexpr int kLinWarps = 8;  // output rows per block
+constexpr int kLinRows = 8;   // x rows per pass over the weights
+
+template <typename WT, bool kVec, bool kSwiglu>
+__global__ void __launch_bounds__(kLinWarps * kWarp)
+    SmallMKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
+                 const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
+                 bool accumulate, Groups groups) {
+  int r0 = 0, r1 = m;
+  int64_t slot = 0;
+  if (groups.num_groups != nullptr) {
+    const int g = blockIdx.y;
+    if (g >= *groups.num_groups) return;
+    r0 = groups.row_begin[g];
+    r1 = groups.row_begin[g + 1];
+    slot = groups.slot[g];
+  }
+  const int lane = threadIdx.x % kWarp;
+  const int o = blockIdx.x * kLinWarps + threadIdx.x / kWarp;
+  if (o >= out) return;
+  const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
+  const WT* wg = w + (slot * mat_rows + o) * static_cast<int64_t>(in);
+  const WT* wu = kSwiglu ? wg + static_cast<int64_t>(out) * in : nullptr;
+  for (int rb = r0; rb < r1; rb += kLinRows) {
+    const int nr = min(kLinRows, r1 - rb);
+    const float* xb = x + static_cast<int64_t>(rb) * in;
+    float ag[kLinRows], au[kLinRows];
+#pragma unroll
+    for (int r = 0; r < kLinRows; ++r) ag[r] = au[r] = 0.0f;
+    if (kVec) {
+#pragma unroll 2
+      for (int i = lane * 8; i < in; i += kWarp * 8) {
+        float wv[8], uv[8];
+        Load8(wg + i, wv);
+        if (kSwiglu) Load8(wu + i, uv);
+#pragma unroll
+        for (int r = 0; r < kLinRows; ++r) {
+          if (r < nr) {
+            float xv[8];
+            Load8(xb + static_cast<int64_t>(r) * in + i, xv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              ag[r] = fmaf(xv[e], wv[e], ag[r]);
+              if (kSwiglu) au[r] = fmaf(xv[e], uv[e], au[r]);
+            }
+          }
+        }
+      }
+    } else {
+      for (int i = lane; i < in; i += kWarp) {
+        const float wv = Load1(wg + i);
+        const float uv = kSwiglu ? Load1(wu + i) : 0.0f;
+#pragma unroll
+        for (int r = 0; r < kLinRows; ++r) {
+          if (r < nr) {
+            const float xv = xb[static_cast<int64_t>(r) * in + i];
+            ag[r] = fmaf(xv, wv, ag[r]);
+            if (kSwiglu) au[r] = fmaf(xv, uv, au[r]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kLinRows; ++r) {
+      ag[r] = WarpSum(ag[r]);
+      if (kSwiglu) au[r] = WarpSum(au[r]);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kLinRows; ++r) {
+        if (r < nr) {
+          float v;
+          if (kSwiglu) {
+            v = Silu(ag[r]) * au[r];
+          } else {
+            v = ag[r] + (bias != nullptr ? bias[o] : 0.0f);
+          }
+          float* dst = y + static_cast<int64_t>(rb + r) * ldy + o;
+          *dst = accumulate ? *dst + v : v;
+        }
+      }
+    }
+  }
+}
+
+template <typename WT>
+cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in, const float* x,
+                         int64_t m, float* y, int64_t ldy, bool accumulate, bool swiglu,
+                         const Groups& groups, cudaStream_t stream) {
+  const bool vec = in % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  dim3 grid(static_cast<unsigned>((out + kLinWarps - 1) / kLinWarps),
+            static_cast<unsigned>(groups.num_groups != nullptr ? groups.max_groups : 1));
+  dim3 block(kLinWarps * kWarp);
+  const int o = static_cast<int>(out), k = static_cast<int>(in), mm = static_cast<int>(m);
+  if (vec && swiglu) {
+    SmallMKernel<WT, true, true><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                             accumulate, groups);
+  } else if (vec) {
+    SmallMKernel<WT, true, false><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                              accumulate, groups);
+  } else if (swiglu) {
+    SmallMKernel<WT, false, true><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                              accumulate, groups);
+  } else {
+    SmallMKernel<WT, false, false><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                               accumulate, groups);
+  }
+  return cudaGetLastError();
+}
+
+__global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* y) {
+  __shared__ float scratch[32];
+  const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
+  float* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+  ss = BlockSum(ss, scratch);
+  const float inv = rsqrtf(ss / static_cast<float>(dim) + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
+}
+
+__device__ __forceinline__ float* KvRow(const PagedKv& kv, int64_t layer, int32_t page_off,
+                                        int pos, int which) {
+  const int32_t page = kv.pages[page_off + pos / kv.page_size];
+  return kv.pool +
+         ((static_cast<int64_t>(page) * kv.num_layers + layer) * 2 + which) * kv.page_size *
+             kv.kv_dim +
+         static_cast<int64_t>(pos % kv.page_size) * kv.kv_dim;
+}
+
+__global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int hd, float clip,
+                                 int mode, const float* q_norm, const float* k_norm, float eps,
+                                 const float* inv_freq, int64_t layer, PagedKv kv, float* q_out) {
+  extern __shared__ float s[];
+  __shared__ float scratch[32];
+  const int t = blockIdx.x;
+  const int qd = heads * hd, kvd = kv_heads * hd, n = qd + 2 * kvd;
+  const float* row = qkv + static_cast<int64_t>(t) * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = row[i];
+    if (clip > 0.0f) v = fminf(fmaxf(v, -clip), clip);
+    s[i] = v;
+  }
+  __syncthreads();
+  if (mode == 1) {  // per head, over q heads then k heads
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+    for (int h = warp; h < heads + kv_heads; h += nw) {
+      float* v = s + h * hd;
+      const float* wn = h < heads ? q_norm : k_norm;
+      float ss = 0.0f;
+      for (int i = lane; i < hd; i += kWarp) ss = fmaf(v[i], v[i], ss);
+      ss = WarpSum(ss);
+      const float inv = rsqrtf(ss / static_cast<float>(hd) + eps);
+      __syncwarp();
+      for (int i = lane; i < hd; i += kWarp) v[i] = v[i] * inv * wn[i];
+    }
+    __syncthreads();
+  } else if (mode == 2) {  // over the whole q (k) projection
+    float ssq = 0.0f, ssk = 0.0f;
+    for (int i = threadIdx.x; i < qd; i += blockDim.x) ssq = fmaf(s[i], s[i], ssq);
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) ssk = fmaf(s[qd + i], s[qd + i], ssk);
+    ssq = BlockSum(ssq, scratch);
+    ssk = BlockSum(ssk, scratch);
+    const float iq = rsqrtf(ssq / static_cast<float>(qd) + eps);
+    const float ik = rsqrtf(ssk / static_cast<float>(kvd) + eps);
+    for (int i = threadIdx.x; i < qd; i += blockDim.x) s[i] = s[i] * iq * q_norm[i];
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) s[qd + i] = s[qd + i] * ik * k_norm[i];
+    __syncthreads();
+  }
+  // Rotary embedding (rotate-half), on q and k heads.
+  const int pos = kv.pos[t];
+  const int half = hd / 2;
+  for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
+    const int h = idx / half, i = idx % half;
+    const float angle = static_cast<float>(pos) * inv_freq[i];
+    const float c = static_cast<float>(cos(static_cast<double>(angle)));
+    const float sn = static_cast<float>(sin(static_cast<double>(angle)));
+    float* v = s + h * hd;
+    const float x1 = v[i], x2 = v[i + half];
+    v[i] = x1 * c - x2 * sn;
+    v[i + half] = x2 * c + x1 * sn;
+  }
+  __syncthreads();
+  float* qo = q_out + static_cast<int64_t>(t) * qd;
+  for (int i = threadIdx.x; i < qd; i += blockDim.x) qo[i] = s[i];
+  float* kr = KvRow(kv, layer, kv.page_off[t], pos, 0);
+  float* vr = KvRow(kv, layer, kv.page_off[t], pos, 1);
+  for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+    kr[i] = s[qd + i];
+    vr[i] = s[qd + kvd + i];
+  }
+}
+
+constexpr int kAttWarps = 4;
+constexpr int kMaxDimPerLane = 8;  // head_dim <= 256
+
+__global__ void __launch_bounds__(kAttWarps * kWarp)
+    PagedAttentionKernel(const float* q, int heads, int kv_heads, int hd, int64_t layer,
+                         PagedKv kv, float* out) {
+  __shared__ float sm_m[kAttWarps], sm_l[kAttWarps];
+  __shared__ float sm_acc[kAttWarps][kMaxDimPerLane * kWarp];
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int qd = heads * hd;
+  const int kvh = h / (heads / kv_heads);
+  const float scale = rsqrtf(static_cast<float>(hd));
+  const int pos = kv.pos[t];
+  const int32_t poff = kv.page_off[t];
+  float qr[kMaxDimPerLane], acc[kMaxDimPerLane];
+#pragma unroll
+  for (int d = 0; d < kMaxDimPerLane; ++d) {
+    const int i = lane + d * kWarp;
+    qr[d] = i < hd ? q[static_cast<int64_t>(t) * qd + h * hd + i] * scale : 0.0f;
+    acc[d] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int p = warp; p <= pos; p += kAttWarps) {
+    const float* kr = KvRow(kv, layer, poff, p, 0) + kvh * hd;
+    const float* vr = KvRow(kv, layer, poff, p, 1) + kvh * hd;
+    float dot = 0.0f, vv[kMaxDimPerLane];
+#pragma unroll
+    for (int d = 0; d < kMaxDimPerLane; ++d) {
+      const int i = lane + d * kWarp;
+      if (i < hd) {
+        dot = fmaf(qr[d], kr[i], dot);
+        vv[d] = vr[i];
+      } else {
+        vv[d] = 0.0f;
+      }
+    }
+    dot = WarpSum(dot);
+    const float mn = fmaxf(m, dot);
+    const float corr = expf(m - mn), e = expf(dot - mn);
+    l = l * corr + e;
+#pragma unroll
+    for (int d = 0; d < kMaxDimPerLane; ++d) acc[d] = fmaf(acc[d], corr, e * vv[d]);
+    m = mn;
+  }
+  if (lane == 0) {
+    sm_m[warp] = m;
+    sm_l[warp] = l;
+  }
+#pragma unroll
+  for (int d = 0; d < kMaxDimPerLane; ++d) sm_acc[warp][lane + d * kWarp] = acc[d];
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int w = 0; w < kAttWarps; ++w) mx = fmaxf(mx, sm_m[w]);
+  float denom = 0.0f;
+  for (int w = 0; w < kAttWarps; ++w) {
+    if (sm_m[w] != -INFINITY) denom += sm_l[w] * expf(sm_m[w] - mx);
+  }
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+    float num = 0.0f;
+    for (int w = 0; w < kAttWarps; ++w) {
+      if (sm_m[w] != -INFINITY) num += sm_acc[w][i] * expf(sm_m[w] - mx);
+    }
+    out[static_cast<int64_t>(t) * qd + h * hd + i] = num / denom;
+  }
+}
+
+// One warp per row.
+__global__ void TopKKernel(const float* logits, int experts, const int32_t* k_per_row, int kmax,
+                           bool normalize, int32_t* ids, float* weights) {
+  extern __shared__ float p[];
+  const int r = blockIdx.x, lane = threadIdx.x;
+  const float* lr = logits + static_cast<int64_t>(r) * experts;
+  float mx = -INFINITY;
+  for (int e = lane; e < experts; e += kWarp) mx = fmaxf(mx, lr[e]);
+  mx = WarpMax(mx);
+  float sum = 0.0f;
+  for (int e = lane; e < experts; e += kWarp) {
+    const float v = expf(lr[e] - mx);
+    p[e] = v;
+    sum += v;
+  }
+  sum = WarpSum(sum);
+  __syncwarp();
+  for (int e = lane; e < experts; e += kWarp) p[e] /= sum;
+  __syncwarp();
+  const int k = k_per_row[r];
+  float picked_sum = 0.0f;
+  for (int j = 0; j < kmax; ++j) {
+    if (j >= k) {
+      if (lane == 0) {
+        ids[static_cast<int64_t>(r) * kmax + j] = -1;
+        weights[static_cast<int64_t>(r) * kmax + j] = 0.0f;
+      }
+      continue;
+    }
+    float best = -1.0f;
+    int bi = experts;
+    for (int e = lane; e < experts; e += kWarp) {
+      if (p[e] > best) {  // ascending e: keeps the lower index on ties
+        best = p[e];
+        bi = e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ob > best || (ob == best && oi < bi)) {
+        best = ob;
+        bi = oi;
+      }
+    }
+    if (lane == 0) {
+      ids[static_cast<int64_t>(r) * kmax + j] = bi;
+      weights[static_cast<int64_t>(r) * kmax + j] = best;
+      p[bi] = -2.0f;  // taken
+    }
+    picked_sum += best;
+    __syncwarp();
+  }
+  if (normalize && lane == 0) {
+    for (int j = 0; j < k; ++j) weights[static_cast<int64_t>(r) * kmax + j] /= picked_sum;
+  }
+}
+
+__global__ void BuildGroupsKernel(const int32_t* ids, int nk, int k, int experts,
+                                  const int32_t* slot_of_expert, int32_t* num_groups,
+                                  int32_t* group_slot, int32_t* row_begin, int32_t* perm,
+                                  int32_t* where) {
+  extern __shared__ int32_t cnt[];  // [experts] counts, then [experts] starts
+  int32_t* start = cnt + experts;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    int c = 0;
+    for (int a = 0; a < nk; ++a) c += ids[a] == e;
+    cnt[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int g = 0, off = 0;
+    for (int e = 0; e < experts; ++e) {
+      start[e] = off;
+      if (cnt[e] == 0) continue;
+      group_slot[g] = slot_of_expert[e];
+      row_begin[g] = off;
+      off += cnt[e];
+      ++g;
+    }
+    row_begin[g] = off;
+    *num_groups = g;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    if (cnt[e] == 0) continue;
+    int at = start[e];
+    for (int a = 0; a < nk; ++a) {
+      if (ids[a] == e) {
+        perm[at] = a / k;
+        where[a] = at;
+        ++at;
+      }
+    }
+  }
+  for (int a = threadIdx.x; a < nk; a += blockDim.x) {
+    if (ids[a] < 0 || ids[a] >= experts) where[a] = -1;
+  }
+}
+
+__global__ void GatherRowsKernel(const float* src, const int32_t* perm, int64_t dim, float* dst) {
+  const float* s = src + static_cast<int64_t>(perm[blockIdx.x]) * dim;
+  float* d = dst + static_cast<int64_t>(blockIdx.x) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) d[i] = s[i];
+}
+
+__global__ void CombineKernel(const float* y, const int32_t* where, const float* weights, int k,
+                              int64_t dim, float* out) {
+  const int r = blockIdx.x;
+  float* o = out + static_cast<int64_t>(r) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    float acc = o[i];
+    for (int j = 0; j < k; ++j) {
+      const int32_t at = where[static_cast<int64_t>(r) * k + j];
+      if (at >= 0) acc = fmaf(weights[static_cast<int64_t>(r) * k + j], y[at * dim + i], acc);
+    }
+    o[i] = acc;
+  }
+}
+
+__global__ void AddBiasKernel(float* y, const float* bias, int64_t out, int64_t ldy) {
+  float* yr = y + static_cast<int64_t>(blockIdx.x) * ldy;
+  for (int64_t i = threadIdx.x; i < out; i += blockDim.x) yr[i] += bias[i];
+}
+
+__global__ void ScaleSigmoidKernel(float* y, const float* g, int64_t dim) {
+  const float s = 1.0f / (1.0f + expf(-g[blockIdx.x]));
+  float* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] *= s;
+}
+
+__global__ void AddKernel(float* dst, const float* src, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] += src[i];
+  }
+}
+
+__global__ void SiluMulKernel(const float* gu, int64_t width, void* act, bool bf16) {
+  const float* row = gu + static_cast<int64_t>(blockIdx.x) * 2 * width;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
+    const float v = Silu(row[i]) * row[width + i];
+    const int64_t at = static_cast<int64_t>(blockIdx.x) * width + i;
+    if (bf16) {
+      static_cast<uint16_t*>(act)[at] = F32ToBf16(v);
+    } else {
+      static_cast<float*>(act)[at] = v;
+    }
+  }
+}
+
+__global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] = F32ToBf16(x[i]);
+  }
+}
+
+__device__ __forceinline__ uint64_t SplitMix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+__global__ void FillKernel(void* dst, bool bf16, int64_t n, uint64_t seed, float scale,
+                           bool constant) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = scale;
+    if (!constant) {
+      const uint64_t r = SplitMix64(seed ^ (static_cast<uint64_t>(i) * 0xd1b54a32d192ed03ull));
+      v = (static_cast<float>(r >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f) * scale;
+    }
+    if (bf16) {
+      static_cast<uint16_t*>(dst)[i] = F32ToBf16(v);
+    } else {
+      static_cast<float*>(dst)[i] = v;
+    }
+  }
+}
+
+unsigned GridFor(int64_t n, int threads) {
+  int64_t b = (n + threads - 1) / threads;
+  if (b > 65535 * 8) b = 65535 * 8;
+  return static_cast<unsigned>(b < 1 ? 1 : b);
+}
+
+}  // namespace
+
+cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
+                         const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
+                         bool swiglu, const Groups& groups, cudaStream_t stream) {
+  if (m <= 0 || out <= 0) return cudaSuccess;
+  if (wt == WType::kF32) {
+    return LaunchSmallM(static_cast<const float*>(w), bias, out, in, x, m, y, ldy, accumulate,
+                        swiglu, groups, stream);
+  }
+  return LaunchSmallM(static_cast<const uint16_t*>(w), bias, out, in, x, m, y, ldy, accumulate,
+                      swiglu, groups, stream);
+}
+
+cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
+                    float* y, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  RmsNormKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, w, static_cast<int>(dim),
+                                                                  eps, y);
+  return cudaGetLastError();
+}
+
+cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t kv_heads,
+                       int64_t head_dim, float clip, int qk_norm_mode, const float* q_norm,
+                       const float* k_norm, float eps, const float* inv_freq, int64_t layer,
+                       const PagedKv& kv, float* q_out, cudaStream_t stream) {
+  if (tokens <= 0) return cudaSuccess;
+  const size_t smem = static_cast<size_t>((heads + 2 * kv_heads) * head_dim) * sizeof(float);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(PrepareQkvKernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  PrepareQkvKernel<<<static_cast<unsigned>(tokens), 256, smem, stream>>>(
+      qkv, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), clip,
+      qk_norm_mode, q_norm, k_norm, eps, inv_freq, layer, kv, q_out);
+  return cudaGetLastError();
+}
+
+cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, int64_t layer, const PagedKv& kv, float* out,
+                           cudaStream_t stream) {
+  if (tokens <= 0) return cudaSuccess;
+  if (head_dim > kMaxDimPerLane * kWarp) return cudaErrorInvalidValue;
+  dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(heads));
+  PagedAttentionKernel<<<grid, kAttWarps * kWarp, 0, stream>>>(
+      q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), layer,
+      kv, out);
+  return cudaGetLastError();
+}
+
+cudaError_t TopKRouting(const float* logits, int64_t rows, int64_t experts,
+                        const int32_t* k_per_row, int64_t kmax, bool normalize, int32_t* ids,
+                        float* weights, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  TopKKernel<<<static_cast<unsigned>(rows), kWarp, experts * sizeof(float), stream>>>(
+      logits, static_cast<int>(experts), k_per_row, static_cast<int>(kmax), normalize, ids,
+      weights);
+  return cudaGetLastError();
+}
+
+cudaError_t BuildGroups(const int32_t* ids, int64_t n, int64_t k, int64_t experts,
+                        const int32_t* slot_of_expert, int32_t* num_groups, int32_t* group_slot,
+                        int32_t* row_begin, int32_t* perm, int32_t* where, cudaStream_t stream) {
+  const int threads = experts < 1024 ? static_cast<int>((experts + 31) / 32 * 32) : 1024;
+  BuildGroupsKernel<<<1, threads, 2 * experts * sizeof(int32_t), stream>>>(
+      ids, static_cast<int>(n * k), static_cast<int>(k), static_cast<int>(experts),
+      slot_of_expert, num_groups, group_slot, row_begin, perm, where);
+  return cudaGetLastError();
+}
+
+cudaError_t GatherRows(const float* src, const int32_t* perm, int64_t rows, int64_t dim,
+                       float* dst, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  GatherRowsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(src, perm, dim, dst);
+  return cudaGetLastError();
+}
+
+cudaError_t CombineExperts(const float* y, const int32_t* where, const float* weights, int64_t n,
+                           int64_t k, int64_t dim, float* out, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  CombineKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(y, where, weights,
+                                                               static_cast<int>(k), dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t ScaleRowsBySigmoid(float* y, const float* g, int64_t rows, int64_t dim,
+                               cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  ScaleSigmoidKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(y, g, dim);
+  return cudaGetLastError();
+}
+
+cudaError_t AddBias(float* y, const float* bias, int64_t rows, int64_t out, int64_t ldy,
+                    cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  AddBiasKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(y, bias, out, ldy);
+  return cudaGetLastError();
+}
+
+cudaError_t AddInto(float* dst, const float* src, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  AddKernel<<<GridFor(n, 256), 256, 0, stream>>>(dst, src, n);
+  return cudaGetLastError();
+}
+
+cudaError_t SiluMul(const float* gu, int64_t rows, int64_t width, void* act, WType act_type,
+                    cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  SiluMulKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(gu, width, act,
+                                                                  act_type == WType::kBF16);
+  return cudaGetLastError();
+}
+
+cudaError_t ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  ToBf16Kernel<<<GridFor(n, 256), 256, 0, stream>>>(x, n, static_cast<uint16_t*>(y));
+  return cudaGetLastError();
+}
+
+cudaError_t FillRandom(void* dst, WType wt, int64_t n, uint64_t seed, float scale, bool constant,
+                       cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  FillKernel<<<GridFor(n, 256), 256, 0, stream>>>(dst, wt == WType::kBF16, n, seed, scale,
+                                                   constant);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace moemesh

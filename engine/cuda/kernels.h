@@ -1,0 +1,120 @@
+// CUDA kernels of the engine's device path, behind plain launch functions (no CUDA syntax here,
+// so gcc-compiled code can call them). Every pointer is device memory unless said otherwise;
+// every function launches on `stream` and returns cudaGetLastError() (launch errors only;
+// execution errors surface at the next synchronisation).
+//
+// Layouts match the CPU engine: row-major activations in fp32, weights in PyTorch nn.Linear
+// layout [out, in] in fp32 or bf16.
+#ifndef MOEMESH_ENGINE_CUDA_KERNELS_H_
+#define MOEMESH_ENGINE_CUDA_KERNELS_H_
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace moemesh {
+namespace cuda {
+
+enum class WType { kF32, kBF16 };
+inline int64_t WTypeSize(WType t) { return t == WType::kF32 ? 4 : 2; }
+
+// Groups of rows that share one weight matrix (the routed experts of a MoE layer; one group for
+// a dense projection). Group g multiplies rows [row_begin[g], row_begin[g+1]) of x by the
+// matrix at w + slot[g] * out * in. Either all pointers are device arrays (num_groups read on
+// the device, so routing needs no host round trip) or all null (one group: all m rows, slot 0).
+struct Groups {
+  const int32_t* num_groups = nullptr;  // [1]
+  const int32_t* slot = nullptr;        // [max_groups]
+  const int32_t* row_begin = nullptr;   // [max_groups + 1]
+  int32_t max_groups = 1;               // grid size; groups beyond *num_groups do nothing
+};
+
+// Small-batch projection, one warp per output row, weights streamed once per 8 rows of x:
+//   y[r, o] (+)= sum_i x[r, i] * W[o, i] (+ bias[o])
+// With `swiglu`, W is a fused [2 * out, in] gate/up matrix and y[r, o] = silu(g) * u, where
+// g, u are rows o and out + o. x: [m, in], y: [m, out] (row stride `ldy`, >= out).
+cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
+                         const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
+                         bool swiglu, const Groups& groups, cudaStream_t stream);
+
+// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, rows of `dim`; y may equal x.
+cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
+                    float* y, cudaStream_t stream);
+
+// Per-token attention input preparation. qkv: [T, q_dim + 2 kv_dim] (after bias). For token t
+// at position pos[t]: clip (clip > 0), q/k norm (mode 0 none, 1 per head, 2 over the whole
+// projection; weights q_norm, k_norm), rotary embedding (inv_freq: [head_dim / 2]), then
+// q -> q_out[t], and k, v into the paged cache: page row_pages[t][pos / page_size],
+// slot pos % page_size, where row_pages[t] = pages + page_off[t].
+// Cache layout: [page][layer][2 (k, v)][page_size][kv_dim] fp32.
+struct PagedKv {
+  float* pool = nullptr;
+  int64_t page_size = 16;
+  int64_t num_layers = 0;
+  int64_t kv_dim = 0;
+  const int32_t* pages = nullptr;     // flat page lists of the batch's sequences
+  const int32_t* page_off = nullptr;  // [T] start of token t's sequence's list in `pages`
+  const int32_t* pos = nullptr;       // [T] position of token t
+};
+cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t kv_heads,
+                       int64_t head_dim, float clip, int qk_norm_mode, const float* q_norm,
+                       const float* k_norm, float eps, const float* inv_freq, int64_t layer,
+                       const PagedKv& kv, float* q_out, cudaStream_t stream);
+
+// Causal attention of each token's query over its sequence's cached positions [0, pos[t]],
+// one pass over the cache with an online softmax. q: [T, heads * head_dim], out likewise.
+cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, int64_t layer, const PagedKv& kv, float* out,
+                           cudaStream_t stream);
+
+// Per row: softmax over `experts` logits, the top k (ties to the lower index), renormalised to
+// sum 1 when `normalize`. k[r] may vary per row (k_per_row, device [rows]) up to kmax; slots
+// j >= k[r] get id -1 and weight 0. ids/weights: [rows, kmax].
+cudaError_t TopKRouting(const float* logits, int64_t rows, int64_t experts,
+                        const int32_t* k_per_row, int64_t kmax, bool normalize, int32_t* ids,
+                        float* weights, cudaStream_t stream);
+
+// Groups the (row, j) assignments of ids [n, k] by expert (ascending; rows ascending within an
+// expert), for the experts whose `slot_of_expert[e]` >= 0 (others must not be routed to).
+// Outputs: num_groups, group_slot [<= experts], row_begin [<= experts + 1], perm [n * k]
+// (source row of each grouped row), where [n * k] (grouped row of assignment (r, j), -1 for
+// id -1). One block: for n * k up to a few thousand.
+cudaError_t BuildGroups(const int32_t* ids, int64_t n, int64_t k, int64_t experts,
+                        const int32_t* slot_of_expert, int32_t* num_groups, int32_t* group_slot,
+                        int32_t* row_begin, int32_t* perm, int32_t* where, cudaStream_t stream);
+
+// dst[i, :] = src[perm[i], :], i < rows.
+cudaError_t GatherRows(const float* src, const int32_t* perm, int64_t rows, int64_t dim,
+                       float* dst, cudaStream_t stream);
+
+// out[r, :] += sum_j weights[r, j] * y[where[r, j], :] (j ascending; where -1 skipped).
+cudaError_t CombineExperts(const float* y, const int32_t* where, const float* weights, int64_t n,
+                           int64_t k, int64_t dim, float* out, cudaStream_t stream);
+
+// y[r, :] = y[r, :] * sigmoid(g[r]) (qwen2_moe's shared-expert gate).
+cudaError_t ScaleRowsBySigmoid(float* y, const float* g, int64_t rows, int64_t dim,
+                               cudaStream_t stream);
+
+// y[r, o] += bias[o], rows of `out` at stride ldy.
+cudaError_t AddBias(float* y, const float* bias, int64_t rows, int64_t out, int64_t ldy,
+                    cudaStream_t stream);
+
+// dst += src (n elements).
+cudaError_t AddInto(float* dst, const float* src, int64_t n, cudaStream_t stream);
+
+// act[r, o] = silu(gu[r, o]) * gu[r, width + o]; gu: [rows, 2 * width]. Output fp32 or bf16.
+cudaError_t SiluMul(const float* gu, int64_t rows, int64_t width, void* act, WType act_type,
+                    cudaStream_t stream);
+
+// fp32 -> bf16 (round to nearest even).
+cudaError_t ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream);
+
+// Random weights for --load_format=dummy: uniform in [-scale, scale] from (seed, index), or
+// the constant `scale` when `constant`. n elements of type wt.
+cudaError_t FillRandom(void* dst, WType wt, int64_t n, uint64_t seed, float scale, bool constant,
+                       cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace moemesh
+
+#endif  // MOEMESH_ENGINE_CUDA_KERNELS_H_

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# A mixed cluster on one GPU machine: encoder, two expert workers (one --device=cpu, one
+# --device=cuda:0, half of the experts each), an attention worker on the CPU and a second one
+# on the GPU, each behind a router; every oracle family and the embedded model must give the
+# Hugging Face greedy ids through both, and GetModelInfo must report each worker's device.
+# Without a GPU (or in a binary built without --config=cuda) it reports itself skipped.
+# Binaries: $MOEMESH_BIN_DIR (default: the runfiles root). Python with grpcio: $PYTHON.
+set -euo pipefail
+export XDG_CACHE_HOME="${XDG_CACHE_HOME:-${TEST_TMPDIR:-$(mktemp -d)}}"
+BIN="${MOEMESH_BIN_DIR:-$PWD}"
+PY="${PYTHON:-/usr/bin/python3}"
+skip() {
+  echo "[  SKIPPED ] cluster_gpu_test: $1"
+  echo "[  PASSED  ] 0 tests."
+  exit 0
+}
+command -v nvidia-smi > /dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU || skip "no CUDA device on this machine"
+LOG="${TEST_TMPDIR:-$(mktemp -d)}"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+start() {  # start NAME ARGS... ; waits for "... on HOST:PORT" and prints the address
+  local name=$1; shift
+  "$@" > "$LOG/$name.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 600); do
+    if a=$(grep -oE "(Generation on|embeddings of .* on|listening on|serving on) [0-9.]+:[0-9]+" "$LOG/$name.log" | head -1 | awk '{print $NF}'); [ -n "$a" ]; then
+      echo "$a"; return 0
+    fi
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$LOG/$name.log" >&2; echo "$name exited" >&2; return 1; }
+    sleep 0.2
+  done
+  cat "$LOG/$name.log" >&2; echo "$name did not start" >&2; return 1
+}
+check() {  # check MODEL_DIR
+  local model=$1 layers experts half
+  layers=$("$PY" -c "import json;print(json.load(open('$model/config.json'))['num_hidden_layers'])")
+  experts=$("$PY" -c "import json;c=json.load(open('$model/config.json'));print(c.get('num_experts') or c.get('num_local_experts'))")
+  half=$((experts / 2))
+  local m="--model=$model"
+  enc=$(start enc "$BIN/encoder_worker/encoder_worker" "$m" --address=127.0.0.1:0)
+  e0=$(start cpu_expert "$BIN/expert_worker/expert_worker" "$m" --address=127.0.0.1:0 --device=cpu --shards="0-$((layers - 1)):0-$((half - 1))")
+  if ! e1=$(start gpu_expert "$BIN/expert_worker/expert_worker" "$m" --address=127.0.0.1:0 --device=cuda:0 --shards="0-$((layers - 1)):$half-$((experts - 1))"); then
+    grep -q "built without CUDA" "$LOG/gpu_expert.log" && skip "binaries built without --config=cuda"
+    exit 1
+  fi
+  for dev in cpu cuda:0; do
+    att=$(start "att_$dev" "$BIN/attention_worker/attention_worker" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096)
+    rt=$(start "router_$dev" "$BIN/router/router" "$m" --address=127.0.0.1:0 --attention="$att")
+    "$PY" - "$rt" "$model" "$dev" <<'PYEOF'
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("client", "scripts/client.py")
+client = importlib.util.module_from_spec(spec); spec.loader.exec_module(client)
+pb2, pb2_grpc = client.load_stubs()
+import grpc
+addr, model, dev = sys.argv[1:]
+ref = json.load(open(os.path.join(model, "reference.json")))
+cases = ref["prompts"] if isinstance(ref, dict) else ref
+stub = pb2_grpc.GenerationStub(grpc.insecure_channel(addr))
+for c in cases:
+    req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=c["input_ids"]))
+    req.sampling.temperature = 0
+    req.sampling.ignore_eos = True
+    req.sampling.max_tokens = len(c["greedy"])
+    ids = [i for r in stub.Generate(req, timeout=300) for i in r.ids]
+    assert ids == c["greedy"], (model, dev, ids, c["greedy"])
+info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
+devices = sorted((w.role, w.device) for w in info.workers if w.role in ("attention", "expert"))
+want = sorted([("attention", dev), ("expert", "cpu"), ("expert", "cuda:0")])
+assert devices == want, devices
+print("%s, attention on %s, experts on cpu + cuda:0: %d prompts, greedy ids match" % (model, dev, len(cases)))
+PYEOF
+  done
+  cleanup
+  pids=()
+}
+for model in testdata/oracle/qwen3_moe testdata/oracle/qwen2_moe testdata/oracle/mixtral testdata/oracle/olmoe models/pydoc-moe-17m; do
+  check "$model"
+done
+echo "[  PASSED  ] 1 test."
