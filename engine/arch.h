@@ -3,7 +3,9 @@
 #ifndef MOEMESH_ENGINE_ARCH_H_
 #define MOEMESH_ENGINE_ARCH_H_
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/config.h"
@@ -36,6 +38,22 @@ absl::StatusOr<ArchSpec> ArchFor(const ModelConfig& cfg);
 
 // "model.layers.{L}.mlp" -> "model.layers.3.mlp" (and {E} likewise).
 std::string WeightName(const std::string& pattern, int64_t layer, int64_t expert = -1);
+
+// One tensor of a Hugging Face checkpoint.
+struct WeightSpec {
+  std::string name;
+  std::vector<int64_t> shape;  // PyTorch layout: nn.Linear weights are [out, in]
+};
+
+// Every tensor a Hugging Face checkpoint of this family and config holds, named and shaped as
+// engine/model.cc loads them, sorted by name: model.embed_tokens; per layer the input/post
+// norms, q/k/v/o projections (+ q/k/v biases when arch.qkv_bias), q_norm/k_norm (arch.qk_norm),
+// and for MoE layers (cfg.IsMoeLayer) the router and every routed expert's gate/up/down (+ the
+// shared expert and its gate when arch.shared_expert), for dense layers mlp.gate/up/down; then
+// model.norm and lm_head (absent when cfg.tie_word_embeddings). Only the first
+// cfg.num_hidden_layers layers. The dummy checkpoint (CheckpointReader::OpenDummy) is built
+// from this table.
+std::vector<WeightSpec> CheckpointWeights(const ModelConfig& cfg, const ArchSpec& arch);
 
 }  // namespace moemesh
 

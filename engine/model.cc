@@ -427,16 +427,55 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
 
 // ---------------------------------------------------------------- Model
 
+absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s) {
+  if (s == "auto") return LoadOptions::LoadFormat::kAuto;
+  if (s == "dummy") return LoadOptions::LoadFormat::kDummy;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--load_format must be auto or dummy, not '", std::string(s), "'"));
+}
+
+absl::Status ApplyNumLayers(const LoadOptions& opt, ModelConfig* cfg) {
+  if (opt.num_layers == 0) return absl::OkStatus();
+  if (opt.num_layers < 0 || opt.num_layers > cfg->num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--num_layers must be in [1, ", cfg->num_hidden_layers, "] (", cfg->path, " has ",
+        cfg->num_hidden_layers, " layers) or 0 for all, not ", opt.num_layers));
+  }
+  cfg->num_hidden_layers = opt.num_layers;
+  cfg->mlp_only_layers.erase(
+      std::remove_if(cfg->mlp_only_layers.begin(), cfg->mlp_only_layers.end(),
+                     [&](int64_t l) { return l >= opt.num_layers; }),
+      cfg->mlp_only_layers.end());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir, const LoadOptions& opt) {
+  auto cfg = ModelConfig::FromFile(dir + "/config.json");
+  if (!cfg.ok()) return cfg.status();
+  absl::Status st = ApplyNumLayers(opt, &*cfg);
+  if (!st.ok()) return st;
+  return cfg;
+}
+
+absl::StatusOr<std::unique_ptr<CheckpointReader>> OpenCheckpoint(
+    const std::string& dir, const ModelConfig& cfg, const ArchSpec& arch, const LoadOptions& opt,
+    std::function<bool(std::string_view name)> want) {
+  if (opt.load_format == LoadOptions::LoadFormat::kDummy) {
+    return CheckpointReader::OpenDummy(cfg, arch, cfg.dtype, /*seed=*/0, std::move(want));
+  }
+  return CheckpointReader::Open(dir, std::move(want));
+}
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
                                                    const LoadOptions& opt) {
   auto m = std::make_unique<Model>();
-  auto cfg = ModelConfig::FromFile(dir + "/config.json");
+  auto cfg = LoadModelConfig(dir, opt);
   if (!cfg.ok()) return cfg.status();
   m->cfg_ = *cfg;
   auto arch = ArchFor(m->cfg_);
   if (!arch.ok()) return absl::InvalidArgumentError(absl::StrCat(dir, ": ", arch.status().message()));
   m->arch_ = *arch;
-  auto ckpt = CheckpointReader::Open(dir);
+  auto ckpt = OpenCheckpoint(dir, m->cfg_, m->arch_, opt);
   if (!ckpt.ok()) return ckpt.status();
   m->ckpt_ = std::move(*ckpt);
   auto emb = Embedder::Load(*m->ckpt_, m->cfg_);

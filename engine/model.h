@@ -12,6 +12,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -30,9 +31,33 @@ namespace moemesh {
 struct LoadOptions {
   ComputeType compute = ComputeType::kF32;
   // Where the attention stack and the experts run. kCuda needs a binary built with
-  // --config=cuda (see CudaBackend below); the embedding table always stays on the host.
+  // --config=cuda (see DeviceBackend below); the embedding table always stays on the host.
   Device device;
+  // kAuto: the checkpoint's safetensors. kDummy: random weights made at load time from
+  // config.json alone (CheckpointReader::OpenDummy, config's dtype, seed 0), for benchmarks;
+  // the directory needs only config.json.
+  enum class LoadFormat { kAuto, kDummy } load_format = LoadFormat::kAuto;
+  // 0 = config.json's num_hidden_layers; otherwise use only the first num_layers layers
+  // (1..num_hidden_layers, else InvalidArgument), e.g. to fit a big model's dummy weights in
+  // memory for a benchmark.
+  int64_t num_layers = 0;
 };
+
+// "auto" -> kAuto, "dummy" -> kDummy; InvalidArgument otherwise.
+absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s);
+
+// Applies opt.num_layers to `cfg` (InvalidArgument outside 0..cfg->num_hidden_layers).
+absl::Status ApplyNumLayers(const LoadOptions& opt, ModelConfig* cfg);
+
+// dir/config.json with opt.num_layers applied.
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir, const LoadOptions& opt);
+
+// The checkpoint of `dir` (kAuto: CheckpointReader::Open) or dummy weights of `cfg` (kDummy:
+// CheckpointReader::OpenDummy with cfg.dtype, seed 0: every process of a cluster makes the same
+// values), restricted by `want`.
+absl::StatusOr<std::unique_ptr<CheckpointReader>> OpenCheckpoint(
+    const std::string& dir, const ModelConfig& cfg, const ArchSpec& arch, const LoadOptions& opt,
+    std::function<bool(std::string_view name)> want = nullptr);
 
 // Token embedding table. Thread-safe after Load.
 class Embedder {
@@ -234,6 +259,7 @@ absl::StatusOr<std::string> DescribeDevice(const Device& d);
 // A whole model in one process: the in-process mode and the CLI.
 class Model {
  public:
+  // Reads dir/config.json (with opt.num_layers applied) and the weights opt.load_format says.
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
                                                      const LoadOptions& opt);
   // Embeds, reserves KV cache room and runs one forward step (see AttentionStack::Forward).

@@ -348,13 +348,15 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(
 }
 
 const TensorInfo* CheckpointReader::Find(std::string_view name) const {
+  if (dummy_) return FindDummy(name, /*make=*/true);
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : it->second;
 }
 
 absl::StatusOr<const TensorInfo*> CheckpointReader::Get(std::string_view name,
                                                         const std::vector<int64_t>& shape) const {
-  const TensorInfo* t = Find(name);
+  // Dummy readers check the shape before making the values.
+  const TensorInfo* t = dummy_ ? FindDummy(name, /*make=*/false) : Find(name);
   if (t == nullptr) {
     std::string msg = absl::StrCat(dir_, ": missing tensor '", std::string(name), "'");
     if (want_ && !want_(name)) absl::StrAppend(&msg, " (not selected by this reader's filter)");
@@ -365,11 +367,23 @@ absl::StatusOr<const TensorInfo*> CheckpointReader::Get(std::string_view name,
                                                    "' has shape ", ShapeToString(t->shape),
                                                    ", config.json implies ", ShapeToString(shape)));
   }
+  if (dummy_) {
+    t = FindDummy(name, /*make=*/true);
+    if (t == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          dir_, ": no memory for the values of tensor '", std::string(name), "'"));
+    }
+  }
   return t;
 }
 
 std::vector<std::string> CheckpointReader::Names() const {
   std::vector<std::string> names;
+  if (dummy_) {
+    names.reserve(dummy_tensors_.size());
+    for (const auto& [name, t] : dummy_tensors_) names.push_back(name);
+    return names;
+  }
   names.reserve(index_.size());
   for (const auto& [name, t] : index_) names.push_back(name);
   return names;
