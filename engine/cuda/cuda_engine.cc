@@ -1,6 +1,7 @@
 #include "engine/cuda/cuda_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -138,6 +139,68 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
     MOEMESH_CUDA(SiluMul(c, m, out, y, WType::kF32, ex.stream()));
   } else if (bias != nullptr) {
     MOEMESH_CUDA(AddBias(y, bias, m, out, ldy, ex.stream()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                           const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
+                           const float* x, float* act, float* y) {
+  const int G = static_cast<int>(slot.size());
+  if (G == 0) return absl::OkStatus();
+  const int64_t rows = row_begin[G], H = gate_up.in, W = down.in;
+  static std::atomic<bool> grouped_ok{true};
+  if (gate_up.wt == WType::kBF16 && down.wt == WType::kBF16 && grouped_ok.load()) {
+    MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(rows * H) * 2));
+    MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(rows * W) * 2));
+    MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(rows * 2 * W) * sizeof(float)));
+    MOEMESH_CUDA(ToBf16(x, rows * H, ex.xb16.get(), ex.stream()));
+    // Device arrays of pointers: [A of gate_up, B, C, A of down, B, C] x G.
+    MOEMESH_OK(ex.h_ptrs.Reserve(6 * G * sizeof(void*)));
+    MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
+    MOEMESH_OK(ex.Sync());  // h_ptrs may still feed the previous call's copy
+    const void** hp = ex.h_ptrs.as<const void*>();
+    const char* xb = ex.xb16.as<char>();
+    const char* ab = ex.ab16.as<char>();
+    for (int g = 0; g < G; ++g) {
+      const int64_t b = row_begin[g];
+      hp[g] = gate_up.matrix(slot[g]);
+      hp[G + g] = xb + b * H * 2;
+      hp[2 * G + g] = ex.gu.as<float>() + b * 2 * W;
+      hp[3 * G + g] = down.matrix(slot[g]);
+      hp[4 * G + g] = ab + b * W * 2;
+      hp[5 * G + g] = y + b * H;
+    }
+    MOEMESH_CUDA(cudaMemcpyAsync(ex.ptrs.get(), hp, 6 * G * sizeof(void*), cudaMemcpyHostToDevice,
+                                 ex.stream()));
+    void** dp = ex.ptrs.as<void*>();
+    std::vector<cublasOperation_t> ta(G, CUBLAS_OP_T), tb(G, CUBLAS_OP_N);
+    std::vector<int> m1(G, static_cast<int>(2 * W)), m2(G, static_cast<int>(H)), n(G),
+        k1(G, static_cast<int>(H)), k2(G, static_cast<int>(W)), ones(G, 1);
+    std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);
+    for (int g = 0; g < G; ++g) n[g] = row_begin[g + 1] - row_begin[g];
+    cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        ex.blas(), ta.data(), tb.data(), m1.data(), n.data(), k1.data(), alpha.data(),
+        const_cast<const void* const*>(dp), CUDA_R_16BF, k1.data(),
+        const_cast<const void* const*>(dp + G), CUDA_R_16BF, k1.data(), beta.data(), dp + 2 * G,
+        CUDA_R_32F, m1.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
+    if (st == CUBLAS_STATUS_SUCCESS) {
+      MOEMESH_CUDA(SiluMul(ex.gu.as<float>(), rows, W, ex.ab16.get(), WType::kBF16, ex.stream()));
+      st = cublasGemmGroupedBatchedEx(
+          ex.blas(), ta.data(), tb.data(), m2.data(), n.data(), k2.data(), alpha.data(),
+          const_cast<const void* const*>(dp + 3 * G), CUDA_R_16BF, k2.data(),
+          const_cast<const void* const*>(dp + 4 * G), CUDA_R_16BF, k2.data(), beta.data(),
+          dp + 5 * G, CUDA_R_32F, m2.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
+      if (st == CUBLAS_STATUS_SUCCESS) return ex.Sync();  // the host arrays above are freed next
+    }
+    std::fprintf(stderr, "cublasGemmGroupedBatchedEx: %s; using one GEMM per expert\n",
+                 cublasGetStatusString(st));
+    grouped_ok = false;
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t b = row_begin[g], m = row_begin[g + 1] - b;
+    MOEMESH_OK(Project(ex, gate_up, slot[g], x + b * H, m, act + b * W, W, false, true));
+    MOEMESH_OK(Project(ex, down, slot[g], act + b * W, m, y + b * H, H, false, false));
   }
   return absl::OkStatus();
 }
@@ -419,13 +482,7 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
                               false, plan.groups, ex.stream()));
   } else {
     const HostPlan& hp = *plan.host;
-    for (int32_t g = 0; g < hp.groups; ++g) {
-      const int64_t b = hp.row_begin[g], m = hp.row_begin[g + 1] - b;
-      MOEMESH_OK(Project(ex, L.gate_up, hp.group_slot[g], xg + b * H, m, act + b * W, W, false,
-                         true));
-      MOEMESH_OK(Project(ex, L.down, hp.group_slot[g], act + b * W, m, y + b * H, H, false,
-                         false));
-    }
+    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.row_begin, xg, act, y));
   }
   MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
   return absl::OkStatus();

@@ -80,7 +80,9 @@ class Exec {
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t blas() const { return blas_; }
   absl::Status Sync();
-  DeviceBuffer xb16, gu;  // scratch of Project's cuBLAS path
+  DeviceBuffer xb16, gu;       // scratch of Project's cuBLAS path
+  DeviceBuffer ab16, ptrs;     // scratch of GroupedSwiGlu
+  PinnedBuffer h_ptrs;
 
  private:
   cudaStream_t stream_ = nullptr;
@@ -103,6 +105,15 @@ struct DeviceMatrix {
 // [2 out, in] gate/up matrix and y = silu(gate) * up ([m, out], ldy == out).
 absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const float* x, int64_t m,
                      float* y, int64_t ldy, bool accumulate, bool swiglu);
+
+// The routed experts' products for rows grouped by expert: group g (rows [row_begin[g],
+// row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up
+// ([rows, width] fp32 scratch), y = act down^T ([rows, hidden] fp32). bf16 weights: one
+// activation cast, two grouped cuBLAS GEMMs (cublasGemmGroupedBatchedEx) and one SwiGLU;
+// otherwise (or if cuBLAS refuses the grouped call) Project per group.
+absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                           const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
+                           const float* x, float* act, float* y);
 
 // Routed experts on one GPU.
 class CudaExpertShard : public ExpertShard {

@@ -122,8 +122,8 @@ TEST_P(ProjectTest, MatchesDoubleReference) {
   std::vector<double> act(m * out);
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t o = 0; o < out; ++o) {
-      const double g = ref[r * 2 * out + o] / 2 - b[o];
-      const double u = ref[r * 2 * out + out + o] / 2 - b[out + o];
+      const double g = (ref[r * 2 * out + o] - b[o]) / 2;
+      const double u = (ref[r * 2 * out + out + o] - b[out + o]) / 2;
       act[r * out + o] = g / (1 + std::exp(-g)) * u;
     }
   }

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp)
 #pragma unroll
     for (int r = 0; r < kLinRows; ++r) ag[r] = au[r] = 0.0f;
     if (kVec) {
-#pragma unroll 2
+#pragma unroll 4
       for (int i = lane * 8; i < in; i += kWarp * 8) {
         float wv[8], uv[8];
         Load8(wg + i, wv);
@@ -261,7 +261,8 @@ __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int 
   }
 }
 
-constexpr int kAttWarps = 4;
+constexpr int kAttWarps = 8;
+constexpr int kAttUnroll = 4;  // cache rows loaded before the first is used
 constexpr int kMaxDimPerLane = 8;  // head_dim <= 256
 
 __global__ void __launch_bounds__(kAttWarps * kWarp)
@@ -284,27 +285,36 @@ __global__ void __launch_bounds__(kAttWarps * kWarp)
     acc[d] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
-  for (int p = warp; p <= pos; p += kAttWarps) {
-    const float* kr = KvRow(kv, layer, poff, p, 0) + kvh * hd;
-    const float* vr = KvRow(kv, layer, poff, p, 1) + kvh * hd;
-    float dot = 0.0f, vv[kMaxDimPerLane];
+  for (int p0 = warp * kAttUnroll; p0 <= pos; p0 += kAttWarps * kAttUnroll) {
+    float kk[kAttUnroll][kMaxDimPerLane], vv[kAttUnroll][kMaxDimPerLane];
 #pragma unroll
-    for (int d = 0; d < kMaxDimPerLane; ++d) {
-      const int i = lane + d * kWarp;
-      if (i < hd) {
-        dot = fmaf(qr[d], kr[i], dot);
-        vv[d] = vr[i];
-      } else {
-        vv[d] = 0.0f;
+    for (int u = 0; u < kAttUnroll; ++u) {
+      const int p = p0 + u;
+      const bool ok = p <= pos;
+      const float* kr = ok ? KvRow(kv, layer, poff, p, 0) + kvh * hd : nullptr;
+      const float* vr = ok ? KvRow(kv, layer, poff, p, 1) + kvh * hd : nullptr;
+#pragma unroll
+      for (int d = 0; d < kMaxDimPerLane; ++d) {
+        const int i = lane + d * kWarp;
+        const bool in = ok && i < hd;
+        kk[u][d] = in ? kr[i] : 0.0f;
+        vv[u][d] = in ? vr[i] : 0.0f;
       }
     }
-    dot = WarpSum(dot);
-    const float mn = fmaxf(m, dot);
-    const float corr = expf(m - mn), e = expf(dot - mn);
-    l = l * corr + e;
 #pragma unroll
-    for (int d = 0; d < kMaxDimPerLane; ++d) acc[d] = fmaf(acc[d], corr, e * vv[d]);
-    m = mn;
+    for (int u = 0; u < kAttUnroll; ++u) {
+      if (p0 + u > pos) break;
+      float dot = 0.0f;
+#pragma unroll
+      for (int d = 0; d < kMaxDimPerLane; ++d) dot = fmaf(qr[d], kk[u][d], dot);
+      dot = WarpSum(dot);
+      const float mn = fmaxf(m, dot);
+      const float corr = expf(m - mn), e = expf(dot - mn);
+      l = l * corr + e;
+#pragma unroll
+      for (int d = 0; d < kMaxDimPerLane; ++d) acc[d] = fmaf(acc[d], corr, e * vv[u][d]);
+      m = mn;
+    }
   }
   if (lane == 0) {
     sm_m[warp] = m;
