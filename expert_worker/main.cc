@@ -14,6 +14,7 @@
 #include "engine/model.h"
 #include "engine/ops/threading.h"
 #include "expert_worker/expert_service.h"
+#include "mesh/load_flags.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
 
@@ -54,7 +55,10 @@ int Main() {
   if (absl::GetFlag(FLAGS_device) != "cpu") {
     return Fail(absl::InvalidArgumentError("--device: this build supports only cpu"));
   }
-  auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
+  LoadOptions opt;
+  absl::Status load_flags = LoadOptionsFromFlags(&opt);
+  if (!load_flags.ok()) return Fail(load_flags);
+  auto cfg = LoadModelConfig(model_dir, opt);
   if (!cfg.ok()) return Fail(cfg.status());
   auto arch = ArchFor(*cfg);
   if (!arch.ok()) return Fail(arch.status());
@@ -80,9 +84,8 @@ int Main() {
     --it;
     return absl::StartsWith(std::string(name), *it);
   };
-  auto ckpt = CheckpointReader::Open(model_dir, want);
+  auto ckpt = OpenCheckpoint(model_dir, *cfg, *arch, opt, want);
   if (!ckpt.ok()) return Fail(ckpt.status());
-  LoadOptions opt;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") opt.compute = ComputeType::kBF16;
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
   auto shard = ExpertShard::Load(**ckpt, *cfg, *arch, shards, opt);

@@ -8,6 +8,7 @@
 #include "attention_worker/setup.h"
 #include "engine/ops/threading.h"
 #include "engine/tokenizer.h"
+#include "mesh/load_flags.h"
 #include "mesh/server.h"
 #include "router/attention_client.h"
 #include "router/generation_service.h"
@@ -34,6 +35,11 @@ int RunServe() {
   o.model_dir = dir;
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.compute = ComputeType::kBF16;
+  LoadOptions lo;
+  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (!load_flags.ok()) return Fail(load_flags);
+  o.load_format = lo.load_format;
+  o.num_layers = lo.num_layers;
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
   auto gen = GenerationDefaults::FromFile(dir + "/generation_config.json");
