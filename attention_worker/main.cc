@@ -12,6 +12,7 @@
 #include "attention_worker/attention_service.h"
 #include "attention_worker/setup.h"
 #include "engine/ops/threading.h"
+#include "mesh/load_flags.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
 
@@ -62,6 +63,11 @@ int Main() {
   if (wire != "f32" && wire != "bf16") return Fail(absl::InvalidArgumentError("--wire_dtype must be f32 or bf16"));
   o.wire_dtype = wire == "bf16" ? wire::DTYPE_BF16 : wire::DTYPE_F32;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.compute = ComputeType::kBF16;
+  LoadOptions lo;
+  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (!load_flags.ok()) return Fail(load_flags);
+  o.load_format = lo.load_format;
+  o.num_layers = lo.num_layers;
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
   o.expert_timeout_seconds = absl::GetFlag(FLAGS_expert_timeout);
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));

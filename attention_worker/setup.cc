@@ -16,23 +16,25 @@ bool IsRoutedExpertTensor(std::string_view name) {
 
 absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSetupOptions opt) {
   auto s = std::make_unique<AttentionSetup>();
-  auto cfg = ModelConfig::FromFile(opt.model_dir + "/config.json");
+  LoadOptions lo;
+  lo.compute = opt.compute;
+  lo.load_format = opt.load_format;
+  lo.num_layers = opt.num_layers;
+  lo.device = opt.device;
+  auto cfg = LoadModelConfig(opt.model_dir, lo);
   if (!cfg.ok()) return cfg.status();
   s->cfg = *cfg;
   auto arch = ArchFor(s->cfg);
   if (!arch.ok()) return arch.status();
   s->arch = *arch;
   const bool remote_experts = !opt.expert_addresses.empty();
-  auto ckpt = CheckpointReader::Open(opt.model_dir, [&](std::string_view name) {
+  auto ckpt = OpenCheckpoint(opt.model_dir, s->cfg, s->arch, lo, [&](std::string_view name) {
     return !remote_experts || !IsRoutedExpertTensor(name);
   });
   if (!ckpt.ok()) return ckpt.status();
   s->ckpt = std::move(*ckpt);
   auto described = DescribeDevice(opt.device);
   if (!described.ok()) return described.status();
-  LoadOptions lo;
-  lo.compute = opt.compute;
-  lo.device = opt.device;
   auto stack = AttentionStack::Load(*s->ckpt, s->cfg, s->arch, lo);
   if (!stack.ok()) return stack.status();
   s->stack = std::move(*stack);

@@ -25,6 +25,10 @@ struct AttentionSetupOptions {
   wire::DType wire_dtype = wire::DTYPE_F32;
   ComputeType compute = ComputeType::kF32;
   Device device;  // where the attention stack (and in-process experts) run
+  // How weights are loaded (LoadOptions: --load_format, --num_layers); every process of a
+  // cluster must be given the same.
+  LoadOptions::LoadFormat load_format = LoadOptions::LoadFormat::kAuto;
+  int64_t num_layers = 0;
   int64_t kv_capacity_tokens = 1 << 16;
   double expert_timeout_seconds = 30;
   double connect_timeout_seconds = 60;

@@ -6,8 +6,10 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "encoder_worker/encoder_service.h"
+#include "engine/arch.h"
 #include "engine/config.h"
 #include "engine/model.h"
+#include "mesh/load_flags.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
 
@@ -32,10 +34,16 @@ int Main() {
     if (!c->model().empty()) model_dir = c->model();
     address = c->encoder().address();
   }
-  auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
+  LoadOptions lo;
+  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (!load_flags.ok()) return Fail(load_flags);
+  auto cfg = LoadModelConfig(model_dir, lo);
   if (!cfg.ok()) return Fail(cfg.status());
-  auto ckpt = CheckpointReader::Open(
-      model_dir, [](std::string_view n) { return n == "model.embed_tokens.weight"; });
+  auto arch = ArchFor(*cfg);
+  if (!arch.ok()) return Fail(arch.status());
+  auto ckpt = OpenCheckpoint(model_dir, *cfg, *arch, lo, [](std::string_view n) {
+    return n == "model.embed_tokens.weight";
+  });
   if (!ckpt.ok()) return Fail(ckpt.status());
   auto emb = Embedder::Load(**ckpt, *cfg);
   if (!emb.ok()) return Fail(emb.status());

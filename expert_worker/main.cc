@@ -14,6 +14,7 @@
 #include "engine/model.h"
 #include "engine/ops/threading.h"
 #include "expert_worker/expert_service.h"
+#include "mesh/load_flags.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
 
@@ -59,7 +60,10 @@ int Main() {
   if (!device.ok()) return Fail(device.status());
   auto described = DescribeDevice(*device);
   if (!described.ok()) return Fail(described.status());
-  auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
+  LoadOptions opt;
+  absl::Status load_flags = LoadOptionsFromFlags(&opt);
+  if (!load_flags.ok()) return Fail(load_flags);
+  auto cfg = LoadModelConfig(model_dir, opt);
   if (!cfg.ok()) return Fail(cfg.status());
   auto arch = ArchFor(*cfg);
   if (!arch.ok()) return Fail(arch.status());
@@ -85,9 +89,8 @@ int Main() {
     --it;
     return absl::StartsWith(std::string(name), *it);
   };
-  auto ckpt = CheckpointReader::Open(model_dir, want);
+  auto ckpt = OpenCheckpoint(model_dir, *cfg, *arch, opt, want);
   if (!ckpt.ok()) return Fail(ckpt.status());
-  LoadOptions opt;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") opt.compute = ComputeType::kBF16;
   opt.device = *device;
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));

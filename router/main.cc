@@ -8,8 +8,10 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "engine/config.h"
+#include "engine/model.h"
 #include "engine/tokenizer.h"
 #include "mesh/grpc_clients.h"
+#include "mesh/load_flags.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
 #include "router/attention_client.h"
@@ -44,7 +46,11 @@ int Main() {
     address = cluster.router().address();
     attention = cluster.attention().address();
   }
-  auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
+  // Weights are the workers' business; --num_layers only changes the layer count reported.
+  LoadOptions lo;
+  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (!load_flags.ok()) return Fail(load_flags);
+  auto cfg = LoadModelConfig(model_dir, lo);
   if (!cfg.ok()) return Fail(cfg.status());
   auto gen = GenerationDefaults::FromFile(model_dir + "/generation_config.json");
   if (!gen.ok()) return Fail(gen.status());

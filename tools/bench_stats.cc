@@ -65,4 +65,37 @@ ServingSummary SummarizeServing(const std::vector<RequestRecord>& records, doubl
   return s;
 }
 
+int64_t PackedBytesPerWeight(bool bf16_compute, DType checkpoint) {
+  return bf16_compute || checkpoint == DType::kBF16 ? 2 : 4;
+}
+
+DecodeBytes DecodeWeightBytes(const ModelConfig& cfg, int64_t experts_per_token,
+                              const WeightElementBytes& bytes) {
+  const int64_t h = cfg.hidden_size;
+  const int64_t qd = cfg.num_attention_heads * cfg.head_dim;
+  const int64_t kvd = cfg.num_key_value_heads * cfg.head_dim;
+  DecodeBytes d;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    d.attention += (qd * h + 2 * kvd * h + h * qd) * bytes.matrix;  // q, k, v [out, h]; o [h, qd]
+    if (cfg.IsMoeLayer(l)) {
+      d.router += cfg.num_experts * h * bytes.router;
+      d.experts += experts_per_token * 3 * cfg.moe_intermediate_size * h * bytes.matrix;
+      if (cfg.shared_expert_intermediate_size > 0) {
+        d.dense_mlp += 3 * cfg.shared_expert_intermediate_size * h * bytes.matrix;
+        d.dense_mlp += h * bytes.router;  // shared_expert_gate [1, h], fp32 compute
+      }
+    } else {
+      d.dense_mlp += 3 * cfg.intermediate_size * h * bytes.matrix;
+    }
+  }
+  d.lm_head = cfg.vocab_size * h * bytes.matrix;
+  d.embedding = h * bytes.embedding;
+  return d;
+}
+
+double BandwidthBoundTokensPerSecond(double bandwidth_gb_s, int64_t bytes_per_token) {
+  if (bandwidth_gb_s <= 0 || bytes_per_token <= 0) return 0.0;
+  return bandwidth_gb_s * 1e9 / static_cast<double>(bytes_per_token);
+}
+
 }  // namespace moemesh

@@ -1,5 +1,6 @@
-// Arithmetic of moemesh_bench: percentiles, latency summaries and per-request serving metrics.
-// Pure functions, no timing or I/O: unit-tested in bench_stats_test.cc.
+// Arithmetic of moemesh_bench: percentiles, latency summaries, per-request serving metrics and
+// the weight bytes a decode step reads (its memory-bandwidth bound). Pure functions, no timing
+// or I/O: unit-tested in bench_stats_test.cc.
 #ifndef MOEMESH_TOOLS_BENCH_STATS_H_
 #define MOEMESH_TOOLS_BENCH_STATS_H_
 
@@ -7,6 +8,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/config.h"
+#include "engine/dtype.h"
 
 namespace moemesh {
 
@@ -52,6 +55,34 @@ struct ServingSummary {
 
 // Summary of a run whose wall time is `wall_seconds` (rates are 0 when it is <= 0).
 ServingSummary SummarizeServing(const std::vector<RequestRecord>& records, double wall_seconds);
+
+// Bytes per element of the weights as Linear (engine/ops/linear.h) keeps them: bf16 compute
+// keeps bf16 (2); fp32 compute keeps BF16 checkpoints bf16 (2) and F32/F16 ones fp32 (4).
+int64_t PackedBytesPerWeight(bool bf16_compute, DType checkpoint);
+
+// Bytes per element of each kind of weight a decode step reads.
+struct WeightElementBytes {
+  int64_t matrix = 2;     // attention, experts, dense MLPs, lm_head
+  int64_t router = 2;     // MoE routers (always fp32 compute: PackedBytesPerWeight(false, ...))
+  int64_t embedding = 2;  // the embedding table, kept in the checkpoint's dtype
+};
+
+// Weight bytes one single-stream decode step (one token) reads, from the config alone: every
+// layer's q/k/v/o projections; per MoE layer (cfg.IsMoeLayer) the router and
+// `experts_per_token` routed experts' gate/up/down (each token uses k distinct experts), plus
+// the shared expert and its gate when cfg.shared_expert_intermediate_size > 0; per dense layer
+// its MLP; the LM head (the embedding table when tied) and one embedding row. Norm weights and
+// biases (< 0.01%) and the KV cache are left out.
+struct DecodeBytes {
+  int64_t attention = 0, router = 0, experts = 0, dense_mlp = 0, lm_head = 0, embedding = 0;
+  int64_t total() const { return attention + router + experts + dense_mlp + lm_head + embedding; }
+};
+DecodeBytes DecodeWeightBytes(const ModelConfig& cfg, int64_t experts_per_token,
+                              const WeightElementBytes& bytes);
+
+// Single-stream decode tok/s a memory bandwidth allows: bandwidth / bytes per token (0 when
+// either is <= 0).
+double BandwidthBoundTokensPerSecond(double bandwidth_gb_s, int64_t bytes_per_token);
 
 }  // namespace moemesh
 

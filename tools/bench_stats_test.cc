@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "engine/config.h"
 #include "gtest/gtest.h"
 
 namespace moemesh {
@@ -92,6 +93,84 @@ TEST(ServingTest, ZeroWallTimeGivesZeroRates) {
   ServingSummary s = SummarizeServing({{1, 2, 0, 0, 0}}, 0.0);
   EXPECT_EQ(s.output_tokens_per_s, 0);
   EXPECT_EQ(s.requests_per_s, 0);
+}
+
+ModelConfig Config(const std::string& dir) {
+  auto c = ModelConfig::FromFile(dir + "/config.json");
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? *c : ModelConfig();
+}
+
+TEST(DecodeBytesTest, PackedBytesPerWeight) {
+  EXPECT_EQ(PackedBytesPerWeight(true, DType::kF32), 2);
+  EXPECT_EQ(PackedBytesPerWeight(true, DType::kBF16), 2);
+  EXPECT_EQ(PackedBytesPerWeight(false, DType::kBF16), 2);  // widened inside the kernels
+  EXPECT_EQ(PackedBytesPerWeight(false, DType::kF32), 4);
+  EXPECT_EQ(PackedBytesPerWeight(false, DType::kF16), 4);
+}
+
+// The embedded model by hand: hidden 256, 8 heads and 4 KV heads of 32, 6 layers, 16 experts of
+// width 192 (4 active), vocabulary 8192, tied embeddings, bf16 (2 bytes everywhere).
+TEST(DecodeBytesTest, EmbeddedModelByHand) {
+  const ModelConfig cfg = Config("models/pydoc-moe-17m");
+  const DecodeBytes d = DecodeWeightBytes(cfg, cfg.num_experts_per_tok, WeightElementBytes{});
+  EXPECT_EQ(d.attention, 6 * (256 * 256 + 128 * 256 + 128 * 256 + 256 * 256) * 2);  // 2,359,296
+  EXPECT_EQ(d.router, 6 * 16 * 256 * 2);                                         // 49,152
+  EXPECT_EQ(d.experts, 6 * 4 * 3 * 192 * 256 * 2);                               // 7,077,888
+  EXPECT_EQ(d.dense_mlp, 0);
+  EXPECT_EQ(d.lm_head, 8192 * 256 * 2);                                          // 4,194,304
+  EXPECT_EQ(d.embedding, 256 * 2);
+  EXPECT_EQ(d.total(), 13681152);
+  // One active expert instead of four: 3/4 of the expert bytes fewer.
+  EXPECT_EQ(DecodeWeightBytes(cfg, 1, WeightElementBytes{}).total(), 13681152 - 7077888 / 4 * 3);
+  // Layer 0 dense (mlp_only_layers): no router, no experts, a 768-wide MLP instead.
+  ModelConfig dense0 = cfg;
+  dense0.mlp_only_layers = {0};
+  const DecodeBytes e = DecodeWeightBytes(dense0, 4, WeightElementBytes{});
+  EXPECT_EQ(e.router, 5 * 16 * 256 * 2);
+  EXPECT_EQ(e.experts, 5 * 4 * 3 * 192 * 256 * 2);
+  EXPECT_EQ(e.dense_mlp, 3 * 768 * 256 * 2);
+  EXPECT_EQ(e.total(), 13681152 - 8192 - 1179648 + 1179648);
+}
+
+// qwen2_moe (oracle, fp32 checkpoint, bf16 compute): shared expert and its gate; the router and
+// the embedding table stay fp32.
+TEST(DecodeBytesTest, SharedExpertAndElementSizes) {
+  const ModelConfig cfg = Config("testdata/oracle/qwen2_moe");
+  WeightElementBytes b;
+  b.matrix = PackedBytesPerWeight(true, cfg.dtype);
+  b.router = PackedBytesPerWeight(false, cfg.dtype);
+  b.embedding = 4;
+  EXPECT_EQ(b.matrix, 2);
+  EXPECT_EQ(b.router, 4);
+  const DecodeBytes d = DecodeWeightBytes(cfg, 4, b);
+  EXPECT_EQ(d.attention, 2 * 4 * 64 * 64 * 2);
+  EXPECT_EQ(d.router, 2 * 8 * 64 * 4);
+  EXPECT_EQ(d.experts, 2 * 4 * 3 * 32 * 64 * 2);
+  EXPECT_EQ(d.dense_mlp, 2 * (3 * 96 * 64 * 2 + 64 * 4));
+  EXPECT_EQ(d.lm_head, 1000 * 64 * 2);
+  EXPECT_EQ(d.embedding, 64 * 4);
+  EXPECT_EQ(d.total(), 370432);
+}
+
+// Qwen3-30B-A3B cut to 4 layers (the CPU benchmark in docs/BENCHMARKS.md): 1.08 GB per token,
+// 58% of it the LM head.
+TEST(DecodeBytesTest, Qwen3_30B_A3B_FourLayers) {
+  ModelConfig cfg = Config("models/configs/qwen3-30b-a3b");
+  cfg.num_hidden_layers = 4;
+  const DecodeBytes d = DecodeWeightBytes(cfg, 8, WeightElementBytes{});
+  EXPECT_EQ(d.attention, 4 * (4096 + 512 + 512 + 4096) * 2048 * 2);  // 150,994,944
+  EXPECT_EQ(d.router, 4 * 128 * 2048 * 2);
+  EXPECT_EQ(d.experts, 4 * 8 * 3 * 768 * 2048 * 2);                 // 301,989,888
+  EXPECT_EQ(d.lm_head, 151936LL * 2048 * 2);                        // 622,329,856
+  EXPECT_EQ(d.total(), 1077415936);
+}
+
+TEST(DecodeBytesTest, BandwidthBound) {
+  EXPECT_DOUBLE_EQ(BandwidthBoundTokensPerSecond(50.0, 1000000000), 50.0);
+  EXPECT_DOUBLE_EQ(BandwidthBoundTokensPerSecond(40.0, 1077415936), 40e9 / 1077415936.0);
+  EXPECT_EQ(BandwidthBoundTokensPerSecond(0.0, 100), 0.0);
+  EXPECT_EQ(BandwidthBoundTokensPerSecond(10.0, 0), 0.0);
 }
 
 }  // namespace

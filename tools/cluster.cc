@@ -14,6 +14,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "mesh/grpc_clients.h"
+#include "mesh/load_flags.h"
 #include "tools/commands.h"
 
 ABSL_FLAG(int32_t, expert_workers, 2, "cluster: number of expert-worker processes (experts split evenly).");
@@ -86,6 +87,14 @@ int RunCluster(const std::string& argv0) {
     std::cerr << "moemesh cluster: --expert_workers must be >= 1" << std::endl;
     return 2;
   }
+  // --load_format / --num_layers go to every process (dummy weights are the same in each).
+  LoadOptions load;
+  absl::Status load_flags = LoadOptionsFromFlags(&load);
+  if (!load_flags.ok()) {
+    std::cerr << "moemesh cluster: " << load_flags.message() << std::endl;
+    return 2;
+  }
+  const std::vector<std::string> load_args = LoadFlagsForChild();
   std::string bin = absl::GetFlag(FLAGS_bin_dir);
   if (bin.empty()) {
     char self[4096];
@@ -130,6 +139,7 @@ int RunCluster(const std::string& argv0) {
   const std::string threads = absl::StrCat("--threads=", absl::GetFlag(FLAGS_threads));
   std::vector<Child> children;
   auto start = [&](const std::string& name, std::vector<std::string> argv, const std::string& a) {
+    argv.insert(argv.end(), load_args.begin(), load_args.end());
     Child c;
     c.name = name;
     c.address = a;

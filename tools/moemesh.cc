@@ -7,6 +7,8 @@
 //   moemesh tokenize   --model=DIR --text=TEXT
 //   moemesh serve      --model=DIR --port=P          (every role in this process)
 //   moemesh cluster    --model=DIR --expert_workers=N --port=P   (one process per role)
+// Every command that loads weights takes --load_format=auto|dummy and --num_layers=N
+// (mesh/load_flags.h); with --load_format=dummy, generate --input_ids needs no tokenizer.json.
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -25,6 +27,7 @@
 #include "engine/model.h"
 #include "engine/ops/threading.h"
 #include "engine/tokenizer.h"
+#include "mesh/load_flags.h"
 #include "tools/commands.h"
 #include "nlohmann/json.hpp"
 
@@ -68,7 +71,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer() {
   return Tokenizer::FromFile(absl::GetFlag(FLAGS_model) + "/tokenizer.json");
 }
 
-absl::StatusOr<std::unique_ptr<Model>> LoadModel() {
+// --compute_dtype, --load_format, --num_layers.
+absl::StatusOr<LoadOptions> ModelLoadOptions() {
   LoadOptions opt;
   const std::string dt = absl::GetFlag(FLAGS_compute_dtype);
   if (dt == "bf16") {
@@ -81,13 +85,25 @@ absl::StatusOr<std::unique_ptr<Model>> LoadModel() {
   auto described = DescribeDevice(*device);
   if (!described.ok()) return described.status();
   opt.device = *device;
+  absl::Status st = LoadOptionsFromFlags(&opt);
+  if (!st.ok()) return st;
+  return opt;
+}
+
+absl::StatusOr<std::unique_ptr<Model>> LoadModel(const LoadOptions& opt) {
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
   return Model::Load(absl::GetFlag(FLAGS_model), opt);
 }
 
 int RunGenerate() {
+  auto load = ModelLoadOptions();
+  if (!load.ok()) return Fail(load.status());
+  // Dummy weights may come from a directory with only config.json: token ids need no tokenizer.
   auto tok = LoadTokenizer();
-  if (!tok.ok()) return Fail(tok.status());
+  const bool no_tokenizer = !tok.ok() && absl::IsNotFound(tok.status()) &&
+                            load->load_format == LoadOptions::LoadFormat::kDummy &&
+                            !absl::GetFlag(FLAGS_input_ids).empty();
+  if (!tok.ok() && !no_tokenizer) return Fail(tok.status());
   std::vector<int32_t> prompt;
   if (!absl::GetFlag(FLAGS_input_ids).empty()) {
     for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_input_ids), ',', absl::SkipWhitespace())) {
@@ -100,7 +116,7 @@ int RunGenerate() {
   } else {
     return Fail(absl::InvalidArgumentError("give --prompt=TEXT or --input_ids=1,2,3"));
   }
-  auto model = LoadModel();
+  auto model = LoadModel(*load);
   if (!model.ok()) return Fail(model.status());
   GenerateOptions opt;
   opt.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
@@ -133,7 +149,7 @@ int RunGenerate() {
   }
   nlohmann::json j;
   j["ids"] = r->ids;
-  j["text"] = (*tok)->Decode(r->ids, /*skip_special_tokens=*/true);
+  if (!no_tokenizer) j["text"] = (*tok)->Decode(r->ids, /*skip_special_tokens=*/true);
   j["prompt_tokens"] = prompt.size();
   j["prefill_tok_s"] = r->prefill_seconds > 0 ? prompt.size() / r->prefill_seconds : 0.0;
   j["decode_tok_s"] = r->ids.size() > 1 && r->decode_seconds > 0 ? (r->ids.size() - 1) / r->decode_seconds : 0.0;
@@ -142,6 +158,8 @@ int RunGenerate() {
 }
 
 int RunPerplexity() {
+  auto load = ModelLoadOptions();
+  if (!load.ok()) return Fail(load.status());
   auto tok = LoadTokenizer();
   if (!tok.ok()) return Fail(tok.status());
   std::ifstream in(absl::GetFlag(FLAGS_file), std::ios::binary);
@@ -153,7 +171,7 @@ int RunPerplexity() {
   auto eot = (*tok)->TokenToId("<|endoftext|>");
   if (!eot.has_value()) return Fail(absl::InvalidArgumentError("the tokenizer has no <|endoftext|> token"));
   const std::vector<int32_t> ids = EncodeDocuments(**tok, text, "\n<|endoftext|>\n", *eot);
-  auto model = LoadModel();
+  auto model = LoadModel(*load);
   if (!model.ok()) return Fail(model.status());
   auto r = Perplexity(**model, ids, absl::GetFlag(FLAGS_window), absl::GetFlag(FLAGS_experts_per_token));
   if (!r.ok()) return Fail(r.status());
@@ -185,6 +203,7 @@ int main(int argc, char** argv) {
       "  tokenize   --text=TEXT\n"
       "  serve      [--port=50051]                  every role in this process\n"
       "  cluster    [--expert_workers=2] [--port=50051]   one process per role on loopback\n"
+      "Weights: [--load_format=auto|dummy] [--num_layers=N] [--compute_dtype=fp32|bf16]\n"
       "Prints one JSON object on stdout.");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   const std::string cmd = args.size() > 1 ? args[1] : "";

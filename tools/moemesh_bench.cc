@@ -2,9 +2,14 @@
 //
 //   moemesh_bench --mode=offline --model=DIR [--compute_dtype=fp32|bf16] [--threads=2]
 //                 [--prompt_tokens=512] [--decode_tokens=128] [--repeats=3]
+//                 [--load_format=auto|dummy] [--num_layers=N] [--bandwidth_gbs=X]
 //       In-process Model: one warm-up run, then `repeats` single-stream greedy Generate runs (no
 //       stop tokens); median prefill tok/s (prompt / prefill time) and decode tok/s ((new tokens
-//       - 1) / decode time, as `moemesh generate`).
+//       - 1) / decode time, as `moemesh generate`). Also the weight bytes one decode step reads
+//       (from the config: bench_stats.h DecodeWeightBytes) and the memory-bandwidth bound
+//       bandwidth / bytes, with --bandwidth_gbs or the bandwidth mode's figure measured first
+//       (--bandwidth_gbs=-1: neither), and the fraction of it decode reaches. With
+//       --load_format=dummy the directory needs only config.json (no tokenizer either).
 //   moemesh_bench --mode=bandwidth [--bandwidth_mib=1024] [--threads=2]
 //       STREAM-style read: the sum of a float array by `threads` threads, best of 5, in GB/s.
 //   moemesh_bench --mode=serving --addr=HOST:PORT [--concurrency=N] [--requests=M]
@@ -16,7 +21,7 @@
 //       run's wall time. With --attention_addr: Attention/GetStats deltas per step.
 //
 // Prompts are the first tokens (serving: consecutive slices) of --ids_file, or token id 1
-// repeated when it is missing. A table on stdout; with --json=FILE the same figures as JSON;
+// repeated when it is missing; offline, ids are taken modulo the model's vocabulary. A table on stdout; with --json=FILE the same figures as JSON;
 // progress on stderr.
 #include <algorithm>
 #include <atomic>
@@ -46,6 +51,7 @@
 #include "engine/model.h"
 #include "engine/ops/linear.h"
 #include "engine/ops/threading.h"
+#include "mesh/load_flags.h"
 #include "nlohmann/json.hpp"
 #include "protos/generation.grpc.pb.h"
 #include "protos/worker.grpc.pb.h"
@@ -55,14 +61,15 @@ ABSL_FLAG(std::string, mode, "offline", "offline, bandwidth or serving.");
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "offline: model directory.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "offline: fp32 or bf16.");
 ABSL_FLAG(int32_t, threads, 2, "offline, bandwidth: compute threads.");
-ABSL_FLAG(std::string, load_format, "auto", "offline: auto (the checkpoint's safetensors) or dummy (random weights from config.json alone).");
-ABSL_FLAG(int64_t, num_layers, 0, "offline: use only the first N layers (0 = all); with --load_format=dummy.");
 ABSL_FLAG(int32_t, batch, 1, "offline: also decode this many sequences together (> 1) and report output tok/s.");
 ABSL_FLAG(std::string, device, "cpu", "offline: cpu, cuda or cuda:N (CUDA needs a --config=cuda build).");
 ABSL_FLAG(int64_t, prompt_tokens, -1, "Prompt length (default: offline 512, serving 128).");
 ABSL_FLAG(int64_t, decode_tokens, 128, "offline: new tokens per run.");
 ABSL_FLAG(int32_t, repeats, 3, "offline: measured runs after the warm-up.");
-ABSL_FLAG(int64_t, bandwidth_mib, 1024, "bandwidth: array size in MiB.");
+ABSL_FLAG(int64_t, bandwidth_mib, 1024, "bandwidth (and offline, when it measures): array size in MiB.");
+ABSL_FLAG(double, bandwidth_gbs, 0,
+          "offline: memory bandwidth in GB/s for the decode bound; 0 = measure it as "
+          "--mode=bandwidth does, < 0 = no bound.");
 ABSL_FLAG(std::string, addr, "127.0.0.1:50051", "serving: public API address.");
 ABSL_FLAG(int32_t, concurrency, 1, "serving: concurrent streams.");
 ABSL_FLAG(int32_t, requests, 8, "serving: total requests.");
@@ -95,11 +102,16 @@ std::vector<int32_t> LoadIds() {
   }
 }
 
-// n ids starting at `offset` (wrapping) of `pool`, or id 1 repeated when the pool is empty.
-std::vector<int32_t> Prompt(const std::vector<int32_t>& pool, int64_t offset, int64_t n) {
-  std::vector<int32_t> p(n, 1);
+// n ids starting at `offset` (wrapping) of `pool`, or id 1 repeated when the pool is empty;
+// with vocab > 0, each id modulo vocab (the pool may come from another model's tokenizer).
+std::vector<int32_t> Prompt(const std::vector<int32_t>& pool, int64_t offset, int64_t n,
+                            int64_t vocab = 0) {
+  std::vector<int32_t> p(n, vocab == 1 ? 0 : 1);
   if (pool.empty()) return p;
-  for (int64_t i = 0; i < n; ++i) p[i] = pool[(offset + i) % pool.size()];
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t id = pool[(offset + i) % pool.size()];
+    p[i] = vocab > 0 ? static_cast<int32_t>(((id % vocab) + vocab) % vocab) : id;
+  }
   return p;
 }
 
@@ -114,121 +126,17 @@ absl::Status WriteJson(const json& j) {
   return absl::OkStatus();
 }
 
-// ------------------------------------------------------------------------------------ offline
-
-absl::Status RunOffline() {
-  const std::string dt = absl::GetFlag(FLAGS_compute_dtype);
-  LoadOptions lo;
-  if (dt == "bf16") {
-    lo.compute = ComputeType::kBF16;
-  } else if (dt != "fp32") {
-    return absl::InvalidArgumentError("--compute_dtype must be fp32 or bf16");
-  }
-  const int threads = absl::GetFlag(FLAGS_threads);
-  ops::SetNumThreads(threads);
-  auto device = ParseDevice(absl::GetFlag(FLAGS_device));
-  if (!device.ok()) return device.status();
-  auto described = DescribeDevice(*device);
-  if (!described.ok()) return described.status();
-  lo.device = *device;
-  auto format = ParseLoadFormat(absl::GetFlag(FLAGS_load_format));
-  if (!format.ok()) return format.status();
-  lo.load_format = *format;
-  lo.num_layers = absl::GetFlag(FLAGS_num_layers);
-  int64_t n_prompt = absl::GetFlag(FLAGS_prompt_tokens);
-  if (n_prompt < 0) n_prompt = 512;
-  const int64_t n_decode = absl::GetFlag(FLAGS_decode_tokens);
-  const int repeats = absl::GetFlag(FLAGS_repeats);
-  if (n_prompt < 1 || n_decode < 1 || repeats < 1) {
-    return absl::InvalidArgumentError("--prompt_tokens, --decode_tokens, --repeats must be >= 1");
-  }
-  const std::string dir = absl::GetFlag(FLAGS_model);
-  auto t_load = Clock::now();
-  auto model = Model::Load(dir, lo);
-  if (!model.ok()) return model.status();
-  const double load_s = SecondsSince(t_load);
-  const std::vector<int32_t> pool = LoadIds();
-  const std::vector<int32_t> prompt = Prompt(pool, 0, n_prompt);
-  GenerateOptions go;
-  go.max_new_tokens = n_decode;  // greedy by default, no stop tokens
-
-  std::vector<double> prefill, decode;
-  for (int i = 0; i <= repeats; ++i) {
-    std::cerr << "\r" << (i == 0 ? "warm-up" : absl::StrCat("run ", i, "/", repeats)) << "   "
-              << std::flush;
-    auto r = Generate(**model, prompt, go);
-    if (!r.ok()) return r.status();
-    if (i == 0) continue;
-    prefill.push_back(r->prefill_seconds > 0 ? n_prompt / r->prefill_seconds : 0.0);
-    decode.push_back(r->ids.size() > 1 && r->decode_seconds > 0
-                         ? (r->ids.size() - 1) / r->decode_seconds
-                         : 0.0);
-  }
-  std::cerr << "\r" << std::string(20, ' ') << "\r";
-  const double p = Median(prefill), d = Median(decode);
-  // Batched decode: `batch` sequences prefilled in one step, then decoded together (greedy).
-  const int batch = absl::GetFlag(FLAGS_batch);
-  double batch_tok_s = 0;
-  if (batch > 1) {
-    auto cache = (*model)->NewCache(batch * (n_prompt + n_decode) + 64);
-    std::vector<SeqStep> steps(batch);
-    for (int b = 0; b < batch; ++b) {
-      steps[b].seq_id = static_cast<uint64_t>(b + 1);
-      steps[b].tokens = Prompt(pool, b, n_prompt);
-    }
-    std::vector<float> logits;
-    const int64_t V = (*model)->config().vocab_size;
-    auto next = [&]() {
-      for (int b = 0; b < batch; ++b) {
-        const float* row = logits.data() + b * V;
-        steps[b].start_pos += static_cast<int64_t>(steps[b].tokens.size());
-        steps[b].tokens = {static_cast<int32_t>(std::max_element(row, row + V) - row)};
-      }
-    };
-    absl::Status st = (*model)->Step(steps, cache.get(), &logits);
-    if (!st.ok()) return st;
-    next();
-    auto t0 = Clock::now();
-    for (int64_t i = 1; i < n_decode; ++i) {
-      std::cerr << "\rbatch " << batch << ": token " << i << "/" << n_decode - 1 << "   " << std::flush;
-      st = (*model)->Step(steps, cache.get(), &logits);
-      if (!st.ok()) return st;
-      next();
-    }
-    batch_tok_s = batch * (n_decode - 1) / SecondsSince(t0);
-    std::cerr << "\r" << std::string(40, ' ') << "\r";
-  }
-  std::cout << absl::StrFormat(
-      "offline  model=%s device=%s compute=%s threads=%d prompt=%d decode=%d repeats=%d "
-      "(ids: %s, load %.2f s)\n",
-      dir, *described, dt, threads, n_prompt, n_decode, repeats, pool.empty() ? "id 1 repeated" : "ids_file",
-      load_s);
-  std::cout << absl::StrFormat("%-22s %12s %12s %12s\n", "", "median", "min", "max");
-  std::cout << absl::StrFormat("%-22s %12.1f %12.1f %12.1f\n", "prefill tok/s", p,
-                               *std::min_element(prefill.begin(), prefill.end()),
-                               *std::max_element(prefill.begin(), prefill.end()));
-  std::cout << absl::StrFormat("%-22s %12.1f %12.1f %12.1f\n", "decode tok/s", d,
-                               *std::min_element(decode.begin(), decode.end()),
-                               *std::max_element(decode.begin(), decode.end()));
-  if (batch > 1) {
-    std::cout << absl::StrFormat("%-22s %12.1f   (%d sequences decoding together)\n",
-                                 "batched out tok/s", batch_tok_s, batch);
-  }
-  json j = {{"batch", batch}, {"batch_out_tok_s", batch_tok_s}, {"load_format", absl::GetFlag(FLAGS_load_format)}, {"mode", "offline"},         {"model", dir},
-            {"compute_dtype", dt},       {"threads", threads},
-            {"device", *described},
-            {"prompt_tokens", n_prompt}, {"decode_tokens", n_decode},
-            {"repeats", repeats},        {"prefill_tok_s", p},
-            {"decode_tok_s", d},         {"prefill_tok_s_runs", prefill},
-            {"decode_tok_s_runs", decode}};
-  return WriteJson(j);
-}
-
 // ---------------------------------------------------------------------------------- bandwidth
 
-absl::Status RunBandwidth() {
-  const int64_t mib = absl::GetFlag(FLAGS_bandwidth_mib);
-  const int threads = std::max(1, absl::GetFlag(FLAGS_threads));
+struct Bandwidth {
+  double best_gb_s = 0;
+  std::vector<double> runs_gb_s;
+  double checksum = 0;
+};
+
+// STREAM-style read of `mib` MiB: the sum of a float array by `threads` threads, 5 passes.
+absl::StatusOr<Bandwidth> MeasureBandwidth(int64_t mib, int threads) {
+  threads = std::max(1, threads);
   if (mib < 1) return absl::InvalidArgumentError("--bandwidth_mib must be >= 1");
   const int64_t n = mib * (1 << 20) / static_cast<int64_t>(sizeof(float));
   std::unique_ptr<float[]> a(new float[n]);
@@ -247,8 +155,7 @@ absl::Status RunBandwidth() {
     }
     for (auto& th : ts) th.join();
   }
-  std::vector<double> gbs;
-  double checksum = 0;
+  Bandwidth bw;
   for (int rep = 0; rep < 5; ++rep) {
     std::cerr << "\rbandwidth pass " << rep + 1 << "/5" << std::flush;
     std::vector<double> partial(threads, 0.0);
@@ -272,17 +179,204 @@ absl::Status RunBandwidth() {
     }
     for (auto& th : ts) th.join();
     const double sec = SecondsSince(t0);
-    for (double s : partial) checksum += s;
-    gbs.push_back(static_cast<double>(n) * sizeof(float) / 1e9 / sec);
+    for (double s : partial) bw.checksum += s;
+    bw.runs_gb_s.push_back(static_cast<double>(n) * sizeof(float) / 1e9 / sec);
   }
   std::cerr << "\r" << std::string(24, ' ') << "\r";
-  const double best = *std::max_element(gbs.begin(), gbs.end());
+  bw.best_gb_s = *std::max_element(bw.runs_gb_s.begin(), bw.runs_gb_s.end());
+  return bw;
+}
+
+absl::Status RunBandwidth() {
+  const int64_t mib = absl::GetFlag(FLAGS_bandwidth_mib);
+  const int threads = std::max(1, absl::GetFlag(FLAGS_threads));
+  auto bw = MeasureBandwidth(mib, threads);
+  if (!bw.ok()) return bw.status();
   std::cout << absl::StrFormat("bandwidth  %d MiB read, %d threads, best of 5 (checksum %.0f)\n",
-                               mib, threads, checksum);
-  std::cout << absl::StrFormat("%-22s %12.2f\n", "read GB/s (best)", best);
-  std::cout << absl::StrFormat("%-22s %12.2f\n", "read GB/s (median)", Median(gbs));
+                               mib, threads, bw->checksum);
+  std::cout << absl::StrFormat("%-22s %12.2f\n", "read GB/s (best)", bw->best_gb_s);
+  std::cout << absl::StrFormat("%-22s %12.2f\n", "read GB/s (median)", Median(bw->runs_gb_s));
   json j = {{"mode", "bandwidth"}, {"mib", mib},   {"threads", threads},
-            {"gb_s", best},        {"gb_s_runs", gbs}};
+            {"gb_s", bw->best_gb_s}, {"gb_s_runs", bw->runs_gb_s}};
+  return WriteJson(j);
+}
+
+// ------------------------------------------------------------------------------------ offline
+
+absl::Status RunOffline() {
+  const std::string dt = absl::GetFlag(FLAGS_compute_dtype);
+  LoadOptions lo;
+  if (dt == "bf16") {
+    lo.compute = ComputeType::kBF16;
+  } else if (dt != "fp32") {
+    return absl::InvalidArgumentError("--compute_dtype must be fp32 or bf16");
+  }
+  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (!load_flags.ok()) return load_flags;
+  const bool dummy = lo.load_format == LoadOptions::LoadFormat::kDummy;
+  const int threads = absl::GetFlag(FLAGS_threads);
+  ops::SetNumThreads(threads);
+  auto device = ParseDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return device.status();
+  auto described = DescribeDevice(*device);
+  if (!described.ok()) return described.status();
+  lo.device = *device;
+  int64_t n_prompt = absl::GetFlag(FLAGS_prompt_tokens);
+  if (n_prompt < 0) n_prompt = 512;
+  const int64_t n_decode = absl::GetFlag(FLAGS_decode_tokens);
+  const int repeats = absl::GetFlag(FLAGS_repeats);
+  if (n_prompt < 1 || n_decode < 1 || repeats < 1) {
+    return absl::InvalidArgumentError("--prompt_tokens, --decode_tokens, --repeats must be >= 1");
+  }
+  // Bandwidth first, so that its array is gone before the model is loaded.
+  double bandwidth = absl::GetFlag(FLAGS_bandwidth_gbs);
+  std::string bandwidth_source = bandwidth > 0 ? "--bandwidth_gbs" : "none";
+  if (bandwidth == 0 && device->is_cpu()) {  // a GPU's bandwidth: pass --bandwidth_gbs
+    auto bw = MeasureBandwidth(absl::GetFlag(FLAGS_bandwidth_mib), threads);
+    if (!bw.ok()) return bw.status();
+    bandwidth = bw->best_gb_s;
+    bandwidth_source = absl::StrCat("measured (", absl::GetFlag(FLAGS_bandwidth_mib), " MiB, ",
+                                    threads, " threads, best of 5)");
+  }
+  const std::string dir = absl::GetFlag(FLAGS_model);
+  std::cerr << "loading " << dir << (dummy ? " (dummy weights)" : "") << std::flush;
+  auto t_load = Clock::now();
+  auto model = Model::Load(dir, lo);
+  std::cerr << "\r" << std::string(dir.size() + 40, ' ') << "\r";
+  if (!model.ok()) return model.status();
+  const double load_s = SecondsSince(t_load);
+  const ModelConfig& cfg = (*model)->config();
+  const std::vector<int32_t> pool = LoadIds();
+  const std::vector<int32_t> prompt = Prompt(pool, 0, n_prompt, cfg.vocab_size);
+  GenerateOptions go;
+  go.max_new_tokens = n_decode;  // greedy by default, no stop tokens
+
+  // Weights held (as loaded) and read per decoded token.
+  WeightElementBytes eb;
+  eb.matrix = PackedBytesPerWeight(lo.compute == ComputeType::kBF16, cfg.dtype);
+  eb.router = PackedBytesPerWeight(false, cfg.dtype);
+  eb.embedding = static_cast<int64_t>(DTypeSize(cfg.dtype));
+  const DecodeBytes per_token = DecodeWeightBytes(cfg, cfg.num_experts_per_tok, eb);
+  int64_t weight_bytes = 0;
+  for (const WeightSpec& w : CheckpointWeights(cfg, (*model)->arch())) {
+    int64_t n = 1;
+    for (int64_t d : w.shape) n *= d;
+    weight_bytes += n * static_cast<int64_t>(DTypeSize(cfg.dtype));
+  }
+
+  std::vector<double> prefill, decode;
+  for (int i = 0; i <= repeats; ++i) {
+    std::cerr << "\r" << (i == 0 ? "warm-up" : absl::StrCat("run ", i, "/", repeats)) << "   "
+              << std::flush;
+    auto r = Generate(**model, prompt, go);
+    if (!r.ok()) return r.status();
+    if (i == 0) continue;
+    prefill.push_back(r->prefill_seconds > 0 ? n_prompt / r->prefill_seconds : 0.0);
+    decode.push_back(r->ids.size() > 1 && r->decode_seconds > 0
+                         ? (r->ids.size() - 1) / r->decode_seconds
+                         : 0.0);
+  }
+  std::cerr << "\r" << std::string(20, ' ') << "\r";
+  const double p = Median(prefill), d = Median(decode);
+  // Batched decode: `batch` sequences prefilled in one step, then decoded together (greedy).
+  const int batch = absl::GetFlag(FLAGS_batch);
+  double batch_tok_s = 0;
+  if (batch > 1) {
+    auto cache = (*model)->NewCache(batch * (n_prompt + n_decode) + 64);
+    std::vector<SeqStep> steps(batch);
+    for (int b = 0; b < batch; ++b) {
+      steps[b].seq_id = static_cast<uint64_t>(b + 1);
+      steps[b].tokens = Prompt(pool, b, n_prompt, cfg.vocab_size);
+    }
+    std::vector<float> logits;
+    const int64_t V = (*model)->config().vocab_size;
+    auto next = [&]() {
+      for (int b = 0; b < batch; ++b) {
+        const float* row = logits.data() + b * V;
+        steps[b].start_pos += static_cast<int64_t>(steps[b].tokens.size());
+        steps[b].tokens = {static_cast<int32_t>(std::max_element(row, row + V) - row)};
+      }
+    };
+    absl::Status st = (*model)->Step(steps, cache.get(), &logits);
+    if (!st.ok()) return st;
+    next();
+    auto t0 = Clock::now();
+    for (int64_t i = 1; i < n_decode; ++i) {
+      std::cerr << "\rbatch " << batch << ": token " << i << "/" << n_decode - 1 << "   " << std::flush;
+      st = (*model)->Step(steps, cache.get(), &logits);
+      if (!st.ok()) return st;
+      next();
+    }
+    batch_tok_s = batch * (n_decode - 1) / SecondsSince(t0);
+    std::cerr << "\r" << std::string(40, ' ') << "\r";
+  }
+  const double bound = BandwidthBoundTokensPerSecond(bandwidth, per_token.total());
+  const double fraction = bound > 0 ? d / bound : 0.0;
+  std::cout << absl::StrFormat(
+      "offline  model=%s%s layers=%d device=%s compute=%s threads=%d prompt=%d decode=%d "
+      "repeats=%d (ids: %s, load %.2f s)\n",
+      dir, dummy ? " (dummy weights)" : "", cfg.num_hidden_layers, *described, dt, threads, n_prompt,
+      n_decode, repeats, pool.empty() ? "id 1 repeated" : "ids_file", load_s);
+  std::cout << absl::StrFormat("%-22s %12s %12s %12s\n", "", "median", "min", "max");
+  std::cout << absl::StrFormat("%-22s %12.1f %12.1f %12.1f\n", "prefill tok/s", p,
+                               *std::min_element(prefill.begin(), prefill.end()),
+                               *std::max_element(prefill.begin(), prefill.end()));
+  std::cout << absl::StrFormat("%-22s %12.1f %12.1f %12.1f\n", "decode tok/s", d,
+                               *std::min_element(decode.begin(), decode.end()),
+                               *std::max_element(decode.begin(), decode.end()));
+  if (batch > 1) {
+    std::cout << absl::StrFormat("%-22s %12.1f   (%d sequences decoding together)\n",
+                                 "batched out tok/s", batch_tok_s, batch);
+  }
+  std::cout << absl::StrFormat("%-22s %12.3f GiB (checkpoint dtype %s)\n", "weights",
+                               weight_bytes / 1073741824.0, std::string(DTypeName(cfg.dtype)));
+  std::cout << absl::StrFormat(
+      "%-22s %12.1f MB (attention %.1f, router %.1f, %d experts %.1f, dense/shared mlp %.1f, "
+      "lm_head %.1f, embedding row %.3f)\n",
+      "weight bytes / token", per_token.total() / 1e6, per_token.attention / 1e6,
+      per_token.router / 1e6, cfg.num_experts_per_tok, per_token.experts / 1e6,
+      per_token.dense_mlp / 1e6, per_token.lm_head / 1e6, per_token.embedding / 1e6);
+  if (bound > 0) {
+    std::cout << absl::StrFormat("%-22s %12.2f GB/s (%s)\n", "memory bandwidth", bandwidth,
+                                 bandwidth_source);
+    std::cout << absl::StrFormat("%-22s %12.1f tok/s (bandwidth / bytes per token)\n",
+                                 "decode bound", bound);
+    std::cout << absl::StrFormat("%-22s %12.1f %% of the bound (%.2f GB/s of weights read)\n",
+                                 "decode achieved", 100.0 * fraction,
+                                 d * per_token.total() / 1e9);
+  }
+  json j = {{"mode", "offline"},
+            {"model", dir},
+            {"device", *described},
+            {"batch", batch},
+            {"batch_out_tok_s", batch_tok_s},
+            {"load_format", dummy ? "dummy" : "auto"},
+            {"num_layers", cfg.num_hidden_layers},
+            {"compute_dtype", dt},
+            {"threads", threads},
+            {"prompt_tokens", n_prompt},
+            {"decode_tokens", n_decode},
+            {"repeats", repeats},
+            {"load_s", load_s},
+            {"prefill_tok_s", p},
+            {"decode_tok_s", d},
+            {"prefill_tok_s_runs", prefill},
+            {"decode_tok_s_runs", decode},
+            {"weight_bytes", weight_bytes},
+            {"weight_bytes_per_token",
+             {{"total", per_token.total()},
+              {"attention", per_token.attention},
+              {"router", per_token.router},
+              {"experts", per_token.experts},
+              {"dense_mlp", per_token.dense_mlp},
+              {"lm_head", per_token.lm_head},
+              {"embedding", per_token.embedding}}}};
+  if (bound > 0) {
+    j["bandwidth_gb_s"] = bandwidth;
+    j["bandwidth_source"] = bandwidth_source;
+    j["bandwidth_bound_tok_s"] = bound;
+    j["decode_fraction_of_bound"] = fraction;
+  }
   return WriteJson(j);
 }
 

@@ -8,6 +8,7 @@
 #include "attention_worker/setup.h"
 #include "engine/ops/threading.h"
 #include "engine/tokenizer.h"
+#include "mesh/load_flags.h"
 #include "mesh/server.h"
 #include "router/attention_client.h"
 #include "router/generation_service.h"
@@ -37,6 +38,11 @@ int RunServe() {
   auto device = ParseDevice(absl::GetFlag(FLAGS_device));
   if (!device.ok()) return Fail(device.status());
   o.device = *device;
+  LoadOptions lo;
+  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (!load_flags.ok()) return Fail(load_flags);
+  o.load_format = lo.load_format;
+  o.num_layers = lo.num_layers;
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
   auto gen = GenerationDefaults::FromFile(dir + "/generation_config.json");

@@ -1,0 +1,37 @@
+#include "mesh/load_flags.h"
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+
+ABSL_FLAG(std::string, load_format, "auto",
+          "auto: the checkpoint's safetensors; dummy: random weights made at load time from "
+          "config.json alone, for benchmarks");
+ABSL_FLAG(int64_t, num_layers, 0,
+          "Use only the first N layers (0 = all); with --load_format=dummy, for benchmarks");
+
+namespace moemesh {
+
+absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
+  auto format = ParseLoadFormat(absl::GetFlag(FLAGS_load_format));
+  if (!format.ok()) return format.status();
+  const int64_t n = absl::GetFlag(FLAGS_num_layers);
+  if (n < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--num_layers must be >= 0, not ", n));
+  }
+  opt->load_format = *format;
+  opt->num_layers = n;
+  return absl::OkStatus();
+}
+
+std::vector<std::string> LoadFlagsForChild() {
+  std::vector<std::string> args;
+  if (absl::GetFlag(FLAGS_load_format) != "auto") {
+    args.push_back("--load_format=" + absl::GetFlag(FLAGS_load_format));
+  }
+  if (absl::GetFlag(FLAGS_num_layers) != 0) {
+    args.push_back(absl::StrCat("--num_layers=", absl::GetFlag(FLAGS_num_layers)));
+  }
+  return args;
+}
+
+}  // namespace moemesh
