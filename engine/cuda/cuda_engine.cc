@@ -151,9 +151,11 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   const int64_t rows = row_begin[G], H = gate_up.in, W = down.in;
   static std::atomic<bool> grouped_ok{true};
   if (gate_up.wt == WType::kBF16 && down.wt == WType::kBF16 && grouped_ok.load()) {
+    // bf16 throughout the grouped GEMMs (cuBLAS's grouped call takes bf16 in and out, with fp32
+    // accumulation); y is widened to fp32 at the end.
     MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(rows * H) * 2));
     MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(rows * W) * 2));
-    MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(rows * 2 * W) * sizeof(float)));
+    MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(rows * 2 * W) * 2));
     MOEMESH_CUDA(ToBf16(x, rows * H, ex.xb16.get(), ex.stream()));
     // Device arrays of pointers: [A of gate_up, B, C, A of down, B, C] x G.
     MOEMESH_OK(ex.h_ptrs.Reserve(6 * G * sizeof(void*)));
@@ -162,14 +164,15 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
     const void** hp = ex.h_ptrs.as<const void*>();
     const char* xb = ex.xb16.as<char>();
     const char* ab = ex.ab16.as<char>();
+    const char* gb = ex.gu.as<char>();
     for (int g = 0; g < G; ++g) {
       const int64_t b = row_begin[g];
       hp[g] = gate_up.matrix(slot[g]);
       hp[G + g] = xb + b * H * 2;
-      hp[2 * G + g] = ex.gu.as<float>() + b * 2 * W;
+      hp[2 * G + g] = gb + b * 2 * W * 2;
       hp[3 * G + g] = down.matrix(slot[g]);
       hp[4 * G + g] = ab + b * W * 2;
-      hp[5 * G + g] = y + b * H;
+      hp[5 * G + g] = xb + b * H * 2;  // y in bf16 reuses x's bf16 copy (consumed by then)
     }
     MOEMESH_CUDA(cudaMemcpyAsync(ex.ptrs.get(), hp, 6 * G * sizeof(void*), cudaMemcpyHostToDevice,
                                  ex.stream()));
@@ -183,15 +186,18 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
         ex.blas(), ta.data(), tb.data(), m1.data(), n.data(), k1.data(), alpha.data(),
         const_cast<const void* const*>(dp), CUDA_R_16BF, k1.data(),
         const_cast<const void* const*>(dp + G), CUDA_R_16BF, k1.data(), beta.data(), dp + 2 * G,
-        CUDA_R_32F, m1.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
+        CUDA_R_16BF, m1.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
     if (st == CUBLAS_STATUS_SUCCESS) {
-      MOEMESH_CUDA(SiluMul(ex.gu.as<float>(), rows, W, ex.ab16.get(), WType::kBF16, ex.stream()));
+      MOEMESH_CUDA(SiluMulBf16(ex.gu.get(), rows, W, ex.ab16.get(), ex.stream()));
       st = cublasGemmGroupedBatchedEx(
           ex.blas(), ta.data(), tb.data(), m2.data(), n.data(), k2.data(), alpha.data(),
           const_cast<const void* const*>(dp + 3 * G), CUDA_R_16BF, k2.data(),
           const_cast<const void* const*>(dp + 4 * G), CUDA_R_16BF, k2.data(), beta.data(),
-          dp + 5 * G, CUDA_R_32F, m2.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
-      if (st == CUBLAS_STATUS_SUCCESS) return ex.Sync();  // the host arrays above are freed next
+          dp + 5 * G, CUDA_R_16BF, m2.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
+      if (st == CUBLAS_STATUS_SUCCESS) {
+        MOEMESH_CUDA(Bf16ToF32(ex.xb16.get(), rows * H, y, ex.stream()));
+        return ex.Sync();  // the host arrays above are freed next
+      }
     }
     std::fprintf(stderr, "cublasGemmGroupedBatchedEx: %s; using one GEMM per expert\n",
                  cublasGetStatusString(st));

@@ -109,8 +109,9 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
 // The routed experts' products for rows grouped by expert: group g (rows [row_begin[g],
 // row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up
 // ([rows, width] fp32 scratch), y = act down^T ([rows, hidden] fp32). bf16 weights: one
-// activation cast, two grouped cuBLAS GEMMs (cublasGemmGroupedBatchedEx) and one SwiGLU;
-// otherwise (or if cuBLAS refuses the grouped call) Project per group.
+// activation cast, two grouped cuBLAS GEMMs (cublasGemmGroupedBatchedEx, bf16 in and out, fp32
+// accumulation) around one SwiGLU, one widening cast; otherwise (or if cuBLAS refuses the
+// grouped call) Project per group.
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
                            const float* x, float* act, float* y);

@@ -68,10 +68,11 @@ __device__ __forceinline__ float Load1(const uint16_t* p) { return Bf16ToF32(*p)
 __device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
 
 constexpr int kLinWarps = 8;  // output rows per block
-constexpr int kLinRows = 8;   // x rows per pass over the weights
 
-template <typename WT, bool kVec, bool kSwiglu>
-__global__ void __launch_bounds__(kLinWarps * kWarp)
+// kLinRows: x rows per pass over the weights (8 for batches; 1 for decode, where fewer
+// registers let more warps stream weights at once).
+template <typename WT, bool kVec, bool kSwiglu, int kLinRows>
+__global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
     SmallMKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                  const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
                  bool accumulate, Groups groups) {
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp)
 #pragma unroll
     for (int r = 0; r < kLinRows; ++r) ag[r] = au[r] = 0.0f;
     if (kVec) {
-#pragma unroll 4
+#pragma unroll(kLinRows == 1 ? 4 : 1)
       for (int i = lane * 8; i < in; i += kWarp * 8) {
         float wv[8], uv[8];
         Load8(wg + i, wv);
@@ -162,19 +163,20 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
             static_cast<unsigned>(groups.num_groups != nullptr ? groups.max_groups : 1));
   dim3 block(kLinWarps * kWarp);
   const int o = static_cast<int>(out), k = static_cast<int>(in), mm = static_cast<int>(m);
+#define MOEMESH_SMALLM(V, S, R)                                                              \
+  SmallMKernel<WT, V, S, R><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy, accumulate, \
+                                                        groups)
+  const bool one = m <= 8;  // decode-sized: rows re-read the weights from L2, not DRAM
   if (vec && swiglu) {
-    SmallMKernel<WT, true, true><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                             accumulate, groups);
+    if (one) MOEMESH_SMALLM(true, true, 1); else MOEMESH_SMALLM(true, true, 8);
   } else if (vec) {
-    SmallMKernel<WT, true, false><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                              accumulate, groups);
+    if (one) MOEMESH_SMALLM(true, false, 1); else MOEMESH_SMALLM(true, false, 8);
   } else if (swiglu) {
-    SmallMKernel<WT, false, true><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                              accumulate, groups);
+    MOEMESH_SMALLM(false, true, 8);
   } else {
-    SmallMKernel<WT, false, false><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                               accumulate, groups);
+    MOEMESH_SMALLM(false, false, 8);
   }
+#undef MOEMESH_SMALLM
   return cudaGetLastError();
 }
 
@@ -490,6 +492,21 @@ __global__ void SiluMulKernel(const float* gu, int64_t width, void* act, bool bf
   }
 }
 
+__global__ void SiluMulBf16Kernel(const uint16_t* gu, int64_t width, uint16_t* act) {
+  const uint16_t* row = gu + static_cast<int64_t>(blockIdx.x) * 2 * width;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
+    act[static_cast<int64_t>(blockIdx.x) * width + i] =
+        F32ToBf16(Silu(Bf16ToF32(row[i])) * Bf16ToF32(row[width + i]));
+  }
+}
+
+__global__ void Bf16ToF32Kernel(const uint16_t* x, int64_t n, float* y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] = Bf16ToF32(x[i]);
+  }
+}
+
 __global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -639,6 +656,20 @@ cudaError_t SiluMul(const float* gu, int64_t rows, int64_t width, void* act, WTy
   if (rows <= 0) return cudaSuccess;
   SiluMulKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(gu, width, act,
                                                                   act_type == WType::kBF16);
+  return cudaGetLastError();
+}
+
+cudaError_t SiluMulBf16(const void* gu, int64_t rows, int64_t width, void* act,
+                        cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  SiluMulBf16Kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+      static_cast<const uint16_t*>(gu), width, static_cast<uint16_t*>(act));
+  return cudaGetLastError();
+}
+
+cudaError_t Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  Bf16ToF32Kernel<<<GridFor(n, 256), 256, 0, stream>>>(static_cast<const uint16_t*>(x), n, y);
   return cudaGetLastError();
 }
 

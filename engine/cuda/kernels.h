@@ -106,6 +106,13 @@ cudaError_t AddInto(float* dst, const float* src, int64_t n, cudaStream_t stream
 cudaError_t SiluMul(const float* gu, int64_t rows, int64_t width, void* act, WType act_type,
                     cudaStream_t stream);
 
+// The same with bf16 in and out (gu: [rows, 2 * width] bf16, act: [rows, width] bf16).
+cudaError_t SiluMulBf16(const void* gu, int64_t rows, int64_t width, void* act,
+                        cudaStream_t stream);
+
+// bf16 -> fp32.
+cudaError_t Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream);
+
 // fp32 -> bf16 (round to nearest even).
 cudaError_t ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream);
 
