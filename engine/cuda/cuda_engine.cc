@@ -590,7 +590,7 @@ absl::Status CudaExpertShard::RunDevice(Exec& ex, int32_t layer, const float* x,
     const LayerWeights& L = layers_[layer];
     const int64_t nk = n * k;
     Plan plan;
-    if (nk <= 2048) {
+    if (nk <= 2048 && (4 * num_experts_ + 1 + nk) * 4 <= 48 * 1024) {
       // Group on the device: no host round trip in the decode loop.
       MOEMESH_OK(s->d_groups.Reserve((2 * nk + 2 * num_experts_ + 2) * sizeof(int32_t)));
       int32_t* d = s->d_groups.as<int32_t>();

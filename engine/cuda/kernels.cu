@@ -185,7 +185,15 @@ __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
   float* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+  if (dim % 4 == 0) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    for (int i = threadIdx.x; i < dim / 4; i += blockDim.x) {
+      const float4 v = x4[i];
+      ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+  }
   ss = BlockSum(ss, scratch);
   const float inv = rsqrtf(ss / static_cast<float>(dim) + eps);
   for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
@@ -245,8 +253,8 @@ __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int 
   for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
     const int h = idx / half, i = idx % half;
     const float angle = static_cast<float>(pos) * inv_freq[i];
-    const float c = static_cast<float>(cos(static_cast<double>(angle)));
-    const float sn = static_cast<float>(sin(static_cast<double>(angle)));
+    float sn, c;
+    sincosf(angle, &sn, &c);
     float* v = s + h * hd;
     const float x1 = v[i], x2 = v[i + half];
     v[i] = x1 * c - x2 * sn;
@@ -403,11 +411,20 @@ __global__ void BuildGroupsKernel(const int32_t* ids, int nk, int k, int experts
                                   const int32_t* slot_of_expert, int32_t* num_groups,
                                   int32_t* group_slot, int32_t* row_begin, int32_t* perm,
                                   int32_t* where) {
-  extern __shared__ int32_t cnt[];  // [experts] counts, then [experts] starts
+  // Shared: [experts] counts, [experts] starts, [experts + 1] group starts, [experts] group
+  // slots, [nk] ids. Everything is staged there; global memory is written once, in parallel.
+  extern __shared__ int32_t sm[];
+  int32_t* cnt = sm;
   int32_t* start = cnt + experts;
+  int32_t* gbeg = start + experts;
+  int32_t* gslot = gbeg + experts + 1;
+  int32_t* sid = gslot + experts;
+  __shared__ int32_t ngroups;
+  for (int a = threadIdx.x; a < nk; a += blockDim.x) sid[a] = ids[a];
+  __syncthreads();
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     int c = 0;
-    for (int a = 0; a < nk; ++a) c += ids[a] == e;
+    for (int a = 0; a < nk; ++a) c += sid[a] == e;
     cnt[e] = c;
   }
   __syncthreads();
@@ -416,28 +433,31 @@ __global__ void BuildGroupsKernel(const int32_t* ids, int nk, int k, int experts
     for (int e = 0; e < experts; ++e) {
       start[e] = off;
       if (cnt[e] == 0) continue;
-      group_slot[g] = slot_of_expert[e];
-      row_begin[g] = off;
+      gslot[g] = slot_of_expert[e];
+      gbeg[g] = off;
       off += cnt[e];
       ++g;
     }
-    row_begin[g] = off;
-    *num_groups = g;
+    gbeg[g] = off;
+    ngroups = g;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-    if (cnt[e] == 0) continue;
-    int at = start[e];
-    for (int a = 0; a < nk; ++a) {
-      if (ids[a] == e) {
-        perm[at] = a / k;
-        where[a] = at;
-        ++at;
-      }
-    }
+  const int G = ngroups;
+  for (int g = threadIdx.x; g <= G; g += blockDim.x) {
+    row_begin[g] = gbeg[g];
+    if (g < G) group_slot[g] = gslot[g];
   }
+  if (threadIdx.x == 0) *num_groups = G;
   for (int a = threadIdx.x; a < nk; a += blockDim.x) {
-    if (ids[a] < 0 || ids[a] >= experts) where[a] = -1;
+    const int e = sid[a];
+    if (e < 0 || e >= experts) {
+      where[a] = -1;
+      continue;
+    }
+    int at = start[e];
+    for (int b = 0; b < a; ++b) at += sid[b] == e;  // rank among earlier rows of expert e
+    perm[at] = a / k;
+    where[a] = at;
   }
 }
 
@@ -449,16 +469,26 @@ __global__ void GatherRowsKernel(const float* src, const int32_t* perm, int64_t 
 
 __global__ void CombineKernel(const float* y, const int32_t* where, const float* weights, int k,
                               int64_t dim, float* out) {
+  // Block (row, column chunk of 256): each thread issues its k loads before summing in order.
   const int r = blockIdx.x;
-  float* o = out + static_cast<int64_t>(r) * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    float acc = o[i];
-    for (int j = 0; j < k; ++j) {
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (i >= dim) return;
+  constexpr int kMaxK = 32;
+  float v[kMaxK], w[kMaxK];
+#pragma unroll
+  for (int j = 0; j < kMaxK; ++j) {
+    if (j < k) {
       const int32_t at = where[static_cast<int64_t>(r) * k + j];
-      if (at >= 0) acc = fmaf(weights[static_cast<int64_t>(r) * k + j], y[at * dim + i], acc);
+      v[j] = at >= 0 ? y[at * dim + i] : 0.0f;
+      w[j] = at >= 0 ? weights[static_cast<int64_t>(r) * k + j] : 0.0f;
     }
-    o[i] = acc;
   }
+  float acc = out[static_cast<int64_t>(r) * dim + i];
+#pragma unroll
+  for (int j = 0; j < kMaxK; ++j) {
+    if (j < k) acc = fmaf(w[j], v[j], acc);
+  }
+  out[static_cast<int64_t>(r) * dim + i] = acc;
 }
 
 __global__ void AddBiasKernel(float* y, const float* bias, int64_t out, int64_t ldy) {
@@ -561,7 +591,7 @@ cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
                     float* y, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  RmsNormKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, w, static_cast<int>(dim),
+  RmsNormKernel<<<static_cast<unsigned>(rows), 512, 0, stream>>>(x, w, static_cast<int>(dim),
                                                                   eps, y);
   return cudaGetLastError();
 }
@@ -609,8 +639,10 @@ cudaError_t TopKRouting(const float* logits, int64_t rows, int64_t experts,
 cudaError_t BuildGroups(const int32_t* ids, int64_t n, int64_t k, int64_t experts,
                         const int32_t* slot_of_expert, int32_t* num_groups, int32_t* group_slot,
                         int32_t* row_begin, int32_t* perm, int32_t* where, cudaStream_t stream) {
-  const int threads = experts < 1024 ? static_cast<int>((experts + 31) / 32 * 32) : 1024;
-  BuildGroupsKernel<<<1, threads, 2 * experts * sizeof(int32_t), stream>>>(
+  const int threads = 256;
+  const size_t smem = (4 * experts + 1 + n * k) * sizeof(int32_t);
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;
+  BuildGroupsKernel<<<1, threads, smem, stream>>>(
       ids, static_cast<int>(n * k), static_cast<int>(k), static_cast<int>(experts),
       slot_of_expert, num_groups, group_slot, row_begin, perm, where);
   return cudaGetLastError();
@@ -626,8 +658,9 @@ cudaError_t GatherRows(const float* src, const int32_t* perm, int64_t rows, int6
 cudaError_t CombineExperts(const float* y, const int32_t* where, const float* weights, int64_t n,
                            int64_t k, int64_t dim, float* out, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  CombineKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(y, where, weights,
-                                                               static_cast<int>(k), dim, out);
+  if (k > 32) return cudaErrorInvalidValue;
+  dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim + 255) / 256));
+  CombineKernel<<<grid, 256, 0, stream>>>(y, where, weights, static_cast<int>(k), dim, out);
   return cudaGetLastError();
 }
 
