@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/ops/attention.h"
 #include "engine/ops/kernels.h"
+#include "engine/ops/threading.h"
 
 namespace moemesh {
 namespace {
@@ -16,6 +17,10 @@ namespace {
 std::string LayerName(int64_t layer, const std::string& suffix) {
   return absl::StrCat("model.layers.", layer, ".", suffix);
 }
+
+// Expert weight bytes per thread before RunExperts runs experts in parallel (~150 us of one
+// core's streaming on the dev VM: a fork/join costs microseconds).
+constexpr int64_t kExpertBytesPerThread = 4 << 20;
 
 void AddInto(float* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
@@ -146,28 +151,81 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
       rows[e].emplace_back(r, weights[r * k + j]);
     }
   }
-  std::vector<float> xe, gu, act, y;
+  // Experts with rows, in expert order, and what they need.
+  std::vector<int64_t> active;
+  int64_t max_rows = 0, bytes = 0, total_rows = 0;
   for (int64_t e = 0; e < num_experts_; ++e) {
+    if (rows[e].empty()) continue;
+    const Expert& ex = *experts_[layer][e];
+    active.push_back(e);
+    max_rows = std::max<int64_t>(max_rows, static_cast<int64_t>(rows[e].size()));
+    total_rows += static_cast<int64_t>(rows[e].size());
+    bytes += ex.gate_up.weight_bytes() + ex.down.weight_bytes();
+  }
+  if (active.empty()) return absl::OkStatus();
+  // One expert's SwiGLU for its rows re[*]: y [m, hidden].
+  auto run_expert = [&](int64_t e, std::vector<float>* xe, std::vector<float>* gu,
+                        std::vector<float>* act, float* y) {
     const auto& re = rows[e];
-    if (re.empty()) continue;
     const int64_t m = static_cast<int64_t>(re.size());
     const Expert& ex = *experts_[layer][e];
-    xe.resize(m * hidden_);
-    gu.resize(m * 2 * width_);
-    act.resize(m * width_);
-    y.resize(m * hidden_);
+    xe->resize(m * hidden_);
+    gu->resize(m * 2 * width_);
+    act->resize(m * width_);
     for (int64_t i = 0; i < m; ++i) {
-      std::memcpy(&xe[i * hidden_], x + re[i].first * hidden_, hidden_ * sizeof(float));
+      std::memcpy(&(*xe)[i * hidden_], x + re[i].first * hidden_, hidden_ * sizeof(float));
     }
-    ex.gate_up.Forward(xe.data(), m, gu.data());
-    ops::SiluMulRows(gu.data(), m, width_, act.data());
-    ex.down.Forward(act.data(), m, y.data());
-    for (int64_t i = 0; i < m; ++i) {
+    ex.gate_up.Forward(xe->data(), m, gu->data());
+    ops::SiluMulRows(gu->data(), m, width_, act->data());
+    ex.down.Forward(act->data(), m, y);
+  };
+  // out[r] += w * y[r], expert by expert in expert order (the summation order of every path).
+  auto accumulate = [&](int64_t e, const float* y) {
+    const auto& re = rows[e];
+    for (size_t i = 0; i < re.size(); ++i) {
       float* o = out + re[i].first * hidden_;
       const float w = re[i].second;
-      const float* yi = &y[i * hidden_];
+      const float* yi = y + i * hidden_;
       for (int64_t c = 0; c < hidden_; ++c) o[c] += w * yi[c];
     }
+  };
+
+  // Decode-sized calls (every expert's rows within the small-batch kernels) whose weights take
+  // a core a while to stream run whole experts on separate threads, each product alone on its
+  // thread: one fork per layer, where each expert's two products are too small for Linear to
+  // split (it keeps products under ~10 MB on the calling thread), so single-stream decode of a
+  // big MoE would otherwise read the experts -- most of its bytes -- with one core.
+  const Expert& any = *experts_[layer][active[0]];
+  const int64_t small_m = std::min(any.gate_up.small_m_limit(), any.down.small_m_limit());
+  const int threads =
+      active.size() > 1 && max_rows <= small_m
+          ? ops::ThreadsFor(bytes, ops::SyncThreads(), kExpertBytesPerThread)
+          : 1;
+  if (threads > 1) {
+    // y of every active expert, back to back: [total_rows, hidden].
+    thread_local std::vector<float> ys;
+    ys.resize(total_rows * hidden_);
+    std::vector<int64_t> offset(active.size());
+    for (size_t i = 1; i < active.size(); ++i) {
+      offset[i] = offset[i - 1] + static_cast<int64_t>(rows[active[i - 1]].size()) * hidden_;
+    }
+    float* ys_data = ys.data();
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> xe, gu, act;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < static_cast<int64_t>(active.size()); ++i) {
+        run_expert(active[i], &xe, &gu, &act, ys_data + offset[i]);
+      }
+    }
+    for (size_t i = 0; i < active.size(); ++i) accumulate(active[i], ys_data + offset[i]);
+    return absl::OkStatus();
+  }
+  std::vector<float> xe, gu, act, y;
+  for (int64_t e : active) {
+    y.resize(rows[e].size() * hidden_);
+    run_expert(e, &xe, &gu, &act, y.data());
+    accumulate(e, y.data());
   }
   return absl::OkStatus();
 }
@@ -488,6 +546,19 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   if (!ex.ok()) return ex.status();
   m->experts_ = std::move(*ex);
   m->backend_ = std::make_unique<LocalExperts>(m->experts_.get());
+  if (m->ckpt_->dummy()) {
+    // Linear packed its own copies: of the dummy values only the embedding table (read in place
+    // by the Embedder) is still needed. A fresh reader makes the same values for it alone, and
+    // the rest is freed (half the memory of a big dummy model).
+    auto emb_only = OpenCheckpoint(dir, m->cfg_, m->arch_, opt, [](std::string_view name) {
+      return name == "model.embed_tokens.weight";
+    });
+    if (!emb_only.ok()) return emb_only.status();
+    auto emb2 = Embedder::Load(**emb_only, m->cfg_);
+    if (!emb2.ok()) return emb2.status();
+    m->embedder_ = std::move(*emb2);
+    m->ckpt_ = std::move(*emb_only);
+  }
   return m;
 }
 

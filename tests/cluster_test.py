@@ -902,7 +902,7 @@ HOST_PORT = r"(?:\d{1,3}\.){3}\d{1,3}:\d+|localhost:\d+|\[[0-9a-fA-F:]+\]:\d+"
 
 
 class ClusterCommandTest(unittest.TestCase):
-    def start_cluster_command(self):
+    def start_cluster_command(self, extra=()):
         """Starts `moemesh cluster` (2 expert workers); returns (Proc, ready line, router address).
 
         The command takes --port for the router and the ports after it for the other processes;
@@ -914,7 +914,7 @@ class ClusterCommandTest(unittest.TestCase):
             logs = tempfile.mkdtemp(prefix="moemesh-cluster-", dir=_LOG_ROOT)
             p = Proc("moemesh-cluster", [MOEMESH, "cluster", "--model=" + PYDOC,
                                          "--expert_workers=2", "--port=%d" % port, "--threads=1",
-                                         "--log_dir=" + logs])
+                                         "--log_dir=" + logs] + list(extra))
             try:
                 line = p.wait_for(r"^.*\bready\b.*$", stream="out").group(0)
             except AssertionError as e:
@@ -963,6 +963,34 @@ class ClusterCommandTest(unittest.TestCase):
             raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
         finally:
             p.stop()
+
+    def test_dummy_weights_are_the_same_model_in_every_process(self):
+        """--load_format=dummy makes each tensor from its name alone: `moemesh cluster` passes the
+        flags to its 5 processes, and they serve the same model as `moemesh serve`."""
+        flags = ["--load_format=dummy", "--num_layers=3"]
+        ids = heldout_ids()[:20]
+        p, _, addr = self.start_cluster_command(flags)
+        try:
+            wait_healthy(addr, proc=p)
+            with grpc.insecure_channel(addr) as ch:
+                stub = pb2_grpc.GenerationStub(ch)
+                info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
+                self.assertEqual(info.num_layers, 3)
+                from_cluster = greedy_ids(stub, ids, 12)
+        except AssertionError as e:
+            children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
+                               for f in sorted(os.listdir(p.logs)))
+            raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
+        finally:
+            p.stop()
+        s, saddr = start_serve(PYDOC, "serve-dummy", flags)
+        try:
+            with grpc.insecure_channel(saddr) as ch:
+                from_serve = greedy_ids(pb2_grpc.GenerationStub(ch), ids, 12)
+        finally:
+            s.stop()
+        self.assertEqual(len(from_cluster), 12)
+        self.assertEqual(from_cluster, from_serve)
 
 
 if __name__ == "__main__":
