@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU runs of docs/BENCHMARKS.md: run on the GPU machine from the repository root, after
+#   bazel build --config=cuda //engine/cuda:cuda_engine_test //engine/cuda:model_test //engine/cuda:expert_gemm_bench \
+#     //tools:moemesh_bench //tools:moemesh //expert_worker //attention_worker //encoder_worker //router
+#   ../shared/tools/device_bundle.sh .devbundle <those binaries from bazel-bin>
+# and the Python stubs generated into .devbundle/cache (XDG_CACHE_HOME=$PWD/.devbundle/cache, scripts/client.py load_stubs()).
+# Usage: scripts/gpu_device_run.sh [all|tests|bench|hf]   (results under $OUT)
+set -x
+tar xJf .devbundle/bundle.tar.xz -C /tmp
+export LD_LIBRARY_PATH=/tmp/bundle/lib:${LD_LIBRARY_PATH:-}
+B=/tmp/bundle/bin
+nvidia-smi -L
+mkdir -p /tmp/rt/encoder_worker /tmp/rt/expert_worker /tmp/rt/attention_worker /tmp/rt/router
+for b in encoder_worker expert_worker attention_worker; do ln -sf $B/$b /tmp/rt/$b/$b; done
+ln -sf $B/router /tmp/rt/router/router
+PHASE=${1:-all}
+if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
+  timeout 200 $B/cuda_engine_test 2>&1 | grep -vE "^\[ RUN|^\[       OK" | tail -40
+  timeout 200 $B/model_test 2>&1 | grep -E "FAILED|PASSED|SKIPPED|Failure|error|Expected|Which|max_err|ids" | head -40
+  MOEMESH_BIN_DIR=/tmp/rt PYTHON=python3 XDG_CACHE_HOME=$PWD/.devbundle/cache timeout 300 bash tests/cluster_gpu_test.sh 2>&1 | tail -15
+fi
+if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
+  timeout 120 $B/expert_gemm_bench 2>&1 | tail -8
+  timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --json=$OUT/ours_30b.json 2>&1 | tail -8
+fi
+if [ "$PHASE" = all ] || [ "$PHASE" = hf ]; then
+  PYTHONUNBUFFERED=1 timeout 280 python3 scripts/hf_baseline.py --config=models/configs/qwen3-30b-a3b --batches=1,64 --prompt_tokens=128 --new_tokens=16 --json=$OUT/hf_30b.json 2>&1 | grep -v Warning | tail -6
+fi
