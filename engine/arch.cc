@@ -29,6 +29,10 @@ absl::StatusOr<ArchSpec> ArchFor(const ModelConfig& cfg) {
       "' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe)"));
 }
 
+std::string LayerWeightName(int64_t layer, const std::string& suffix) {
+  return absl::StrCat("model.layers.", layer, ".", suffix);
+}
+
 std::string WeightName(const std::string& pattern, int64_t layer, int64_t expert) {
   return absl::StrReplaceAll(pattern, {{"{L}", absl::StrCat(layer)}, {"{E}", absl::StrCat(expert)}});
 }

@@ -36,6 +36,9 @@ struct ArchSpec {
 // The ArchSpec for cfg.model_type; InvalidArgument for families the engine does not run.
 absl::StatusOr<ArchSpec> ArchFor(const ModelConfig& cfg);
 
+// "model.layers.<layer>.<suffix>": the name of a per-layer tensor outside the MoE block.
+std::string LayerWeightName(int64_t layer, const std::string& suffix);
+
 // "model.layers.{L}.mlp" -> "model.layers.3.mlp" (and {E} likewise).
 std::string WeightName(const std::string& pattern, int64_t layer, int64_t expert = -1);
 

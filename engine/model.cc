@@ -14,10 +14,6 @@
 namespace moemesh {
 namespace {
 
-std::string LayerName(int64_t layer, const std::string& suffix) {
-  return absl::StrCat("model.layers.", layer, ".", suffix);
-}
-
 // Expert weight bytes per thread before RunExperts runs experts in parallel (~150 us of one
 // core's streaming on the dev VM: a fork/join costs microseconds).
 constexpr int64_t kExpertBytesPerThread = 4 << 20;
@@ -294,26 +290,26 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
     if (!_v.ok()) return _v.status(); \
     lhs = std::move(*_v);             \
   }
-    MOEMESH_ASSIGN(L.input_norm, LoadVector(ckpt, LayerName(l, "input_layernorm.weight"), h));
+    MOEMESH_ASSIGN(L.input_norm, LoadVector(ckpt, LayerWeightName(l, "input_layernorm.weight"), h));
     MOEMESH_ASSIGN(L.post_norm,
-                   LoadVector(ckpt, LayerName(l, "post_attention_layernorm.weight"), h));
+                   LoadVector(ckpt, LayerWeightName(l, "post_attention_layernorm.weight"), h));
     auto bias = [&](const char* p) {
-      return arch.qkv_bias ? LayerName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
+      return arch.qkv_bias ? LayerWeightName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
     };
     MOEMESH_ASSIGN(L.qkv, LoadFusedLinear(
                               ckpt,
-                              {{LayerName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
-                               {LayerName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
-                               {LayerName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
+                              {{LayerWeightName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
+                               {LayerWeightName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
+                               {LayerWeightName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
                               h, opt.compute));
-    MOEMESH_ASSIGN(L.o, LoadLinear(ckpt, LayerName(l, "self_attn.o_proj.weight"), h, qd,
+    MOEMESH_ASSIGN(L.o, LoadLinear(ckpt, LayerWeightName(l, "self_attn.o_proj.weight"), h, qd,
                                    opt.compute));
     if (arch.qk_norm != QkNorm::kNone) {
       const bool full = arch.qk_norm == QkNorm::kFull;
       MOEMESH_ASSIGN(L.q_norm,
-                     LoadVector(ckpt, LayerName(l, "self_attn.q_norm.weight"), full ? qd : hd));
+                     LoadVector(ckpt, LayerWeightName(l, "self_attn.q_norm.weight"), full ? qd : hd));
       MOEMESH_ASSIGN(L.k_norm,
-                     LoadVector(ckpt, LayerName(l, "self_attn.k_norm.weight"), full ? kvd : hd));
+                     LoadVector(ckpt, LayerWeightName(l, "self_attn.k_norm.weight"), full ? kvd : hd));
     }
     L.moe = cfg.IsMoeLayer(l);
     const std::string moe = WeightName(arch.moe_prefix, l);
@@ -339,11 +335,11 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
       const int64_t w = cfg.intermediate_size;
       L.has_mlp = true;
       MOEMESH_ASSIGN(L.mlp_gate_up, LoadFusedLinear(ckpt,
-                                                    {{LayerName(l, "mlp.gate_proj.weight"), w, ""},
-                                                     {LayerName(l, "mlp.up_proj.weight"), w, ""}},
+                                                    {{LayerWeightName(l, "mlp.gate_proj.weight"), w, ""},
+                                                     {LayerWeightName(l, "mlp.up_proj.weight"), w, ""}},
                                                     h, opt.compute));
       MOEMESH_ASSIGN(L.mlp_down,
-                     LoadLinear(ckpt, LayerName(l, "mlp.down_proj.weight"), h, w, opt.compute));
+                     LoadLinear(ckpt, LayerWeightName(l, "mlp.down_proj.weight"), h, w, opt.compute));
     }
   }
   MOEMESH_ASSIGN(s->final_norm_, LoadVector(ckpt, "model.norm.weight", h));

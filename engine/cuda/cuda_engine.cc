@@ -320,10 +320,6 @@ class Uploader {
   std::vector<float> f32_;
 };
 
-std::string LayerName(int64_t layer, const std::string& suffix) {
-  return absl::StrCat("model.layers.", layer, ".", suffix);
-}
-
 absl::Status CheckDevice(const Device& d) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
@@ -732,21 +728,21 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   s->layers_.resize(cfg.num_hidden_layers);
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     Layer& L = s->layers_[l];
-    MOEMESH_OK(up.Vector(LayerName(l, "input_layernorm.weight"), h, 1.0f, &L.input_norm));
-    MOEMESH_OK(up.Vector(LayerName(l, "post_attention_layernorm.weight"), h, 1.0f, &L.post_norm));
+    MOEMESH_OK(up.Vector(LayerWeightName(l, "input_layernorm.weight"), h, 1.0f, &L.input_norm));
+    MOEMESH_OK(up.Vector(LayerWeightName(l, "post_attention_layernorm.weight"), h, 1.0f, &L.post_norm));
     auto bias = [&](const char* p) {
-      return arch.qkv_bias ? LayerName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
+      return arch.qkv_bias ? LayerWeightName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
     };
-    MOEMESH_OK(up.Matrix({{LayerName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
-                          {LayerName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
-                          {LayerName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
+    MOEMESH_OK(up.Matrix({{LayerWeightName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
+                          {LayerWeightName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
+                          {LayerWeightName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
                          h, false, &L.qkv));
-    MOEMESH_OK(up.Matrix({{LayerName(l, "self_attn.o_proj.weight"), h, ""}}, qd, false, &L.o));
+    MOEMESH_OK(up.Matrix({{LayerWeightName(l, "self_attn.o_proj.weight"), h, ""}}, qd, false, &L.o));
     if (arch.qk_norm != QkNorm::kNone) {
       const bool full = arch.qk_norm == QkNorm::kFull;
-      MOEMESH_OK(up.Vector(LayerName(l, "self_attn.q_norm.weight"), full ? qd : hd, 1.0f,
+      MOEMESH_OK(up.Vector(LayerWeightName(l, "self_attn.q_norm.weight"), full ? qd : hd, 1.0f,
                            &L.q_norm));
-      MOEMESH_OK(up.Vector(LayerName(l, "self_attn.k_norm.weight"), full ? kvd : hd, 1.0f,
+      MOEMESH_OK(up.Vector(LayerWeightName(l, "self_attn.k_norm.weight"), full ? kvd : hd, 1.0f,
                            &L.k_norm));
     }
     L.moe = cfg.IsMoeLayer(l);
@@ -769,10 +765,10 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
     } else {
       const int64_t w = cfg.intermediate_size;
       L.has_mlp = true;
-      MOEMESH_OK(up.Matrix({{LayerName(l, "mlp.gate_proj.weight"), w, ""},
-                            {LayerName(l, "mlp.up_proj.weight"), w, ""}},
+      MOEMESH_OK(up.Matrix({{LayerWeightName(l, "mlp.gate_proj.weight"), w, ""},
+                            {LayerWeightName(l, "mlp.up_proj.weight"), w, ""}},
                            h, false, &L.mlp_gate_up));
-      MOEMESH_OK(up.Matrix({{LayerName(l, "mlp.down_proj.weight"), h, ""}}, w, false,
+      MOEMESH_OK(up.Matrix({{LayerWeightName(l, "mlp.down_proj.weight"), h, ""}}, w, false,
                            &L.mlp_down));
     }
   }
