@@ -126,10 +126,10 @@ void FillUniform(uint64_t key, float a, DType dt, int64_t n, void* out) {
 void* AllocTensor(size_t bytes) {
   constexpr size_t kHuge = size_t{2} << 20;
   if (bytes < kHuge) return std::malloc(std::max<size_t>(bytes, 1));
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = std::aligned_alloc(kHuge, rounded);
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, bytes) != 0) return nullptr;
 #ifdef MADV_HUGEPAGE
-  if (p != nullptr) ::madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure is harmless
+  ::madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure is harmless
 #endif
   return p;
 }
@@ -205,6 +205,17 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::OpenDummy(
     r->dummy_tensors_.emplace(w.name, std::move(t));
   }
   return r;
+}
+
+void CheckpointReader::ReleaseDummyValues(std::string_view name_prefix) const {
+  if (!dummy_) return;
+  std::lock_guard<std::mutex> lock(dummy_mu_);
+  for (auto it = dummy_tensors_.lower_bound(name_prefix);
+       it != dummy_tensors_.end() && it->first.compare(0, name_prefix.size(), name_prefix) == 0;
+       ++it) {
+    it->second->info.data = nullptr;
+    it->second->bytes.reset();
+  }
 }
 
 const TensorInfo* CheckpointReader::FindDummy(std::string_view name, bool make) const {

@@ -278,6 +278,31 @@ TEST(DummyCheckpointTest, ConcurrentFindsMakeEachTensorOnce) {
   }
 }
 
+TEST(DummyCheckpointTest, ReleasedValuesAreMadeAgainTheSame) {
+  const ModelConfig cfg = ConfigOf("models/pydoc-moe-17m");
+  auto r = DummyOf(cfg);
+  const std::string up = "model.layers.1.mlp.experts.3.up_proj.weight";
+  const std::string other = "model.layers.10.self_attn.q_proj.weight";  // absent: 6 layers
+  const TensorInfo* t = r->Find(up);
+  const TensorInfo* keep = r->Find("model.layers.2.input_layernorm.weight");
+  ASSERT_TRUE(t && keep);
+  EXPECT_EQ(r->Find(other), nullptr);
+  const std::vector<float> before = ValuesOf(*t);
+  r->ReleaseDummyValues("model.layers.1.");
+  EXPECT_EQ(t->data, nullptr);        // released
+  EXPECT_NE(keep->data, nullptr);     // other layers untouched
+  const TensorInfo* again = r->Find(up);
+  EXPECT_EQ(again, t);
+  ASSERT_NE(again->data, nullptr);
+  EXPECT_EQ(ValuesOf(*again), before);
+  // File readers: a no-op.
+  auto real = CheckpointReader::Open("models/pydoc-moe-17m");
+  ASSERT_TRUE(real.ok());
+  const TensorInfo* rt = (*real)->Find(up);
+  (*real)->ReleaseDummyValues("model.");
+  EXPECT_NE(rt->data, nullptr);
+}
+
 TEST(DummyCheckpointTest, RejectsEmptyConfig) {
   ModelConfig cfg = ConfigOf("models/pydoc-moe-17m");
   const ArchSpec arch = *ArchFor(cfg);

@@ -14,8 +14,12 @@
 namespace moemesh {
 namespace {
 
-// Expert weight bytes per thread before RunExperts runs experts in parallel (~150 us of one
-// core's streaming on the dev VM: a fork/join costs microseconds).
+// RunExperts runs whole experts on separate threads when no expert has more than
+// kExpertThreadsMaxRows rows (one row tile of the small-batch kernels: each weight is read once
+// per 4 rows, so the products are memory-bound; above that Linear's own split serves) and the
+// experts' weights make at least kExpertBytesPerThread per thread (~100 us of one core's
+// streaming on the dev VM; a fork/join costs microseconds).
+constexpr int64_t kExpertThreadsMaxRows = 4;
 constexpr int64_t kExpertBytesPerThread = 4 << 20;
 
 void AddInto(float* dst, const float* src, int64_t n) {
@@ -128,6 +132,7 @@ absl::StatusOr<std::unique_ptr<CpuExpertShard>> CpuExpertShard::Load(
       if (!down.ok()) return down.status();
       s->experts_[l][e] =
           std::make_unique<Expert>(Expert{std::move(*gate_up), std::move(*down)});
+      ckpt.ReleaseDummyValues(base);  // packed: a dummy model is not held twice
     }
   }
   return s;
@@ -186,15 +191,13 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
     }
   };
 
-  // Decode-sized calls (every expert's rows within the small-batch kernels) whose weights take
-  // a core a while to stream run whole experts on separate threads, each product alone on its
-  // thread: one fork per layer, where each expert's two products are too small for Linear to
-  // split (it keeps products under ~10 MB on the calling thread), so single-stream decode of a
-  // big MoE would otherwise read the experts -- most of its bytes -- with one core.
-  const Expert& any = *experts_[layer][active[0]];
-  const int64_t small_m = std::min(any.gate_up.small_m_limit(), any.down.small_m_limit());
+  // Decode-sized calls whose weights take a core a while to stream run whole experts on
+  // separate threads, each product alone on its thread: one fork per layer, where each expert's
+  // two products are too small for Linear to split (it keeps products under ~10 MB on the
+  // calling thread), so single-stream decode of a big MoE would otherwise read the experts --
+  // most of its bytes -- with one core (linear_benchmark --qwen3: ~40 GB/s of ~70).
   const int threads =
-      active.size() > 1 && max_rows <= small_m
+      active.size() > 1 && max_rows <= kExpertThreadsMaxRows
           ? ops::ThreadsFor(bytes, ops::SyncThreads(), kExpertBytesPerThread)
           : 1;
   if (threads > 1) {
@@ -341,12 +344,14 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
       MOEMESH_ASSIGN(L.mlp_down,
                      LoadLinear(ckpt, LayerWeightName(l, "mlp.down_proj.weight"), h, w, opt.compute));
     }
+    ckpt.ReleaseDummyValues(LayerWeightName(l, ""));  // packed or copied: not held twice
   }
   MOEMESH_ASSIGN(s->final_norm_, LoadVector(ckpt, "model.norm.weight", h));
   const std::string head = cfg.tie_word_embeddings || ckpt.Find("lm_head.weight") == nullptr
                                ? "model.embed_tokens.weight"
                                : "lm_head.weight";
   MOEMESH_ASSIGN(s->lm_head_, LoadLinear(ckpt, head, cfg.vocab_size, h, opt.compute));
+  if (head == "lm_head.weight") ckpt.ReleaseDummyValues(head);  // (the embedding stays)
 #undef MOEMESH_ASSIGN
   return s;
 }
@@ -542,19 +547,6 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   if (!ex.ok()) return ex.status();
   m->experts_ = std::move(*ex);
   m->backend_ = std::make_unique<LocalExperts>(m->experts_.get());
-  if (m->ckpt_->dummy()) {
-    // Linear packed its own copies: of the dummy values only the embedding table (read in place
-    // by the Embedder) is still needed. A fresh reader makes the same values for it alone, and
-    // the rest is freed (half the memory of a big dummy model).
-    auto emb_only = OpenCheckpoint(dir, m->cfg_, m->arch_, opt, [](std::string_view name) {
-      return name == "model.embed_tokens.weight";
-    });
-    if (!emb_only.ok()) return emb_only.status();
-    auto emb2 = Embedder::Load(**emb_only, m->cfg_);
-    if (!emb2.ok()) return emb2.status();
-    m->embedder_ = std::move(*emb2);
-    m->ckpt_ = std::move(*emb_only);
-  }
   return m;
 }
 

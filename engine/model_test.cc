@@ -174,8 +174,9 @@ namespace moemesh {
 namespace {
 
 // Experts big enough for ExpertShard::RunExperts to run them on separate threads (dummy
-// weights, 6 MiB per expert) give the same logits, bit for bit, as one thread: prefill (many
-// rows per expert) and decode (one row).
+// weights, 6 MiB per expert) give the same logits, bit for bit, as one thread: a 3-token prefill
+// (at most 3 rows per expert: on separate threads), an 8-token one (up to 8 rows: Linear's own
+// split) and decode (one row).
 TEST(ExpertThreadsTest, SameResultsAsOneThread) {
   const std::string dir = ::testing::TempDir() + "/wide_experts";
   ASSERT_EQ(system(("mkdir -p " + dir).c_str()), 0);
@@ -192,17 +193,19 @@ TEST(ExpertThreadsTest, SameResultsAsOneThread) {
     opt.load_format = LoadOptions::LoadFormat::kDummy;
     auto model = Model::Load(dir, opt);
     ASSERT_TRUE(model.ok()) << model.status();
-    std::vector<int32_t> prompt = {5, 17, 300, 42, 9, 77, 123, 8};
-    GenerateOptions g;
-    g.max_new_tokens = 4;
-    g.prompt_logits = true;
-    ops::SetNumThreads(1);
-    auto one = Generate(**model, prompt, g);
-    ops::SetNumThreads(2);
-    auto two = Generate(**model, prompt, g);
-    ASSERT_TRUE(one.ok() && two.ok());
-    EXPECT_EQ(one->prompt_logits, two->prompt_logits);
-    EXPECT_EQ(one->ids, two->ids);
+    for (const std::vector<int32_t>& prompt :
+         {std::vector<int32_t>{5, 17, 300}, std::vector<int32_t>{5, 17, 300, 42, 9, 77, 123, 8}}) {
+      GenerateOptions g;
+      g.max_new_tokens = 4;
+      g.prompt_logits = true;
+      ops::SetNumThreads(1);
+      auto one = Generate(**model, prompt, g);
+      ops::SetNumThreads(2);
+      auto two = Generate(**model, prompt, g);
+      ASSERT_TRUE(one.ok() && two.ok());
+      EXPECT_EQ(one->prompt_logits, two->prompt_logits);
+      EXPECT_EQ(one->ids, two->ids);
+    }
   }
 }
 

@@ -130,6 +130,12 @@ class CheckpointReader {
   bool sharded() const { return sharded_; }
   // True for readers made by OpenDummy (no files: num_open_files() is 0).
   bool dummy() const { return dummy_; }
+  // Dummy readers: frees the values already made for every tensor whose name starts with
+  // `name_prefix` (a later Find() makes the same values again). For loaders that copy what they
+  // read (Linear::Create packs its own copy), so that a big dummy model is not held twice while
+  // it loads. The caller must know that nobody still reads those tensors' data (their
+  // TensorInfo stays valid, its data is null until made again). No-op for file readers.
+  void ReleaseDummyValues(std::string_view name_prefix) const;
   // The safetensors files actually opened (those holding at least one wanted tensor).
   size_t num_open_files() const { return files_.size(); }
   std::vector<std::string> open_files() const;

@@ -1,10 +1,11 @@
 // Timing printout for the CPU ops (not a test). Usage:
-//   linear_benchmark [--quick | --decode]
+//   linear_benchmark [--quick | --decode | --qwen3]
 // Prints ns per call of Linear::Forward for the hand-written kernels ("small") and oneDNN, per
 // shape, weight/compute type, batch size m and thread count, with the weights hot in cache;
 // m=1 timings while cycling through enough distinct weights (96 MiB) that each call streams
 // from memory; the Linear part of a decode step of the 17M test model; attention and the small
-// kernels. --decode skips the per-shape tables.
+// kernels. --decode skips the per-shape tables. --qwen3 prints only the m=1 streaming rate of
+// each product of a Qwen3-30B-A3B decode step (the memory-bound benchmark of docs/BENCHMARKS.md).
 
 #include <algorithm>
 #include <chrono>
@@ -258,6 +259,72 @@ void DecodeSim() {
   }
 }
 
+// m=1 streaming rate of the products of a Qwen3-30B-A3B decode step (hidden 2048, q 32 x 128,
+// kv 4 x 128, 128 experts of width 768, vocabulary 151936), bf16 weights, at 1 and 2 threads
+// (Forward() picks its own thread count up to that) and, for 2 threads, as two single-threaded
+// halves run by an OpenMP team as RunExperts does for experts. Distinct weights are cycled
+// (>= 512 MiB of them) so that every call streams from memory.
+void Qwen3Streaming() {
+  std::mt19937 rng(4);
+  struct Shape {
+    const char* name;
+    int64_t out, in;
+    ComputeType ct;
+  };
+  const Shape shapes[] = {{"q+k+v", 5120, 2048, ComputeType::kBF16},
+                          {"o", 2048, 4096, ComputeType::kBF16},
+                          {"router", 128, 2048, ComputeType::kF32},
+                          {"expert gate+up", 1536, 2048, ComputeType::kBF16},
+                          {"expert down", 2048, 768, ComputeType::kBF16},
+                          {"lm_head", 151936, 2048, ComputeType::kBF16}};
+  std::printf("Qwen3-30B-A3B decode products, m=1, bf16 weights streamed from memory:\n");
+  std::printf("%-15s %-14s %9s | %8s %8s | %8s %8s | %8s\n", "product", "[out,in]", "MB each",
+              "t=1 us", "GB/s", "t=2 us", "GB/s", "2x1 GB/s");
+  for (const Shape& s : shapes) {
+    std::vector<uint16_t> w = RandomBF16(s.out * s.in, &rng);
+    std::vector<Linear> lins;
+    lins.push_back(*Linear::Create(w.data(), DType::kBF16, s.out, s.in, s.ct));
+    const int64_t bytes_each = lins[0].weight_bytes();
+    const int64_t count = std::max<int64_t>(2, (512ll << 20) / bytes_each + 1);
+    for (int64_t i = 1; i < count; ++i) {
+      lins.push_back(*Linear::Create(w.data(), DType::kBF16, s.out, s.in, s.ct));
+    }
+    std::vector<float> x(s.in, 0.01f), y(2 * s.out);
+    double ns[2];
+    for (int threads : {1, 2}) {
+      SetNumThreads(threads);
+      int64_t next = 0;
+      ns[threads - 1] = TimeNs(
+          [&] {
+            lins[next].Forward(x.data(), 1, y.data());
+            next = next + 1 == count ? 0 : next + 1;
+          },
+          count, 5);
+    }
+    double team_ns = 0;
+#ifdef _OPENMP
+    {  // Two threads, each running whole products on its own (as RunExperts does).
+      int64_t next = 0;
+      team_ns = TimeNs(
+          [&] {
+            const int64_t a = next, b = next + 1 == count ? 0 : next + 1;
+            next = b + 1 == count ? 0 : b + 1;
+#pragma omp parallel num_threads(2)
+            {
+              const int t = omp_get_thread_num();
+              lins[t == 0 ? a : b].Forward(x.data(), 1, y.data() + t * s.out);
+            }
+          },
+          count / 2 + 1, 5) / 2;
+    }
+#endif
+    std::printf("%-15s [%6lld,%4lld] %9.1f | %8.1f %8.1f | %8.1f %8.1f | %8.1f\n", s.name,
+                static_cast<long long>(s.out), static_cast<long long>(s.in), bytes_each / 1e6,
+                ns[0] / 1e3, bytes_each / ns[0], ns[1] / 1e3, bytes_each / ns[1],
+                team_ns > 0 ? bytes_each / team_ns : 0.0);
+  }
+}
+
 // Attention and the small kernels at the test model's sizes.
 void OtherOps() {
   std::mt19937 rng(3);
@@ -309,6 +376,10 @@ void OtherOps() {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--qwen3") {
+    moemesh::ops::Qwen3Streaming();
+    return 0;
+  }
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   if (!(argc > 1 && std::string(argv[1]) == "--decode")) moemesh::ops::Run(quick);
   moemesh::ops::DecodeSim();

@@ -98,13 +98,17 @@ constexpr size_t kHugePage = size_t{2} << 20;
 
 template <typename T>
 AlignedArray<T> AllocZeroed(int64_t n) {
-  size_t bytes = static_cast<size_t>(RoundUp(std::max<int64_t>(n, 1) * sizeof(T), 64));
-  const size_t align = bytes >= kHugePage ? kHugePage : 64;
-  bytes = (bytes + align - 1) / align * align;
-  void* p = std::aligned_alloc(align, bytes);
+  const size_t bytes = static_cast<size_t>(RoundUp(std::max<int64_t>(n, 1) * sizeof(T), 64));
+  void* p = nullptr;
+  if (bytes < kHugePage) {
+    p = std::aligned_alloc(64, bytes);
+  } else if (posix_memalign(&p, kHugePage, bytes) != 0) {
+    p = nullptr;
+  } else {
 #ifdef MADV_HUGEPAGE
-  if (p != nullptr && align == kHugePage) ::madvise(p, bytes, MADV_HUGEPAGE);  // advisory
+    ::madvise(p, bytes, MADV_HUGEPAGE);  // advisory
 #endif
+  }
   if (p != nullptr) std::memset(p, 0, bytes);
   return AlignedArray<T>(static_cast<T*>(p));
 }
