@@ -59,6 +59,7 @@ std::vector<WeightSpec> CheckpointWeights(const ModelConfig& cfg, const ArchSpec
       add(layer + "self_attn.k_proj.bias", {kvd});
       add(layer + "self_attn.v_proj.bias", {kvd});
     }
+    if (arch.o_bias) add(layer + "self_attn.o_proj.bias", {h});
     if (arch.qk_norm != QkNorm::kNone) {
       const bool full = arch.qk_norm == QkNorm::kFull;
       add(layer + "self_attn.q_norm.weight", {full ? qd : hd});

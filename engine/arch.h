@@ -23,6 +23,7 @@ struct ArchSpec {
   std::string family;
   QkNorm qk_norm = QkNorm::kNone;
   bool qkv_bias = false;           // q/k/v projections carry biases
+  bool o_bias = false;             // o_proj carries a bias (qwen3_moe, olmoe: attention_bias)
   bool shared_expert = false;      // qwen2_moe: dense shared expert scaled by sigmoid(shared_expert_gate)
   bool norm_topk_prob = false;     // renormalise the top-k routing weights to sum to 1
   std::string moe_prefix;          // "model.layers.{L}.mlp"

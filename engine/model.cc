@@ -14,13 +14,15 @@
 namespace moemesh {
 namespace {
 
-// RunExperts runs whole experts on separate threads when no expert has more than
-// kExpertThreadsMaxRows rows (one row tile of the small-batch kernels: each weight is read once
-// per 4 rows, so the products are memory-bound; above that Linear's own split serves) and the
-// experts' weights make at least kExpertBytesPerThread per thread (~100 us of one core's
-// streaming on the dev VM; a fork/join costs microseconds).
-constexpr int64_t kExpertThreadsMaxRows = 4;
-constexpr int64_t kExpertBytesPerThread = 4 << 20;
+// RunExperts runs whole experts on separate threads when Linear would keep each expert's
+// products on one thread (decode-sized calls: one expert's weights are too few to split, but
+// the active experts together are not) and the experts' estimated time (Linear's model:
+// weight streaming or multiply-adds, whichever is slower) gives each thread at least
+// kExpertNsPerThread (a fork/join costs microseconds on a quiet machine).
+constexpr double kExpertNsPerThread = 50000.0;
+// Attention multiply-adds (keys x heads x head_dim, for scores and values) per thread before a
+// batch's sequences are attended on separate threads (~30 us of one core).
+constexpr int64_t kAttentionWorkPerThread = 1 << 20;
 
 void AddInto(float* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
@@ -154,14 +156,17 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
   }
   // Experts with rows, in expert order, and what they need.
   std::vector<int64_t> active;
-  int64_t max_rows = 0, bytes = 0, total_rows = 0;
+  int64_t total_rows = 0;
+  double est_ns = 0;
+  bool products_split = false;  // does Linear split any product across threads by itself?
   for (int64_t e = 0; e < num_experts_; ++e) {
     if (rows[e].empty()) continue;
     const Expert& ex = *experts_[layer][e];
+    const int64_t m = static_cast<int64_t>(rows[e].size());
     active.push_back(e);
-    max_rows = std::max<int64_t>(max_rows, static_cast<int64_t>(rows[e].size()));
-    total_rows += static_cast<int64_t>(rows[e].size());
-    bytes += ex.gate_up.weight_bytes() + ex.down.weight_bytes();
+    total_rows += m;
+    est_ns += ex.gate_up.EstimatedNs(m) + ex.down.EstimatedNs(m);
+    products_split = products_split || ex.gate_up.ThreadsFor(m) > 1 || ex.down.ThreadsFor(m) > 1;
   }
   if (active.empty()) return absl::OkStatus();
   // One expert's SwiGLU for its rows re[*]: y [m, hidden].
@@ -191,14 +196,16 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
     }
   };
 
-  // Decode-sized calls whose weights take a core a while to stream run whole experts on
-  // separate threads, each product alone on its thread: one fork per layer, where each expert's
-  // two products are too small for Linear to split (it keeps products under ~10 MB on the
-  // calling thread), so single-stream decode of a big MoE would otherwise read the experts --
-  // most of its bytes -- with one core (linear_benchmark --qwen3: ~40 GB/s of ~70).
+  // Decode-sized calls (a few rows per expert, or many rows of small experts) run whole
+  // experts on separate threads, each product alone on its thread: one fork per layer, where
+  // Linear would keep each product on the calling thread (it splits products only above
+  // ~100 us of work), so single-stream decode of a big MoE would otherwise read the experts --
+  // most of its bytes -- with one core (linear_benchmark --qwen3: ~40 GB/s of ~70), and a
+  // batched decode step of a small MoE would run its expert multiply-adds on one core.
   const int threads =
-      active.size() > 1 && max_rows <= kExpertThreadsMaxRows
-          ? ops::ThreadsFor(bytes, ops::SyncThreads(), kExpertBytesPerThread)
+      active.size() > 1 && !products_split
+          ? ops::ThreadsFor(static_cast<int64_t>(est_ns), ops::SyncThreads(),
+                            static_cast<int64_t>(kExpertNsPerThread))
           : 1;
   if (threads > 1) {
     // y of every active expert, back to back: [total_rows, hidden].
@@ -305,8 +312,11 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
                                {LayerWeightName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
                                {LayerWeightName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
                               h, opt.compute));
-    MOEMESH_ASSIGN(L.o, LoadLinear(ckpt, LayerWeightName(l, "self_attn.o_proj.weight"), h, qd,
-                                   opt.compute));
+    MOEMESH_ASSIGN(L.o, LoadFusedLinear(ckpt,
+                                        {{LayerWeightName(l, "self_attn.o_proj.weight"), h,
+                                          arch.o_bias ? LayerWeightName(l, "self_attn.o_proj.bias")
+                                                      : std::string()}},
+                                        qd, opt.compute));
     if (arch.qk_norm != QkNorm::kNone) {
       const bool full = arch.qk_norm == QkNorm::kFull;
       MOEMESH_ASSIGN(L.q_norm,
@@ -371,10 +381,13 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
   absl::Status planned = PlanBatch(batch, *cache, &offset, &T, &kmax, &out_rows);
   if (!planned.ok()) return planned;
   std::vector<int32_t> pos(T);
+  int64_t attention_work = 0;  // keys visited, summed over the new tokens
   for (size_t b = 0; b < batch.size(); ++b) {
-    for (size_t i = 0; i < batch[b].tokens.size(); ++i) {
+    const int64_t n = static_cast<int64_t>(batch[b].tokens.size());
+    for (int64_t i = 0; i < n; ++i) {
       pos[offset[b] + i] = static_cast<int32_t>(batch[b].start_pos + i);
     }
+    attention_work += n * batch[b].start_pos + n * (n + 1) / 2;
   }
 
   std::vector<float> xn(T * H), qkv(T * qkvd), q(T * qd), k(T * kvd), v(T * kvd), att(T * qd),
@@ -406,7 +419,9 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
     }
     ops::Rope(q.data(), pos.data(), T, nh, hd, theta);
     ops::Rope(k.data(), pos.data(), T, nkv, hd, theta);
-    for (size_t b = 0; b < batch.size(); ++b) {
+    // KV writes and attention per sequence; the sequences of a batch on separate threads
+    // (each one's attention then runs on its thread; one sequence splits its own heads).
+    auto attend = [&](size_t b) {
       const SeqStep& s = batch[b];
       const int64_t n = static_cast<int64_t>(s.tokens.size());
       float* kc = cache->K(s.seq_id, l);
@@ -415,6 +430,16 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
       std::memcpy(vc + s.start_pos * kvd, &v[offset[b] * kvd], n * kvd * sizeof(float));
       ops::Attention(&q[offset[b] * qd], kc, vc, s.start_pos, n, nh, nkv, hd,
                      &att[offset[b] * qd]);
+    };
+    const int att_threads =
+        batch.size() > 1
+            ? ops::ThreadsFor(attention_work * nh * hd, ops::SyncThreads(), kAttentionWorkPerThread)
+            : 1;
+    if (att_threads > 1) {
+#pragma omp parallel for num_threads(att_threads) schedule(dynamic, 1)
+      for (int64_t b = 0; b < static_cast<int64_t>(batch.size()); ++b) attend(b);
+    } else {
+      for (size_t b = 0; b < batch.size(); ++b) attend(b);
     }
     L.o.Forward(att.data(), T, tmp.data());
     AddInto(hidden, tmp.data(), T * H);

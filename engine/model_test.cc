@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -142,6 +143,86 @@ TEST_P(PydocModelTest, ExpertsPerTokenOverrideChangesLogits) {
 
 INSTANTIATE_TEST_SUITE_P(Devices, PydocModelTest, ::testing::Values("cpu", "cuda:0"),
                          [](const auto& info) { return ParamName(info.param); });
+
+// Writes a copy of `src` (a checkpoint dir with model.safetensors) to `dst` with
+// attention_bias = true in its config and fp32 biases for every layer's q/k/v/o projections:
+// zero, except o_proj.bias of layer 0, which is `o_bias0` everywhere.
+void WriteWithAttentionBiases(const std::string& src, const std::string& dst, float o_bias0) {
+  ASSERT_EQ(system(("mkdir -p " + dst).c_str()), 0);
+  nlohmann::json cfg = ReadJson(src + "/config.json");
+  cfg["attention_bias"] = true;
+  std::ofstream(dst + "/config.json") << cfg.dump();
+  std::ifstream in(src + "/model.safetensors", std::ios::binary);
+  uint64_t hlen = 0;
+  in.read(reinterpret_cast<char*>(&hlen), 8);
+  std::string header(hlen, '\0');
+  in.read(header.data(), static_cast<std::streamsize>(hlen));
+  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  nlohmann::json h = nlohmann::json::parse(header);
+  const int64_t H = cfg["hidden_size"];
+  const int64_t D = cfg.value("head_dim", nlohmann::json()).is_number()
+                        ? cfg["head_dim"].get<int64_t>()
+                        : H / cfg["num_attention_heads"].get<int64_t>();
+  const int64_t qd = cfg["num_attention_heads"].get<int64_t>() * D;
+  const int64_t kvd = cfg["num_key_value_heads"].get<int64_t>() * D;
+  for (int64_t l = 0; l < cfg["num_hidden_layers"].get<int64_t>(); ++l) {
+    for (const auto& [proj, n] : std::vector<std::pair<std::string, int64_t>>{
+             {"q_proj", qd}, {"k_proj", kvd}, {"v_proj", kvd}, {"o_proj", H}}) {
+      std::vector<float> b(n, l == 0 && proj == "o_proj" ? o_bias0 : 0.0f);
+      const size_t begin = data.size();
+      data.append(reinterpret_cast<const char*>(b.data()), b.size() * sizeof(float));
+      h["model.layers." + std::to_string(l) + ".self_attn." + proj + ".bias"] = {
+          {"dtype", "F32"}, {"shape", {n}}, {"data_offsets", {begin, data.size()}}};
+    }
+  }
+  std::string out_header = h.dump();
+  uint64_t out_len = out_header.size();
+  std::ofstream out(dst + "/model.safetensors", std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&out_len), 8);
+  out << out_header << data;
+}
+
+// attention_bias = true (Qwen3-MoE and OLMoE put biases on q, k, v AND o): zero biases give the
+// oracle's logits, and a bias on o_proj alone changes them (it is loaded and applied).
+class AttentionBiasTest : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(AttentionBiasTest, OProjBiasIsApplied) {
+  const auto& [family, device] = GetParam();
+  SKIP_WITHOUT_DEVICE(device);
+  const std::string src = "testdata/oracle/" + family;
+  const std::string zero = ::testing::TempDir() + "/bias_zero_" + family;
+  const std::string nonzero = ::testing::TempDir() + "/bias_o_" + family;
+  WriteWithAttentionBiases(src, zero, 0.0f);
+  WriteWithAttentionBiases(src, nonzero, 0.25f);
+  std::vector<int32_t> prompt = ReadJson(src + "/reference.json")[0]["input_ids"];
+  GenerateOptions opt;
+  opt.max_new_tokens = 1;
+  opt.prompt_logits = true;
+  std::vector<std::vector<float>> logits;
+  for (const std::string& dir : {src, zero, nonzero}) {
+    auto model = Model::Load(dir, OnDevice(device));
+    ASSERT_TRUE(model.ok()) << dir << ": " << model.status();
+    auto r = Generate(**model, prompt, opt);
+    ASSERT_TRUE(r.ok()) << r.status();
+    logits.push_back(r->prompt_logits);
+  }
+  ASSERT_EQ(logits[0].size(), logits[1].size());
+  double zero_diff = 0, o_diff = 0;
+  for (size_t i = 0; i < logits[0].size(); ++i) {
+    zero_diff = std::max(zero_diff, static_cast<double>(std::abs(logits[0][i] - logits[1][i])));
+    o_diff = std::max(o_diff, static_cast<double>(std::abs(logits[0][i] - logits[2][i])));
+  }
+  EXPECT_LT(zero_diff, 1e-5);
+  EXPECT_GT(o_diff, 1e-2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, AttentionBiasTest,
+                         ::testing::Combine(::testing::Values("qwen3_moe", "olmoe"),
+                                            ::testing::Values("cpu", "cuda:0")),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" +
+                                  ParamName(std::get<1>(info.param));
+                         });
 
 }  // namespace
 }  // namespace moemesh

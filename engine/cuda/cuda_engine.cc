@@ -737,7 +737,9 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
                           {LayerWeightName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
                           {LayerWeightName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
                          h, false, &L.qkv));
-    MOEMESH_OK(up.Matrix({{LayerWeightName(l, "self_attn.o_proj.weight"), h, ""}}, qd, false, &L.o));
+    MOEMESH_OK(up.Matrix({{LayerWeightName(l, "self_attn.o_proj.weight"), h,
+                           arch.o_bias ? LayerWeightName(l, "self_attn.o_proj.bias") : ""}},
+                         qd, false, &L.o));
     if (arch.qk_norm != QkNorm::kNone) {
       const bool full = arch.qk_norm == QkNorm::kFull;
       MOEMESH_OK(up.Vector(LayerWeightName(l, "self_attn.q_norm.weight"), full ? qd : hd, 1.0f,

@@ -9,6 +9,7 @@ ArchSpec OlmoeArch(const ModelConfig& cfg) {
   a.family = "olmoe";
   a.qk_norm = QkNorm::kFull;
   a.qkv_bias = cfg.attention_bias;
+  a.o_bias = cfg.attention_bias;
   a.norm_topk_prob = cfg.norm_topk_prob;
   return a;
 }

@@ -9,6 +9,7 @@ ArchSpec Qwen3MoeArch(const ModelConfig& cfg) {
   a.family = "qwen3_moe";
   a.qk_norm = QkNorm::kPerHead;
   a.qkv_bias = cfg.attention_bias;
+  a.o_bias = cfg.attention_bias;
   a.norm_topk_prob = cfg.norm_topk_prob;
   return a;
 }

@@ -59,6 +59,12 @@ class Linear {
   // Bytes of packed weights held.
   int64_t weight_bytes() const;
 
+  // Estimated single-threaded time of Forward() for batch size m (ns; the thread-count model
+  // of linear_cpu.cc), and the threads Forward() would use for it from outside a parallel
+  // region. Callers that run several products side by side (experts) use these to decide.
+  double EstimatedNs(int64_t m) const;
+  int ThreadsFor(int64_t m) const;
+
   // For tests and benchmarks: which implementation runs for batch size m.
   enum class Path { kAuto, kSmall, kOneDnn };
   // Forces one implementation (kAuto: pick by m). Not thread-safe against Forward().

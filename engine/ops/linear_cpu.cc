@@ -772,10 +772,13 @@ struct Linear::Impl {
     }
   }
   // Threads worth using for batch size m (at most SyncThreads()).
-  int Threads(int64_t m) const {
+  double EstimatedNs(int64_t m) const {
     const double macs = static_cast<double>(m) * in * out;
-    const double est_ns = std::max(weight_bytes / kBytesPerNs,
-                                   macs / (kind == Kind::kBF16 ? kBF16MacsPerNs : kF32MacsPerNs));
+    return std::max(weight_bytes / kBytesPerNs,
+                    macs / (kind == Kind::kBF16 ? kBF16MacsPerNs : kF32MacsPerNs));
+  }
+  int Threads(int64_t m) const {
+    const double est_ns = EstimatedNs(m);
     const int max_threads = SyncThreads();
     if (est_ns < 2 * kNsPerThread) return 1;
     return static_cast<int>(std::min<double>(max_threads, est_ns / kNsPerThread));
@@ -920,6 +923,8 @@ int64_t Linear::in() const { return impl_->in; }
 int64_t Linear::out() const { return impl_->out; }
 ComputeType Linear::compute() const { return impl_->ct; }
 int64_t Linear::weight_bytes() const { return impl_->weight_bytes; }
+double Linear::EstimatedNs(int64_t m) const { return impl_->EstimatedNs(m); }
+int Linear::ThreadsFor(int64_t m) const { return impl_->Threads(m); }
 void Linear::set_path_for_testing(Path p) { impl_->path = p; }
 int64_t Linear::small_m_limit() const { return impl_->small_m_limit; }
 std::string Linear::onednn_impl_for_testing(int64_t m) const {
