@@ -19,10 +19,11 @@ namespace {
 // the active experts together are not) and the experts' estimated time (Linear's model:
 // weight streaming or multiply-adds, whichever is slower) gives each thread at least
 // kExpertNsPerThread (a fork/join costs microseconds on a quiet machine).
-constexpr double kExpertNsPerThread = 50000.0;
-// Attention multiply-adds (keys x heads x head_dim, for scores and values) per thread before a
-// batch's sequences are attended on separate threads (~30 us of one core).
-constexpr int64_t kAttentionWorkPerThread = 1 << 20;
+constexpr double kExpertNsPerThread = 20000.0;
+// Attention multiply-adds (keys x heads x head_dim) per thread before a batch's sequences are
+// attended on separate threads (~50 us of one core at decode; ParallelRun's regions never
+// wait for a worker that has not started, so a busy machine costs little).
+constexpr int64_t kAttentionWorkPerThread = 1 << 18;
 
 void AddInto(float* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
@@ -216,14 +217,10 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
       offset[i] = offset[i - 1] + static_cast<int64_t>(rows[active[i - 1]].size()) * hidden_;
     }
     float* ys_data = ys.data();
-#pragma omp parallel num_threads(threads)
-    {
-      std::vector<float> xe, gu, act;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < static_cast<int64_t>(active.size()); ++i) {
-        run_expert(active[i], &xe, &gu, &act, ys_data + offset[i]);
-      }
-    }
+    ops::ParallelForDynamic(threads, static_cast<int64_t>(active.size()), [&](int64_t i) {
+      thread_local std::vector<float> xe, gu, act;
+      run_expert(active[i], &xe, &gu, &act, ys_data + offset[i]);
+    });
     for (size_t i = 0; i < active.size(); ++i) accumulate(active[i], ys_data + offset[i]);
     return absl::OkStatus();
   }
@@ -435,12 +432,8 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
         batch.size() > 1
             ? ops::ThreadsFor(attention_work * nh * hd, ops::SyncThreads(), kAttentionWorkPerThread)
             : 1;
-    if (att_threads > 1) {
-#pragma omp parallel for num_threads(att_threads) schedule(dynamic, 1)
-      for (int64_t b = 0; b < static_cast<int64_t>(batch.size()); ++b) attend(b);
-    } else {
-      for (size_t b = 0; b < batch.size(); ++b) attend(b);
-    }
+    ops::ParallelForDynamic(att_threads, static_cast<int64_t>(batch.size()),
+                            [&](int64_t b) { attend(static_cast<size_t>(b)); });
     L.o.Forward(att.data(), T, tmp.data());
     AddInto(hidden, tmp.data(), T * H);
 

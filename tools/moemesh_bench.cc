@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -522,6 +523,8 @@ absl::Status RunServing() {
   std::vector<std::string> errors;
   std::mutex mu;
   std::atomic<int> next{0}, done{0};
+  std::mutex done_mu;
+  std::condition_variable done_cv;
   std::atomic<int64_t> tokens_out{0};
   const auto t0 = Clock::now();
   auto worker = [&] {
@@ -557,19 +560,28 @@ absl::Status RunServing() {
         std::lock_guard<std::mutex> l(mu);
         errors.push_back(absl::StrCat("request ", i, ": ", st.error_code(), " ", st.error_message()));
       }
-      ++done;
+      {
+        std::lock_guard<std::mutex> l(done_mu);
+        ++done;
+      }
+      done_cv.notify_all();
     }
   };
   std::vector<std::thread> threads;
   for (int t = 0; t < concurrency; ++t) threads.emplace_back(worker);
-  while (done.load() < n_requests) {
-    std::cerr << absl::StrFormat("\rserving: %d/%d requests done, %d tokens, %.1f s", done.load(),
-                                 n_requests, tokens_out.load(), SecondsSince(t0))
-              << std::flush;
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // Progress every 200 ms; the wall time ends when the last request does (not at a tick).
+  double wall = 0;
+  {
+    std::unique_lock<std::mutex> l(done_mu);
+    while (!done_cv.wait_for(l, std::chrono::milliseconds(200),
+                             [&] { return done.load() >= n_requests; })) {
+      std::cerr << absl::StrFormat("\rserving: %d/%d requests done, %d tokens, %.1f s",
+                                   done.load(), n_requests, tokens_out.load(), SecondsSince(t0))
+                << std::flush;
+    }
+    wall = SecondsSince(t0);
   }
   for (auto& th : threads) th.join();
-  const double wall = SecondsSince(t0);
   std::cerr << "\r" << std::string(60, ' ') << "\r";
   const ServingSummary s = SummarizeServing(records, wall);
 

@@ -397,17 +397,13 @@ void Attention(const float* q, const float* k_cache, const float* v_cache, int64
   // Keys visited summed over the new tokens, times the work per key for all heads.
   const int64_t keys = n_new * start_pos + n_new * (n_new + 1) / 2;
   const int threads = ThreadsFor(keys * n_heads * head_dim * 2, SyncThreads(), kMinWorkPerThread);
-#ifdef _OPENMP
   if (threads > 1 && p.units() > 1) {
     // Interleaved units balance the causal triangle.
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    ParallelRun(threads, [&](int t, int nt) {
       for (int64_t u = t; u < p.units(); u += nt) RunUnit(p, u);
-    }
+    });
     return;
   }
-#endif
   for (int64_t u = 0; u < p.units(); ++u) RunUnit(p, u);
 }
 

@@ -789,16 +789,12 @@ struct Linear::Impl {
 
 void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const {
   const int threads = Threads(m);
-#ifdef _OPENMP
   // Split column blocks when there are enough of them, else rows. Row chunks start at
   // multiples of 4, so every row goes through the same tile as single-threaded and results
   // do not depend on the thread count.
   const bool split_rows = blocks < 2 * threads && m >= 8 * threads;
   if (threads > 1 && (blocks > 1 || split_rows)) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num();
-      const int nt = omp_get_num_threads();
+    ParallelRun(threads, [&](int t, int nt) {
       if (split_rows) {
         const int64_t r0 = std::min(m, RoundUp(m * t / nt, 4));
         const int64_t r1 = t + 1 == nt ? m : std::min(m, RoundUp(m * (t + 1) / nt, 4));
@@ -808,10 +804,9 @@ void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) 
       } else {
         RunBlocks(x, ld, m, y, blocks * t / nt, blocks * (t + 1) / nt);
       }
-    }
+    });
     return;
   }
-#endif
   RunBlocks(x, ld, m, y, 0, blocks);
 }
 
@@ -822,20 +817,9 @@ bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
   // m above the small-kernel limit).
   const int64_t kp_f32 = RoundUp(in, kKPadF32);
   auto* wf = static_cast<float*>(t_w_f32.Get(blocks * kp_f32 * kColBlock * sizeof(float)));
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int t = omp_get_thread_num();
-      const int nt = omp_get_num_threads();
-      WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, blocks * t / nt, blocks * (t + 1) / nt);
-    }
-  } else {
-    WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, 0, blocks);
-  }
-#else
-  WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, 0, blocks);
-#endif
+  ParallelRun(threads, [&](int t, int nt) {
+    WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, blocks * t / nt, blocks * (t + 1) / nt);
+  });
   return dnnl->Run(x, m, y, threads, wf);
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -325,6 +326,53 @@ TEST(SpinBarrierTest, OrdersPhases) {
   body(0);
   for (auto& th : threads) th.join();
   EXPECT_EQ(errors.load(), 0);
+}
+
+TEST(ParallelRunTest, EveryThreadOnceNestedRegionsSerial) {
+  SetNumThreads(3);
+  for (int round = 0; round < 500; ++round) {  // workers sleep and wake between rounds
+    std::atomic<int> calls[3] = {0, 0, 0};
+    std::atomic<int> wrong_nt{0}, nested_wrong{0};
+    ParallelRun(3, [&](int t, int nt) {
+      if (nt != 3) ++wrong_nt;
+      ++calls[t];
+      if (SyncThreads() != 1 || !InParallelRegion()) ++nested_wrong;
+      ParallelRun(3, [&](int t2, int nt2) { nested_wrong += t2 != 0 || nt2 != 1; });
+    });
+    ASSERT_EQ(wrong_nt.load(), 0);
+    ASSERT_EQ(nested_wrong.load(), 0);
+    for (auto& c : calls) ASSERT_EQ(c.load(), 1) << "round " << round;
+    if (round % 100 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  EXPECT_FALSE(InParallelRegion());
+  EXPECT_EQ(SyncThreads(), 3);
+  // Never more threads than asked or set.
+  std::atomic<int> max_nt{0};
+  ParallelRun(8, [&](int, int nt) { max_nt = std::max(max_nt.load(), nt); });
+  EXPECT_EQ(max_nt.load(), 3);
+  SetNumThreads(2);
+}
+
+TEST(ParallelRunTest, DynamicForCoversEachIndexOnceUnderConcurrentCallers) {
+  SetNumThreads(2);
+  constexpr int kCallers = 4;
+  constexpr int64_t kN = 1000;
+  std::vector<std::vector<int>> hits(kCallers, std::vector<int>(kN, 0));
+  std::vector<std::thread> callers;
+  for (int c = 0; c < kCallers; ++c) {
+    callers.emplace_back([&, c] {
+      for (int rep = 0; rep < 50; ++rep) {
+        std::vector<std::atomic<int>> h(kN);
+        for (auto& x : h) x.store(0);
+        ParallelForDynamic(2, kN, [&](int64_t i) { ++h[i]; });
+        for (int64_t i = 0; i < kN; ++i) hits[c][i] += h[i].load() == 1 ? 1 : 1000;
+      }
+    });
+  }
+  for (auto& t : callers) t.join();
+  for (int c = 0; c < kCallers; ++c) {
+    for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(hits[c][i], 50) << c << " " << i;
+  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 
 namespace moemesh {
 namespace ops {
@@ -13,10 +14,28 @@ void SetNumThreads(int n);
 // The thread count our kernels use when called outside a parallel region.
 int NumThreads();
 
-// The number of threads a kernel called from the current thread should use: 1 inside an
-// OpenMP parallel region (nested parallelism is off), NumThreads() otherwise. Also makes
+// The number of threads a kernel called from the current thread should use: 1 inside a
+// ParallelRun region or an OpenMP parallel region (nested parallelism is off), NumThreads()
+// otherwise. Also makes
 // the calling thread's OpenMP default team size equal to that number, since oneDNN reads it.
 int SyncThreads();
+
+// Runs fn(t, nt) for t = 0..nt-1 on nt = min(threads, NumThreads()) threads: the caller runs
+// t = 0, workers of one process-wide pool the rest; returns when all have returned. Pool
+// workers spin ~50 us for the next region and then sleep (an idle pool costs no CPU, unlike
+// libgomp's workers, which spin for milliseconds between regions and so take a core from
+// every other thread and process on a 2-core machine). A call from inside a region, or while
+// another thread's region holds the pool, runs fn(0, 1) on the caller. Inside fn of a region
+// of several threads, SyncThreads() is 1 (nested kernels stay on their thread); with threads
+// <= 1, fn(0, 1) is a plain call.
+void ParallelRun(int threads, const std::function<void(int t, int nt)>& fn);
+
+// Runs fn(i) for i in [0, n) over ParallelRun's threads, handing out indices one at a time
+// (dynamic scheduling: for items of uneven cost).
+void ParallelForDynamic(int threads, int64_t n, const std::function<void(int64_t i)>& fn);
+
+// True inside ParallelRun's fn (any thread) and on pool workers.
+bool InParallelRegion();
 
 // Threads worth using for `work` multiply-adds (or comparable units) given `max_threads`:
 // small jobs run on the calling thread, since waking the pool costs about a microsecond.
