@@ -1,6 +1,8 @@
 #include "attention_worker/attention_worker.h"
 
 #include <chrono>
+#include <cstdlib>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 
@@ -43,6 +45,7 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       encoder_(encoder),
       experts_(experts),
       device_(opt.device),
+      overlap_halves_(opt.overlap_halves && opt.device == "cpu"),
       cache_(stack->NewCache(opt.kv_capacity_tokens)) {}
 
 absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepResponse* resp) {
@@ -118,9 +121,9 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   absl::Status st = encoder_->Encode(all_tokens.data(), static_cast<int64_t>(all_tokens.size()),
                                      hidden.data());
   if (!st.ok()) return st;
-  TimedExperts timed(experts_);
   std::vector<float> logits;
-  st = stack_->Forward(batch, hidden.data(), cache_.get(), &timed, &logits);
+  double expert_s = 0;
+  st = Forward(batch, hidden.data(), &logits, &expert_s);
   if (!st.ok()) return st;
   auto t_sample = Clock::now();
   for (size_t b = 0; b < batch.size(); ++b) {
@@ -145,8 +148,48 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   }
   ++steps_;
   sampling_s_ += Since(t_sample);
-  expert_s_ += timed.seconds;
-  attention_s_ += std::chrono::duration<double>(t_sample - t_start).count() - timed.seconds;
+  expert_s_ += expert_s;
+  attention_s_ += std::chrono::duration<double>(t_sample - t_start).count() - expert_s;
+  return absl::OkStatus();
+}
+
+absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* hidden,
+                                      std::vector<float>* logits, double* expert_s) {
+  const bool overlap =
+      overlap_halves_ && experts_->local_shard() == nullptr && batch.size() >= 2;
+  if (!overlap) {
+    TimedExperts timed(experts_);
+    absl::Status st = stack_->Forward(batch, hidden, cache_.get(), &timed, logits);
+    *expert_s += timed.seconds;
+    return st;
+  }
+  // Split where the tokens are closest to half (both halves non-empty). The halves touch
+  // disjoint sequences of the KV cache, whose slots were all reserved above.
+  int64_t total = 0;
+  for (const SeqStep& s : batch) total += static_cast<int64_t>(s.tokens.size());
+  size_t split = 1;
+  int64_t first_tokens = static_cast<int64_t>(batch[0].tokens.size());
+  while (split + 1 < batch.size() &&
+         std::abs(2 * (first_tokens + static_cast<int64_t>(batch[split].tokens.size())) - total) <
+             std::abs(2 * first_tokens - total)) {
+    first_tokens += static_cast<int64_t>(batch[split].tokens.size());
+    ++split;
+  }
+  const std::vector<SeqStep> a(batch.begin(), batch.begin() + split);
+  const std::vector<SeqStep> b(batch.begin() + split, batch.end());
+  TimedExperts timed_a(experts_), timed_b(experts_);
+  std::vector<float> logits_b;
+  absl::Status st_b;
+  std::thread second([&] {
+    st_b = stack_->Forward(b, hidden + first_tokens * stack_->config().hidden_size, cache_.get(),
+                           &timed_b, &logits_b);
+  });
+  absl::Status st = stack_->Forward(a, hidden, cache_.get(), &timed_a, logits);
+  second.join();
+  *expert_s += (timed_a.seconds + timed_b.seconds) / 2;
+  if (!st.ok()) return st;
+  if (!st_b.ok()) return st_b;
+  logits->insert(logits->end(), logits_b.begin(), logits_b.end());
   return absl::OkStatus();
 }
 

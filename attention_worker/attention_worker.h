@@ -30,6 +30,9 @@ class AttentionWorker {
   struct Options {
     int64_t kv_capacity_tokens = 1 << 16;
     std::string device = "cpu";
+    // With remote experts and a CPU stack, a step of two or more sequences runs as two halves
+    // on two threads, so one half's attention overlaps the other's wait on expert workers.
+    bool overlap_halves = true;
   };
   // `stack`, `encoder` and `experts` must outlive the worker.
   AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder, ExpertBackend* experts,
@@ -42,6 +45,12 @@ class AttentionWorker {
   // the others run. A non-OK return (e.g. an expert worker is down) means the whole step failed
   // and every sequence in it must be released. Thread-safe: steps run one at a time.
   absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp);
+  // Forward over `batch` (hidden: its tokens' rows), as two overlapping halves when
+  // Options::overlap_halves applies. Adds the time spent waiting on experts to *expert_s
+  // (overlapped halves: the mean of the two halves' waits).
+  absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden,
+                       std::vector<float>* logits, double* expert_s)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees the sequences' KV cache and sampler state; returns the free KV slots after.
   int64_t Release(const std::vector<uint64_t>& seq_ids);
   wire::Stats GetStats() const;
@@ -60,6 +69,7 @@ class AttentionWorker {
   EncoderBackend* const encoder_;
   ExpertBackend* const experts_;
   const std::string device_;
+  const bool overlap_halves_;
 
   mutable std::mutex mu_;
   const std::unique_ptr<KvCache> cache_ ABSL_GUARDED_BY(mu_);

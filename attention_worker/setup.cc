@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   AttentionWorker::Options wo;
   wo.kv_capacity_tokens = opt.kv_capacity_tokens;
   wo.device = opt.device.ToString();
+  wo.overlap_halves = opt.overlap_halves;
   s->worker = std::make_unique<AttentionWorker>(s->stack.get(), s->encoder.get(), s->experts.get(), wo);
   return s;
 }

@@ -32,6 +32,7 @@ struct AttentionSetupOptions {
   int64_t kv_capacity_tokens = 1 << 16;
   double expert_timeout_seconds = 30;
   double connect_timeout_seconds = 60;
+  bool overlap_halves = true;  // AttentionWorker::Options::overlap_halves
 };
 
 struct AttentionSetup {

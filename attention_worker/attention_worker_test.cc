@@ -1,0 +1,128 @@
+// AttentionWorker over two expert "workers" (in-process transports behind the dispatcher, as
+// remote workers are): greedy decoding of the oracle's prompts, all in one batch, reproduces
+// transformers' greedy ids with the step run whole and as two overlapping halves.
+#include "attention_worker/attention_worker.h"
+
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/arch.h"
+#include "engine/config.h"
+#include "engine/model.h"
+#include "engine/safetensors.h"
+#include "gtest/gtest.h"
+#include "mesh/encoder_backend.h"
+#include "mesh/expert_dispatch.h"
+#include "mesh/placement.h"
+#include "nlohmann/json.hpp"
+
+namespace moemesh {
+namespace {
+
+struct Parts {
+  ModelConfig cfg;
+  std::unique_ptr<CheckpointReader> ckpt;
+  std::unique_ptr<AttentionStack> stack;
+  std::unique_ptr<Embedder> embedder;
+  std::unique_ptr<LocalEncoder> encoder;
+  std::vector<std::unique_ptr<ExpertShard>> shards;
+  std::unique_ptr<ExpertDispatcher> experts;
+};
+
+std::unique_ptr<Parts> Load(const std::string& dir) {
+  auto p = std::make_unique<Parts>();
+  auto cfg = ModelConfig::FromFile(dir + "/config.json");
+  EXPECT_TRUE(cfg.ok()) << cfg.status();
+  p->cfg = *cfg;
+  auto arch = ArchFor(p->cfg);
+  auto ckpt = CheckpointReader::Open(dir);
+  EXPECT_TRUE(arch.ok() && ckpt.ok());
+  p->ckpt = std::move(*ckpt);
+  LoadOptions lo;
+  auto stack = AttentionStack::Load(*p->ckpt, p->cfg, *arch, lo);
+  auto emb = Embedder::Load(*p->ckpt, p->cfg);
+  EXPECT_TRUE(stack.ok() && emb.ok());
+  p->stack = std::move(*stack);
+  p->embedder = std::move(*emb);
+  p->encoder = std::make_unique<LocalEncoder>(p->embedder.get());
+  std::vector<ExpertWorkerHandle> handles;
+  for (int w = 0; w < 2; ++w) {
+    std::set<ExpertId> share = EvenShare(p->cfg, w, 2);
+    auto shard = ExpertShard::Load(*p->ckpt, p->cfg, *arch, share, lo);
+    EXPECT_TRUE(shard.ok()) << shard.status();
+    handles.push_back({std::make_unique<LocalExpertTransport>(shard->get(), p->cfg.hidden_size,
+                                                              "worker" + std::to_string(w)),
+                       share});
+    p->shards.push_back(std::move(*shard));
+  }
+  p->experts = std::make_unique<ExpertDispatcher>(std::move(handles), p->cfg.hidden_size,
+                                                  wire::DTYPE_F32);
+  return p;
+}
+
+class OverlapTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(OverlapTest, BatchedGreedyMatchesTransformers) {
+  const std::string dir = "testdata/oracle/qwen3_moe";
+  auto parts = Load(dir);
+  ASSERT_NE(parts->stack, nullptr);
+  AttentionWorker::Options opt;
+  opt.overlap_halves = GetParam();
+  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(), opt);
+
+  std::ifstream in(dir + "/reference.json");
+  nlohmann::json ref = nlohmann::json::parse(in);
+  ASSERT_GE(ref.size(), 2u);
+  const size_t n = ref.size();
+  std::vector<std::vector<int32_t>> got(n);
+  size_t steps = 0;
+  for (const auto& c : ref) steps = std::max(steps, c["greedy"].size());
+  int64_t calls_before = parts->experts->calls();
+  for (size_t step = 0; step < steps; ++step) {
+    wire::StepRequest req;
+    std::vector<size_t> which;
+    for (size_t i = 0; i < n; ++i) {
+      const auto prompt = ref[i]["input_ids"].get<std::vector<int32_t>>();
+      if (got[i].size() >= ref[i]["greedy"].size()) continue;
+      wire::SeqStep* s = req.add_seqs();
+      s->set_seq_id(i + 1);
+      s->set_sample(true);
+      if (step == 0) {
+        s->set_new_sequence(true);
+        s->mutable_sampling()->set_temperature(0);
+        for (int32_t t : prompt) s->add_tokens(t);
+      } else {
+        s->add_tokens(got[i].back());
+        s->set_start_pos(static_cast<int64_t>(prompt.size() + got[i].size()) - 1);
+      }
+      which.push_back(i);
+    }
+    wire::StepResponse resp;
+    ASSERT_TRUE(worker.Step(req, &resp).ok());
+    ASSERT_EQ(resp.results_size(), static_cast<int>(which.size()));
+    for (size_t j = 0; j < which.size(); ++j) {
+      ASSERT_EQ(resp.results(j).error(), "");
+      ASSERT_TRUE(resp.results(j).sampled());
+      got[which[j]].push_back(resp.results(j).token());
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    EXPECT_EQ(got[i], ref[i]["greedy"].get<std::vector<int32_t>>()) << "prompt " << i;
+  }
+  // A whole step calls each worker at most once per layer; overlapped halves call it once per
+  // half and layer, so more often than that over the run.
+  const int64_t once_per_layer = static_cast<int64_t>(steps) * parts->cfg.num_hidden_layers * 2;
+  if (GetParam()) {
+    EXPECT_GT(parts->experts->calls() - calls_before, once_per_layer);
+  } else {
+    EXPECT_LE(parts->experts->calls() - calls_before, once_per_layer);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Halves, OverlapTest, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "overlapped" : "whole"; });
+
+}  // namespace
+}  // namespace moemesh
