@@ -22,6 +22,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -633,6 +634,26 @@ class DnnlMatmul {
     }
   }
 
+  // Run() with the rows split over ParallelRun's threads and oneDNN single-threaded on each
+  // part, so that no OpenMP team ever forms: libgomp's workers spin for milliseconds after
+  // each region, taking a core from every other thread and process. Parts start at multiples
+  // of 16 rows.
+  bool RunSplit(const void* x, int64_t m, float* y, int threads,
+                const void* weights = nullptr) const {
+    if (threads <= 1 || m < 32) return Run(x, m, y, 1, weights);
+    const size_t esize = type_ == dt::bf16 ? 2 : 4;
+    std::atomic<bool> ok{true};
+    ParallelRun(threads, [&](int t, int nt) {
+      const int64_t r0 = std::min(m, (m * t / nt + 15) / 16 * 16);
+      const int64_t r1 = t + 1 == nt ? m : std::min(m, (m * (t + 1) / nt + 15) / 16 * 16);
+      if (r1 > r0 && !Run(static_cast<const char*>(x) + r0 * ld_ * esize, r1 - r0, y + r0 * n_,
+                          1, weights)) {
+        ok.store(false);
+      }
+    });
+    return ok.load();
+  }
+
   // y [m, n] = x [m, k] W on `threads` threads (<= SyncThreads()); `weights` overrides the
   // buffer given to Create(). False on failure (y is then unspecified; the caller recomputes
   // it).
@@ -812,7 +833,7 @@ void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) 
 
 bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
   const int threads = Threads(m);
-  if (kind != Kind::kBF16AsF32) return dnnl->Run(x, m, y, threads);
+  if (kind != Kind::kBF16AsF32) return dnnl->RunSplit(x, m, y, threads);
   // Widen the weights into this thread's fp32 scratch (cost ~ one m=1 pass; only used for
   // m above the small-kernel limit).
   const int64_t kp_f32 = RoundUp(in, kKPadF32);
@@ -820,7 +841,7 @@ bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
   ParallelRun(threads, [&](int t, int nt) {
     WidenBlocks(w_bf16.get(), k_pad, wf, kp_f32, blocks * t / nt, blocks * (t + 1) / nt);
   });
-  return dnnl->Run(x, m, y, threads, wf);
+  return dnnl->RunSplit(x, m, y, threads, wf);
 }
 
 absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, int64_t in,
