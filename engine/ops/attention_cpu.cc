@@ -245,32 +245,51 @@ inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, float* m, float* l,
   }
 }
 
+// Units of the same tokens (one per kv head: same rows and ctx), interleaved per 16-key block:
+// each block of K/V rows is then read once for all heads, front to back, which the hardware
+// prefetcher streams far better than one pass per head over every row's slice. Each head's
+// arithmetic is exactly that of processing it alone.
 template <int D16>
-void AttendUnitAvx512(const Unit& u, float* scratch) {
+void AttendUnitsAvx512(const Unit* units, int64_t n_units, float* scratch) {
   constexpr int kD = 16 * D16;
   // Rows per register tile: two share each K/V load while registers last.
   constexpr int kNR = D16 <= 4 ? 2 : 1;
-  float* acc = scratch;          // [rows][kD]
-  float* m = acc + u.rows * kD;  // [rows]
-  float* l = m + u.rows;         // [rows]
-  std::fill(acc, acc + u.rows * kD, 0.0f);
-  std::fill(m, m + u.rows, kNegInf);
-  std::fill(l, l + u.rows, 0.0f);
-  const int64_t max_ctx = u.ctx[u.rows - 1];
+  const int64_t rows = units[0].rows;
+  // Per unit: acc [rows][kD], m [rows], l [rows], rounded to 64 bytes (acc rows stay aligned).
+  const int64_t per_unit = (rows * kD + 2 * rows + 15) / 16 * 16;
+  for (int64_t h = 0; h < n_units; ++h) {
+    float* acc = scratch + h * per_unit;
+    std::fill(acc, acc + rows * kD, 0.0f);
+    std::fill(acc + rows * kD, acc + rows * kD + rows, kNegInf);
+    std::fill(acc + rows * kD + rows, acc + rows * kD + 2 * rows, 0.0f);
+  }
+  const int64_t* ctx = units[0].ctx;
+  const int64_t max_ctx = ctx[rows - 1];
   int64_t first = 0;  // First row that still sees keys at j0 (ctx is non-decreasing).
   for (int64_t j0 = 0; j0 < max_ctx; j0 += kKeyBlock) {
-    while (u.ctx[first] <= j0) ++first;
-    int64_t r = first;
-    for (; r + kNR <= u.rows; r += kNR) {
-      BlockRows<D16, kNR>(u, r, j0, m + r, l + r, acc + r * kD);
+    while (ctx[first] <= j0) ++first;
+    for (int64_t h = 0; h < n_units; ++h) {
+      const Unit& u = units[h];
+      float* acc = scratch + h * per_unit;
+      float* m = acc + rows * kD;
+      float* l = m + rows;
+      int64_t r = first;
+      for (; r + kNR <= rows; r += kNR) {
+        BlockRows<D16, kNR>(u, r, j0, m + r, l + r, acc + r * kD);
+      }
+      for (; r < rows; ++r) BlockRows<D16, 1>(u, r, j0, m + r, l + r, acc + r * kD);
     }
-    for (; r < u.rows; ++r) BlockRows<D16, 1>(u, r, j0, m + r, l + r, acc + r * kD);
   }
-  for (int64_t r = 0; r < u.rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-    for (int i = 0; i < D16; ++i) {
-      _mm512_storeu_ps(u.out[r] + 16 * i,
-                       _mm512_mul_ps(_mm512_load_ps(acc + r * kD + 16 * i), inv));
+  for (int64_t h = 0; h < n_units; ++h) {
+    const Unit& u = units[h];
+    const float* acc = scratch + h * per_unit;
+    const float* l = acc + rows * kD + rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+      for (int i = 0; i < D16; ++i) {
+        _mm512_storeu_ps(u.out[r] + 16 * i,
+                         _mm512_mul_ps(_mm512_load_ps(acc + r * kD + 16 * i), inv));
+      }
     }
   }
 }
@@ -296,86 +315,89 @@ struct Problem {
   int64_t start_pos, n_new, n_heads, n_kv_heads, head_dim;
   float* out;
   int64_t group, tokens_per_unit, chunks;
-  int64_t units() const { return n_kv_heads * chunks; }
+  int64_t heads_per_unit;  // kv heads a unit processes together (1 or n_kv_heads)
+  int64_t head_groups() const { return n_kv_heads / heads_per_unit; }
+  int64_t units() const { return head_groups() * chunks; }
 };
 
+// `all_heads`: each unit takes every kv head of its tokens (callers that do not split the
+// problem over threads); otherwise one kv head per unit (parallelism within a sequence).
 Problem MakeProblem(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
                     int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                    float* out) {
-  Problem p{q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out, 0, 0, 0};
+                    float* out, bool all_heads) {
+  Problem p{q,   k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim,
+            out, 0,       0,       0,         1};
   p.group = n_heads / n_kv_heads;
   p.tokens_per_unit = std::max<int64_t>(1, kRowsPerUnit / p.group);
   p.chunks = (n_new + p.tokens_per_unit - 1) / p.tokens_per_unit;
+  p.heads_per_unit = all_heads ? n_kv_heads : 1;
   return p;
 }
 
-// Unit index u: kv head u % n_kv_heads, token chunk u / n_kv_heads.
+// Unit index u: kv heads from (u % head_groups) * heads_per_unit, token chunk u / head_groups.
 void RunUnit(const Problem& p, int64_t index) {
-  const int64_t g = index % p.n_kv_heads;
-  const int64_t i0 = (index / p.n_kv_heads) * p.tokens_per_unit;
+  const int64_t g0 = (index % p.head_groups()) * p.heads_per_unit;
+  const int64_t nh = p.heads_per_unit;
+  const int64_t i0 = (index / p.head_groups()) * p.tokens_per_unit;
   const int64_t i1 = std::min(p.n_new, i0 + p.tokens_per_unit);
   const int64_t rows = (i1 - i0) * p.group;
-  constexpr int64_t kMaxRows = 256;
-  const float* q_rows[kMaxRows];
-  float* out_rows[kMaxRows];
-  int64_t ctx[kMaxRows];
-  std::vector<const float*> q_heap;
-  std::vector<float*> out_heap;
-  std::vector<int64_t> ctx_heap;
-  const float** qr = q_rows;
-  float** outr = out_rows;
-  int64_t* ctxr = ctx;
-  if (rows > kMaxRows) {
-    q_heap.resize(rows);
-    out_heap.resize(rows);
-    ctx_heap.resize(rows);
-    qr = q_heap.data();
-    outr = out_heap.data();
-    ctxr = ctx_heap.data();
-  }
+  thread_local std::vector<const float*> q_rows;
+  thread_local std::vector<float*> out_rows;
+  thread_local std::vector<int64_t> ctx;
+  thread_local std::vector<Unit> units;
+  q_rows.resize(nh * rows);
+  out_rows.resize(nh * rows);
+  ctx.resize(rows);
+  units.clear();
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t a = 0; a < p.group; ++a) {
-      const int64_t r = (i - i0) * p.group + a;
-      const int64_t h = g * p.group + a;
-      qr[r] = p.q + (i * p.n_heads + h) * p.head_dim;
-      outr[r] = p.out + (i * p.n_heads + h) * p.head_dim;
-      ctxr[r] = p.start_pos + i + 1;
-    }
+    for (int64_t a = 0; a < p.group; ++a) ctx[(i - i0) * p.group + a] = p.start_pos + i + 1;
   }
-  Unit u{p.k_cache + g * p.head_dim,
-         p.v_cache + g * p.head_dim,
-         p.n_kv_heads * p.head_dim,
-         p.head_dim,
-         static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.head_dim))),
-         rows,
-         qr,
-         outr,
-         ctxr};
+  for (int64_t hh = 0; hh < nh; ++hh) {
+    const int64_t g = g0 + hh;
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t a = 0; a < p.group; ++a) {
+        const int64_t r = (i - i0) * p.group + a;
+        const int64_t h = g * p.group + a;
+        q_rows[hh * rows + r] = p.q + (i * p.n_heads + h) * p.head_dim;
+        out_rows[hh * rows + r] = p.out + (i * p.n_heads + h) * p.head_dim;
+      }
+    }
+    units.push_back(Unit{p.k_cache + g * p.head_dim,
+                         p.v_cache + g * p.head_dim,
+                         p.n_kv_heads * p.head_dim,
+                         p.head_dim,
+                         static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.head_dim))),
+                         rows,
+                         q_rows.data() + hh * rows,
+                         out_rows.data() + hh * rows,
+                         ctx.data()});
+  }
 #if defined(__AVX512F__)
   if (p.head_dim % 16 == 0 && p.head_dim <= 256) {
-    float* s = Align64(UnitScratch(p.head_dim * rows + 2 * rows + 16).data());
+    const int64_t per_unit = (p.head_dim * rows + 2 * rows + 15) / 16 * 16;  // as in AttendUnitsAvx512
+    float* s = Align64(UnitScratch(nh * per_unit).data());
     switch (p.head_dim / 16) {
       case 1:
-        AttendUnitAvx512<1>(u, s);
+        AttendUnitsAvx512<1>(units.data(), nh, s);
         return;
       case 2:
-        AttendUnitAvx512<2>(u, s);
+        AttendUnitsAvx512<2>(units.data(), nh, s);
         return;
       case 4:
-        AttendUnitAvx512<4>(u, s);
+        AttendUnitsAvx512<4>(units.data(), nh, s);
         return;
       case 8:
-        AttendUnitAvx512<8>(u, s);
+        AttendUnitsAvx512<8>(units.data(), nh, s);
         return;
       case 16:
-        AttendUnitAvx512<16>(u, s);
+        AttendUnitsAvx512<16>(units.data(), nh, s);
         return;
       default:
         break;
     }
   }
 #endif
-  AttendUnitGeneric(u, UnitScratch(p.head_dim).data());
+  for (const Unit& u : units) AttendUnitGeneric(u, UnitScratch(p.head_dim).data());
 }
 
 }  // namespace
@@ -384,19 +406,19 @@ void AttentionPart(const float* q, const float* k_cache, const float* v_cache, i
                    int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
                    int part, int num_parts) {
   if (n_new <= 0 || num_parts <= 0 || part < 0 || part >= num_parts) return;
-  const Problem p =
-      MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out);
+  const Problem p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
+                                head_dim, out, /*all_heads=*/num_parts == 1);
   for (int64_t u = part; u < p.units(); u += num_parts) RunUnit(p, u);
 }
 
 void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
                int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out) {
   if (n_new <= 0) return;
-  const Problem p =
-      MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out);
   // Keys visited summed over the new tokens, times the work per key for all heads.
   const int64_t keys = n_new * start_pos + n_new * (n_new + 1) / 2;
   const int threads = ThreadsFor(keys * n_heads * head_dim * 2, SyncThreads(), kMinWorkPerThread);
+  const Problem p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
+                                head_dim, out, /*all_heads=*/threads <= 1);
   if (threads > 1 && p.units() > 1) {
     // Interleaved units balance the causal triangle.
     ParallelRun(threads, [&](int t, int nt) {
