@@ -44,6 +44,10 @@ ABSL_FLAG(int32_t, port, 50051, "Port of the public API on rank 0.");
 ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address every rank listens on.");
 ABSL_FLAG(std::string, advertise_host, "", "Host name other ranks use to reach this one (default: this host's name).");
 ABSL_FLAG(int32_t, threads, 1, "Compute threads per rank.");
+ABSL_FLAG(int32_t, attention_threads, 0,
+          "Compute threads of the attention rank (0 = --threads). The attention rank and the expert "
+          "ranks compute in turn, so on one small host it can use every core while each expert rank "
+          "uses one.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
 ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "Attention worker's KV cache size in tokens.");
 ABSL_FLAG(std::string, expert_transport, "mpi",
@@ -121,7 +125,9 @@ int Main(int rank, int size, int thread_level) {
   while (cluster.experts_size() < n_experts) cluster.add_experts();
   auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
   if (!cfg.ok()) return Fail(rank, cfg.status());
-  ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
+  const int attention_threads = absl::GetFlag(FLAGS_attention_threads);
+  ops::SetNumThreads(rank == 2 && attention_threads > 0 ? attention_threads
+                                                        : absl::GetFlag(FLAGS_threads));
   LoadOptions lo;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") lo.compute = ComputeType::kBF16;
   const std::string listen = absl::StrCat(absl::GetFlag(FLAGS_listen_host), ":0");
