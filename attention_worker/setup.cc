@@ -57,8 +57,15 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
     s->experts = std::make_unique<LocalExperts>(s->local_experts.get());
     s->expert_placement.emplace_back("local", ShardSummary(s->local_experts->shards()));
   } else {
+    if (!opt.expert_transports.empty() &&
+        opt.expert_transports.size() != opt.expert_addresses.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(opt.expert_transports.size(),
+                                                     " expert transports for ",
+                                                     opt.expert_addresses.size(), " addresses"));
+    }
     std::vector<ExpertWorkerHandle> handles;
-    for (const std::string& addr : opt.expert_addresses) {
+    for (size_t i = 0; i < opt.expert_addresses.size(); ++i) {
+      const std::string& addr = opt.expert_addresses[i];
       absl::Status st = WaitHealthy(addr, opt.connect_timeout_seconds);
       if (!st.ok()) return st;
       auto t = std::make_unique<GrpcExpertTransport>(addr, opt.expert_timeout_seconds);
@@ -66,7 +73,11 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
       if (!stats.ok()) return absl::Status(stats.status().code(), absl::StrCat(addr, ": ", stats.status().message()));
       auto shards = ShardsFromStats(*stats);
       if (!shards.ok()) return shards.status();
-      handles.push_back({std::move(t), *shards});
+      if (opt.expert_transports.empty()) {
+        handles.push_back({std::move(t), *shards});
+      } else {
+        handles.push_back({std::move(opt.expert_transports[i]), *shards});
+      }
     }
     std::vector<std::set<ExpertId>> sets;
     for (const auto& h : handles) {

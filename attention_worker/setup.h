@@ -22,6 +22,10 @@ struct AttentionSetupOptions {
   std::string model_dir;
   std::string encoder_address;                // "" = embed in this process
   std::vector<std::string> expert_addresses;  // empty = every expert in this process
+  // Optional: one pre-built transport per expert address (e.g. MPI under mpirun), used for
+  // RunExperts instead of a gRPC channel to it; the address still serves health and GetStats
+  // (the worker's shards).
+  std::vector<std::unique_ptr<ExpertTransport>> expert_transports;
   wire::DType wire_dtype = wire::DTYPE_F32;
   ComputeType compute = ComputeType::kF32;
   Device device;  // where the attention stack (and in-process experts) run

@@ -11,16 +11,22 @@ namespace moemesh {
 ExpertService::ExpertService(const ExpertShard* shard, int64_t hidden, std::string device)
     : shard_(shard), hidden_(hidden), device_(std::move(device)) {}
 
-grpc::ServerUnaryReactor* ExpertService::RunExperts(grpc::CallbackServerContext* ctx,
-                                                    const internal::v1::RunExpertsRequest* req,
-                                                    internal::v1::RunExpertsResponse* resp) {
+absl::Status ExpertService::Run(const internal::v1::RunExpertsRequest& req,
+                                internal::v1::RunExpertsResponse* resp) {
   auto t0 = std::chrono::steady_clock::now();
-  absl::Status st = RunExpertsOnShard(*shard_, hidden_, *req, resp);
+  absl::Status st = RunExpertsOnShard(*shard_, hidden_, req, resp);
   compute_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(
                      std::chrono::steady_clock::now() - t0)
                      .count();
   ++calls_;
-  if (req->x().shape_size() > 0) rows_ += req->x().shape(0);
+  if (req.x().shape_size() > 0) rows_ += req.x().shape(0);
+  return st;
+}
+
+grpc::ServerUnaryReactor* ExpertService::RunExperts(grpc::CallbackServerContext* ctx,
+                                                    const internal::v1::RunExpertsRequest* req,
+                                                    internal::v1::RunExpertsResponse* resp) {
+  absl::Status st = Run(*req, resp);
   auto* reactor = ctx->DefaultReactor();
   reactor->Finish(ToGrpc(st));
   return reactor;

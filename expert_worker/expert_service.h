@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 
+#include "absl/status/status.h"
 #include "engine/model.h"
 #include "protos/worker.grpc.pb.h"
 
@@ -15,6 +16,11 @@ class ExpertService final : public internal::v1::Expert::CallbackService {
  public:
   // `shard` must outlive the service.
   ExpertService(const ExpertShard* shard, int64_t hidden, std::string device);
+
+  // RunExperts on the shard, counted in GetStats; what the gRPC handler and other transports
+  // (the MPI serving loop of moemesh_node) call. Thread-safe.
+  absl::Status Run(const internal::v1::RunExpertsRequest& req,
+                   internal::v1::RunExpertsResponse* resp);
 
   grpc::ServerUnaryReactor* RunExperts(grpc::CallbackServerContext* ctx,
                                        const internal::v1::RunExpertsRequest* req,

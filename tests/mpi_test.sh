@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
-# The mpirun launch: 5 ranks (router, encoder, attention, 2 expert workers) on one host serve a
-# greedy request whose ids equal the embedded model's reference (Hugging Face) ids.
+# The mpirun launch:
+# 1. mesh/mpi_transport_check (3 ranks): the MPI expert transport between processes against
+#    in-process calls -- identical sums, calls in flight, expert-side errors, a rank stopping.
+# 2. 5 ranks of moemesh_node (router, encoder, attention, 2 expert workers) on one host serve a
+#    greedy request whose ids equal the embedded model's reference (Hugging Face) ids, once with
+#    --expert_transport=mpi (checking RunExperts really went over MPI) and once with grpc; Ctrl-C
+#    of mpirun ends every rank.
 set -euo pipefail
 export XDG_CACHE_HOME="${TEST_TMPDIR:-$(mktemp -d)}"
 NODE=tools/moemesh_node
-PORT=$(( 20000 + RANDOM % 20000 ))
-OUT="${TEST_TMPDIR:-/tmp}/mpi.out"
+TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 ROOT_FLAG=""
 [ "$(id -u)" -eq 0 ] && ROOT_FLAG="--allow-run-as-root"
+
+echo "== mpi_transport_check"
 # shellcheck disable=SC2086
-setsid mpirun $ROOT_FLAG --oversubscribe -np 5 "$NODE" --model=models/pydoc-moe-17m \
-  --port="$PORT" --listen_host=127.0.0.1 --advertise_host=127.0.0.1 > "$OUT" 2>&1 &
-MPIRUN=$!
-cleanup() { kill -INT "$MPIRUN" 2>/dev/null || true; sleep 1; kill -KILL -- -"$MPIRUN" 2>/dev/null || true; }
+timeout 120 mpirun $ROOT_FLAG --oversubscribe -np 3 mesh/mpi_transport_check > "$TMP/check.out" 2>&1 \
+  || { cat "$TMP/check.out"; echo "mpi_transport_check failed"; exit 1; }
+cat "$TMP/check.out"
+grep -q "mpi transport check: [0-9]* checks passed" "$TMP/check.out"
+
+MPIRUN=""
+cleanup() {
+  [ -n "$MPIRUN" ] || return 0
+  kill -INT "$MPIRUN" 2>/dev/null || true; sleep 1; kill -KILL -- -"$MPIRUN" 2>/dev/null || true
+}
 trap cleanup EXIT
-for _ in $(seq 240); do
-  grep -q "ready" "$OUT" && break
-  kill -0 "$MPIRUN" 2>/dev/null || { cat "$OUT"; echo "mpirun exited during start-up"; exit 1; }
-  sleep 0.5
-done
-grep -q "ready" "$OUT" || { cat "$OUT"; echo "not ready in 120 s"; exit 1; }
-cat "$OUT"
-/usr/bin/python3 - "$PORT" <<'PY'
+
+run_cluster() {  # TRANSPORT
+  local transport="$1" port out
+  port=$(( 20000 + RANDOM % 20000 ))
+  out="$TMP/mpi-$transport.out"
+  echo "== moemesh_node --expert_transport=$transport"
+  # shellcheck disable=SC2086
+  setsid mpirun $ROOT_FLAG --oversubscribe -np 5 "$NODE" --model=models/pydoc-moe-17m \
+    --port="$port" --listen_host=127.0.0.1 --advertise_host=127.0.0.1 \
+    --expert_transport="$transport" > "$out" 2>&1 &
+  MPIRUN=$!
+  for _ in $(seq 240); do
+    grep -q "ready" "$out" && break
+    kill -0 "$MPIRUN" 2>/dev/null || { cat "$out"; echo "mpirun exited during start-up"; exit 1; }
+    sleep 0.5
+  done
+  grep -q "ready" "$out" || { cat "$out"; echo "not ready in 120 s"; exit 1; }
+  grep -q "attention worker on .*, experts over $transport" "$out" || { cat "$out"; exit 1; }
+  /usr/bin/python3 - "$port" <<'PY'
 import json, sys
 sys.path.insert(0, "scripts")
 import importlib.util
@@ -44,3 +67,22 @@ roles = sorted(w.role for w in info.workers)
 assert roles == ["attention", "encoder", "expert", "expert", "router"], roles
 print("mpirun cluster: greedy ids match the reference;", len(ids), "tokens")
 PY
+  # Ctrl-C of mpirun ends every rank (within 20 s: the gRPC servers get 2 s to drain).
+  kill -INT "$MPIRUN"
+  for _ in $(seq 40); do kill -0 "$MPIRUN" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$MPIRUN" 2>/dev/null || pgrep -g "$MPIRUN" > /dev/null; then
+    cat "$out"; echo "mpirun or a rank still running 20 s after SIGINT"; exit 1
+  fi
+  MPIRUN=""
+  cat "$out"
+  if [ "$transport" = mpi ]; then
+    # Every expert call of the greedy run went over MPI, and both expert ranks served some.
+    grep -Eq "rank 2: MPI transport: [1-9][0-9]* RunExperts calls" "$out" || { echo "no MPI calls"; exit 1; }
+    [ "$(grep -Ec "rank [34]: served [1-9][0-9]* RunExperts calls over MPI" "$out")" -eq 2 ] \
+      || { echo "an expert rank served nothing over MPI"; exit 1; }
+  fi
+}
+
+run_cluster mpi
+run_cluster grpc
+echo "mpi_test: passed"

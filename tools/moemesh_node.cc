@@ -2,11 +2,17 @@
 //   mpirun -np N moemesh_node [--config=FILE | --model=DIR] [--port=50051]
 // Rank 0 is the router (public API on --port), rank 1 the encoder worker, rank 2 the attention
 // worker, ranks 3..N-1 expert workers (N >= 4). Every rank listens on a free port; addresses are
-// exchanged with MPI_Allgather at start-up, and gRPC carries all traffic after that.
+// exchanged with MPI_Allgather at start-up. gRPC carries the public API, health, control and the
+// encoder's traffic; RunExperts (attention -> expert workers, once per worker per layer) goes
+// over MPI point-to-point messages (mesh/mpi_transport.h) unless --expert_transport=grpc.
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <iostream>
+#include <thread>
 #include <set>
 #include <string>
 #include <vector>
@@ -24,6 +30,7 @@
 #include "engine/tokenizer.h"
 #include "expert_worker/expert_service.h"
 #include "mesh/grpc_clients.h"
+#include "mesh/mpi_transport.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
 #include "router/attention_client.h"
@@ -37,8 +44,21 @@ ABSL_FLAG(int32_t, port, 50051, "Port of the public API on rank 0.");
 ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address every rank listens on.");
 ABSL_FLAG(std::string, advertise_host, "", "Host name other ranks use to reach this one (default: this host's name).");
 ABSL_FLAG(int32_t, threads, 1, "Compute threads per rank.");
+ABSL_FLAG(int32_t, attention_threads, 0,
+          "Compute threads of the attention rank (0 = --threads). The attention rank and the expert "
+          "ranks compute in turn, so on one small host it can use every core while each expert rank "
+          "uses one.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
 ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "Attention worker's KV cache size in tokens.");
+ABSL_FLAG(std::string, expert_transport, "mpi",
+          "How the attention worker reaches the expert workers for RunExperts: mpi (MPI messages, "
+          "shared memory on one host) or grpc (as a cluster outside mpirun). Health and GetStats "
+          "use gRPC either way.");
+ABSL_FLAG(int32_t, mpi_spin_us, 0,
+          "MPI transport: busy-poll this long after a message before napping (0 = nap at once, "
+          "which leaves the CPU to the computing ranks when mpirun oversubscribes cores).");
+ABSL_FLAG(int32_t, mpi_max_nap_us, 40,
+          "MPI transport: longest nap between polls while waiting (naps double from 5 us).");
 
 namespace moemesh {
 namespace {
@@ -72,11 +92,27 @@ std::string Advertised(const std::string& bound) {
   return absl::StrCat(host, bound.substr(bound.rfind(':')));
 }
 
-int Main(int rank, int size) {
+int Main(int rank, int size, int thread_level) {
   if (size < 4) {
     if (rank == 0) std::cerr << "moemesh_node: needs at least 4 ranks (router, encoder, attention, expert workers)" << std::endl;
     return 2;
   }
+  const std::string transport = absl::GetFlag(FLAGS_expert_transport);
+  if (transport != "mpi" && transport != "grpc") {
+    if (rank == 0) std::cerr << "moemesh_node: --expert_transport must be mpi or grpc, got '" << transport << "'" << std::endl;
+    return 2;
+  }
+  const bool use_mpi = transport == "mpi";
+  if (use_mpi) {
+    absl::Status st = CheckMpiThreadLevel(thread_level);
+    if (!st.ok()) {
+      if (rank == 0) std::cerr << "moemesh_node: " << st << std::endl;
+      return 2;
+    }
+  }
+  MpiPollOptions poll;
+  poll.spin_us = absl::GetFlag(FLAGS_mpi_spin_us);
+  poll.max_nap_us = std::max(absl::GetFlag(FLAGS_mpi_max_nap_us), poll.min_nap_us);
   ClusterConfig cluster;
   std::string model_dir = absl::GetFlag(FLAGS_model);
   if (!absl::GetFlag(FLAGS_config).empty()) {
@@ -89,7 +125,9 @@ int Main(int rank, int size) {
   while (cluster.experts_size() < n_experts) cluster.add_experts();
   auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
   if (!cfg.ok()) return Fail(rank, cfg.status());
-  ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
+  const int attention_threads = absl::GetFlag(FLAGS_attention_threads);
+  ops::SetNumThreads(rank == 2 && attention_threads > 0 ? attention_threads
+                                                        : absl::GetFlag(FLAGS_threads));
   LoadOptions lo;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") lo.compute = ComputeType::kBF16;
   const std::string listen = absl::StrCat(absl::GetFlag(FLAGS_listen_host), ":0");
@@ -138,13 +176,21 @@ int Main(int rank, int size) {
   std::vector<std::string> addrs = AllGather(mine, size);
 
   // Phase 2: the attention worker connects to them and publishes its address.
+  std::unique_ptr<MpiExpertClient> mpi_client;  // outlives `setup`, whose transports use it
   std::unique_ptr<AttentionSetup> setup;
   mine.clear();
   if (rank == 2) {
     AttentionSetupOptions o;
     o.model_dir = model_dir;
     o.encoder_address = addrs[1];
-    for (int r = 3; r < size; ++r) o.expert_addresses.push_back(addrs[r]);
+    if (use_mpi) mpi_client = std::make_unique<MpiExpertClient>(MPI_COMM_WORLD, poll);
+    for (int r = 3; r < size; ++r) {
+      o.expert_addresses.push_back(addrs[r]);
+      if (use_mpi) {
+        o.expert_transports.push_back(
+            mpi_client->TransportTo(r, absl::StrCat("rank ", r, " (", addrs[r], ")")));
+      }
+    }
     o.compute = lo.compute;
     o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
     if (cluster.wire_dtype() == "bf16") o.wire_dtype = wire::DTYPE_BF16;
@@ -157,9 +203,28 @@ int Main(int rank, int size) {
     if (!srv.ok()) return Fail(rank, srv.status());
     server = std::move(*srv);
     mine = Advertised(bound);
-    std::cerr << "moemesh_node rank 2: attention worker on " << mine << std::endl;
+    std::cerr << "moemesh_node rank 2: attention worker on " << mine << ", experts over "
+              << transport << std::endl;
   }
   addrs[2] = AllGather(mine, size)[2];
+
+  // The last collective call is behind us: from here one thread per rank owns MPI (the attention
+  // rank's progress thread, each expert rank's serving loop) until shutdown.
+  std::atomic<bool> stop_serving{false};
+  std::thread mpi_server;
+  MpiServeStats serve_stats;
+  if (use_mpi && rank == 2) mpi_client->Start();
+  if (use_mpi && rank >= 3) {
+    auto* expert_service = static_cast<ExpertService*>(service.get());
+    mpi_server = std::thread([&, expert_service] {
+      serve_stats = ServeExpertsOverMpi(
+          MPI_COMM_WORLD, 2,
+          [expert_service](const wire::RunExpertsRequest& req, wire::RunExpertsResponse* resp) {
+            return expert_service->Run(req, resp);
+          },
+          stop_serving, poll);
+    });
+  }
 
   // Phase 3: the router serves the public API.
   std::unique_ptr<Tokenizer> tok;
@@ -195,7 +260,24 @@ int Main(int rank, int size) {
     std::cout << "MoE Mesh cluster ready (mpirun, " << size << " ranks): router on " << bound
               << std::endl;
   }
-  ServeUntilSignal(server.get());
+  WaitForSignal();
+  // Stop the MPI data plane first: a Step waiting on experts then fails at once instead of
+  // holding up the gRPC shutdown.
+  if (mpi_client != nullptr) {
+    mpi_client->Stop();
+    MpiExpertClient::Stats s = mpi_client->stats();
+    std::cerr << "moemesh_node rank 2: MPI transport: " << s.calls << " RunExperts calls, "
+              << s.bytes_sent << " bytes sent, " << s.bytes_received << " bytes received"
+              << std::endl;
+  }
+  if (mpi_server.joinable()) {
+    stop_serving = true;
+    mpi_server.join();
+    std::cerr << "moemesh_node rank " << rank << ": served " << serve_stats.calls
+              << " RunExperts calls over MPI (" << serve_stats.bytes_received << " bytes in, "
+              << serve_stats.bytes_sent << " out)" << std::endl;
+  }
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server.reset();
   router.reset();
   return 0;
@@ -205,13 +287,17 @@ int Main(int rank, int size) {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("mpirun -np N moemesh_node [--config=FILE | --model=DIR] [--port=P]");
+  absl::SetProgramUsageMessage(
+      "mpirun -np N moemesh_node [--config=FILE | --model=DIR] [--port=P] "
+      "[--expert_transport=mpi|grpc]");
   absl::ParseCommandLine(argc, argv);
-  MPI_Init(&argc, &argv);
+  // SERIALIZED: after start-up one thread per rank makes the MPI calls (mesh/mpi_transport.h).
+  int provided = MPI_THREAD_SINGLE;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
   int rank = 0, size = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
-  int rc = moemesh::Main(rank, size);
+  int rc = moemesh::Main(rank, size, provided);
   MPI_Finalize();
   return rc;
 }
