@@ -1,12 +1,16 @@
 #include "engine/kv_cache.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace moemesh {
 
-KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage)
+KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage,
+                 int64_t kv_heads)
     : num_layers_(num_layers),
       kv_dim_(kv_dim),
+      kv_heads_(kv_heads > 0 && kv_dim % kv_heads == 0 ? kv_heads : 1),
       capacity_(capacity_tokens),
       host_storage_(host_storage) {}
 
@@ -34,9 +38,17 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
     s.k.resize(num_layers_);
     s.v.resize(num_layers_);
   }
+  // Head-major: each head's block grows from `have` to `want` rows.
+  const int64_t hd = head_dim();
   for (int64_t l = 0; host_storage_ && l < num_layers_; ++l) {
-    s.k[l].resize(want * kv_dim_);
-    s.v[l].resize(want * kv_dim_);
+    for (std::vector<float>* buf : {&s.k[l], &s.v[l]}) {
+      std::vector<float> grown(want * kv_dim_);
+      for (int64_t h = 0; have > 0 && h < kv_heads_; ++h) {
+        std::copy(buf->begin() + h * have * hd, buf->begin() + (h + 1) * have * hd,
+                  grown.begin() + h * want * hd);
+      }
+      buf->swap(grown);
+    }
   }
   used_ += want - have;
   s.slots = want;

@@ -11,8 +11,10 @@
 
 namespace moemesh {
 
-// Per sequence and layer: K and V rows [position, kv_dim] in fp32, grown in blocks as the sequence
-// grows. The total number of token slots over all sequences is bounded by `capacity_tokens`.
+// Per sequence and layer: K and V in fp32, grown in blocks as the sequence grows, head-major:
+// kv head h's row for position p is at K(seq, layer) + h * HeadStride(seq) + p * head_dim
+// (head_dim = kv_dim / kv_heads), so attention streams each head's rows contiguously. With
+// kv_heads = 1 that is rows [position, kv_dim]. The total number of token slots over all sequences is bounded by `capacity_tokens`.
 // Not thread-safe: the attention worker's step loop owns it.
 //
 // This class keeps the rows in host memory (the CPU attention stack). A device's attention stack
@@ -20,7 +22,8 @@ namespace moemesh {
 // does the slot accounting, and the subclass keeps the rows on its device.
 class KvCache {
  public:
-  KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage = true);
+  KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage = true,
+          int64_t kv_heads = 1);
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
   virtual ~KvCache() = default;
@@ -34,10 +37,14 @@ class KvCache {
   int64_t Slots(uint64_t seq) const;
   bool Has(uint64_t seq) const { return seqs_.count(seq) != 0; }
 
-  // Rows [0, reserved length) of `seq`'s K (V) at `layer`; row stride kv_dim(). Valid until the
-  // next Reserve or Free of that sequence. Host storage only.
+  // `seq`'s K (V) at `layer`: kv_heads() blocks of HeadStride(seq) floats, each rows
+  // [0, reserved length) of head_dim() floats. Valid until the next Reserve or Free of that
+  // sequence. Host storage only.
   float* K(uint64_t seq, int64_t layer);
   float* V(uint64_t seq, int64_t layer);
+  int64_t HeadStride(uint64_t seq) const { return Slots(seq) * head_dim(); }
+  int64_t kv_heads() const { return kv_heads_; }
+  int64_t head_dim() const { return kv_dim_ / kv_heads_; }
 
   int64_t kv_dim() const { return kv_dim_; }
   int64_t capacity_tokens() const { return capacity_; }
@@ -53,6 +60,7 @@ class KvCache {
 
   const int64_t num_layers_;
   const int64_t kv_dim_;
+  const int64_t kv_heads_;
   const int64_t capacity_;
   const bool host_storage_;
   int64_t used_ = 0;

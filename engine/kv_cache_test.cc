@@ -26,5 +26,31 @@ TEST(KvCacheTest, ReservesWithinCapacityAndFreesAtOnce) {
   EXPECT_EQ(c.num_sequences(), 2);
 }
 
+TEST(KvCacheTest, HeadMajorRowsKeepTheirPlacesAcrossGrowth) {
+  // 2 kv heads of 4 floats: head h, position p at K + h * HeadStride + p * 4.
+  KvCache c(/*num_layers=*/1, /*kv_dim=*/8, /*capacity_tokens=*/1000, true, /*kv_heads=*/2);
+  EXPECT_EQ(c.head_dim(), 4);
+  ASSERT_TRUE(c.Reserve(7, 10).ok());
+  EXPECT_EQ(c.HeadStride(7), 64 * 4);
+  for (int64_t h = 0; h < 2; ++h) {
+    for (int64_t p = 0; p < 10; ++p) {
+      for (int64_t d = 0; d < 4; ++d) {
+        c.K(7, 0)[h * c.HeadStride(7) + p * 4 + d] = static_cast<float>(100 * h + 10 * p + d);
+        c.V(7, 0)[h * c.HeadStride(7) + p * 4 + d] = -static_cast<float>(100 * h + 10 * p + d);
+      }
+    }
+  }
+  ASSERT_TRUE(c.Reserve(7, 130).ok());  // grows to 192 slots: each head's block moves
+  EXPECT_EQ(c.HeadStride(7), 192 * 4);
+  for (int64_t h = 0; h < 2; ++h) {
+    for (int64_t p = 0; p < 10; ++p) {
+      for (int64_t d = 0; d < 4; ++d) {
+        ASSERT_EQ(c.K(7, 0)[h * c.HeadStride(7) + p * 4 + d], 100 * h + 10 * p + d);
+        ASSERT_EQ(c.V(7, 0)[h * c.HeadStride(7) + p * 4 + d], -(100 * h + 10 * p + d));
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moemesh

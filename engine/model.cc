@@ -277,7 +277,8 @@ absl::Status AttentionStack::PlanBatch(const std::vector<SeqStep>& batch, const 
 }
 
 std::unique_ptr<KvCache> CpuAttentionStack::NewCache(int64_t capacity_tokens) const {
-  return std::make_unique<KvCache>(cfg_.num_hidden_layers, kv_dim(), capacity_tokens);
+  return std::make_unique<KvCache>(cfg_.num_hidden_layers, kv_dim(), capacity_tokens,
+                                   /*host_storage=*/true, cfg_.num_key_value_heads);
 }
 
 absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
@@ -423,10 +424,16 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
       const int64_t n = static_cast<int64_t>(s.tokens.size());
       float* kc = cache->K(s.seq_id, l);
       float* vc = cache->V(s.seq_id, l);
-      std::memcpy(kc + s.start_pos * kvd, &k[offset[b] * kvd], n * kvd * sizeof(float));
-      std::memcpy(vc + s.start_pos * kvd, &v[offset[b] * kvd], n * kvd * sizeof(float));
+      const int64_t hs = cache->HeadStride(s.seq_id);  // head-major cache
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t g = 0; g < nkv; ++g) {
+          const int64_t at = g * hs + (s.start_pos + i) * hd;
+          std::memcpy(kc + at, &k[(offset[b] + i) * kvd + g * hd], hd * sizeof(float));
+          std::memcpy(vc + at, &v[(offset[b] + i) * kvd + g * hd], hd * sizeof(float));
+        }
+      }
       ops::Attention(&q[offset[b] * qd], kc, vc, s.start_pos, n, nh, nkv, hd,
-                     &att[offset[b] * qd]);
+                     &att[offset[b] * qd], /*row_stride=*/hd, /*head_stride=*/hs);
     };
     const int att_threads =
         batch.size() > 1

@@ -54,6 +54,9 @@ ABSL_FLAG(std::string, expert_transport, "mpi",
           "How the attention worker reaches the expert workers for RunExperts: mpi (MPI messages, "
           "shared memory on one host) or grpc (as a cluster outside mpirun). Health and GetStats "
           "use gRPC either way.");
+ABSL_FLAG(bool, overlap_halves, true,
+          "Attention rank: run a step of two or more sequences as two halves on two threads, so "
+          "that one half's attention overlaps the other's wait on the expert ranks.");
 ABSL_FLAG(int32_t, mpi_spin_us, 0,
           "MPI transport: busy-poll this long after a message before napping (0 = nap at once, "
           "which leaves the CPU to the computing ranks when mpirun oversubscribes cores).");
@@ -193,6 +196,7 @@ int Main(int rank, int size, int thread_level) {
     }
     o.compute = lo.compute;
     o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
+    o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
     if (cluster.wire_dtype() == "bf16") o.wire_dtype = wire::DTYPE_BF16;
     auto s = BuildAttentionWorker(std::move(o));
     if (!s.ok()) return Fail(rank, s.status());

@@ -10,19 +10,22 @@ namespace ops {
 // Causal grouped-query attention for ONE sequence over its KV cache, one pass with online
 // softmax, fp32 throughout.
 // q: [n_new, n_heads, head_dim] for positions start_pos .. start_pos+n_new-1.
-// k_cache, v_cache: [>= start_pos+n_new rows, n_kv_heads, head_dim] (row stride =
-// n_kv_heads*head_dim), already holding this step's keys/values. Query i attends to cache rows
+// k_cache, v_cache: kv head g's row for position p at g * head_stride + p * row_stride
+// (defaults, 0: row_stride = n_kv_heads*head_dim, head_stride = head_dim, i.e. rows
+// [position, n_kv_heads, head_dim]; a head-major cache passes head_dim and its head block size),
+// already holding this step's keys/values. Query i attends to cache rows
 // 0 .. start_pos+i. Head h uses kv head h / (n_heads / n_kv_heads). Scores are
 // (q . k) * (1/sqrt(head_dim)). out: [n_new, n_heads, head_dim]; must not alias q.
 void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
-               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out);
+               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+               int64_t row_stride = 0, int64_t head_stride = 0);
 
 // The same computation split for callers that run their own parallel region: computes part
 // `part` of `num_parts` of the work units (kv head x chunk of new tokens) on the calling
 // thread. Calling every part once gives Attention()'s result exactly.
 void AttentionPart(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
                    int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
-                   int part, int num_parts);
+                   int part, int num_parts, int64_t row_stride = 0, int64_t head_stride = 0);
 
 }  // namespace ops
 }  // namespace moemesh

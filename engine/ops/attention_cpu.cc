@@ -316,6 +316,7 @@ struct Problem {
   float* out;
   int64_t group, tokens_per_unit, chunks;
   int64_t heads_per_unit;  // kv heads a unit processes together (1 or n_kv_heads)
+  int64_t row_stride, head_stride;
   int64_t head_groups() const { return n_kv_heads / heads_per_unit; }
   int64_t units() const { return head_groups() * chunks; }
 };
@@ -324,9 +325,11 @@ struct Problem {
 // problem over threads); otherwise one kv head per unit (parallelism within a sequence).
 Problem MakeProblem(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
                     int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                    float* out, bool all_heads) {
+                    float* out, bool all_heads, int64_t row_stride, int64_t head_stride) {
   Problem p{q,   k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim,
-            out, 0,       0,       0,         1};
+            out, 0,       0,       0,         1,     0,       0};
+  p.row_stride = row_stride > 0 ? row_stride : n_kv_heads * head_dim;
+  p.head_stride = head_stride > 0 ? head_stride : head_dim;
   p.group = n_heads / n_kv_heads;
   p.tokens_per_unit = std::max<int64_t>(1, kRowsPerUnit / p.group);
   p.chunks = (n_new + p.tokens_per_unit - 1) / p.tokens_per_unit;
@@ -362,9 +365,9 @@ void RunUnit(const Problem& p, int64_t index) {
         out_rows[hh * rows + r] = p.out + (i * p.n_heads + h) * p.head_dim;
       }
     }
-    units.push_back(Unit{p.k_cache + g * p.head_dim,
-                         p.v_cache + g * p.head_dim,
-                         p.n_kv_heads * p.head_dim,
+    units.push_back(Unit{p.k_cache + g * p.head_stride,
+                         p.v_cache + g * p.head_stride,
+                         p.row_stride,
                          p.head_dim,
                          static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.head_dim))),
                          rows,
@@ -404,21 +407,24 @@ void RunUnit(const Problem& p, int64_t index) {
 
 void AttentionPart(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
                    int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
-                   int part, int num_parts) {
+                   int part, int num_parts, int64_t row_stride, int64_t head_stride) {
   if (n_new <= 0 || num_parts <= 0 || part < 0 || part >= num_parts) return;
   const Problem p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
-                                head_dim, out, /*all_heads=*/num_parts == 1);
+                                head_dim, out, /*all_heads=*/num_parts == 1, row_stride,
+                                head_stride);
   for (int64_t u = part; u < p.units(); u += num_parts) RunUnit(p, u);
 }
 
 void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
-               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out) {
+               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+               int64_t row_stride, int64_t head_stride) {
   if (n_new <= 0) return;
   // Keys visited summed over the new tokens, times the work per key for all heads.
   const int64_t keys = n_new * start_pos + n_new * (n_new + 1) / 2;
   const int threads = ThreadsFor(keys * n_heads * head_dim * 2, SyncThreads(), kMinWorkPerThread);
   const Problem p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
-                                head_dim, out, /*all_heads=*/threads <= 1);
+                                head_dim, out, /*all_heads=*/threads <= 1, row_stride,
+                                head_stride);
   if (threads > 1 && p.units() > 1) {
     // Interleaved units balance the causal triangle.
     ParallelRun(threads, [&](int t, int nt) {

@@ -721,6 +721,40 @@ TEST(AttentionTest, PartsMatchWhole) {
   }
 }
 
+// A head-major cache (each kv head's rows contiguous, heads `head_stride` floats apart, as
+// KvCache keeps them) gives exactly the interleaved cache's results.
+TEST(AttentionTest, HeadMajorLayoutMatchesInterleaved) {
+  std::mt19937 rng(17);
+  const std::vector<AttentionCase> cases = {
+      {0, 1, 4, 2, 32}, {100, 1, 8, 4, 32}, {10, 50, 4, 2, 32}, {40, 3, 32, 4, 128}, {7, 3, 4, 4, 5}};
+  for (const AttentionCase& c : cases) {
+    const int64_t rows = c.start_pos + c.n_new, slots = rows + 9;
+    std::vector<float> q = RandomVector(c.n_new * c.heads * c.dim, &rng);
+    std::vector<float> k = RandomVector(rows * c.kv_heads * c.dim, &rng);
+    std::vector<float> v = RandomVector(rows * c.kv_heads * c.dim, &rng);
+    std::vector<float> kh(slots * c.kv_heads * c.dim), vh(kh.size());
+    for (int64_t g = 0; g < c.kv_heads; ++g) {
+      for (int64_t p = 0; p < rows; ++p) {
+        for (int64_t d = 0; d < c.dim; ++d) {
+          kh[(g * slots + p) * c.dim + d] = k[(p * c.kv_heads + g) * c.dim + d];
+          vh[(g * slots + p) * c.dim + d] = v[(p * c.kv_heads + g) * c.dim + d];
+        }
+      }
+    }
+    for (int threads : {1, 2}) {
+      SetNumThreads(threads);
+      std::vector<float> a(q.size()), b(q.size(), std::numeric_limits<float>::quiet_NaN());
+      Attention(q.data(), k.data(), v.data(), c.start_pos, c.n_new, c.heads, c.kv_heads, c.dim,
+                a.data());
+      Attention(q.data(), kh.data(), vh.data(), c.start_pos, c.n_new, c.heads, c.kv_heads, c.dim,
+                b.data(), /*row_stride=*/c.dim, /*head_stride=*/slots * c.dim);
+      EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)))
+          << "start=" << c.start_pos << " n_new=" << c.n_new << " threads=" << threads;
+    }
+  }
+  SetNumThreads(2);
+}
+
 TEST(AttentionTest, SingleKeyReturnsValue) {
   std::mt19937 rng(12);
   std::vector<float> q = RandomVector(4 * 32, &rng), k = RandomVector(2 * 32, &rng),
