@@ -31,6 +31,8 @@ namespace ops {
 namespace {
 
 constexpr int64_t kKeyBlock = 16;
+// How far ahead the AVX-512 path prefetches K/V rows.
+constexpr int64_t kPrefetchKeys = 16;
 // Rows (token x query head) per unit: enough to amortise the K transposes, small enough to
 // leave parallelism.
 constexpr int64_t kRowsPerUnit = 32;
@@ -270,6 +272,16 @@ void AttendUnitsAvx512(const Unit* units, int64_t n_units, float* scratch) {
     while (ctx[first] <= j0) ++first;
     for (int64_t h = 0; h < n_units; ++h) {
       const Unit& u = units[h];
+      // This head's K and V rows kPrefetchKeys ahead: each is read once, and the loads of a
+      // block otherwise wait on memory.
+      const int64_t jp = j0 + kPrefetchKeys;
+      for (int64_t j = jp; j < std::min(max_ctx, jp + kKeyBlock); ++j) {
+        UNROLL_LOOP
+        for (int c = 0; c < kD; c += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(u.k + j * u.kv_stride + c), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(u.v + j * u.kv_stride + c), _MM_HINT_T0);
+        }
+      }
       float* acc = scratch + h * per_unit;
       float* m = acc + rows * kD;
       float* l = m + rows;
