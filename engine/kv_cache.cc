@@ -21,44 +21,46 @@ int64_t KvCache::Slots(uint64_t seq) const {
 
 absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
   auto it = seqs_.find(seq);
-  int64_t have = it == seqs_.end() ? 0 : it->second.slots;
-  if (length <= have) return absl::OkStatus();
-  int64_t want = (length + kBlock - 1) / kBlock * kBlock;
-  if (used_ + (want - have) > capacity_) {
-    // A smaller, exact reservation may still fit.
-    want = length;
-    if (used_ + (want - have) > capacity_) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "KV cache full: sequence needs ", length, " slots, ", capacity_ - used_ + have,
-          " available of ", capacity_));
-    }
+  const int64_t held = it == seqs_.end() ? 0 : it->second.length;
+  if (length <= held) return absl::OkStatus();
+  if (used_ + (length - held) > capacity_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "KV cache full: sequence needs ", length, " positions, ", capacity_ - used_ + held,
+        " available of ", capacity_));
   }
   Seq& s = seqs_[seq];
-  if (host_storage_ && s.k.empty()) {
-    s.k.resize(num_layers_);
-    s.v.resize(num_layers_);
-  }
-  // Head-major: each head's block grows from `have` to `want` rows.
-  const int64_t hd = head_dim();
-  for (int64_t l = 0; host_storage_ && l < num_layers_; ++l) {
-    for (std::vector<float>* buf : {&s.k[l], &s.v[l]}) {
-      std::vector<float> grown(want * kv_dim_);
-      for (int64_t h = 0; have > 0 && h < kv_heads_; ++h) {
-        std::copy(buf->begin() + h * have * hd, buf->begin() + (h + 1) * have * hd,
-                  grown.begin() + h * want * hd);
-      }
-      buf->swap(grown);
+  if (length > s.slots) {
+    // Memory grows in blocks of kBlock slots, at least doubling: a growth copies the sequence's
+    // rows into fresh memory (page faults), so a sequence grows O(log length) times. Capacity
+    // counts positions, not these slots, so the rounding never refuses a sequence.
+    const int64_t want = std::max((length + kBlock - 1) / kBlock * kBlock, 2 * s.slots);
+    if (host_storage_ && s.k.empty()) {
+      s.k.resize(num_layers_);
+      s.v.resize(num_layers_);
     }
+    // Head-major: each head's block grows from s.slots to `want` rows.
+    const int64_t hd = head_dim();
+    for (int64_t l = 0; host_storage_ && l < num_layers_; ++l) {
+      for (std::vector<float>* buf : {&s.k[l], &s.v[l]}) {
+        std::vector<float> grown(want * kv_dim_);
+        for (int64_t h = 0; s.slots > 0 && h < kv_heads_; ++h) {
+          std::copy(buf->begin() + h * s.slots * hd, buf->begin() + (h + 1) * s.slots * hd,
+                    grown.begin() + h * want * hd);
+        }
+        buf->swap(grown);
+      }
+    }
+    s.slots = want;
   }
-  used_ += want - have;
-  s.slots = want;
+  used_ += length - held;
+  s.length = length;
   return absl::OkStatus();
 }
 
 void KvCache::Free(uint64_t seq) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
-  used_ -= it->second.slots;
+  used_ -= it->second.length;
   seqs_.erase(it);
 }
 

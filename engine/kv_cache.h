@@ -14,7 +14,9 @@ namespace moemesh {
 // Per sequence and layer: K and V in fp32, grown in blocks as the sequence grows, head-major:
 // kv head h's row for position p is at K(seq, layer) + h * HeadStride(seq) + p * head_dim
 // (head_dim = kv_dim / kv_heads), so attention streams each head's rows contiguously. With
-// kv_heads = 1 that is rows [position, kv_dim]. The total number of token slots over all sequences is bounded by `capacity_tokens`.
+// kv_heads = 1 that is rows [position, kv_dim]. The positions reserved over all sequences are
+// bounded by `capacity_tokens` (the router admits requests against the same count); memory is
+// allocated in larger steps (Slots()), which capacity does not count.
 // Not thread-safe: the attention worker's step loop owns it.
 //
 // This class keeps the rows in host memory (the CPU attention stack). A device's attention stack
@@ -31,9 +33,9 @@ class KvCache {
   // Makes room for positions [0, length) of `seq` (creating it if new).
   // RESOURCE_EXHAUSTED when the cache has no room; the sequence is then left as it was.
   virtual absl::Status Reserve(uint64_t seq, int64_t length);
-  // Frees the sequence's slots at once. No-op for an unknown sequence.
+  // Frees the sequence's positions and memory at once. No-op for an unknown sequence.
   virtual void Free(uint64_t seq);
-  // Slots reserved for `seq` (0 for an unknown sequence).
+  // Rows allocated per head for `seq` (>= its reserved positions; 0 for an unknown sequence).
   int64_t Slots(uint64_t seq) const;
   bool Has(uint64_t seq) const { return seqs_.count(seq) != 0; }
 
@@ -48,13 +50,14 @@ class KvCache {
 
   int64_t kv_dim() const { return kv_dim_; }
   int64_t capacity_tokens() const { return capacity_; }
-  int64_t used_tokens() const { return used_; }       // slots reserved over all sequences
+  int64_t used_tokens() const { return used_; }  // positions reserved over all sequences
   int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
 
  private:
-  static constexpr int64_t kBlock = 64;  // slots grow in multiples of this
+  static constexpr int64_t kBlock = 64;  // slots grow in multiples of this, at least doubling
   struct Seq {
-    int64_t slots = 0;
+    int64_t slots = 0;   // rows allocated per head (>= length)
+    int64_t length = 0;  // positions reserved (what capacity counts)
     std::vector<std::vector<float>> k, v;  // [layer] -> [slots * kv_dim]
   };
 

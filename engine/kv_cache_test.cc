@@ -8,20 +8,27 @@ namespace {
 TEST(KvCacheTest, ReservesWithinCapacityAndFreesAtOnce) {
   KvCache c(/*num_layers=*/2, /*kv_dim=*/8, /*capacity_tokens=*/200);
   ASSERT_TRUE(c.Reserve(1, 10).ok());
-  EXPECT_EQ(c.used_tokens(), 64);  // one block
+  EXPECT_EQ(c.used_tokens(), 10);  // positions, not the 64 rows allocated
+  EXPECT_EQ(c.Slots(1), 64);
   c.K(1, 1)[9 * 8 + 7] = 3.5f;
-  ASSERT_TRUE(c.Reserve(1, 70).ok());  // grows, keeps contents
+  ASSERT_TRUE(c.Reserve(1, 70).ok());  // grows (at least doubling), keeps contents
   EXPECT_EQ(c.K(1, 1)[9 * 8 + 7], 3.5f);
-  EXPECT_EQ(c.used_tokens(), 128);
+  EXPECT_EQ(c.Slots(1), 128);
+  EXPECT_EQ(c.used_tokens(), 70);
+  ASSERT_TRUE(c.Reserve(1, 129).ok());
+  EXPECT_EQ(c.Slots(1), 256);  // doubled, not 192
+  EXPECT_EQ(c.K(1, 1)[9 * 8 + 7], 3.5f);
   ASSERT_TRUE(c.Reserve(2, 60).ok());
-  EXPECT_EQ(c.used_tokens(), 192);
-  absl::Status full = c.Reserve(3, 20);
+  EXPECT_EQ(c.used_tokens(), 189);
+  absl::Status full = c.Reserve(3, 12);
   EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_FALSE(c.Has(3));
-  ASSERT_TRUE(c.Reserve(3, 8).ok());  // an exact reservation still fits
+  ASSERT_TRUE(c.Reserve(3, 11).ok());  // exactly what is left, whatever the rows allocated
   EXPECT_EQ(c.used_tokens(), 200);
+  EXPECT_EQ(c.Reserve(2, 61).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(c.Reserve(2, 60).ok());  // already held
   c.Free(1);
-  EXPECT_EQ(c.used_tokens(), 72);
+  EXPECT_EQ(c.used_tokens(), 71);
   EXPECT_FALSE(c.Has(1));
   EXPECT_EQ(c.num_sequences(), 2);
 }
