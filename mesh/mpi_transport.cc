@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -74,7 +75,10 @@ struct MpiExpertClient::Call {
   wire::RunExpertsResponse* resp = nullptr;
   std::function<void(absl::Status)> done;
   std::string out;  // encoded request
-  std::string in;   // response buffer (MaxResponseBytes)
+  // Response buffer of MaxResponseBytes, not zero-filled (a fresh one per call, up to
+  // ~100 KB: a std::string's resize wrote it all once more).
+  std::unique_ptr<char[]> in;
+  size_t in_size = 0;
   MPI_Request send = MPI_REQUEST_NULL, recv = MPI_REQUEST_NULL;
 };
 
@@ -132,7 +136,8 @@ void MpiExpertClient::Submit(int rank, const std::string& name, const wire::RunE
     c->done(st);
     return;
   }
-  c->in.resize(mpi_wire::MaxResponseBytes(*req));
+  c->in_size = mpi_wire::MaxResponseBytes(*req);
+  c->in.reset(new char[c->in_size]);
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!stopping_) {
@@ -164,13 +169,13 @@ void MpiExpertClient::Loop() {
     mpi_wire::Kind kind;
     uint64_t id = 0;
     absl::Status status;
-    absl::Status d = mpi_wire::PeekKind(c->in.data(), count, &kind, &id);
+    absl::Status d = mpi_wire::PeekKind(c->in.get(), count, &kind, &id);
     bool goodbye = false;
     if (d.ok() && kind == mpi_wire::Kind::kStop) {
       goodbye = true;
       status = absl::UnavailableError("stopped serving over MPI");
     } else if (d.ok()) {
-      d = mpi_wire::DecodeResponse(c->in.data(), count, &id, &status, c->resp);
+      d = mpi_wire::DecodeResponse(c->in.get(), count, &id, &status, c->resp);
       if (d.ok() && id != c->id) {
         d = absl::InternalError(absl::StrCat("MPI response for request ", id, ", expected ", c->id));
       }
@@ -253,7 +258,7 @@ void MpiExpertClient::Loop() {
         fail(std::move(c), absl::UnavailableError("stopped serving over MPI"));
         continue;
       }
-      MPI_Irecv(&c->in[0], static_cast<int>(c->in.size()), MPI_BYTE, c->rank, kTagResponse, comm_,
+      MPI_Irecv(c->in.get(), static_cast<int>(c->in_size), MPI_BYTE, c->rank, kTagResponse, comm_,
                 &c->recv);
       MPI_Isend(c->out.data(), static_cast<int>(c->out.size()), MPI_BYTE, c->rank, kTagRequest,
                 comm_, &c->send);
