@@ -20,7 +20,8 @@
 //       M requests over N concurrent streams of moemesh.v1.Generation/Generate (token id prompts,
 //       temperature 0, ignore_eos, max_tokens = output length); lengths uniform within
 //       +-jitter * length. TTFT / TPOT percentiles, output, total tok/s and requests/s over the
-//       run's wall time. With --attention_addr: Attention/GetStats deltas per step.
+//       run's wall time. With --attention_addr: Attention/GetStats deltas per step. Expert
+//       workers the public API names (GetModelInfo) report their compute (Expert/GetStats).
 //
 // Prompts are the first tokens (serving: consecutive slices) of --ids_file, or token id 1
 // repeated when it is missing; offline, ids are taken modulo the model's vocabulary. A table on stdout; with --json=FILE the same figures as JSON;
@@ -465,6 +466,45 @@ absl::StatusOr<internal::v1::Stats> GetAttentionStats(internal::v1::Attention::S
   return s;
 }
 
+// An expert worker the public API names (GetModelInfo, role "expert"), for its compute counters.
+struct ExpertProbe {
+  std::string addr;
+  std::unique_ptr<internal::v1::Expert::Stub> stub;
+  internal::v1::ExpertStats before;
+};
+
+absl::StatusOr<internal::v1::ExpertStats> GetExpertStats(internal::v1::Expert::Stub* stub) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  internal::v1::ExpertStats s;
+  grpc::Status st = stub->GetStats(&ctx, internal::v1::StatsRequest(), &s);
+  if (!st.ok()) {
+    return absl::UnavailableError(absl::StrCat("Expert/GetStats: gRPC code ", st.error_code(), " ", st.error_message()));
+  }
+  return s;
+}
+
+// Expert workers with a network address (not "in-process") that answer GetStats.
+std::vector<ExpertProbe> FindExpertWorkers(v1::Generation::Stub* stub) {
+  std::vector<ExpertProbe> out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::ModelInfo info;
+  if (!stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok()) return out;
+  for (const v1::WorkerInfo& w : info.workers()) {
+    if (w.role() != "expert" || w.address().find(':') == std::string::npos) continue;
+    ExpertProbe p;
+    p.addr = w.address();
+    p.stub = internal::v1::Expert::NewStub(
+        grpc::CreateChannel(w.address(), grpc::InsecureChannelCredentials()));
+    auto s = GetExpertStats(p.stub.get());
+    if (!s.ok()) continue;
+    p.before = *s;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
 int64_t Jittered(int64_t len, double jitter, std::mt19937_64* rng) {
   if (jitter <= 0) return len;
   const int64_t lo = std::max<int64_t>(1, std::llround(len * (1.0 - jitter)));
@@ -508,6 +548,7 @@ absl::Status RunServing() {
     return absl::UnavailableError(absl::StrCat("cannot connect to ", addr));
   }
   auto stub = v1::Generation::NewStub(channel);
+  std::vector<ExpertProbe> expert_workers = FindExpertWorkers(stub.get());
   std::unique_ptr<internal::v1::Attention::Stub> attention;
   internal::v1::Stats before;
   const std::string attention_addr = absl::GetFlag(FLAGS_attention_addr);
@@ -624,6 +665,7 @@ absl::Status RunServing() {
             {"output_tok_s", s.output_tokens_per_s},
             {"total_tok_s", s.total_tokens_per_s},
             {"requests_s", s.requests_per_s}};
+  int64_t attention_steps = 0;
   if (attention) {
     auto after = GetAttentionStats(attention.get());
     if (!after.ok()) return after.status();
@@ -641,7 +683,31 @@ absl::Status RunServing() {
                             {"attention_s_per_step", att},
                             {"expert_wait_s_per_step", exp},
                             {"sampling_s_per_step", smp}};
+    attention_steps = steps;
   }
+  // Expert workers' own compute (RunExperts on their shards), per step when the attention
+  // worker's step count is known.
+  json experts_json = json::array();
+  for (ExpertProbe& p : expert_workers) {
+    auto after = GetExpertStats(p.stub.get());
+    if (!after.ok()) continue;
+    const double compute = after->compute_seconds() - p.before.compute_seconds();
+    const int64_t calls = after->calls() - p.before.calls();
+    const int64_t rows = after->rows() - p.before.rows();
+    std::cout << absl::StrFormat("expert worker %s: %d calls, %d rows, compute %.3f s", p.addr,
+                                 calls, rows, compute);
+    if (attention_steps > 0) {
+      std::cout << absl::StrFormat(" (%.3f ms per step)", compute * 1e3 / attention_steps);
+    }
+    std::cout << "\n";
+    experts_json.push_back({{"addr", p.addr},
+                            {"calls", calls},
+                            {"rows", rows},
+                            {"compute_s", compute},
+                            {"compute_s_per_step",
+                             attention_steps > 0 ? compute / attention_steps : 0.0}});
+  }
+  if (!experts_json.empty()) j["expert_stats"] = experts_json;
   return WriteJson(j);
 }
 
