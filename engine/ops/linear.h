@@ -28,8 +28,8 @@ namespace ops {
 //
 // Forward() uses hand-written AVX-512 kernels for m <= small_m_limit() (no per-call setup:
 // the latency that matters for single-stream decode) and oneDNN above. It uses up to
-// NumThreads() threads (threading.h), but small products run on the calling thread, and
-// calls from inside an OpenMP parallel region run single-threaded.
+// NumThreads() threads (threading.h's worker pool), but small products run on the calling
+// thread, and calls from inside a ParallelRun (or OpenMP) region run single-threaded.
 class Linear {
  public:
   static absl::StatusOr<Linear> Create(const void* w, DType wtype, int64_t out, int64_t in,

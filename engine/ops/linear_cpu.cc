@@ -75,10 +75,12 @@ constexpr int64_t kSmallMLimitBF16AsF32LargeK = 32;
 constexpr int64_t kL2ResidentBlockBytes = 512 << 10;
 // Thread-count model: single-threaded time ~ max(weight bytes / 100 GB/s, multiply-adds /
 // (100 fp32 or 200 bf16 per ns)), plus one thread per kNsPerThread of it. The bar is high on
-// purpose: an OpenMP fork/join costs ~2.5 us on the 2-vCPU dev VM when it is quiet, but a
-// scheduler time slice (milliseconds) whenever another process competes for the cores, which
-// made 2-thread single-stream decode 5-10x slower than 1-thread when every lm_head forked. So
-// decode-sized products of small models stay on the calling thread; prefill-sized ones split.
+// purpose: waking a sleeping pool worker costs a futex wake-up (dear on this VM), and with
+// OpenMP a fork/join cost a scheduler time slice whenever another process competed for the
+// cores (2-thread single-stream decode ran 5-10x slower than 1-thread when every lm_head
+// forked). So decode-sized products of small models stay on the calling thread; prefill-sized
+// ones and batched decode's large products split. (Lowering the bar for batched rows measured
+// no gain: batched decode 6,400-7,050 -> 6,620-6,760 tok/s, prefill 19k -> 15.8k tok/s.)
 constexpr double kBytesPerNs = 100.0;
 constexpr double kF32MacsPerNs = 100.0;
 constexpr double kBF16MacsPerNs = 200.0;

@@ -1,4 +1,4 @@
-// Thread-count control shared by oneDNN and our own OpenMP kernels.
+// Thread-count control shared by oneDNN and our kernels, and the worker pool they split work on.
 #ifndef MOEMESH_ENGINE_OPS_THREADING_H_
 #define MOEMESH_ENGINE_OPS_THREADING_H_
 
@@ -9,7 +9,8 @@
 namespace moemesh {
 namespace ops {
 
-// Sets the thread count used by oneDNN and our kernels (OpenMP). 0 = leave default.
+// Sets the thread count used by oneDNN and our kernels (the pool and OpenMP's default). 0 =
+// leave default.
 void SetNumThreads(int n);
 // The thread count our kernels use when called outside a parallel region.
 int NumThreads();
