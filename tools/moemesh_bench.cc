@@ -455,15 +455,22 @@ absl::Status RunOffline() {
 
 // ------------------------------------------------------------------------------------ serving
 
-absl::StatusOr<internal::v1::Stats> GetAttentionStats(internal::v1::Attention::Stub* stub) {
+// A worker's GetStats (Attention -> Stats, Expert -> ExpertStats), 10 s deadline.
+template <typename StatsT, typename StubT>
+absl::StatusOr<StatsT> GetWorkerStats(StubT* stub, const char* service) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  internal::v1::Stats s;
+  StatsT s;
   grpc::Status st = stub->GetStats(&ctx, internal::v1::StatsRequest(), &s);
   if (!st.ok()) {
-    return absl::UnavailableError(absl::StrCat("Attention/GetStats: gRPC code ", st.error_code(), " ", st.error_message()));
+    return absl::UnavailableError(absl::StrCat(service, "/GetStats: gRPC code ", st.error_code(),
+                                               " ", st.error_message()));
   }
   return s;
+}
+
+absl::StatusOr<internal::v1::Stats> GetAttentionStats(internal::v1::Attention::Stub* stub) {
+  return GetWorkerStats<internal::v1::Stats>(stub, "Attention");
 }
 
 // An expert worker the public API names (GetModelInfo, role "expert"), for its compute counters.
@@ -474,14 +481,7 @@ struct ExpertProbe {
 };
 
 absl::StatusOr<internal::v1::ExpertStats> GetExpertStats(internal::v1::Expert::Stub* stub) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  internal::v1::ExpertStats s;
-  grpc::Status st = stub->GetStats(&ctx, internal::v1::StatsRequest(), &s);
-  if (!st.ok()) {
-    return absl::UnavailableError(absl::StrCat("Expert/GetStats: gRPC code ", st.error_code(), " ", st.error_message()));
-  }
-  return s;
+  return GetWorkerStats<internal::v1::ExpertStats>(stub, "Expert");
 }
 
 // Expert workers with a network address (not "in-process") that answer GetStats.
