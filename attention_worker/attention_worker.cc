@@ -1,5 +1,6 @@
 #include "attention_worker/attention_worker.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <thread>
@@ -46,6 +47,7 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       experts_(experts),
       device_(opt.device),
       overlap_halves_(opt.overlap_halves && opt.device == "cpu"),
+      overlap_min_sequences_(std::max(2, opt.overlap_min_sequences)),
       cache_(stack->NewCache(opt.kv_capacity_tokens)) {}
 
 absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepResponse* resp) {
@@ -156,7 +158,8 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
 absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* hidden,
                                       std::vector<float>* logits, double* expert_s) {
   const bool overlap =
-      overlap_halves_ && experts_->local_shard() == nullptr && batch.size() >= 2;
+      overlap_halves_ && experts_->local_shard() == nullptr &&
+      static_cast<int>(batch.size()) >= overlap_min_sequences_;
   if (!overlap) {
     TimedExperts timed(experts_);
     absl::Status st = stack_->Forward(batch, hidden, cache_.get(), &timed, logits);

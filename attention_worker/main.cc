@@ -26,7 +26,7 @@ ABSL_FLAG(std::string, wire_dtype, "f32", "Hidden states sent to expert workers 
 ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
 ABSL_FLAG(std::string, device, "cpu", "Device the attention stack and KV cache live on: cpu, cuda or cuda:N (CUDA needs a binary built with --config=cuda). With --config, the config's attention device wins when set.");
-ABSL_FLAG(bool, overlap_halves, true, "With remote expert workers: run a step of two or more sequences as two halves on two threads, so that one half's attention overlaps the other's wait on the expert workers (CPU attention only).");
+ABSL_FLAG(bool, overlap_halves, true, "With remote expert workers: run a step of 16 or more sequences as two halves on two threads, so that one half's attention overlaps the other's wait on the expert workers (CPU attention only).");
 ABSL_FLAG(double, expert_timeout, 30, "Seconds before an expert call fails over or fails.");
 
 namespace moemesh {

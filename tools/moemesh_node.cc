@@ -55,7 +55,7 @@ ABSL_FLAG(std::string, expert_transport, "mpi",
           "shared memory on one host) or grpc (as a cluster outside mpirun). Health and GetStats "
           "use gRPC either way.");
 ABSL_FLAG(bool, overlap_halves, true,
-          "Attention rank: run a step of two or more sequences as two halves on two threads, so "
+          "Attention rank: run a step of 16 or more sequences as two halves on two threads, so "
           "that one half's attention overlaps the other's wait on the expert ranks.");
 ABSL_FLAG(int32_t, mpi_spin_us, 0,
           "MPI transport: busy-poll this long after a message before napping (0 = nap at once, "
