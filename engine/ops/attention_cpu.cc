@@ -247,6 +247,12 @@ inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, float* m, float* l,
   }
 }
 
+// Scratch floats of one unit in AttendUnitsAvx512: acc [rows][head_dim], m [rows], l [rows],
+// rounded to 64 bytes so that every unit's acc rows stay aligned.
+inline int64_t UnitStateFloats(int64_t head_dim, int64_t rows) {
+  return (rows * head_dim + 2 * rows + 15) / 16 * 16;
+}
+
 // Units of the same tokens (one per kv head: same rows and ctx), interleaved per 16-key block:
 // each block of K/V rows is then read once for all heads, front to back, which the hardware
 // prefetcher streams far better than one pass per head over every row's slice. Each head's
@@ -257,8 +263,7 @@ void AttendUnitsAvx512(const Unit* units, int64_t n_units, float* scratch) {
   // Rows per register tile: two share each K/V load while registers last.
   constexpr int kNR = D16 <= 4 ? 2 : 1;
   const int64_t rows = units[0].rows;
-  // Per unit: acc [rows][kD], m [rows], l [rows], rounded to 64 bytes (acc rows stay aligned).
-  const int64_t per_unit = (rows * kD + 2 * rows + 15) / 16 * 16;
+  const int64_t per_unit = UnitStateFloats(kD, rows);
   for (int64_t h = 0; h < n_units; ++h) {
     float* acc = scratch + h * per_unit;
     std::fill(acc, acc + rows * kD, 0.0f);
@@ -389,8 +394,7 @@ void RunUnit(const Problem& p, int64_t index) {
   }
 #if defined(__AVX512F__)
   if (p.head_dim % 16 == 0 && p.head_dim <= 256) {
-    const int64_t per_unit = (p.head_dim * rows + 2 * rows + 15) / 16 * 16;  // as in AttendUnitsAvx512
-    float* s = Align64(UnitScratch(nh * per_unit).data());
+    float* s = Align64(UnitScratch(nh * UnitStateFloats(p.head_dim, rows)).data());
     switch (p.head_dim / 16) {
       case 1:
         AttendUnitsAvx512<1>(units.data(), nh, s);

@@ -37,6 +37,19 @@ inline void CpuPause() {
 #endif
 }
 
+// Waits until done(): spins kSpinsBeforeYield pauses, then yields the CPU between checks.
+template <typename Done>
+void SpinThenYieldUntil(Done done) {
+  int spins = 0;
+  while (!done()) {
+    if (++spins < kSpinsBeforeYield) {
+      CpuPause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
 // The process-wide pool behind ParallelRun. One region at a time (run_mu_); workers are made
 // on first need and live until exit. A region offers part t to worker t (its slot: function,
 // thread count, state kOffered) and bumps the worker's ticket to wake it. A worker takes the
@@ -86,14 +99,7 @@ class Pool {
       }
     }
     t_in_region = outer;
-    int spins = 0;
-    while (running_.load(std::memory_order_acquire) > 0) {
-      if (++spins < kSpinsBeforeYield) {
-        CpuPause();
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    SpinThenYieldUntil([&] { return running_.load(std::memory_order_acquire) <= 0; });
   }
 
   static void RunAlone(const std::function<void(int, int)>& fn) {
@@ -221,16 +227,7 @@ void SpinBarrier::Wait() {
     generation_.store(gen + 1, std::memory_order_release);
     return;
   }
-  int spins = 0;
-  while (generation_.load(std::memory_order_acquire) == gen) {
-    if (++spins < kSpinsBeforeYield) {
-#if defined(__SSE2__)
-      _mm_pause();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  SpinThenYieldUntil([&] { return generation_.load(std::memory_order_acquire) != gen; });
 }
 
 }  // namespace ops
