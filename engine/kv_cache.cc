@@ -1,6 +1,7 @@
 #include "engine/kv_cache.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 
@@ -13,6 +14,11 @@ KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bo
       kv_heads_(kv_heads > 0 && kv_dim % kv_heads == 0 ? kv_heads : 1),
       capacity_(capacity_tokens),
       host_storage_(host_storage) {}
+
+int64_t KvCache::Reserved(uint64_t seq) const {
+  auto it = seqs_.find(seq);
+  return it == seqs_.end() ? 0 : it->second.length;
+}
 
 int64_t KvCache::Slots(uint64_t seq) const {
   auto it = seqs_.find(seq);
@@ -66,5 +72,20 @@ void KvCache::Free(uint64_t seq) {
 
 float* KvCache::K(uint64_t seq, int64_t layer) { return seqs_.at(seq).k[layer].data(); }
 float* KvCache::V(uint64_t seq, int64_t layer) { return seqs_.at(seq).v[layer].data(); }
+
+void KvCache::Store(uint64_t seq, int64_t layer, int64_t pos, int64_t n, const float* k,
+                    const float* v) {
+  Seq& s = seqs_.at(seq);
+  const int64_t hd = head_dim(), hs = s.slots * hd;
+  float* kc = s.k[layer].data();
+  float* vc = s.v[layer].data();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t h = 0; h < kv_heads_; ++h) {
+      const int64_t at = h * hs + (pos + i) * hd;
+      std::memcpy(kc + at, k + i * kv_dim_ + h * hd, hd * sizeof(float));
+      std::memcpy(vc + at, v + i * kv_dim_ + h * hd, hd * sizeof(float));
+    }
+  }
+}
 
 }  // namespace moemesh

@@ -35,7 +35,9 @@ class KvCache {
   virtual absl::Status Reserve(uint64_t seq, int64_t length);
   // Frees the sequence's positions and memory at once. No-op for an unknown sequence.
   virtual void Free(uint64_t seq);
-  // Rows allocated per head for `seq` (>= its reserved positions; 0 for an unknown sequence).
+  // Positions reserved for `seq` (0 for an unknown sequence).
+  int64_t Reserved(uint64_t seq) const;
+  // Rows allocated per head for `seq` (>= Reserved(seq); 0 for an unknown sequence).
   int64_t Slots(uint64_t seq) const;
   bool Has(uint64_t seq) const { return seqs_.count(seq) != 0; }
 
@@ -44,6 +46,10 @@ class KvCache {
   // sequence. Host storage only.
   float* K(uint64_t seq, int64_t layer);
   float* V(uint64_t seq, int64_t layer);
+  // Writes positions [pos, pos + n) of `seq` at `layer` from rows k, v [n, kv_dim] (kv head
+  // after kv head, as a projection produces them) into the head-major layout. The positions
+  // must be reserved. Host storage only.
+  void Store(uint64_t seq, int64_t layer, int64_t pos, int64_t n, const float* k, const float* v);
   int64_t HeadStride(uint64_t seq) const { return Slots(seq) * head_dim(); }
   int64_t kv_heads() const { return kv_heads_; }
   int64_t head_dim() const { return kv_dim_ / kv_heads_; }

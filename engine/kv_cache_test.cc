@@ -59,5 +59,25 @@ TEST(KvCacheTest, HeadMajorRowsKeepTheirPlacesAcrossGrowth) {
   }
 }
 
+TEST(KvCacheTest, StorePutsEachHeadsRowInItsBlock) {
+  KvCache c(/*num_layers=*/2, /*kv_dim=*/6, /*capacity_tokens=*/100, true, /*kv_heads=*/3);
+  ASSERT_TRUE(c.Reserve(4, 5).ok());
+  EXPECT_EQ(c.Reserved(4), 5);
+  // Positions 3 and 4 of layer 1: rows [2, kv_dim], head after head.
+  const float k[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  float v[12];
+  for (int i = 0; i < 12; ++i) v[i] = -k[i];
+  c.Store(4, 1, 3, 2, k, v);
+  const int64_t hs = c.HeadStride(4);
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t h = 0; h < 3; ++h) {
+      for (int64_t d = 0; d < 2; ++d) {
+        EXPECT_EQ(c.K(4, 1)[h * hs + (3 + p) * 2 + d], k[p * 6 + h * 2 + d]);
+        EXPECT_EQ(c.V(4, 1)[h * hs + (3 + p) * 2 + d], v[p * 6 + h * 2 + d]);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moemesh

@@ -263,7 +263,7 @@ absl::Status AttentionStack::PlanBatch(const std::vector<SeqStep>& batch, const 
     if (!cache.Has(s.seq_id)) {
       return absl::FailedPreconditionError(absl::StrCat("sequence ", s.seq_id, " has no KV cache"));
     }
-    if (cache.Slots(s.seq_id) < s.start_pos + static_cast<int64_t>(s.tokens.size())) {
+    if (cache.Reserved(s.seq_id) < s.start_pos + static_cast<int64_t>(s.tokens.size())) {
       return absl::FailedPreconditionError(
           absl::StrCat("sequence ", s.seq_id, " has no KV cache room for its new tokens"));
     }
@@ -422,18 +422,11 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
     auto attend = [&](size_t b) {
       const SeqStep& s = batch[b];
       const int64_t n = static_cast<int64_t>(s.tokens.size());
-      float* kc = cache->K(s.seq_id, l);
-      float* vc = cache->V(s.seq_id, l);
-      const int64_t hs = cache->HeadStride(s.seq_id);  // head-major cache
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t g = 0; g < nkv; ++g) {
-          const int64_t at = g * hs + (s.start_pos + i) * hd;
-          std::memcpy(kc + at, &k[(offset[b] + i) * kvd + g * hd], hd * sizeof(float));
-          std::memcpy(vc + at, &v[(offset[b] + i) * kvd + g * hd], hd * sizeof(float));
-        }
-      }
-      ops::Attention(&q[offset[b] * qd], kc, vc, s.start_pos, n, nh, nkv, hd,
-                     &att[offset[b] * qd], /*row_stride=*/hd, /*head_stride=*/hs);
+      cache->Store(s.seq_id, l, s.start_pos, n, &k[offset[b] * kvd], &v[offset[b] * kvd]);
+      ops::Attention(&q[offset[b] * qd], cache->K(s.seq_id, l), cache->V(s.seq_id, l),
+                     s.start_pos, n, nh, nkv, hd, &att[offset[b] * qd],
+                     /*row_stride=*/cache->head_dim(),
+                     /*head_stride=*/cache->HeadStride(s.seq_id));
     };
     const int att_threads =
         batch.size() > 1
