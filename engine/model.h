@@ -41,6 +41,10 @@ struct LoadOptions {
   // (1..num_hidden_layers, else InvalidArgument), e.g. to fit a big model's dummy weights in
   // memory for a benchmark.
   int64_t num_layers = 0;
+  // CUDA attention stacks only: replay decode steps (one token per sequence, experts in process
+  // on the same GPU) from CUDA graphs, one per batch shape, instead of launching each step's
+  // ~13 kernels per layer from the host. Off by default until measured on a GPU.
+  bool cuda_graphs = false;
 };
 
 // "auto" -> kAuto, "dummy" -> kDummy; InvalidArgument otherwise.

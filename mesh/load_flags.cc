@@ -8,6 +8,10 @@ ABSL_FLAG(std::string, load_format, "auto",
           "config.json alone, for benchmarks");
 ABSL_FLAG(int64_t, num_layers, 0,
           "Use only the first N layers (0 = all); with --load_format=dummy, for benchmarks");
+ABSL_FLAG(bool, cuda_graphs, false,
+          "With --device=cuda and experts in the same process on the same GPU: replay decode "
+          "steps from CUDA graphs (one per batch shape) instead of launching every kernel from "
+          "the host");
 
 namespace moemesh {
 
@@ -20,6 +24,7 @@ absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
   }
   opt->load_format = *format;
   opt->num_layers = n;
+  opt->cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   return absl::OkStatus();
 }
 
@@ -31,6 +36,7 @@ std::vector<std::string> LoadFlagsForChild() {
   if (absl::GetFlag(FLAGS_num_layers) != 0) {
     args.push_back(absl::StrCat("--num_layers=", absl::GetFlag(FLAGS_num_layers)));
   }
+  if (absl::GetFlag(FLAGS_cuda_graphs)) args.push_back("--cuda_graphs");
   return args;
 }
 

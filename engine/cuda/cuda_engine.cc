@@ -42,9 +42,26 @@ absl::Status CudaStatus(cudaError_t e, const char* what) {
 
 // ---------------------------------------------------------------- memory
 
+namespace {
+std::atomic<uint64_t> alloc_epoch{1};
+std::atomic<int64_t> graphs_captured{0}, graphs_replayed{0};
+}  // namespace
+
+uint64_t DeviceBuffer::Epoch() { return alloc_epoch.load(std::memory_order_acquire); }
+
+GraphCounts StepGraphCounts() {
+  GraphCounts c;
+  c.captured = graphs_captured.load();
+  c.replayed = graphs_replayed.load();
+  return c;
+}
+
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   if (this != &o) {
-    if (p_ != nullptr) cudaFree(p_);
+    if (p_ != nullptr) {
+      cudaFree(p_);
+      alloc_epoch.fetch_add(1);
+    }
     p_ = o.p_;
     bytes_ = o.bytes_;
     o.p_ = nullptr;
@@ -54,11 +71,15 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 }
 
 DeviceBuffer::~DeviceBuffer() {
-  if (p_ != nullptr) cudaFree(p_);
+  if (p_ != nullptr) {
+    cudaFree(p_);
+    alloc_epoch.fetch_add(1);
+  }
 }
 
 absl::Status DeviceBuffer::Reserve(size_t bytes) {
   if (bytes <= bytes_) return absl::OkStatus();
+  alloc_epoch.fetch_add(1);
   if (p_ != nullptr) cudaFree(p_);
   p_ = nullptr;
   bytes_ = 0;
@@ -89,6 +110,11 @@ absl::StatusOr<std::unique_ptr<Exec>> Exec::Create(int device) {
   MOEMESH_CUDA(cudaStreamCreateWithFlags(&ex->stream_, cudaStreamNonBlocking));
   MOEMESH_BLAS(cublasCreate(&ex->blas_));
   MOEMESH_BLAS(cublasSetStream(ex->blas_, ex->stream_));
+  // Our own workspace (NVIDIA's recommendation for Hopper: 32 MiB), so that a cuBLAS call in a
+  // captured graph never allocates. cublasSetStream resets it: set after.
+  constexpr size_t kWorkspace = size_t{32} << 20;
+  MOEMESH_OK(ex->blas_workspace.Reserve(kWorkspace));
+  MOEMESH_BLAS(cublasSetWorkspace(ex->blas_, ex->blas_workspace.get(), kWorkspace));
   return ex;
 }
 
@@ -581,46 +607,50 @@ absl::Status CudaExpertShard::RunDevice(Exec& ex, int32_t layer, const float* x,
     return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
   }
   if (n <= 0) return absl::OkStatus();
-  auto s = TakeScratch();
-  absl::Status st = [&]() -> absl::Status {
-    const LayerWeights& L = layers_[layer];
-    const int64_t nk = n * k;
-    Plan plan;
-    if (nk <= 2048 && (4 * num_experts_ + 1 + nk) * 4 <= 48 * 1024) {
-      // Group on the device: no host round trip in the decode loop.
-      MOEMESH_OK(s->d_groups.Reserve((2 * nk + 2 * num_experts_ + 2) * sizeof(int32_t)));
-      int32_t* d = s->d_groups.as<int32_t>();
-      int32_t* perm = d;
-      int32_t* where = perm + nk;
-      int32_t* gslot = where + nk;
-      int32_t* rbeg = gslot + num_experts_;
-      int32_t* ng = rbeg + num_experts_ + 1;
-      MOEMESH_CUDA(BuildGroups(ids, n, k, num_experts_, L.d_slot.as<int32_t>(), ng, gslot, rbeg,
-                               perm, where, ex.stream()));
-      plan.perm = perm;
-      plan.where = where;
-      plan.groups = Groups{ng, gslot, rbeg,
-                           static_cast<int32_t>(std::min<int64_t>(nk, num_experts_))};
-      plan.max_rows = nk;
-      return RunGrouped(ex, *s, layer, x, n, plan, k, weights, out);
-    }
-    // Large batches (prefill): group on the host so that big groups go to cuBLAS.
-    std::vector<int32_t> h_ids(nk);
-    std::vector<float> h_w(nk);
-    MOEMESH_CUDA(cudaMemcpyAsync(h_ids.data(), ids, nk * 4, cudaMemcpyDeviceToHost, ex.stream()));
-    MOEMESH_CUDA(cudaMemcpyAsync(h_w.data(), weights, nk * 4, cudaMemcpyDeviceToHost,
-                                 ex.stream()));
-    MOEMESH_OK(ex.Sync());
-    MOEMESH_OK(CheckRouting(layer, n, h_ids.data(), k));
-    MakeHostPlan(h_ids.data(), n, k, L.slot, &s->host_plan);
-    if (s->host_plan.rows == 0) return absl::OkStatus();
-    float* d_w = nullptr;
-    MOEMESH_OK(UploadPlan(ex, s->host_plan, h_w.data(), nk, &s->h_idx, &s->d_idx, &plan, &d_w));
-    MOEMESH_OK(RunGrouped(ex, *s, layer, x, n, plan, k, d_w, out));
-    return ex.Sync();  // the pinned upload buffer is reused by the next call
-  }();
-  GiveScratch(std::move(s));
-  return st;
+  std::lock_guard<std::mutex> lock(device_mu_);
+  if (device_scratch_ == nullptr) device_scratch_ = std::make_unique<Scratch>();
+  Scratch* s = device_scratch_.get();
+  const LayerWeights& L = layers_[layer];
+  const int64_t nk = n * k;
+  Plan plan;
+  if (GroupsOnDevice(n, k)) {
+    // Group on the device: no host round trip in the decode loop.
+    MOEMESH_OK(s->d_groups.Reserve((2 * nk + 2 * num_experts_ + 2) * sizeof(int32_t)));
+    int32_t* d = s->d_groups.as<int32_t>();
+    int32_t* perm = d;
+    int32_t* where = perm + nk;
+    int32_t* gslot = where + nk;
+    int32_t* rbeg = gslot + num_experts_;
+    int32_t* ng = rbeg + num_experts_ + 1;
+    MOEMESH_CUDA(BuildGroups(ids, n, k, num_experts_, L.d_slot.as<int32_t>(), ng, gslot, rbeg,
+                             perm, where, ex.stream()));
+    plan.perm = perm;
+    plan.where = where;
+    plan.groups = Groups{ng, gslot, rbeg,
+                         static_cast<int32_t>(std::min<int64_t>(nk, num_experts_))};
+    plan.max_rows = nk;
+    return RunGrouped(ex, *s, layer, x, n, plan, k, weights, out);
+  }
+  // Large batches (prefill): group on the host so that big groups go to cuBLAS.
+  std::vector<int32_t> h_ids(nk);
+  std::vector<float> h_w(nk);
+  MOEMESH_CUDA(cudaMemcpyAsync(h_ids.data(), ids, nk * 4, cudaMemcpyDeviceToHost, ex.stream()));
+  MOEMESH_CUDA(cudaMemcpyAsync(h_w.data(), weights, nk * 4, cudaMemcpyDeviceToHost,
+                               ex.stream()));
+  MOEMESH_OK(ex.Sync());
+  MOEMESH_OK(CheckRouting(layer, n, h_ids.data(), k));
+  MakeHostPlan(h_ids.data(), n, k, L.slot, &s->host_plan);
+  if (s->host_plan.rows == 0) return absl::OkStatus();
+  float* d_w = nullptr;
+  MOEMESH_OK(UploadPlan(ex, s->host_plan, h_w.data(), nk, &s->h_idx, &s->d_idx, &plan, &d_w));
+  MOEMESH_OK(RunGrouped(ex, *s, layer, x, n, plan, k, d_w, out));
+  return ex.Sync();  // the pinned upload buffer is reused by the next call
+}
+
+bool CudaExpertShard::GroupsOnDevice(int64_t n, int64_t k) const {
+  const int64_t nk = n * k;
+  // BuildGroups: one block, its counters in 48 KiB of shared memory.
+  return nk <= 2048 && (4 * num_experts_ + 1 + nk) * 4 <= 48 * 1024;
 }
 
 // ---------------------------------------------------------------- KV cache
@@ -700,6 +730,7 @@ struct CudaAttentionStack::Scratch {
 
 CudaAttentionStack::~CudaAttentionStack() {
   cudaSetDevice(device_.index);
+  DropGraphs();
   scratch_.reset();
   exec_.reset();
   layers_.clear();
@@ -718,6 +749,7 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   s->cfg_ = cfg;
   s->arch_ = arch;
   s->device_ = opt.device;
+  s->use_graphs_ = opt.cuda_graphs;
   auto ex = Exec::Create(opt.device.index);
   if (!ex.ok()) return ex.status();
   s->exec_ = std::move(*ex);
@@ -748,6 +780,7 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
                            &L.k_norm));
     }
     L.moe = cfg.IsMoeLayer(l);
+    s->any_moe_ = s->any_moe_ || L.moe;
     const std::string moe = WeightName(arch.moe_prefix, l);
     if (L.moe) {
       MOEMESH_OK(up.Matrix({{moe + "." + arch.router + ".weight", cfg.num_experts, ""}}, h, true,
@@ -811,14 +844,17 @@ absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, floa
   const int64_t H = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_attention_heads,
                 nkv = cfg_.num_key_value_heads, qd = nh * hd, kvd = nkv * hd,
                 qkvd = qd + 2 * kvd, E = cfg_.num_experts, V = cfg_.vocab_size;
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
 
   // Per-token indices, one upload: [pos T][page_off T][k T][sel R][pages P].
   int64_t P = 0;
   for (const SeqStep& b : batch) P += static_cast<int64_t>(kv->Pages(b.seq_id).size());
   const int64_t n_idx = 3 * T + R + P;
   MOEMESH_OK(s.h_idx.Reserve(n_idx * 4));
-  MOEMESH_OK(s.d_idx.Reserve(n_idx * 4));
+  // Grown in powers of two: the page lists lengthen every kPage tokens, and each move of the
+  // buffer drops the captured graphs.
+  size_t idx_bytes = 1024;
+  while (idx_bytes < static_cast<size_t>(n_idx) * 4) idx_bytes *= 2;
+  MOEMESH_OK(s.d_idx.Reserve(idx_bytes));
   int32_t* hi = s.h_idx.as<int32_t>();
   int32_t* h_pos = hi;
   int32_t* h_off = hi + T;
@@ -859,24 +895,50 @@ absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, floa
   MOEMESH_OK(s.w.Reserve(T * kmax * 4));
   MOEMESH_OK(s.tmp.Reserve(T * H * 4));
   MOEMESH_OK(s.g.Reserve(T * 4));
+  MOEMESH_CUDA(cudaMemcpyAsync(s.h.get(), s.h_hidden.get(), T * H * 4, cudaMemcpyHostToDevice,
+                               st));
+
+  StepArgs a;
+  a.tokens = T;
+  a.rows = R;
+  a.kmax = kmax;
+  a.d_k = d_k;
+  a.d_sel = d_sel;
+  a.kv.pool = kv->pool();
+  a.kv.page_size = CudaKvCache::kPage;
+  a.kv.num_layers = cfg_.num_hidden_layers;
+  a.kv.kv_dim = kvd;
+  a.kv.pages = d_pages;
+  a.kv.page_off = d_off;
+  a.kv.pos = d_pos;
+  a.experts = experts;
+  const ExpertShard* local = experts->local_shard();
+  a.same_gpu = local != nullptr && local->device() == device_
+                   ? static_cast<const CudaExpertShard*>(local)
+                   : nullptr;
+  // Graphs for decode steps whose experts need no host round trip.
+  const bool graph = use_graphs_ && !graphs_failed_ && T == static_cast<int64_t>(batch.size()) &&
+                     (!any_moe_ || (a.same_gpu != nullptr && a.same_gpu->GroupsOnDevice(T, kmax)));
+  MOEMESH_OK(graph ? EnqueueStepGraph(a) : EnqueueStep(a));
+  logits->resize(R * V);
+  MOEMESH_CUDA(cudaMemcpyAsync(logits->data(), s.logits.get(), R * V * 4, cudaMemcpyDeviceToHost, st));
+  return ex.Sync();
+}
+
+absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
+  Exec& ex = *exec_;
+  Scratch& s = *scratch_;
+  cudaStream_t st = ex.stream();
+  const int64_t T = a.tokens, R = a.rows, kmax = a.kmax;
+  const int64_t H = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_attention_heads,
+                nkv = cfg_.num_key_value_heads, qd = nh * hd, kvd = nkv * hd,
+                qkvd = qd + 2 * kvd, E = cfg_.num_experts, V = cfg_.vocab_size;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
   float* d_h = s.h.as<float>();
   float* d_xn = s.xn.as<float>();
-  MOEMESH_CUDA(cudaMemcpyAsync(d_h, s.h_hidden.get(), T * H * 4, cudaMemcpyHostToDevice, st));
-
-  PagedKv pk;
-  pk.pool = kv->pool();
-  pk.page_size = CudaKvCache::kPage;
-  pk.num_layers = cfg_.num_hidden_layers;
-  pk.kv_dim = kvd;
-  pk.pages = d_pages;
-  pk.page_off = d_off;
-  pk.pos = d_pos;
+  const PagedKv& pk = a.kv;
   const int qk_mode = arch_.qk_norm == QkNorm::kNone ? 0 : arch_.qk_norm == QkNorm::kPerHead ? 1 : 2;
   const float clip = cfg_.clip_qkv.has_value() ? static_cast<float>(*cfg_.clip_qkv) : 0.0f;
-  const ExpertShard* local = experts->local_shard();
-  const CudaExpertShard* same_gpu =
-      local != nullptr && local->device() == device_ ? static_cast<const CudaExpertShard*>(local)
-                                                     : nullptr;
 
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
@@ -893,11 +955,11 @@ absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, floa
     MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));
     if (L.moe) {
       MOEMESH_OK(Project(ex, L.router, 0, d_xn, T, s.rl.as<float>(), E, false, false));
-      MOEMESH_CUDA(TopKRouting(s.rl.as<float>(), T, E, d_k, kmax, arch_.norm_topk_prob,
+      MOEMESH_CUDA(TopKRouting(s.rl.as<float>(), T, E, a.d_k, kmax, arch_.norm_topk_prob,
                                s.ids.as<int32_t>(), s.w.as<float>(), st));
-      if (same_gpu != nullptr) {
-        MOEMESH_OK(same_gpu->RunDevice(ex, static_cast<int32_t>(l), d_xn, T, s.ids.as<int32_t>(),
-                                       s.w.as<float>(), kmax, d_h));
+      if (a.same_gpu != nullptr) {
+        MOEMESH_OK(a.same_gpu->RunDevice(ex, static_cast<int32_t>(l), d_xn, T,
+                                         s.ids.as<int32_t>(), s.w.as<float>(), kmax, d_h));
       } else {
         // Experts elsewhere (other processes, the CPU, another GPU): through host memory.
         MOEMESH_OK(s.h_xn.Reserve(T * H * 4));
@@ -911,8 +973,8 @@ absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, floa
         MOEMESH_OK(ex.Sync());
         float* moe = s.h_moe.as<float>();
         std::fill(moe, moe + T * H, 0.0f);
-        MOEMESH_OK(experts->RunExperts(static_cast<int32_t>(l), s.h_xn.as<float>(), T, h_ids, h_w,
-                                       kmax, moe));
+        MOEMESH_OK(a.experts->RunExperts(static_cast<int32_t>(l), s.h_xn.as<float>(), T, h_ids,
+                                         h_w, kmax, moe));
         MOEMESH_CUDA(cudaMemcpyAsync(s.tmp.get(), moe, T * H * 4, cudaMemcpyHostToDevice, st));
         MOEMESH_CUDA(AddInto(d_h, s.tmp.as<float>(), T * H, st));
       }
@@ -935,12 +997,76 @@ absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, floa
 
   MOEMESH_OK(s.sel.Reserve(R * H * 4));
   MOEMESH_OK(s.logits.Reserve(R * V * 4));
-  MOEMESH_CUDA(GatherRows(d_h, d_sel, R, H, s.sel.as<float>(), st));
+  MOEMESH_CUDA(GatherRows(d_h, a.d_sel, R, H, s.sel.as<float>(), st));
   MOEMESH_CUDA(RmsNorm(s.sel.as<float>(), final_norm_.as<float>(), R, H, eps, s.sel.as<float>(), st));
-  MOEMESH_OK(Project(ex, lm_head_, 0, s.sel.as<float>(), R, s.logits.as<float>(), V, false, false));
-  logits->resize(R * V);
-  MOEMESH_CUDA(cudaMemcpyAsync(logits->data(), s.logits.get(), R * V * 4, cudaMemcpyDeviceToHost, st));
-  return ex.Sync();
+  return Project(ex, lm_head_, 0, s.sel.as<float>(), R, s.logits.as<float>(), V, false, false);
+}
+
+void CudaAttentionStack::DropGraphs() const {
+  for (auto& [key, g] : graphs_) {
+    if (g.exec != nullptr) cudaGraphExecDestroy(g.exec);
+  }
+  graphs_.clear();
+}
+
+absl::Status CudaAttentionStack::EnqueueStepGraph(const StepArgs& a) const {
+  constexpr size_t kMaxGraphs = 256;  // distinct batch shapes kept
+  const uint64_t epoch = DeviceBuffer::Epoch();
+  if (epoch != graphs_epoch_) {
+    // Some device buffer moved: every graph may point at freed memory.
+    DropGraphs();
+    graphs_epoch_ = epoch;
+  }
+  const GraphKey key{a.tokens, a.rows, a.kmax, a.kv.pool, a.same_gpu};
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) {
+    if (graphs_.size() >= kMaxGraphs) return EnqueueStep(a);
+    it = graphs_.emplace(key, StepGraph()).first;
+  }
+  StepGraph& g = it->second;
+  cudaStream_t st = exec_->stream();
+  if (g.exec != nullptr) {
+    MOEMESH_CUDA(cudaGraphLaunch(g.exec, st));
+    graphs_replayed.fetch_add(1);
+    return absl::OkStatus();
+  }
+  if (!g.warm) {
+    // First step of this shape: run it as is; its buffers grow to their size for the shape.
+    MOEMESH_OK(EnqueueStep(a));
+    g.warm = DeviceBuffer::Epoch() == epoch;
+    return absl::OkStatus();
+  }
+  // Capture (nothing runs while capturing), instantiate, then launch.
+  MOEMESH_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  const absl::Status queued = EnqueueStep(a);
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(st, &graph);
+  cudaGraphExec_t exec = nullptr;
+  cudaError_t made = cudaErrorUnknown;
+  const bool moved = DeviceBuffer::Epoch() != epoch;
+  if (queued.ok() && ended == cudaSuccess && graph != nullptr && !moved) {
+    made = cudaGraphInstantiate(&exec, graph, 0);
+  }
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  if (made != cudaSuccess || exec == nullptr) {
+    cudaGetLastError();  // the capture's error is not kept
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (moved && queued.ok() && ended == cudaSuccess) {
+      g.warm = false;  // another thread allocated meanwhile: try again later
+    } else {
+      graphs_failed_ = true;
+      std::fprintf(stderr,
+                   "CUDA graphs off for this model: capturing a decode step failed (%s; %s; %s)\n",
+                   std::string(queued.message()).c_str(), cudaGetErrorString(ended),
+                   cudaGetErrorString(made));
+    }
+    return EnqueueStep(a);
+  }
+  g.exec = exec;
+  graphs_captured.fetch_add(1);
+  MOEMESH_CUDA(cudaGraphLaunch(g.exec, st));
+  graphs_replayed.fetch_add(1);
+  return absl::OkStatus();
 }
 
 // ---------------------------------------------------------------- registration

@@ -15,8 +15,10 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <map>
 #include <set>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -38,6 +40,10 @@ absl::Status CudaStatus(cudaError_t e, const char* what);
 // Device memory, grown on demand (contents are not kept when it grows). Move-only.
 class DeviceBuffer {
  public:
+  // Counts the allocations and frees of every DeviceBuffer in the process. A captured CUDA graph
+  // bakes in the addresses of the buffers it uses: it is only replayed while this is unchanged.
+  static uint64_t Epoch();
+
   DeviceBuffer() = default;
   DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr; o.bytes_ = 0; }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
@@ -80,6 +86,7 @@ class Exec {
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t blas() const { return blas_; }
   absl::Status Sync();
+  DeviceBuffer blas_workspace;  // set as cuBLAS's workspace (no allocation while capturing)
   DeviceBuffer xb16, gu;       // scratch of Project's cuBLAS path
   DeviceBuffer ab16, ptrs;     // scratch of GroupedSwiGlu
   PinnedBuffer h_ptrs;
@@ -133,10 +140,15 @@ class CudaExpertShard : public ExpertShard {
   Device device() const override { return device_; }
 
   // Device memory in and out, on `ex`'s stream (the in-process CUDA attention stack): routing
-  // ids/weights [n, k] stay on the GPU when n * k is small (decode); larger batches group on
-  // the host. out[n, hidden] is accumulated into.
+  // ids/weights [n, k] stay on the GPU when GroupsOnDevice(n, k) (decode); larger batches group
+  // on the host (with host synchronisations). out[n, hidden] is accumulated into. Calls share
+  // one set of device scratch buffers: callers queue them on one stream (the attention stack
+  // does), so that the work of one call never overlaps the next.
   absl::Status RunDevice(Exec& ex, int32_t layer, const float* x, int64_t n, const int32_t* ids,
                          const float* weights, int64_t k, float* out) const;
+  // Whether RunDevice groups n x k assignments on the GPU: then it makes no host round trip and
+  // allocates nothing once its buffers have grown, so the call can be captured in a CUDA graph.
+  bool GroupsOnDevice(int64_t n, int64_t k) const;
 
  private:
   struct Scratch;
@@ -157,6 +169,8 @@ class CudaExpertShard : public ExpertShard {
   std::vector<LayerWeights> layers_;
   mutable std::mutex mu_;
   mutable std::vector<std::unique_ptr<Scratch>> free_;
+  mutable std::mutex device_mu_;
+  mutable std::unique_ptr<Scratch> device_scratch_;  // RunDevice's (stable addresses for graphs)
 };
 
 // The attention side of the model on one GPU.
@@ -179,14 +193,49 @@ class CudaAttentionStack : public AttentionStack {
     bool moe = true, has_mlp = false, has_shared_gate = false;
   };
   struct Scratch;
+  // What one step queues after its inputs are on the GPU.
+  struct StepArgs {
+    int64_t tokens = 0, rows = 0, kmax = 1;  // T, logits rows R, largest k
+    const int32_t* d_k = nullptr;            // [T] experts per token
+    const int32_t* d_sel = nullptr;          // [R] rows that get logits
+    PagedKv kv;
+    ExpertBackend* experts = nullptr;
+    const CudaExpertShard* same_gpu = nullptr;  // in-process experts on this GPU, or null
+  };
+  // The layers, the final norm and the LM head (into scratch_->logits) on exec_'s stream.
+  absl::Status EnqueueStep(const StepArgs& a) const;
+  // EnqueueStep through a CUDA graph per step shape (see LoadOptions::cuda_graphs): the first
+  // step of a shape runs as is, the next one is captured, later ones replay the graph. Falls
+  // back to EnqueueStep for good if a capture fails.
+  absl::Status EnqueueStepGraph(const StepArgs& a) const;
+  void DropGraphs() const;
+
   Device device_;
   std::vector<Layer> layers_;
+  bool any_moe_ = false;
   DeviceBuffer final_norm_, inv_freq_;
   DeviceMatrix lm_head_;
   mutable std::mutex mu_;
   std::unique_ptr<Exec> exec_;
   std::unique_ptr<Scratch> scratch_;
+  // CUDA graphs of decode steps, by (tokens, logits rows, kmax, KV pool, expert shard).
+  struct StepGraph {
+    bool warm = false;               // a step of this shape ran without allocating
+    cudaGraphExec_t exec = nullptr;  // captured
+  };
+  using GraphKey = std::tuple<int64_t, int64_t, int64_t, const void*, const void*>;
+  bool use_graphs_ = false;
+  mutable bool graphs_failed_ = false;
+  mutable uint64_t graphs_epoch_ = 0;
+  mutable std::map<GraphKey, StepGraph> graphs_;
 };
+
+// Decode steps replayed from CUDA graphs and graphs captured, over the process (for tests and
+// the bench).
+struct GraphCounts {
+  int64_t captured = 0, replayed = 0;
+};
+GraphCounts StepGraphCounts();
 
 // Registers the CUDA backend with the engine (engine/model.h's RegisterDeviceBackend).
 // //engine/cuda:backend calls it at start-up; tests may call it again (idempotent).
