@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
+#include <functional>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -33,6 +36,60 @@ class TimedExperts : public ExpertBackend {
   ExpertBackend* inner_;
 };
 
+}  // namespace
+
+// One long-lived thread that runs the second half of an overlapped step while the caller runs
+// the first (no thread started per step).
+class AttentionWorker::SideThread {
+ public:
+  SideThread() : thread_([this] { Loop(); }) {}
+  ~SideThread() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+  }
+  // Starts `task` on the thread; the previous task must have been waited for.
+  void Start(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      task_ = std::move(task);
+      done_ = false;
+    }
+    wake_.notify_all();
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    finished_.wait(lock, [this] { return done_; });
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stop_ || task_ != nullptr; });
+      if (stop_) return;
+      std::function<void()> task = std::move(task_);
+      task_ = nullptr;
+      lock.unlock();
+      task();
+      lock.lock();
+      done_ = true;
+      finished_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_, finished_;
+  std::function<void()> task_;
+  bool done_ = true, stop_ = false;
+  std::thread thread_;  // last: starts after the members above exist
+};
+
+namespace {
+
 void SetError(wire::SeqResult* r, const absl::Status& st) {
   r->set_error_code(static_cast<int32_t>(st.code()));
   r->set_error(std::string(st.message()));
@@ -48,7 +105,11 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       device_(opt.device),
       overlap_halves_(opt.overlap_halves && opt.device == "cpu"),
       overlap_min_sequences_(std::max(2, opt.overlap_min_sequences)),
-      cache_(stack->NewCache(opt.kv_capacity_tokens)) {}
+      cache_(stack->NewCache(opt.kv_capacity_tokens)) {
+  if (overlap_halves_) side_ = std::make_unique<SideThread>();
+}
+
+AttentionWorker::~AttentionWorker() = default;
 
 absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepResponse* resp) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -183,12 +244,12 @@ absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* 
   TimedExperts timed_a(experts_), timed_b(experts_);
   std::vector<float> logits_b;
   absl::Status st_b;
-  std::thread second([&] {
+  side_->Start([&] {
     st_b = stack_->Forward(b, hidden + first_tokens * stack_->config().hidden_size, cache_.get(),
                            &timed_b, &logits_b);
   });
   absl::Status st = stack_->Forward(a, hidden, cache_.get(), &timed_a, logits);
-  second.join();
+  side_->Wait();
   *expert_s += (timed_a.seconds + timed_b.seconds) / 2;
   if (!st.ok()) return st;
   if (!st_b.ok()) return st_b;

@@ -42,6 +42,7 @@ class AttentionWorker {
   // `stack`, `encoder` and `experts` must outlive the worker.
   AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder, ExpertBackend* experts,
                   const Options& opt);
+  ~AttentionWorker();
   AttentionWorker(const AttentionWorker&) = delete;
   AttentionWorker& operator=(const AttentionWorker&) = delete;
 
@@ -76,6 +77,8 @@ class AttentionWorker {
   const std::string device_;
   const bool overlap_halves_;
   const int overlap_min_sequences_;
+  class SideThread;
+  std::unique_ptr<SideThread> side_;  // runs the second overlapped half; null without halves
 
   mutable std::mutex mu_;
   const std::unique_ptr<KvCache> cache_ ABSL_GUARDED_BY(mu_);
