@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "engine/expert_groups.h"
 #include "engine/ops/attention.h"
 #include "engine/ops/kernels.h"
 #include "engine/ops/threading.h"
@@ -146,53 +147,42 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
                                         float* out) const {
   absl::Status st = CheckRouting(layer, n, ids, k);
   if (!st.ok()) return st;
-  // Rows per expert, in row order.
-  std::vector<std::vector<std::pair<int64_t, float>>> rows(num_experts_);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t j = 0; j < k; ++j) {
-      int32_t e = ids[r * k + j];
-      if (e < 0) continue;
-      rows[e].emplace_back(r, weights[r * k + j]);
-    }
-  }
-  // Experts with rows, in expert order, and what they need.
-  std::vector<int64_t> active;
-  int64_t total_rows = 0;
+  ExpertGroups groups;
+  GroupByExpert(ids, n, k, num_experts_, &groups);
+  const int32_t G = groups.groups();
+  // What the active experts need.
   double est_ns = 0;
   bool products_split = false;  // does Linear split any product across threads by itself?
-  for (int64_t e = 0; e < num_experts_; ++e) {
-    if (rows[e].empty()) continue;
-    const Expert& ex = *experts_[layer][e];
-    const int64_t m = static_cast<int64_t>(rows[e].size());
-    active.push_back(e);
-    total_rows += m;
+  for (int32_t g = 0; g < G; ++g) {
+    const Expert& ex = *experts_[layer][groups.experts[g]];
+    const int64_t m = groups.begin[g + 1] - groups.begin[g];
     est_ns += ex.gate_up.EstimatedNs(m) + ex.down.EstimatedNs(m);
     products_split = products_split || ex.gate_up.ThreadsFor(m) > 1 || ex.down.ThreadsFor(m) > 1;
   }
-  if (active.empty()) return absl::OkStatus();
-  // One expert's SwiGLU for its rows re[*]: y [m, hidden].
-  auto run_expert = [&](int64_t e, std::vector<float>* xe, std::vector<float>* gu,
+  if (G == 0) return absl::OkStatus();
+  // Group g's SwiGLU for its rows: y [m, hidden].
+  auto run_expert = [&](int32_t g, std::vector<float>* xe, std::vector<float>* gu,
                         std::vector<float>* act, float* y) {
-    const auto& re = rows[e];
-    const int64_t m = static_cast<int64_t>(re.size());
-    const Expert& ex = *experts_[layer][e];
+    const int32_t b = groups.begin[g];
+    const int64_t m = groups.begin[g + 1] - b;
+    const Expert& ex = *experts_[layer][groups.experts[g]];
     xe->resize(m * hidden_);
     gu->resize(m * 2 * width_);
     act->resize(m * width_);
     for (int64_t i = 0; i < m; ++i) {
-      std::memcpy(&(*xe)[i * hidden_], x + re[i].first * hidden_, hidden_ * sizeof(float));
+      std::memcpy(&(*xe)[i * hidden_], x + groups.row(b + i, k) * hidden_,
+                  hidden_ * sizeof(float));
     }
     ex.gate_up.Forward(xe->data(), m, gu->data());
     ops::SiluMulRows(gu->data(), m, width_, act->data());
     ex.down.Forward(act->data(), m, y);
   };
   // out[r] += w * y[r], expert by expert in expert order (the summation order of every path).
-  auto accumulate = [&](int64_t e, const float* y) {
-    const auto& re = rows[e];
-    for (size_t i = 0; i < re.size(); ++i) {
-      float* o = out + re[i].first * hidden_;
-      const float w = re[i].second;
-      const float* yi = y + i * hidden_;
+  auto accumulate = [&](int32_t g, const float* y) {
+    for (int32_t i = groups.begin[g]; i < groups.begin[g + 1]; ++i) {
+      float* o = out + groups.row(i, k) * hidden_;
+      const float w = weights[groups.assignment[i]];
+      const float* yi = y + (i - groups.begin[g]) * hidden_;
       for (int64_t c = 0; c < hidden_; ++c) o[c] += w * yi[c];
     }
   };
@@ -204,31 +194,27 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
   // most of its bytes -- with one core (linear_benchmark --qwen3: ~40 GB/s of ~70), and a
   // batched decode step of a small MoE would run its expert multiply-adds on one core.
   const int threads =
-      active.size() > 1 && !products_split
+      G > 1 && !products_split
           ? ops::ThreadsFor(static_cast<int64_t>(est_ns), ops::SyncThreads(),
                             static_cast<int64_t>(kExpertNsPerThread))
           : 1;
   if (threads > 1) {
-    // y of every active expert, back to back: [total_rows, hidden].
+    // y of every group, back to back in grouped-row order: [rows, hidden].
     thread_local std::vector<float> ys;
-    ys.resize(total_rows * hidden_);
-    std::vector<int64_t> offset(active.size());
-    for (size_t i = 1; i < active.size(); ++i) {
-      offset[i] = offset[i - 1] + static_cast<int64_t>(rows[active[i - 1]].size()) * hidden_;
-    }
+    ys.resize(static_cast<size_t>(groups.rows()) * hidden_);
     float* ys_data = ys.data();
-    ops::ParallelForDynamic(threads, static_cast<int64_t>(active.size()), [&](int64_t i) {
+    ops::ParallelForDynamic(threads, G, [&](int64_t g) {
       thread_local std::vector<float> xe, gu, act;
-      run_expert(active[i], &xe, &gu, &act, ys_data + offset[i]);
+      run_expert(static_cast<int32_t>(g), &xe, &gu, &act, ys_data + groups.begin[g] * hidden_);
     });
-    for (size_t i = 0; i < active.size(); ++i) accumulate(active[i], ys_data + offset[i]);
+    for (int32_t g = 0; g < G; ++g) accumulate(g, ys_data + groups.begin[g] * hidden_);
     return absl::OkStatus();
   }
   std::vector<float> xe, gu, act, y;
-  for (int64_t e : active) {
-    y.resize(rows[e].size() * hidden_);
-    run_expert(e, &xe, &gu, &act, y.data());
-    accumulate(e, y.data());
+  for (int32_t g = 0; g < G; ++g) {
+    y.resize(static_cast<size_t>(groups.begin[g + 1] - groups.begin[g]) * hidden_);
+    run_expert(g, &xe, &gu, &act, y.data());
+    accumulate(g, y.data());
   }
   return absl::OkStatus();
 }

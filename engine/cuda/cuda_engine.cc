@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/dtype.h"
+#include "engine/expert_groups.h"
 
 namespace moemesh {
 namespace cuda {
@@ -356,43 +357,28 @@ absl::Status CheckDevice(const Device& d) {
   return absl::OkStatus();
 }
 
-// Host-side grouping of the (row, j) assignments of one call by expert.
+// Host-side grouping of the (row, j) assignments of one call by expert (GroupByExpert), in
+// the device's terms: the slot of each group's weights and the source row of each grouped row.
 struct HostPlan {
-  std::vector<int32_t> perm, where, group_slot, row_begin;
-  int32_t groups = 0;
-  int64_t rows = 0, max_group_rows = 0;
+  ExpertGroups groups;
+  std::vector<int32_t> perm, group_slot;
+  int64_t max_group_rows = 0;
+  int32_t num_groups() const { return groups.groups(); }
+  int64_t rows() const { return groups.rows(); }
 };
 
 void MakeHostPlan(const int32_t* ids, int64_t n, int64_t k, const std::vector<int32_t>& slot,
                   HostPlan* p) {
-  const int64_t E = static_cast<int64_t>(slot.size());
-  std::vector<int32_t> count(E, 0), start(E, 0);
-  for (int64_t a = 0; a < n * k; ++a) {
-    if (ids[a] >= 0 && ids[a] < E) ++count[ids[a]];
-  }
-  p->group_slot.clear();
-  p->row_begin.clear();
+  ExpertGroups& g = p->groups;
+  GroupByExpert(ids, n, k, static_cast<int64_t>(slot.size()), &g);
+  p->group_slot.resize(g.groups());
   p->max_group_rows = 0;
-  int32_t off = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    start[e] = off;
-    if (count[e] == 0) continue;
-    p->group_slot.push_back(slot[e]);
-    p->row_begin.push_back(off);
-    off += count[e];
-    p->max_group_rows = std::max<int64_t>(p->max_group_rows, count[e]);
+  for (int32_t i = 0; i < g.groups(); ++i) {
+    p->group_slot[i] = slot[g.experts[i]];
+    p->max_group_rows = std::max<int64_t>(p->max_group_rows, g.begin[i + 1] - g.begin[i]);
   }
-  p->row_begin.push_back(off);
-  p->groups = static_cast<int32_t>(p->group_slot.size());
-  p->rows = off;
-  p->perm.assign(std::max<int64_t>(off, 1), -1);
-  p->where.assign(n * k, -1);
-  for (int64_t a = 0; a < n * k; ++a) {
-    const int32_t e = ids[a];
-    if (e < 0 || e >= E) continue;
-    p->perm[start[e]] = static_cast<int32_t>(a / k);
-    p->where[a] = start[e]++;
-  }
+  p->perm.assign(std::max(g.rows(), 1), -1);
+  for (int32_t i = 0; i < g.rows(); ++i) p->perm[i] = g.row(i, k);
 }
 
 }  // namespace
@@ -510,7 +496,7 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
                               false, plan.groups, ex.stream()));
   } else {
     const HostPlan& hp = *plan.host;
-    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.row_begin, xg, act, y));
+    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, xg, act, y));
   }
   MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
   return absl::OkStatus();
@@ -521,7 +507,7 @@ namespace {
 template <typename PlanT>
 absl::Status UploadPlan(Exec& ex, const HostPlan& hp, const float* weights, int64_t nk,
                         PinnedBuffer* h_idx, DeviceBuffer* d_idx, PlanT* plan, float** d_w) {
-  const int64_t G = hp.groups;
+  const int64_t G = hp.num_groups();
   const int64_t ints = static_cast<int64_t>(hp.perm.size()) + nk + G + (G + 1) + 1;
   const size_t bytes = (ints + nk) * 4;
   MOEMESH_OK(h_idx->Reserve(bytes));
@@ -533,9 +519,9 @@ absl::Status UploadPlan(Exec& ex, const HostPlan& hp, const float* weights, int6
     at += n;
   };
   put(hp.perm.data(), hp.perm.size());
-  put(hp.where.data(), nk);
+  put(hp.groups.where.data(), nk);
   put(hp.group_slot.data(), G);
-  put(hp.row_begin.data(), G + 1);
+  put(hp.groups.begin.data(), G + 1);
   *at++ = static_cast<int32_t>(G);
   std::memcpy(at, weights, nk * 4);
   MOEMESH_CUDA(cudaMemcpyAsync(d_idx->get(), h, bytes, cudaMemcpyHostToDevice, ex.stream()));
@@ -574,7 +560,7 @@ absl::Status CudaExpertShard::RunExperts(int32_t layer, const float* x, int64_t 
     Exec& ex = *s->ex;
     HostPlan& hp = s->host_plan;
     MakeHostPlan(ids, n, k, layers_[layer].slot, &hp);
-    if (hp.rows == 0) return absl::OkStatus();
+    if (hp.rows() == 0) return absl::OkStatus();
     const int64_t H = hidden_;
     MOEMESH_OK(s->h_x.Reserve(n * H * sizeof(float)));
     MOEMESH_OK(s->h_out.Reserve(n * H * sizeof(float)));
@@ -640,7 +626,7 @@ absl::Status CudaExpertShard::RunDevice(Exec& ex, int32_t layer, const float* x,
   MOEMESH_OK(ex.Sync());
   MOEMESH_OK(CheckRouting(layer, n, h_ids.data(), k));
   MakeHostPlan(h_ids.data(), n, k, L.slot, &s->host_plan);
-  if (s->host_plan.rows == 0) return absl::OkStatus();
+  if (s->host_plan.rows() == 0) return absl::OkStatus();
   float* d_w = nullptr;
   MOEMESH_OK(UploadPlan(ex, s->host_plan, h_w.data(), nk, &s->h_idx, &s->d_idx, &plan, &d_w));
   MOEMESH_OK(RunGrouped(ex, *s, layer, x, n, plan, k, d_w, out));
