@@ -43,20 +43,55 @@ std::string LayerWeightName(int64_t layer, const std::string& suffix);
 // "model.layers.{L}.mlp" -> "model.layers.3.mlp" (and {E} likewise).
 std::string WeightName(const std::string& pattern, int64_t layer, int64_t expert = -1);
 
-// One tensor of a Hugging Face checkpoint.
+// One tensor of a Hugging Face checkpoint. In LayerTensors, an empty name (and shape) stands for
+// a tensor that the architecture or the layer lacks.
 struct WeightSpec {
   std::string name;
   std::vector<int64_t> shape;  // PyTorch layout: nn.Linear weights are [out, in]
 };
 
-// Every tensor a Hugging Face checkpoint of this family and config holds, named and shaped as
-// engine/model.cc loads them, sorted by name: model.embed_tokens; per layer the input/post
-// norms, q/k/v/o projections (+ q/k/v biases when arch.qkv_bias), q_norm/k_norm (arch.qk_norm),
-// and for MoE layers (cfg.IsMoeLayer) the router and every routed expert's gate/up/down (+ the
-// shared expert and its gate when arch.shared_expert), for dense layers mlp.gate/up/down; then
-// model.norm and lm_head (absent when cfg.tie_word_embeddings). Only the first
-// cfg.num_hidden_layers layers. The dummy checkpoint (CheckpointReader::OpenDummy) is built
-// from this table.
+// A SwiGLU MLP's matrices: gate and up [width, hidden], down [hidden, width].
+struct MlpTensors {
+  WeightSpec gate, up, down;
+};
+
+// The tensors of one decoder layer outside its routed experts, named and shaped as a Hugging Face
+// checkpoint holds them: the one place these names are spelled out (CheckpointWeights and the CPU
+// and CUDA loaders read them here). Absent tensors have empty names.
+struct LayerTensors {
+  WeightSpec input_norm, post_norm;   // input_layernorm, post_attention_layernorm: [hidden]
+  WeightSpec q, k, v, o;              // q [q_dim, hidden], k/v [kv_dim, hidden], o [hidden, q_dim]
+  WeightSpec q_bias, k_bias, v_bias;  // arch.qkv_bias: [q_dim], [kv_dim], [kv_dim]
+  WeightSpec o_bias;                  // arch.o_bias: [hidden]
+  // arch.qk_norm: [head_dim] each (kPerHead); [q_dim] and [kv_dim] (kFull).
+  WeightSpec q_norm, k_norm;
+  WeightSpec router;  // MoE layers: [num_experts, hidden]
+  // The MLP beside the routed experts: mlp.{gate,up,down}_proj on dense layers (width
+  // intermediate_size), the shared expert on MoE layers when arch.shared_expert (width
+  // shared_expert_intermediate_size); empty otherwise.
+  MlpTensors mlp;
+  WeightSpec shared_expert_gate;  // MoE layers when arch.shared_expert: [1, hidden]
+
+  // The tensors above that the layer has (non-empty names), in declaration order.
+  std::vector<WeightSpec> All() const;
+};
+
+// The tensors of layer `layer` (0 <= layer < cfg.num_hidden_layers), dense or MoE as
+// cfg.IsMoeLayer(layer) says.
+LayerTensors LayerTensorsOf(const ModelConfig& cfg, const ArchSpec& arch, int64_t layer);
+
+// "model.layers.3.mlp.experts.5.": the prefix of every name of routed expert 5 of layer 3.
+std::string ExpertPrefix(const ArchSpec& arch, int64_t layer, int64_t expert);
+
+// The matrices of routed expert `expert` of MoE layer `layer` (width moe_intermediate_size).
+MlpTensors ExpertTensorsOf(const ModelConfig& cfg, const ArchSpec& arch, int64_t layer,
+                           int64_t expert);
+
+// Every tensor a Hugging Face checkpoint of this family and config holds, sorted by name:
+// model.embed_tokens; per layer its LayerTensorsOf and, for MoE layers, every routed expert's
+// ExpertTensorsOf; then model.norm and lm_head (absent when cfg.tie_word_embeddings). Only the
+// first cfg.num_hidden_layers layers. The dummy checkpoint (CheckpointReader::OpenDummy) is
+// built from this table.
 std::vector<WeightSpec> CheckpointWeights(const ModelConfig& cfg, const ArchSpec& arch);
 
 }  // namespace moemesh

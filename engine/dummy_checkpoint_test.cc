@@ -115,6 +115,46 @@ TEST(DummyCheckpointTest, DenseLayersHaveMlpTensors) {
   EXPECT_NE(r->Find("model.layers.0.mlp.experts.0.up_proj.weight"), nullptr);
 }
 
+// LayerTensorsOf leaves the tensors a family lacks empty; ExpertTensorsOf names its experts.
+TEST(LayerTensorsTest, OptionalTensorsAndExpertNames) {
+  const ModelConfig qwen2 = ConfigOf("testdata/oracle/qwen2_moe");
+  const LayerTensors q2 = LayerTensorsOf(qwen2, *ArchFor(qwen2), 1);
+  EXPECT_EQ(q2.k_bias.name, "model.layers.1.self_attn.k_proj.bias");
+  EXPECT_EQ(q2.q_norm.name, "");
+  EXPECT_EQ(q2.o_bias.name, "");
+  EXPECT_EQ(q2.mlp.down.name, "model.layers.1.mlp.shared_expert.down_proj.weight");
+  EXPECT_EQ(q2.mlp.down.shape,
+            (std::vector<int64_t>{qwen2.hidden_size, qwen2.shared_expert_intermediate_size}));
+  EXPECT_EQ(q2.shared_expert_gate.shape, (std::vector<int64_t>{1, qwen2.hidden_size}));
+
+  const ModelConfig olmoe = ConfigOf("testdata/oracle/olmoe");
+  const LayerTensors ol = LayerTensorsOf(olmoe, *ArchFor(olmoe), 0);
+  EXPECT_EQ(ol.k_norm.shape, (std::vector<int64_t>{olmoe.num_key_value_heads * olmoe.head_dim}));
+  EXPECT_EQ(ol.mlp.gate.name, "");
+  EXPECT_EQ(ol.shared_expert_gate.name, "");
+  EXPECT_EQ(ol.q_bias.name, "");
+
+  const ModelConfig mixtral = ConfigOf("testdata/oracle/mixtral");
+  const ArchSpec mx = *ArchFor(mixtral);
+  EXPECT_EQ(LayerTensorsOf(mixtral, mx, 1).router.name,
+            "model.layers.1.block_sparse_moe.gate.weight");
+  EXPECT_EQ(ExpertPrefix(mx, 1, 3), "model.layers.1.block_sparse_moe.experts.3.");
+  const MlpTensors e = ExpertTensorsOf(mixtral, mx, 1, 3);
+  EXPECT_EQ(e.gate.name, "model.layers.1.block_sparse_moe.experts.3.w1.weight");
+  EXPECT_EQ(e.up.name, "model.layers.1.block_sparse_moe.experts.3.w3.weight");
+  EXPECT_EQ(e.down.name, "model.layers.1.block_sparse_moe.experts.3.w2.weight");
+  EXPECT_EQ(e.down.shape,
+            (std::vector<int64_t>{mixtral.hidden_size, mixtral.moe_intermediate_size}));
+
+  ModelConfig dense = ConfigOf("testdata/oracle/qwen3_moe");
+  dense.mlp_only_layers = {1};
+  const LayerTensors d = LayerTensorsOf(dense, *ArchFor(dense), 1);
+  EXPECT_EQ(d.router.name, "");
+  EXPECT_EQ(d.mlp.up.name, "model.layers.1.mlp.up_proj.weight");
+  EXPECT_EQ(d.mlp.up.shape, (std::vector<int64_t>{dense.intermediate_size, dense.hidden_size}));
+  EXPECT_EQ(d.All().size(), 2u + 4 + 2 + 3);  // norms, q/k/v/o, q/k norms, mlp
+}
+
 // The published Qwen3-30B-A3B config parses and its dummy checkpoint lists the 18,867 tensors
 // of the real one (making none of them).
 TEST(DummyCheckpointTest, Qwen3_30B_A3B_Config) {
