@@ -123,20 +123,16 @@ absl::StatusOr<std::unique_ptr<CpuExpertShard>> CpuExpertShard::Load(
     if (!cfg.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < cfg.num_experts; ++e) {
       if (!s->Holds(static_cast<int32_t>(l), static_cast<int32_t>(e))) continue;
-      std::string base =
-          WeightName(arch.moe_prefix, l) + "." + WeightName(arch.expert, l, e) + ".";
+      const MlpTensors t = ExpertTensorsOf(cfg, arch, l, e);
       auto gate_up = LoadFusedLinear(
-          ckpt,
-          {{base + arch.expert_gate + ".weight", s->width_, ""},
-           {base + arch.expert_up + ".weight", s->width_, ""}},
-          s->hidden_, opt.compute);
+          ckpt, {{t.gate.name, s->width_, ""}, {t.up.name, s->width_, ""}}, s->hidden_,
+          opt.compute);
       if (!gate_up.ok()) return gate_up.status();
-      auto down = LoadLinear(ckpt, base + arch.expert_down + ".weight", s->hidden_, s->width_,
-                             opt.compute);
+      auto down = LoadLinear(ckpt, t.down.name, s->hidden_, s->width_, opt.compute);
       if (!down.ok()) return down.status();
       s->experts_[l][e] =
           std::make_unique<Expert>(Expert{std::move(*gate_up), std::move(*down)});
-      ckpt.ReleaseDummyValues(base);  // packed: a dummy model is not held twice
+      ckpt.ReleaseDummyValues(ExpertPrefix(arch, l, e));  // packed: a dummy is not held twice
     }
   }
   return s;
@@ -278,65 +274,44 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
   s->layers_.resize(cfg.num_hidden_layers);
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     Layer& L = s->layers_[l];
+    const LayerTensors t = LayerTensorsOf(cfg, arch, l);
 #define MOEMESH_ASSIGN(lhs, expr)     \
   {                                   \
     auto _v = (expr);                 \
     if (!_v.ok()) return _v.status(); \
     lhs = std::move(*_v);             \
   }
-    MOEMESH_ASSIGN(L.input_norm, LoadVector(ckpt, LayerWeightName(l, "input_layernorm.weight"), h));
-    MOEMESH_ASSIGN(L.post_norm,
-                   LoadVector(ckpt, LayerWeightName(l, "post_attention_layernorm.weight"), h));
-    auto bias = [&](const char* p) {
-      return arch.qkv_bias ? LayerWeightName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
-    };
-    MOEMESH_ASSIGN(L.qkv, LoadFusedLinear(
-                              ckpt,
-                              {{LayerWeightName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
-                               {LayerWeightName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
-                               {LayerWeightName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
-                              h, opt.compute));
-    MOEMESH_ASSIGN(L.o, LoadFusedLinear(ckpt,
-                                        {{LayerWeightName(l, "self_attn.o_proj.weight"), h,
-                                          arch.o_bias ? LayerWeightName(l, "self_attn.o_proj.bias")
-                                                      : std::string()}},
-                                        qd, opt.compute));
-    if (arch.qk_norm != QkNorm::kNone) {
-      const bool full = arch.qk_norm == QkNorm::kFull;
-      MOEMESH_ASSIGN(L.q_norm,
-                     LoadVector(ckpt, LayerWeightName(l, "self_attn.q_norm.weight"), full ? qd : hd));
-      MOEMESH_ASSIGN(L.k_norm,
-                     LoadVector(ckpt, LayerWeightName(l, "self_attn.k_norm.weight"), full ? kvd : hd));
+    MOEMESH_ASSIGN(L.input_norm, LoadVector(ckpt, t.input_norm.name, h));
+    MOEMESH_ASSIGN(L.post_norm, LoadVector(ckpt, t.post_norm.name, h));
+    MOEMESH_ASSIGN(L.qkv, LoadFusedLinear(ckpt,
+                                          {{t.q.name, qd, t.q_bias.name},
+                                           {t.k.name, kvd, t.k_bias.name},
+                                           {t.v.name, kvd, t.v_bias.name}},
+                                          h, opt.compute));
+    MOEMESH_ASSIGN(L.o, LoadFusedLinear(ckpt, {{t.o.name, h, t.o_bias.name}}, qd, opt.compute));
+    if (!t.q_norm.name.empty()) {  // [head_dim] per head, or the whole q (k) projection
+      MOEMESH_ASSIGN(L.q_norm, LoadVector(ckpt, t.q_norm.name, t.q_norm.shape[0]));
+      MOEMESH_ASSIGN(L.k_norm, LoadVector(ckpt, t.k_norm.name, t.k_norm.shape[0]));
     }
     L.moe = cfg.IsMoeLayer(l);
-    const std::string moe = WeightName(arch.moe_prefix, l);
     if (L.moe) {
       // The router stays in fp32: routing decisions are sensitive and the matrix is small.
-      MOEMESH_ASSIGN(L.router, LoadLinear(ckpt, moe + "." + arch.router + ".weight",
-                                          cfg.num_experts, h, ComputeType::kF32));
-      if (arch.shared_expert) {
-        const int64_t w = cfg.shared_expert_intermediate_size;
-        L.has_mlp = true;
-        MOEMESH_ASSIGN(L.mlp_gate_up,
-                       LoadFusedLinear(ckpt,
-                                       {{moe + ".shared_expert.gate_proj.weight", w, ""},
-                                        {moe + ".shared_expert.up_proj.weight", w, ""}},
-                                       h, opt.compute));
-        MOEMESH_ASSIGN(L.mlp_down, LoadLinear(ckpt, moe + ".shared_expert.down_proj.weight", h,
-                                              w, opt.compute));
-        L.has_shared_gate = true;
-        MOEMESH_ASSIGN(L.shared_gate, LoadLinear(ckpt, moe + ".shared_expert_gate.weight", 1, h,
-                                                 ComputeType::kF32));
-      }
-    } else {
-      const int64_t w = cfg.intermediate_size;
-      L.has_mlp = true;
-      MOEMESH_ASSIGN(L.mlp_gate_up, LoadFusedLinear(ckpt,
-                                                    {{LayerWeightName(l, "mlp.gate_proj.weight"), w, ""},
-                                                     {LayerWeightName(l, "mlp.up_proj.weight"), w, ""}},
-                                                    h, opt.compute));
-      MOEMESH_ASSIGN(L.mlp_down,
-                     LoadLinear(ckpt, LayerWeightName(l, "mlp.down_proj.weight"), h, w, opt.compute));
+      MOEMESH_ASSIGN(L.router,
+                     LoadLinear(ckpt, t.router.name, cfg.num_experts, h, ComputeType::kF32));
+    }
+    // The dense MLP of a dense layer, or the shared expert of a MoE layer.
+    L.has_mlp = !t.mlp.gate.name.empty();
+    if (L.has_mlp) {
+      const int64_t w = t.mlp.gate.shape[0];
+      MOEMESH_ASSIGN(L.mlp_gate_up,
+                     LoadFusedLinear(ckpt, {{t.mlp.gate.name, w, ""}, {t.mlp.up.name, w, ""}}, h,
+                                     opt.compute));
+      MOEMESH_ASSIGN(L.mlp_down, LoadLinear(ckpt, t.mlp.down.name, h, w, opt.compute));
+    }
+    L.has_shared_gate = !t.shared_expert_gate.name.empty();
+    if (L.has_shared_gate) {
+      MOEMESH_ASSIGN(L.shared_gate,
+                     LoadLinear(ckpt, t.shared_expert_gate.name, 1, h, ComputeType::kF32));
     }
     ckpt.ReleaseDummyValues(LayerWeightName(l, ""));  // packed or copied: not held twice
   }
