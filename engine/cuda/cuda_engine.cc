@@ -444,11 +444,9 @@ absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
       if (s->Holds(static_cast<int32_t>(l), static_cast<int32_t>(e))) L.slot[e] = held++;
     }
     if (held == 0) continue;
-    const std::string moe = WeightName(arch.moe_prefix, l);
-    auto base = [&](int64_t e) { return moe + "." + WeightName(arch.expert, l, e) + "."; };
     int64_t first = 0;
     while (L.slot[first] < 0) ++first;
-    const WType wt = up.TypeOf(base(first) + arch.expert_gate + ".weight", false);
+    const WType wt = up.TypeOf(ExpertTensorsOf(cfg, arch, l, first).gate.name, false);
     for (DeviceMatrix* m : {&L.gate_up, &L.down}) {
       m->wt = wt;
       m->count = held;
@@ -462,11 +460,11 @@ absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
     for (int64_t e = 0; e < cfg.num_experts; ++e) {
       const int32_t slot = L.slot[e];
       if (slot < 0) continue;
+      const MlpTensors t = ExpertTensorsOf(cfg, arch, l, e);
       char* gu = static_cast<char*>(const_cast<void*>(L.gate_up.matrix(slot)));
-      MOEMESH_OK(up.Rows(base(e) + arch.expert_gate + ".weight", W, H, wt, gu));
-      MOEMESH_OK(up.Rows(base(e) + arch.expert_up + ".weight", W, H, wt, gu + W * H * WTypeSize(wt)));
-      MOEMESH_OK(up.Rows(base(e) + arch.expert_down + ".weight", H, W, wt,
-                         const_cast<void*>(L.down.matrix(slot))));
+      MOEMESH_OK(up.Rows(t.gate.name, W, H, wt, gu));
+      MOEMESH_OK(up.Rows(t.up.name, W, H, wt, gu + W * H * WTypeSize(wt)));
+      MOEMESH_OK(up.Rows(t.down.name, H, W, wt, const_cast<void*>(L.down.matrix(slot))));
     }
     MOEMESH_OK(L.d_slot.Reserve(L.slot.size() * sizeof(int32_t)));
     MOEMESH_CUDA(cudaMemcpy(L.d_slot.get(), L.slot.data(), L.slot.size() * sizeof(int32_t),
@@ -746,51 +744,34 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   s->layers_.resize(cfg.num_hidden_layers);
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     Layer& L = s->layers_[l];
-    MOEMESH_OK(up.Vector(LayerWeightName(l, "input_layernorm.weight"), h, 1.0f, &L.input_norm));
-    MOEMESH_OK(up.Vector(LayerWeightName(l, "post_attention_layernorm.weight"), h, 1.0f, &L.post_norm));
-    auto bias = [&](const char* p) {
-      return arch.qkv_bias ? LayerWeightName(l, absl::StrCat("self_attn.", p, ".bias")) : std::string();
-    };
-    MOEMESH_OK(up.Matrix({{LayerWeightName(l, "self_attn.q_proj.weight"), qd, bias("q_proj")},
-                          {LayerWeightName(l, "self_attn.k_proj.weight"), kvd, bias("k_proj")},
-                          {LayerWeightName(l, "self_attn.v_proj.weight"), kvd, bias("v_proj")}},
+    const LayerTensors t = LayerTensorsOf(cfg, arch, l);
+    MOEMESH_OK(up.Vector(t.input_norm.name, h, 1.0f, &L.input_norm));
+    MOEMESH_OK(up.Vector(t.post_norm.name, h, 1.0f, &L.post_norm));
+    MOEMESH_OK(up.Matrix({{t.q.name, qd, t.q_bias.name},
+                          {t.k.name, kvd, t.k_bias.name},
+                          {t.v.name, kvd, t.v_bias.name}},
                          h, false, &L.qkv));
-    MOEMESH_OK(up.Matrix({{LayerWeightName(l, "self_attn.o_proj.weight"), h,
-                           arch.o_bias ? LayerWeightName(l, "self_attn.o_proj.bias") : ""}},
-                         qd, false, &L.o));
-    if (arch.qk_norm != QkNorm::kNone) {
-      const bool full = arch.qk_norm == QkNorm::kFull;
-      MOEMESH_OK(up.Vector(LayerWeightName(l, "self_attn.q_norm.weight"), full ? qd : hd, 1.0f,
-                           &L.q_norm));
-      MOEMESH_OK(up.Vector(LayerWeightName(l, "self_attn.k_norm.weight"), full ? kvd : hd, 1.0f,
-                           &L.k_norm));
+    MOEMESH_OK(up.Matrix({{t.o.name, h, t.o_bias.name}}, qd, false, &L.o));
+    if (!t.q_norm.name.empty()) {  // [head_dim] per head, or the whole q (k) projection
+      MOEMESH_OK(up.Vector(t.q_norm.name, t.q_norm.shape[0], 1.0f, &L.q_norm));
+      MOEMESH_OK(up.Vector(t.k_norm.name, t.k_norm.shape[0], 1.0f, &L.k_norm));
     }
     L.moe = cfg.IsMoeLayer(l);
     s->any_moe_ = s->any_moe_ || L.moe;
-    const std::string moe = WeightName(arch.moe_prefix, l);
     if (L.moe) {
-      MOEMESH_OK(up.Matrix({{moe + "." + arch.router + ".weight", cfg.num_experts, ""}}, h, true,
-                           &L.router));
-      if (arch.shared_expert) {
-        const int64_t w = cfg.shared_expert_intermediate_size;
-        L.has_mlp = true;
-        MOEMESH_OK(up.Matrix({{moe + ".shared_expert.gate_proj.weight", w, ""},
-                              {moe + ".shared_expert.up_proj.weight", w, ""}},
-                             h, false, &L.mlp_gate_up));
-        MOEMESH_OK(up.Matrix({{moe + ".shared_expert.down_proj.weight", h, ""}}, w, false,
-                             &L.mlp_down));
-        L.has_shared_gate = true;
-        MOEMESH_OK(up.Matrix({{moe + ".shared_expert_gate.weight", 1, ""}}, h, true,
-                             &L.shared_gate));
-      }
-    } else {
-      const int64_t w = cfg.intermediate_size;
-      L.has_mlp = true;
-      MOEMESH_OK(up.Matrix({{LayerWeightName(l, "mlp.gate_proj.weight"), w, ""},
-                            {LayerWeightName(l, "mlp.up_proj.weight"), w, ""}},
-                           h, false, &L.mlp_gate_up));
-      MOEMESH_OK(up.Matrix({{LayerWeightName(l, "mlp.down_proj.weight"), h, ""}}, w, false,
-                           &L.mlp_down));
+      MOEMESH_OK(up.Matrix({{t.router.name, cfg.num_experts, ""}}, h, true, &L.router));
+    }
+    // The dense MLP of a dense layer, or the shared expert of a MoE layer.
+    L.has_mlp = !t.mlp.gate.name.empty();
+    if (L.has_mlp) {
+      const int64_t w = t.mlp.gate.shape[0];
+      MOEMESH_OK(up.Matrix({{t.mlp.gate.name, w, ""}, {t.mlp.up.name, w, ""}}, h, false,
+                           &L.mlp_gate_up));
+      MOEMESH_OK(up.Matrix({{t.mlp.down.name, h, ""}}, w, false, &L.mlp_down));
+    }
+    L.has_shared_gate = !t.shared_expert_gate.name.empty();
+    if (L.has_shared_gate) {
+      MOEMESH_OK(up.Matrix({{t.shared_expert_gate.name, 1, ""}}, h, true, &L.shared_gate));
     }
   }
   MOEMESH_OK(up.Vector("model.norm.weight", h, 1.0f, &s->final_norm_));
