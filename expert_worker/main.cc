@@ -80,9 +80,7 @@ int Main() {
   }
   // Open only the tensors of the held experts.
   std::set<std::string> prefixes;
-  for (const auto& [l, e] : shards) {
-    prefixes.insert(WeightName(arch->moe_prefix, l) + "." + WeightName(arch->expert, l, e) + ".");
-  }
+  for (const auto& [l, e] : shards) prefixes.insert(ExpertPrefix(*arch, l, e));
   auto want = [&prefixes](std::string_view name) {
     auto it = prefixes.upper_bound(std::string(name));
     if (it == prefixes.begin()) return false;

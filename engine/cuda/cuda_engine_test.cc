@@ -300,10 +300,8 @@ TEST_P(ExpertShardTest, MatchesDoubleReference) {
   }
   std::vector<float> out = Random(n * H, 24);  // accumulated into
   std::vector<double> ref(out.begin(), out.end());
-  auto weight = [&](int32_t e, const std::string& which, int64_t rows, int64_t in) {
-    const TensorInfo* t = (*ckpt)->Find(WeightName(arch->moe_prefix, layer) + "." +
-                                        WeightName(arch->expert, layer, e) + "." + which +
-                                        ".weight");
+  auto weight = [&](const WeightSpec& w, int64_t rows, int64_t in) {
+    const TensorInfo* t = (*ckpt)->Find(w.name);
     std::vector<float> f(rows * in);
     ToF32(t->data, t->dtype, rows * in, f.data());
     return f;
@@ -312,8 +310,8 @@ TEST_P(ExpertShardTest, MatchesDoubleReference) {
     for (int64_t j = 0; j < k; ++j) {
       const int32_t e = ids[r * k + j];
       if (e < 0) continue;
-      auto gw = weight(e, arch->expert_gate, W, H), uw = weight(e, arch->expert_up, W, H),
-           dw = weight(e, arch->expert_down, H, W);
+      const MlpTensors ex = ExpertTensorsOf(*cfg, *arch, layer, e);
+      auto gw = weight(ex.gate, W, H), uw = weight(ex.up, W, H), dw = weight(ex.down, H, W);
       std::vector<double> act(W);
       for (int64_t o = 0; o < W; ++o) {
         double gs = 0, us = 0;
