@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of docs/BENCHMARKS.md: run on the GPU machine from the repository root, after
+# scripts/gpu_bundle.sh (which does the following) here:
 #   bazel build --config=cuda //engine/cuda:cuda_engine_test //engine/cuda:model_test //engine/cuda:expert_gemm_bench \
 #     //tools:moemesh_bench //tools:moemesh //expert_worker //attention_worker //encoder_worker //router
 #   ../shared/tools/device_bundle.sh .devbundle <those binaries from bazel-bin>
