@@ -2,12 +2,13 @@
 // sampling) with embeddings from an encoder worker and experts on expert workers.
 //   attention_worker --model=DIR --address=127.0.0.1:50053 --encoder=127.0.0.1:50052 \
 //                    --experts=127.0.0.1:50061,127.0.0.1:50062
-//   attention_worker --config=cluster.textproto
+//   attention_worker --config=cluster.textproto [--index=I]   (the config's I-th attention worker)
 #include <iostream>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "attention_worker/attention_service.h"
 #include "attention_worker/setup.h"
@@ -21,6 +22,7 @@ ABSL_FLAG(std::string, address, "127.0.0.1:50053", "host:port to serve on.");
 ABSL_FLAG(std::string, encoder, "", "Encoder worker address; empty = embed in this process.");
 ABSL_FLAG(std::string, experts, "", "Comma-separated expert worker addresses; empty = all experts in this process.");
 ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): gives model and every address.");
+ABSL_FLAG(int32_t, index, 0, "With --config: this worker's index among the config's attention workers.");
 ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "KV cache size in tokens over all sequences.");
 ABSL_FLAG(std::string, wire_dtype, "f32", "Hidden states sent to expert workers as f32 (exact) or bf16.");
 ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
@@ -51,12 +53,18 @@ int Main() {
     auto c = LoadClusterConfig(absl::GetFlag(FLAGS_config));
     if (!c.ok()) return Fail(c.status());
     if (!c->model().empty()) o.model_dir = c->model();
-    address = c->attention().address();
+    const int i = absl::GetFlag(FLAGS_index);
+    if (i < 0 || i >= c->attention_size()) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--index must be in [0, ", c->attention_size(), ") (the config's attention workers)")));
+    }
+    const auto& self = c->attention(i);
+    address = self.address();
     o.encoder_address = c->encoder().address();
     o.expert_addresses.clear();
     for (const auto& e : c->experts()) o.expert_addresses.push_back(e.address());
     if (!c->wire_dtype().empty()) wire = c->wire_dtype();
-    if (!c->attention().device().empty()) device = c->attention().device();
+    if (!self.device().empty()) device = self.device();
   }
   auto dev = ParseDevice(device);
   if (!dev.ok()) return Fail(dev.status());

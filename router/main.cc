@@ -1,12 +1,16 @@
-// router: serves the public API (moemesh.v1.Generation) over an attention worker.
-//   router --model=DIR --address=127.0.0.1:50051 --attention=127.0.0.1:50053
+// router: serves the public API (moemesh.v1.Generation) over one or more attention workers.
+//   router --model=DIR --address=127.0.0.1:50051 --attention=127.0.0.1:50053[,127.0.0.1:50054]
 //   router --config=cluster.textproto
 #include <chrono>
 #include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_split.h"
 #include "engine/config.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
@@ -21,7 +25,9 @@
 
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (tokenizer.json, config.json, generation_config.json).");
 ABSL_FLAG(std::string, address, "127.0.0.1:50051", "host:port of the public API.");
-ABSL_FLAG(std::string, attention, "127.0.0.1:50053", "Attention worker address.");
+ABSL_FLAG(std::string, attention, "127.0.0.1:50053",
+          "Attention worker address, or comma-separated addresses of several (data parallel: each "
+          "request goes to the one with the most free KV cache).");
 ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): gives model and every address.");
 ABSL_FLAG(double, step_timeout, 60, "Seconds before a step RPC to the attention worker fails.");
 
@@ -36,7 +42,11 @@ int Fail(const absl::Status& st) {
 int Main() {
   std::string model_dir = absl::GetFlag(FLAGS_model);
   std::string address = absl::GetFlag(FLAGS_address);
-  std::string attention = absl::GetFlag(FLAGS_attention);
+  std::vector<std::string> attention;
+  for (absl::string_view a :
+       absl::StrSplit(absl::GetFlag(FLAGS_attention), ',', absl::SkipWhitespace())) {
+    attention.emplace_back(a);
+  }
   ClusterConfig cluster;
   if (!absl::GetFlag(FLAGS_config).empty()) {
     auto c = LoadClusterConfig(absl::GetFlag(FLAGS_config));
@@ -44,7 +54,8 @@ int Main() {
     cluster = *c;
     if (!cluster.model().empty()) model_dir = cluster.model();
     address = cluster.router().address();
-    attention = cluster.attention().address();
+    attention.clear();
+    for (const auto& a : cluster.attention()) attention.push_back(a.address());
   }
   // Weights are the workers' business; --num_layers only changes the layer count reported.
   LoadOptions lo;
@@ -56,17 +67,25 @@ int Main() {
   if (!gen.ok()) return Fail(gen.status());
   auto tok = Tokenizer::FromFile(model_dir + "/tokenizer.json");
   if (!tok.ok()) return Fail(tok.status());
-  absl::Status st = WaitHealthy(attention, 120);
-  if (!st.ok()) return Fail(st);
-  GrpcAttentionClient client(attention, absl::GetFlag(FLAGS_step_timeout));
+  if (attention.empty()) return Fail(absl::InvalidArgumentError("no attention worker given"));
+  std::vector<std::unique_ptr<GrpcAttentionClient>> clients;
+  std::vector<AttentionClient*> lanes;
+  for (const std::string& a : attention) {
+    absl::Status st = WaitHealthy(a, 120);
+    if (!st.ok()) return Fail(st);
+    clients.push_back(std::make_unique<GrpcAttentionClient>(a, absl::GetFlag(FLAGS_step_timeout)));
+    lanes.push_back(clients.back().get());
+  }
   RouterOptions ro = RouterOptionsFromFlags();
-  auto router = Router::Create(tok->get(), *cfg, *gen, &client, ro);
+  auto router = Router::Create(tok->get(), *cfg, *gen, lanes, ro);
   if (!router.ok()) return Fail(router.status());
   moemesh::v1::ModelInfo info = BasicModelInfo(*cfg);
   AddWorker(&info, "router", address, "cpu");
   if (!cluster.encoder().address().empty()) AddWorker(&info, "encoder", cluster.encoder().address(), "cpu");
-  auto stats = client.GetStats();
-  AddWorker(&info, "attention", attention, stats.ok() ? stats->device() : "cpu");
+  for (size_t i = 0; i < attention.size(); ++i) {
+    auto stats = clients[i]->GetStats();
+    AddWorker(&info, "attention", attention[i], stats.ok() ? stats->device() : "cpu");
+  }
   for (const auto& e : cluster.experts()) {
     GrpcExpertTransport t(e.address(), 10);
     auto es = t.GetStats();
@@ -88,7 +107,7 @@ int Main() {
 }  // namespace moemesh
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("router --model=DIR --address=HOST:PORT --attention=ADDR");
+  absl::SetProgramUsageMessage("router --model=DIR --address=HOST:PORT --attention=ADDR[,ADDR...]");
   absl::ParseCommandLine(argc, argv);
   return moemesh::Main();
 }

@@ -22,26 +22,34 @@ absl::Status BadField(const std::string& field, const std::string& why) {
 
 absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, const ModelConfig& cfg,
                                                        const GenerationDefaults& defaults,
-                                                       AttentionClient* attention,
+                                                       std::vector<AttentionClient*> attention,
                                                        const RouterOptions& opt) {
-  int64_t cap = opt.kv_capacity_tokens;
-  if (cap <= 0) {
-    auto stats = attention->GetStats();
-    if (!stats.ok()) return stats.status();
-    cap = stats->kv_capacity_tokens();
+  if (attention.empty()) return absl::InvalidArgumentError("the router needs an attention worker");
+  std::vector<int64_t> caps;
+  for (AttentionClient* a : attention) {
+    int64_t cap = opt.kv_capacity_tokens;
+    if (cap <= 0) {
+      auto stats = a->GetStats();
+      if (!stats.ok()) return stats.status();
+      cap = stats->kv_capacity_tokens();
+    }
+    caps.push_back(cap);
   }
-  return std::unique_ptr<Router>(new Router(tok, cfg, defaults, attention, opt, cap));
+  return std::unique_ptr<Router>(new Router(tok, cfg, defaults, std::move(attention), opt, caps));
 }
 
 Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
-               AttentionClient* attention, const RouterOptions& opt, int64_t kv_capacity)
-    : tok_(tok),
-      cfg_(cfg),
-      defaults_(defaults),
-      attention_(attention),
-      opt_(opt),
-      kv_capacity_(kv_capacity) {
-  thread_ = std::thread([this] { Loop(); });
+               std::vector<AttentionClient*> attention, const RouterOptions& opt,
+               const std::vector<int64_t>& kv_capacity)
+    : tok_(tok), cfg_(cfg), defaults_(defaults), opt_(opt), lanes_(attention.size()) {
+  for (size_t i = 0; i < lanes_.size(); ++i) {
+    lanes_[i].client = attention[i];
+    lanes_[i].kv_capacity = kv_capacity[i];
+    max_kv_capacity_ = std::max(max_kv_capacity_, kv_capacity[i]);
+  }
+  for (size_t i = 0; i < lanes_.size(); ++i) {
+    lanes_[i].thread = std::thread([this, i] { Loop(i); });
+  }
 }
 
 Router::~Router() {
@@ -50,14 +58,16 @@ Router::~Router() {
     stop_ = true;
   }
   cv_.notify_all();
-  thread_.join();
+  for (Lane& lane : lanes_) lane.thread.join();
   std::vector<Outgoing> out;
   {
     std::lock_guard<std::mutex> l(mu_);
     const absl::Status st = absl::UnavailableError("the router is shutting down");
-    for (auto& r : running_) Fail(r.get(), st, &out);
+    for (Lane& lane : lanes_) {
+      for (auto& r : lane.running) Fail(r.get(), st, &out);
+      lane.running.clear();
+    }
     for (auto& r : waiting_) Fail(r.get(), st, &out);
-    running_.clear();
     waiting_.clear();
   }
   Deliver(&out);
@@ -139,11 +149,11 @@ absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSi
   r->sink = sink;
   const int64_t need = plen + r->max_tokens;
   std::lock_guard<std::mutex> l(mu_);
-  if (need > kv_capacity_) {
+  if (need > max_kv_capacity_) {
     ++counters_.rejected;
     return absl::ResourceExhaustedError(absl::StrCat(
         "the request needs ", need, " KV cache slots (prompt + max_tokens); the cache holds ",
-        kv_capacity_, ": lower max_tokens"));
+        max_kv_capacity_, ": lower max_tokens"));
   }
   if (static_cast<int64_t>(waiting_.size()) >= opt_.max_queue) {
     ++counters_.rejected;
@@ -154,8 +164,28 @@ absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSi
   const uint64_t id = r->id;
   waiting_.push_back(std::move(r));
   ++counters_.submitted;
-  cv_.notify_all();
+  Admit();
   return id;
+}
+
+void Router::Admit() {
+  while (!waiting_.empty()) {
+    Request* r = waiting_.front().get();
+    const int64_t need = static_cast<int64_t>(r->prompt.size()) + r->max_tokens;
+    Lane* best = nullptr;
+    for (Lane& lane : lanes_) {
+      const int64_t free = lane.kv_capacity - lane.kv_reserved;
+      if (free < need || static_cast<int64_t>(lane.running.size()) >= opt_.max_running) continue;
+      if (best == nullptr || free > best->kv_capacity - best->kv_reserved) best = &lane;
+    }
+    if (best == nullptr) break;  // first come first served: the head waits for room
+    best->kv_reserved += need;
+    r->reserved = need;
+    r->lane = static_cast<int>(best - lanes_.data());
+    best->running.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+  cv_.notify_all();
 }
 
 void Router::Cancel(uint64_t id) {
@@ -169,10 +199,12 @@ void Router::Cancel(uint64_t id) {
         break;
       }
     }
-    for (auto& r : running_) {
-      if (r->id == id) r->cancelled = true;
+    for (Lane& lane : lanes_) {
+      for (auto& r : lane.running) {
+        if (r->id == id) r->cancelled = true;
+      }
     }
-    cv_.notify_all();
+    Admit();
   }
   Deliver(&out);
 }
@@ -181,8 +213,13 @@ Router::Counters Router::counters() const {
   std::lock_guard<std::mutex> l(mu_);
   Counters c = counters_;
   c.waiting = static_cast<int64_t>(waiting_.size());
-  c.running = static_cast<int64_t>(running_.size());
-  c.kv_reserved = kv_reserved_;
+  for (const Lane& lane : lanes_) {
+    c.running += static_cast<int64_t>(lane.running.size());
+    c.kv_reserved += lane.kv_reserved;
+    c.steps += lane.steps;
+    c.running_per_worker.push_back(static_cast<int64_t>(lane.running.size()));
+    c.steps_per_worker.push_back(lane.steps);
+  }
   return c;
 }
 
@@ -205,9 +242,7 @@ void Router::Finish(Request* r, FinishReason reason, const std::string& text_tai
   } else {
     ++counters_.finished;
   }
-  kv_reserved_ -= r->reserved;
-  r->reserved = 0;
-  if (r->started) to_release_.push_back(r->id);
+  Unreserve(r);
   r->sink = nullptr;
 }
 
@@ -219,10 +254,16 @@ void Router::Fail(Request* r, const absl::Status& st, std::vector<Outgoing>* out
   f.status = st;
   out->push_back(std::move(f));
   ++counters_.failed;
-  kv_reserved_ -= r->reserved;
-  r->reserved = 0;
-  if (r->started) to_release_.push_back(r->id);
+  Unreserve(r);
   r->sink = nullptr;
+}
+
+void Router::Unreserve(Request* r) {
+  if (r->lane < 0) return;  // still waiting: nothing reserved
+  Lane& lane = lanes_[r->lane];
+  lane.kv_reserved -= r->reserved;
+  r->reserved = 0;
+  if (r->started) lane.to_release.push_back(r->id);
 }
 
 bool Router::OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoing>* out) {
@@ -282,8 +323,14 @@ void Router::Deliver(std::vector<Outgoing>* out) {
   out->clear();
 }
 
-void Router::Loop() {
+void Router::Loop(size_t index) {
+  Lane& lane = lanes_[index];
   std::vector<Outgoing> out;
+  auto remove_ended = [&lane]() {
+    lane.running.erase(std::remove_if(lane.running.begin(), lane.running.end(),
+                                      [](const auto& r) { return r->sink == nullptr; }),
+                       lane.running.end());
+  };
   while (true) {
     wire::StepRequest req;
     std::vector<Request*> in_step;
@@ -291,32 +338,21 @@ void Router::Loop() {
     std::vector<uint64_t> releases;
     {
       std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] {
-        return stop_ || !waiting_.empty() || !running_.empty() || !to_release_.empty();
-      });
+      cv_.wait(l, [&] { return stop_ || !lane.running.empty() || !lane.to_release.empty(); });
       if (stop_) break;
       // Cancelled requests end at this step boundary.
-      for (auto& r : running_) {
+      bool ended = false;
+      for (auto& r : lane.running) {
         if (r->cancelled && r->sink != nullptr) {
           Finish(r.get(), moemesh::v1::FINISH_REASON_CANCELLED, "", &out);
+          ended = true;
         }
       }
-      running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                    [](const auto& r) { return r->sink == nullptr; }),
-                     running_.end());
-      // Admission: first come first served while the KV cache has room for the worst case.
-      while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < opt_.max_running) {
-        Request* r = waiting_.front().get();
-        const int64_t need = static_cast<int64_t>(r->prompt.size()) + r->max_tokens;
-        if (kv_reserved_ + need > kv_capacity_) break;
-        kv_reserved_ += need;
-        r->reserved = need;
-        running_.push_back(std::move(waiting_.front()));
-        waiting_.pop_front();
-      }
+      remove_ended();
+      if (ended) Admit();
       // One step: a token for every decoding sequence, prompt chunks within the budget.
       int64_t budget = opt_.prefill_chunk;
-      for (auto& rp : running_) {
+      for (auto& rp : lane.running) {
         Request* r = rp.get();
         wire::SeqStep* s = nullptr;
         const int64_t plen = static_cast<int64_t>(r->prompt.size());
@@ -346,17 +382,17 @@ void Router::Loop() {
         }
         in_step.push_back(r);
       }
-      releases.swap(to_release_);
+      releases.swap(lane.to_release);
     }
     Deliver(&out);
-    if (!releases.empty()) attention_->Release(releases).IgnoreError();
+    if (!releases.empty()) lane.client->Release(releases).IgnoreError();
     if (in_step.empty()) continue;
 
     wire::StepResponse resp;
-    absl::Status st = attention_->Step(req, &resp);
+    absl::Status st = lane.client->Step(req, &resp);
     {
       std::lock_guard<std::mutex> l(mu_);
-      ++counters_.steps;
+      ++lane.steps;
       if (st.ok() && resp.results_size() != static_cast<int>(in_step.size())) {
         st = absl::InternalError("the attention worker answered a different number of sequences");
       }
@@ -376,9 +412,8 @@ void Router::Loop() {
         if (r->cancelled || !res.sampled()) continue;
         OnToken(r, res, &out);
       }
-      running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                    [](const auto& r) { return r->sink == nullptr; }),
-                     running_.end());
+      remove_ended();
+      Admit();  // the KV cache freed above may fit waiting requests (on any worker)
     }
     Deliver(&out);
   }

@@ -1,6 +1,7 @@
 // The router as a plain object: tokenizes, queues and schedules requests with continuous batching
-// over one attention worker, applies stop conditions and streams text. The gRPC service
-// (generation_service.h) and the in-process mode both drive this class.
+// over one or more attention workers (data parallel: each holds its own sequences' KV cache),
+// applies stop conditions and streams text. The gRPC service (generation_service.h) and the
+// in-process mode both drive this class.
 #ifndef MOEMESH_ROUTER_ROUTER_H_
 #define MOEMESH_ROUTER_ROUTER_H_
 
@@ -27,8 +28,8 @@ namespace moemesh {
 
 namespace wire = ::moemesh::internal::v1;
 
-// How the router reaches its attention worker (in-process or gRPC). Thread-compatible: the
-// router calls it from its scheduler thread only.
+// How the router reaches an attention worker (in-process or gRPC). Thread-compatible: the
+// router calls each one from that worker's scheduler thread only.
 class AttentionClient {
  public:
   virtual ~AttentionClient() = default;
@@ -49,18 +50,28 @@ class GenerationSink {
 
 struct RouterOptions {
   int64_t max_queue = 256;       // requests waiting for KV cache room; beyond: RESOURCE_EXHAUSTED
-  int64_t max_running = 64;      // sequences in one step's batch
+  int64_t max_running = 64;      // sequences in one step's batch (per attention worker)
   int64_t prefill_chunk = 256;   // prompt tokens per step over all prefilling sequences
-  int64_t kv_capacity_tokens = 0;  // 0 = ask the attention worker
+  int64_t kv_capacity_tokens = 0;  // per attention worker; 0 = ask each worker
 };
 
 class Router {
  public:
-  // `tok` and `attention` must outlive the router.
+  // `tok` and the attention clients must outlive the router. With several attention workers,
+  // each request is admitted to the one with the most free KV cache (among those with room
+  // for its prompt + max_tokens) and stays there; each worker gets its own scheduler thread
+  // and steps, so the workers compute side by side. Requests wait in one queue, first come
+  // first served.
+  static absl::StatusOr<std::unique_ptr<Router>> Create(const Tokenizer* tok, const ModelConfig& cfg,
+                                                        const GenerationDefaults& defaults,
+                                                        std::vector<AttentionClient*> attention,
+                                                        const RouterOptions& opt);
   static absl::StatusOr<std::unique_ptr<Router>> Create(const Tokenizer* tok, const ModelConfig& cfg,
                                                         const GenerationDefaults& defaults,
                                                         AttentionClient* attention,
-                                                        const RouterOptions& opt);
+                                                        const RouterOptions& opt) {
+    return Create(tok, cfg, defaults, std::vector<AttentionClient*>{attention}, opt);
+  }
   ~Router();  // stops scheduling; unfinished requests end with UNAVAILABLE
   Router(const Router&) = delete;
   Router& operator=(const Router&) = delete;
@@ -77,11 +88,13 @@ class Router {
 
   struct Counters {
     int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0;
-    int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;
+    int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
+    std::vector<int64_t> running_per_worker, steps_per_worker;       // in Create's order
   };
   Counters counters() const;
   const ModelConfig& config() const { return cfg_; }
-  int64_t kv_capacity_tokens() const { return kv_capacity_; }
+  // The largest KV cache of one attention worker (what one request can use at most).
+  int64_t kv_capacity_tokens() const { return max_kv_capacity_; }
 
  private:
   struct Request {
@@ -99,7 +112,18 @@ class Router {
     std::vector<int32_t> generated;
     bool started = false;           // sent its first step
     bool cancelled = false;
-    int64_t reserved = 0;           // KV slots counted against the capacity
+    int64_t reserved = 0;           // KV slots counted against its worker's capacity
+    int lane = -1;                  // its attention worker, once admitted
+  };
+  // One attention worker and the requests admitted to it.
+  struct Lane {
+    AttentionClient* client = nullptr;
+    int64_t kv_capacity = 0;
+    int64_t kv_reserved = 0;
+    std::vector<std::unique_ptr<Request>> running;
+    std::vector<uint64_t> to_release;
+    int64_t steps = 0;
+    std::thread thread;
   };
   struct Outgoing {
     GenerationSink* sink;
@@ -110,13 +134,20 @@ class Router {
   };
 
   Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
-         AttentionClient* attention, const RouterOptions& opt, int64_t kv_capacity);
-  void Loop();
+         std::vector<AttentionClient*> attention, const RouterOptions& opt,
+         const std::vector<int64_t>& kv_capacity);
+  // Scheduler of lanes_[lane]: one step after another.
+  void Loop(size_t lane);
+  // Moves waiting requests, in order, to the lane with the most free KV cache that has room
+  // for them; stops at the first that fits nowhere yet. Wakes the lanes.
+  void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends `r` (running or waiting): queues its last response / status; frees its KV reservation.
   void Finish(Request* r, moemesh::v1::FinishReason reason, const std::string& text_tail,
               std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Fail(Request* r, const absl::Status& st, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Returns r's KV reservation to its worker and queues its sequence's release there.
+  void Unreserve(Request* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies one sampled token; true when the request is finished.
   bool OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -126,20 +157,18 @@ class Router {
   const Tokenizer* const tok_;
   const ModelConfig cfg_;
   const GenerationDefaults defaults_;
-  AttentionClient* const attention_;
   const RouterOptions opt_;
-  const int64_t kv_capacity_;
+  int64_t max_kv_capacity_ = 0;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::deque<std::unique_ptr<Request>> waiting_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::unique_ptr<Request>> running_ ABSL_GUARDED_BY(mu_);
-  std::vector<uint64_t> to_release_ ABSL_GUARDED_BY(mu_);
-  int64_t kv_reserved_ ABSL_GUARDED_BY(mu_) = 0;
+  // The lanes' scheduling state is guarded by mu_ (their clients and threads are not touched
+  // after construction but by their own thread).
+  std::vector<Lane> lanes_;
   Counters counters_ ABSL_GUARDED_BY(mu_);
-  std::thread thread_;
 };
 
 // In-process attention client over an AttentionWorker-like object.

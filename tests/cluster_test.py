@@ -385,7 +385,7 @@ class Cluster:
     """encoder_worker + expert workers (one per shard spec) + attention_worker + router."""
 
     def __init__(self, model_dir, shards, name="c", kv_capacity_tokens=None,
-                 router_flags=(), encoder=None, experts=None):
+                 router_flags=(), encoder=None, experts=None, attention_workers=1):
         self.model_dir = model_dir
         self.procs = []
         mflag = "--model=" + model_dir
@@ -406,18 +406,22 @@ class Cluster:
                   "--encoder=" + self.encoder, "--experts=" + ",".join(self.experts)]
         if kv_capacity_tokens:
             aflags.append("--kv_capacity_tokens=%d" % kv_capacity_tokens)
-        att = self._start("%s-attention" % name, aflags)
-        self.attention = att.wait_for(r"attention_worker: serving on ([^;\s]+)").group(1)
+        atts = [self._start("%s-attention%s" % (name, i or ""), aflags)
+                for i in range(attention_workers)]
+        self.attentions = [a.wait_for(r"attention_worker: serving on ([^;\s]+)").group(1)
+                           for a in atts]
+        self.attention = self.attentions[0]
         router = self._start("%s-router" % name,
                              [ROUTER, mflag, "--address=127.0.0.1:0",
-                              "--attention=" + self.attention] + list(router_flags))
+                              "--attention=" + ",".join(self.attentions)] + list(router_flags))
         self.addr = router.wait_for(r"serving moemesh\.v1\.Generation on (\S+)").group(1)
-        for p, addr in [(router, self.addr), (att, self.attention)]:
+        for p, addr in [(router, self.addr)] + list(zip(atts, self.attentions)):
             wait_healthy(addr, proc=p)
         self.channel = grpc.insecure_channel(self.addr)
         self.stub = pb2_grpc.GenerationStub(self.channel)
-        self.att_channel = grpc.insecure_channel(self.attention)
-        self.att_stub = wpb2_grpc.AttentionStub(self.att_channel)
+        self.att_channels = [grpc.insecure_channel(a) for a in self.attentions]
+        self.att_stubs = [wpb2_grpc.AttentionStub(ch) for ch in self.att_channels]
+        self.att_channel, self.att_stub = self.att_channels[0], self.att_stubs[0]
 
     def _start(self, name, argv):
         p = Proc(name, argv)
@@ -431,7 +435,7 @@ class Cluster:
         return "".join(p.describe() for p in self.procs)
 
     def stop(self):
-        for ch in (getattr(self, "channel", None), getattr(self, "att_channel", None)):
+        for ch in [getattr(self, "channel", None)] + getattr(self, "att_channels", []):
             if ch is not None:
                 ch.close()
         for p in reversed(self.procs):
@@ -674,6 +678,40 @@ class ConcurrencyTest(unittest.TestCase):
                 self.assertEqual(b.finish_reason, a.finish_reason)
                 self.assertEqual(b.completion_tokens, a.completion_tokens)
                 self.assertEqual(b.prompt_tokens, self.PROMPT_LENS[i])
+
+
+class DataParallelAttentionTest(unittest.TestCase):
+    def test_two_attention_workers_share_requests_and_match_references(self):
+        shared = shared_pydoc_cluster()  # its encoder and expert workers serve both
+        c = Cluster(PYDOC, None, name="dp", encoder=shared.encoder, experts=shared.experts,
+                    attention_workers=2)
+        try:
+            info = c.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
+            self.assertEqual(sorted(w.address for w in info.workers if w.role == "attention"),
+                             sorted(c.attentions))
+            before = [s.GetStats(wpb2.StatsRequest(), timeout=10) for s in c.att_stubs]
+            barrier = threading.Barrier(len(PYDOC_CASES))
+
+            def run(ids, n):
+                barrier.wait(timeout=30)
+                return generate(c.stub, make_request(ids, n), timeout=240)
+
+            jobs = [Background(lambda ids=ids, g=g: run(ids, len(g))) for ids, g in PYDOC_CASES]
+            for i, (j, (ids, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
+                self.assertEqual(j.join(timeout=300).ids, greedy, "prompt %d" % i)
+            # The router admitted requests to both workers (the one with the most free KV cache
+            # each time), and each worker released what it ran.
+            after = [s.GetStats(wpb2.StatsRequest(), timeout=10) for s in c.att_stubs]
+            done = [a.released_sequences - b.released_sequences for a, b in zip(after, before)]
+            self.assertEqual(sum(done), len(PYDOC_CASES), "released per worker: %r" % done)
+            for i, d in enumerate(done):
+                self.assertGreaterEqual(d, len(PYDOC_CASES) // 2 - 1,
+                                        "attention worker %d ran %d of %d requests"
+                                        % (i, d, len(PYDOC_CASES)))
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
 
 
 class CancelAndDeadlineTest(unittest.TestCase):
@@ -934,18 +972,24 @@ class ClusterCommandTest(unittest.TestCase):
         raise last
 
     def test_moemesh_cluster_serves_and_stops_on_sigint(self):
-        p, line, addr = self.start_cluster_command()
+        p, line, addr = self.start_cluster_command(extra=["--attention_workers=2"])
         try:
             # The processes of the cluster: everything the command started.
             kids = descendants(p.pid)
             p.extra_pids = list(kids)
-            self.assertGreaterEqual(len(kids), 5, "expected encoder, 2 expert workers, attention "
-                                    "worker and router under pid %d, found %r" % (p.pid, kids))
+            self.assertGreaterEqual(len(kids), 6, "expected encoder, 2 expert workers, 2 "
+                                    "attention workers and router under pid %d, found %r"
+                                    % (p.pid, kids))
+            m = re.search(r"attention (%s), (%s)," % (HOST_PORT, HOST_PORT), line)
+            self.assertIsNotNone(m, "two attention workers in the ready line %r" % line)
             wait_healthy(addr, proc=p)
             with grpc.insecure_channel(addr) as ch:
                 stub = pb2_grpc.GenerationStub(ch)
                 for ids, greedy in PYDOC_CASES[:2]:
                     self.assertEqual(greedy_ids(stub, ids, len(greedy)), greedy)
+                info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
+                self.assertEqual(sorted(w.address for w in info.workers if w.role == "attention"),
+                                 sorted(m.groups()))
             p.extra_pids = sorted(set(p.extra_pids) | set(descendants(p.pid)))
             os.kill(p.pid, signal.SIGINT)  # to the command only, as `kill -INT PID` does
             try:

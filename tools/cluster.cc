@@ -18,6 +18,9 @@
 #include "tools/commands.h"
 
 ABSL_FLAG(int32_t, expert_workers, 2, "cluster: number of expert-worker processes (experts split evenly).");
+ABSL_FLAG(int32_t, attention_workers, 1,
+          "cluster: number of attention-worker processes (data parallel: the router admits each "
+          "request to the one with the most free KV cache).");
 ABSL_FLAG(std::string, bin_dir, "", "cluster: directory holding router/, encoder_worker/, attention_worker/, expert_worker/ binaries (default: the bazel-bin this tool runs from).");
 ABSL_FLAG(std::string, wire_dtype, "f32", "cluster: hidden states to expert workers as f32 (exact) or bf16.");
 ABSL_FLAG(std::string, log_dir, "", "cluster: where each process's log goes (default: a new directory under /tmp).");
@@ -87,6 +90,11 @@ int RunCluster(const std::string& argv0) {
     std::cerr << "moemesh cluster: --expert_workers must be >= 1" << std::endl;
     return 2;
   }
+  const int na = absl::GetFlag(FLAGS_attention_workers);
+  if (na < 1) {
+    std::cerr << "moemesh cluster: --attention_workers must be >= 1" << std::endl;
+    return 2;
+  }
   // --load_format / --num_layers go to every process (dummy weights are the same in each).
   LoadOptions load;
   absl::Status load_flags = LoadOptionsFromFlags(&load);
@@ -118,6 +126,8 @@ int RunCluster(const std::string& argv0) {
   const std::string host = absl::GetFlag(FLAGS_host);
   const int port = absl::GetFlag(FLAGS_port);
   auto addr = [&](int offset) { return absl::StrCat(host, ":", port + offset); };
+  // Ports: router, encoder, attention 0, the expert workers, then attention 1, 2, ...
+  auto attention_addr = [&](int i) { return addr(i == 0 ? 2 : 2 + n + i); };
 
   // The cluster config every process reads (experts split evenly: no shards listed).
   const std::string config = logs + "/cluster.textproto";
@@ -125,8 +135,8 @@ int RunCluster(const std::string& argv0) {
     std::ofstream c(config);
     c << "model: \"" << absl::GetFlag(FLAGS_model) << "\"\n"
       << "router { address: \"" << addr(0) << "\" }\n"
-      << "encoder { address: \"" << addr(1) << "\" }\n"
-      << "attention { address: \"" << addr(2) << "\" }\n";
+      << "encoder { address: \"" << addr(1) << "\" }\n";
+    for (int i = 0; i < na; ++i) c << "attention { address: \"" << attention_addr(i) << "\" }\n";
     for (int i = 0; i < n; ++i) c << "experts { address: \"" << addr(3 + i) << "\" }\n";
     c << "wire_dtype: \"" << absl::GetFlag(FLAGS_wire_dtype) << "\"\n";
     if (!c) {
@@ -153,9 +163,13 @@ int RunCluster(const std::string& argv0) {
            threads, "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype)},
           addr(3 + i));
   }
-  start("attention", {bin + "/attention_worker/attention_worker", "--config=" + config, threads,
-                      "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype)},
-        addr(2));
+  for (int i = 0; i < na; ++i) {
+    start(na == 1 ? std::string("attention") : absl::StrCat("attention", i),
+          {bin + "/attention_worker/attention_worker", "--config=" + config,
+           absl::StrCat("--index=", i), threads,
+           "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype)},
+          attention_addr(i));
+  }
   start("router", {bin + "/router/router", "--config=" + config}, addr(0));
 
   // Healthy, in start order; give up if a process dies or the deadline passes.
@@ -191,9 +205,11 @@ int RunCluster(const std::string& argv0) {
       }
     }
   }
+  std::string attention_list;
+  for (int i = 0; i < na; ++i) absl::StrAppend(&attention_list, i ? ", " : "", attention_addr(i));
   std::cout << "MoE Mesh cluster ready: router on " << addr(0) << " (encoder " << addr(1)
-            << ", attention " << addr(2) << ", " << n << " expert workers from " << addr(3)
-            << "); logs and config in " << logs << std::endl;
+            << ", attention " << attention_list << ", " << n << " expert workers from "
+            << addr(3) << "); logs and config in " << logs << std::endl;
   std::cout << "Query it:  /usr/bin/python3 scripts/client.py --addr=" << addr(0)
             << " \"your prompt\"   Stop it: Ctrl-C" << std::endl;
   while (!g_signal) {

@@ -6,7 +6,7 @@
 //   moemesh perplexity --model=DIR --file=TEXT_FILE [--window=512] [--experts_per_token=K]
 //   moemesh tokenize   --model=DIR --text=TEXT
 //   moemesh serve      --model=DIR --port=P          (every role in this process)
-//   moemesh cluster    --model=DIR --expert_workers=N --port=P   (one process per role)
+//   moemesh cluster    --model=DIR --expert_workers=N [--attention_workers=M] --port=P   (one process per role)
 // Every command that loads weights takes --load_format=auto|dummy and --num_layers=N
 // (mesh/load_flags.h); with --load_format=dummy, generate --input_ids needs no tokenizer.json.
 #include <cstdio>
@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
       "  perplexity --file=TEXT_FILE [--window=512]\n"
       "  tokenize   --text=TEXT\n"
       "  serve      [--port=50051]                  every role in this process\n"
-      "  cluster    [--expert_workers=2] [--port=50051]   one process per role on loopback\n"
+      "  cluster    [--expert_workers=2] [--attention_workers=1] [--port=50051]   one process per role on loopback\n"
       "Weights: [--load_format=auto|dummy] [--num_layers=N] [--compute_dtype=fp32|bf16]\n"
       "Prints one JSON object on stdout.");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
