@@ -45,6 +45,7 @@ Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDef
   for (size_t i = 0; i < lanes_.size(); ++i) {
     lanes_[i].client = attention[i];
     lanes_[i].kv_capacity = kv_capacity[i];
+    lanes_[i].retry_seconds = opt_.worker_retry_seconds;
     max_kv_capacity_ = std::max(max_kv_capacity_, kv_capacity[i]);
   }
   for (size_t i = 0; i < lanes_.size(); ++i) {
@@ -175,7 +176,10 @@ void Router::Admit() {
     Lane* best = nullptr;
     for (Lane& lane : lanes_) {
       const int64_t free = lane.kv_capacity - lane.kv_reserved;
-      if (free < need || static_cast<int64_t>(lane.running.size()) >= opt_.max_running) continue;
+      if (lane.down || free < need ||
+          static_cast<int64_t>(lane.running.size()) >= opt_.max_running) {
+        continue;
+      }
       if (best == nullptr || free > best->kv_capacity - best->kv_reserved) best = &lane;
     }
     if (best == nullptr) break;  // first come first served: the head waits for room
@@ -217,6 +221,7 @@ Router::Counters Router::counters() const {
     c.running += static_cast<int64_t>(lane.running.size());
     c.kv_reserved += lane.kv_reserved;
     c.steps += lane.steps;
+    c.moved = counters_.moved;
     c.running_per_worker.push_back(static_cast<int64_t>(lane.running.size()));
     c.steps_per_worker.push_back(lane.steps);
   }
@@ -256,6 +261,49 @@ void Router::Fail(Request* r, const absl::Status& st, std::vector<Outgoing>* out
   ++counters_.failed;
   Unreserve(r);
   r->sink = nullptr;
+}
+
+void Router::MoveOrFail(size_t index, const absl::Status& st,
+                        const std::vector<Request*>& in_step, std::vector<Outgoing>* out) {
+  Lane& lane = lanes_[index];
+  const absl::Status failed(st.code(), absl::StrCat("step failed: ", st.message()));
+  bool other_up = false;
+  for (size_t j = 0; j < lanes_.size(); ++j) other_up = other_up || (j != index && !lanes_[j].down);
+  if (!other_up) {
+    // Nowhere to go: the step's requests fail, as with a single worker (which stays in service,
+    // so that while it is down new requests fail fast rather than wait).
+    for (Request* r : in_step) Fail(r, failed, out);
+    return;
+  }
+  lane.down = true;
+  lane.retry_at = std::chrono::steady_clock::now() +
+                  std::chrono::microseconds(static_cast<int64_t>(lane.retry_seconds * 1e6));
+  std::deque<std::unique_ptr<Request>> moved;
+  for (auto& rp : lane.running) {
+    Request* r = rp.get();
+    if (r->sink == nullptr) continue;
+    if (r->cancelled) {
+      Finish(r, moemesh::v1::FINISH_REASON_CANCELLED, "", out);
+      continue;
+    }
+    if (r->moves >= opt_.max_moves) {
+      Fail(r, failed, out);
+      continue;
+    }
+    Unreserve(r);  // its sequence is released on this worker once it answers again
+    r->lane = -1;
+    r->started = false;
+    r->prefilled = 0;
+    r->replay = std::max<int64_t>(static_cast<int64_t>(r->generated.size()) - 1, 0);
+    ++r->moves;
+    ++counters_.moved;
+    moved.push_back(std::move(rp));
+  }
+  lane.running.clear();
+  // Ahead of the queue, in their order: they were admitted before anything waiting.
+  waiting_.insert(waiting_.begin(), std::make_move_iterator(moved.begin()),
+                  std::make_move_iterator(moved.end()));
+  Admit();
 }
 
 void Router::Unreserve(Request* r) {
@@ -338,7 +386,30 @@ void Router::Loop(size_t index) {
     std::vector<uint64_t> releases;
     {
       std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] { return stop_ || !lane.running.empty() || !lane.to_release.empty(); });
+      while (!stop_) {
+        if (lane.down) {
+          // Ask the failed worker again at retry_at; back in service once it answers.
+          if (std::chrono::steady_clock::now() < lane.retry_at) {
+            cv_.wait_until(l, lane.retry_at);
+            continue;
+          }
+          l.unlock();
+          const bool up = lane.client->GetStats().ok();
+          l.lock();
+          if (up) {
+            lane.down = false;
+            lane.retry_seconds = opt_.worker_retry_seconds;
+            Admit();
+          } else {
+            lane.retry_seconds = std::min(lane.retry_seconds * 2, 60.0);
+            lane.retry_at = std::chrono::steady_clock::now() +
+                            std::chrono::microseconds(static_cast<int64_t>(lane.retry_seconds * 1e6));
+          }
+          continue;
+        }
+        if (!lane.running.empty() || !lane.to_release.empty()) break;
+        cv_.wait(l);
+      }
       if (stop_) break;
       // Cancelled requests end at this step boundary.
       bool ended = false;
@@ -356,15 +427,18 @@ void Router::Loop(size_t index) {
         Request* r = rp.get();
         wire::SeqStep* s = nullptr;
         const int64_t plen = static_cast<int64_t>(r->prompt.size());
-        if (r->prefilled < plen) {
-          const int64_t n = std::min(plen - r->prefilled, budget);
+        const int64_t ctx = r->context();
+        if (r->prefilled < ctx) {
+          const int64_t n = std::min(ctx - r->prefilled, budget);
           if (n <= 0) continue;
           budget -= n;
           s = req.add_seqs();
-          s->mutable_tokens()->Add(r->prompt.begin() + r->prefilled,
-                                   r->prompt.begin() + r->prefilled + n);
+          for (int64_t i = r->prefilled; i < r->prefilled + n; ++i) {
+            s->add_tokens(r->context_token(i));
+          }
           s->set_start_pos(r->prefilled);
-          s->set_sample(r->prefilled + n == plen);
+          // A moved request already has its next input token: its prefill samples nothing.
+          s->set_sample(r->prefilled + n == ctx && r->generated.empty());
           chunk.push_back(n);
         } else {
           s = req.add_seqs();
@@ -396,13 +470,13 @@ void Router::Loop(size_t index) {
       if (st.ok() && resp.results_size() != static_cast<int>(in_step.size())) {
         st = absl::InternalError("the attention worker answered a different number of sequences");
       }
+      if (!st.ok()) {
+        MoveOrFail(index, st, in_step, &out);  // the step's results are void
+        in_step.clear();
+      }
       for (size_t i = 0; i < in_step.size(); ++i) {
         Request* r = in_step[i];
         if (r->sink == nullptr) continue;
-        if (!st.ok()) {
-          Fail(r, absl::Status(st.code(), absl::StrCat("step failed: ", st.message())), &out);
-          continue;
-        }
         const wire::SeqResult& res = resp.results(static_cast<int>(i));
         if (res.error_code() != 0) {
           Fail(r, absl::Status(static_cast<absl::StatusCode>(res.error_code()), res.error()), &out);

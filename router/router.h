@@ -5,6 +5,7 @@
 #ifndef MOEMESH_ROUTER_ROUTER_H_
 #define MOEMESH_ROUTER_ROUTER_H_
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -53,6 +54,8 @@ struct RouterOptions {
   int64_t max_running = 64;      // sequences in one step's batch (per attention worker)
   int64_t prefill_chunk = 256;   // prompt tokens per step over all prefilling sequences
   int64_t kv_capacity_tokens = 0;  // per attention worker; 0 = ask each worker
+  int max_moves = 2;               // times a request may move to another attention worker
+  double worker_retry_seconds = 2;  // a failed worker is asked again after this (then doubling)
 };
 
 class Router {
@@ -61,7 +64,12 @@ class Router {
   // each request is admitted to the one with the most free KV cache (among those with room
   // for its prompt + max_tokens) and stays there; each worker gets its own scheduler thread
   // and steps, so the workers compute side by side. Requests wait in one queue, first come
-  // first served.
+  // first served. When a worker's step fails as a whole (the worker is down or unreachable)
+  // and another worker is up, its requests go back to the head of the queue and continue on
+  // another worker from their last token (its KV cache rebuilt by a prefill of the prompt and
+  // the tokens generated so far; greedy output is unchanged, sampling continues with a fresh
+  // random stream), at most RouterOptions::max_moves times; the failed worker takes no new
+  // requests until its GetStats answers again.
   static absl::StatusOr<std::unique_ptr<Router>> Create(const Tokenizer* tok, const ModelConfig& cfg,
                                                         const GenerationDefaults& defaults,
                                                         std::vector<AttentionClient*> attention,
@@ -89,6 +97,7 @@ class Router {
   struct Counters {
     int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0;
     int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
+    int64_t moved = 0;  // requests moved to another worker after a worker failed
     std::vector<int64_t> running_per_worker, steps_per_worker;       // in Create's order
   };
   Counters counters() const;
@@ -114,6 +123,16 @@ class Router {
     bool cancelled = false;
     int64_t reserved = 0;           // KV slots counted against its worker's capacity
     int lane = -1;                  // its attention worker, once admitted
+    // After a move: generated tokens (all but the last) prefilled after the prompt, to rebuild
+    // the KV cache; the last is the next decode step's input.
+    int64_t replay = 0;
+    int moves = 0;
+    // Tokens the KV cache holds once prefilled (prompt, then replayed ones).
+    int64_t context() const { return static_cast<int64_t>(prompt.size()) + replay; }
+    int32_t context_token(int64_t i) const {
+      const int64_t plen = static_cast<int64_t>(prompt.size());
+      return i < plen ? prompt[i] : generated[i - plen];
+    }
   };
   // One attention worker and the requests admitted to it.
   struct Lane {
@@ -123,6 +142,10 @@ class Router {
     std::vector<std::unique_ptr<Request>> running;
     std::vector<uint64_t> to_release;
     int64_t steps = 0;
+    // Down after a failed step: takes no requests until GetStats answers (asked at retry_at).
+    bool down = false;
+    std::chrono::steady_clock::time_point retry_at;
+    double retry_seconds = 0;
     std::thread thread;
   };
   struct Outgoing {
@@ -148,6 +171,11 @@ class Router {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Returns r's KV reservation to its worker and queues its sequence's release there.
   void Unreserve(Request* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After lane `lane`'s step over `in_step` failed with `st`: marks the lane down and moves its
+  // requests back to the queue's head (failing those that moved max_moves times); with no other
+  // worker up, fails the step's requests instead.
+  void MoveOrFail(size_t lane, const absl::Status& st, const std::vector<Request*>& in_step,
+                  std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies one sampled token; true when the request is finished.
   bool OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -19,16 +20,26 @@ namespace {
 constexpr char kModel[] = "models/pydoc-moe-17m";
 constexpr int32_t kToken = 100;  // what the fake workers sample
 
-// Answers every step with kToken for each sequence that samples; or fails every step.
+// Answers every step with kToken for each sequence that samples; from step `fail_from` on
+// (counting from 0; -1: never), fails every step as a worker that went down does.
 class FakeAttention : public AttentionClient {
  public:
-  explicit FakeAttention(int64_t kv_capacity, bool fail = false) : kv_capacity_(kv_capacity), fail_(fail) {}
+  explicit FakeAttention(int64_t kv_capacity, int fail_from = -1)
+      : kv_capacity_(kv_capacity), fail_from_(fail_from) {}
   absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) override {
     std::unique_lock<std::mutex> l(mu_);
     gate_.wait(l, [&] { return open_; });
+    const bool fail = fail_from_ >= 0 && steps_ >= fail_from_;
     ++steps_;
     for (const wire::SeqStep& s : req.seqs()) seqs_.insert(s.seq_id());
-    if (fail_) return absl::UnavailableError("worker down");
+    if (fail) return absl::UnavailableError("worker down");
+    for (const wire::SeqStep& s : req.seqs()) {
+      // Every token it was given, by position; a new sequence starts over.
+      std::vector<int32_t>& kv = kv_[s.seq_id()];
+      if (s.new_sequence()) kv.clear();
+      EXPECT_EQ(static_cast<int64_t>(kv.size()), s.start_pos()) << "sequence " << s.seq_id();
+      kv.insert(kv.end(), s.tokens().begin(), s.tokens().end());
+    }
     for (const wire::SeqStep& s : req.seqs()) {
       wire::SeqResult* r = resp->add_results();
       r->set_sampled(s.sample());
@@ -60,15 +71,21 @@ class FakeAttention : public AttentionClient {
     std::lock_guard<std::mutex> l(mu_);
     return seqs_;
   }
+  std::vector<int32_t> kv(uint64_t seq) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = kv_.find(seq);
+    return it == kv_.end() ? std::vector<int32_t>() : it->second;
+  }
 
  private:
   const int64_t kv_capacity_;
-  const bool fail_;
+  const int fail_from_;
   mutable std::mutex mu_;
   std::condition_variable gate_;
   bool open_ = true;
   int64_t steps_ = 0, released_ = 0;
   std::set<uint64_t> seqs_;
+  std::map<uint64_t, std::vector<int32_t>> kv_;
 };
 
 class Sink : public GenerationSink {
@@ -181,32 +198,58 @@ TEST_F(RouterTest, AdmitsToTheWorkerWithTheMostFreeKvCache) {
   EXPECT_EQ(st.status().code(), absl::StatusCode::kResourceExhausted) << st.status();
 }
 
-// A worker whose steps fail fails its own requests only; the other worker's complete.
-TEST_F(RouterTest, AFailingWorkerFailsOnlyItsRequests) {
-  FakeAttention good(1000), bad(1000, /*fail=*/true);
+// A worker that goes down mid-stream: its requests move to the other worker and complete, each
+// continuing from its last token over a KV cache rebuilt from its prompt and generated tokens;
+// the failed worker takes no new requests.
+TEST_F(RouterTest, RequestsOfAFailedWorkerMoveToAnother) {
+  FakeAttention good(1000), bad(1000, /*fail_from=*/6);
   good.Hold();
   bad.Hold();
-  auto router = Make({&good, &bad});
-  ASSERT_NE(router, nullptr);
+  RouterOptions opt;
+  opt.worker_retry_seconds = 600;  // stays down for the test
+  auto r = Router::Create(tok_.get(), cfg_, gen_, {&good, &bad}, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  Router& router = **r;
   std::vector<Sink> sinks(4);
-  for (Sink& s : sinks) ASSERT_TRUE(router->Submit(Request(5, 30), &s).ok());
+  std::vector<uint64_t> ids;
+  for (Sink& s : sinks) {
+    auto id = router.Submit(Request(5, 30), &s);
+    ASSERT_TRUE(id.ok()) << id.status();
+    ids.push_back(*id);
+  }
   good.Open();
   bad.Open();
-  int ok = 0, unavailable = 0;
   for (Sink& s : sinks) {
-    absl::Status st = s.Wait();
-    if (st.ok()) {
-      ++ok;
-      EXPECT_EQ(s.ids().size(), 30u);
-    } else {
-      EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
-      ++unavailable;
-    }
+    ASSERT_TRUE(s.Wait().ok());
+    EXPECT_EQ(s.ids(), std::vector<int32_t>(30, kToken));
   }
-  EXPECT_EQ(ok, static_cast<int>(good.seqs().size()));
-  EXPECT_EQ(unavailable, static_cast<int>(bad.seqs().size()));
-  EXPECT_EQ(ok, 2);  // admitted alternately (equal free KV cache: the first worker first)
-  EXPECT_EQ(unavailable, 2);
+  EXPECT_EQ(router.counters().moved, 2);
+  EXPECT_EQ(bad.seqs().size(), 2u);
+  EXPECT_EQ(good.seqs().size(), 4u);
+  // Every sequence's cache on the good worker: the prompt, then the generated tokens but the
+  // last (never fed back), at consecutive positions (checked as they came).
+  const moemesh::v1::GenerateRequest req = Request(5, 30);
+  std::vector<int32_t> want(req.token_ids().ids().begin(), req.token_ids().ids().end());
+  want.insert(want.end(), 29, kToken);
+  for (uint64_t id : ids) EXPECT_EQ(good.kv(id), want) << "sequence " << id;
+  // The failed worker is out of service: a new request goes to the good one.
+  Sink late;
+  auto id = router.Submit(Request(5, 3), &late);
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(late.Wait().ok());
+  EXPECT_TRUE(good.seqs().count(*id));
+  EXPECT_FALSE(bad.seqs().count(*id));
+}
+
+// A lone worker's failed step fails the step's requests (nowhere to move them).
+TEST_F(RouterTest, ALoneFailedWorkerFailsItsRequests) {
+  FakeAttention bad(1000, /*fail_from=*/0);
+  auto router = Make({&bad});
+  ASSERT_NE(router, nullptr);
+  Sink s;
+  ASSERT_TRUE(router->Submit(Request(5, 30), &s).ok());
+  EXPECT_EQ(s.Wait().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(router->counters().moved, 0);
 }
 
 TEST_F(RouterTest, NoWorkerIsAnError) {

@@ -714,6 +714,36 @@ class DataParallelAttentionTest(unittest.TestCase):
             c.stop()
 
 
+    def test_a_killed_attention_worker_loses_no_request(self):
+        """SIGKILL one of two attention workers mid-stream: every request still completes, with
+        the ids it gets when nothing fails (greedy): the router moves the dead worker's requests
+        to the other, which rebuilds their KV cache from the prompt and the tokens so far."""
+        shared = shared_pydoc_cluster()
+        c = Cluster(PYDOC, None, name="dpkill", encoder=shared.encoder, experts=shared.experts,
+                    attention_workers=2)
+        try:
+            held = heldout_ids()
+            reqs = [make_request(held[i * 500:i * 500 + 20 + 7 * i], 160) for i in range(6)]
+            solo = [generate(c.stub, r, timeout=240).ids for r in reqs]
+            jobs = [Background(lambda r=r: generate(c.stub, r, timeout=240)) for r in reqs]
+            # Kill worker 1 while it holds sequences, some of their tokens streamed.
+            victim = [p for p in c.procs if p.name == "dpkill-attention1"][0]
+            held_then = poll_until(
+                lambda: (c.att_stubs[1].GetStats(wpb2.StatsRequest(), timeout=5).active_sequences
+                         if c.att_stubs[1].GetStats(wpb2.StatsRequest(), timeout=5).steps > 20
+                         else 0), 60, interval=0.01)
+            os.kill(victim.pid, signal.SIGKILL)
+            self.assertGreater(held_then, 0, "attention worker 1 held no sequence when killed")
+            for i, (j, want) in enumerate(zip(jobs, solo)):
+                self.assertEqual(j.join(timeout=300).ids, want, "request %d" % i)
+            # The survivor serves new requests.
+            self.assertEqual(generate(c.stub, reqs[0], timeout=120).ids, solo[0])
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
+
+
 class CancelAndDeadlineTest(unittest.TestCase):
     def wait_idle(self, c, timeout=10):
         s = poll_until(lambda: c.stats().active_sequences == 0 or None, timeout)
