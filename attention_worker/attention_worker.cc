@@ -153,6 +153,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       it = seqs_.insert_or_assign(s.seq_id(),
                                   std::make_unique<SeqState>(ToSamplingConfig(s.sampling())))
                .first;
+      it->second->prompt_len = std::max<int64_t>(s.prompt_tokens(), 0);
     } else if (it == seqs_.end()) {
       fail(absl::FailedPreconditionError(absl::StrCat("unknown sequence ", s.seq_id())));
       continue;
@@ -193,7 +194,18 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     const wire::SeqStep& s = req.seqs(result_of[b]);
     SeqState& state = *seqs_.at(batch[b].seq_id);
     state.length += static_cast<int64_t>(batch[b].tokens.size());
-    if (state.generated.empty()) {
+    if (state.prompt_len > 0) {
+      // A moved sequence: tokens from prompt_len on were generated (on another worker); the
+      // decode input after its replay is the last of them.
+      for (size_t i = 0; i < batch[b].tokens.size(); ++i) {
+        const int64_t p = batch[b].start_pos + static_cast<int64_t>(i);
+        if (p < state.prompt_len) {
+          state.prompt.push_back(batch[b].tokens[i]);
+        } else if (static_cast<int64_t>(state.generated.size()) == p - state.prompt_len) {
+          state.generated.push_back(batch[b].tokens[i]);
+        }
+      }
+    } else if (state.generated.empty()) {
       state.prompt.insert(state.prompt.end(), batch[b].tokens.begin(), batch[b].tokens.end());
     }
     if (!s.sample()) continue;

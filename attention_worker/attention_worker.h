@@ -69,6 +69,7 @@ class AttentionWorker {
     Sampler sampler;
     std::vector<int32_t> prompt, generated;
     int64_t length = 0;  // tokens in the KV cache
+    int64_t prompt_len = 0;  // SeqStep::prompt_tokens of a moved sequence, else 0
   };
 
   const AttentionStack* const stack_;

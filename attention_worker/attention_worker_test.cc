@@ -1,6 +1,7 @@
 // AttentionWorker over two expert "workers" (in-process transports behind the dispatcher, as
 // remote workers are): greedy decoding of the oracle's prompts, all in one batch, reproduces
-// transformers' greedy ids with the step run whole and as two overlapping halves.
+// transformers' greedy ids with the step run whole and as two overlapping halves; a sequence
+// moved from another worker continues exactly as if it had not moved.
 #include "attention_worker/attention_worker.h"
 
 #include <fstream>
@@ -124,6 +125,66 @@ TEST_P(OverlapTest, BatchedGreedyMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Halves, OverlapTest, ::testing::Bool(),
                          [](const auto& info) { return info.param ? "overlapped" : "whole"; });
+
+// A sequence moved from another worker (the router replays its prompt and generated tokens, with
+// prompt_tokens saying where the prompt ends) continues exactly as it would have: greedy with
+// frequency and presence penalties, which depend on which tokens were generated. Without
+// prompt_tokens the replayed tokens count as prompt, and the continuation differs.
+TEST(MovedSequenceTest, ReplayKeepsThePenaltyHistory) {
+  // The trained embedded model: its greedy text repeats tokens, which the penalties act on.
+  const std::string dir = "models/pydoc-moe-17m";
+  auto parts = Load(dir);
+  ASSERT_NE(parts->stack, nullptr);
+  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(),
+                         AttentionWorker::Options());
+  std::ifstream in(dir + "/reference.json");
+  const std::vector<int32_t> prompt =
+      nlohmann::json::parse(in)["prompts"][0]["input_ids"].get<std::vector<int32_t>>();
+  const int64_t plen = static_cast<int64_t>(prompt.size());
+  moemesh::v1::SamplingParams sp;
+  sp.set_temperature(0);
+  sp.set_frequency_penalty(2.0f);
+  sp.set_presence_penalty(2.0f);
+  // One step of sequence `id`: tokens at start_pos; the sampled token, or -1.
+  auto step = [&](uint64_t id, const std::vector<int32_t>& tokens, int64_t start_pos, bool sample,
+                  bool first, int64_t prompt_tokens) {
+    wire::StepRequest req;
+    wire::SeqStep* s = req.add_seqs();
+    s->set_seq_id(id);
+    for (int32_t t : tokens) s->add_tokens(t);
+    s->set_start_pos(start_pos);
+    s->set_sample(sample);
+    if (first) {
+      s->set_new_sequence(true);
+      *s->mutable_sampling() = sp;
+      s->set_prompt_tokens(prompt_tokens);
+    }
+    wire::StepResponse resp;
+    EXPECT_TRUE(worker.Step(req, &resp).ok());
+    EXPECT_EQ(resp.results(0).error(), "");
+    return resp.results(0).sampled() ? resp.results(0).token() : -1;
+  };
+  // Never moved: 24 tokens.
+  std::vector<int32_t> full = {step(1, prompt, 0, true, true, 0)};
+  while (full.size() < 24) {
+    full.push_back(step(1, {full.back()}, plen + static_cast<int64_t>(full.size()) - 1, true,
+                        false, 0));
+  }
+  // Moved after 10 tokens: replay prompt + the first 9, then decode from the 10th.
+  auto moved = [&](uint64_t id, int64_t prompt_tokens) {
+    std::vector<int32_t> replay = prompt;
+    replay.insert(replay.end(), full.begin(), full.begin() + 9);
+    EXPECT_EQ(step(id, replay, 0, false, true, prompt_tokens), -1);
+    std::vector<int32_t> got(full.begin(), full.begin() + 10);
+    while (got.size() < full.size()) {
+      got.push_back(step(id, {got.back()}, plen + static_cast<int64_t>(got.size()) - 1, true,
+                         false, 0));
+    }
+    return got;
+  };
+  EXPECT_EQ(moved(2, plen), full);
+  EXPECT_NE(moved(3, 0), full) << "the penalties did not depend on the generated tokens";
+}
 
 }  // namespace
 }  // namespace moemesh

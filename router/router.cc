@@ -452,6 +452,7 @@ void Router::Loop(size_t index) {
         if (!r->started) {
           s->set_new_sequence(true);
           *s->mutable_sampling() = r->sampling;
+          if (!r->generated.empty()) s->set_prompt_tokens(plen);  // moved: replays its tokens
           r->started = true;
         }
         in_step.push_back(r);
