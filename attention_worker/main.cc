@@ -68,15 +68,12 @@ int Main() {
   }
   auto dev = ParseDevice(device);
   if (!dev.ok()) return Fail(dev.status());
-  o.device = *dev;
+  o.load.device = *dev;
   if (wire != "f32" && wire != "bf16") return Fail(absl::InvalidArgumentError("--wire_dtype must be f32 or bf16"));
   o.wire_dtype = wire == "bf16" ? wire::DTYPE_BF16 : wire::DTYPE_F32;
-  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.compute = ComputeType::kBF16;
-  LoadOptions lo;
-  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.load.compute = ComputeType::kBF16;
+  absl::Status load_flags = LoadOptionsFromFlags(&o.load);
   if (!load_flags.ok()) return Fail(load_flags);
-  o.load_format = lo.load_format;
-  o.num_layers = lo.num_layers;
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
   o.expert_timeout_seconds = absl::GetFlag(FLAGS_expert_timeout);
   o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);

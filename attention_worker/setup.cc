@@ -16,11 +16,7 @@ bool IsRoutedExpertTensor(std::string_view name) {
 
 absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSetupOptions opt) {
   auto s = std::make_unique<AttentionSetup>();
-  LoadOptions lo;
-  lo.compute = opt.compute;
-  lo.load_format = opt.load_format;
-  lo.num_layers = opt.num_layers;
-  lo.device = opt.device;
+  const LoadOptions& lo = opt.load;
   auto cfg = LoadModelConfig(opt.model_dir, lo);
   if (!cfg.ok()) return cfg.status();
   s->cfg = *cfg;
@@ -33,7 +29,7 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   });
   if (!ckpt.ok()) return ckpt.status();
   s->ckpt = std::move(*ckpt);
-  auto described = DescribeDevice(opt.device);
+  auto described = DescribeDevice(lo.device);
   if (!described.ok()) return described.status();
   auto stack = AttentionStack::Load(*s->ckpt, s->cfg, s->arch, lo);
   if (!stack.ok()) return stack.status();
@@ -91,7 +87,7 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   }
   AttentionWorker::Options wo;
   wo.kv_capacity_tokens = opt.kv_capacity_tokens;
-  wo.device = opt.device.ToString();
+  wo.device = lo.device.ToString();
   wo.overlap_halves = opt.overlap_halves;
   s->worker = std::make_unique<AttentionWorker>(s->stack.get(), s->encoder.get(), s->experts.get(), wo);
   return s;

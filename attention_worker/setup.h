@@ -27,12 +27,10 @@ struct AttentionSetupOptions {
   // (the worker's shards).
   std::vector<std::unique_ptr<ExpertTransport>> expert_transports;
   wire::DType wire_dtype = wire::DTYPE_F32;
-  ComputeType compute = ComputeType::kF32;
-  Device device;  // where the attention stack (and in-process experts) run
-  // How weights are loaded (LoadOptions: --load_format, --num_layers); every process of a
-  // cluster must be given the same.
-  LoadOptions::LoadFormat load_format = LoadOptions::LoadFormat::kAuto;
-  int64_t num_layers = 0;
+  // How and where weights are loaded: compute type, device of the attention stack (and of
+  // in-process experts), --load_format, --num_layers (every process of a cluster must be given
+  // the same), --cuda_graphs.
+  LoadOptions load;
   int64_t kv_capacity_tokens = 1 << 16;
   double expert_timeout_seconds = 30;
   double connect_timeout_seconds = 60;

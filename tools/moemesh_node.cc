@@ -194,7 +194,7 @@ int Main(int rank, int size, int thread_level) {
             mpi_client->TransportTo(r, absl::StrCat("rank ", r, " (", addrs[r], ")")));
       }
     }
-    o.compute = lo.compute;
+    o.load.compute = lo.compute;
     o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
     o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
     if (cluster.wire_dtype() == "bf16") o.wire_dtype = wire::DTYPE_BF16;

@@ -34,15 +34,12 @@ int RunServe() {
   AttentionSetupOptions o;
   o.model_dir = dir;
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
-  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.compute = ComputeType::kBF16;
+  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.load.compute = ComputeType::kBF16;
   auto device = ParseDevice(absl::GetFlag(FLAGS_device));
   if (!device.ok()) return Fail(device.status());
-  o.device = *device;
-  LoadOptions lo;
-  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  o.load.device = *device;
+  absl::Status load_flags = LoadOptionsFromFlags(&o.load);
   if (!load_flags.ok()) return Fail(load_flags);
-  o.load_format = lo.load_format;
-  o.num_layers = lo.num_layers;
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
   auto gen = GenerationDefaults::FromFile(dir + "/generation_config.json");
@@ -57,8 +54,10 @@ int RunServe() {
   moemesh::v1::ModelInfo info = BasicModelInfo((*setup)->cfg);
   AddWorker(&info, "router", address, "cpu");
   AddWorker(&info, "encoder", "in-process", "cpu");
-  AddWorker(&info, "attention", "in-process", "cpu");
-  AddWorker(&info, "expert", "in-process", "cpu", (*setup)->expert_placement.front().second);
+  // The attention stack and the in-process experts run on --device.
+  const std::string where = (*setup)->worker->GetStats().device();
+  AddWorker(&info, "attention", "in-process", where);
+  AddWorker(&info, "expert", "in-process", where, (*setup)->expert_placement.front().second);
   GenerationService service(router->get(), tok->get(), info);
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
