@@ -252,6 +252,39 @@ TEST_F(RouterTest, ALoneFailedWorkerFailsItsRequests) {
   EXPECT_EQ(router->counters().moved, 0);
 }
 
+// Cancelling: a waiting request ends at once, a running one at its worker's next step boundary;
+// the room it frees goes to the next waiting request, whichever worker it was on.
+TEST_F(RouterTest, CancelWaitingAndRunningRequestsAcrossWorkers) {
+  FakeAttention a(1000), b(1000);
+  a.Hold();
+  b.Hold();
+  RouterOptions opt;
+  opt.max_running = 1;  // one sequence per worker: the third and fourth wait
+  auto r = Router::Create(tok_.get(), cfg_, gen_, {&a, &b}, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  Router& router = **r;
+  std::vector<Sink> sinks(4);
+  std::vector<uint64_t> ids;
+  for (Sink& s : sinks) ids.push_back(*router.Submit(Request(5, 20), &s));
+  EXPECT_EQ(router.counters().waiting, 2);
+  router.Cancel(ids[3]);  // waiting: ends now
+  ASSERT_TRUE(sinks[3].Wait().ok());
+  EXPECT_TRUE(sinks[3].ids().empty());
+  router.Cancel(ids[1]);  // running on the second worker
+  a.Open();
+  b.Open();
+  for (int i : {0, 1, 2}) ASSERT_TRUE(sinks[i].Wait().ok()) << i;
+  EXPECT_EQ(sinks[0].ids().size(), 20u);
+  EXPECT_LT(sinks[1].ids().size(), 20u);
+  EXPECT_EQ(sinks[2].ids().size(), 20u);  // admitted when a worker had room again
+  const Router::Counters c = router.counters();
+  EXPECT_EQ(c.cancelled, 2);
+  EXPECT_EQ(c.finished, 2);
+  EXPECT_EQ(c.waiting, 0);
+  EXPECT_EQ(c.running, 0);
+  EXPECT_EQ(c.kv_reserved, 0);
+}
+
 TEST_F(RouterTest, NoWorkerIsAnError) {
   auto r = Router::Create(tok_.get(), cfg_, gen_, std::vector<AttentionClient*>{}, RouterOptions());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
