@@ -44,14 +44,15 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
       s.k.resize(num_layers_);
       s.v.resize(num_layers_);
     }
-    // Head-major: each head's block grows from s.slots to `want` rows.
+    // Head-major: each head's block grows from s.slots to `want` rows; its `held` written rows
+    // move, the rest stays unwritten (never read before a Store).
     const int64_t hd = head_dim();
     for (int64_t l = 0; host_storage_ && l < num_layers_; ++l) {
-      for (std::vector<float>* buf : {&s.k[l], &s.v[l]}) {
-        std::vector<float> grown(want * kv_dim_);
-        for (int64_t h = 0; s.slots > 0 && h < kv_heads_; ++h) {
-          std::copy(buf->begin() + h * s.slots * hd, buf->begin() + (h + 1) * s.slots * hd,
-                    grown.begin() + h * want * hd);
+      for (std::unique_ptr<float[]>* buf : {&s.k[l], &s.v[l]}) {
+        std::unique_ptr<float[]> grown(new float[want * kv_dim_]);  // not zero-filled
+        for (int64_t h = 0; held > 0 && h < kv_heads_; ++h) {
+          std::memcpy(grown.get() + h * want * hd, buf->get() + h * s.slots * hd,
+                      held * hd * sizeof(float));
         }
         buf->swap(grown);
       }
@@ -70,15 +71,15 @@ void KvCache::Free(uint64_t seq) {
   seqs_.erase(it);
 }
 
-float* KvCache::K(uint64_t seq, int64_t layer) { return seqs_.at(seq).k[layer].data(); }
-float* KvCache::V(uint64_t seq, int64_t layer) { return seqs_.at(seq).v[layer].data(); }
+float* KvCache::K(uint64_t seq, int64_t layer) { return seqs_.at(seq).k[layer].get(); }
+float* KvCache::V(uint64_t seq, int64_t layer) { return seqs_.at(seq).v[layer].get(); }
 
 void KvCache::Store(uint64_t seq, int64_t layer, int64_t pos, int64_t n, const float* k,
                     const float* v) {
   Seq& s = seqs_.at(seq);
   const int64_t hd = head_dim(), hs = s.slots * hd;
-  float* kc = s.k[layer].data();
-  float* vc = s.v[layer].data();
+  float* kc = s.k[layer].get();
+  float* vc = s.v[layer].get();
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t h = 0; h < kv_heads_; ++h) {
       const int64_t at = h * hs + (pos + i) * hd;

@@ -64,7 +64,7 @@ class KvCache {
   struct Seq {
     int64_t slots = 0;   // rows allocated per head (>= length)
     int64_t length = 0;  // positions reserved (what capacity counts)
-    std::vector<std::vector<float>> k, v;  // [layer] -> [slots * kv_dim]
+    std::vector<std::unique_ptr<float[]>> k, v;  // [layer] -> [slots * kv_dim]
   };
 
   const int64_t num_layers_;
