@@ -324,7 +324,8 @@ void MpiExpertClient::Loop() {
 
 // ---------------------------------------------------------------- expert side
 
-MpiServeStats ServeExpertsOverMpi(MPI_Comm comm, int client_rank, const RunExpertsHandler& handler,
+MpiServeStats ServeExpertsOverMpi(MPI_Comm comm, std::vector<int> client_ranks,
+                                  const RunExpertsHandler& handler,
                                   const std::atomic<bool>& stop, MpiPollOptions poll) {
   SetFineTimerSlack();
   Poller poller(poll);
@@ -347,28 +348,42 @@ MpiServeStats ServeExpertsOverMpi(MPI_Comm comm, int client_rank, const RunExper
       sends.pop_front();
     }
   };
-  auto send = [&](std::string* buf) {
+  auto send = [&](std::string* buf, int to) {
     sends.emplace_back();
     sends.back().buf.swap(*buf);
     stats.bytes_sent += static_cast<int64_t>(sends.back().buf.size());
-    MPI_Isend(sends.back().buf.data(), static_cast<int>(sends.back().buf.size()), MPI_BYTE,
-              client_rank, kTagResponse, comm, &sends.back().req);
+    MPI_Isend(sends.back().buf.data(), static_cast<int>(sends.back().buf.size()), MPI_BYTE, to,
+              kTagResponse, comm, &sends.back().req);
   };
-  for (;;) {
+  auto is_client = [&](int r) {
+    return std::find(client_ranks.begin(), client_ranks.end(), r) != client_ranks.end();
+  };
+  while (!client_ranks.empty()) {
     reap();
     int flag = 0;
     MPI_Status mst;
-    MPI_Iprobe(client_rank, kTagRequest, comm, &flag, &mst);
+    MPI_Iprobe(MPI_ANY_SOURCE, kTagRequest, comm, &flag, &mst);
+    if (flag && !is_client(mst.MPI_SOURCE)) {
+      // Not one of ours (or one that said stop): take the message and drop it.
+      int count = 0;
+      MPI_Get_count(&mst, MPI_BYTE, &count);
+      in.resize(std::max(count, 1));
+      MPI_Recv(&in[0], count, MPI_BYTE, mst.MPI_SOURCE, kTagRequest, comm, MPI_STATUS_IGNORE);
+      continue;
+    }
     if (!flag) {
       if (stop.load()) {
-        std::string bye;
-        mpi_wire::EncodeStop(&bye);
-        send(&bye);
+        for (int c : client_ranks) {
+          std::string bye;
+          mpi_wire::EncodeStop(&bye);
+          send(&bye, c);
+        }
         break;
       }
       poller.Wait();
       continue;
     }
+    const int client_rank = mst.MPI_SOURCE;
     int count = 0;
     MPI_Get_count(&mst, MPI_BYTE, &count);
     in.resize(std::max(count, 1));
@@ -377,7 +392,10 @@ MpiServeStats ServeExpertsOverMpi(MPI_Comm comm, int client_rank, const RunExper
     mpi_wire::Kind kind;
     uint64_t id = 0;
     absl::Status st = mpi_wire::PeekKind(in.data(), count, &kind, &id);
-    if (st.ok() && kind == mpi_wire::Kind::kStop) break;
+    if (st.ok() && kind == mpi_wire::Kind::kStop) {  // this client is done with us
+      client_ranks.erase(std::find(client_ranks.begin(), client_ranks.end(), client_rank));
+      continue;
+    }
     if (st.ok() && kind != mpi_wire::Kind::kRequest) st = absl::DataLossError("MPI message is not a request");
     if (st.ok()) st = mpi_wire::DecodeRequest(in.data(), count, &id, &req);
     resp.Clear();
@@ -393,7 +411,7 @@ MpiServeStats ServeExpertsOverMpi(MPI_Comm comm, int client_rank, const RunExper
       mpi_wire::EncodeResponse(
           id, absl::InternalError("RunExperts response larger than the request allows"), resp, &out);
     }
-    send(&out);
+    send(&out, client_rank);
     poller.Activity();
   }
   // Let the last responses (and the goodbye) reach the client.

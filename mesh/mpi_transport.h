@@ -121,16 +121,18 @@ class MpiExpertTransport : public ExpertTransport {
 using RunExpertsHandler =
     std::function<absl::Status(const wire::RunExpertsRequest&, wire::RunExpertsResponse*)>;
 
-// Serves RunExperts requests from `client_rank` on the calling thread (which is then this
-// process's only MPI caller) until the client sends a stop message or `stop` becomes true; in
-// the latter case it tells the client it stopped. A malformed message is answered with a
-// DataLoss error, and serving goes on.
+// Serves RunExperts requests from the `client_ranks` (the attention ranks) on the calling thread
+// (which is then this process's only MPI caller), each answered to its sender, until every
+// client has sent a stop message or `stop` becomes true; in the latter case it tells the clients
+// still served that it stopped. A malformed message is answered with a DataLoss error, and
+// serving goes on.
 struct MpiServeStats {
   int64_t calls = 0;
   int64_t bytes_received = 0;
   int64_t bytes_sent = 0;
 };
-MpiServeStats ServeExpertsOverMpi(MPI_Comm comm, int client_rank, const RunExpertsHandler& handler,
+MpiServeStats ServeExpertsOverMpi(MPI_Comm comm, std::vector<int> client_ranks,
+                                  const RunExpertsHandler& handler,
                                   const std::atomic<bool>& stop, MpiPollOptions poll = {});
 
 }  // namespace moemesh

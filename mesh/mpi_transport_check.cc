@@ -257,7 +257,7 @@ int Expert(TestModel& m, int rank) {
   const int64_t h = m.cfg.hidden_size;
   std::atomic<bool> stop{false};
   MpiServeStats s = ServeExpertsOverMpi(
-      MPI_COMM_WORLD, 0,
+      MPI_COMM_WORLD, {0},
       [&](const wire::RunExpertsRequest& req, wire::RunExpertsResponse* resp) {
         if (rank == 2 && req.layer() == -1000) stop = true;  // the client's "last call"
         return RunExpertsOnShard(*shard, h, req, resp);

@@ -6,6 +6,9 @@
 #    greedy request whose ids equal the embedded model's reference (Hugging Face) ids, once with
 #    --expert_transport=mpi (checking RunExperts really went over MPI) and once with grpc; Ctrl-C
 #    of mpirun ends every rank.
+# 3. 6 ranks with --attention_ranks=2 (data parallel attention over MPI): two requests at once,
+#    one per attention rank, both with the reference ids; both attention ranks' expert calls
+#    went over MPI to both expert ranks.
 set -euo pipefail
 export XDG_CACHE_HOME="${TEST_TMPDIR:-$(mktemp -d)}"
 NODE=tools/moemesh_node
@@ -27,13 +30,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-run_cluster() {  # TRANSPORT
-  local transport="$1" port out
+run_cluster() {  # TRANSPORT [ATTENTION_RANKS]
+  local transport="$1" attention="${2:-1}" port out
   port=$(( 20000 + RANDOM % 20000 ))
-  out="$TMP/mpi-$transport.out"
-  echo "== moemesh_node --expert_transport=$transport"
+  out="$TMP/mpi-$transport-$attention.out"
+  echo "== moemesh_node --expert_transport=$transport --attention_ranks=$attention"
   # shellcheck disable=SC2086
-  setsid mpirun $ROOT_FLAG --oversubscribe -np 5 "$NODE" --model=models/pydoc-moe-17m \
+  setsid mpirun $ROOT_FLAG --oversubscribe -np $(( 4 + attention )) "$NODE" \
+    --model=models/pydoc-moe-17m --attention_ranks="$attention" \
     --port="$port" --listen_host=127.0.0.1 --advertise_host=127.0.0.1 \
     --expert_transport="$transport" > "$out" 2>&1 &
   MPIRUN=$!
@@ -44,8 +48,8 @@ run_cluster() {  # TRANSPORT
   done
   grep -q "ready" "$out" || { cat "$out"; echo "not ready in 120 s"; exit 1; }
   grep -q "attention worker on .*, experts over $transport" "$out" || { cat "$out"; exit 1; }
-  /usr/bin/python3 - "$port" <<'PY'
-import json, sys
+  /usr/bin/python3 - "$port" "$attention" <<'PY'
+import json, sys, threading
 sys.path.insert(0, "scripts")
 import importlib.util
 spec = importlib.util.spec_from_file_location("client", "scripts/client.py")
@@ -58,14 +62,26 @@ req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=ref["input_ids"]))
 req.sampling.temperature = 0
 req.sampling.ignore_eos = True
 req.sampling.max_tokens = len(ref["greedy"])
-ids = []
-for r in stub.Generate(req, timeout=120):
-    ids.extend(r.ids)
-assert ids == ref["greedy"], (ids, ref["greedy"])
+attention = int(sys.argv[2])
+got = [None] * attention  # one request per attention rank, all at once
+
+def run(i):
+    ids = []
+    for r in stub.Generate(req, timeout=120):
+        ids.extend(r.ids)
+    got[i] = ids
+
+threads = [threading.Thread(target=run, args=(i,)) for i in range(attention)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+for ids in got:
+    assert ids == ref["greedy"], (ids, ref["greedy"])
 info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
 roles = sorted(w.role for w in info.workers)
-assert roles == ["attention", "encoder", "expert", "expert", "router"], roles
-print("mpirun cluster: greedy ids match the reference;", len(ids), "tokens")
+assert roles == ["attention"] * attention + ["encoder", "expert", "expert", "router"], roles
+print("mpirun cluster: greedy ids match the reference;", len(got[0]), "tokens x", attention)
 PY
   # Ctrl-C of mpirun ends every rank (within 20 s: the gRPC servers get 2 s to drain).
   kill -INT "$MPIRUN"
@@ -76,13 +92,16 @@ PY
   MPIRUN=""
   cat "$out"
   if [ "$transport" = mpi ]; then
-    # Every expert call of the greedy run went over MPI, and both expert ranks served some.
-    grep -Eq "rank 2: MPI transport: [1-9][0-9]* RunExperts calls" "$out" || { echo "no MPI calls"; exit 1; }
-    [ "$(grep -Ec "rank [34]: served [1-9][0-9]* RunExperts calls over MPI" "$out")" -eq 2 ] \
+    # Every expert call of the greedy runs went over MPI: from each attention rank, and both
+    # expert ranks served some.
+    [ "$(grep -Ec "rank [0-9]+: MPI transport: [1-9][0-9]* RunExperts calls" "$out")" -eq "$attention" ] \
+      || { echo "an attention rank made no MPI calls"; exit 1; }
+    [ "$(grep -Ec "rank [0-9]+: served [1-9][0-9]* RunExperts calls over MPI" "$out")" -eq 2 ] \
       || { echo "an expert rank served nothing over MPI"; exit 1; }
   fi
 }
 
 run_cluster mpi
 run_cluster grpc
+run_cluster mpi 2
 echo "mpi_test: passed"

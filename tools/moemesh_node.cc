@@ -1,7 +1,8 @@
 // moemesh_node: one MoE Mesh process per MPI rank, for launching a cluster with OpenMPI:
 //   mpirun -np N moemesh_node [--config=FILE | --model=DIR] [--port=50051]
-// Rank 0 is the router (public API on --port), rank 1 the encoder worker, rank 2 the attention
-// worker, ranks 3..N-1 expert workers (N >= 4). Every rank listens on a free port; addresses are
+// Rank 0 is the router (public API on --port), rank 1 the encoder worker, ranks 2..A+1 the
+// attention workers (A = --attention_ranks, default 1), the rest expert workers (N >= A + 3).
+// Every rank listens on a free port; addresses are
 // exchanged with MPI_Allgather at start-up. gRPC carries the public API, health, control and the
 // encoder's traffic; RunExperts (attention -> expert workers, once per worker per layer) goes
 // over MPI point-to-point messages (mesh/mpi_transport.h) unless --expert_transport=grpc.
@@ -38,7 +39,10 @@
 #include "router/router.h"
 #include "router/router_flags.h"
 
-ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): model, expert shards by expert index (rank - 3), wire_dtype. Addresses in it are ignored.");
+ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): model, expert shards by expert index (rank - 2 - attention ranks), wire_dtype. Addresses in it are ignored.");
+ABSL_FLAG(int32_t, attention_ranks, 1,
+          "Ranks 2..A+1 are attention workers (data parallel: the router admits each request to "
+          "the one with the most free KV cache); the ranks after them are expert workers.");
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory (when no --config).");
 ABSL_FLAG(int32_t, port, 50051, "Port of the public API on rank 0.");
 ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address every rank listens on.");
@@ -96,10 +100,18 @@ std::string Advertised(const std::string& bound) {
 }
 
 int Main(int rank, int size, int thread_level) {
-  if (size < 4) {
-    if (rank == 0) std::cerr << "moemesh_node: needs at least 4 ranks (router, encoder, attention, expert workers)" << std::endl;
+  const int n_attention = absl::GetFlag(FLAGS_attention_ranks);
+  const int first_expert = 2 + n_attention;
+  if (n_attention < 1 || size < first_expert + 1) {
+    if (rank == 0) {
+      std::cerr << "moemesh_node: needs --attention_ranks >= 1 and at least attention_ranks + 3 "
+                   "ranks (router, encoder, attention and expert workers); got "
+                << n_attention << " and " << size << std::endl;
+    }
     return 2;
   }
+  const bool is_attention = rank >= 2 && rank < first_expert;
+  const bool is_expert = rank >= first_expert;
   const std::string transport = absl::GetFlag(FLAGS_expert_transport);
   if (transport != "mpi" && transport != "grpc") {
     if (rank == 0) std::cerr << "moemesh_node: --expert_transport must be mpi or grpc, got '" << transport << "'" << std::endl;
@@ -124,13 +136,13 @@ int Main(int rank, int size, int thread_level) {
     cluster = *c;
     if (!cluster.model().empty()) model_dir = cluster.model();
   }
-  const int n_experts = size - 3;
+  const int n_experts = size - first_expert;
   while (cluster.experts_size() < n_experts) cluster.add_experts();
   auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
   if (!cfg.ok()) return Fail(rank, cfg.status());
   const int attention_threads = absl::GetFlag(FLAGS_attention_threads);
-  ops::SetNumThreads(rank == 2 && attention_threads > 0 ? attention_threads
-                                                        : absl::GetFlag(FLAGS_threads));
+  ops::SetNumThreads(is_attention && attention_threads > 0 ? attention_threads
+                                                            : absl::GetFlag(FLAGS_threads));
   LoadOptions lo;
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") lo.compute = ComputeType::kBF16;
   const std::string listen = absl::StrCat(absl::GetFlag(FLAGS_listen_host), ":0");
@@ -142,12 +154,12 @@ int Main(int rank, int size, int thread_level) {
   std::unique_ptr<grpc::Service> service;
   std::unique_ptr<grpc::Server> server;
   std::string mine;
-  if (rank == 1 || rank >= 3) {
+  if (rank == 1 || is_expert) {
     auto arch = ArchFor(*cfg);
     if (!arch.ok()) return Fail(rank, arch.status());
     std::set<ExpertId> shards;
-    if (rank >= 3) {
-      auto s = ShardsOf(cluster, *cfg, rank - 3);
+    if (is_expert) {
+      auto s = ShardsOf(cluster, *cfg, rank - first_expert);
       if (!s.ok()) return Fail(rank, s.status());
       shards = *s;
     }
@@ -174,20 +186,20 @@ int Main(int rank, int size, int thread_level) {
     server = std::move(*srv);
     mine = Advertised(bound);
     std::cerr << "moemesh_node rank " << rank << ": " << (rank == 1 ? "encoder" : "expert worker")
-              << " on " << mine << (rank >= 3 ? " holding " + ShardSummary(shards) : "") << std::endl;
+              << " on " << mine << (is_expert ? " holding " + ShardSummary(shards) : "") << std::endl;
   }
   std::vector<std::string> addrs = AllGather(mine, size);
 
-  // Phase 2: the attention worker connects to them and publishes its address.
+  // Phase 2: the attention workers connect to them and publish their addresses.
   std::unique_ptr<MpiExpertClient> mpi_client;  // outlives `setup`, whose transports use it
   std::unique_ptr<AttentionSetup> setup;
   mine.clear();
-  if (rank == 2) {
+  if (is_attention) {
     AttentionSetupOptions o;
     o.model_dir = model_dir;
     o.encoder_address = addrs[1];
     if (use_mpi) mpi_client = std::make_unique<MpiExpertClient>(MPI_COMM_WORLD, poll);
-    for (int r = 3; r < size; ++r) {
+    for (int r = first_expert; r < size; ++r) {
       o.expert_addresses.push_back(addrs[r]);
       if (use_mpi) {
         o.expert_transports.push_back(
@@ -207,22 +219,27 @@ int Main(int rank, int size, int thread_level) {
     if (!srv.ok()) return Fail(rank, srv.status());
     server = std::move(*srv);
     mine = Advertised(bound);
-    std::cerr << "moemesh_node rank 2: attention worker on " << mine << ", experts over "
-              << transport << std::endl;
+    std::cerr << "moemesh_node rank " << rank << ": attention worker on " << mine
+              << ", experts over " << transport << std::endl;
   }
-  addrs[2] = AllGather(mine, size)[2];
+  {
+    const std::vector<std::string> attention = AllGather(mine, size);
+    for (int r = 2; r < first_expert; ++r) addrs[r] = attention[r];
+  }
 
   // The last collective call is behind us: from here one thread per rank owns MPI (the attention
   // rank's progress thread, each expert rank's serving loop) until shutdown.
   std::atomic<bool> stop_serving{false};
   std::thread mpi_server;
   MpiServeStats serve_stats;
-  if (use_mpi && rank == 2) mpi_client->Start();
-  if (use_mpi && rank >= 3) {
+  if (use_mpi && is_attention) mpi_client->Start();
+  if (use_mpi && is_expert) {
     auto* expert_service = static_cast<ExpertService*>(service.get());
     mpi_server = std::thread([&, expert_service] {
+      std::vector<int> clients;
+      for (int r = 2; r < first_expert; ++r) clients.push_back(r);
       serve_stats = ServeExpertsOverMpi(
-          MPI_COMM_WORLD, 2,
+          MPI_COMM_WORLD, clients,
           [expert_service](const wire::RunExpertsRequest& req, wire::RunExpertsResponse* resp) {
             return expert_service->Run(req, resp);
           },
@@ -232,7 +249,7 @@ int Main(int rank, int size, int thread_level) {
 
   // Phase 3: the router serves the public API.
   std::unique_ptr<Tokenizer> tok;
-  std::unique_ptr<GrpcAttentionClient> client;
+  std::vector<std::unique_ptr<GrpcAttentionClient>> clients;
   std::unique_ptr<Router> router;
   if (rank == 0) {
     auto t = Tokenizer::FromFile(model_dir + "/tokenizer.json");
@@ -240,10 +257,14 @@ int Main(int rank, int size, int thread_level) {
     tok = std::move(*t);
     auto gen = GenerationDefaults::FromFile(model_dir + "/generation_config.json");
     if (!gen.ok()) return Fail(rank, gen.status());
-    absl::Status st = WaitHealthy(addrs[2], 120);
-    if (!st.ok()) return Fail(rank, st);
-    client = std::make_unique<GrpcAttentionClient>(addrs[2], 60);
-    auto r = Router::Create(tok.get(), *cfg, *gen, client.get(), RouterOptionsFromFlags());
+    std::vector<AttentionClient*> lanes;
+    for (int a = 2; a < first_expert; ++a) {
+      absl::Status st = WaitHealthy(addrs[a], 120);
+      if (!st.ok()) return Fail(rank, st);
+      clients.push_back(std::make_unique<GrpcAttentionClient>(addrs[a], 60));
+      lanes.push_back(clients.back().get());
+    }
+    auto r = Router::Create(tok.get(), *cfg, *gen, lanes, RouterOptionsFromFlags());
     if (!r.ok()) return Fail(rank, r.status());
     router = std::move(*r);
     const std::string address =
@@ -251,9 +272,9 @@ int Main(int rank, int size, int thread_level) {
     moemesh::v1::ModelInfo info = BasicModelInfo(*cfg);
     AddWorker(&info, "router", address, "cpu");
     AddWorker(&info, "encoder", addrs[1], "cpu");
-    AddWorker(&info, "attention", addrs[2], "cpu");
-    for (int r = 3; r < size; ++r) {
-      auto s = ShardsOf(cluster, *cfg, r - 3);
+    for (int a = 2; a < first_expert; ++a) AddWorker(&info, "attention", addrs[a], "cpu");
+    for (int r = first_expert; r < size; ++r) {
+      auto s = ShardsOf(cluster, *cfg, r - first_expert);
       AddWorker(&info, "expert", addrs[r], "cpu", s.ok() ? ShardSummary(*s) : "");
     }
     service = std::make_unique<GenerationService>(router.get(), tok.get(), info);
@@ -270,7 +291,8 @@ int Main(int rank, int size, int thread_level) {
   if (mpi_client != nullptr) {
     mpi_client->Stop();
     MpiExpertClient::Stats s = mpi_client->stats();
-    std::cerr << "moemesh_node rank 2: MPI transport: " << s.calls << " RunExperts calls, "
+    std::cerr << "moemesh_node rank " << rank << ": MPI transport: " << s.calls
+              << " RunExperts calls, "
               << s.bytes_sent << " bytes sent, " << s.bytes_received << " bytes received"
               << std::endl;
   }
