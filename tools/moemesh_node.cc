@@ -49,7 +49,7 @@ ABSL_FLAG(std::string, listen_host, "0.0.0.0", "Address every rank listens on.")
 ABSL_FLAG(std::string, advertise_host, "", "Host name other ranks use to reach this one (default: this host's name).");
 ABSL_FLAG(int32_t, threads, 1, "Compute threads per rank.");
 ABSL_FLAG(int32_t, attention_threads, 0,
-          "Compute threads of the attention rank (0 = --threads). The attention rank and the expert "
+          "Compute threads of the attention ranks (0 = --threads). The attention and the expert "
           "ranks compute in turn, so on one small host it can use every core while each expert rank "
           "uses one.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
