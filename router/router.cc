@@ -221,7 +221,6 @@ Router::Counters Router::counters() const {
     c.running += static_cast<int64_t>(lane.running.size());
     c.kv_reserved += lane.kv_reserved;
     c.steps += lane.steps;
-    c.moved = counters_.moved;
     c.running_per_worker.push_back(static_cast<int64_t>(lane.running.size()));
     c.steps_per_worker.push_back(lane.steps);
   }
