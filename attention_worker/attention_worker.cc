@@ -9,11 +9,15 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "engine/ops/threading.h"
 
 namespace moemesh {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Logits per thread below which sampling stays on one thread (about 0.5 ms of sampling).
+constexpr int64_t kSampleWorkPerThread = 1 << 18;
 
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -190,6 +194,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   st = Forward(batch, hidden.data(), &logits, &expert_s);
   if (!st.ok()) return st;
   auto t_sample = Clock::now();
+  std::vector<size_t> to_sample;  // batch entries that sample a token
   for (size_t b = 0; b < batch.size(); ++b) {
     const wire::SeqStep& s = req.seqs(result_of[b]);
     SeqState& state = *seqs_.at(batch[b].seq_id);
@@ -208,7 +213,13 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     } else if (state.generated.empty()) {
       state.prompt.insert(state.prompt.end(), batch[b].tokens.begin(), batch[b].tokens.end());
     }
-    if (!s.sample()) continue;
+    if (s.sample()) to_sample.push_back(b);
+  }
+  // Each sequence samples from its own row with its own sampler: in parallel when the rows are
+  // big (a vocabulary of 151,936 takes ~1-2 ms a row to sample at a temperature).
+  auto sample = [&](int64_t i) {
+    const size_t b = to_sample[i];
+    SeqState& state = *seqs_.at(batch[b].seq_id);
     TokenChoice c = state.sampler.Sample(&logits[b * cfg.vocab_size], cfg.vocab_size,
                                          state.prompt, state.generated);
     state.generated.push_back(c.id);
@@ -220,6 +231,14 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       r->add_top_ids(id);
       r->add_top_logprobs(lp);
     }
+  };
+  const int64_t n_sample = static_cast<int64_t>(to_sample.size());
+  const int threads =
+      ops::ThreadsFor(n_sample * cfg.vocab_size, ops::SyncThreads(), kSampleWorkPerThread);
+  if (threads > 1) {
+    ops::ParallelForDynamic(threads, n_sample, sample);
+  } else {
+    for (int64_t i = 0; i < n_sample; ++i) sample(i);
   }
   ++steps_;
   sampling_s_ += Since(t_sample);

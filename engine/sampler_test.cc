@@ -1,6 +1,10 @@
 #include "engine/sampler.h"
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
+#include <set>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -105,6 +109,62 @@ TEST(SamplerTest, LogprobsAreNormalisedAndSorted) {
   const double z = std::log(std::exp(0.0) + std::exp(1.0) + std::exp(2.0));
   EXPECT_NEAR(t.logprob, 2.0 - z, 1e-6);
   EXPECT_NEAR(t.top[1].second, 1.0 - z, 1e-6);
+}
+
+// A large vocabulary (the sampler selects and sorts only the candidates a filter needs, growing
+// the selection): every sampled token lies in the set a full sort of the vocabulary keeps.
+TEST(SamplerTest, LargeVocabularyFiltersMatchAFullSort) {
+  const int64_t V = 50000;
+  std::mt19937 g(7);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<float> base(V);
+  for (float& x : base) x = u(g);
+  struct Case {
+    int32_t top_k;
+    float top_p, min_p;
+  };
+  for (const Case& c : {Case{0, 0.9f, 0.0f}, Case{0, 1.0f, 0.3f}, Case{6000, 0.95f, 0.0f},
+                        Case{0, 0.02f, 0.0f}}) {
+    SamplingConfig cfg;
+    cfg.temperature = 1.3f;
+    cfg.top_k = c.top_k;
+    cfg.top_p = c.top_p;
+    cfg.min_p = c.min_p;
+    cfg.seed = 11;
+    // The kept set, by the definition: sort everything, keep top_k, normalise, min-p, top-p.
+    std::vector<int32_t> order(V);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return base[a] > base[b] || (base[a] == base[b] && a < b);
+    });
+    const int64_t keep = c.top_k > 0 ? c.top_k : V;
+    std::vector<double> p(keep);
+    double sum = 0;
+    for (int64_t i = 0; i < keep; ++i) sum += p[i] = std::exp((base[order[i]] - base[order[0]]) / 1.3);
+    int64_t n = keep;
+    while (n > 1 && p[n - 1] / sum < c.min_p * p[0] / sum) --n;
+    double cum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += p[i] / sum;
+      if (cum >= c.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+    std::set<int32_t> kept(order.begin(), order.begin() + n);
+    ASSERT_LT(static_cast<int64_t>(kept.size()), V);  // the filter removes something
+    Sampler s(cfg);
+    std::set<int32_t> seen;
+    for (int i = 0; i < 300; ++i) {
+      std::vector<float> l = base;
+      const int32_t id = s.Sample(l.data(), V, {}, {}).id;
+      EXPECT_TRUE(kept.count(id)) << "top_k " << c.top_k << " top_p " << c.top_p << " min_p "
+                                  << c.min_p << ": token " << id << " is filtered out";
+      seen.insert(id);
+    }
+    // Not stuck on one candidate when many are kept.
+    if (kept.size() > 1000) EXPECT_GT(seen.size(), 200u);
+  }
 }
 
 TEST(SamplerTest, ValidateNamesTheField) {
