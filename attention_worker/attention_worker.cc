@@ -185,11 +185,14 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   }
   if (batch.empty()) return absl::OkStatus();
 
-  std::vector<float> hidden(all_tokens.size() * cfg.hidden_size);
+  // Step buffers kept between steps: a step's logits are rows x vocabulary (39 MB for 64 rows of
+  // Qwen3), which fresh each step would page-fault in again.
+  std::vector<float>& hidden = hidden_buf_;
+  hidden.resize(all_tokens.size() * cfg.hidden_size);
   absl::Status st = encoder_->Encode(all_tokens.data(), static_cast<int64_t>(all_tokens.size()),
                                      hidden.data());
   if (!st.ok()) return st;
-  std::vector<float> logits;
+  std::vector<float>& logits = logits_buf_;
   double expert_s = 0;
   st = Forward(batch, hidden.data(), &logits, &expert_s);
   if (!st.ok()) return st;
@@ -273,7 +276,7 @@ absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* 
   const std::vector<SeqStep> a(batch.begin(), batch.begin() + split);
   const std::vector<SeqStep> b(batch.begin() + split, batch.end());
   TimedExperts timed_a(experts_), timed_b(experts_);
-  std::vector<float> logits_b;
+  std::vector<float>& logits_b = logits_b_buf_;
   absl::Status st_b;
   side_->Start([&] {
     st_b = stack_->Forward(b, hidden + first_tokens * stack_->config().hidden_size, cache_.get(),

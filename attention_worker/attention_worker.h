@@ -88,6 +88,9 @@ class AttentionWorker {
   int64_t released_ ABSL_GUARDED_BY(mu_) = 0;
   double attention_s_ ABSL_GUARDED_BY(mu_) = 0, expert_s_ ABSL_GUARDED_BY(mu_) = 0,
          sampling_s_ ABSL_GUARDED_BY(mu_) = 0;
+  // A step's hidden rows and logits (the second overlapped half's apart), reused step to step.
+  std::vector<float> hidden_buf_ ABSL_GUARDED_BY(mu_), logits_buf_ ABSL_GUARDED_BY(mu_),
+      logits_b_buf_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace moemesh
