@@ -252,6 +252,8 @@ struct DeviceBackend {
       load_experts;
   // Ok when `d` exists (e.g. cuda:1 on a machine with one GPU is NotFound); its name otherwise.
   std::function<absl::StatusOr<std::string>(const Device& d)> describe;
+  // Optional: counters worth printing after a run, e.g. "CUDA graphs: 2 captured, 120 replayed".
+  std::function<std::string()> report;
 };
 void RegisterDeviceBackend(Device::Kind kind, DeviceBackend backend);
 // The registered backend, or FailedPrecondition naming the build flag that adds it.

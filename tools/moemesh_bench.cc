@@ -416,9 +416,17 @@ absl::Status RunOffline() {
         "%.2f GB/s of weights read)\n",
         "decode achieved", 100.0 * fraction, d * per_token.total() / 1e9);
   }
+  // What the device backend counted (CUDA: graph captures and replays).
+  std::string backend_report;
+  if (!device->is_cpu()) {
+    auto backend = GetDeviceBackend(device->kind);
+    if (backend.ok() && (*backend)->report) backend_report = (*backend)->report();
+    if (!backend_report.empty()) std::cout << backend_report << "\n";
+  }
   json j = {{"mode", "offline"},
             {"model", dir},
             {"device", *described},
+            {"device_report", backend_report},
             {"batch", batch},
             {"batch_out_tok_s", batch_tok_s},
             {"load_format", dummy ? "dummy" : "auto"},

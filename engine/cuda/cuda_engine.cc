@@ -1066,6 +1066,11 @@ void RegisterCudaBackend() {
     MOEMESH_CUDA(cudaGetDeviceProperties(&prop, d.index));
     return absl::StrCat(d.ToString(), " (", prop.name, ")");
   };
+  b.report = []() {
+    const GraphCounts c = StepGraphCounts();
+    return absl::StrCat("CUDA graphs: ", c.captured, " captured, ", c.replayed,
+                        " decode steps replayed");
+  };
   RegisterDeviceBackend(Device::Kind::kCuda, std::move(b));
 }
 
