@@ -4,16 +4,26 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "engine/dtype.h"
 
 namespace moemesh {
 
+absl::StatusOr<KvDType> ParseKvDType(std::string_view s) {
+  if (s == "fp32") return KvDType::kF32;
+  if (s == "bf16") return KvDType::kBF16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--kv_cache_dtype must be fp32 or bf16, not '", std::string(s), "'"));
+}
+
 KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage,
-                 int64_t kv_heads)
+                 int64_t kv_heads, KvDType dtype)
     : num_layers_(num_layers),
       kv_dim_(kv_dim),
       kv_heads_(kv_heads > 0 && kv_dim % kv_heads == 0 ? kv_heads : 1),
       capacity_(capacity_tokens),
-      host_storage_(host_storage) {}
+      host_storage_(host_storage),
+      dtype_(dtype),
+      elem_bytes_(dtype == KvDType::kBF16 ? 2 : 4) {}
 
 int64_t KvCache::Reserved(uint64_t seq) const {
   auto it = seqs_.find(seq);
@@ -46,13 +56,13 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
     }
     // Head-major: each head's block grows from s.slots to `want` rows; its `held` written rows
     // move, the rest stays unwritten (never read before a Store).
-    const int64_t hd = head_dim();
+    const int64_t hd = head_dim(), eb = elem_bytes_;
     for (int64_t l = 0; host_storage_ && l < num_layers_; ++l) {
-      for (std::unique_ptr<float[]>* buf : {&s.k[l], &s.v[l]}) {
-        std::unique_ptr<float[]> grown(new float[want * kv_dim_]);  // not zero-filled
+      for (std::unique_ptr<char[]>* buf : {&s.k[l], &s.v[l]}) {
+        std::unique_ptr<char[]> grown(new char[want * kv_dim_ * eb]);  // not zero-filled
         for (int64_t h = 0; held > 0 && h < kv_heads_; ++h) {
-          std::memcpy(grown.get() + h * want * hd, buf->get() + h * s.slots * hd,
-                      held * hd * sizeof(float));
+          std::memcpy(grown.get() + h * want * hd * eb, buf->get() + h * s.slots * hd * eb,
+                      held * hd * eb);
         }
         buf->swap(grown);
       }
@@ -71,15 +81,41 @@ void KvCache::Free(uint64_t seq) {
   seqs_.erase(it);
 }
 
-float* KvCache::K(uint64_t seq, int64_t layer) { return seqs_.at(seq).k[layer].get(); }
-float* KvCache::V(uint64_t seq, int64_t layer) { return seqs_.at(seq).v[layer].get(); }
+float* KvCache::K(uint64_t seq, int64_t layer) {
+  return reinterpret_cast<float*>(seqs_.at(seq).k[layer].get());
+}
+float* KvCache::V(uint64_t seq, int64_t layer) {
+  return reinterpret_cast<float*>(seqs_.at(seq).v[layer].get());
+}
+uint16_t* KvCache::KBf16(uint64_t seq, int64_t layer) {
+  return reinterpret_cast<uint16_t*>(seqs_.at(seq).k[layer].get());
+}
+uint16_t* KvCache::VBf16(uint64_t seq, int64_t layer) {
+  return reinterpret_cast<uint16_t*>(seqs_.at(seq).v[layer].get());
+}
 
 void KvCache::Store(uint64_t seq, int64_t layer, int64_t pos, int64_t n, const float* k,
                     const float* v) {
   Seq& s = seqs_.at(seq);
   const int64_t hd = head_dim(), hs = s.slots * hd;
-  float* kc = s.k[layer].get();
-  float* vc = s.v[layer].get();
+  if (dtype_ == KvDType::kBF16) {
+    uint16_t* kc = KBf16(seq, layer);
+    uint16_t* vc = VBf16(seq, layer);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < kv_heads_; ++h) {
+        const int64_t at = h * hs + (pos + i) * hd;
+        const float* ks = k + i * kv_dim_ + h * hd;
+        const float* vs = v + i * kv_dim_ + h * hd;
+        for (int64_t d = 0; d < hd; ++d) {
+          kc[at + d] = F32ToBF16(ks[d]);
+          vc[at + d] = F32ToBF16(vs[d]);
+        }
+      }
+    }
+    return;
+  }
+  float* kc = K(seq, layer);
+  float* vc = V(seq, layer);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t h = 0; h < kv_heads_; ++h) {
       const int64_t at = h * hs + (pos + i) * hd;

@@ -4,10 +4,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace moemesh {
 
@@ -22,10 +24,17 @@ namespace moemesh {
 // This class keeps the rows in host memory (the CPU attention stack). A device's attention stack
 // (AttentionStack::NewCache) derives from it with `host_storage` false: the base class then only
 // does the slot accounting, and the subclass keeps the rows on its device.
+// Element type of a host KV cache: fp32 (exact: the oracle comparisons) or bf16 (half the
+// memory and half the bytes attention reads; rows rounded to nearest even as they are stored).
+enum class KvDType { kF32, kBF16 };
+
+// "fp32" / "bf16" -> KvDType; InvalidArgument naming --kv_cache_dtype otherwise.
+absl::StatusOr<KvDType> ParseKvDType(std::string_view s);
+
 class KvCache {
  public:
   KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage = true,
-          int64_t kv_heads = 1);
+          int64_t kv_heads = 1, KvDType dtype = KvDType::kF32);
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
   virtual ~KvCache() = default;
@@ -41,11 +50,15 @@ class KvCache {
   int64_t Slots(uint64_t seq) const;
   bool Has(uint64_t seq) const { return seqs_.count(seq) != 0; }
 
-  // `seq`'s K (V) at `layer`: kv_heads() blocks of HeadStride(seq) floats, each rows
-  // [0, reserved length) of head_dim() floats. Valid until the next Reserve or Free of that
-  // sequence. Host storage only.
+  // `seq`'s K (V) at `layer`: kv_heads() blocks of HeadStride(seq) elements, each rows
+  // [0, reserved length) of head_dim() elements. Valid until the next Reserve or Free of that
+  // sequence. Host storage only; K/V for an fp32 cache, KBf16/VBf16 (bf16 bit patterns) for a
+  // bf16 one.
   float* K(uint64_t seq, int64_t layer);
   float* V(uint64_t seq, int64_t layer);
+  uint16_t* KBf16(uint64_t seq, int64_t layer);
+  uint16_t* VBf16(uint64_t seq, int64_t layer);
+  KvDType dtype() const { return dtype_; }
   // Writes positions [pos, pos + n) of `seq` at `layer` from rows k, v [n, kv_dim] (kv head
   // after kv head, as a projection produces them) into the head-major layout. The positions
   // must be reserved. Host storage only.
@@ -64,7 +77,7 @@ class KvCache {
   struct Seq {
     int64_t slots = 0;   // rows allocated per head (>= length)
     int64_t length = 0;  // positions reserved (what capacity counts)
-    std::vector<std::unique_ptr<float[]>> k, v;  // [layer] -> [slots * kv_dim]
+    std::vector<std::unique_ptr<char[]>> k, v;  // [layer] -> [slots * kv_dim] elements
   };
 
   const int64_t num_layers_;
@@ -72,6 +85,8 @@ class KvCache {
   const int64_t kv_heads_;
   const int64_t capacity_;
   const bool host_storage_;
+  const KvDType dtype_;
+  const int64_t elem_bytes_;  // 4 or 2
   int64_t used_ = 0;
   std::unordered_map<uint64_t, Seq> seqs_;
 };

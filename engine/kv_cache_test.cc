@@ -1,5 +1,6 @@
 #include "engine/kv_cache.h"
 
+#include "engine/dtype.h"
 #include "gtest/gtest.h"
 
 namespace moemesh {
@@ -77,6 +78,33 @@ TEST(KvCacheTest, StorePutsEachHeadsRowInItsBlock) {
       }
     }
   }
+}
+
+// A bf16 cache stores each element rounded to bf16, in the same head-major places, and keeps
+// the written rows when a sequence grows.
+TEST(KvCacheTest, Bf16StoreRoundsAndGrowthKeepsRows) {
+  KvCache c(/*num_layers=*/1, /*kv_dim=*/4, /*capacity_tokens=*/1000, true, /*kv_heads=*/2,
+            KvDType::kBF16);
+  EXPECT_EQ(c.dtype(), KvDType::kBF16);
+  ASSERT_TRUE(c.Reserve(1, 3).ok());
+  const float k[4] = {1.0f, 1.00390625f /* 1 + 2^-8: rounds to 1 */, -2.5f, 3.14159f};
+  const float v[4] = {0.1f, -0.2f, 1e-3f, 65504.0f};
+  c.Store(1, 0, 2, 1, k, v);
+  auto check = [&] {
+    const int64_t hs = c.HeadStride(1);
+    for (int64_t h = 0; h < 2; ++h) {
+      for (int64_t d = 0; d < 2; ++d) {
+        EXPECT_EQ(c.KBf16(1, 0)[h * hs + 2 * 2 + d], F32ToBF16(k[h * 2 + d]));
+        EXPECT_EQ(c.VBf16(1, 0)[h * hs + 2 * 2 + d], F32ToBF16(v[h * 2 + d]));
+      }
+    }
+  };
+  check();
+  EXPECT_EQ(BF16ToF32(c.KBf16(1, 0)[2 * 2 + 1]), 1.0f);
+  ASSERT_TRUE(c.Reserve(1, 500).ok());  // grows: the rows move to new blocks
+  check();
+  EXPECT_EQ(ParseKvDType("bf16").value(), KvDType::kBF16);
+  EXPECT_EQ(ParseKvDType("fp16").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

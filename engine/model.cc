@@ -262,7 +262,7 @@ absl::Status AttentionStack::PlanBatch(const std::vector<SeqStep>& batch, const 
 
 std::unique_ptr<KvCache> CpuAttentionStack::NewCache(int64_t capacity_tokens) const {
   return std::make_unique<KvCache>(cfg_.num_hidden_layers, kv_dim(), capacity_tokens,
-                                   /*host_storage=*/true, cfg_.num_key_value_heads);
+                                   /*host_storage=*/true, cfg_.num_key_value_heads, kv_dtype_);
 }
 
 absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
@@ -271,6 +271,7 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
   auto s = std::make_unique<CpuAttentionStack>();
   s->cfg_ = cfg;
   s->arch_ = arch;
+  s->kv_dtype_ = opt.kv_dtype;
   const int64_t h = cfg.hidden_size, hd = cfg.head_dim;
   const int64_t qd = cfg.num_attention_heads * hd, kvd = cfg.num_key_value_heads * hd;
   s->layers_.resize(cfg.num_hidden_layers);
@@ -386,10 +387,17 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
       const SeqStep& s = batch[b];
       const int64_t n = static_cast<int64_t>(s.tokens.size());
       cache->Store(s.seq_id, l, s.start_pos, n, &k[offset[b] * kvd], &v[offset[b] * kvd]);
-      ops::Attention(&q[offset[b] * qd], cache->K(s.seq_id, l), cache->V(s.seq_id, l),
-                     s.start_pos, n, nh, nkv, hd, &att[offset[b] * qd],
-                     /*row_stride=*/cache->head_dim(),
-                     /*head_stride=*/cache->HeadStride(s.seq_id));
+      if (cache->dtype() == KvDType::kBF16) {
+        ops::Attention(&q[offset[b] * qd], cache->KBf16(s.seq_id, l), cache->VBf16(s.seq_id, l),
+                       s.start_pos, n, nh, nkv, hd, &att[offset[b] * qd],
+                       /*row_stride=*/cache->head_dim(),
+                       /*head_stride=*/cache->HeadStride(s.seq_id));
+      } else {
+        ops::Attention(&q[offset[b] * qd], cache->K(s.seq_id, l), cache->V(s.seq_id, l),
+                       s.start_pos, n, nh, nkv, hd, &att[offset[b] * qd],
+                       /*row_stride=*/cache->head_dim(),
+                       /*head_stride=*/cache->HeadStride(s.seq_id));
+      }
     };
     const int att_threads =
         batch.size() > 1

@@ -45,6 +45,9 @@ struct LoadOptions {
   // on the same GPU) from CUDA graphs, one per batch shape, instead of launching each step's
   // ~13 kernels per layer from the host. Off by default until measured on a GPU.
   bool cuda_graphs = false;
+  // Element type of the KV cache the attention stack's NewCache makes (--kv_cache_dtype): fp32
+  // (default, exact) or bf16 (half the memory and attention reads; CPU only).
+  KvDType kv_dtype = KvDType::kF32;
 };
 
 // "auto" -> kAuto, "dummy" -> kDummy; InvalidArgument otherwise.
@@ -237,6 +240,7 @@ class CpuAttentionStack : public AttentionStack {
   std::vector<Layer> layers_;
   std::vector<float> final_norm_;
   ops::Linear lm_head_;
+  KvDType kv_dtype_ = KvDType::kF32;
 };
 
 // Device backends other than the CPU register themselves here when linked into a binary

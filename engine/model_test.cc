@@ -290,5 +290,40 @@ TEST(ExpertThreadsTest, SameResultsAsOneThread) {
   }
 }
 
+// A bf16 KV cache (--kv_cache_dtype=bf16) on the embedded model: the logits move (the bf16 path
+// really runs) but stay within 2e-2 of the fp32 cache's, and the greedy ids of all six reference
+// prompts are still transformers'.
+TEST(KvCacheDTypeTest, Bf16CacheStaysCloseAndKeepsTheGreedyIds) {
+  const std::string dir = "models/pydoc-moe-17m";
+  ops::SetNumThreads(2);
+  LoadOptions f32, b16;
+  b16.kv_dtype = KvDType::kBF16;
+  auto exact = Model::Load(dir, f32);
+  auto half = Model::Load(dir, b16);
+  ASSERT_TRUE(exact.ok() && half.ok());
+  nlohmann::json ref = ReadJson(dir + "/reference.json");
+  double max_diff = 0;
+  for (const auto& c : ref["prompts"]) {
+    std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
+    std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
+    GenerateOptions opt;
+    opt.max_new_tokens = static_cast<int64_t>(greedy.size());
+    opt.prompt_logits = true;
+    auto a = Generate(**exact, prompt, opt);
+    auto b = Generate(**half, prompt, opt);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(b->ids, greedy) << c["prompt"];
+    ASSERT_EQ(a->prompt_logits.size(), b->prompt_logits.size());
+    for (size_t i = 0; i < a->prompt_logits.size(); ++i) {
+      max_diff = std::max(max_diff, std::abs(static_cast<double>(a->prompt_logits[i]) -
+                                             b->prompt_logits[i]));
+    }
+  }
+  EXPECT_GT(max_diff, 0.0);
+  EXPECT_LT(max_diff, 2e-2);
+  auto cache = (*half)->NewCache(64);
+  EXPECT_EQ(cache->dtype(), KvDType::kBF16);
+}
+
 }  // namespace
 }  // namespace moemesh

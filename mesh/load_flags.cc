@@ -13,6 +13,10 @@ ABSL_FLAG(bool, cuda_graphs, false,
           "steps from CUDA graphs (one per batch shape) instead of launching every kernel from "
           "the host");
 
+ABSL_FLAG(std::string, kv_cache_dtype, "fp32",
+          "KV cache element type: fp32 (exact) or bf16 (half the memory and the bytes attention "
+          "reads; CPU attention only)");
+
 namespace moemesh {
 
 absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
@@ -25,6 +29,9 @@ absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
   opt->load_format = *format;
   opt->num_layers = n;
   opt->cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  auto kv = ParseKvDType(absl::GetFlag(FLAGS_kv_cache_dtype));
+  if (!kv.ok()) return kv.status();
+  opt->kv_dtype = *kv;
   return absl::OkStatus();
 }
 
@@ -37,6 +44,9 @@ std::vector<std::string> LoadFlagsForChild() {
     args.push_back(absl::StrCat("--num_layers=", absl::GetFlag(FLAGS_num_layers)));
   }
   if (absl::GetFlag(FLAGS_cuda_graphs)) args.push_back("--cuda_graphs");
+  if (absl::GetFlag(FLAGS_kv_cache_dtype) != "fp32") {
+    args.push_back("--kv_cache_dtype=" + absl::GetFlag(FLAGS_kv_cache_dtype));
+  }
   return args;
 }
 

@@ -725,6 +725,11 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
     const LoadOptions& opt) {
   MOEMESH_OK(CheckDevice(opt.device));
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));
+  if (opt.kv_dtype != KvDType::kF32) {
+    return absl::InvalidArgumentError(
+        "--kv_cache_dtype=bf16 is supported by the CPU attention stack only; the CUDA KV cache "
+        "is fp32");
+  }
   if (cfg.head_dim > 256 || cfg.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("the CUDA attention kernel needs an even head_dim <= 256, not ", cfg.head_dim));

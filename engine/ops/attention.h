@@ -1,4 +1,4 @@
-// Causal grouped-query attention over a KV cache (CPU, fp32).
+// Causal grouped-query attention over a KV cache (CPU; fp32 arithmetic, fp32 or bf16 cache).
 #ifndef MOEMESH_ENGINE_OPS_ATTENTION_H_
 #define MOEMESH_ENGINE_OPS_ATTENTION_H_
 
@@ -19,6 +19,12 @@ namespace ops {
 void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
                int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
                int64_t row_stride = 0, int64_t head_stride = 0);
+
+// The same with the KV cache in bf16 (uint16_t bit patterns, widened to fp32 as they are read;
+// all arithmetic fp32).
+void Attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+               int64_t start_pos, int64_t n_new, int64_t n_heads, int64_t n_kv_heads,
+               int64_t head_dim, float* out, int64_t row_stride = 0, int64_t head_stride = 0);
 
 // The same computation split for callers that run their own parallel region: computes part
 // `part` of `num_parts` of the work units (kv head x chunk of new tokens) on the calling

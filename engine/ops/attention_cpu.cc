@@ -1,4 +1,5 @@
-// CPU attention: online softmax over 16-key blocks, fp32 throughout.
+// CPU attention: online softmax over 16-key blocks, fp32 arithmetic; the KV cache in fp32 or bf16
+// (widened to fp32 as it is loaded).
 //
 // Work is split into units of (kv head, chunk of new tokens); a unit processes every query
 // head of its kv head for its tokens ("rows"), so each K/V block is loaded once per unit.
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -43,11 +45,21 @@ constexpr int64_t kMinWorkPerThread = 1 << 21;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Everything one unit needs to know.
+// A KV cache element as fp32.
+inline float KvAt(const float* p, int64_t i) { return p[i]; }
+inline float KvAt(const uint16_t* p, int64_t i) {
+  const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Everything one unit needs to know. KV: float or uint16_t (bf16 bits) cache elements.
+template <typename KV>
 struct Unit {
-  const float* k;     // Row 0 of the unit's kv head in the K cache.
-  const float* v;     // Same in the V cache.
-  int64_t kv_stride;  // Floats between cache rows.
+  const KV* k;        // Row 0 of the unit's kv head in the K cache.
+  const KV* v;        // Same in the V cache.
+  int64_t kv_stride;  // Elements between cache rows.
   int64_t head_dim;
   float scale;
   int64_t rows;           // Query rows: token-major, head-minor.
@@ -78,7 +90,16 @@ inline float Dot(const float* a, const float* b, int64_t n) {
 #endif
 }
 
-void AttendUnitGeneric(const Unit& u, float* acc) {
+// A bf16 row widened first, then the fp32 Dot: the same sums as an fp32 cache of those values.
+inline float Dot(const float* a, const uint16_t* b, int64_t n) {
+  thread_local std::vector<float> wide;
+  wide.resize(n);
+  for (int64_t i = 0; i < n; ++i) wide[i] = KvAt(b, i);
+  return Dot(a, wide.data(), n);
+}
+
+template <typename KV>
+void AttendUnitGeneric(const Unit<KV>& u, float* acc) {
   const int64_t d_len = u.head_dim;
   float s[kKeyBlock];
   for (int64_t r = 0; r < u.rows; ++r) {
@@ -98,8 +119,8 @@ void AttendUnitGeneric(const Unit& u, float* acc) {
       for (int64_t j = 0; j < nb; ++j) {
         const float p = internal::ExpScalar(s[j] - new_max);
         l += p;
-        const float* vj = u.v + (j0 + j) * u.kv_stride;
-        for (int64_t d = 0; d < d_len; ++d) acc[d] += p * vj[d];
+        const KV* vj = u.v + (j0 + j) * u.kv_stride;
+        for (int64_t d = 0; d < d_len; ++d) acc[d] += p * KvAt(vj, d);
       }
       mx = new_max;
     }
@@ -112,6 +133,13 @@ void AttendUnitGeneric(const Unit& u, float* acc) {
 // AVX-512 path.
 
 #if defined(__AVX512F__)
+
+// 16 cache elements as fp32.
+inline __m512 LoadKv16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 LoadKv16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 // Pairwise step of a 16-way horizontal sum: per 128-bit lane, the two halves of x0 and of x1
 // added and interleaved.
@@ -138,11 +166,11 @@ inline __m512 FinishSum16(const __m512 (&y)[8]) {
 // One 16-key block starting at key j0 for NR rows r0..r0+NR-1 (all of which see key j0):
 // scores, online-softmax update, P V accumulation. m, l, acc point at row r0's state; acc
 // rows hold 16 * D16 floats (64-byte aligned).
-template <int D16, int NR>
-inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, float* m, float* l, float* acc) {
+template <int D16, int NR, typename KV>
+inline void BlockRows(const Unit<KV>& u, int64_t r0, int64_t j0, float* m, float* l, float* acc) {
   constexpr int kD = 16 * D16;
   const int64_t max_valid = std::min<int64_t>(u.ctx[r0 + NR - 1] - j0, kKeyBlock);
-  const float* k = u.k + j0 * u.kv_stride;
+  const KV* k = u.k + j0 * u.kv_stride;
 
   // Scores: per key a D16-vector dot product, then a transposing 16-way horizontal sum.
   __m512 q[NR][D16];
@@ -159,10 +187,10 @@ inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, float* m, float* l,
     for (int h = 0; h < 2; ++h) {
       const int64_t j = 2 * jp + h;
       if (j < max_valid) {
-        const float* kj = k + j * u.kv_stride;
+        const KV* kj = k + j * u.kv_stride;
         __m512 kv[D16];
         UNROLL_LOOP
-        for (int c = 0; c < D16; ++c) kv[c] = _mm512_loadu_ps(kj + 16 * c);
+        for (int c = 0; c < D16; ++c) kv[c] = LoadKv16(kj + 16 * c);
         UNROLL_LOOP
         for (int r = 0; r < NR; ++r) {
           __m512 t = _mm512_mul_ps(q[r][0], kv[0]);
@@ -210,14 +238,14 @@ inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, float* m, float* l,
       if constexpr (kSets == 2) a[1][r][i] = _mm512_setzero_ps();
     }
   }
-  const float* v = u.v + j0 * u.kv_stride;
+  const KV* v = u.v + j0 * u.kv_stride;
   int64_t j = 0;
   for (; j + kSets <= max_valid; j += kSets) {
     UNROLL_LOOP
     for (int set = 0; set < kSets; ++set) {
       __m512 vj[D16];
       UNROLL_LOOP
-      for (int i = 0; i < D16; ++i) vj[i] = _mm512_loadu_ps(v + (j + set) * u.kv_stride + 16 * i);
+      for (int i = 0; i < D16; ++i) vj[i] = LoadKv16(v + (j + set) * u.kv_stride + 16 * i);
       UNROLL_LOOP
       for (int r = 0; r < NR; ++r) {
         const __m512 pj = _mm512_set1_ps(p[r][j + set]);
@@ -232,7 +260,7 @@ inline void BlockRows(const Unit& u, int64_t r0, int64_t j0, float* m, float* l,
       const __m512 pj = _mm512_set1_ps(p[r][j]);
       UNROLL_LOOP
       for (int i = 0; i < D16; ++i) {
-        a[0][r][i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + j * u.kv_stride + 16 * i), a[0][r][i]);
+        a[0][r][i] = _mm512_fmadd_ps(pj, LoadKv16(v + j * u.kv_stride + 16 * i), a[0][r][i]);
       }
     }
   }
@@ -257,8 +285,8 @@ inline int64_t UnitStateFloats(int64_t head_dim, int64_t rows) {
 // each block of K/V rows is then read once for all heads, front to back, which the hardware
 // prefetcher streams far better than one pass per head over every row's slice. Each head's
 // arithmetic is exactly that of processing it alone.
-template <int D16>
-void AttendUnitsAvx512(const Unit* units, int64_t n_units, float* scratch) {
+template <int D16, typename KV>
+void AttendUnitsAvx512(const Unit<KV>* units, int64_t n_units, float* scratch) {
   constexpr int kD = 16 * D16;
   // Rows per register tile: two share each K/V load while registers last.
   constexpr int kNR = D16 <= 4 ? 2 : 1;
@@ -276,13 +304,13 @@ void AttendUnitsAvx512(const Unit* units, int64_t n_units, float* scratch) {
   for (int64_t j0 = 0; j0 < max_ctx; j0 += kKeyBlock) {
     while (ctx[first] <= j0) ++first;
     for (int64_t h = 0; h < n_units; ++h) {
-      const Unit& u = units[h];
+      const Unit<KV>& u = units[h];
       // This head's K and V rows kPrefetchKeys ahead: each is read once, and the loads of a
-      // block otherwise wait on memory.
+      // block otherwise wait on memory. One prefetch per 64-byte line.
       const int64_t jp = j0 + kPrefetchKeys;
       for (int64_t j = jp; j < std::min(max_ctx, jp + kKeyBlock); ++j) {
         UNROLL_LOOP
-        for (int c = 0; c < kD; c += 16) {
+        for (int c = 0; c < kD; c += static_cast<int>(64 / sizeof(KV))) {
           _mm_prefetch(reinterpret_cast<const char*>(u.k + j * u.kv_stride + c), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(u.v + j * u.kv_stride + c), _MM_HINT_T0);
         }
@@ -298,7 +326,7 @@ void AttendUnitsAvx512(const Unit* units, int64_t n_units, float* scratch) {
     }
   }
   for (int64_t h = 0; h < n_units; ++h) {
-    const Unit& u = units[h];
+    const Unit<KV>& u = units[h];
     const float* acc = scratch + h * per_unit;
     const float* l = acc + rows * kD + rows;
     for (int64_t r = 0; r < rows; ++r) {
@@ -325,10 +353,11 @@ float* Align64(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
 
+template <typename KV>
 struct Problem {
   const float* q;
-  const float* k_cache;
-  const float* v_cache;
+  const KV* k_cache;
+  const KV* v_cache;
   int64_t start_pos, n_new, n_heads, n_kv_heads, head_dim;
   float* out;
   int64_t group, tokens_per_unit, chunks;
@@ -340,11 +369,12 @@ struct Problem {
 
 // `all_heads`: each unit takes every kv head of its tokens (callers that do not split the
 // problem over threads); otherwise one kv head per unit (parallelism within a sequence).
-Problem MakeProblem(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
-                    int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                    float* out, bool all_heads, int64_t row_stride, int64_t head_stride) {
-  Problem p{q,   k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim,
-            out, 0,       0,       0,         1,     0,       0};
+template <typename KV>
+Problem<KV> MakeProblem(const float* q, const KV* k_cache, const KV* v_cache, int64_t start_pos,
+                        int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        float* out, bool all_heads, int64_t row_stride, int64_t head_stride) {
+  Problem<KV> p{q,   k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim,
+                out, 0,       0,       0,         1,     0,       0};
   p.row_stride = row_stride > 0 ? row_stride : n_kv_heads * head_dim;
   p.head_stride = head_stride > 0 ? head_stride : head_dim;
   p.group = n_heads / n_kv_heads;
@@ -355,7 +385,8 @@ Problem MakeProblem(const float* q, const float* k_cache, const float* v_cache, 
 }
 
 // Unit index u: kv heads from (u % head_groups) * heads_per_unit, token chunk u / head_groups.
-void RunUnit(const Problem& p, int64_t index) {
+template <typename KV>
+void RunUnit(const Problem<KV>& p, int64_t index) {
   const int64_t g0 = (index % p.head_groups()) * p.heads_per_unit;
   const int64_t nh = p.heads_per_unit;
   const int64_t i0 = (index / p.head_groups()) * p.tokens_per_unit;
@@ -364,7 +395,7 @@ void RunUnit(const Problem& p, int64_t index) {
   thread_local std::vector<const float*> q_rows;
   thread_local std::vector<float*> out_rows;
   thread_local std::vector<int64_t> ctx;
-  thread_local std::vector<Unit> units;
+  thread_local std::vector<Unit<KV>> units;
   q_rows.resize(nh * rows);
   out_rows.resize(nh * rows);
   ctx.resize(rows);
@@ -382,7 +413,7 @@ void RunUnit(const Problem& p, int64_t index) {
         out_rows[hh * rows + r] = p.out + (i * p.n_heads + h) * p.head_dim;
       }
     }
-    units.push_back(Unit{p.k_cache + g * p.head_stride,
+    units.push_back(Unit<KV>{p.k_cache + g * p.head_stride,
                          p.v_cache + g * p.head_stride,
                          p.row_stride,
                          p.head_dim,
@@ -416,31 +447,32 @@ void RunUnit(const Problem& p, int64_t index) {
     }
   }
 #endif
-  for (const Unit& u : units) AttendUnitGeneric(u, UnitScratch(p.head_dim).data());
+  for (const Unit<KV>& u : units) AttendUnitGeneric(u, UnitScratch(p.head_dim).data());
 }
 
-}  // namespace
-
-void AttentionPart(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
-                   int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
-                   int part, int num_parts, int64_t row_stride, int64_t head_stride) {
+template <typename KV>
+void AttentionPartT(const float* q, const KV* k_cache, const KV* v_cache, int64_t start_pos,
+                    int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                    float* out, int part, int num_parts, int64_t row_stride,
+                    int64_t head_stride) {
   if (n_new <= 0 || num_parts <= 0 || part < 0 || part >= num_parts) return;
-  const Problem p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
-                                head_dim, out, /*all_heads=*/num_parts == 1, row_stride,
-                                head_stride);
+  const Problem<KV> p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
+                                    head_dim, out, /*all_heads=*/num_parts == 1, row_stride,
+                                    head_stride);
   for (int64_t u = part; u < p.units(); u += num_parts) RunUnit(p, u);
 }
 
-void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
-               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
-               int64_t row_stride, int64_t head_stride) {
+template <typename KV>
+void AttentionT(const float* q, const KV* k_cache, const KV* v_cache, int64_t start_pos,
+                int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+                int64_t row_stride, int64_t head_stride) {
   if (n_new <= 0) return;
   // Keys visited summed over the new tokens, times the work per key for all heads.
   const int64_t keys = n_new * start_pos + n_new * (n_new + 1) / 2;
   const int threads = ThreadsFor(keys * n_heads * head_dim * 2, SyncThreads(), kMinWorkPerThread);
-  const Problem p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
-                                head_dim, out, /*all_heads=*/threads <= 1, row_stride,
-                                head_stride);
+  const Problem<KV> p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
+                                    head_dim, out, /*all_heads=*/threads <= 1, row_stride,
+                                    head_stride);
   if (threads > 1 && p.units() > 1) {
     // Interleaved units balance the causal triangle.
     ParallelRun(threads, [&](int t, int nt) {
@@ -449,6 +481,29 @@ void Attention(const float* q, const float* k_cache, const float* v_cache, int64
     return;
   }
   for (int64_t u = 0; u < p.units(); ++u) RunUnit(p, u);
+}
+
+}  // namespace
+
+void AttentionPart(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
+                   int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+                   int part, int num_parts, int64_t row_stride, int64_t head_stride) {
+  AttentionPartT(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out, part,
+                 num_parts, row_stride, head_stride);
+}
+
+void Attention(const float* q, const float* k_cache, const float* v_cache, int64_t start_pos,
+               int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+               int64_t row_stride, int64_t head_stride) {
+  AttentionT(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out,
+             row_stride, head_stride);
+}
+
+void Attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+               int64_t start_pos, int64_t n_new, int64_t n_heads, int64_t n_kv_heads,
+               int64_t head_dim, float* out, int64_t row_stride, int64_t head_stride) {
+  AttentionT(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out,
+             row_stride, head_stride);
 }
 
 }  // namespace ops

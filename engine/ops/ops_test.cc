@@ -755,6 +755,40 @@ TEST(AttentionTest, HeadMajorLayoutMatchesInterleaved) {
   SetNumThreads(2);
 }
 
+// A bf16 cache gives exactly the results of an fp32 cache holding the same (bf16-rounded)
+// values: the AVX-512 and the generic paths, one and two threads.
+TEST(AttentionTest, Bf16CacheMatchesFp32CacheOfTheSameValues) {
+  std::mt19937 rng(19);
+  const std::vector<AttentionCase> cases = {
+      {0, 1, 4, 2, 32},   {37, 20, 4, 2, 32}, {300, 1, 4, 2, 32}, {9, 5, 8, 1, 24},
+      {50, 3, 6, 3, 128}, {7, 3, 4, 4, 5},    {5, 70, 32, 4, 128}, {300, 2, 4, 2, 256}};
+  for (const AttentionCase& c : cases) {
+    const int64_t rows = c.start_pos + c.n_new;
+    std::vector<float> q = RandomVector(c.n_new * c.heads * c.dim, &rng, -2.0f, 2.0f);
+    std::vector<float> k = RandomVector(rows * c.kv_heads * c.dim, &rng, -2.0f, 2.0f);
+    std::vector<float> v = RandomVector(rows * c.kv_heads * c.dim, &rng);
+    std::vector<uint16_t> k16(k.size()), v16(v.size());
+    for (size_t i = 0; i < k.size(); ++i) {
+      k16[i] = F32ToBF16(k[i]);
+      v16[i] = F32ToBF16(v[i]);
+      k[i] = BF16ToF32(k16[i]);
+      v[i] = BF16ToF32(v16[i]);
+    }
+    for (int threads : {1, 2}) {
+      SetNumThreads(threads);
+      std::vector<float> a(q.size()), b(q.size(), std::numeric_limits<float>::quiet_NaN());
+      Attention(q.data(), k.data(), v.data(), c.start_pos, c.n_new, c.heads, c.kv_heads, c.dim,
+                a.data());
+      Attention(q.data(), k16.data(), v16.data(), c.start_pos, c.n_new, c.heads, c.kv_heads,
+                c.dim, b.data());
+      EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)))
+          << "start=" << c.start_pos << " n_new=" << c.n_new << " dim=" << c.dim
+          << " threads=" << threads;
+    }
+  }
+  SetNumThreads(2);
+}
+
 TEST(AttentionTest, SingleKeyReturnsValue) {
   std::mt19937 rng(12);
   std::vector<float> q = RandomVector(4 * 32, &rng), k = RandomVector(2 * 32, &rng),
