@@ -30,6 +30,14 @@ LoadOptions OnDevice(const std::string& device) {
   return o;
 }
 
+// Options of a reference run: `tokens` greedy tokens, with the prompt's logits.
+GenerateOptions GreedyRun(size_t tokens) {
+  GenerateOptions opt;
+  opt.max_new_tokens = static_cast<int64_t>(tokens);
+  opt.prompt_logits = true;
+  return opt;
+}
+
 #define SKIP_WITHOUT_DEVICE(device)                                   \
   do {                                                                \
     auto _d = DescribeDevice(*ParseDevice(device));                   \
@@ -50,11 +58,9 @@ TEST_P(OracleTest, LogitsAndGreedyMatchTransformers) {
   nlohmann::json ref = ReadJson(dir + "/reference.json");
   ASSERT_FALSE(ref.empty());
   for (const auto& c : ref) {
-    std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
-    std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
-    GenerateOptions opt;
-    opt.max_new_tokens = static_cast<int64_t>(greedy.size());
-    opt.prompt_logits = true;
+    const std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
+    const std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
+    const GenerateOptions opt = GreedyRun(greedy.size());
     auto r = Generate(**model, prompt, opt);
     ASSERT_TRUE(r.ok()) << r.status();
     const auto& rows = c["logits"];
@@ -99,11 +105,9 @@ TEST_P(PydocModelTest, GreedyMatchesTransformers) {
   nlohmann::json ref = ReadJson(dir + "/reference.json");
   ASSERT_EQ(ref["prompts"].size(), 6u);
   for (const auto& c : ref["prompts"]) {
-    std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
-    std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
-    GenerateOptions opt;
-    opt.max_new_tokens = static_cast<int64_t>(greedy.size());
-    opt.prompt_logits = true;
+    const std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
+    const std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
+    const GenerateOptions opt = GreedyRun(greedy.size());
     auto r = Generate(**model, prompt, opt);
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->ids, greedy) << c["prompt"] << " on " << device;
@@ -304,11 +308,9 @@ TEST(KvCacheDTypeTest, Bf16CacheStaysCloseAndKeepsTheGreedyIds) {
   nlohmann::json ref = ReadJson(dir + "/reference.json");
   double max_diff = 0;
   for (const auto& c : ref["prompts"]) {
-    std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
-    std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
-    GenerateOptions opt;
-    opt.max_new_tokens = static_cast<int64_t>(greedy.size());
-    opt.prompt_logits = true;
+    const std::vector<int32_t> prompt = c["input_ids"].get<std::vector<int32_t>>();
+    const std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
+    const GenerateOptions opt = GreedyRun(greedy.size());
     auto a = Generate(**exact, prompt, opt);
     auto b = Generate(**half, prompt, opt);
     ASSERT_TRUE(a.ok() && b.ok());
