@@ -7,6 +7,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/ops/threading.h"
@@ -197,7 +198,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   st = Forward(batch, hidden.data(), &logits, &expert_s);
   if (!st.ok()) return st;
   auto t_sample = Clock::now();
-  std::vector<size_t> to_sample;  // batch entries that sample a token
+  std::vector<std::pair<size_t, SeqState*>> to_sample;  // batch entries that sample a token
   for (size_t b = 0; b < batch.size(); ++b) {
     const wire::SeqStep& s = req.seqs(result_of[b]);
     SeqState& state = *seqs_.at(batch[b].seq_id);
@@ -216,13 +217,13 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     } else if (state.generated.empty()) {
       state.prompt.insert(state.prompt.end(), batch[b].tokens.begin(), batch[b].tokens.end());
     }
-    if (s.sample()) to_sample.push_back(b);
+    if (s.sample()) to_sample.emplace_back(b, &state);
   }
   // Each sequence samples from its own row with its own sampler: in parallel when the rows are
   // big (a vocabulary of 151,936 takes ~1-2 ms a row to sample at a temperature).
   auto sample = [&](int64_t i) {
-    const size_t b = to_sample[i];
-    SeqState& state = *seqs_.at(batch[b].seq_id);
+    const size_t b = to_sample[i].first;
+    SeqState& state = *to_sample[i].second;
     TokenChoice c = state.sampler.Sample(&logits[b * cfg.vocab_size], cfg.vocab_size,
                                          state.prompt, state.generated);
     state.generated.push_back(c.id);

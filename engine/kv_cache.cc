@@ -94,34 +94,30 @@ uint16_t* KvCache::VBf16(uint64_t seq, int64_t layer) {
   return reinterpret_cast<uint16_t*>(seqs_.at(seq).v[layer].get());
 }
 
+namespace {
+// A row of n values into the cache's element type.
+void PutRow(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+void PutRow(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = F32ToBF16(src[d]);
+}
+}  // namespace
+
 void KvCache::Store(uint64_t seq, int64_t layer, int64_t pos, int64_t n, const float* k,
                     const float* v) {
-  Seq& s = seqs_.at(seq);
-  const int64_t hd = head_dim(), hs = s.slots * hd;
-  if (dtype_ == KvDType::kBF16) {
-    uint16_t* kc = KBf16(seq, layer);
-    uint16_t* vc = VBf16(seq, layer);
+  const int64_t hd = head_dim(), hs = seqs_.at(seq).slots * hd;
+  auto store = [&](auto* kc, auto* vc) {
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t h = 0; h < kv_heads_; ++h) {
         const int64_t at = h * hs + (pos + i) * hd;
-        const float* ks = k + i * kv_dim_ + h * hd;
-        const float* vs = v + i * kv_dim_ + h * hd;
-        for (int64_t d = 0; d < hd; ++d) {
-          kc[at + d] = F32ToBF16(ks[d]);
-          vc[at + d] = F32ToBF16(vs[d]);
-        }
+        PutRow(kc + at, k + i * kv_dim_ + h * hd, hd);
+        PutRow(vc + at, v + i * kv_dim_ + h * hd, hd);
       }
     }
-    return;
-  }
-  float* kc = K(seq, layer);
-  float* vc = V(seq, layer);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t h = 0; h < kv_heads_; ++h) {
-      const int64_t at = h * hs + (pos + i) * hd;
-      std::memcpy(kc + at, k + i * kv_dim_ + h * hd, hd * sizeof(float));
-      std::memcpy(vc + at, v + i * kv_dim_ + h * hd, hd * sizeof(float));
-    }
+  };
+  if (dtype_ == KvDType::kBF16) {
+    store(KBf16(seq, layer), VBf16(seq, layer));
+  } else {
+    store(K(seq, layer), V(seq, layer));
   }
 }
 

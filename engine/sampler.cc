@@ -98,27 +98,25 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
   auto better = [logits](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   };
+  const bool with_logprob = cfg_.logprobs > 0 || !cfg_.greedy();
   float lse = 0.0f;  // log-sum-exp of the logits: logprob(i) = logits[i] - lse
-  if (cfg_.logprobs > 0 || !cfg_.greedy()) lse = LogSumExp(logits, vocab);
+  if (with_logprob) lse = LogSumExp(logits, vocab);
+  // Token ids to select from, kept by the thread (a fresh 600 KB a row would page-fault).
+  thread_local std::vector<int32_t> idx;
 
   if (cfg_.greedy()) {
     choice.id = ArgMax(logits, vocab);
   } else {
-    // Scratch kept by the thread (a fresh 1.8 MB a row would page-fault every time).
-    thread_local std::vector<int32_t> idx;
     thread_local std::vector<double> w_of;  // weight by token id
     idx.resize(vocab);
     std::iota(idx.begin(), idx.end(), 0);
     // The first `sorted` entries of idx are the best candidates, in order (by logit, descending;
     // ties by id).
-    auto sort_best = [&](int64_t k) {
-      SortBest(&idx, k, better);
-      return k;
-    };
     int64_t keep = vocab, sorted = 0;
     if (cfg_.top_k > 0 && cfg_.top_k < vocab) {
       keep = cfg_.top_k;
-      sorted = sort_best(keep);
+      SortBest(&idx, keep, better);
+      sorted = keep;
     }
     // Weights at this temperature (unnormalised probabilities) over the kept candidates.
     const float inv_t = 1.0f / cfg_.temperature;
@@ -136,7 +134,10 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
     if (cfg_.min_p > 0.0f || cfg_.top_p < 1.0f) {
       const double floor = cfg_.min_p;  // relative to the best candidate's weight, 1
       for (int64_t k = std::min<int64_t>(keep, 256);; k = std::min<int64_t>(keep, k * 8)) {
-        if (k > sorted) sorted = sort_best(k);
+        if (k > sorted) {
+          SortBest(&idx, k, better);
+          sorted = k;
+        }
         double cum = 0.0;
         int64_t cut = -1;
         for (int64_t i = 0; i < k && cut < 0; ++i) {
@@ -169,9 +170,9 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
     }
     choice.id = idx[pick];
   }
-  if (cfg_.logprobs > 0 || !cfg_.greedy()) choice.logprob = logits[choice.id] - lse;
+  if (with_logprob) choice.logprob = logits[choice.id] - lse;
   if (cfg_.logprobs > 0) {
-    std::vector<int32_t> idx(vocab);
+    idx.resize(vocab);
     std::iota(idx.begin(), idx.end(), 0);
     const int64_t n = std::min<int64_t>(cfg_.logprobs, vocab);
     SortBest(&idx, n, better);

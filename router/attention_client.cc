@@ -21,6 +21,21 @@ absl::Status Annotate(const std::string& address, const grpc::Status& s) {
 
 }  // namespace
 
+absl::StatusOr<std::vector<std::unique_ptr<GrpcAttentionClient>>> ConnectAttentionWorkers(
+    const std::vector<std::string>& addresses, double step_timeout_seconds, double wait_seconds,
+    std::vector<AttentionClient*>* lanes) {
+  if (addresses.empty()) return absl::InvalidArgumentError("no attention worker given");
+  std::vector<std::unique_ptr<GrpcAttentionClient>> clients;
+  lanes->clear();
+  for (const std::string& a : addresses) {
+    absl::Status st = WaitHealthy(a, wait_seconds);
+    if (!st.ok()) return st;
+    clients.push_back(std::make_unique<GrpcAttentionClient>(a, step_timeout_seconds));
+    lanes->push_back(clients.back().get());
+  }
+  return clients;
+}
+
 GrpcAttentionClient::GrpcAttentionClient(const std::string& address, double step_timeout_seconds)
     : address_(address),
       timeout_(step_timeout_seconds),

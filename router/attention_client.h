@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/config.h"
 #include "protos/generation.pb.h"
@@ -26,6 +27,12 @@ class GrpcAttentionClient : public AttentionClient {
   const double timeout_;
   std::unique_ptr<wire::Attention::Stub> stub_;
 };
+
+// Clients of the attention workers at `addresses` (each healthy within `wait_seconds` first, else
+// its error), in order; `lanes` gets them as Router::Create takes them.
+absl::StatusOr<std::vector<std::unique_ptr<GrpcAttentionClient>>> ConnectAttentionWorkers(
+    const std::vector<std::string>& addresses, double step_timeout_seconds, double wait_seconds,
+    std::vector<AttentionClient*>* lanes);
 
 // Family, sizes and version; the caller appends the workers.
 moemesh::v1::ModelInfo BasicModelInfo(const ModelConfig& cfg);

@@ -67,15 +67,10 @@ int Main() {
   if (!gen.ok()) return Fail(gen.status());
   auto tok = Tokenizer::FromFile(model_dir + "/tokenizer.json");
   if (!tok.ok()) return Fail(tok.status());
-  if (attention.empty()) return Fail(absl::InvalidArgumentError("no attention worker given"));
-  std::vector<std::unique_ptr<GrpcAttentionClient>> clients;
   std::vector<AttentionClient*> lanes;
-  for (const std::string& a : attention) {
-    absl::Status st = WaitHealthy(a, 120);
-    if (!st.ok()) return Fail(st);
-    clients.push_back(std::make_unique<GrpcAttentionClient>(a, absl::GetFlag(FLAGS_step_timeout)));
-    lanes.push_back(clients.back().get());
-  }
+  auto clients =
+      ConnectAttentionWorkers(attention, absl::GetFlag(FLAGS_step_timeout), 120, &lanes);
+  if (!clients.ok()) return Fail(clients.status());
   RouterOptions ro = RouterOptionsFromFlags();
   auto router = Router::Create(tok->get(), *cfg, *gen, lanes, ro);
   if (!router.ok()) return Fail(router.status());
@@ -83,7 +78,7 @@ int Main() {
   AddWorker(&info, "router", address, "cpu");
   if (!cluster.encoder().address().empty()) AddWorker(&info, "encoder", cluster.encoder().address(), "cpu");
   for (size_t i = 0; i < attention.size(); ++i) {
-    auto stats = clients[i]->GetStats();
+    auto stats = (*clients)[i]->GetStats();
     AddWorker(&info, "attention", attention[i], stats.ok() ? stats->device() : "cpu");
   }
   for (const auto& e : cluster.experts()) {

@@ -221,7 +221,6 @@ Router::Counters Router::counters() const {
     c.running += static_cast<int64_t>(lane.running.size());
     c.kv_reserved += lane.kv_reserved;
     c.steps += lane.steps;
-    c.running_per_worker.push_back(static_cast<int64_t>(lane.running.size()));
     c.steps_per_worker.push_back(lane.steps);
   }
   return c;
@@ -275,8 +274,7 @@ void Router::MoveOrFail(size_t index, const absl::Status& st,
     return;
   }
   lane.down = true;
-  lane.retry_at = std::chrono::steady_clock::now() +
-                  std::chrono::microseconds(static_cast<int64_t>(lane.retry_seconds * 1e6));
+  lane.AskAgainIn(lane.retry_seconds);
   std::deque<std::unique_ptr<Request>> moved;
   for (auto& rp : lane.running) {
     Request* r = rp.get();
@@ -401,8 +399,7 @@ void Router::Loop(size_t index) {
             Admit();
           } else {
             lane.retry_seconds = std::min(lane.retry_seconds * 2, 60.0);
-            lane.retry_at = std::chrono::steady_clock::now() +
-                            std::chrono::microseconds(static_cast<int64_t>(lane.retry_seconds * 1e6));
+            lane.AskAgainIn(lane.retry_seconds);
           }
           continue;
         }

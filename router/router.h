@@ -98,7 +98,7 @@ class Router {
     int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0;
     int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
     int64_t moved = 0;  // requests moved to another worker after a worker failed
-    std::vector<int64_t> running_per_worker, steps_per_worker;       // in Create's order
+    std::vector<int64_t> steps_per_worker;                           // in Create's order
   };
   Counters counters() const;
   const ModelConfig& config() const { return cfg_; }
@@ -146,6 +146,10 @@ class Router {
     bool down = false;
     std::chrono::steady_clock::time_point retry_at;
     double retry_seconds = 0;
+    void AskAgainIn(double seconds) {
+      retry_at = std::chrono::steady_clock::now() +
+                 std::chrono::microseconds(static_cast<int64_t>(seconds * 1e6));
+    }
     std::thread thread;
   };
   struct Outgoing {

@@ -681,10 +681,15 @@ class ConcurrencyTest(unittest.TestCase):
 
 
 class DataParallelAttentionTest(unittest.TestCase):
+    @staticmethod
+    def two_worker_cluster(name):
+        """Two attention workers and a router over the shared cluster's encoder and experts."""
+        shared = shared_pydoc_cluster()
+        return Cluster(PYDOC, None, name=name, encoder=shared.encoder, experts=shared.experts,
+                       attention_workers=2)
+
     def test_two_attention_workers_share_requests_and_match_references(self):
-        shared = shared_pydoc_cluster()  # its encoder and expert workers serve both
-        c = Cluster(PYDOC, None, name="dp", encoder=shared.encoder, experts=shared.experts,
-                    attention_workers=2)
+        c = self.two_worker_cluster("dp")
         try:
             info = c.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
             self.assertEqual(sorted(w.address for w in info.workers if w.role == "attention"),
@@ -713,14 +718,11 @@ class DataParallelAttentionTest(unittest.TestCase):
         finally:
             c.stop()
 
-
     def test_a_killed_attention_worker_loses_no_request(self):
         """SIGKILL one of two attention workers mid-stream: every request still completes, with
         the ids it gets when nothing fails (greedy): the router moves the dead worker's requests
         to the other, which rebuilds their KV cache from the prompt and the tokens so far."""
-        shared = shared_pydoc_cluster()
-        c = Cluster(PYDOC, None, name="dpkill", encoder=shared.encoder, experts=shared.experts,
-                    attention_workers=2)
+        c = self.two_worker_cluster("dpkill")
         try:
             held = heldout_ids()
             reqs = [make_request(held[i * 500:i * 500 + 20 + 7 * i], 160) for i in range(6)]
@@ -728,10 +730,12 @@ class DataParallelAttentionTest(unittest.TestCase):
             jobs = [Background(lambda r=r: generate(c.stub, r, timeout=240)) for r in reqs]
             # Kill worker 1 while it holds sequences, some of their tokens streamed.
             victim = [p for p in c.procs if p.name == "dpkill-attention1"][0]
-            held_then = poll_until(
-                lambda: (c.att_stubs[1].GetStats(wpb2.StatsRequest(), timeout=5).active_sequences
-                         if c.att_stubs[1].GetStats(wpb2.StatsRequest(), timeout=5).steps > 20
-                         else 0), 60, interval=0.01)
+
+            def held_after_20_steps():
+                s = c.att_stubs[1].GetStats(wpb2.StatsRequest(), timeout=5)
+                return s.active_sequences if s.steps > 20 else 0
+
+            held_then = poll_until(held_after_20_steps, 60, interval=0.01)
             os.kill(victim.pid, signal.SIGKILL)
             self.assertGreater(held_then, 0, "attention worker 1 held no sequence when killed")
             for i, (j, want) in enumerate(zip(jobs, solo)):

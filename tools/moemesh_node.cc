@@ -258,12 +258,10 @@ int Main(int rank, int size, int thread_level) {
     auto gen = GenerationDefaults::FromFile(model_dir + "/generation_config.json");
     if (!gen.ok()) return Fail(rank, gen.status());
     std::vector<AttentionClient*> lanes;
-    for (int a = 2; a < first_expert; ++a) {
-      absl::Status st = WaitHealthy(addrs[a], 120);
-      if (!st.ok()) return Fail(rank, st);
-      clients.push_back(std::make_unique<GrpcAttentionClient>(addrs[a], 60));
-      lanes.push_back(clients.back().get());
-    }
+    auto c = ConnectAttentionWorkers(
+        std::vector<std::string>(addrs.begin() + 2, addrs.begin() + first_expert), 60, 120, &lanes);
+    if (!c.ok()) return Fail(rank, c.status());
+    clients = std::move(*c);
     auto r = Router::Create(tok.get(), *cfg, *gen, lanes, RouterOptionsFromFlags());
     if (!r.ok()) return Fail(rank, r.status());
     router = std::move(*r);
