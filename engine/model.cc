@@ -126,9 +126,9 @@ absl::StatusOr<std::unique_ptr<CpuExpertShard>> CpuExpertShard::Load(
       const MlpTensors t = ExpertTensorsOf(cfg, arch, l, e);
       auto gate_up = LoadFusedLinear(
           ckpt, {{t.gate.name, s->width_, ""}, {t.up.name, s->width_, ""}}, s->hidden_,
-          opt.compute);
+          opt.expert_compute());
       if (!gate_up.ok()) return gate_up.status();
-      auto down = LoadLinear(ckpt, t.down.name, s->hidden_, s->width_, opt.compute);
+      auto down = LoadLinear(ckpt, t.down.name, s->hidden_, s->width_, opt.expert_compute());
       if (!down.ok()) return down.status();
       s->experts_[l][e] =
           std::make_unique<Expert>(Expert{std::move(*gate_up), std::move(*down)});
@@ -480,6 +480,13 @@ absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s) {
   if (s == "dummy") return LoadOptions::LoadFormat::kDummy;
   return absl::InvalidArgumentError(
       absl::StrCat("--load_format must be auto or dummy, not '", std::string(s), "'"));
+}
+
+absl::StatusOr<LoadOptions::ExpertQuant> ParseExpertQuant(std::string_view s) {
+  if (s == "none") return LoadOptions::ExpertQuant::kNone;
+  if (s == "int8") return LoadOptions::ExpertQuant::kInt8;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--quantize_experts must be none or int8, not '", std::string(s), "'"));
 }
 
 absl::Status ApplyNumLayers(const LoadOptions& opt, ModelConfig* cfg) {

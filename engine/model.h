@@ -48,10 +48,23 @@ struct LoadOptions {
   // Element type of the KV cache the attention stack's NewCache makes (--kv_cache_dtype): fp32
   // (default, exact) or bf16 (half the memory and attention reads; CPU only).
   KvDType kv_dtype = KvDType::kF32;
+  // The routed experts' weights on CPU expert shards (--quantize_experts): kNone computes them
+  // with `compute`; kInt8 stores them as int8 with a scale per output row and computes with
+  // ComputeType::kInt8 (activations quantised per group of 64 on the fly; half of bf16's bytes,
+  // a quarter of fp32's). Attention, gates, shared experts and the LM head keep `compute`.
+  // CUDA expert shards refuse kInt8.
+  enum class ExpertQuant { kNone, kInt8 } expert_quant = ExpertQuant::kNone;
+  // The compute type of the routed experts' products on the CPU.
+  ComputeType expert_compute() const {
+    return expert_quant == ExpertQuant::kInt8 ? ComputeType::kInt8 : compute;
+  }
 };
 
 // "auto" -> kAuto, "dummy" -> kDummy; InvalidArgument otherwise.
 absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s);
+
+// "none" -> kNone, "int8" -> kInt8; InvalidArgument naming --quantize_experts otherwise.
+absl::StatusOr<LoadOptions::ExpertQuant> ParseExpertQuant(std::string_view s);
 
 // Applies opt.num_layers to `cfg` (InvalidArgument outside 0..cfg->num_hidden_layers).
 absl::Status ApplyNumLayers(const LoadOptions& opt, ModelConfig* cfg);

@@ -1,6 +1,6 @@
 // Command-line flags that choose how weights are loaded, shared by every binary that loads a
 // model (moemesh, moemesh_bench and the service binaries): --load_format, --num_layers,
-// --cuda_graphs and --kv_cache_dtype.
+// --cuda_graphs, --kv_cache_dtype and --quantize_experts.
 #ifndef MOEMESH_MESH_LOAD_FLAGS_H_
 #define MOEMESH_MESH_LOAD_FLAGS_H_
 
@@ -12,10 +12,11 @@
 
 namespace moemesh {
 
-// Sets opt->load_format, num_layers, cuda_graphs and kv_dtype from the flags (other fields are
-// left alone). InvalidArgument, naming the flag, for a --load_format other than auto/dummy, a
-// negative --num_layers (a count above the model's is refused when config.json is read) or a
-// --kv_cache_dtype other than fp32/bf16.
+// Sets opt->load_format, num_layers, cuda_graphs, kv_dtype and expert_quant from the flags
+// (other fields are left alone). InvalidArgument, naming the flag, for a --load_format other
+// than auto/dummy, a negative --num_layers (a count above the model's is refused when
+// config.json is read), a --kv_cache_dtype other than fp32/bf16 or a --quantize_experts other
+// than none/int8.
 absl::Status LoadOptionsFromFlags(LoadOptions* opt);
 
 // The same flags as arguments for a child process ("--load_format=dummy", "--num_layers=4",

@@ -121,6 +121,11 @@ TEST(DecodeBytesTest, EmbeddedModelByHand) {
   EXPECT_EQ(d.lm_head, 8192 * 256 * 2);                                          // 4,194,304
   EXPECT_EQ(d.embedding, 256 * 2);
   EXPECT_EQ(d.total(), 13681152);
+  // int8 experts: one byte a weight there, the rest unchanged.
+  WeightElementBytes int8_experts;
+  int8_experts.expert = 1;
+  EXPECT_EQ(DecodeWeightBytes(cfg, cfg.num_experts_per_tok, int8_experts).total(),
+            13681152 - 7077888 / 2);
   // One active expert instead of four: 3/4 of the expert bytes fewer.
   EXPECT_EQ(DecodeWeightBytes(cfg, 1, WeightElementBytes{}).total(), 13681152 - 7077888 / 4 * 3);
   // Layer 0 dense (mlp_only_layers): no router, no experts, a 768-wide MLP instead.

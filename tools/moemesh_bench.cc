@@ -310,6 +310,7 @@ absl::Status RunOffline() {
   // Weights held (as loaded) and read per decoded token.
   WeightElementBytes eb;
   eb.matrix = PackedBytesPerWeight(lo.compute == ComputeType::kBF16, cfg.dtype);
+  eb.expert = lo.expert_quant == LoadOptions::ExpertQuant::kInt8 ? 1 : eb.matrix;
   eb.router = PackedBytesPerWeight(false, cfg.dtype);
   eb.embedding = static_cast<int64_t>(DTypeSize(cfg.dtype));
   const DecodeBytes per_token = DecodeWeightBytes(cfg, cfg.num_experts_per_tok, eb);
@@ -383,10 +384,11 @@ absl::Status RunOffline() {
                                          absl::GetFlag(FLAGS_bandwidth_mib), threads)
                        : given_bandwidth > 0 ? "--bandwidth_gbs" : "none";
   std::cout << absl::StrFormat(
-      "offline  model=%s%s layers=%d device=%s compute=%s threads=%d prompt=%d decode=%d "
-      "repeats=%d (ids: %s, load %.2f s)\n",
-      dir, dummy ? " (dummy weights)" : "", cfg.num_hidden_layers, *described, dt, threads, n_prompt,
-      n_decode, repeats, pool.empty() ? "id 1 repeated" : "ids_file", load_s);
+      "offline  model=%s%s layers=%d device=%s compute=%s experts=%s threads=%d prompt=%d "
+      "decode=%d repeats=%d (ids: %s, load %.2f s)\n",
+      dir, dummy ? " (dummy weights)" : "", cfg.num_hidden_layers, *described, dt,
+      ComputeTypeName(lo.expert_compute()), threads, n_prompt, n_decode, repeats,
+      pool.empty() ? "id 1 repeated" : "ids_file", load_s);
   std::cout << absl::StrFormat("%-22s %12s %12s %12s\n", "", "median", "min", "max");
   std::cout << absl::StrFormat("%-22s %12.1f %12.1f %12.1f\n", "prefill tok/s", p,
                                *std::min_element(prefill.begin(), prefill.end()),
@@ -432,6 +434,7 @@ absl::Status RunOffline() {
             {"load_format", dummy ? "dummy" : "auto"},
             {"num_layers", cfg.num_hidden_layers},
             {"compute_dtype", dt},
+            {"expert_compute", ComputeTypeName(lo.expert_compute())},
             {"threads", threads},
             {"prompt_tokens", n_prompt},
             {"decode_tokens", n_decode},

@@ -31,6 +31,7 @@
 #include "engine/tokenizer.h"
 #include "expert_worker/expert_service.h"
 #include "mesh/grpc_clients.h"
+#include "mesh/load_flags.h"
 #include "mesh/mpi_transport.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
@@ -138,13 +139,15 @@ int Main(int rank, int size, int thread_level) {
   }
   const int n_experts = size - first_expert;
   while (cluster.experts_size() < n_experts) cluster.add_experts();
-  auto cfg = ModelConfig::FromFile(model_dir + "/config.json");
+  LoadOptions lo;
+  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") lo.compute = ComputeType::kBF16;
+  absl::Status load_flags = LoadOptionsFromFlags(&lo);
+  if (!load_flags.ok()) return Fail(rank, load_flags);
+  auto cfg = LoadModelConfig(model_dir, lo);
   if (!cfg.ok()) return Fail(rank, cfg.status());
   const int attention_threads = absl::GetFlag(FLAGS_attention_threads);
   ops::SetNumThreads(is_attention && attention_threads > 0 ? attention_threads
                                                             : absl::GetFlag(FLAGS_threads));
-  LoadOptions lo;
-  if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") lo.compute = ComputeType::kBF16;
   const std::string listen = absl::StrCat(absl::GetFlag(FLAGS_listen_host), ":0");
 
   // Phase 1: encoder and expert workers start and publish their addresses.
@@ -163,7 +166,7 @@ int Main(int rank, int size, int thread_level) {
       if (!s.ok()) return Fail(rank, s.status());
       shards = *s;
     }
-    auto c = CheckpointReader::Open(model_dir, [&](std::string_view name) {
+    auto c = OpenCheckpoint(model_dir, *cfg, *arch, lo, [&](std::string_view name) {
       if (rank == 1) return name == "model.embed_tokens.weight";
       return absl::StrContains(std::string(name), ".experts.");
     });
@@ -206,7 +209,7 @@ int Main(int rank, int size, int thread_level) {
             mpi_client->TransportTo(r, absl::StrCat("rank ", r, " (", addrs[r], ")")));
       }
     }
-    o.load.compute = lo.compute;
+    o.load = lo;
     o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
     o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
     if (cluster.wire_dtype() == "bf16") o.wire_dtype = wire::DTYPE_BF16;

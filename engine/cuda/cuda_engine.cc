@@ -423,6 +423,11 @@ void CudaExpertShard::GiveScratch(std::unique_ptr<Scratch> s) const {
 absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
     const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
     const std::set<ExpertId>& shards, const LoadOptions& opt) {
+  if (opt.expert_quant != LoadOptions::ExpertQuant::kNone) {
+    return absl::InvalidArgumentError(
+        "--quantize_experts=int8 is supported by CPU expert shards only; a CUDA expert shard "
+        "keeps bf16 or fp32 weights");
+  }
   MOEMESH_OK(CheckDevice(opt.device));
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));
   auto s = std::unique_ptr<CudaExpertShard>(new CudaExpertShard());

@@ -12,8 +12,16 @@
 namespace moemesh {
 
 // Arithmetic used by matrix products. kF32 reproduces fp32 PyTorch; kBF16 rounds both
-// operands to bf16 and accumulates in fp32.
-enum class ComputeType { kF32, kBF16 };
+// operands to bf16 and accumulates in fp32. kInt8 (quantised experts, --quantize_experts=int8)
+// stores W as int8 with one scale per output row (s_n = max_k |W[n,k]| / 127, q = W / s_n
+// rounded to nearest even), quantises each row of x per group of 64 consecutive inputs on the
+// fly (s_g = max |x| over the group / 127, q = x * (127 / max) rounded to nearest even; a group
+// of zeros has s_g = 0), forms each group's dot product exactly in int32 (AVX-512 VNNI), and
+// sums the groups in fp32: y[n] = s_n * sum_g s_g * dot_g(qx, qW[n]) (+ bias).
+enum class ComputeType { kF32, kBF16, kInt8 };
+
+// "fp32" / "bf16" / "int8" for logs and JSON.
+const char* ComputeTypeName(ComputeType ct);
 
 namespace ops {
 
@@ -23,8 +31,9 @@ namespace ops {
 // oneDNN's matmul, so `w` may be released once Create() returns. Storage: kBF16 compute keeps
 // bf16 (F32/F16 weights rounded to bf16); kF32 compute keeps fp32, except that BF16 weights
 // stay bf16 and are widened to fp32 inside the kernels, which is exact (results are those of
-// fp32 weights) and halves the memory traffic. Movable, not copyable. Forward() is const and
-// thread-safe.
+// fp32 weights) and halves the memory traffic; kInt8 keeps int8 (a quarter of fp32, half of
+// bf16) and runs the hand-written kernels for every m (a row's result does not depend on m or
+// on the thread count). Movable, not copyable. Forward() is const and thread-safe.
 //
 // Forward() uses hand-written AVX-512 kernels for m <= small_m_limit() (no per-call setup:
 // the latency that matters for single-stream decode) and oneDNN above. It uses up to

@@ -18,11 +18,21 @@
 // and need no horizontal reductions. For kBF16, x is rounded into bf16 rows zero-padded to Kp
 // and oneDNN sees K = Kp (its bf16 kernels fall back to reference code for K-padded weights).
 // For kBF16AsF32 with large m, the weights are widened into a per-thread fp32 copy for oneDNN.
+//
+// A fourth kind, kInt8 (ct == kInt8: quantised experts), has its own layout and kernels and no
+// oneDNN path (oneDNN 2.6 has no per-group dynamic activation scales):
+//   int8: [Np/64][Kp/4][64][4] int8 (Kp = K rounded up to 64): four consecutive k of a column
+//         in one 32-bit lane, the operand layout of AVX-512 VNNI's vpdpbusd, which multiplies
+//         64 unsigned x bytes by 64 signed weight bytes and adds them in int32 per column.
+//         x is quantised per row and per group of 64 k to offset-binary bytes (q + 128), so
+//         each group's int32 sum carries 128 * sum_k W_q[k][n], which is precomputed per
+//         (group, column) ("comp") and subtracted before the group's sum is scaled into fp32.
 
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -35,6 +45,7 @@
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -59,11 +70,12 @@ namespace moemesh {
 namespace ops {
 namespace {
 
-enum class Kind { kF32, kBF16AsF32, kBF16 };
+enum class Kind { kF32, kBF16AsF32, kBF16, kInt8 };
 
 constexpr int64_t kColBlock = 64;  // Output columns per packed block.
 constexpr int64_t kKPadF32 = 16;   // K padding of the fp32 layout.
 constexpr int64_t kKPadBF16 = 32;  // K padding of the bf16 layout.
+constexpr int64_t kI8Group = 64;   // k per activation scale, and K padding of the int8 layout.
 // Largest m served by the hand-written kernels under Path::kAuto (linear_benchmark.cc: they
 // match or beat oneDNN up to about these sizes). kBF16AsF32 has no oneDNN kernel (oneDNN 2.6
 // has no f32 x bf16 matmul; it would need the weights widened per call), so the hand-written
@@ -84,36 +96,60 @@ constexpr int64_t kL2ResidentBlockBytes = 512 << 10;
 constexpr double kBytesPerNs = 100.0;
 constexpr double kF32MacsPerNs = 100.0;
 constexpr double kBF16MacsPerNs = 200.0;
+constexpr double kInt8MacsPerNs = 400.0;
 constexpr double kNsPerThread = 50000.0;
 
 int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
+// Frees what AllocZeroed returned: std::free, or munmap for a mapping of `mapped` bytes.
+struct AlignedDeleter {
+  size_t mapped = 0;
+  void operator()(void* p) const {
+    if (mapped > 0) {
+      ::munmap(p, mapped);
+    } else {
+      std::free(p);
+    }
+  }
 };
 template <typename T>
-using AlignedArray = std::unique_ptr<T[], FreeDeleter>;
+using AlignedArray = std::unique_ptr<T[], AlignedDeleter>;
 
-// Packed weights of 2 MiB or more are 2 MiB-aligned and asked to be backed by transparent
-// huge pages: on the dev VM a 4 KiB page fault costs microseconds (loading a 6 GiB model spent
-// most of its time faulting), and a decode step streams every page of the weights once.
+// Packed weights of 2 MiB or more get their own 2 MiB-aligned anonymous mapping, asked to be
+// backed by transparent huge pages: on the dev VM a 4 KiB page fault costs microseconds (loading
+// a 6 GiB model spent most of its time faulting), and a decode step streams every page of the
+// weights once. Mappings keep them out of malloc's heap, where they sat between the load's
+// transient buffers (checkpoint copies, dummy values) and kept that memory from being returned
+// or reused: with int8 experts of Qwen3-30B-A3B's shape (4 layers) the process held 6.3 GB
+// after loading instead of 4.0 GB.
 constexpr size_t kHugePage = size_t{2} << 20;
 
 template <typename T>
 AlignedArray<T> AllocZeroed(int64_t n) {
   const size_t bytes = static_cast<size_t>(RoundUp(std::max<int64_t>(n, 1) * sizeof(T), 64));
-  void* p = nullptr;
   if (bytes < kHugePage) {
-    p = std::aligned_alloc(64, bytes);
-  } else if (posix_memalign(&p, kHugePage, bytes) != 0) {
-    p = nullptr;
-  } else {
-#ifdef MADV_HUGEPAGE
-    ::madvise(p, bytes, MADV_HUGEPAGE);  // advisory
-#endif
+    void* p = std::aligned_alloc(64, bytes);
+    if (p == nullptr) return AlignedArray<T>(nullptr);
+    std::memset(p, 0, bytes);
+    return AlignedArray<T>(static_cast<T*>(p));
   }
-  if (p != nullptr) std::memset(p, 0, bytes);
-  return AlignedArray<T>(static_cast<T*>(p));
+  // Over-map by one huge page and unmap the unaligned ends; fresh anonymous pages are zero.
+  // Whole huge pages only: a tail past the last one stays in 4 KiB pages (an int8 expert's
+  // 3 MiB gate/up would otherwise take 4 MiB).
+  const size_t size = static_cast<size_t>(RoundUp(static_cast<int64_t>(bytes), 4096));
+  void* raw = ::mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return AlignedArray<T>(nullptr);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (base + kHugePage - 1) / kHugePage * kHugePage;
+  if (aligned > base) ::munmap(raw, aligned - base);
+  const uintptr_t end = base + size + kHugePage;
+  if (end > aligned + size) ::munmap(reinterpret_cast<void*>(aligned + size), end - (aligned + size));
+#ifdef MADV_HUGEPAGE
+  ::madvise(reinterpret_cast<void*>(aligned), bytes / kHugePage * kHugePage,
+            MADV_HUGEPAGE);  // advisory
+#endif
+  return AlignedArray<T>(reinterpret_cast<T*>(aligned), AlignedDeleter{size});
 }
 
 // Grow-only per-thread buffer; Forward() allocates nothing in steady state.
@@ -135,7 +171,8 @@ class ThreadScratch {
   size_t cap_ = 0;
 };
 
-thread_local ThreadScratch t_x_bf16;
+thread_local ThreadScratch t_x_bf16;  // x rounded to bf16 (kBF16) or quantised (kInt8)
+thread_local ThreadScratch t_x_scales;  // kInt8: x's per-group scales
 thread_local ThreadScratch t_w_f32;
 thread_local ThreadScratch t_dnnl_scratchpad;
 thread_local ThreadScratch t_pad_x, t_pad_y;  // oneDNN inputs/outputs padded to a bucket
@@ -161,6 +198,53 @@ void RoundRowsToBF16(const float* x, int64_t m, int64_t k, int64_t ld, uint16_t*
 #endif
     for (; i < k; ++i) d[i] = F32ToBF16(src[i]);
     for (; i < ld; ++i) d[i] = 0;
+  }
+}
+
+// Quantises rows of x [m, k] (stride k) per group of kI8Group: q[r][i] = 128 + round(x * 127 /
+// max|x| of the group) into dst [m, kp] (kp = k rounded up to kI8Group; padding 128, i.e. 0)
+// and the group's max|x| / 127 into scales [m, kp / kI8Group].
+void QuantizeRowsI8(const float* x, int64_t m, int64_t k, int64_t kp, uint8_t* dst,
+                    float* scales) {
+  const int64_t groups = kp / kI8Group;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * k;
+    uint8_t* d = dst + r * kp;
+    float* sc = scales + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kI8Group;
+      const int64_t n = std::min(kI8Group, k - k0);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      __m512 v[4];
+      __m512 amax = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) {
+        const int64_t valid = n - 16 * c;
+        const __mmask16 mask = valid >= 16  ? static_cast<__mmask16>(0xffff)
+                               : valid <= 0 ? static_cast<__mmask16>(0)
+                                            : static_cast<__mmask16>((1u << valid) - 1);
+        v[c] = _mm512_maskz_loadu_ps(mask, src + k0 + 16 * c);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[c]));
+      }
+      const float mx = _mm512_reduce_max_ps(amax);
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      sc[g] = mx / 127.0f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512i off = _mm512_set1_epi32(128);
+      for (int c = 0; c < 4; ++c) {
+        __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[c], vinv)), off);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k0 + 16 * c), _mm512_cvtepi32_epi8(q));
+      }
+#else
+      float mx = 0.0f;
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(src[k0 + i]));
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      sc[g] = mx / 127.0f;
+      for (int64_t i = 0; i < kI8Group; ++i) {
+        d[k0 + i] = static_cast<uint8_t>(
+            128 + (i < n ? static_cast<int>(std::nearbyint(src[k0 + i] * inv)) : 0));
+      }
+#endif
+    }
   }
 }
 
@@ -395,6 +479,90 @@ void TileBF16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t k_len, 
 
 #endif  // __AVX512BF16__
 
+#if defined(__AVX512VNNI__)
+
+inline __m512i BroadcastDword(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// int8 weights, quantised x: w is one block [Kp/4][64][4], comp its [groups][64] corrections,
+// wscale its 64 row scales; x rows are offset-binary bytes with stride ldx and per-group scales
+// xs with stride ldxs. Each group's int32 sums are exact, and the groups are added in order with
+// one fp32 FMA each, so a row's result is the same in every tile size.
+template <int R>
+void TileI8(const uint8_t* x, int64_t ldx, const float* xs, int64_t ldxs, const int8_t* w,
+            const int32_t* comp, const float* wscale, int64_t groups, const float* bias, float* y,
+            int64_t ldy, int64_t ncols) {
+  constexpr int64_t kGroupBytes = kI8Group * kColBlock;  // one group of one block
+  __m512 accf[R][4];
+  ZeroTile<R>(accf);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* wg = w + g * kGroupBytes;
+    const uint8_t* xg = x + g * kI8Group;
+    __m512i acc[R][4];
+    UNROLL_LOOP
+    for (int r = 0; r < R; ++r) {
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_si512();
+    }
+    if constexpr (R == 1) {
+      // Two independent chains per column register hide vpdpbusd's latency.
+      __m512i acc2[4];
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) acc2[c] = _mm512_setzero_si512();
+      UNROLL_LOOP
+      for (int d = 0; d < kI8Group / 4; d += 2) {
+        const int8_t* wd = wg + d * 4 * kColBlock;
+        const __m512i x0 = BroadcastDword(xg + 4 * d);
+        const __m512i x1 = BroadcastDword(xg + 4 * d + 4);
+        UNROLL_LOOP
+        for (int c = 0; c < 4; ++c) {
+          acc[0][c] = _mm512_dpbusd_epi32(acc[0][c], x0, _mm512_load_si512(wd + 64 * c));
+          acc2[c] = _mm512_dpbusd_epi32(acc2[c], x1, _mm512_load_si512(wd + 256 + 64 * c));
+        }
+      }
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) acc[0][c] = _mm512_add_epi32(acc[0][c], acc2[c]);
+    } else {
+      for (int d = 0; d < kI8Group / 4; ++d) {
+        const int8_t* wd = wg + d * 4 * kColBlock;
+        __m512i wv[4];
+        UNROLL_LOOP
+        for (int c = 0; c < 4; ++c) {
+          wv[c] = _mm512_load_si512(wd + 64 * c);
+          Pin(wv[c]);
+        }
+        UNROLL_LOOP
+        for (int r = 0; r < R; ++r) {
+          const __m512i xv = BroadcastDword(xg + r * ldx + 4 * d);
+          UNROLL_LOOP
+          for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv, wv[c]);
+        }
+      }
+    }
+    UNROLL_LOOP
+    for (int c = 0; c < 4; ++c) {
+      const __m512i cv = _mm512_load_si512(comp + g * kColBlock + 16 * c);
+      UNROLL_LOOP
+      for (int r = 0; r < R; ++r) {
+        accf[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], cv)),
+                                     _mm512_set1_ps(xs[r * ldxs + g]), accf[r][c]);
+      }
+    }
+  }
+  UNROLL_LOOP
+  for (int c = 0; c < 4; ++c) {
+    const __m512 sv = _mm512_load_ps(wscale + 16 * c);
+    UNROLL_LOOP
+    for (int r = 0; r < R; ++r) accf[r][c] = _mm512_mul_ps(accf[r][c], sv);
+  }
+  StoreTile<R>(accf, bias, y, ldy, ncols);
+}
+
+#endif  // __AVX512VNNI__
+
 // Portable fallbacks over the same layouts.
 [[maybe_unused]] void TileF32Generic(const float* x, int64_t ldx, int64_t rows, const float* w,
                                      int64_t k_len, const float* bias, float* y, int64_t ldy,
@@ -433,6 +601,55 @@ template <typename X>
       y[r * ldy + c] = acc[c] + (bias != nullptr ? bias[c] : 0.0f);
     }
   }
+}
+
+// The same arithmetic as TileI8 (exact int32 group sums, one fp32 FMA per group in order).
+[[maybe_unused]] void TileI8Generic(const uint8_t* x, int64_t ldx, const float* xs, int64_t ldxs,
+                                    int64_t rows, const int8_t* w, const int32_t* comp,
+                                    const float* wscale, int64_t groups, const float* bias,
+                                    float* y, int64_t ldy, int64_t ncols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc[kColBlock] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t dot[kColBlock] = {};
+      for (int64_t i = 0; i < kI8Group; ++i) {
+        const int64_t k = g * kI8Group + i;
+        const int32_t xv = x[r * ldx + k];
+        const int8_t* wk = w + (k / 4) * 4 * kColBlock + (k & 3);
+        for (int64_t c = 0; c < kColBlock; ++c) dot[c] += xv * wk[4 * c];
+      }
+      for (int64_t c = 0; c < kColBlock; ++c) {
+        acc[c] = std::fma(static_cast<float>(dot[c] - comp[g * kColBlock + c]), xs[r * ldxs + g],
+                          acc[c]);
+      }
+    }
+    for (int64_t c = 0; c < ncols; ++c) {
+      y[r * ldy + c] = acc[c] * wscale[c] + (bias != nullptr ? bias[c] : 0.0f);
+    }
+  }
+}
+
+// Rows [0, rows) of one int8 column block, in tiles of 3 rows (a 4-row tile would need 36
+// vector registers) and one tile for the remainder.
+void BlockRowsI8(const uint8_t* x, int64_t ldx, const float* xs, int64_t ldxs, int64_t rows,
+                 const int8_t* w, const int32_t* comp, const float* wscale, int64_t groups,
+                 const float* bias, float* y, int64_t ldy, int64_t ncols) {
+#if defined(__AVX512VNNI__)
+  int64_t r = 0;
+  for (; r + 3 <= rows; r += 3) {
+    TileI8<3>(x + r * ldx, ldx, xs + r * ldxs, ldxs, w, comp, wscale, groups, bias, y + r * ldy,
+              ldy, ncols);
+  }
+  if (rows - r == 2) {
+    TileI8<2>(x + r * ldx, ldx, xs + r * ldxs, ldxs, w, comp, wscale, groups, bias, y + r * ldy,
+              ldy, ncols);
+  } else if (rows - r == 1) {
+    TileI8<1>(x + r * ldx, ldx, xs + r * ldxs, ldxs, w, comp, wscale, groups, bias, y + r * ldy,
+              ldy, ncols);
+  }
+#else
+  TileI8Generic(x, ldx, xs, ldxs, rows, w, comp, wscale, groups, bias, y, ldy, ncols);
+#endif
 }
 
 #if defined(__AVX512F__)
@@ -512,6 +729,8 @@ void BlockRows(Kind kind, const void* x, int64_t ldx, int64_t rows, const void* 
       TileBF16Generic<uint16_t>(static_cast<const uint16_t*>(x), ldx, rows,
                                 static_cast<const uint16_t*>(w), k_len, bias, y, ldy, ncols);
 #endif
+      return;
+    case Kind::kInt8:  // BlockRowsI8: it needs the scales
       return;
   }
 }
@@ -758,6 +977,27 @@ float ElementToF32(const void* w, DType wtype, int64_t i) {
 
 }  // namespace
 
+namespace {
+
+// The kernels' view of x: rows of fp32 (kF32, kBF16AsF32), bf16 (kBF16) or offset-binary
+// bytes with per-group scales (kInt8).
+struct XRows {
+  const void* data = nullptr;
+  int64_t ld = 0;                 // elements per row
+  size_t esize = 4;               // bytes per element
+  const float* scales = nullptr;  // kInt8: [rows][groups]
+  int64_t groups = 0;
+
+  XRows From(int64_t r) const {
+    XRows o = *this;
+    o.data = static_cast<const char*>(data) + r * ld * static_cast<int64_t>(esize);
+    if (scales != nullptr) o.scales = scales + r * groups;
+    return o;
+  }
+};
+
+}  // namespace
+
 struct Linear::Impl {
   int64_t out = 0, in = 0;
   ComputeType ct = ComputeType::kF32;
@@ -767,38 +1007,70 @@ struct Linear::Impl {
   int64_t weight_bytes = 0;
   AlignedArray<float> w_f32;      // kF32.
   AlignedArray<uint16_t> w_bf16;  // kBF16AsF32, kBF16.
+  AlignedArray<int8_t> w_i8;      // kInt8 [Np/64][Kp/4][64][4],
+  AlignedArray<int32_t> i8_comp;  //   [Np/64][Kp/64][64]: 128 * sum of a group's weights,
+  AlignedArray<float> i8_scale;   //   [Np]: each output row's scale.
   AlignedArray<float> bias;       // [Np] or null.
   std::unique_ptr<DnnlMatmul> dnnl;
   Path path = Path::kAuto;
   int64_t small_m_limit = 0;
 
   const void* Block(int64_t b) const {
-    return kind == Kind::kF32 ? static_cast<const void*>(w_f32.get() + b * k_pad * kColBlock)
-                              : static_cast<const void*>(w_bf16.get() + b * k_pad * kColBlock);
-  }
-  // The kernels' x: x itself, or (kBF16) its bf16 copy in this thread's scratch. Sets *ld.
-  const void* PrepareX(const float* x, int64_t m, int64_t* ld) const {
-    if (kind != Kind::kBF16) {
-      *ld = in;
-      return x;
+    switch (kind) {
+      case Kind::kF32:
+        return w_f32.get() + b * k_pad * kColBlock;
+      case Kind::kInt8:
+        return w_i8.get() + b * k_pad * kColBlock;
+      default:
+        return w_bf16.get() + b * k_pad * kColBlock;
     }
-    auto* xb = static_cast<uint16_t*>(t_x_bf16.Get(m * k_pad * sizeof(uint16_t)));
-    RoundRowsToBF16(x, m, in, k_pad, xb);
-    *ld = k_pad;
-    return xb;
   }
-  void RunBlocks(const void* x, int64_t ld, int64_t m, float* y, int64_t b0, int64_t b1) const {
+  // The kernels' x: x itself, or (kBF16) its bf16 copy or (kInt8) its quantised copy in this
+  // thread's scratch.
+  XRows PrepareX(const float* x, int64_t m) const {
+    XRows r;
+    if (kind == Kind::kBF16) {
+      auto* xb = static_cast<uint16_t*>(t_x_bf16.Get(m * k_pad * sizeof(uint16_t)));
+      RoundRowsToBF16(x, m, in, k_pad, xb);
+      r.data = xb;
+      r.ld = k_pad;
+      r.esize = sizeof(uint16_t);
+    } else if (kind == Kind::kInt8) {
+      r.groups = k_pad / kI8Group;
+      auto* xq = static_cast<uint8_t*>(t_x_bf16.Get(m * k_pad));
+      auto* xs = static_cast<float*>(t_x_scales.Get(m * r.groups * sizeof(float)));
+      QuantizeRowsI8(x, m, in, k_pad, xq, xs);
+      r.data = xq;
+      r.ld = k_pad;
+      r.esize = 1;
+      r.scales = xs;
+    } else {
+      r.data = x;
+      r.ld = in;
+    }
+    return r;
+  }
+  void RunBlocks(const XRows& x, int64_t m, float* y, int64_t b0, int64_t b1) const {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t col = b * kColBlock;
-      BlockRows(kind, x, ld, m, Block(b), in, bias != nullptr ? bias.get() + col : nullptr, y + col,
-                out, std::min(kColBlock, out - col));
+      const float* bias_b = bias != nullptr ? bias.get() + col : nullptr;
+      const int64_t ncols = std::min(kColBlock, out - col);
+      if (kind == Kind::kInt8) {
+        BlockRowsI8(static_cast<const uint8_t*>(x.data), x.ld, x.scales, x.groups, m,
+                    w_i8.get() + b * k_pad * kColBlock, i8_comp.get() + b * x.groups * kColBlock,
+                    i8_scale.get() + col, x.groups, bias_b, y + col, out, ncols);
+      } else {
+        BlockRows(kind, x.data, x.ld, m, Block(b), in, bias_b, y + col, out, ncols);
+      }
     }
   }
   // Threads worth using for batch size m (at most SyncThreads()).
   double EstimatedNs(int64_t m) const {
     const double macs = static_cast<double>(m) * in * out;
-    return std::max(weight_bytes / kBytesPerNs,
-                    macs / (kind == Kind::kBF16 ? kBF16MacsPerNs : kF32MacsPerNs));
+    const double macs_per_ns = kind == Kind::kBF16   ? kBF16MacsPerNs
+                               : kind == Kind::kInt8 ? kInt8MacsPerNs
+                                                     : kF32MacsPerNs;
+    return std::max(weight_bytes / kBytesPerNs, macs / macs_per_ns);
   }
   int Threads(int64_t m) const {
     const double est_ns = EstimatedNs(m);
@@ -806,11 +1078,43 @@ struct Linear::Impl {
     if (est_ns < 2 * kNsPerThread) return 1;
     return static_cast<int>(std::min<double>(max_threads, est_ns / kNsPerThread));
   }
-  void ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const;
+  void ForwardSmall(const XRows& x, int64_t m, float* y) const;
   bool ForwardOneDnn(const void* x, int64_t m, float* y) const;
+  absl::Status PackInt8(const void* w, DType wtype);
 };
 
-void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) const {
+absl::Status Linear::Impl::PackInt8(const void* w, DType wtype) {
+  const int64_t groups = k_pad / kI8Group;
+  w_i8 = AllocZeroed<int8_t>(blocks * k_pad * kColBlock);
+  i8_comp = AllocZeroed<int32_t>(blocks * groups * kColBlock);
+  i8_scale = AllocZeroed<float>(blocks * kColBlock);
+  if (w_i8 == nullptr || i8_comp == nullptr || i8_scale == nullptr) {
+    return absl::ResourceExhaustedError("Linear::Create: no memory");
+  }
+  weight_bytes = blocks * k_pad * kColBlock + blocks * groups * kColBlock * 4 + blocks * kColBlock * 4;
+  std::vector<float> row(in);
+  for (int64_t n = 0; n < out; ++n) {
+    float mx = 0.0f;
+    for (int64_t k = 0; k < in; ++k) {
+      row[k] = ElementToF32(w, wtype, n * in + k);
+      mx = std::max(mx, std::fabs(row[k]));
+    }
+    const float scale = mx / 127.0f;
+    i8_scale[n] = scale;
+    const int64_t b = n / kColBlock, c = n % kColBlock;
+    int8_t* col = w_i8.get() + b * k_pad * kColBlock + c * 4;
+    int32_t* comp = i8_comp.get() + b * groups * kColBlock + c;
+    for (int64_t k = 0; k < in; ++k) {
+      const float q = scale > 0.0f ? std::nearbyint(row[k] / scale) : 0.0f;
+      const int8_t qi = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
+      col[(k / 4) * 4 * kColBlock + (k & 3)] = qi;
+      comp[(k / kI8Group) * kColBlock] += 128 * qi;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Linear::Impl::ForwardSmall(const XRows& x, int64_t m, float* y) const {
   const int threads = Threads(m);
   // Split column blocks when there are enough of them, else rows. Row chunks start at
   // multiples of 4, so every row goes through the same tile as single-threaded and results
@@ -821,16 +1125,14 @@ void Linear::Impl::ForwardSmall(const void* x, int64_t ld, int64_t m, float* y) 
       if (split_rows) {
         const int64_t r0 = std::min(m, RoundUp(m * t / nt, 4));
         const int64_t r1 = t + 1 == nt ? m : std::min(m, RoundUp(m * (t + 1) / nt, 4));
-        const char* xr = static_cast<const char*>(x) +
-                         r0 * ld * (kind == Kind::kBF16 ? sizeof(uint16_t) : sizeof(float));
-        if (r1 > r0) RunBlocks(xr, ld, r1 - r0, y + r0 * out, 0, blocks);
+        if (r1 > r0) RunBlocks(x.From(r0), r1 - r0, y + r0 * out, 0, blocks);
       } else {
-        RunBlocks(x, ld, m, y, blocks * t / nt, blocks * (t + 1) / nt);
+        RunBlocks(x, m, y, blocks * t / nt, blocks * (t + 1) / nt);
       }
     });
     return;
   }
-  RunBlocks(x, ld, m, y, 0, blocks);
+  RunBlocks(x, m, y, 0, blocks);
 }
 
 bool Linear::Impl::ForwardOneDnn(const void* x, int64_t m, float* y) const {
@@ -859,14 +1161,21 @@ absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, i
   impl->ct = ct;
   if (ct == ComputeType::kBF16) {
     impl->kind = Kind::kBF16;
+  } else if (ct == ComputeType::kInt8) {
+    impl->kind = Kind::kInt8;
   } else {
     impl->kind = wtype == DType::kBF16 ? Kind::kBF16AsF32 : Kind::kF32;
   }
   impl->blocks = RoundUp(out, kColBlock) / kColBlock;
-  impl->k_pad = RoundUp(in, impl->kind == Kind::kF32 ? kKPadF32 : kKPadBF16);
+  impl->k_pad = RoundUp(in, impl->kind == Kind::kF32    ? kKPadF32
+                            : impl->kind == Kind::kInt8 ? kI8Group
+                                                        : kKPadBF16);
   const int64_t packed = impl->blocks * impl->k_pad * kColBlock;
 
-  if (impl->kind == Kind::kF32) {
+  if (impl->kind == Kind::kInt8) {
+    absl::Status st = impl->PackInt8(w, wtype);
+    if (!st.ok()) return st;
+  } else if (impl->kind == Kind::kF32) {
     impl->w_f32 = AllocZeroed<float>(packed);
     if (impl->w_f32 == nullptr) return absl::ResourceExhaustedError("Linear::Create: no memory");
     impl->weight_bytes = packed * 4;
@@ -916,6 +1225,9 @@ absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, i
                                       impl->weight_bytes, impl->bias.get());
       impl->small_m_limit = kSmallMLimitBF16;
       break;
+    case Kind::kInt8:
+      impl->small_m_limit = std::numeric_limits<int64_t>::max();
+      break;
   }
   return Linear(std::move(impl));
 }
@@ -941,12 +1253,11 @@ std::string Linear::onednn_impl_for_testing(int64_t m) const {
 void Linear::Forward(const float* x, int64_t m, float* y) const {
   if (m <= 0) return;
   const Impl& p = *impl_;
-  int64_t ld;
-  const void* src = p.PrepareX(x, m, &ld);
+  const XRows src = p.PrepareX(x, m);
   const bool use_dnnl = p.dnnl != nullptr &&
                         (p.path == Path::kOneDnn || (p.path == Path::kAuto && m > p.small_m_limit));
-  if (use_dnnl && p.ForwardOneDnn(src, m, y)) return;
-  p.ForwardSmall(src, ld, m, y);
+  if (use_dnnl && p.ForwardOneDnn(src.data, m, y)) return;
+  p.ForwardSmall(src, m, y);
 }
 
 void Linear::ForwardPart(const float* x, int64_t m, float* y, int part, int num_parts) const {
@@ -955,10 +1266,21 @@ void Linear::ForwardPart(const float* x, int64_t m, float* y, int part, int num_
   const int64_t b0 = p.blocks * part / num_parts;
   const int64_t b1 = p.blocks * (part + 1) / num_parts;
   if (b0 == b1) return;
-  int64_t ld;
-  const void* src = p.PrepareX(x, m, &ld);
-  p.RunBlocks(src, ld, m, y, b0, b1);
+  p.RunBlocks(p.PrepareX(x, m), m, y, b0, b1);
 }
 
 }  // namespace ops
+
+const char* ComputeTypeName(ComputeType ct) {
+  switch (ct) {
+    case ComputeType::kF32:
+      return "fp32";
+    case ComputeType::kBF16:
+      return "bf16";
+    case ComputeType::kInt8:
+      return "int8";
+  }
+  return "?";
+}
+
 }  // namespace moemesh

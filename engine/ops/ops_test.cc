@@ -305,6 +305,133 @@ TEST(LinearTest, ForwardFromInsideParallelRegion) {
   }
 }
 
+// int8 products (ComputeType::kInt8), computed from the spec in linear.h in double: W per
+// output row and x per row and group of 64 quantised to int8, y = s_n * sum_g s_g * dot_g + b.
+std::vector<double> Int8Reference(const std::vector<float>& x, int64_t m, const std::vector<float>& w,
+                                  int64_t out, int64_t in, const float* bias) {
+  std::vector<int> qw(out * in);
+  std::vector<float> sw(out);
+  for (int64_t n = 0; n < out; ++n) {
+    float mx = 0.0f;
+    for (int64_t k = 0; k < in; ++k) mx = std::max(mx, std::fabs(w[n * in + k]));
+    sw[n] = mx / 127.0f;
+    for (int64_t k = 0; k < in; ++k) {
+      qw[n * in + k] = sw[n] > 0 ? static_cast<int>(std::nearbyint(w[n * in + k] / sw[n])) : 0;
+    }
+  }
+  std::vector<double> y(m * out);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x.data() + r * in;
+    std::vector<double> acc(out, 0.0);
+    for (int64_t k0 = 0; k0 < in; k0 += 64) {
+      const int64_t k1 = std::min(in, k0 + 64);
+      float mx = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) mx = std::max(mx, std::fabs(xr[k]));
+      const float inv = mx > 0 ? 127.0f / mx : 0.0f;
+      std::vector<int> qx(k1 - k0);
+      for (int64_t k = k0; k < k1; ++k) qx[k - k0] = static_cast<int>(std::nearbyint(xr[k] * inv));
+      for (int64_t n = 0; n < out; ++n) {
+        int64_t dot = 0;
+        for (int64_t k = k0; k < k1; ++k) dot += int64_t{qx[k - k0]} * qw[n * in + k];
+        acc[n] += static_cast<double>(mx / 127.0f) * dot;
+      }
+    }
+    for (int64_t n = 0; n < out; ++n) {
+      y[r * out + n] = acc[n] * sw[n] + (bias != nullptr ? bias[n] : 0.0f);
+    }
+  }
+  return y;
+}
+
+TEST(LinearInt8Test, MatchesQuantisedReferenceAndStaysCloseToFp32) {
+  std::mt19937 rng(8);
+  for (const auto& [out, in] : std::vector<std::pair<int64_t, int64_t>>{
+           {384, 256}, {256, 192}, {130, 100}, {64, 64}, {20, 7}, {70, 2048}}) {
+    for (bool with_bias : {false, true}) {
+      std::vector<float> w = RandomVector(out * in, &rng);
+      std::vector<float> bias = RandomVector(out, &rng);
+      const float* b = with_bias ? bias.data() : nullptr;
+      absl::StatusOr<Linear> q = Linear::Create(w.data(), DType::kF32, out, in, ComputeType::kInt8, b);
+      ASSERT_TRUE(q.ok()) << q.status();
+      EXPECT_EQ(q->compute(), ComputeType::kInt8);
+      // int8 weights: a quarter of fp32's bytes, plus per-row scales and per-group sums.
+      const int64_t np = (out + 63) / 64 * 64, kp = (in + 63) / 64 * 64;
+      EXPECT_EQ(q->weight_bytes(), np * kp + np * (kp / 64) * 4 + np * 4);
+      for (int64_t m : {1, 2, 3, 4, 5, 7, 33}) {
+        // Rows of different magnitudes: the per-group scales must follow them.
+        std::vector<float> x = RandomVector(m * in, &rng);
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t k = 0; k < in; ++k) x[r * in + k] *= std::pow(10.0f, static_cast<float>(r % 3) - 1);
+        }
+        std::vector<float> y(m * out);
+        q->Forward(x.data(), m, y.data());
+        std::vector<double> ref = Int8Reference(x, m, w, out, in, b);
+        std::vector<double> exact = LinearReference(x, m, w, out, in, b, ComputeType::kF32);
+        for (int64_t r = 0; r < m; ++r) {
+          double err2 = 0, ref2 = 0, max_abs_x = 0;
+          for (int64_t k = 0; k < in; ++k) max_abs_x = std::max<double>(max_abs_x, std::fabs(x[r * in + k]));
+          for (int64_t n = 0; n < out; ++n) {
+            const int64_t i = r * out + n;
+            // Only the fp32 summation of the groups differs from the reference.
+            ASSERT_NEAR(y[i], ref[i], 1e-5 * (1.0 + max_abs_x * in / 64.0))
+                << "out=" << out << " in=" << in << " m=" << m << " row " << r << " col " << n;
+            err2 += (y[i] - exact[i]) * (y[i] - exact[i]);
+            ref2 += (exact[i] - (b != nullptr ? b[n] : 0.0)) * (exact[i] - (b != nullptr ? b[n] : 0.0));
+          }
+          // Quantisation error of uniform data: about 1% of the product's magnitude.
+          EXPECT_LT(std::sqrt(err2 / ref2), 0.02) << "out=" << out << " in=" << in << " row " << r;
+        }
+      }
+    }
+  }
+}
+
+TEST(LinearInt8Test, RowsDoNotDependOnBatchThreadsOrParts) {
+  std::mt19937 rng(9);
+  const int saved = NumThreads();
+  for (const auto& [out, in] :
+       std::vector<std::pair<int64_t, int64_t>>{{1536, 2048}, {2048, 768}, {200, 33}}) {
+    TestWeight w = MakeWeight(DType::kBF16, out * in, &rng);
+    absl::StatusOr<Linear> q = Linear::Create(w.bits.data(), DType::kBF16, out, in, ComputeType::kInt8);
+    ASSERT_TRUE(q.ok()) << q.status();
+    const int64_t m = 37;
+    std::vector<float> x = RandomVector(m * in, &rng);
+    std::vector<float> whole(m * out);
+    SetNumThreads(2);
+    q->Forward(x.data(), m, whole.data());
+    SetNumThreads(1);
+    for (int64_t r = 0; r < m; ++r) {  // each row alone
+      std::vector<float> one(out);
+      q->Forward(x.data() + r * in, 1, one.data());
+      ASSERT_EQ(0, std::memcmp(one.data(), whole.data() + r * out, out * sizeof(float)))
+          << "out=" << out << " in=" << in << " row " << r;
+    }
+    for (int parts : {2, 3}) {
+      std::vector<float> got(m * out, std::numeric_limits<float>::quiet_NaN());
+      for (int p = 0; p < parts; ++p) q->ForwardPart(x.data(), m, got.data(), p, parts);
+      EXPECT_EQ(0, std::memcmp(got.data(), whole.data(), got.size() * sizeof(float)))
+          << "out=" << out << " in=" << in << " parts=" << parts;
+    }
+  }
+  SetNumThreads(saved);
+}
+
+TEST(LinearInt8Test, ZeroRowsAndZeroWeightsGiveBias) {
+  const int64_t out = 70, in = 130;
+  std::vector<float> w(out * in, 0.0f), bias(out), x(2 * in, 0.0f);
+  for (int64_t n = 0; n < out; ++n) bias[n] = 0.25f * static_cast<float>(n);
+  for (int64_t k = 0; k < in; ++k) x[in + k] = 1.0f;  // row 1 nonzero, weights all zero
+  for (int64_t k = 0; k < in; ++k) w[3 * in + k] = 0.5f;  // except row 3
+  absl::StatusOr<Linear> q = Linear::Create(w.data(), DType::kF32, out, in, ComputeType::kInt8, bias.data());
+  ASSERT_TRUE(q.ok());
+  std::vector<float> y(2 * out);
+  q->Forward(x.data(), 2, y.data());
+  for (int64_t n = 0; n < out; ++n) {
+    EXPECT_EQ(y[n], bias[n]) << n;  // x = 0
+    EXPECT_NEAR(y[out + n], bias[n] + (n == 3 ? 0.5f * in : 0.0f), 1e-3) << n;
+  }
+}
+
 TEST(SpinBarrierTest, OrdersPhases) {
   constexpr int kThreads = 3, kPhases = 2000;
   SpinBarrier barrier(kThreads);
