@@ -331,10 +331,11 @@ TEST(KvCacheDTypeTest, Bf16CacheStaysCloseAndKeepsTheGreedyIds) {
 
 // int8 experts (--quantize_experts=int8) against transformers' fp32 outputs. Quantisation moves
 // the logits, so the oracle's 1e-4 does not apply (the oracle README: compare the argmax and
-// report the error): the prompt positions' argmax must agree with transformers' at almost every
-// position of every family, the embedded model's six greedy continuations must be transformers',
-// and the logits must have moved (the int8 kernels really ran).
-TEST(Int8ExpertsTest, OracleArgmaxAndEmbeddedGreedyIdsAgree) {
+// report the error): the argmax must agree with transformers' at almost every position, and the
+// logits must have moved (the int8 kernels really ran). Greedy runs are not compared token for
+// token: the embedded model's third reference prompt starts at a near-tie (transformers' top two
+// logits 5.9915 / 5.9835) that int8 experts tip the other way.
+TEST(Int8ExpertsTest, ArgmaxAgreesWithTransformers) {
   ops::SetNumThreads(2);
   LoadOptions q;
   q.expert_quant = LoadOptions::ExpertQuant::kInt8;
@@ -365,16 +366,34 @@ TEST(Int8ExpertsTest, OracleArgmaxAndEmbeddedGreedyIdsAgree) {
     EXPECT_GT(max_err, 1e-4) << family;
     EXPECT_GE(agree, positions * 95 / 100) << family;
   }
+  // The embedded model, teacher-forced: each reference prompt followed by transformers' 40 greedy
+  // tokens in one pass; the int8 argmax at each of those 6 x 40 positions must be transformers'
+  // next token nearly everywhere (a greedy run diverges for good at its first near-tie).
   const std::string dir = "models/pydoc-moe-17m";
   auto model = Model::Load(dir, q);
   ASSERT_TRUE(model.ok()) << model.status();
-  for (const auto& c : ReadJson(dir + "/reference.json")["prompts"]) {
+  const int64_t vocab = (*model)->config().vocab_size;
+  const nlohmann::json ref = ReadJson(dir + "/reference.json");
+  int positions = 0, agree = 0;
+  for (const auto& c : ref["prompts"]) {
+    std::vector<int32_t> seq = c["input_ids"].get<std::vector<int32_t>>();
+    const size_t n_prompt = seq.size();
     const std::vector<int32_t> greedy = c["greedy"].get<std::vector<int32_t>>();
-    auto r = Generate(**model, c["input_ids"].get<std::vector<int32_t>>(), GreedyRun(greedy.size()));
+    seq.insert(seq.end(), greedy.begin(), greedy.end());
+    auto r = Generate(**model, seq, GreedyRun(1));
     ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(r->ids, greedy) << c["prompt"];
+    for (size_t p = n_prompt - 1; p + 1 < seq.size(); ++p) {
+      const float* row = r->prompt_logits.data() + p * vocab;
+      ++positions;
+      agree += std::max_element(row, row + vocab) - row == seq[p + 1];
+    }
   }
+  std::printf("int8 experts, embedded model: argmax is transformers' greedy token at %d of %d "
+              "teacher-forced positions\n", agree, positions);
+  EXPECT_EQ(positions, 6 * 40);
+  EXPECT_GE(agree, positions * 97 / 100);
 }
+
 
 }  // namespace
 }  // namespace moemesh

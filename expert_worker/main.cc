@@ -99,7 +99,8 @@ int Main() {
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());
   std::cerr << "expert_worker: serving " << shards.size() << " experts (" << ShardSummary(shards)
-            << ") of " << model_dir << " on " << *described << ", listening on " << bound
+            << ") of " << model_dir << " on " << *described << " ("
+            << ComputeTypeName(opt.expert_compute()) << " products), listening on " << bound
             << std::endl;
   ServeUntilSignal(server->get());
   return 0;

@@ -385,7 +385,8 @@ class Cluster:
     """encoder_worker + expert workers (one per shard spec) + attention_worker + router."""
 
     def __init__(self, model_dir, shards, name="c", kv_capacity_tokens=None,
-                 router_flags=(), encoder=None, experts=None, attention_workers=1):
+                 router_flags=(), encoder=None, experts=None, attention_workers=1,
+                 expert_flags=()):
         self.model_dir = model_dir
         self.procs = []
         mflag = "--model=" + model_dir
@@ -393,8 +394,9 @@ class Cluster:
             enc = self._start("%s-encoder" % name, [ENCODER, mflag, "--address=127.0.0.1:0"])
             exps = [self._start("%s-expert%d" % (name, i),
                                 [EXPERT, mflag, "--address=127.0.0.1:0", "--threads=1",
-                                 "--shards=" + spec])
+                                 "--shards=" + spec] + list(expert_flags))
                     for i, spec in enumerate(shards)]
+            self.expert_procs = exps
             self.encoder = enc.wait_for(r"encoder_worker: serving .* on (\S+)").group(1)
             self.experts = [p.wait_for(r"expert_worker: serving .* on (\S+)").group(1)
                             for p in exps]
@@ -597,6 +599,34 @@ class OracleTest(unittest.TestCase):
                 continue
             self.run_cluster(family, model_dir, even_shards(model_dir, 2),
                              "2 expert workers %s" % even_shards(model_dir, 2))
+
+    def test_int8_expert_workers_match_in_process_int8(self):
+        # --quantize_experts=int8 on both expert workers of the embedded model: every reference
+        # prompt's greedy ids equal those of `moemesh generate --quantize_experts=int8` in one
+        # process (the two modes must agree; engine/model_test checks int8 against transformers),
+        # and they are int8's, not fp32's: int8 tips the near-tie that starts prompt 2.
+        model_dir = dict(MODELS)["pydoc"]
+        cases = oracle_cases(model_dir)
+        want = []
+        for ids, greedy in cases:
+            out = subprocess.run(
+                [MOEMESH, "generate", "--model=" + model_dir, "--greedy", "--quantize_experts=int8",
+                 "--input_ids=" + ",".join(map(str, ids)), "--max_new_tokens=%d" % len(greedy)],
+                capture_output=True, text=True, timeout=CALL_TIMEOUT, check=True)
+            want.append(json.loads(out.stdout)["ids"])
+        self.assertNotEqual(want[2], cases[2][1], "int8 should differ from fp32 on prompt 2")
+        c = start_cluster(model_dir, even_shards(model_dir, 2), name="int8",
+                          expert_flags=["--quantize_experts=int8"])
+        try:
+            for p in c.expert_procs:
+                p.wait_for(r"expert_worker: serving .* \(int8 products\)")
+            for i, ((ids, greedy), w) in enumerate(zip(cases, want)):
+                r = generate(c.stub, make_request(ids, len(greedy)))
+                self.assertEqual(r.ids, w, "prompt %d: cluster vs in-process int8" % i)
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
 
     def test_three_expert_workers_uneven_split(self):
         for family, model_dir in MODELS:

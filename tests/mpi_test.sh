@@ -4,8 +4,9 @@
 #    in-process calls -- identical sums, calls in flight, expert-side errors, a rank stopping.
 # 2. 5 ranks of moemesh_node (router, encoder, attention, 2 expert workers) on one host serve a
 #    greedy request whose ids equal the embedded model's reference (Hugging Face) ids, once with
-#    --expert_transport=mpi (checking RunExperts really went over MPI) and once with grpc; Ctrl-C
-#    of mpirun ends every rank.
+#    --expert_transport=mpi (checking RunExperts really went over MPI) and once with grpc and
+#    int8 experts (--quantize_experts=int8: the shared load flags reach every rank); Ctrl-C of
+#    mpirun ends every rank.
 # 3. 6 ranks with --attention_ranks=2 (data parallel attention over MPI): two requests at once,
 #    one per attention rank, both with the reference ids; both attention ranks' expert calls
 #    went over MPI to both expert ranks.
@@ -30,16 +31,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-run_cluster() {  # TRANSPORT [ATTENTION_RANKS]
-  local transport="$1" attention="${2:-1}" port out
+run_cluster() {  # TRANSPORT [ATTENTION_RANKS [EXTRA_FLAG]]
+  local transport="$1" attention="${2:-1}" extra="${3:-}" port out
   port=$(( 20000 + RANDOM % 20000 ))
   out="$TMP/mpi-$transport-$attention.out"
-  echo "== moemesh_node --expert_transport=$transport --attention_ranks=$attention"
+  echo "== moemesh_node --expert_transport=$transport --attention_ranks=$attention $extra"
   # shellcheck disable=SC2086
   setsid mpirun $ROOT_FLAG --oversubscribe -np $(( 4 + attention )) "$NODE" \
     --model=models/pydoc-moe-17m --attention_ranks="$attention" \
     --port="$port" --listen_host=127.0.0.1 --advertise_host=127.0.0.1 \
-    --expert_transport="$transport" > "$out" 2>&1 &
+    --expert_transport="$transport" $extra > "$out" 2>&1 &
   MPIRUN=$!
   for _ in $(seq 240); do
     grep -q "ready" "$out" && break
@@ -102,6 +103,8 @@ PY
 }
 
 run_cluster mpi
-run_cluster grpc
+run_cluster grpc 1 --quantize_experts=int8
+grep -c "holding .* (int8 products)" "$TMP/mpi-grpc-1.out" | grep -qx 2 \
+  || { echo "the expert ranks did not load int8 experts"; exit 1; }
 run_cluster mpi 2
 echo "mpi_test: passed"

@@ -189,7 +189,9 @@ int Main(int rank, int size, int thread_level) {
     server = std::move(*srv);
     mine = Advertised(bound);
     std::cerr << "moemesh_node rank " << rank << ": " << (rank == 1 ? "encoder" : "expert worker")
-              << " on " << mine << (is_expert ? " holding " + ShardSummary(shards) : "") << std::endl;
+              << " on " << mine << (is_expert ? absl::StrCat(" holding ", ShardSummary(shards), " (",
+                                        ComputeTypeName(lo.expert_compute()), " products)")
+                           : "") << std::endl;
   }
   std::vector<std::string> addrs = AllGather(mine, size);
 
