@@ -485,8 +485,9 @@ absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s) {
 absl::StatusOr<LoadOptions::ExpertQuant> ParseExpertQuant(std::string_view s) {
   if (s == "none") return LoadOptions::ExpertQuant::kNone;
   if (s == "int8") return LoadOptions::ExpertQuant::kInt8;
+  if (s == "int4") return LoadOptions::ExpertQuant::kInt4;
   return absl::InvalidArgumentError(
-      absl::StrCat("--quantize_experts must be none or int8, not '", std::string(s), "'"));
+      absl::StrCat("--quantize_experts must be none, int8 or int4, not '", std::string(s), "'"));
 }
 
 absl::Status ApplyNumLayers(const LoadOptions& opt, ModelConfig* cfg) {

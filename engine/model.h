@@ -51,19 +51,28 @@ struct LoadOptions {
   // The routed experts' weights on CPU expert shards (--quantize_experts): kNone computes them
   // with `compute`; kInt8 stores them as int8 with a scale per output row and computes with
   // ComputeType::kInt8 (activations quantised per group of 64 on the fly; half of bf16's bytes,
-  // a quarter of fp32's). Attention, gates, shared experts and the LM head keep `compute`.
-  // CUDA expert shards refuse kInt8.
-  enum class ExpertQuant { kNone, kInt8 } expert_quant = ExpertQuant::kNone;
+  // a quarter of fp32's); kInt4 as 4-bit values with a scale per row and group of 64
+  // (ComputeType::kInt4; 4.5 bits a weight). Attention, gates, shared experts and the LM head
+  // keep `compute`. CUDA expert shards refuse both.
+  enum class ExpertQuant { kNone, kInt8, kInt4 } expert_quant = ExpertQuant::kNone;
   // The compute type of the routed experts' products on the CPU.
   ComputeType expert_compute() const {
-    return expert_quant == ExpertQuant::kInt8 ? ComputeType::kInt8 : compute;
+    switch (expert_quant) {
+      case ExpertQuant::kInt8:
+        return ComputeType::kInt8;
+      case ExpertQuant::kInt4:
+        return ComputeType::kInt4;
+      default:
+        return compute;
+    }
   }
 };
 
 // "auto" -> kAuto, "dummy" -> kDummy; InvalidArgument otherwise.
 absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s);
 
-// "none" -> kNone, "int8" -> kInt8; InvalidArgument naming --quantize_experts otherwise.
+// "none" -> kNone, "int8" -> kInt8, "int4" -> kInt4; InvalidArgument naming --quantize_experts
+// otherwise.
 absl::StatusOr<LoadOptions::ExpertQuant> ParseExpertQuant(std::string_view s);
 
 // Applies opt.num_layers to `cfg` (InvalidArgument outside 0..cfg->num_hidden_layers).

@@ -329,16 +329,23 @@ TEST(KvCacheDTypeTest, Bf16CacheStaysCloseAndKeepsTheGreedyIds) {
   EXPECT_EQ(cache->dtype(), KvDType::kBF16);
 }
 
-// int8 experts (--quantize_experts=int8) against transformers' fp32 outputs. Quantisation moves
+// int8 and int4 experts (--quantize_experts) against transformers' fp32 outputs. Quantisation moves
 // the logits, so the oracle's 1e-4 does not apply (the oracle README: compare the argmax and
 // report the error): the argmax must agree with transformers' at almost every position, and the
 // logits must have moved (the int8 kernels really ran). Greedy runs are not compared token for
 // token: the embedded model's third reference prompt starts at a near-tie (transformers' top two
 // logits 5.9915 / 5.9835) that int8 experts tip the other way.
-TEST(Int8ExpertsTest, ArgmaxAgreesWithTransformers) {
+class QuantisedExpertsTest : public ::testing::TestWithParam<LoadOptions::ExpertQuant> {};
+
+TEST_P(QuantisedExpertsTest, ArgmaxAgreesWithTransformers) {
   ops::SetNumThreads(2);
   LoadOptions q;
-  q.expert_quant = LoadOptions::ExpertQuant::kInt8;
+  q.expert_quant = GetParam();
+  const char* name = ComputeTypeName(q.expert_compute());
+  // Argmax agreement required, in percent: int8 is near-exact (measured 39, 39, 39, 40 of 40;
+  // 239 of 240); int4 (steps of 1/7 of a group's largest weight) moves these random-weight
+  // oracles' logits ~10x more (measured 36, 39, 34, 39 of 40; 235 of 240).
+  const int min_agree = GetParam() == LoadOptions::ExpertQuant::kInt8 ? 95 : 80;
   for (const std::string family : {"qwen3_moe", "qwen2_moe", "mixtral", "olmoe"}) {
     const std::string dir = "testdata/oracle/" + family;
     auto model = Model::Load(dir, q);
@@ -361,10 +368,10 @@ TEST(Int8ExpertsTest, ArgmaxAgreesWithTransformers) {
                  std::max_element(got, got + vocab) - got;
       }
     }
-    std::printf("int8 experts, %s: argmax agrees at %d of %d positions, max |logit error| %.4f\n",
-                family.c_str(), agree, positions, max_err);
+    std::printf("%s experts, %s: argmax agrees at %d of %d positions, max |logit error| %.4f\n",
+                name, family.c_str(), agree, positions, max_err);
     EXPECT_GT(max_err, 1e-4) << family;
-    EXPECT_GE(agree, positions * 95 / 100) << family;
+    EXPECT_GE(agree, positions * min_agree / 100) << family;
   }
   // The embedded model, teacher-forced: each reference prompt followed by transformers' 40 greedy
   // tokens in one pass; the int8 argmax at each of those 6 x 40 positions must be transformers'
@@ -388,11 +395,18 @@ TEST(Int8ExpertsTest, ArgmaxAgreesWithTransformers) {
       agree += std::max_element(row, row + vocab) - row == seq[p + 1];
     }
   }
-  std::printf("int8 experts, embedded model: argmax is transformers' greedy token at %d of %d "
-              "teacher-forced positions\n", agree, positions);
+  std::printf("%s experts, embedded model: argmax is transformers' greedy token at %d of %d "
+              "teacher-forced positions\n", name, agree, positions);
   EXPECT_EQ(positions, 6 * 40);
-  EXPECT_GE(agree, positions * 97 / 100);
+  EXPECT_GE(agree, positions * (GetParam() == LoadOptions::ExpertQuant::kInt8 ? 97 : 95) / 100);
 }
+
+INSTANTIATE_TEST_SUITE_P(Types, QuantisedExpertsTest,
+                         ::testing::Values(LoadOptions::ExpertQuant::kInt8,
+                                           LoadOptions::ExpertQuant::kInt4),
+                         [](const auto& info) {
+                           return info.param == LoadOptions::ExpertQuant::kInt8 ? "int8" : "int4";
+                         });
 
 
 }  // namespace

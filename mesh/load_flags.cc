@@ -18,9 +18,10 @@ ABSL_FLAG(std::string, kv_cache_dtype, "fp32",
           "reads; CPU attention only)");
 
 ABSL_FLAG(std::string, quantize_experts, "none",
-          "Routed experts' weights on CPU expert shards: none (--compute_dtype's arithmetic) or "
+          "Routed experts' weights on CPU expert shards: none (--compute_dtype's arithmetic), "
           "int8 (int8 weights with a scale per output row, activations quantised per group of "
-          "64 on the fly: half the memory and bytes read of bf16; CPU only)");
+          "64 on the fly: half the memory and bytes read of bf16) or int4 (4-bit weights with a "
+          "scale per row and group of 64: 4.5 bits a weight); CPU only");
 
 namespace moemesh {
 

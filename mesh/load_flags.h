@@ -16,7 +16,7 @@ namespace moemesh {
 // (other fields are left alone). InvalidArgument, naming the flag, for a --load_format other
 // than auto/dummy, a negative --num_layers (a count above the model's is refused when
 // config.json is read), a --kv_cache_dtype other than fp32/bf16 or a --quantize_experts other
-// than none/int8.
+// than none/int8/int4.
 absl::Status LoadOptionsFromFlags(LoadOptions* opt);
 
 // The same flags as arguments for a child process ("--load_format=dummy", "--num_layers=4",

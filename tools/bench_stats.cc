@@ -79,7 +79,8 @@ DecodeBytes DecodeWeightBytes(const ModelConfig& cfg, int64_t experts_per_token,
     d.attention += (qd * h + 2 * kvd * h + h * qd) * bytes.matrix;  // q, k, v [out, h]; o [h, qd]
     if (cfg.IsMoeLayer(l)) {
       d.router += cfg.num_experts * h * bytes.router;
-      d.experts += experts_per_token * 3 * cfg.moe_intermediate_size * h * bytes.expert;
+      d.experts += static_cast<int64_t>(experts_per_token * 3 * cfg.moe_intermediate_size * h *
+                                        bytes.expert);
       if (cfg.shared_expert_intermediate_size > 0) {
         d.dense_mlp += 3 * cfg.shared_expert_intermediate_size * h * bytes.matrix;
         d.dense_mlp += h * bytes.router;  // shared_expert_gate [1, h], fp32 compute

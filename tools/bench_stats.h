@@ -63,8 +63,9 @@ int64_t PackedBytesPerWeight(bool bf16_compute, DType checkpoint);
 // Bytes per element of each kind of weight a decode step reads.
 struct WeightElementBytes {
   int64_t matrix = 2;     // attention, shared experts, dense MLPs, lm_head
-  int64_t expert = 2;     // routed experts: as matrix, or 1 with --quantize_experts=int8 (its
-                          // scales and per-group sums, 1/16 byte more a weight, left out)
+  double expert = 2;      // routed experts: as matrix, 1 with --quantize_experts=int8 (its
+                          // scales and per-group sums, 1/16 byte more a weight, left out), or
+                          // 0.5625 with int4 (4 bits and a 4-byte scale per 64)
   int64_t router = 2;     // MoE routers (always fp32 compute: PackedBytesPerWeight(false, ...))
   int64_t embedding = 2;  // the embedding table, kept in the checkpoint's dtype
 };

@@ -310,7 +310,9 @@ absl::Status RunOffline() {
   // Weights held (as loaded) and read per decoded token.
   WeightElementBytes eb;
   eb.matrix = PackedBytesPerWeight(lo.compute == ComputeType::kBF16, cfg.dtype);
-  eb.expert = lo.expert_quant == LoadOptions::ExpertQuant::kInt8 ? 1 : eb.matrix;
+  eb.expert = lo.expert_quant == LoadOptions::ExpertQuant::kInt8   ? 1.0
+              : lo.expert_quant == LoadOptions::ExpertQuant::kInt4 ? 0.5625
+                                                                   : static_cast<double>(eb.matrix);
   eb.router = PackedBytesPerWeight(false, cfg.dtype);
   eb.embedding = static_cast<int64_t>(DTypeSize(cfg.dtype));
   const DecodeBytes per_token = DecodeWeightBytes(cfg, cfg.num_experts_per_tok, eb);

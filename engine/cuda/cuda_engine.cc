@@ -425,8 +425,8 @@ absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
     const std::set<ExpertId>& shards, const LoadOptions& opt) {
   if (opt.expert_quant != LoadOptions::ExpertQuant::kNone) {
     return absl::InvalidArgumentError(
-        "--quantize_experts=int8 is supported by CPU expert shards only; a CUDA expert shard "
-        "keeps bf16 or fp32 weights");
+        "--quantize_experts (int8, int4) is supported by CPU expert shards only; a CUDA expert "
+        "shard keeps bf16 or fp32 weights");
   }
   MOEMESH_OK(CheckDevice(opt.device));
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));

@@ -17,10 +17,13 @@ namespace moemesh {
 // rounded to nearest even), quantises each row of x per group of 64 consecutive inputs on the
 // fly (s_g = max |x| over the group / 127, q = x * (127 / max) rounded to nearest even; a group
 // of zeros has s_g = 0), forms each group's dot product exactly in int32 (AVX-512 VNNI), and
-// sums the groups in fp32: y[n] = s_n * sum_g s_g * dot_g(qx, qW[n]) (+ bias).
-enum class ComputeType { kF32, kBF16, kInt8 };
+// sums the groups in fp32: y[n] = s_n * sum_g s_g * dot_g(qx, qW[n]) (+ bias). kInt4
+// (--quantize_experts=int4) stores W as 4-bit integers in [-7, 7] with one scale per output row
+// and group of 64 inputs (s_ng = max |W[n, group]| / 7), quantises x as kInt8 does, and computes
+// y[n] = sum_g (s_ng * s_g) * dot_g(qx, qW[n]) (+ bias).
+enum class ComputeType { kF32, kBF16, kInt8, kInt4 };
 
-// "fp32" / "bf16" / "int8" for logs and JSON.
+// "fp32" / "bf16" / "int8" / "int4" for logs and JSON.
 const char* ComputeTypeName(ComputeType ct);
 
 namespace ops {
@@ -32,7 +35,8 @@ namespace ops {
 // bf16 (F32/F16 weights rounded to bf16); kF32 compute keeps fp32, except that BF16 weights
 // stay bf16 and are widened to fp32 inside the kernels, which is exact (results are those of
 // fp32 weights) and halves the memory traffic; kInt8 keeps int8 (a quarter of fp32, half of
-// bf16) and runs the hand-written kernels for every m (a row's result does not depend on m or
+// bf16), kInt4 4-bit values plus a 4-byte scale per 64 (4.5 bits a weight), and both run the
+// hand-written kernels for every m (a row's result does not depend on m or
 // on the thread count). Movable, not copyable. Forward() is const and thread-safe.
 //
 // Forward() uses hand-written AVX-512 kernels for m <= small_m_limit() (no per-call setup:

@@ -67,7 +67,8 @@ struct Config {
 const Config kConfigs[] = {{"F32w/f32 ", DType::kF32, ComputeType::kF32},
                            {"BF16w/f32", DType::kBF16, ComputeType::kF32},
                            {"BF16w/bf16", DType::kBF16, ComputeType::kBF16},
-                           {"BF16w/int8", DType::kBF16, ComputeType::kInt8}};
+                           {"BF16w/int8", DType::kBF16, ComputeType::kInt8},
+                           {"BF16w/int4", DType::kBF16, ComputeType::kInt4}};
 
 // Weights of the given type with random values in [-1, 1].
 std::vector<uint16_t> RandomWeights(DType t, int64_t n, std::mt19937* rng) {
@@ -280,10 +281,12 @@ void Qwen3Streaming() {
                           {"expert down", 2048, 768, ComputeType::kBF16},
                           {"gate+up int8", 1536, 2048, ComputeType::kInt8},
                           {"down int8", 2048, 768, ComputeType::kInt8},
+                          {"gate+up int4", 1536, 2048, ComputeType::kInt4},
+                          {"down int4", 2048, 768, ComputeType::kInt4},
                           {"lm_head", 151936, 2048, ComputeType::kBF16}};
   std::printf(
-      "Qwen3-30B-A3B decode products, m=1, bf16 weights streamed from memory (int8: the experts "
-      "quantised, --quantize_experts=int8; MB each includes their scales and group sums):\n");
+      "Qwen3-30B-A3B decode products, m=1, bf16 weights streamed from memory (int8, int4: the experts "
+      "quantised, --quantize_experts; MB each includes their scales and group sums):\n");
   std::printf("%-15s %-14s %9s | %8s %8s | %8s %8s | %8s\n", "product", "[out,in]", "MB each",
               "t=1 us", "GB/s", "t=2 us", "GB/s", "2x1 GB/s");
   for (const Shape& s : shapes) {

@@ -27,6 +27,12 @@
 //         x is quantised per row and per group of 64 k to offset-binary bytes (q + 128), so
 //         each group's int32 sum carries 128 * sum_k W_q[k][n], which is precomputed per
 //         (group, column) ("comp") and subtracted before the group's sum is scaled into fp32.
+// and a fifth, kInt4 (ct == kInt4), likewise:
+//   int4: [Np/64][Kp/8][64][4] bytes, two k per byte: byte j of a column's 32-bit lane in
+//         pair-row p holds k = 8p + j in its low nibble and k = 8p + 4 + j in its high nibble,
+//         each as q + 8 (q in [-7, 7], one fp32 scale per (group of 64 k, column)). The nibbles
+//         are the unsigned operand of vpdpbusd and x (signed bytes) the signed one, so a group's
+//         int32 sum carries 8 * sum_k x_q, which the row's own group sum removes.
 
 #include <sys/mman.h>
 
@@ -70,14 +76,15 @@ namespace moemesh {
 namespace ops {
 namespace {
 
-enum class Kind { kF32, kBF16AsF32, kBF16, kInt8 };
+enum class Kind { kF32, kBF16AsF32, kBF16, kInt8, kInt4 };
 
 constexpr int64_t kColBlock = 64;  // Output columns per packed block.
 constexpr int64_t kKPadF32 = 16;   // K padding of the fp32 layout.
 constexpr int64_t kKPadBF16 = 32;  // K padding of the bf16 layout.
 constexpr int64_t kI8Group = 64;   // k per activation scale, and K padding of the int8 layout.
-// int8 kernels prefetch one group of one column block ahead.
+// int8 kernels prefetch one group of one column block ahead (int4: two groups, the same bytes).
 constexpr int64_t kPrefetchAhead = kI8Group * kColBlock;
+constexpr int64_t kI4GroupBytes = kI8Group * kColBlock / 2;  // one int4 group of one block
 // Largest m served by the hand-written kernels under Path::kAuto (linear_benchmark.cc: they
 // match or beat oneDNN up to about these sizes). kBF16AsF32 has no oneDNN kernel (oneDNN 2.6
 // has no f32 x bf16 matmul; it would need the weights widened per call), so the hand-written
@@ -174,7 +181,8 @@ class ThreadScratch {
 };
 
 thread_local ThreadScratch t_x_bf16;  // x rounded to bf16 (kBF16) or quantised (kInt8)
-thread_local ThreadScratch t_x_scales;  // kInt8: x's per-group scales
+thread_local ThreadScratch t_x_scales;  // kInt8, kInt4: x's per-group scales
+thread_local ThreadScratch t_x_sums;    // kInt4: x's per-group sums of quantised values
 thread_local ThreadScratch t_w_f32;
 thread_local ThreadScratch t_dnnl_scratchpad;
 thread_local ThreadScratch t_pad_x, t_pad_y;  // oneDNN inputs/outputs padded to a bucket
@@ -203,12 +211,15 @@ void RoundRowsToBF16(const float* x, int64_t m, int64_t k, int64_t ld, uint16_t*
   }
 }
 
-// Quantises rows of x [m, k] (stride k) per group of kI8Group: q[r][i] = 128 + round(x * 127 /
-// max|x| of the group) into dst [m, kp] (kp = k rounded up to kI8Group; padding 128, i.e. 0)
-// and the group's max|x| / 127 into scales [m, kp / kI8Group].
-void QuantizeRowsI8(const float* x, int64_t m, int64_t k, int64_t kp, uint8_t* dst,
-                    float* scales) {
+// Quantises rows of x [m, k] (stride k) per group of kI8Group: q = round(x * 127 / max|x| of the
+// group) into dst [m, kp] (kp = k rounded up to kI8Group; padding 0), stored as offset-binary
+// bytes q + 128 (`offset`: the unsigned operand of vpdpbusd, kInt8) or as signed bytes (kInt4,
+// whose weights are the unsigned operand); the group's max|x| / 127 into scales [m, kp /
+// kI8Group] and, if `sums` is not null, the group's sum of q into sums [m, kp / kI8Group].
+void QuantizeRows(const float* x, int64_t m, int64_t k, int64_t kp, bool offset, uint8_t* dst,
+                  float* scales, int32_t* sums) {
   const int64_t groups = kp / kI8Group;
+  const int32_t off = offset ? 128 : 0;
   for (int64_t r = 0; r < m; ++r) {
     const float* src = x + r * k;
     uint8_t* d = dst + r * kp;
@@ -231,20 +242,26 @@ void QuantizeRowsI8(const float* x, int64_t m, int64_t k, int64_t kp, uint8_t* d
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       sc[g] = mx / 127.0f;
       const __m512 vinv = _mm512_set1_ps(inv);
-      const __m512i off = _mm512_set1_epi32(128);
+      __m512i total = _mm512_setzero_si512();
       for (int c = 0; c < 4; ++c) {
-        __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v[c], vinv)), off);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k0 + 16 * c), _mm512_cvtepi32_epi8(q));
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[c], vinv));
+        total = _mm512_add_epi32(total, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k0 + 16 * c),
+                         _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(off))));
       }
+      if (sums != nullptr) sums[r * groups + g] = _mm512_reduce_add_epi32(total);
 #else
       float mx = 0.0f;
       for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(src[k0 + i]));
       const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
       sc[g] = mx / 127.0f;
+      int32_t total = 0;
       for (int64_t i = 0; i < kI8Group; ++i) {
-        d[k0 + i] = static_cast<uint8_t>(
-            128 + (i < n ? static_cast<int>(std::nearbyint(src[k0 + i] * inv)) : 0));
+        const int q = i < n ? static_cast<int>(std::nearbyint(src[k0 + i] * inv)) : 0;
+        total += q;
+        d[k0 + i] = static_cast<uint8_t>(q + off);
       }
+      if (sums != nullptr) sums[r * groups + g] = total;
 #endif
     }
   }
@@ -575,6 +592,73 @@ void TileI8(const uint8_t* x, int64_t ldx, const float* xs, int64_t ldxs, const 
   StoreTile<R>(accf, bias, y, ldy, ncols);
 }
 
+// int4 weights, signed quantised x: w is one block [Kp/8][64][4] of nibble pairs, wscale its
+// [groups][64] scales; x rows are signed bytes with stride ldx, with per-group scales xs and sums
+// xsum (stride ldxs). As TileI8, a row's result is the same in every tile size.
+template <int R>
+void TileI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum, int64_t ldxs,
+            const uint8_t* w, const float* wscale, int64_t groups, const float* bias, float* y,
+            int64_t ldy, int64_t ncols) {
+  // One row: low and high nibbles in separate sums (8 independent vpdpbusd chains).
+  constexpr bool kSplit = R == 1;
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  __m512 accf[R][4];
+  ZeroTile<R>(accf);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* wg = w + g * kI4GroupBytes;
+    const uint8_t* xg = x + g * kI8Group;
+    __m512i acc[R][4], acch[R][4];
+    UNROLL_LOOP
+    for (int r = 0; r < R; ++r) {
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        acc[r][c] = _mm512_setzero_si512();
+        if constexpr (kSplit) acch[r][c] = _mm512_setzero_si512();
+      }
+    }
+    UNROLL_LOOP
+    for (int p = 0; p < kI8Group / 8; ++p) {
+      const uint8_t* wp = wg + p * 4 * kColBlock;
+      PrefetchLines<4>(reinterpret_cast<const int8_t*>(wp) + kPrefetchAhead / 2);
+      __m512i xl[R], xh[R];
+      UNROLL_LOOP
+      for (int r = 0; r < R; ++r) {
+        xl[r] = BroadcastDword(xg + r * ldx + 8 * p);
+        xh[r] = BroadcastDword(xg + r * ldx + 8 * p + 4);
+      }
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_load_si512(wp + 64 * c);
+        const __m512i lo = _mm512_and_si512(v, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        UNROLL_LOOP
+        for (int r = 0; r < R; ++r) {
+          acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], lo, xl[r]);
+          if constexpr (kSplit) {
+            acch[r][c] = _mm512_dpbusd_epi32(acch[r][c], hi, xh[r]);
+          } else {
+            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi, xh[r]);
+          }
+        }
+      }
+    }
+    UNROLL_LOOP
+    for (int r = 0; r < R; ++r) {
+      const __m512i corr = _mm512_set1_epi32(8 * xsum[r * ldxs + g]);
+      const __m512 sx = _mm512_set1_ps(xs[r * ldxs + g]);
+      UNROLL_LOOP
+      for (int c = 0; c < 4; ++c) {
+        __m512i dot = acc[r][c];
+        if constexpr (kSplit) dot = _mm512_add_epi32(dot, acch[r][c]);
+        const __m512 scale = _mm512_mul_ps(_mm512_load_ps(wscale + g * kColBlock + 16 * c), sx);
+        accf[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, corr)), scale,
+                                     accf[r][c]);
+      }
+    }
+  }
+  StoreTile<R>(accf, bias, y, ldy, ncols);
+}
+
 #endif  // __AVX512VNNI__
 
 // Portable fallbacks over the same layouts.
@@ -641,6 +725,52 @@ template <typename X>
       y[r * ldy + c] = acc[c] * wscale[c] + (bias != nullptr ? bias[c] : 0.0f);
     }
   }
+}
+
+// The same arithmetic as TileI4.
+[[maybe_unused]] void TileI4Generic(const uint8_t* x, int64_t ldx, const float* xs,
+                                    const int32_t* xsum, int64_t ldxs, int64_t rows,
+                                    const uint8_t* w, const float* wscale, int64_t groups,
+                                    const float* bias, float* y, int64_t ldy, int64_t ncols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc[kColBlock] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t dot[kColBlock] = {};
+      for (int64_t i = 0; i < kI8Group; ++i) {
+        const int32_t xv = static_cast<int8_t>(x[r * ldx + g * kI8Group + i]);
+        const int64_t p = i / 8, j = i % 4;
+        const int shift = (i % 8) < 4 ? 0 : 4;
+        const uint8_t* wp = w + g * kI4GroupBytes + p * 4 * kColBlock + j;
+        for (int64_t c = 0; c < kColBlock; ++c) dot[c] += xv * ((wp[4 * c] >> shift) & 0x0f);
+      }
+      for (int64_t c = 0; c < kColBlock; ++c) {
+        acc[c] = std::fma(static_cast<float>(dot[c] - 8 * xsum[r * ldxs + g]),
+                          wscale[g * kColBlock + c] * xs[r * ldxs + g], acc[c]);
+      }
+    }
+    for (int64_t c = 0; c < ncols; ++c) {
+      y[r * ldy + c] = acc[c] + (bias != nullptr ? bias[c] : 0.0f);
+    }
+  }
+}
+
+// Rows [0, rows) of one int4 column block, in tiles of 2 rows and one for the remainder.
+void BlockRowsI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum, int64_t ldxs,
+                 int64_t rows, const uint8_t* w, const float* wscale, int64_t groups,
+                 const float* bias, float* y, int64_t ldy, int64_t ncols) {
+#if defined(__AVX512VNNI__)
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    TileI4<2>(x + r * ldx, ldx, xs + r * ldxs, xsum + r * ldxs, ldxs, w, wscale, groups, bias,
+              y + r * ldy, ldy, ncols);
+  }
+  if (r < rows) {
+    TileI4<1>(x + r * ldx, ldx, xs + r * ldxs, xsum + r * ldxs, ldxs, w, wscale, groups, bias,
+              y + r * ldy, ldy, ncols);
+  }
+#else
+  TileI4Generic(x, ldx, xs, xsum, ldxs, rows, w, wscale, groups, bias, y, ldy, ncols);
+#endif
 }
 
 // Rows [0, rows) of one int8 column block, in tiles of 3 rows (a 4-row tile would need 36
@@ -744,7 +874,8 @@ void BlockRows(Kind kind, const void* x, int64_t ldx, int64_t rows, const void* 
                                 static_cast<const uint16_t*>(w), k_len, bias, y, ldy, ncols);
 #endif
       return;
-    case Kind::kInt8:  // BlockRowsI8: it needs the scales
+    case Kind::kInt8:  // BlockRowsI8 / BlockRowsI4: they need the scales
+    case Kind::kInt4:
       return;
   }
 }
@@ -999,13 +1130,15 @@ struct XRows {
   const void* data = nullptr;
   int64_t ld = 0;                 // elements per row
   size_t esize = 4;               // bytes per element
-  const float* scales = nullptr;  // kInt8: [rows][groups]
+  const float* scales = nullptr;  // kInt8, kInt4: [rows][groups]
+  const int32_t* sums = nullptr;  // kInt4: [rows][groups]
   int64_t groups = 0;
 
   XRows From(int64_t r) const {
     XRows o = *this;
     o.data = static_cast<const char*>(data) + r * ld * static_cast<int64_t>(esize);
     if (scales != nullptr) o.scales = scales + r * groups;
+    if (sums != nullptr) o.sums = sums + r * groups;
     return o;
   }
 };
@@ -1024,6 +1157,8 @@ struct Linear::Impl {
   AlignedArray<int8_t> w_i8;      // kInt8 [Np/64][Kp/4][64][4],
   AlignedArray<int32_t> i8_comp;  //   [Np/64][Kp/64][64]: 128 * sum of a group's weights,
   AlignedArray<float> i8_scale;   //   [Np]: each output row's scale.
+  AlignedArray<uint8_t> w_i4;     // kInt4 [Np/64][Kp/8][64][4] nibble pairs,
+  AlignedArray<float> i4_scale;   //   [Np/64][Kp/64][64]: each (group, column)'s scale.
   AlignedArray<float> bias;       // [Np] or null.
   std::unique_ptr<DnnlMatmul> dnnl;
   Path path = Path::kAuto;
@@ -1049,15 +1184,20 @@ struct Linear::Impl {
       r.data = xb;
       r.ld = k_pad;
       r.esize = sizeof(uint16_t);
-    } else if (kind == Kind::kInt8) {
+    } else if (kind == Kind::kInt8 || kind == Kind::kInt4) {
       r.groups = k_pad / kI8Group;
       auto* xq = static_cast<uint8_t*>(t_x_bf16.Get(m * k_pad));
       auto* xs = static_cast<float*>(t_x_scales.Get(m * r.groups * sizeof(float)));
-      QuantizeRowsI8(x, m, in, k_pad, xq, xs);
+      int32_t* sums = nullptr;
+      if (kind == Kind::kInt4) {
+        sums = static_cast<int32_t*>(t_x_sums.Get(m * r.groups * sizeof(int32_t)));
+      }
+      QuantizeRows(x, m, in, k_pad, /*offset=*/kind == Kind::kInt8, xq, xs, sums);
       r.data = xq;
       r.ld = k_pad;
       r.esize = 1;
       r.scales = xs;
+      r.sums = sums;
     } else {
       r.data = x;
       r.ld = in;
@@ -1069,7 +1209,12 @@ struct Linear::Impl {
       const int64_t col = b * kColBlock;
       const float* bias_b = bias != nullptr ? bias.get() + col : nullptr;
       const int64_t ncols = std::min(kColBlock, out - col);
-      if (kind == Kind::kInt8) {
+      if (kind == Kind::kInt4) {
+        BlockRowsI4(static_cast<const uint8_t*>(x.data), x.ld, x.scales, x.sums, x.groups, m,
+                    w_i4.get() + b * (k_pad * kColBlock / 2),
+                    i4_scale.get() + b * x.groups * kColBlock, x.groups, bias_b, y + col, out,
+                    ncols);
+      } else if (kind == Kind::kInt8) {
         BlockRowsI8(static_cast<const uint8_t*>(x.data), x.ld, x.scales, x.groups, m,
                     w_i8.get() + b * k_pad * kColBlock, i8_comp.get() + b * x.groups * kColBlock,
                     i8_scale.get() + col, x.groups, bias_b, y + col, out, ncols);
@@ -1081,9 +1226,9 @@ struct Linear::Impl {
   // Threads worth using for batch size m (at most SyncThreads()).
   double EstimatedNs(int64_t m) const {
     const double macs = static_cast<double>(m) * in * out;
-    const double macs_per_ns = kind == Kind::kBF16   ? kBF16MacsPerNs
-                               : kind == Kind::kInt8 ? kInt8MacsPerNs
-                                                     : kF32MacsPerNs;
+    const double macs_per_ns = kind == Kind::kBF16                           ? kBF16MacsPerNs
+                               : kind == Kind::kInt8 || kind == Kind::kInt4 ? kInt8MacsPerNs
+                                                                             : kF32MacsPerNs;
     return std::max(weight_bytes / kBytesPerNs, macs / macs_per_ns);
   }
   int Threads(int64_t m) const {
@@ -1095,7 +1240,39 @@ struct Linear::Impl {
   void ForwardSmall(const XRows& x, int64_t m, float* y) const;
   bool ForwardOneDnn(const void* x, int64_t m, float* y) const;
   absl::Status PackInt8(const void* w, DType wtype);
+  absl::Status PackInt4(const void* w, DType wtype);
 };
+
+absl::Status Linear::Impl::PackInt4(const void* w, DType wtype) {
+  const int64_t groups = k_pad / kI8Group;
+  w_i4 = AllocZeroed<uint8_t>(blocks * k_pad * kColBlock / 2);
+  i4_scale = AllocZeroed<float>(blocks * groups * kColBlock);
+  if (w_i4 == nullptr || i4_scale == nullptr) {
+    return absl::ResourceExhaustedError("Linear::Create: no memory");
+  }
+  weight_bytes = blocks * k_pad * kColBlock / 2 + blocks * groups * kColBlock * 4;
+  std::vector<float> row(in);
+  for (int64_t n = 0; n < out; ++n) {
+    for (int64_t k = 0; k < in; ++k) row[k] = ElementToF32(w, wtype, n * in + k);
+    const int64_t b = n / kColBlock, c = n % kColBlock;
+    uint8_t* col = w_i4.get() + b * k_pad * kColBlock / 2 + c * 4;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kI8Group, k1 = std::min(in, k0 + kI8Group);
+      float mx = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) mx = std::max(mx, std::fabs(row[k]));
+      const float scale = mx / 7.0f;
+      i4_scale[(b * groups + g) * kColBlock + c] = scale;
+      for (int64_t k = k0; k < k0 + kI8Group; ++k) {
+        float q = 0.0f;
+        if (k < k1 && scale > 0.0f) q = std::clamp(std::nearbyint(row[k] / scale), -7.0f, 7.0f);
+        const int i = static_cast<int>(k - k0);
+        uint8_t& byte = col[(g * (kI8Group / 8) + i / 8) * 4 * kColBlock + i % 4];
+        byte |= static_cast<uint8_t>((static_cast<int>(q) + 8) << ((i % 8) < 4 ? 0 : 4));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::Status Linear::Impl::PackInt8(const void* w, DType wtype) {
   const int64_t groups = k_pad / kI8Group;
@@ -1177,17 +1354,20 @@ absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, i
     impl->kind = Kind::kBF16;
   } else if (ct == ComputeType::kInt8) {
     impl->kind = Kind::kInt8;
+  } else if (ct == ComputeType::kInt4) {
+    impl->kind = Kind::kInt4;
   } else {
     impl->kind = wtype == DType::kBF16 ? Kind::kBF16AsF32 : Kind::kF32;
   }
   impl->blocks = RoundUp(out, kColBlock) / kColBlock;
-  impl->k_pad = RoundUp(in, impl->kind == Kind::kF32    ? kKPadF32
-                            : impl->kind == Kind::kInt8 ? kI8Group
-                                                        : kKPadBF16);
+  const bool quantised = impl->kind == Kind::kInt8 || impl->kind == Kind::kInt4;
+  impl->k_pad = RoundUp(in, impl->kind == Kind::kF32 ? kKPadF32
+                            : quantised               ? kI8Group
+                                                      : kKPadBF16);
   const int64_t packed = impl->blocks * impl->k_pad * kColBlock;
 
-  if (impl->kind == Kind::kInt8) {
-    absl::Status st = impl->PackInt8(w, wtype);
+  if (quantised) {
+    absl::Status st = impl->kind == Kind::kInt8 ? impl->PackInt8(w, wtype) : impl->PackInt4(w, wtype);
     if (!st.ok()) return st;
   } else if (impl->kind == Kind::kF32) {
     impl->w_f32 = AllocZeroed<float>(packed);
@@ -1240,6 +1420,7 @@ absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, i
       impl->small_m_limit = kSmallMLimitBF16;
       break;
     case Kind::kInt8:
+    case Kind::kInt4:
       impl->small_m_limit = std::numeric_limits<int64_t>::max();
       break;
   }
@@ -1293,6 +1474,8 @@ const char* ComputeTypeName(ComputeType ct) {
       return "bf16";
     case ComputeType::kInt8:
       return "int8";
+    case ComputeType::kInt4:
+      return "int4";
   }
   return "?";
 }

@@ -305,18 +305,29 @@ TEST(LinearTest, ForwardFromInsideParallelRegion) {
   }
 }
 
-// int8 products (ComputeType::kInt8), computed from the spec in linear.h in double: W per
-// output row and x per row and group of 64 quantised to int8, y = s_n * sum_g s_g * dot_g + b.
-std::vector<double> Int8Reference(const std::vector<float>& x, int64_t m, const std::vector<float>& w,
-                                  int64_t out, int64_t in, const float* bias) {
+// Quantised products (ComputeType::kInt8 / kInt4), computed from the spec in linear.h in double:
+// x per row and group of 64 quantised to int8; W per output row to int8 (kInt8) or per output
+// row and group of 64 to [-7, 7] (kInt4); y = sum_g s_W * s_g * dot_g + b.
+std::vector<double> QuantisedReference(const std::vector<float>& x, int64_t m,
+                                       const std::vector<float>& w, int64_t out, int64_t in,
+                                       const float* bias, ComputeType ct) {
+  const int64_t groups = (in + 63) / 64;
   std::vector<int> qw(out * in);
-  std::vector<float> sw(out);
+  std::vector<float> sw(out * groups);  // kInt8: the same for every group of a row
   for (int64_t n = 0; n < out; ++n) {
-    float mx = 0.0f;
-    for (int64_t k = 0; k < in; ++k) mx = std::max(mx, std::fabs(w[n * in + k]));
-    sw[n] = mx / 127.0f;
-    for (int64_t k = 0; k < in; ++k) {
-      qw[n * in + k] = sw[n] > 0 ? static_cast<int>(std::nearbyint(w[n * in + k] / sw[n])) : 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = ct == ComputeType::kInt8 ? 0 : g * 64;
+      const int64_t k1 = ct == ComputeType::kInt8 ? in : std::min(in, g * 64 + 64);
+      const float qmax = ct == ComputeType::kInt8 ? 127.0f : 7.0f;
+      float mx = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) mx = std::max(mx, std::fabs(w[n * in + k]));
+      const float scale = mx / qmax;
+      sw[n * groups + g] = scale;
+      for (int64_t k = g * 64; k < std::min(in, g * 64 + 64); ++k) {
+        qw[n * in + k] =
+            scale > 0 ? static_cast<int>(std::clamp(std::nearbyint(w[n * in + k] / scale), -qmax, qmax))
+                      : 0;
+      }
     }
   }
   std::vector<double> y(m * out);
@@ -333,17 +344,20 @@ std::vector<double> Int8Reference(const std::vector<float>& x, int64_t m, const 
       for (int64_t n = 0; n < out; ++n) {
         int64_t dot = 0;
         for (int64_t k = k0; k < k1; ++k) dot += int64_t{qx[k - k0]} * qw[n * in + k];
-        acc[n] += static_cast<double>(mx / 127.0f) * dot;
+        acc[n] += static_cast<double>(mx / 127.0f) * sw[n * groups + k0 / 64] * dot;
       }
     }
     for (int64_t n = 0; n < out; ++n) {
-      y[r * out + n] = acc[n] * sw[n] + (bias != nullptr ? bias[n] : 0.0f);
+      y[r * out + n] = acc[n] + (bias != nullptr ? bias[n] : 0.0f);
     }
   }
   return y;
 }
 
-TEST(LinearInt8Test, MatchesQuantisedReferenceAndStaysCloseToFp32) {
+class LinearQuantisedTest : public ::testing::TestWithParam<ComputeType> {};
+
+TEST_P(LinearQuantisedTest, MatchesQuantisedReferenceAndStaysCloseToFp32) {
+  const ComputeType ct = GetParam();
   std::mt19937 rng(8);
   for (const auto& [out, in] : std::vector<std::pair<int64_t, int64_t>>{
            {384, 256}, {256, 192}, {130, 100}, {64, 64}, {20, 7}, {70, 2048}}) {
@@ -351,12 +365,15 @@ TEST(LinearInt8Test, MatchesQuantisedReferenceAndStaysCloseToFp32) {
       std::vector<float> w = RandomVector(out * in, &rng);
       std::vector<float> bias = RandomVector(out, &rng);
       const float* b = with_bias ? bias.data() : nullptr;
-      absl::StatusOr<Linear> q = Linear::Create(w.data(), DType::kF32, out, in, ComputeType::kInt8, b);
+      absl::StatusOr<Linear> q = Linear::Create(w.data(), DType::kF32, out, in, ct, b);
       ASSERT_TRUE(q.ok()) << q.status();
-      EXPECT_EQ(q->compute(), ComputeType::kInt8);
-      // int8 weights: a quarter of fp32's bytes, plus per-row scales and per-group sums.
+      EXPECT_EQ(q->compute(), ct);
+      // int8: a quarter of fp32's bytes, plus per-row scales and per-group sums; int4: an eighth,
+      // plus a scale per row and group.
       const int64_t np = (out + 63) / 64 * 64, kp = (in + 63) / 64 * 64;
-      EXPECT_EQ(q->weight_bytes(), np * kp + np * (kp / 64) * 4 + np * 4);
+      EXPECT_EQ(q->weight_bytes(), ct == ComputeType::kInt8
+                                       ? np * kp + np * (kp / 64) * 4 + np * 4
+                                       : np * kp / 2 + np * (kp / 64) * 4);
       for (int64_t m : {1, 2, 3, 4, 5, 7, 33}) {
         // Rows of different magnitudes: the per-group scales must follow them.
         std::vector<float> x = RandomVector(m * in, &rng);
@@ -365,7 +382,7 @@ TEST(LinearInt8Test, MatchesQuantisedReferenceAndStaysCloseToFp32) {
         }
         std::vector<float> y(m * out);
         q->Forward(x.data(), m, y.data());
-        std::vector<double> ref = Int8Reference(x, m, w, out, in, b);
+        std::vector<double> ref = QuantisedReference(x, m, w, out, in, b, ct);
         std::vector<double> exact = LinearReference(x, m, w, out, in, b, ComputeType::kF32);
         for (int64_t r = 0; r < m; ++r) {
           double err2 = 0, ref2 = 0, max_abs_x = 0;
@@ -378,21 +395,24 @@ TEST(LinearInt8Test, MatchesQuantisedReferenceAndStaysCloseToFp32) {
             err2 += (y[i] - exact[i]) * (y[i] - exact[i]);
             ref2 += (exact[i] - (b != nullptr ? b[n] : 0.0)) * (exact[i] - (b != nullptr ? b[n] : 0.0));
           }
-          // Quantisation error of uniform data: about 1% of the product's magnitude.
-          EXPECT_LT(std::sqrt(err2 / ref2), 0.02) << "out=" << out << " in=" << in << " row " << r;
+          // Quantisation error of uniform data: about 1% (int8) or 7% (int4: steps of 1/7 of a
+          // group's largest weight) of the product's magnitude.
+          EXPECT_LT(std::sqrt(err2 / ref2), ct == ComputeType::kInt8 ? 0.02 : 0.12)
+              << "out=" << out << " in=" << in << " row " << r;
         }
       }
     }
   }
 }
 
-TEST(LinearInt8Test, RowsDoNotDependOnBatchThreadsOrParts) {
+TEST_P(LinearQuantisedTest, RowsDoNotDependOnBatchThreadsOrParts) {
+  const ComputeType ct = GetParam();
   std::mt19937 rng(9);
   const int saved = NumThreads();
   for (const auto& [out, in] :
        std::vector<std::pair<int64_t, int64_t>>{{1536, 2048}, {2048, 768}, {200, 33}}) {
     TestWeight w = MakeWeight(DType::kBF16, out * in, &rng);
-    absl::StatusOr<Linear> q = Linear::Create(w.bits.data(), DType::kBF16, out, in, ComputeType::kInt8);
+    absl::StatusOr<Linear> q = Linear::Create(w.bits.data(), DType::kBF16, out, in, ct);
     ASSERT_TRUE(q.ok()) << q.status();
     const int64_t m = 37;
     std::vector<float> x = RandomVector(m * in, &rng);
@@ -416,13 +436,13 @@ TEST(LinearInt8Test, RowsDoNotDependOnBatchThreadsOrParts) {
   SetNumThreads(saved);
 }
 
-TEST(LinearInt8Test, ZeroRowsAndZeroWeightsGiveBias) {
+TEST_P(LinearQuantisedTest, ZeroRowsAndZeroWeightsGiveBias) {
   const int64_t out = 70, in = 130;
   std::vector<float> w(out * in, 0.0f), bias(out), x(2 * in, 0.0f);
   for (int64_t n = 0; n < out; ++n) bias[n] = 0.25f * static_cast<float>(n);
   for (int64_t k = 0; k < in; ++k) x[in + k] = 1.0f;  // row 1 nonzero, weights all zero
   for (int64_t k = 0; k < in; ++k) w[3 * in + k] = 0.5f;  // except row 3
-  absl::StatusOr<Linear> q = Linear::Create(w.data(), DType::kF32, out, in, ComputeType::kInt8, bias.data());
+  absl::StatusOr<Linear> q = Linear::Create(w.data(), DType::kF32, out, in, GetParam(), bias.data());
   ASSERT_TRUE(q.ok());
   std::vector<float> y(2 * out);
   q->Forward(x.data(), 2, y.data());
@@ -431,6 +451,10 @@ TEST(LinearInt8Test, ZeroRowsAndZeroWeightsGiveBias) {
     EXPECT_NEAR(y[out + n], bias[n] + (n == 3 ? 0.5f * in : 0.0f), 1e-3) << n;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Types, LinearQuantisedTest,
+                         ::testing::Values(ComputeType::kInt8, ComputeType::kInt4),
+                         [](const auto& info) { return std::string(ComputeTypeName(info.param)); });
 
 TEST(SpinBarrierTest, OrdersPhases) {
   constexpr int kThreads = 3, kPhases = 2000;
