@@ -84,7 +84,10 @@ constexpr int64_t kKPadBF16 = 32;  // K padding of the bf16 layout.
 constexpr int64_t kI8Group = 64;   // k per activation scale, and K padding of the int8 layout.
 // int8 kernels prefetch one group of one column block ahead (int4: two groups, the same bytes).
 constexpr int64_t kPrefetchAhead = kI8Group * kColBlock;
-constexpr int64_t kI4GroupBytes = kI8Group * kColBlock / 2;  // one int4 group of one block
+// One int4 group of one column block: 64 k x 64 columns of nibbles, then the 64 columns' scales
+// (in the weight stream, so a thread streams one sequence of bytes).
+constexpr int64_t kI4NibbleBytes = kI8Group * kColBlock / 2;
+constexpr int64_t kI4GroupBytes = kI4NibbleBytes + kColBlock * 4;
 // Largest m served by the hand-written kernels under Path::kAuto (linear_benchmark.cc: they
 // match or beat oneDNN up to about these sizes). kBF16AsF32 has no oneDNN kernel (oneDNN 2.6
 // has no f32 x bf16 matmul; it would need the weights widened per call), so the hand-written
@@ -597,8 +600,8 @@ void TileI8(const uint8_t* x, int64_t ldx, const float* xs, int64_t ldxs, const 
 // xsum (stride ldxs). As TileI8, a row's result is the same in every tile size.
 template <int R>
 void TileI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum, int64_t ldxs,
-            const uint8_t* w, const float* wscale, int64_t groups, const float* bias, float* y,
-            int64_t ldy, int64_t ncols) {
+            const uint8_t* w, int64_t groups, const float* bias, float* y, int64_t ldy,
+            int64_t ncols) {
   // One row: low and high nibbles in separate sums (8 independent vpdpbusd chains).
   constexpr bool kSplit = R == 1;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
@@ -616,10 +619,11 @@ void TileI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum,
         if constexpr (kSplit) acch[r][c] = _mm512_setzero_si512();
       }
     }
+    PrefetchLines<4>(reinterpret_cast<const int8_t*>(wg) + kI4GroupBytes + kI4NibbleBytes);
     UNROLL_LOOP
     for (int p = 0; p < kI8Group / 8; ++p) {
       const uint8_t* wp = wg + p * 4 * kColBlock;
-      PrefetchLines<4>(reinterpret_cast<const int8_t*>(wp) + kPrefetchAhead / 2);
+      PrefetchLines<4>(reinterpret_cast<const int8_t*>(wp) + kI4GroupBytes);  // a group ahead
       __m512i xl[R], xh[R];
       UNROLL_LOOP
       for (int r = 0; r < R; ++r) {
@@ -650,7 +654,8 @@ void TileI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum,
       for (int c = 0; c < 4; ++c) {
         __m512i dot = acc[r][c];
         if constexpr (kSplit) dot = _mm512_add_epi32(dot, acch[r][c]);
-        const __m512 scale = _mm512_mul_ps(_mm512_load_ps(wscale + g * kColBlock + 16 * c), sx);
+        const float* wscale = reinterpret_cast<const float*>(wg + kI4NibbleBytes);
+        const __m512 scale = _mm512_mul_ps(_mm512_load_ps(wscale + 16 * c), sx);
         accf[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, corr)), scale,
                                      accf[r][c]);
       }
@@ -730,8 +735,8 @@ template <typename X>
 // The same arithmetic as TileI4.
 [[maybe_unused]] void TileI4Generic(const uint8_t* x, int64_t ldx, const float* xs,
                                     const int32_t* xsum, int64_t ldxs, int64_t rows,
-                                    const uint8_t* w, const float* wscale, int64_t groups,
-                                    const float* bias, float* y, int64_t ldy, int64_t ncols) {
+                                    const uint8_t* w, int64_t groups, const float* bias, float* y,
+                                    int64_t ldy, int64_t ncols) {
   for (int64_t r = 0; r < rows; ++r) {
     float acc[kColBlock] = {};
     for (int64_t g = 0; g < groups; ++g) {
@@ -740,12 +745,13 @@ template <typename X>
         const int32_t xv = static_cast<int8_t>(x[r * ldx + g * kI8Group + i]);
         const int64_t p = i / 8, j = i % 4;
         const int shift = (i % 8) < 4 ? 0 : 4;
-        const uint8_t* wp = w + g * kI4GroupBytes + p * 4 * kColBlock + j;
+        const uint8_t* wp = w + g * kI4GroupBytes + p * 4 * kColBlock + j;  // nibble pair-row p
         for (int64_t c = 0; c < kColBlock; ++c) dot[c] += xv * ((wp[4 * c] >> shift) & 0x0f);
       }
+      const float* wscale = reinterpret_cast<const float*>(w + g * kI4GroupBytes + kI4NibbleBytes);
       for (int64_t c = 0; c < kColBlock; ++c) {
         acc[c] = std::fma(static_cast<float>(dot[c] - 8 * xsum[r * ldxs + g]),
-                          wscale[g * kColBlock + c] * xs[r * ldxs + g], acc[c]);
+                          wscale[c] * xs[r * ldxs + g], acc[c]);
       }
     }
     for (int64_t c = 0; c < ncols; ++c) {
@@ -756,20 +762,20 @@ template <typename X>
 
 // Rows [0, rows) of one int4 column block, in tiles of 2 rows and one for the remainder.
 void BlockRowsI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum, int64_t ldxs,
-                 int64_t rows, const uint8_t* w, const float* wscale, int64_t groups,
-                 const float* bias, float* y, int64_t ldy, int64_t ncols) {
+                 int64_t rows, const uint8_t* w, int64_t groups, const float* bias, float* y,
+                 int64_t ldy, int64_t ncols) {
 #if defined(__AVX512VNNI__)
   int64_t r = 0;
   for (; r + 2 <= rows; r += 2) {
-    TileI4<2>(x + r * ldx, ldx, xs + r * ldxs, xsum + r * ldxs, ldxs, w, wscale, groups, bias,
+    TileI4<2>(x + r * ldx, ldx, xs + r * ldxs, xsum + r * ldxs, ldxs, w, groups, bias,
               y + r * ldy, ldy, ncols);
   }
   if (r < rows) {
-    TileI4<1>(x + r * ldx, ldx, xs + r * ldxs, xsum + r * ldxs, ldxs, w, wscale, groups, bias,
+    TileI4<1>(x + r * ldx, ldx, xs + r * ldxs, xsum + r * ldxs, ldxs, w, groups, bias,
               y + r * ldy, ldy, ncols);
   }
 #else
-  TileI4Generic(x, ldx, xs, xsum, ldxs, rows, w, wscale, groups, bias, y, ldy, ncols);
+  TileI4Generic(x, ldx, xs, xsum, ldxs, rows, w, groups, bias, y, ldy, ncols);
 #endif
 }
 
@@ -1157,8 +1163,8 @@ struct Linear::Impl {
   AlignedArray<int8_t> w_i8;      // kInt8 [Np/64][Kp/4][64][4],
   AlignedArray<int32_t> i8_comp;  //   [Np/64][Kp/64][64]: 128 * sum of a group's weights,
   AlignedArray<float> i8_scale;   //   [Np]: each output row's scale.
-  AlignedArray<uint8_t> w_i4;     // kInt4 [Np/64][Kp/8][64][4] nibble pairs,
-  AlignedArray<float> i4_scale;   //   [Np/64][Kp/64][64]: each (group, column)'s scale.
+  AlignedArray<uint8_t> w_i4;     // kInt4 [Np/64][Kp/64][kI4GroupBytes]: per group [8][64][4]
+                                  //   nibble pairs, then 64 fp32 column scales.
   AlignedArray<float> bias;       // [Np] or null.
   std::unique_ptr<DnnlMatmul> dnnl;
   Path path = Path::kAuto;
@@ -1211,8 +1217,7 @@ struct Linear::Impl {
       const int64_t ncols = std::min(kColBlock, out - col);
       if (kind == Kind::kInt4) {
         BlockRowsI4(static_cast<const uint8_t*>(x.data), x.ld, x.scales, x.sums, x.groups, m,
-                    w_i4.get() + b * (k_pad * kColBlock / 2),
-                    i4_scale.get() + b * x.groups * kColBlock, x.groups, bias_b, y + col, out,
+                    w_i4.get() + b * x.groups * kI4GroupBytes, x.groups, bias_b, y + col, out,
                     ncols);
       } else if (kind == Kind::kInt8) {
         BlockRowsI8(static_cast<const uint8_t*>(x.data), x.ld, x.scales, x.groups, m,
@@ -1245,28 +1250,25 @@ struct Linear::Impl {
 
 absl::Status Linear::Impl::PackInt4(const void* w, DType wtype) {
   const int64_t groups = k_pad / kI8Group;
-  w_i4 = AllocZeroed<uint8_t>(blocks * k_pad * kColBlock / 2);
-  i4_scale = AllocZeroed<float>(blocks * groups * kColBlock);
-  if (w_i4 == nullptr || i4_scale == nullptr) {
-    return absl::ResourceExhaustedError("Linear::Create: no memory");
-  }
-  weight_bytes = blocks * k_pad * kColBlock / 2 + blocks * groups * kColBlock * 4;
+  w_i4 = AllocZeroed<uint8_t>(blocks * groups * kI4GroupBytes);
+  if (w_i4 == nullptr) return absl::ResourceExhaustedError("Linear::Create: no memory");
+  weight_bytes = blocks * groups * kI4GroupBytes;
   std::vector<float> row(in);
   for (int64_t n = 0; n < out; ++n) {
     for (int64_t k = 0; k < in; ++k) row[k] = ElementToF32(w, wtype, n * in + k);
     const int64_t b = n / kColBlock, c = n % kColBlock;
-    uint8_t* col = w_i4.get() + b * k_pad * kColBlock / 2 + c * 4;
     for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* group = w_i4.get() + (b * groups + g) * kI4GroupBytes;
       const int64_t k0 = g * kI8Group, k1 = std::min(in, k0 + kI8Group);
       float mx = 0.0f;
       for (int64_t k = k0; k < k1; ++k) mx = std::max(mx, std::fabs(row[k]));
       const float scale = mx / 7.0f;
-      i4_scale[(b * groups + g) * kColBlock + c] = scale;
+      std::memcpy(group + kI4NibbleBytes + c * 4, &scale, 4);
       for (int64_t k = k0; k < k0 + kI8Group; ++k) {
         float q = 0.0f;
         if (k < k1 && scale > 0.0f) q = std::clamp(std::nearbyint(row[k] / scale), -7.0f, 7.0f);
         const int i = static_cast<int>(k - k0);
-        uint8_t& byte = col[(g * (kI8Group / 8) + i / 8) * 4 * kColBlock + i % 4];
+        uint8_t& byte = group[(i / 8) * 4 * kColBlock + c * 4 + i % 4];
         byte |= static_cast<uint8_t>((static_cast<int>(q) + 8) << ((i % 8) < 4 ? 0 : 4));
       }
     }
