@@ -5,6 +5,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "engine/expert_groups.h"
@@ -60,6 +61,17 @@ absl::Status Embedder::Embed(const int32_t* ids, int64_t n, float* out) const {
 
 // ---------------------------------------------------------------- ExpertShard
 
+namespace {
+// A load that ran out of host memory (a std::bad_alloc from a container on the way): a clear
+// RESOURCE_EXHAUSTED instead of std::terminate.
+absl::Status OutOfMemoryLoading(const std::string& what, size_t experts) {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "out of memory loading ", what, experts > 0 ? absl::StrCat(" (", experts, " of them)") : "",
+      ": fewer layers or experts per process (--num_layers, --shards), or "
+      "--quantize_experts=int8|int4, need less"));
+}
+}  // namespace
+
 absl::Status ExpertShard::SetShards(const ModelConfig& cfg, const std::set<ExpertId>& shards) {
   for (const ExpertId& id : shards) {
     if (id.first < 0 || id.first >= cfg.num_hidden_layers || id.second < 0 ||
@@ -102,10 +114,14 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const CheckpointR
                                                                const ArchSpec& arch,
                                                                const std::set<ExpertId>& shards,
                                                                const LoadOptions& opt) {
-  if (opt.device.is_cpu()) return CpuExpertShard::Load(ckpt, cfg, arch, shards, opt);
-  auto backend = GetDeviceBackend(opt.device.kind);
-  if (!backend.ok()) return backend.status();
-  return (*backend)->load_experts(ckpt, cfg, arch, shards, opt);
+  try {
+    if (opt.device.is_cpu()) return CpuExpertShard::Load(ckpt, cfg, arch, shards, opt);
+    auto backend = GetDeviceBackend(opt.device.kind);
+    if (!backend.ok()) return backend.status();
+    return (*backend)->load_experts(ckpt, cfg, arch, shards, opt);
+  } catch (const std::bad_alloc&) {
+    return OutOfMemoryLoading("experts", shards.size());
+  }
 }
 
 absl::StatusOr<std::unique_ptr<CpuExpertShard>> CpuExpertShard::Load(
@@ -222,10 +238,14 @@ absl::Status CpuExpertShard::RunExperts(int32_t layer, const float* x, int64_t n
 absl::StatusOr<std::unique_ptr<AttentionStack>> AttentionStack::Load(
     const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
     const LoadOptions& opt) {
-  if (opt.device.is_cpu()) return CpuAttentionStack::Load(ckpt, cfg, arch, opt);
-  auto backend = GetDeviceBackend(opt.device.kind);
-  if (!backend.ok()) return backend.status();
-  return (*backend)->load_attention(ckpt, cfg, arch, opt);
+  try {
+    if (opt.device.is_cpu()) return CpuAttentionStack::Load(ckpt, cfg, arch, opt);
+    auto backend = GetDeviceBackend(opt.device.kind);
+    if (!backend.ok()) return backend.status();
+    return (*backend)->load_attention(ckpt, cfg, arch, opt);
+  } catch (const std::bad_alloc&) {
+    return OutOfMemoryLoading("the attention stack", 0);
+  }
 }
 
 absl::Status AttentionStack::PlanBatch(const std::vector<SeqStep>& batch, const KvCache& cache,

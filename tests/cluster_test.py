@@ -1100,6 +1100,23 @@ class ClusterCommandTest(unittest.TestCase):
         self.assertEqual(len(from_cluster), 12)
         self.assertEqual(from_cluster, from_serve)
 
+    def test_a_load_out_of_memory_is_a_clear_error(self):
+        """Two layers of Qwen3-30B-A3B's shape (~2.4 GB of packed bf16 weights) in a process
+        limited to 1.5 GiB of address space: a one-line error and exit status 1, not a crash."""
+        import resource
+        limit = 1536 << 20
+
+        def limit_memory():
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        p = subprocess.run(
+            [MOEMESH, "generate", "--model=" + os.path.join(ROOT, "models", "configs", "qwen3-30b-a3b"),
+             "--load_format=dummy", "--num_layers=2", "--compute_dtype=bf16", "--input_ids=1,2",
+             "--max_new_tokens=1"],
+            capture_output=True, text=True, timeout=300, preexec_fn=limit_memory)
+        self.assertEqual(p.returncode, 1, p.stderr[-2000:])
+        self.assertRegex(p.stderr, r"no memory|out of memory")
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

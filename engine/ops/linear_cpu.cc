@@ -1157,6 +1157,12 @@ struct XRows {
 
 }  // namespace
 
+// Out of host memory packing an [out, in] weight.
+static absl::Status NoMemory(int64_t out, int64_t in) {
+  return absl::ResourceExhaustedError(
+      absl::StrCat("Linear::Create: no memory for a [", out, ", ", in, "] weight"));
+}
+
 struct Linear::Impl {
   int64_t out = 0, in = 0;
   ComputeType ct = ComputeType::kF32;
@@ -1257,7 +1263,7 @@ struct Linear::Impl {
 absl::Status Linear::Impl::PackInt4(const void* w, DType wtype) {
   const int64_t groups = k_pad / kI8Group;
   w_i4 = AllocZeroed<uint8_t>(blocks * groups * kI4GroupBytes);
-  if (w_i4 == nullptr) return absl::ResourceExhaustedError("Linear::Create: no memory");
+  if (w_i4 == nullptr) return NoMemory(out, in);
   weight_bytes = blocks * groups * kI4GroupBytes;
   std::vector<float> row(in);
   for (int64_t n = 0; n < out; ++n) {
@@ -1288,7 +1294,7 @@ absl::Status Linear::Impl::PackInt8(const void* w, DType wtype) {
   i8_comp = AllocZeroed<int32_t>(blocks * groups * kColBlock);
   i8_scale = AllocZeroed<float>(blocks * kColBlock);
   if (w_i8 == nullptr || i8_comp == nullptr || i8_scale == nullptr) {
-    return absl::ResourceExhaustedError("Linear::Create: no memory");
+    return NoMemory(out, in);
   }
   weight_bytes = blocks * k_pad * kColBlock + blocks * groups * kColBlock * 4 + blocks * kColBlock * 4;
   std::vector<float> row(in);
@@ -1379,7 +1385,7 @@ absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, i
     if (!st.ok()) return st;
   } else if (impl->kind == Kind::kF32) {
     impl->w_f32 = AllocZeroed<float>(packed);
-    if (impl->w_f32 == nullptr) return absl::ResourceExhaustedError("Linear::Create: no memory");
+    if (impl->w_f32 == nullptr) return NoMemory(out, in);
     impl->weight_bytes = packed * 4;
     float* dst = impl->w_f32.get();
     for (int64_t n = 0; n < out; ++n) {
@@ -1389,7 +1395,7 @@ absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, i
   } else {
     impl->w_bf16 = AllocZeroed<uint16_t>(packed);
     if (impl->w_bf16 == nullptr) {
-      return absl::ResourceExhaustedError("Linear::Create: no memory");
+      return NoMemory(out, in);
     }
     impl->weight_bytes = packed * 2;
     uint16_t* dst = impl->w_bf16.get();
@@ -1404,7 +1410,7 @@ absl::StatusOr<Linear> Linear::Create(const void* w, DType wtype, int64_t out, i
   }
   if (bias != nullptr) {
     impl->bias = AllocZeroed<float>(impl->blocks * kColBlock);
-    if (impl->bias == nullptr) return absl::ResourceExhaustedError("Linear::Create: no memory");
+    if (impl->bias == nullptr) return NoMemory(out, in);
     std::memcpy(impl->bias.get(), bias, out * sizeof(float));
   }
   using dt = dnnl::memory::data_type;
