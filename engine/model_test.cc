@@ -401,6 +401,22 @@ TEST_P(QuantisedExpertsTest, ArgmaxAgreesWithTransformers) {
   EXPECT_GE(agree, positions * (GetParam() == LoadOptions::ExpertQuant::kInt8 ? 97 : 95) / 100);
 }
 
+TEST(ExpertQuantTest, ParseExpertQuant) {
+  EXPECT_EQ(*ParseExpertQuant("none"), LoadOptions::ExpertQuant::kNone);
+  EXPECT_EQ(*ParseExpertQuant("int8"), LoadOptions::ExpertQuant::kInt8);
+  EXPECT_EQ(*ParseExpertQuant("int4"), LoadOptions::ExpertQuant::kInt4);
+  auto bad = ParseExpertQuant("fp8");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("--quantize_experts"), std::string::npos) << bad.status();
+  // Only the routed experts change: the rest keeps `compute`.
+  LoadOptions o{ComputeType::kBF16};
+  EXPECT_EQ(o.expert_compute(), ComputeType::kBF16);
+  o.expert_quant = LoadOptions::ExpertQuant::kInt4;
+  EXPECT_EQ(o.expert_compute(), ComputeType::kInt4);
+  EXPECT_EQ(o.compute, ComputeType::kBF16);
+}
+
 INSTANTIATE_TEST_SUITE_P(Types, QuantisedExpertsTest,
                          ::testing::Values(LoadOptions::ExpertQuant::kInt8,
                                            LoadOptions::ExpertQuant::kInt4),
