@@ -1100,6 +1100,27 @@ class ClusterCommandTest(unittest.TestCase):
         self.assertEqual(len(from_cluster), 12)
         self.assertEqual(from_cluster, from_serve)
 
+    def test_generate_runs_the_switch_encoder_decoder(self):
+        """`moemesh generate` on the switch_transformers oracle: the prompt's text, tokenised and
+        encoded, decodes greedily to transformers' ids; a sampling request is refused by name."""
+        model_dir = os.path.join(ORACLE, "switch")
+        with open(os.path.join(model_dir, "reference.json")) as f:
+            ref = json.load(f)
+        for case in ref:
+            out = subprocess.run(
+                [MOEMESH, "generate", "--model=" + model_dir, "--prompt=" + case["prompt"],
+                 "--greedy", "--max_new_tokens=%d" % (len(case["greedy"]) - 1)],
+                capture_output=True, text=True, timeout=CALL_TIMEOUT)
+            self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+            got = json.loads(out.stdout)
+            self.assertEqual(got["prompt_tokens"], len(case["input_ids"]))
+            self.assertEqual(got["ids"], case["greedy"][1:])  # after decoder_start_token_id
+        bad = subprocess.run([MOEMESH, "generate", "--model=" + model_dir, "--input_ids=5,6",
+                              "--greedy", "--temperature=0.7", "--max_new_tokens=2"],
+                             capture_output=True, text=True, timeout=CALL_TIMEOUT)
+        self.assertEqual(bad.returncode, 1)
+        self.assertIn("--temperature", bad.stderr)
+
     def test_a_load_out_of_memory_is_a_clear_error(self):
         """Two layers of Qwen3-30B-A3B's shape (~2.4 GB of packed bf16 weights) in a process
         limited to 1.5 GiB of address space: a one-line error and exit status 1, not a crash."""

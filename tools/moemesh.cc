@@ -3,6 +3,7 @@
 //   moemesh generate   --model=DIR (--prompt=TEXT | --input_ids=1,2,3) --max_new_tokens=N
 //                      [--greedy] [--logits_out=FILE] [--experts_per_token=K]
 //                      [--compute_dtype=fp32|bf16] [--threads=T]
+//                      (switch_transformers checkpoints: encoder-decoder, --greedy only)
 //   moemesh perplexity --model=DIR --file=TEXT_FILE [--window=512] [--experts_per_token=K]
 //   moemesh tokenize   --model=DIR --text=TEXT
 //   moemesh serve      --model=DIR --port=P          (every role in this process)
@@ -18,6 +19,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -26,6 +28,7 @@
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "engine/ops/threading.h"
+#include "engine/switch_model.h"
 #include "engine/tokenizer.h"
 #include "mesh/load_flags.h"
 #include "tools/commands.h"
@@ -95,7 +98,77 @@ absl::StatusOr<std::unique_ptr<Model>> LoadModel(const LoadOptions& opt) {
   return Model::Load(absl::GetFlag(FLAGS_model), opt);
 }
 
+// --input_ids, or --prompt encoded with `tok` (which may be null only with --input_ids).
+absl::StatusOr<std::vector<int32_t>> PromptIds(const Tokenizer* tok) {
+  std::vector<int32_t> prompt;
+  if (!absl::GetFlag(FLAGS_input_ids).empty()) {
+    for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_input_ids), ',', absl::SkipWhitespace())) {
+      int32_t id;
+      if (!absl::SimpleAtoi(s, &id)) return absl::InvalidArgumentError(absl::StrCat("--input_ids: '", s, "' is not an integer"));
+      prompt.push_back(id);
+    }
+  } else if (!absl::GetFlag(FLAGS_prompt).empty()) {
+    prompt = tok->Encode(absl::GetFlag(FLAGS_prompt), /*add_special_tokens=*/true);
+  } else {
+    return absl::InvalidArgumentError("give --prompt=TEXT or --input_ids=1,2,3");
+  }
+  return prompt;
+}
+
+// model_type of DIR/config.json ("" when it cannot be read: the caller's loader reports that).
+std::string ModelType(const std::string& dir) {
+  std::ifstream in(dir + "/config.json");
+  if (!in) return "";
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("model_type") || !j["model_type"].is_string()) return "";
+  return j["model_type"].get<std::string>();
+}
+
+// Whether flag `name` has a value other than its default.
+bool FlagChanged(const char* name) {
+  const absl::CommandLineFlag* f = absl::FindCommandLineFlag(name);
+  return f != nullptr && f->CurrentValue() != f->DefaultValue();
+}
+
+// generate for switch_transformers (encoder-decoder): SwitchTransformersModel::Greedy in process,
+// fp32 on the CPU. Flags it cannot honour are refused, by name.
+int RunGenerateSwitch() {
+  if (!absl::GetFlag(FLAGS_greedy)) {
+    return Fail(absl::InvalidArgumentError(
+        "switch_transformers models decode greedily only: pass --greedy"));
+  }
+  if (absl::GetFlag(FLAGS_device) != "cpu") {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--device=", absl::GetFlag(FLAGS_device), ": switch_transformers models run on the cpu only")));
+  }
+  for (const char* name : {"temperature", "top_p", "top_k", "seed", "ignore_eos", "logits_out",
+                           "experts_per_token", "compute_dtype", "quantize_experts", "load_format",
+                           "num_layers", "kv_cache_dtype", "cuda_graphs"}) {
+    if (FlagChanged(name)) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "--", name, " is not supported for switch_transformers models (greedy fp32 decoding "
+          "on the cpu only)")));
+    }
+  }
+  auto tok = LoadTokenizer();
+  if (!tok.ok()) return Fail(tok.status());
+  auto prompt = PromptIds(tok->get());
+  if (!prompt.ok()) return Fail(prompt.status());
+  auto model = SwitchTransformersModel::Load(absl::GetFlag(FLAGS_model));
+  if (!model.ok()) return Fail(model.status());
+  auto ids = (*model)->Greedy(*prompt, absl::GetFlag(FLAGS_max_new_tokens));
+  if (!ids.ok()) return Fail(ids.status());
+  ids->erase(ids->begin());  // decoder_start_token_id
+  nlohmann::json j;
+  j["ids"] = *ids;
+  j["text"] = (*tok)->Decode(*ids, /*skip_special_tokens=*/true);
+  j["prompt_tokens"] = prompt->size();
+  Print(j);
+  return 0;
+}
+
 int RunGenerate() {
+  if (ModelType(absl::GetFlag(FLAGS_model)) == "switch_transformers") return RunGenerateSwitch();
   auto load = ModelLoadOptions();
   if (!load.ok()) return Fail(load.status());
   // Dummy weights may come from a directory with only config.json: token ids need no tokenizer.
@@ -104,18 +177,9 @@ int RunGenerate() {
                             load->load_format == LoadOptions::LoadFormat::kDummy &&
                             !absl::GetFlag(FLAGS_input_ids).empty();
   if (!tok.ok() && !no_tokenizer) return Fail(tok.status());
-  std::vector<int32_t> prompt;
-  if (!absl::GetFlag(FLAGS_input_ids).empty()) {
-    for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_input_ids), ',', absl::SkipWhitespace())) {
-      int32_t id;
-      if (!absl::SimpleAtoi(s, &id)) return Fail(absl::InvalidArgumentError(absl::StrCat("--input_ids: '", s, "' is not an integer")));
-      prompt.push_back(id);
-    }
-  } else if (!absl::GetFlag(FLAGS_prompt).empty()) {
-    prompt = (*tok)->Encode(absl::GetFlag(FLAGS_prompt), /*add_special_tokens=*/true);
-  } else {
-    return Fail(absl::InvalidArgumentError("give --prompt=TEXT or --input_ids=1,2,3"));
-  }
+  auto ids = PromptIds(no_tokenizer ? nullptr : tok->get());
+  if (!ids.ok()) return Fail(ids.status());
+  const std::vector<int32_t>& prompt = *ids;
   auto model = LoadModel(*load);
   if (!model.ok()) return Fail(model.status());
   GenerateOptions opt;
