@@ -246,6 +246,11 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(std::string_view text,
     std::optional<std::string> model_type = f.OptString("model_type");
     if (f.ok() && !model_type) f.Fail("missing field 'model_type'");
     c.model_type = model_type.value_or("");
+    if (c.model_type == "switch_transformers") {
+      f.Fail("model_type 'switch_transformers' (encoder-decoder) runs in `moemesh generate` only "
+             "(engine/switch_model.h); serving supports the decoder-only qwen3_moe, qwen2_moe, "
+             "mixtral and olmoe");
+    }
     const bool qwen2 = c.model_type == "qwen2_moe";
     const bool qwen3 = c.model_type == "qwen3_moe";
     const bool mixtral = c.model_type == "mixtral";

@@ -559,5 +559,15 @@ TEST(GenerationDefaultsTest, Errors) {
   EXPECT_THAT(std::string(g.status().message()), HasSubstr("gen.json: not valid JSON"));
 }
 
+// The encoder-decoder oracle is refused by name, pointing at the one command that runs it.
+TEST(ModelConfigTest, SwitchTransformersIsRefusedWithWhereItRuns) {
+  auto c = ModelConfig::FromFile("testdata/oracle/switch/config.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(c.status().message()),
+              ::testing::AllOf(::testing::HasSubstr("switch_transformers"),
+                               ::testing::HasSubstr("moemesh generate")));
+}
+
 }  // namespace
 }  // namespace moemesh
