@@ -292,6 +292,7 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
   s->cfg_ = cfg;
   s->arch_ = arch;
   s->kv_dtype_ = opt.kv_dtype;
+  const ComputeType ct = opt.attention_compute();  // --quantize_attention, else `compute`
   const int64_t h = cfg.hidden_size, hd = cfg.head_dim;
   const int64_t qd = cfg.num_attention_heads * hd, kvd = cfg.num_key_value_heads * hd;
   s->layers_.resize(cfg.num_hidden_layers);
@@ -310,8 +311,8 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
                                           {{t.q.name, qd, t.q_bias.name},
                                            {t.k.name, kvd, t.k_bias.name},
                                            {t.v.name, kvd, t.v_bias.name}},
-                                          h, opt.compute));
-    MOEMESH_ASSIGN(L.o, LoadFusedLinear(ckpt, {{t.o.name, h, t.o_bias.name}}, qd, opt.compute));
+                                          h, ct));
+    MOEMESH_ASSIGN(L.o, LoadFusedLinear(ckpt, {{t.o.name, h, t.o_bias.name}}, qd, ct));
     if (!t.q_norm.name.empty()) {  // [head_dim] per head, or the whole q (k) projection
       MOEMESH_ASSIGN(L.q_norm, LoadVector(ckpt, t.q_norm.name, t.q_norm.shape[0]));
       MOEMESH_ASSIGN(L.k_norm, LoadVector(ckpt, t.k_norm.name, t.k_norm.shape[0]));
@@ -328,8 +329,8 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
       const int64_t w = t.mlp.gate.shape[0];
       MOEMESH_ASSIGN(L.mlp_gate_up,
                      LoadFusedLinear(ckpt, {{t.mlp.gate.name, w, ""}, {t.mlp.up.name, w, ""}}, h,
-                                     opt.compute));
-      MOEMESH_ASSIGN(L.mlp_down, LoadLinear(ckpt, t.mlp.down.name, h, w, opt.compute));
+                                     ct));
+      MOEMESH_ASSIGN(L.mlp_down, LoadLinear(ckpt, t.mlp.down.name, h, w, ct));
     }
     L.has_shared_gate = !t.shared_expert_gate.name.empty();
     if (L.has_shared_gate) {
@@ -342,7 +343,7 @@ absl::StatusOr<std::unique_ptr<CpuAttentionStack>> CpuAttentionStack::Load(
   const std::string head = cfg.tie_word_embeddings || ckpt.Find("lm_head.weight") == nullptr
                                ? "model.embed_tokens.weight"
                                : "lm_head.weight";
-  MOEMESH_ASSIGN(s->lm_head_, LoadLinear(ckpt, head, cfg.vocab_size, h, opt.compute));
+  MOEMESH_ASSIGN(s->lm_head_, LoadLinear(ckpt, head, cfg.vocab_size, h, ct));
   if (head == "lm_head.weight") ckpt.ReleaseDummyValues(head);  // (the embedding stays)
 #undef MOEMESH_ASSIGN
   return s;
@@ -502,12 +503,13 @@ absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s) {
       absl::StrCat("--load_format must be auto or dummy, not '", std::string(s), "'"));
 }
 
-absl::StatusOr<LoadOptions::ExpertQuant> ParseExpertQuant(std::string_view s) {
-  if (s == "none") return LoadOptions::ExpertQuant::kNone;
-  if (s == "int8") return LoadOptions::ExpertQuant::kInt8;
-  if (s == "int4") return LoadOptions::ExpertQuant::kInt4;
+absl::StatusOr<LoadOptions::WeightQuant> ParseWeightQuant(std::string_view s,
+                                                          std::string_view flag) {
+  if (s == "none") return LoadOptions::WeightQuant::kNone;
+  if (s == "int8") return LoadOptions::WeightQuant::kInt8;
+  if (s == "int4") return LoadOptions::WeightQuant::kInt4;
   return absl::InvalidArgumentError(
-      absl::StrCat("--quantize_experts must be none, int8 or int4, not '", std::string(s), "'"));
+      absl::StrCat(std::string(flag), " must be none, int8 or int4, not '", std::string(s), "'"));
 }
 
 absl::Status ApplyNumLayers(const LoadOptions& opt, ModelConfig* cfg) {

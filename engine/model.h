@@ -48,19 +48,24 @@ struct LoadOptions {
   // Element type of the KV cache the attention stack's NewCache makes (--kv_cache_dtype): fp32
   // (default, exact) or bf16 (half the memory and attention reads; CPU only).
   KvDType kv_dtype = KvDType::kF32;
-  // The routed experts' weights on CPU expert shards (--quantize_experts): kNone computes them
-  // with `compute`; kInt8 stores them as int8 with a scale per output row and computes with
-  // ComputeType::kInt8 (activations quantised per group of 64 on the fly; half of bf16's bytes,
-  // a quarter of fp32's); kInt4 as 4-bit values with a scale per row and group of 64
-  // (ComputeType::kInt4; 4.5 bits a weight). Attention, gates, shared experts and the LM head
-  // keep `compute`. CUDA expert shards refuse both.
-  enum class ExpertQuant { kNone, kInt8, kInt4 } expert_quant = ExpertQuant::kNone;
-  // The compute type of the routed experts' products on the CPU.
-  ComputeType expert_compute() const {
-    switch (expert_quant) {
-      case ExpertQuant::kInt8:
+  // Quantised weights on the CPU: kNone computes with `compute`; kInt8 stores int8 with a scale
+  // per output row and computes with ComputeType::kInt8 (activations quantised per group of 64
+  // on the fly; half of bf16's bytes, a quarter of fp32's); kInt4 stores 4-bit values with a
+  // scale per row and group of 64 (ComputeType::kInt4; 4.5 bits a weight).
+  enum class WeightQuant { kNone, kInt8, kInt4 };
+  // The routed experts' weights on CPU expert shards (--quantize_experts). CUDA shards refuse it.
+  WeightQuant expert_quant = WeightQuant::kNone;
+  // The CPU attention stack's matrices (--quantize_attention): q/k/v/o, dense and shared-expert
+  // MLPs and the LM head. The MoE gates (routers) stay fp32. A CUDA attention stack refuses it.
+  WeightQuant attention_quant = WeightQuant::kNone;
+  // The compute types these give.
+  ComputeType expert_compute() const { return QuantCompute(expert_quant); }
+  ComputeType attention_compute() const { return QuantCompute(attention_quant); }
+  ComputeType QuantCompute(WeightQuant q) const {
+    switch (q) {
+      case WeightQuant::kInt8:
         return ComputeType::kInt8;
-      case ExpertQuant::kInt4:
+      case WeightQuant::kInt4:
         return ComputeType::kInt4;
       default:
         return compute;
@@ -71,9 +76,9 @@ struct LoadOptions {
 // "auto" -> kAuto, "dummy" -> kDummy; InvalidArgument otherwise.
 absl::StatusOr<LoadOptions::LoadFormat> ParseLoadFormat(std::string_view s);
 
-// "none" -> kNone, "int8" -> kInt8, "int4" -> kInt4; InvalidArgument naming --quantize_experts
-// otherwise.
-absl::StatusOr<LoadOptions::ExpertQuant> ParseExpertQuant(std::string_view s);
+// "none" -> kNone, "int8" -> kInt8, "int4" -> kInt4; InvalidArgument naming `flag` otherwise.
+absl::StatusOr<LoadOptions::WeightQuant> ParseWeightQuant(std::string_view s,
+                                                          std::string_view flag);
 
 // Applies opt.num_layers to `cfg` (InvalidArgument outside 0..cfg->num_hidden_layers).
 absl::Status ApplyNumLayers(const LoadOptions& opt, ModelConfig* cfg);

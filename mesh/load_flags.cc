@@ -23,6 +23,10 @@ ABSL_FLAG(std::string, quantize_experts, "none",
           "64 on the fly: half the memory and bytes read of bf16) or int4 (4-bit weights with a "
           "scale per row and group of 64: 4.5 bits a weight); CPU only");
 
+ABSL_FLAG(std::string, quantize_attention, "none",
+          "The attention worker's matrices (q/k/v/o, dense and shared-expert MLPs, the LM head; "
+          "routers stay fp32): none, int8 or int4, as --quantize_experts; CPU only");
+
 namespace moemesh {
 
 absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
@@ -38,9 +42,13 @@ absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
   auto kv = ParseKvDType(absl::GetFlag(FLAGS_kv_cache_dtype));
   if (!kv.ok()) return kv.status();
   opt->kv_dtype = *kv;
-  auto quant = ParseExpertQuant(absl::GetFlag(FLAGS_quantize_experts));
+  auto quant = ParseWeightQuant(absl::GetFlag(FLAGS_quantize_experts), "--quantize_experts");
   if (!quant.ok()) return quant.status();
   opt->expert_quant = *quant;
+  auto aquant =
+      ParseWeightQuant(absl::GetFlag(FLAGS_quantize_attention), "--quantize_attention");
+  if (!aquant.ok()) return aquant.status();
+  opt->attention_quant = *aquant;
   return absl::OkStatus();
 }
 
@@ -58,6 +66,9 @@ std::vector<std::string> LoadFlagsForChild() {
   }
   if (absl::GetFlag(FLAGS_quantize_experts) != "none") {
     args.push_back("--quantize_experts=" + absl::GetFlag(FLAGS_quantize_experts));
+  }
+  if (absl::GetFlag(FLAGS_quantize_attention) != "none") {
+    args.push_back("--quantize_attention=" + absl::GetFlag(FLAGS_quantize_attention));
   }
   return args;
 }

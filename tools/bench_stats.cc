@@ -76,20 +76,22 @@ DecodeBytes DecodeWeightBytes(const ModelConfig& cfg, int64_t experts_per_token,
   const int64_t kvd = cfg.num_key_value_heads * cfg.head_dim;
   DecodeBytes d;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
-    d.attention += (qd * h + 2 * kvd * h + h * qd) * bytes.matrix;  // q, k, v [out, h]; o [h, qd]
+    d.attention += static_cast<int64_t>((qd * h + 2 * kvd * h + h * qd) *
+                                        bytes.matrix);  // q, k, v [out, h]; o [h, qd]
     if (cfg.IsMoeLayer(l)) {
       d.router += cfg.num_experts * h * bytes.router;
       d.experts += static_cast<int64_t>(experts_per_token * 3 * cfg.moe_intermediate_size * h *
                                         bytes.expert);
       if (cfg.shared_expert_intermediate_size > 0) {
-        d.dense_mlp += 3 * cfg.shared_expert_intermediate_size * h * bytes.matrix;
+        d.dense_mlp +=
+            static_cast<int64_t>(3 * cfg.shared_expert_intermediate_size * h * bytes.matrix);
         d.dense_mlp += h * bytes.router;  // shared_expert_gate [1, h], fp32 compute
       }
     } else {
-      d.dense_mlp += 3 * cfg.intermediate_size * h * bytes.matrix;
+      d.dense_mlp += static_cast<int64_t>(3 * cfg.intermediate_size * h * bytes.matrix);
     }
   }
-  d.lm_head = cfg.vocab_size * h * bytes.matrix;
+  d.lm_head = static_cast<int64_t>(cfg.vocab_size * h * bytes.matrix);
   d.embedding = h * bytes.embedding;
   return d;
 }

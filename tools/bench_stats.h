@@ -62,7 +62,8 @@ int64_t PackedBytesPerWeight(bool bf16_compute, DType checkpoint);
 
 // Bytes per element of each kind of weight a decode step reads.
 struct WeightElementBytes {
-  int64_t matrix = 2;     // attention, shared experts, dense MLPs, lm_head
+  double matrix = 2;      // attention, shared experts, dense MLPs, lm_head (1 or 0.5625 with
+                          // --quantize_attention=int8|int4)
   double expert = 2;      // routed experts: as matrix, 1 with --quantize_experts=int8 (its
                           // scales and per-group sums, 1/16 byte more a weight, left out), or
                           // 0.5625 with int4 (4 bits and a 4-byte scale per 64)

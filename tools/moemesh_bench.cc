@@ -309,10 +309,15 @@ absl::Status RunOffline() {
 
   // Weights held (as loaded) and read per decoded token.
   WeightElementBytes eb;
-  eb.matrix = PackedBytesPerWeight(lo.compute == ComputeType::kBF16, cfg.dtype);
-  eb.expert = lo.expert_quant == LoadOptions::ExpertQuant::kInt8   ? 1.0
-              : lo.expert_quant == LoadOptions::ExpertQuant::kInt4 ? 0.5625
-                                                                   : static_cast<double>(eb.matrix);
+  // Bytes a weight of each kind reads: int8 1, int4 4 bits plus a 4-byte scale per 64.
+  auto quant_bytes = [](LoadOptions::WeightQuant q, double otherwise) {
+    return q == LoadOptions::WeightQuant::kInt8   ? 1.0
+           : q == LoadOptions::WeightQuant::kInt4 ? 0.5625
+                                                  : otherwise;
+  };
+  const double unquantised = PackedBytesPerWeight(lo.compute == ComputeType::kBF16, cfg.dtype);
+  eb.matrix = quant_bytes(lo.attention_quant, unquantised);
+  eb.expert = quant_bytes(lo.expert_quant, unquantised);
   eb.router = PackedBytesPerWeight(false, cfg.dtype);
   eb.embedding = static_cast<int64_t>(DTypeSize(cfg.dtype));
   const DecodeBytes per_token = DecodeWeightBytes(cfg, cfg.num_experts_per_tok, eb);
@@ -386,10 +391,11 @@ absl::Status RunOffline() {
                                          absl::GetFlag(FLAGS_bandwidth_mib), threads)
                        : given_bandwidth > 0 ? "--bandwidth_gbs" : "none";
   std::cout << absl::StrFormat(
-      "offline  model=%s%s layers=%d device=%s compute=%s experts=%s threads=%d prompt=%d "
-      "decode=%d repeats=%d (ids: %s, load %.2f s)\n",
+      "offline  model=%s%s layers=%d device=%s compute=%s attention=%s experts=%s threads=%d "
+      "prompt=%d decode=%d repeats=%d (ids: %s, load %.2f s)\n",
       dir, dummy ? " (dummy weights)" : "", cfg.num_hidden_layers, *described, dt,
-      ComputeTypeName(lo.expert_compute()), threads, n_prompt, n_decode, repeats,
+      ComputeTypeName(lo.attention_compute()), ComputeTypeName(lo.expert_compute()), threads,
+      n_prompt, n_decode, repeats,
       pool.empty() ? "id 1 repeated" : "ids_file", load_s);
   std::cout << absl::StrFormat("%-22s %12s %12s %12s\n", "", "median", "min", "max");
   std::cout << absl::StrFormat("%-22s %12.1f %12.1f %12.1f\n", "prefill tok/s", p,
@@ -437,6 +443,7 @@ absl::Status RunOffline() {
             {"num_layers", cfg.num_hidden_layers},
             {"compute_dtype", dt},
             {"expert_compute", ComputeTypeName(lo.expert_compute())},
+            {"attention_compute", ComputeTypeName(lo.attention_compute())},
             {"threads", threads},
             {"prompt_tokens", n_prompt},
             {"decode_tokens", n_decode},

@@ -423,7 +423,7 @@ void CudaExpertShard::GiveScratch(std::unique_ptr<Scratch> s) const {
 absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
     const CheckpointReader& ckpt, const ModelConfig& cfg, const ArchSpec& arch,
     const std::set<ExpertId>& shards, const LoadOptions& opt) {
-  if (opt.expert_quant != LoadOptions::ExpertQuant::kNone) {
+  if (opt.expert_quant != LoadOptions::WeightQuant::kNone) {
     return absl::InvalidArgumentError(
         "--quantize_experts (int8, int4) is supported by CPU expert shards only; a CUDA expert "
         "shard keeps bf16 or fp32 weights");
@@ -734,6 +734,10 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
     return absl::InvalidArgumentError(
         "--kv_cache_dtype=bf16 is supported by the CPU attention stack only; the CUDA KV cache "
         "is fp32");
+  }
+  if (opt.attention_quant != LoadOptions::WeightQuant::kNone) {
+    return absl::InvalidArgumentError(
+        "--quantize_attention (int8, int4) is supported by the CPU attention stack only");
   }
   if (cfg.head_dim > 256 || cfg.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(
