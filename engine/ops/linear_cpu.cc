@@ -109,6 +109,12 @@ constexpr double kBytesPerNs = 100.0;
 constexpr double kF32MacsPerNs = 100.0;
 constexpr double kBF16MacsPerNs = 200.0;
 constexpr double kInt8MacsPerNs = 400.0;
+// The int8/int4 kernels stream far less than the bus from one thread (linear_benchmark --qwen3:
+// ~40 and ~30 GB/s, bound by the misses one thread keeps in flight), so their time model uses
+// those rates: otherwise a 6 MB int4 q/k/v product of Qwen3-30B-A3B looked like 59 us and ran on
+// one thread.
+constexpr double kInt8BytesPerNs = 40.0;
+constexpr double kInt4BytesPerNs = 30.0;
 constexpr double kNsPerThread = 50000.0;
 
 int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -1246,7 +1252,10 @@ struct Linear::Impl {
     const double macs_per_ns = kind == Kind::kBF16                           ? kBF16MacsPerNs
                                : kind == Kind::kInt8 || kind == Kind::kInt4 ? kInt8MacsPerNs
                                                                              : kF32MacsPerNs;
-    return std::max(weight_bytes / kBytesPerNs, macs / macs_per_ns);
+    const double bytes_per_ns = kind == Kind::kInt8   ? kInt8BytesPerNs
+                                : kind == Kind::kInt4 ? kInt4BytesPerNs
+                                                      : kBytesPerNs;
+    return std::max(weight_bytes / bytes_per_ns, macs / macs_per_ns);
   }
   int Threads(int64_t m) const {
     const double est_ns = EstimatedNs(m);
