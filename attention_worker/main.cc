@@ -78,13 +78,16 @@ int Main() {
   o.expert_timeout_seconds = absl::GetFlag(FLAGS_expert_timeout);
   o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
+  const char* products = ComputeTypeName(o.load.attention_compute());
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
   AttentionService service((*setup)->worker.get());
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());
-  std::cerr << "attention_worker: serving on " << bound << " (" << (*setup)->worker->GetStats().device() << "); experts:";
+  std::cerr << "attention_worker: serving on " << bound << " ("
+            << (*setup)->worker->GetStats().device() << ", "
+            << products << " products); experts:";
   for (const auto& [name, shards] : (*setup)->expert_placement) std::cerr << " " << name << "=" << shards;
   std::cerr << std::endl;
   ServeUntilSignal(server->get());

@@ -386,7 +386,7 @@ class Cluster:
 
     def __init__(self, model_dir, shards, name="c", kv_capacity_tokens=None,
                  router_flags=(), encoder=None, experts=None, attention_workers=1,
-                 expert_flags=()):
+                 expert_flags=(), attention_flags=()):
         self.model_dir = model_dir
         self.procs = []
         mflag = "--model=" + model_dir
@@ -408,8 +408,10 @@ class Cluster:
                   "--encoder=" + self.encoder, "--experts=" + ",".join(self.experts)]
         if kv_capacity_tokens:
             aflags.append("--kv_capacity_tokens=%d" % kv_capacity_tokens)
+        aflags += list(attention_flags)
         atts = [self._start("%s-attention%s" % (name, i or ""), aflags)
                 for i in range(attention_workers)]
+        self.attention_procs = atts
         self.attentions = [a.wait_for(r"attention_worker: serving on ([^;\s]+)").group(1)
                            for a in atts]
         self.attention = self.attentions[0]
@@ -600,26 +602,30 @@ class OracleTest(unittest.TestCase):
             self.run_cluster(family, model_dir, even_shards(model_dir, 2),
                              "2 expert workers %s" % even_shards(model_dir, 2))
 
-    def test_int8_expert_workers_match_in_process_int8(self):
-        # --quantize_experts=int8 on both expert workers of the embedded model: every reference
-        # prompt's greedy ids equal those of `moemesh generate --quantize_experts=int8` in one
-        # process (the two modes must agree; engine/model_test checks int8 against transformers),
-        # and they are int8's, not fp32's: int8 tips the near-tie that starts prompt 2.
+    def test_int8_workers_match_in_process_int8(self):
+        # --quantize_experts=int8 on both expert workers of the embedded model and
+        # --quantize_attention=int8 on the attention worker: every reference prompt's greedy ids
+        # equal those of `moemesh generate` with the same flags in one process (the two modes must
+        # agree; engine/model_test checks int8 against transformers), and they are int8's, not
+        # fp32's: int8 tips the near-tie that starts prompt 2.
         model_dir = dict(MODELS)["pydoc"]
         cases = oracle_cases(model_dir)
         want = []
         for ids, greedy in cases:
             out = subprocess.run(
                 [MOEMESH, "generate", "--model=" + model_dir, "--greedy", "--quantize_experts=int8",
+                 "--quantize_attention=int8",
                  "--input_ids=" + ",".join(map(str, ids)), "--max_new_tokens=%d" % len(greedy)],
                 capture_output=True, text=True, timeout=CALL_TIMEOUT, check=True)
             want.append(json.loads(out.stdout)["ids"])
         self.assertNotEqual(want[2], cases[2][1], "int8 should differ from fp32 on prompt 2")
         c = start_cluster(model_dir, even_shards(model_dir, 2), name="int8",
-                          expert_flags=["--quantize_experts=int8"])
+                          expert_flags=["--quantize_experts=int8"],
+                          attention_flags=["--quantize_attention=int8"])
         try:
             for p in c.expert_procs:
                 p.wait_for(r"expert_worker: serving .* \(int8 products\)")
+            c.attention_procs[0].wait_for(r"attention_worker: serving on \S+ \(cpu, int8 products\)")
             for i, ((ids, greedy), w) in enumerate(zip(cases, want)):
                 r = generate(c.stub, make_request(ids, len(greedy)))
                 self.assertEqual(r.ids, w, "prompt %d: cluster vs in-process int8" % i)
