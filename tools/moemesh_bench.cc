@@ -27,6 +27,7 @@
 // repeated when it is missing; offline, ids are taken modulo the model's vocabulary. A table on stdout; with --json=FILE the same figures as JSON;
 // progress on stderr.
 #include <sys/mman.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <atomic>
@@ -410,6 +411,11 @@ absl::Status RunOffline() {
   }
   std::cout << absl::StrFormat("%-22s %12.3f GiB (checkpoint dtype %s)\n", "weights",
                                weight_bytes / 1073741824.0, std::string(DTypeName(cfg.dtype)));
+  // The process's peak resident memory so far (weights as packed, KV cache, scratch).
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  const double peak_rss_gb = usage.ru_maxrss * 1024.0 / 1e9;  // ru_maxrss is in KiB
+  std::cout << absl::StrFormat("%-22s %12.2f GB (host, this process)\n", "peak RSS", peak_rss_gb);
   std::cout << absl::StrFormat(
       "%-22s %12.1f MB (attention %.1f, router %.1f, %d experts %.1f, dense/shared mlp %.1f, "
       "lm_head %.1f, embedding row %.3f)\n",
@@ -438,6 +444,7 @@ absl::Status RunOffline() {
             {"device", *described},
             {"device_report", backend_report},
             {"batch", batch},
+            {"peak_rss_gb", peak_rss_gb},
             {"batch_out_tok_s", batch_tok_s},
             {"load_format", dummy ? "dummy" : "auto"},
             {"num_layers", cfg.num_hidden_layers},
