@@ -155,7 +155,8 @@ AlignedArray<T> AllocZeroed(int64_t n) {
   }
   const size_t size = static_cast<size_t>(RoundUp(static_cast<int64_t>(bytes), 4096));
   if (bytes < kHugePage) {  // fresh anonymous pages are zero
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);  // one fault, not one a page
     if (p == MAP_FAILED) return AlignedArray<T>(nullptr);
     return AlignedArray<T>(static_cast<T*>(p), AlignedDeleter{size});
   }
@@ -1169,6 +1170,39 @@ static absl::Status NoMemory(int64_t out, int64_t in) {
       absl::StrCat("Linear::Create: no memory for a [", out, ", ", in, "] weight"));
 }
 
+// max |x[i]| over n values.
+static float MaxAbs(const float* x, int64_t n) {
+  int64_t i = 0;
+  float mx = 0.0f;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  mx = _mm512_reduce_max_ps(m);
+#endif
+  for (; i < n; ++i) mx = std::max(mx, std::fabs(x[i]));
+  return mx;
+}
+
+// q[i] = clamp(nearbyint(x[i] / scale), -qmax, qmax), or 0 for every i when scale is 0 (a row
+// or group of zeros). The same values, and divisions, as the scalar spec in linear.h.
+static void QuantizeWeights(const float* x, int64_t n, float scale, float qmax, int32_t* q) {
+  if (!(scale > 0.0f)) {
+    std::fill(q, q + n, 0);
+    return;
+  }
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-qmax), hi = _mm512_set1_ps(qmax);
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), vs),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm512_storeu_si512(q + i, _mm512_cvtps_epi32(v));
+  }
+#endif
+  for (; i < n; ++i) q[i] = static_cast<int32_t>(std::clamp(std::nearbyint(x[i] / scale), -qmax, qmax));
+}
+
 struct Linear::Impl {
   int64_t out = 0, in = 0;
   ComputeType ct = ComputeType::kF32;
@@ -1274,23 +1308,26 @@ absl::Status Linear::Impl::PackInt4(const void* w, DType wtype) {
   w_i4 = AllocZeroed<uint8_t>(blocks * groups * kI4GroupBytes);
   if (w_i4 == nullptr) return NoMemory(out, in);
   weight_bytes = blocks * groups * kI4GroupBytes;
-  std::vector<float> row(in);
+  std::vector<float> row(k_pad, 0.0f);
+  std::vector<int32_t> q(k_pad);
+  const size_t esize = DTypeSize(wtype);
   for (int64_t n = 0; n < out; ++n) {
-    for (int64_t k = 0; k < in; ++k) row[k] = ElementToF32(w, wtype, n * in + k);
+    ToF32(static_cast<const char*>(w) + n * in * esize, wtype, in, row.data());
     const int64_t b = n / kColBlock, c = n % kColBlock;
     for (int64_t g = 0; g < groups; ++g) {
       uint8_t* group = w_i4.get() + (b * groups + g) * kI4GroupBytes;
-      const int64_t k0 = g * kI8Group, k1 = std::min(in, k0 + kI8Group);
-      float mx = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) mx = std::max(mx, std::fabs(row[k]));
-      const float scale = mx / 7.0f;
+      const float scale = MaxAbs(row.data() + g * kI8Group, kI8Group) / 7.0f;  // padding is 0
       std::memcpy(group + kI4NibbleBytes + c * 4, &scale, 4);
-      for (int64_t k = k0; k < k0 + kI8Group; ++k) {
-        float q = 0.0f;
-        if (k < k1 && scale > 0.0f) q = std::clamp(std::nearbyint(row[k] / scale), -7.0f, 7.0f);
-        const int i = static_cast<int>(k - k0);
-        uint8_t& byte = group[(i / 8) * 4 * kColBlock + c * 4 + i % 4];
-        byte |= static_cast<uint8_t>((static_cast<int>(q) + 8) << ((i % 8) < 4 ? 0 : 4));
+      QuantizeWeights(row.data() + g * kI8Group, kI8Group, scale, 7.0f, q.data());
+      // Pair-row p, byte j: k = 8p + j (low nibble) and 8p + 4 + j (high), each q + 8.
+      for (int p = 0; p < kI8Group / 8; ++p) {
+        uint32_t lane = 0;
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t lo = static_cast<uint32_t>(q[8 * p + j] + 8);
+          const uint32_t hi = static_cast<uint32_t>(q[8 * p + 4 + j] + 8);
+          lane |= (lo | hi << 4) << (8 * j);
+        }
+        std::memcpy(group + p * 4 * kColBlock + c * 4, &lane, 4);
       }
     }
   }
@@ -1306,23 +1343,26 @@ absl::Status Linear::Impl::PackInt8(const void* w, DType wtype) {
     return NoMemory(out, in);
   }
   weight_bytes = blocks * k_pad * kColBlock + blocks * groups * kColBlock * 4 + blocks * kColBlock * 4;
-  std::vector<float> row(in);
+  std::vector<float> row(k_pad, 0.0f);
+  std::vector<int32_t> q(k_pad);
+  const size_t esize = DTypeSize(wtype);
   for (int64_t n = 0; n < out; ++n) {
-    float mx = 0.0f;
-    for (int64_t k = 0; k < in; ++k) {
-      row[k] = ElementToF32(w, wtype, n * in + k);
-      mx = std::max(mx, std::fabs(row[k]));
-    }
-    const float scale = mx / 127.0f;
+    ToF32(static_cast<const char*>(w) + n * in * esize, wtype, in, row.data());
+    const float scale = MaxAbs(row.data(), in) / 127.0f;
     i8_scale[n] = scale;
+    QuantizeWeights(row.data(), k_pad, scale, 127.0f, q.data());
     const int64_t b = n / kColBlock, c = n % kColBlock;
     int8_t* col = w_i8.get() + b * k_pad * kColBlock + c * 4;
     int32_t* comp = i8_comp.get() + b * groups * kColBlock + c;
-    for (int64_t k = 0; k < in; ++k) {
-      const float q = scale > 0.0f ? std::nearbyint(row[k] / scale) : 0.0f;
-      const int8_t qi = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
-      col[(k / 4) * 4 * kColBlock + (k & 3)] = qi;
-      comp[(k / kI8Group) * kColBlock] += 128 * qi;
+    for (int64_t k4 = 0; k4 < k_pad / 4; ++k4) {  // four k of the column: one 32-bit lane
+      uint32_t lane = 0;
+      for (int j = 0; j < 4; ++j) lane |= (static_cast<uint32_t>(q[4 * k4 + j]) & 0xffu) << (8 * j);
+      std::memcpy(col + k4 * 4 * kColBlock, &lane, 4);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t k = g * kI8Group; k < (g + 1) * kI8Group; ++k) sum += q[k];
+      comp[g * kColBlock] = 128 * sum;
     }
   }
   return absl::OkStatus();
