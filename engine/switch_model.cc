@@ -1,126 +1,33 @@
 #include "engine/switch_model.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <exception>
-#include <fstream>
-#include <iterator>
 #include <limits>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/dtype.h"
+#include "engine/json_fields.h"
 #include "engine/safetensors.h"
-#include "nlohmann/json.hpp"
 
 namespace moemesh {
 namespace {
 
-using json = nlohmann::json;
-
-absl::StatusOr<json> ReadJsonObject(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int e = errno;
-    std::string msg = absl::StrCat(path, ": cannot open: ", std::strerror(e));
-    if (e == ENOENT) return absl::NotFoundError(msg);
-    return absl::UnavailableError(msg);
-  }
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not valid JSON: ", e.what()));
-  }
-  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
-  return j;
+// A token id field: an integer, or a list whose first entry is used (as generate() does);
+// `def` when absent or empty.
+int32_t FirstTokenId(Fields& f, const char* key, int32_t def) {
+  const std::vector<int32_t> ids = f.TokenIds(key);
+  return ids.empty() ? def : ids[0];
 }
 
-// Reads fields of one JSON object, keeping the first error.
-class FieldReader {
- public:
-  FieldReader(const json& j, const std::string& path) : j_(j), path_(path) {}
-  const absl::Status& status() const { return status_; }
-
-  bool Has(const char* key) const {
-    auto it = j_.find(key);
-    return it != j_.end() && !it->is_null();
-  }
-  void Fail(const std::string& what) {
-    if (status_.ok()) status_ = absl::InvalidArgumentError(absl::StrCat(path_, ": ", what));
-  }
-  // Integer field; `def` when absent/null, or an error if `required`.
-  int64_t Int(const char* key, int64_t def, bool required = false) {
-    auto it = j_.find(key);
-    if (it == j_.end() || it->is_null()) {
-      if (required) Fail(absl::StrCat("missing field '", key, "'"));
-      return def;
-    }
-    if (!it->is_number_integer()) {
-      Fail(absl::StrCat("field '", key, "' must be an integer"));
-      return def;
-    }
-    return it->get<int64_t>();
-  }
-  // Positive integer field, required.
-  int64_t Positive(const char* key) {
-    const int64_t v = Int(key, 0, /*required=*/true);
-    if (status_.ok() && v <= 0) Fail(absl::StrCat("field '", key, "' must be positive, not ", v));
-    return v;
-  }
-  // A token id: an integer, or a non-empty list of integers (the first is used).
-  int32_t TokenId(const char* key, int32_t def) {
-    auto it = j_.find(key);
-    if (it == j_.end() || it->is_null()) return def;
-    const json* v = &*it;
-    if (v->is_array()) {
-      if (v->empty()) return def;
-      v = &(*v)[0];
-    }
-    if (!v->is_number_integer() || v->get<int64_t>() < 0 ||
-        v->get<int64_t>() > std::numeric_limits<int32_t>::max()) {
-      Fail(absl::StrCat("field '", key, "' must be a non-negative token id"));
-      return def;
-    }
-    return static_cast<int32_t>(v->get<int64_t>());
-  }
-  double Number(const char* key, double def) {
-    auto it = j_.find(key);
-    if (it == j_.end() || it->is_null()) return def;
-    if (!it->is_number()) {
-      Fail(absl::StrCat("field '", key, "' must be a number"));
-      return def;
-    }
-    return it->get<double>();
-  }
-  bool Bool(const char* key, bool def) {
-    auto it = j_.find(key);
-    if (it == j_.end() || it->is_null()) return def;
-    if (!it->is_boolean()) {
-      Fail(absl::StrCat("field '", key, "' must be a boolean"));
-      return def;
-    }
-    return it->get<bool>();
-  }
-  std::string String(const char* key, const std::string& def) {
-    auto it = j_.find(key);
-    if (it == j_.end() || it->is_null()) return def;
-    if (!it->is_string()) {
-      Fail(absl::StrCat("field '", key, "' must be a string"));
-      return def;
-    }
-    return it->get<std::string>();
-  }
-
- private:
-  const json& j_;
-  std::string path_;
-  absl::Status status_;
-};
+// A required integer field that must be positive.
+int64_t PositiveInt(Fields& f, const char* key) {
+  const int64_t v = f.Int(key);
+  f.CheckAtLeast(key, v, 1);
+  return v;
+}
 
 bool BlockSparse(int64_t step, int64_t i) {
   // transformers' SwitchTransformersStack: (i % sparse_step == 1 or sparse_step == 1).
@@ -341,10 +248,10 @@ bool SwitchConfig::DecoderBlockSparse(int64_t i) const {
 }
 
 absl::StatusOr<SwitchConfig> SwitchConfig::FromFile(const std::string& path) {
-  auto j = ReadJsonObject(path);
+  auto j = ReadObjectFile(path);
   if (!j.ok()) return j.status();
-  FieldReader f(*j, path);
-  const std::string model_type = f.String("model_type", "");
+  Fields f(*j, path);
+  const std::string model_type = f.OptString("model_type").value_or("");
   if (!f.status().ok()) return f.status();
   if (model_type != "switch_transformers") {
     return absl::InvalidArgumentError(
@@ -352,8 +259,8 @@ absl::StatusOr<SwitchConfig> SwitchConfig::FromFile(const std::string& path) {
   }
   // transformers derives the activation from feed_forward_proj ("relu", "gated-gelu", ...)
   // when dense_act_fn is absent.
-  std::string act = f.String("dense_act_fn", "");
-  const std::string proj = f.String("feed_forward_proj", "relu");
+  std::string act = f.OptString("dense_act_fn").value_or("");
+  const std::string proj = f.OptString("feed_forward_proj").value_or("relu");
   if (act.empty()) act = proj;
   if (!f.status().ok()) return f.status();
   if (act != "relu" || proj.rfind("gated-", 0) == 0) {
@@ -362,28 +269,28 @@ absl::StatusOr<SwitchConfig> SwitchConfig::FromFile(const std::string& path) {
         "') is not supported: switch_transformers models need a non-gated relu"));
   }
   SwitchConfig c;
-  c.vocab_size = f.Positive("vocab_size");
-  c.d_model = f.Positive("d_model");
-  c.d_kv = f.Positive("d_kv");
-  c.d_ff = f.Positive("d_ff");
-  c.num_heads = f.Positive("num_heads");
-  c.num_layers = f.Positive("num_layers");
-  c.num_decoder_layers = f.Int("num_decoder_layers", c.num_layers);
-  c.num_experts = f.Positive("num_experts");
-  c.relative_attention_num_buckets = f.Int("relative_attention_num_buckets", 32);
-  c.relative_attention_max_distance = f.Int("relative_attention_max_distance", 128);
-  c.expert_capacity = f.Int("expert_capacity", 64);
-  c.layer_norm_epsilon = f.Number("layer_norm_epsilon", 1e-6);
-  c.tie_word_embeddings = f.Bool("tie_word_embeddings", true);
-  c.router_bias = f.Bool("router_bias", false);
-  c.pad_token_id = f.TokenId("pad_token_id", 0);
-  c.eos_token_id = f.TokenId("eos_token_id", 1);
-  c.decoder_start_token_id = f.TokenId("decoder_start_token_id", c.pad_token_id);
+  c.vocab_size = PositiveInt(f, "vocab_size");
+  c.d_model = PositiveInt(f, "d_model");
+  c.d_kv = PositiveInt(f, "d_kv");
+  c.d_ff = PositiveInt(f, "d_ff");
+  c.num_heads = PositiveInt(f, "num_heads");
+  c.num_layers = PositiveInt(f, "num_layers");
+  c.num_decoder_layers = f.OptInt("num_decoder_layers").value_or(c.num_layers);
+  c.num_experts = PositiveInt(f, "num_experts");
+  c.relative_attention_num_buckets = f.OptInt("relative_attention_num_buckets").value_or(32);
+  c.relative_attention_max_distance = f.OptInt("relative_attention_max_distance").value_or(128);
+  c.expert_capacity = f.OptInt("expert_capacity").value_or(64);
+  c.layer_norm_epsilon = f.OptNumber("layer_norm_epsilon").value_or(1e-6);
+  c.tie_word_embeddings = f.OptBool("tie_word_embeddings").value_or(true);
+  c.router_bias = f.OptBool("router_bias").value_or(false);
+  c.pad_token_id = FirstTokenId(f, "pad_token_id", 0);
+  c.eos_token_id = FirstTokenId(f, "eos_token_id", 1);
+  c.decoder_start_token_id = FirstTokenId(f, "decoder_start_token_id", c.pad_token_id);
   // transformers: step = num_layers // num_sparse_layers (num_layers when that is 0), unless
   // the step itself was saved.
   auto step = [&](const char* step_key, const char* count_key, int64_t layers) {
-    if (f.Has(step_key)) return f.Int(step_key, 0);
-    const int64_t count = f.Int(count_key, 3);
+    if (f.Has(step_key)) return f.OptInt(step_key).value_or(0);
+    const int64_t count = f.OptInt(count_key).value_or(3);
     return count > 0 ? layers / count : layers;
   };
   c.encoder_sparse_step = step("encoder_sparse_step", "num_sparse_encoder_layers", c.num_layers);
@@ -576,11 +483,12 @@ absl::StatusOr<std::unique_ptr<SwitchTransformersModel>> SwitchTransformersModel
   if (!cfg.ok()) return cfg.status();
   // generate() takes decoder_start_token_id and eos_token_id from generation_config.json.
   const std::string gen_path = dir + "/generation_config.json";
-  auto gen = ReadJsonObject(gen_path);
+  auto gen = ReadObjectFile(gen_path);
   if (gen.ok()) {
-    FieldReader f(*gen, gen_path);
-    cfg->decoder_start_token_id = f.TokenId("decoder_start_token_id", cfg->decoder_start_token_id);
-    cfg->eos_token_id = f.TokenId("eos_token_id", cfg->eos_token_id);
+    Fields f(*gen, gen_path);
+    cfg->decoder_start_token_id =
+        FirstTokenId(f, "decoder_start_token_id", cfg->decoder_start_token_id);
+    cfg->eos_token_id = FirstTokenId(f, "eos_token_id", cfg->eos_token_id);
     if (!f.status().ok()) return f.status();
     if (cfg->decoder_start_token_id >= cfg->vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat(gen_path, ": decoder_start_token_id ",
