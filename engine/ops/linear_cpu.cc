@@ -19,8 +19,8 @@
 // and oneDNN sees K = Kp (its bf16 kernels fall back to reference code for K-padded weights).
 // For kBF16AsF32 with large m, the weights are widened into a per-thread fp32 copy for oneDNN.
 //
-// A fourth kind, kInt8 (ct == kInt8: quantised experts), has its own layout and kernels and no
-// oneDNN path (oneDNN 2.6 has no per-group dynamic activation scales):
+// A fourth kind, kInt8 (ct == kInt8: --quantize_experts / --quantize_attention), has its own
+// layout and kernels and no oneDNN path (oneDNN 2.6 has no per-group dynamic activation scales):
 //   int8: [Np/64][Kp/4][64][4] int8 (Kp = K rounded up to 64): four consecutive k of a column
 //         in one 32-bit lane, the operand layout of AVX-512 VNNI's vpdpbusd, which multiplies
 //         64 unsigned x bytes by 64 signed weight bytes and adds them in int32 per column.
@@ -82,7 +82,8 @@ constexpr int64_t kColBlock = 64;  // Output columns per packed block.
 constexpr int64_t kKPadF32 = 16;   // K padding of the fp32 layout.
 constexpr int64_t kKPadBF16 = 32;  // K padding of the bf16 layout.
 constexpr int64_t kI8Group = 64;   // k per activation scale, and K padding of the int8 layout.
-// int8 kernels prefetch one group of one column block ahead (int4: two groups, the same bytes).
+// int8 kernels prefetch one group of one column block ahead (int4 kernels: one int4 group,
+// kI4GroupBytes).
 constexpr int64_t kPrefetchAhead = kI8Group * kColBlock;
 // One int4 group of one column block: 64 k x 64 columns of nibbles, then the 64 columns' scales
 // (in the weight stream, so a thread streams one sequence of bytes).
@@ -196,7 +197,7 @@ class ThreadScratch {
   size_t cap_ = 0;
 };
 
-thread_local ThreadScratch t_x_bf16;  // x rounded to bf16 (kBF16) or quantised (kInt8)
+thread_local ThreadScratch t_x_bf16;    // x rounded to bf16 (kBF16) or quantised (kInt8, kInt4)
 thread_local ThreadScratch t_x_scales;  // kInt8, kInt4: x's per-group scales
 thread_local ThreadScratch t_x_sums;    // kInt4: x's per-group sums of quantised values
 thread_local ThreadScratch t_w_f32;
@@ -224,62 +225,6 @@ void RoundRowsToBF16(const float* x, int64_t m, int64_t k, int64_t ld, uint16_t*
 #endif
     for (; i < k; ++i) d[i] = F32ToBF16(src[i]);
     for (; i < ld; ++i) d[i] = 0;
-  }
-}
-
-// Quantises rows of x [m, k] (stride k) per group of kI8Group: q = round(x * 127 / max|x| of the
-// group) into dst [m, kp] (kp = k rounded up to kI8Group; padding 0), stored as offset-binary
-// bytes q + 128 (`offset`: the unsigned operand of vpdpbusd, kInt8) or as signed bytes (kInt4,
-// whose weights are the unsigned operand); the group's max|x| / 127 into scales [m, kp /
-// kI8Group] and, if `sums` is not null, the group's sum of q into sums [m, kp / kI8Group].
-void QuantizeRows(const float* x, int64_t m, int64_t k, int64_t kp, bool offset, uint8_t* dst,
-                  float* scales, int32_t* sums) {
-  const int64_t groups = kp / kI8Group;
-  const int32_t off = offset ? 128 : 0;
-  for (int64_t r = 0; r < m; ++r) {
-    const float* src = x + r * k;
-    uint8_t* d = dst + r * kp;
-    float* sc = scales + r * groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * kI8Group;
-      const int64_t n = std::min(kI8Group, k - k0);
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-      __m512 v[4];
-      __m512 amax = _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) {
-        const int64_t valid = n - 16 * c;
-        const __mmask16 mask = valid >= 16  ? static_cast<__mmask16>(0xffff)
-                               : valid <= 0 ? static_cast<__mmask16>(0)
-                                            : static_cast<__mmask16>((1u << valid) - 1);
-        v[c] = _mm512_maskz_loadu_ps(mask, src + k0 + 16 * c);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[c]));
-      }
-      const float mx = _mm512_reduce_max_ps(amax);
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-      sc[g] = mx / 127.0f;
-      const __m512 vinv = _mm512_set1_ps(inv);
-      __m512i total = _mm512_setzero_si512();
-      for (int c = 0; c < 4; ++c) {
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[c], vinv));
-        total = _mm512_add_epi32(total, q);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k0 + 16 * c),
-                         _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(off))));
-      }
-      if (sums != nullptr) sums[r * groups + g] = _mm512_reduce_add_epi32(total);
-#else
-      float mx = 0.0f;
-      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(src[k0 + i]));
-      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-      sc[g] = mx / 127.0f;
-      int32_t total = 0;
-      for (int64_t i = 0; i < kI8Group; ++i) {
-        const int q = i < n ? static_cast<int>(std::nearbyint(src[k0 + i] * inv)) : 0;
-        total += q;
-        d[k0 + i] = static_cast<uint8_t>(q + off);
-      }
-      if (sums != nullptr) sums[r * groups + g] = total;
-#endif
-    }
   }
 }
 
@@ -659,6 +604,7 @@ void TileI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum,
         }
       }
     }
+    const float* wscale = reinterpret_cast<const float*>(wg + kI4NibbleBytes);
     UNROLL_LOOP
     for (int r = 0; r < R; ++r) {
       const __m512i corr = _mm512_set1_epi32(8 * xsum[r * ldxs + g]);
@@ -667,7 +613,6 @@ void TileI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum,
       for (int c = 0; c < 4; ++c) {
         __m512i dot = acc[r][c];
         if constexpr (kSplit) dot = _mm512_add_epi32(dot, acch[r][c]);
-        const float* wscale = reinterpret_cast<const float*>(wg + kI4NibbleBytes);
         const __m512 scale = _mm512_mul_ps(_mm512_load_ps(wscale + 16 * c), sx);
         accf[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, corr)), scale,
                                      accf[r][c]);
@@ -678,6 +623,58 @@ void TileI4(const uint8_t* x, int64_t ldx, const float* xs, const int32_t* xsum,
 }
 
 #endif  // __AVX512VNNI__
+
+// Quantises rows of x [m, k] (stride k) per group of kI8Group: q = round(x * 127 / max|x| of the
+// group) into dst [m, kp] (kp = k rounded up to kI8Group; padding 0), stored as offset-binary
+// bytes q + 128 (`offset`: the unsigned operand of vpdpbusd, kInt8) or as signed bytes (kInt4,
+// whose weights are the unsigned operand); the group's max|x| / 127 into scales [m, kp /
+// kI8Group] and, if `sums` is not null, the group's sum of q into sums [m, kp / kI8Group].
+void QuantizeRows(const float* x, int64_t m, int64_t k, int64_t kp, bool offset, uint8_t* dst,
+                  float* scales, int32_t* sums) {
+  const int64_t groups = kp / kI8Group;
+  const int32_t off = offset ? 128 : 0;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = x + r * k;
+    uint8_t* d = dst + r * kp;
+    float* sc = scales + r * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kI8Group;
+      const int64_t n = std::min(kI8Group, k - k0);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      __m512 v[4];
+      __m512 amax = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) {
+        v[c] = _mm512_maskz_loadu_ps(LaneMask(n - 16 * c), src + k0 + 16 * c);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[c]));
+      }
+      const float mx = _mm512_reduce_max_ps(amax);
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      sc[g] = mx / 127.0f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      __m512i total = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[c], vinv));
+        total = _mm512_add_epi32(total, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k0 + 16 * c),
+                         _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(off))));
+      }
+      if (sums != nullptr) sums[r * groups + g] = _mm512_reduce_add_epi32(total);
+#else
+      float mx = 0.0f;
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(src[k0 + i]));
+      const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+      sc[g] = mx / 127.0f;
+      int32_t total = 0;
+      for (int64_t i = 0; i < kI8Group; ++i) {
+        const int q = i < n ? static_cast<int>(std::nearbyint(src[k0 + i] * inv)) : 0;
+        total += q;
+        d[k0 + i] = static_cast<uint8_t>(q + off);
+      }
+      if (sums != nullptr) sums[r * groups + g] = total;
+#endif
+    }
+  }
+}
 
 // Portable fallbacks over the same layouts.
 [[maybe_unused]] void TileF32Generic(const float* x, int64_t ldx, int64_t rows, const float* w,
@@ -1139,12 +1136,8 @@ float ElementToF32(const void* w, DType wtype, int64_t i) {
   return 0.0f;
 }
 
-}  // namespace
-
-namespace {
-
-// The kernels' view of x: rows of fp32 (kF32, kBF16AsF32), bf16 (kBF16) or offset-binary
-// bytes with per-group scales (kInt8).
+// The kernels' view of x: rows of fp32 (kF32, kBF16AsF32), bf16 (kBF16), or bytes with
+// per-group scales (kInt8: offset-binary; kInt4: signed, with per-group sums).
 struct XRows {
   const void* data = nullptr;
   int64_t ld = 0;                 // elements per row
@@ -1162,16 +1155,14 @@ struct XRows {
   }
 };
 
-}  // namespace
-
 // Out of host memory packing an [out, in] weight.
-static absl::Status NoMemory(int64_t out, int64_t in) {
+absl::Status NoMemory(int64_t out, int64_t in) {
   return absl::ResourceExhaustedError(
       absl::StrCat("Linear::Create: no memory for a [", out, ", ", in, "] weight"));
 }
 
 // max |x[i]| over n values.
-static float MaxAbs(const float* x, int64_t n) {
+float MaxAbs(const float* x, int64_t n) {
   int64_t i = 0;
   float mx = 0.0f;
 #if defined(__AVX512F__)
@@ -1185,7 +1176,7 @@ static float MaxAbs(const float* x, int64_t n) {
 
 // q[i] = clamp(nearbyint(x[i] / scale), -qmax, qmax), or 0 for every i when scale is 0 (a row
 // or group of zeros). The same values, and divisions, as the scalar spec in linear.h.
-static void QuantizeWeights(const float* x, int64_t n, float scale, float qmax, int32_t* q) {
+void QuantizeWeights(const float* x, int64_t n, float scale, float qmax, int32_t* q) {
   if (!(scale > 0.0f)) {
     std::fill(q, q + n, 0);
     return;
@@ -1202,6 +1193,8 @@ static void QuantizeWeights(const float* x, int64_t n, float scale, float qmax, 
 #endif
   for (; i < n; ++i) q[i] = static_cast<int32_t>(std::clamp(std::nearbyint(x[i] / scale), -qmax, qmax));
 }
+
+}  // namespace
 
 struct Linear::Impl {
   int64_t out = 0, in = 0;
@@ -1232,8 +1225,8 @@ struct Linear::Impl {
         return w_bf16.get() + b * k_pad * kColBlock;
     }
   }
-  // The kernels' x: x itself, or (kBF16) its bf16 copy or (kInt8) its quantised copy in this
-  // thread's scratch.
+  // The kernels' x: x itself, or (kBF16) its bf16 copy or (kInt8, kInt4) its quantised copy in
+  // this thread's scratch.
   XRows PrepareX(const float* x, int64_t m) const {
     XRows r;
     if (kind == Kind::kBF16) {
@@ -1273,7 +1266,7 @@ struct Linear::Impl {
                     ncols);
       } else if (kind == Kind::kInt8) {
         BlockRowsI8(static_cast<const uint8_t*>(x.data), x.ld, x.scales, x.groups, m,
-                    w_i8.get() + b * k_pad * kColBlock, i8_comp.get() + b * x.groups * kColBlock,
+                    static_cast<const int8_t*>(Block(b)), i8_comp.get() + b * x.groups * kColBlock,
                     i8_scale.get() + col, x.groups, bias_b, y + col, out, ncols);
       } else {
         BlockRows(kind, x.data, x.ld, m, Block(b), in, bias_b, y + col, out, ncols);
