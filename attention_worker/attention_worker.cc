@@ -154,10 +154,15 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
         fail(absl::InvalidArgumentError("a new sequence starts at position 0"));
         continue;
       }
+      SamplingConfig sc = ToSamplingConfig(s.sampling());
+      sc.think_start_id = s.think_start_id();
+      sc.think_end_id = s.think_end_id();
+      if (absl::Status valid = sc.Validate(); !valid.ok()) {
+        fail(valid);
+        continue;
+      }
       if (it != seqs_.end()) cache_->Free(s.seq_id());
-      it = seqs_.insert_or_assign(s.seq_id(),
-                                  std::make_unique<SeqState>(ToSamplingConfig(s.sampling())))
-               .first;
+      it = seqs_.insert_or_assign(s.seq_id(), std::make_unique<SeqState>(sc)).first;
       it->second->prompt_len = std::max<int64_t>(s.prompt_tokens(), 0);
     } else if (it == seqs_.end()) {
       fail(absl::FailedPreconditionError(absl::StrCat("unknown sequence ", s.seq_id())));

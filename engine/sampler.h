@@ -21,6 +21,12 @@ struct SamplingConfig {
   float frequency_penalty = 0.0f;  // [-2, 2], subtracted per occurrence in the generated tokens
   uint64_t seed = 0;
   int32_t logprobs = 0;            // top-n log-probabilities to report, 0..20
+  // Thinking budget: with thinking_budget >= 0, once that many tokens follow the last
+  // think_start_id of the sequence (prompt and generated, with no think_end_id after it), the
+  // next token is think_end_id, whatever the logits say. -1 = no budget.
+  int32_t thinking_budget = -1;
+  int32_t think_start_id = -1;
+  int32_t think_end_id = -1;
 
   // InvalidArgument naming the field when a value is out of range.
   absl::Status Validate() const;
@@ -34,18 +40,29 @@ struct TokenChoice {
 };
 
 // One per sequence: owns the random stream, so a seeded sequence gives the same tokens whatever
-// else is in the batch. Not thread-safe.
+// else is in the batch, and the thinking budget's count. Not thread-safe.
 class Sampler {
  public:
   explicit Sampler(const SamplingConfig& cfg);
   // `logits`: [vocab], modified in place. `prompt` and `generated` feed the penalties
-  // (repetition: both; presence / frequency: generated only, as OpenAI defines them).
+  // (repetition: both; presence / frequency: generated only, as OpenAI defines them). Each call
+  // must see the previous call's tokens followed by its choice (the thinking budget reads only
+  // the tokens it has not seen yet). A forced think_end_id reports its logprob and top-n as a
+  // sampled token would and draws no random number.
   TokenChoice Sample(float* logits, int64_t vocab, const std::vector<int32_t>& prompt,
                      const std::vector<int32_t>& generated);
 
  private:
+  // True when the thinking budget forces think_end_id next (after reading the new tokens).
+  bool BudgetSpent(const std::vector<int32_t>& prompt, const std::vector<int32_t>& generated);
+
   SamplingConfig cfg_;
   std::mt19937_64 rng_;
+  // Thinking budget: tokens of prompt + generated read so far; whether the last marker among
+  // them opened a thinking section, and how many tokens followed it.
+  int64_t think_read_ = 0;
+  bool thinking_ = false;
+  int64_t think_tokens_ = 0;
 };
 
 // Index of the largest value (lowest index on ties), as torch.argmax.

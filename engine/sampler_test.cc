@@ -178,6 +178,85 @@ TEST(SamplerTest, ValidateNamesTheField) {
   c.logprobs = 21;
   EXPECT_EQ(c.Validate().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(SamplingConfig{}.Validate().ok());
+  c = SamplingConfig{};
+  c.thinking_budget = 4;  // no marker ids
+  EXPECT_NE(c.Validate().message().find("thinking_budget"), std::string::npos);
+  c.think_start_id = 6;
+  c.think_end_id = 7;
+  EXPECT_TRUE(c.Validate().ok());
+  c.thinking_budget = -2;
+  EXPECT_NE(c.Validate().message().find("thinking_budget"), std::string::npos);
+}
+
+// Greedy decoding over 8 tokens whose logits favour `want[i]` at step i (the last entry after);
+// markers 6 (start) and 7 (end). Returns the generated ids.
+std::vector<int32_t> DecodeWithBudget(const std::vector<int32_t>& prompt,
+                                      const std::vector<int32_t>& want, int32_t budget, int n) {
+  SamplingConfig c;
+  c.thinking_budget = budget;
+  c.think_start_id = 6;
+  c.think_end_id = 7;
+  Sampler s(c);
+  std::vector<int32_t> out;
+  for (int i = 0; i < n; ++i) {
+    std::vector<float> l(8, 0.0f);
+    l[want[std::min<size_t>(i, want.size() - 1)]] = 5.0f;
+    out.push_back(s.Sample(l.data(), 8, prompt, out).id);
+  }
+  return out;
+}
+
+TEST(SamplerTest, ThinkingBudgetClosesAfterBudgetTokens) {
+  // The prompt opens the section: three tokens, then the forced end, then the model's own.
+  EXPECT_EQ(DecodeWithBudget({1, 6}, {3}, 3, 6), (std::vector<int32_t>{3, 3, 3, 7, 3, 3}));
+  // Budget 0: the end at once.
+  EXPECT_EQ(DecodeWithBudget({1, 6}, {3}, 0, 2), (std::vector<int32_t>{7, 3}));
+  // Tokens of the prompt after the start count against the budget.
+  EXPECT_EQ(DecodeWithBudget({6, 2, 2}, {3}, 3, 3), (std::vector<int32_t>{3, 7, 3}));
+  // No open section: nothing is forced.
+  EXPECT_EQ(DecodeWithBudget({6, 2, 7, 1}, {3}, 0, 3), (std::vector<int32_t>{3, 3, 3}));
+  // Without a budget the model thinks on.
+  EXPECT_EQ(DecodeWithBudget({1, 6}, {3}, -1, 5), (std::vector<int32_t>{3, 3, 3, 3, 3}));
+}
+
+TEST(SamplerTest, ThinkingBudgetCountsFromEachOpeningTheModelGenerates) {
+  // The model opens (6), thinks 2, is closed; closes itself (7) before a second budget runs out;
+  // opens again and is closed after 2 more.
+  const std::vector<int32_t> want = {6, 3, 3, 3, 6, 4, 7, 2, 6, 5, 5, 5, 5};
+  EXPECT_EQ(DecodeWithBudget({1}, want, 2, 13),
+            (std::vector<int32_t>{6, 3, 3, 7, 6, 4, 7, 2, 6, 5, 5, 7, 5}));
+}
+
+TEST(SamplerTest, ForcedEndReportsItsLogprobAndDrawsNoRandomNumber) {
+  SamplingConfig c;
+  c.temperature = 1.0f;
+  c.seed = 11;
+  c.logprobs = 2;
+  c.thinking_budget = 0;
+  c.think_start_id = 6;
+  c.think_end_id = 7;
+  Sampler forced(c);
+  // Token 6 (the start marker) is never drawn, so the section stays closed after the end.
+  std::vector<float> l = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f, -40.0f, -2.0f};
+  std::vector<float> copy = l;
+  const TokenChoice first = forced.Sample(copy.data(), 8, {6}, {});
+  EXPECT_EQ(first.id, 7);
+  double z = 0;
+  for (float x : l) z += std::exp(static_cast<double>(x));
+  EXPECT_NEAR(first.logprob, -2.0 - std::log(z), 1e-5);
+  ASSERT_EQ(first.top.size(), 2u);
+  EXPECT_EQ(first.top[0].first, 5);  // the model's own ranking, not the forced token
+  // Afterwards the same random stream as a sampler that never had the forced step.
+  SamplingConfig plain = c;
+  plain.thinking_budget = -1;
+  Sampler reference(plain);
+  std::vector<int32_t> gen_a = {7}, gen_b = {7};
+  for (int i = 0; i < 50; ++i) {
+    std::vector<float> la = l, lb = l;
+    gen_a.push_back(forced.Sample(la.data(), 8, {6}, gen_a).id);
+    gen_b.push_back(reference.Sample(lb.data(), 8, {6}, gen_b).id);
+  }
+  EXPECT_EQ(gen_a, gen_b);
 }
 
 }  // namespace

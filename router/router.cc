@@ -1,9 +1,12 @@
 #include "router/router.h"
 
 #include <algorithm>
+#include <optional>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "mesh/sampling_params.h"
 #include "router/chat_template.h"
 
@@ -20,11 +23,37 @@ absl::Status BadField(const std::string& field, const std::string& why) {
 
 }  // namespace
 
+absl::StatusOr<std::pair<int32_t, int32_t>> ThinkTokenIds(const Tokenizer& tok,
+                                                          const ModelConfig& cfg,
+                                                          const std::string& spec) {
+  const std::vector<std::string> names =
+      spec.empty() ? std::vector<std::string>{"<think>", "</think>"}
+                   : std::vector<std::string>(absl::StrSplit(spec, ','));
+  if (names.size() != 2 || names[0].empty() || names[1].empty() || names[0] == names[1]) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--think_tokens must be two different tokens START,END (e.g. <think>,</think>), not '",
+        spec, "'"));
+  }
+  int32_t ids[2];
+  for (int i = 0; i < 2; ++i) {
+    const std::optional<int32_t> id = tok.TokenToId(names[i]);
+    if (!id.has_value() || *id >= cfg.vocab_size) {
+      if (spec.empty()) return std::make_pair(-1, -1);
+      return absl::InvalidArgumentError(absl::StrCat("--think_tokens: '", names[i],
+                                                     "' is not a token of the model's tokenizer"));
+    }
+    ids[i] = *id;
+  }
+  return std::make_pair(ids[0], ids[1]);
+}
+
 absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, const ModelConfig& cfg,
                                                        const GenerationDefaults& defaults,
                                                        std::vector<AttentionClient*> attention,
                                                        const RouterOptions& opt) {
   if (attention.empty()) return absl::InvalidArgumentError("the router needs an attention worker");
+  auto think_ids = ThinkTokenIds(*tok, cfg, opt.think_tokens);
+  if (!think_ids.ok()) return think_ids.status();
   std::vector<int64_t> caps;
   for (AttentionClient* a : attention) {
     int64_t cap = opt.kv_capacity_tokens;
@@ -35,13 +64,20 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, con
     }
     caps.push_back(cap);
   }
-  return std::unique_ptr<Router>(new Router(tok, cfg, defaults, std::move(attention), opt, caps));
+  return std::unique_ptr<Router>(
+      new Router(tok, cfg, defaults, std::move(attention), opt, caps, *think_ids));
 }
 
 Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
                std::vector<AttentionClient*> attention, const RouterOptions& opt,
-               const std::vector<int64_t>& kv_capacity)
-    : tok_(tok), cfg_(cfg), defaults_(defaults), opt_(opt), lanes_(attention.size()) {
+               const std::vector<int64_t>& kv_capacity, std::pair<int32_t, int32_t> think_ids)
+    : tok_(tok),
+      cfg_(cfg),
+      defaults_(defaults),
+      opt_(opt),
+      think_start_id_(think_ids.first),
+      think_end_id_(think_ids.second),
+      lanes_(attention.size()) {
   for (size_t i = 0; i < lanes_.size(); ++i) {
     lanes_[i].client = attention[i];
     lanes_[i].kv_capacity = kv_capacity[i];
@@ -120,7 +156,19 @@ absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSi
   r->prompt = std::move(*prompt);
   const auto& sp = req.sampling();
   r->sampling = ResolveDefaults(sp, defaults_);
-  absl::Status st = ToSamplingConfig(r->sampling).Validate();
+  if (sp.has_thinking_budget()) {
+    if (sp.thinking_budget() < 0) return BadField("thinking_budget", "must be >= 0");
+    if (think_end_id_ < 0) {
+      return BadField("thinking_budget",
+                      "is not supported: the model's tokenizer has no <think> and </think> tokens "
+                      "(the server's --think_tokens names other markers)");
+    }
+    r->thinking_budget = true;
+  }
+  SamplingConfig sc = ToSamplingConfig(r->sampling);
+  sc.think_start_id = think_start_id_;
+  sc.think_end_id = think_end_id_;
+  absl::Status st = sc.Validate();
   if (!st.ok()) return st;
   if (sp.has_max_tokens() && sp.max_tokens() < 1) return BadField("max_tokens", "must be >= 1");
   r->max_tokens = ctx - plen;
@@ -448,6 +496,10 @@ void Router::Loop(size_t index) {
         if (!r->started) {
           s->set_new_sequence(true);
           *s->mutable_sampling() = r->sampling;
+          if (r->thinking_budget) {
+            s->set_think_start_id(think_start_id_);
+            s->set_think_end_id(think_end_id_);
+          }
           if (!r->generated.empty()) s->set_prompt_tokens(plen);  // moved: replays its tokens
           r->started = true;
         }

@@ -56,7 +56,17 @@ struct RouterOptions {
   int64_t kv_capacity_tokens = 0;  // per attention worker; 0 = ask each worker
   int max_moves = 2;               // times a request may move to another attention worker
   double worker_retry_seconds = 2;  // a failed worker is asked again after this (then doubling)
+  // "START,END": the tokens between which SamplingParams::thinking_budget counts. Empty:
+  // <think>,</think> when the tokenizer has both (otherwise budgets are refused).
+  std::string think_tokens;
 };
+
+// The ids of the think markers named by `spec` ("START,END", as --think_tokens). Empty:
+// <think>,</think> when the tokenizer has both, else {-1, -1}. InvalidArgument when `spec`
+// names a token the tokenizer (or the model's vocabulary) lacks.
+absl::StatusOr<std::pair<int32_t, int32_t>> ThinkTokenIds(const Tokenizer& tok,
+                                                          const ModelConfig& cfg,
+                                                          const std::string& spec);
 
 class Router {
  public:
@@ -114,6 +124,7 @@ class Router {
     int64_t max_tokens = 0;
     bool ignore_eos = false;
     int32_t experts_per_token = 0;
+    bool thinking_budget = false;  // sampling.thinking_budget is set
     std::vector<int32_t> stop_ids;
     std::unique_ptr<TextStream> stream;
     // Scheduling state.
@@ -162,7 +173,7 @@ class Router {
 
   Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
          std::vector<AttentionClient*> attention, const RouterOptions& opt,
-         const std::vector<int64_t>& kv_capacity);
+         const std::vector<int64_t>& kv_capacity, std::pair<int32_t, int32_t> think_ids);
   // Scheduler of lanes_[lane]: one step after another.
   void Loop(size_t lane);
   // Moves waiting requests, in order, to the lane with the most free KV cache that has room
@@ -191,6 +202,8 @@ class Router {
   const GenerationDefaults defaults_;
   const RouterOptions opt_;
   int64_t max_kv_capacity_ = 0;
+  // Ids of the think markers; -1 when the tokenizer has none (thinking budgets are refused).
+  const int32_t think_start_id_, think_end_id_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -14,6 +14,10 @@ ABSL_FLAG(double, worker_retry_seconds, 2,
           "With several attention workers: a failed worker takes no requests until its GetStats "
           "answers, asked after this many seconds, then doubling (at most 60).");
 
+ABSL_FLAG(std::string, think_tokens, "",
+          "The tokens between which a request's thinking_budget counts, as START,END; empty: "
+          "<think>,</think> when the tokenizer has both (otherwise budgets are refused).");
+
 namespace moemesh {
 
 RouterOptions RouterOptionsFromFlags() {
@@ -23,6 +27,7 @@ RouterOptions RouterOptionsFromFlags() {
   ro.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   ro.max_moves = absl::GetFlag(FLAGS_max_moves);
   ro.worker_retry_seconds = absl::GetFlag(FLAGS_worker_retry_seconds);
+  ro.think_tokens = absl::GetFlag(FLAGS_think_tokens);
   return ro;
 }
 

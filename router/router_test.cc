@@ -36,7 +36,10 @@ class FakeAttention : public AttentionClient {
     for (const wire::SeqStep& s : req.seqs()) {
       // Every token it was given, by position; a new sequence starts over.
       std::vector<int32_t>& kv = kv_[s.seq_id()];
-      if (s.new_sequence()) kv.clear();
+      if (s.new_sequence()) {
+        kv.clear();
+        think_[s.seq_id()] = {s.think_start_id(), s.think_end_id()};
+      }
       EXPECT_EQ(static_cast<int64_t>(kv.size()), s.start_pos()) << "sequence " << s.seq_id();
       kv.insert(kv.end(), s.tokens().begin(), s.tokens().end());
     }
@@ -71,6 +74,12 @@ class FakeAttention : public AttentionClient {
     std::lock_guard<std::mutex> l(mu_);
     return seqs_;
   }
+  // The think marker ids a sequence's first step carried.
+  std::pair<int32_t, int32_t> think(uint64_t seq) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = think_.find(seq);
+    return it == think_.end() ? std::make_pair(-7, -7) : it->second;
+  }
   std::vector<int32_t> kv(uint64_t seq) const {
     std::lock_guard<std::mutex> l(mu_);
     auto it = kv_.find(seq);
@@ -86,6 +95,7 @@ class FakeAttention : public AttentionClient {
   int64_t steps_ = 0, released_ = 0;
   std::set<uint64_t> seqs_;
   std::map<uint64_t, std::vector<int32_t>> kv_;
+  std::map<uint64_t, std::pair<int32_t, int32_t>> think_;
 };
 
 class Sink : public GenerationSink {
@@ -283,6 +293,62 @@ TEST_F(RouterTest, CancelWaitingAndRunningRequestsAcrossWorkers) {
   EXPECT_EQ(c.waiting, 0);
   EXPECT_EQ(c.running, 0);
   EXPECT_EQ(c.kv_reserved, 0);
+}
+
+// --think_tokens: markers resolve through the tokenizer; the default (<think>, </think>) is
+// optional, named markers are not.
+TEST_F(RouterTest, ThinkTokensResolveOrAreRefused) {
+  const int32_t open = *tok_->TokenToId("("), close = *tok_->TokenToId(")");
+  auto ids = ThinkTokenIds(*tok_, cfg_, "(,)");
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, std::make_pair(open, close));
+  ids = ThinkTokenIds(*tok_, cfg_, "");  // this tokenizer has no <think>
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, std::make_pair(-1, -1));
+  for (const char* bad : {"(,zzzq", "(", "(,(", ",)", "(,),x"}) {
+    ids = ThinkTokenIds(*tok_, cfg_, bad);
+    EXPECT_EQ(ids.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(ids.status().message().find("--think_tokens"), std::string::npos) << bad;
+  }
+  EXPECT_NE(ThinkTokenIds(*tok_, cfg_, "(,zzzq").status().message().find("'zzzq'"),
+            std::string::npos);
+  FakeAttention a(1000);
+  RouterOptions opt;
+  opt.think_tokens = "(,zzzq";
+  EXPECT_EQ(Router::Create(tok_.get(), cfg_, gen_, {&a}, opt).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A request's thinking budget: refused without markers or below 0; otherwise the first step of
+// its sequence carries the markers' ids (the worker's sampler forces the end), others none.
+TEST_F(RouterTest, ThinkingBudgetSendsTheMarkersWithTheFirstStep) {
+  FakeAttention a(1000);
+  auto plain = Make({&a});
+  ASSERT_NE(plain, nullptr);
+  moemesh::v1::GenerateRequest budget = Request(5, 3);
+  budget.mutable_sampling()->set_thinking_budget(4);
+  Sink refused;
+  absl::StatusOr<uint64_t> st = plain->Submit(budget, &refused);
+  EXPECT_EQ(st.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.status().message().find("thinking_budget"), std::string::npos);
+
+  FakeAttention b(1000);
+  RouterOptions opt;
+  opt.think_tokens = "(,)";
+  auto r = Router::Create(tok_.get(), cfg_, gen_, {&b}, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  moemesh::v1::GenerateRequest negative = budget;
+  negative.mutable_sampling()->set_thinking_budget(-1);
+  EXPECT_EQ((*r)->Submit(negative, &refused).status().code(), absl::StatusCode::kInvalidArgument);
+  Sink with, without;
+  auto id_with = (*r)->Submit(budget, &with);
+  ASSERT_TRUE(id_with.ok()) << id_with.status();
+  auto id_without = (*r)->Submit(Request(5, 3), &without);
+  ASSERT_TRUE(id_without.ok()) << id_without.status();
+  ASSERT_TRUE(with.Wait().ok());
+  ASSERT_TRUE(without.Wait().ok());
+  EXPECT_EQ(b.think(*id_with), std::make_pair(*tok_->TokenToId("("), *tok_->TokenToId(")")));
+  EXPECT_EQ(b.think(*id_without), std::make_pair(0, 0));
 }
 
 TEST_F(RouterTest, NoWorkerIsAnError) {

@@ -8,7 +8,7 @@
 
 Options (generate): --addr=127.0.0.1:50051 --max_tokens=64 (0 = leave unset: the server's default)
   --temperature=T --top_p=P --top_k=K --min_p=P --repetition_penalty=R --seed=S --stop=STR (repeatable)
-  --ignore_eos --experts_per_token=K --logprobs=N --chat [--system=TEXT] --request_id=ID --json
+  --ignore_eos --experts_per_token=K --thinking_budget=N --logprobs=N --chat [--system=TEXT] --request_id=ID --json
   --timeout=SECONDS.
 Sampling fields are only set when given (proto3 `optional`); unset ones take the model's defaults.
 
@@ -138,6 +138,8 @@ def _build_parser():
                    help="stop string (repeatable)")
     g.add_argument("--ignore_eos", action="store_true", default=None)
     g.add_argument("--experts_per_token", type=int, default=None)
+    g.add_argument("--thinking_budget", type=int, default=None, metavar="N",
+                   help="reasoning tokens allowed after <think> before </think> is forced")
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="top-N logprobs per token (printed on stderr, or in --json)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as one user chat message")
@@ -165,7 +167,7 @@ def build_request(pb2, a, prompt):
         s.max_tokens = a.max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "seed", "ignore_eos",
-                 "experts_per_token", "logprobs"):
+                 "experts_per_token", "thinking_budget", "logprobs"):
         v = getattr(a, name)
         if v is not None:
             setattr(s, name, v)

@@ -849,6 +849,71 @@ class CancelAndDeadlineTest(unittest.TestCase):
         self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
 
 
+def think_sections(ids, start, end):
+    """Lengths of the thinking sections in ids: tokens after each start marker up to its end
+    marker (or the last token); (length, closed) pairs."""
+    out, n = [], None
+    for t in ids:
+        if t == start:
+            if n is not None:
+                out.append((n, False))
+            n = 0
+        elif t == end:
+            if n is not None:
+                out.append((n, True))
+            n = None
+        elif n is not None:
+            n += 1
+    if n is not None:
+        out.append((n, False))
+    return out
+
+
+class ThinkingBudgetTest(unittest.TestCase):
+    """SamplingParams.thinking_budget with --think_tokens=(,) on the embedded model, whose
+    tokenizer has no <think>: "(" opens a section, ")" closes it."""
+
+    BUDGET = 3
+
+    def test_budget_matches_generate_and_bounds_every_section(self):
+        shared = shared_pydoc_cluster()
+        c = start_cluster(PYDOC, [], name="think", encoder=shared.encoder,
+                          experts=shared.experts, router_flags=["--think_tokens=(,)"])
+        try:
+            tok = lambda text: list(c.stub.Tokenize(pb2.TokenizeRequest(text=text),
+                                                    timeout=10).ids)
+            open_id, close_id = tok("(")[0], tok(")")[0]
+            prompt = tok("def f(")
+            self.assertEqual(prompt[-1], open_id)
+            # Greedy: the model would write commas for ever; the budget closes after 3 tokens,
+            # then the model goes on, and in-process generate gives the same ids.
+            plain = generate(c.stub, make_request(prompt, 16)).ids
+            self.assertEqual(think_sections(prompt + plain, open_id, close_id), [(16, False)])
+            budget = generate(c.stub, make_request(prompt, 16, thinking_budget=self.BUDGET)).ids
+            self.assertEqual(budget[:self.BUDGET], plain[:self.BUDGET])
+            self.assertEqual(budget[self.BUDGET], close_id)
+            out = subprocess.run(
+                [MOEMESH, "generate", "--model=" + PYDOC, "--greedy", "--ignore_eos",
+                 "--input_ids=" + ",".join(map(str, prompt)), "--max_new_tokens=16",
+                 "--thinking_budget=%d" % self.BUDGET, "--think_tokens=(,)"],
+                capture_output=True, text=True, timeout=CALL_TIMEOUT, check=True)
+            self.assertEqual(budget, json.loads(out.stdout)["ids"], "cluster vs moemesh generate")
+            # Sampled: no section outlives the budget, and some were closed by it.
+            forced = 0
+            for seed in range(6):
+                ids = generate(c.stub, make_request(prompt, 48, temperature=1.0, seed=seed,
+                                                    thinking_budget=self.BUDGET)).ids
+                sections = think_sections(prompt + ids, open_id, close_id)
+                self.assertTrue(all(n <= self.BUDGET for n, _ in sections),
+                                "seed %d: sections %s" % (seed, sections))
+                forced += sum(1 for n, closed in sections if closed and n == self.BUDGET)
+            self.assertGreater(forced, 0)
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
+
+
 class BadInputTest(unittest.TestCase):
     """Each bad request fails with the right code while a good greedy stream runs beside it."""
 
@@ -919,6 +984,12 @@ class BadInputTest(unittest.TestCase):
         err = self.with_good_stream(
             lambda c: generate(c.stub, make_request([1, 2, 3], 4, experts_per_token=99)))
         self.assert_invalid(err, "experts_per_token")
+
+    def test_thinking_budget_without_think_tokens(self):
+        # The embedded tokenizer has no <think>, and the shared cluster names no other markers.
+        err = self.with_good_stream(
+            lambda c: generate(c.stub, make_request([1, 2, 3], 4, thinking_budget=8)))
+        self.assert_invalid(err, "thinking_budget", "<think>")
 
     def test_token_id_outside_vocabulary(self):
         err = self.with_good_stream(

@@ -2,6 +2,7 @@
 //
 //   moemesh generate   --model=DIR (--prompt=TEXT | --input_ids=1,2,3) --max_new_tokens=N
 //                      [--greedy] [--logits_out=FILE] [--experts_per_token=K]
+//                      [--thinking_budget=N [--think_tokens=START,END]]
 //                      [--compute_dtype=fp32|bf16] [--threads=T]
 //                      (switch_transformers checkpoints: encoder-decoder, --greedy only)
 //   moemesh perplexity --model=DIR --file=TEXT_FILE [--window=512] [--experts_per_token=K]
@@ -31,6 +32,8 @@
 #include "engine/switch_model.h"
 #include "engine/tokenizer.h"
 #include "mesh/load_flags.h"
+#include "router/router.h"
+#include "router/router_flags.h"
 #include "tools/commands.h"
 #include "nlohmann/json.hpp"
 
@@ -47,6 +50,7 @@ ABSL_FLAG(int32_t, top_k, 0, "generate: keep the k most likely tokens (0 = all) 
 ABSL_FLAG(uint64_t, seed, 0, "generate: random seed when not --greedy.");
 ABSL_FLAG(bool, ignore_eos, false, "generate: keep going after the end-of-sequence token.");
 ABSL_FLAG(std::string, logits_out, "", "generate: write the logits of every prompt position to FILE as a JSON list of rows.");
+ABSL_FLAG(int32_t, thinking_budget, -1, "generate: reasoning tokens allowed after the last think-start token (see --think_tokens) before the think-end token is forced; -1 = no limit.");
 ABSL_FLAG(int32_t, experts_per_token, 0, "Active experts per token (0 = the model's num_experts_per_tok).");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
 ABSL_FLAG(std::string, device, "cpu", "generate, perplexity, serve: where the attention stack, KV cache and experts run: cpu, cuda or cuda:N (CUDA needs a binary built with --config=cuda; embeddings stay on the host).");
@@ -143,7 +147,7 @@ int RunGenerateSwitch() {
   }
   for (const char* name : {"temperature", "top_p", "top_k", "seed", "ignore_eos", "logits_out",
                            "experts_per_token", "compute_dtype", "quantize_experts", "load_format",
-                           "num_layers", "kv_cache_dtype", "cuda_graphs"}) {
+                           "num_layers", "kv_cache_dtype", "cuda_graphs", "thinking_budget"}) {
     if (FlagChanged(name)) {
       return Fail(absl::InvalidArgumentError(absl::StrCat(
           "--", name, " is not supported for switch_transformers models (greedy fp32 decoding "
@@ -191,6 +195,21 @@ int RunGenerate() {
     opt.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
     opt.sampling.top_k = absl::GetFlag(FLAGS_top_k);
     opt.sampling.seed = absl::GetFlag(FLAGS_seed);
+  }
+  if (absl::GetFlag(FLAGS_thinking_budget) >= 0) {
+    if (no_tokenizer) {
+      return Fail(absl::InvalidArgumentError("--thinking_budget needs the model's tokenizer.json"));
+    }
+    auto think = ThinkTokenIds(**tok, (*model)->config(), absl::GetFlag(FLAGS_think_tokens));
+    if (!think.ok()) return Fail(think.status());
+    if (think->second < 0) {
+      return Fail(absl::InvalidArgumentError(
+          "--thinking_budget: the model's tokenizer has no <think> and </think> tokens "
+          "(--think_tokens names other markers)"));
+    }
+    opt.sampling.thinking_budget = absl::GetFlag(FLAGS_thinking_budget);
+    opt.sampling.think_start_id = think->first;
+    opt.sampling.think_end_id = think->second;
   }
   if (!absl::GetFlag(FLAGS_ignore_eos)) opt.stop_token_ids = (*model)->config().eos_token_ids;
   auto r = Generate(**model, prompt, opt);

@@ -2,6 +2,7 @@
 //
 //   moemesh_client [generate] [--addr=127.0.0.1:50051] [--max_tokens=64] [--temperature=T]
 //                  [--top_p=P] [--top_k=K] [--seed=S] [--stop=A,B] [--chat] [--experts_per_token=K]
+//                  [--thinking_budget=N]
 //                  [--logprobs=N] [--json] [--timeout=SECONDS] (--prompt=TEXT | PROMPT)
 //   moemesh_client tokenize TEXT            (or --prompt=TEXT): token ids, comma-separated
 //   moemesh_client detokenize 1,2,3
@@ -48,6 +49,7 @@ ABSL_FLAG(absl::optional<uint64_t>, seed, absl::nullopt, "Random seed.");
 ABSL_FLAG(std::string, stop, "", "Stop strings, comma-separated.");
 ABSL_FLAG(bool, ignore_eos, false, "Keep going after the end-of-sequence token (only sent when true).");
 ABSL_FLAG(absl::optional<int32_t>, experts_per_token, absl::nullopt, "Override of the active experts per token.");
+ABSL_FLAG(absl::optional<int32_t>, thinking_budget, absl::nullopt, "Reasoning tokens allowed after <think> before </think> is forced (the server's --think_tokens names the markers).");
 ABSL_FLAG(absl::optional<int32_t>, logprobs, absl::nullopt, "Top-N logprobs per token (0..20), printed on stderr.");
 ABSL_FLAG(bool, chat, false, "Send the prompt as one user chat message.");
 ABSL_FLAG(std::string, system, "", "With --chat: a system message sent first.");
@@ -132,6 +134,7 @@ v1::GenerateRequest BuildRequest(const std::string& prompt) {
   if (auto v = absl::GetFlag(FLAGS_repetition_penalty)) s->set_repetition_penalty(*v);
   if (auto v = absl::GetFlag(FLAGS_seed)) s->set_seed(*v);
   if (auto v = absl::GetFlag(FLAGS_experts_per_token)) s->set_experts_per_token(*v);
+  if (auto v = absl::GetFlag(FLAGS_thinking_budget)) s->set_thinking_budget(*v);
   if (auto v = absl::GetFlag(FLAGS_logprobs)) s->set_logprobs(*v);
   if (absl::GetFlag(FLAGS_ignore_eos)) s->set_ignore_eos(true);
   const std::string stop = absl::GetFlag(FLAGS_stop);
