@@ -1,4 +1,4 @@
-// Causal grouped-query attention over a KV cache (CPU; fp32 arithmetic, fp32 or bf16 cache).
+// Causal grouped-query attention over a KV cache (CPU; fp32 arithmetic, fp32, bf16 or int8 cache).
 #ifndef MOEMESH_ENGINE_OPS_ATTENTION_H_
 #define MOEMESH_ENGINE_OPS_ATTENTION_H_
 
@@ -25,6 +25,17 @@ void Attention(const float* q, const float* k_cache, const float* v_cache, int64
 void Attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
                int64_t start_pos, int64_t n_new, int64_t n_heads, int64_t n_kv_heads,
                int64_t head_dim, float* out, int64_t row_stride = 0, int64_t head_stride = 0);
+
+// The same with the KV cache in int8 with one fp32 scale per (position, kv head) row: the row's
+// values are scale * int8. Kv head g's scale for position p is at g * scale_head_stride +
+// p * scale_row_stride (defaults, 0: n_kv_heads and 1, i.e. [position, n_kv_heads]; a
+// head-major cache passes 1 and its head block size). A key's scale multiplies its score, a
+// value's scale its softmax weight; all arithmetic fp32.
+void Attention(const float* q, const int8_t* k_cache, const int8_t* v_cache,
+               const float* k_scale, const float* v_scale, int64_t start_pos, int64_t n_new,
+               int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+               int64_t row_stride = 0, int64_t head_stride = 0, int64_t scale_row_stride = 0,
+               int64_t scale_head_stride = 0);
 
 // The same computation split for callers that run their own parallel region: computes part
 // `part` of `num_parts` of the work units (kv head x chunk of new tokens) on the calling

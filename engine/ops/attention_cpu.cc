@@ -1,5 +1,6 @@
-// CPU attention: online softmax over 16-key blocks, fp32 arithmetic; the KV cache in fp32 or bf16
-// (widened to fp32 as it is loaded).
+// CPU attention: online softmax over 16-key blocks, fp32 arithmetic; the KV cache in fp32, bf16
+// (widened to fp32 as it is loaded) or int8 with a scale per row (a key's scale multiplies its
+// score, a value's scale its softmax weight).
 //
 // Work is split into units of (kv head, chunk of new tokens); a unit processes every query
 // head of its kv head for its tokens ("rows"), so each K/V block is loaded once per unit.
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "engine/ops/attention.h"
@@ -53,6 +55,7 @@ inline float KvAt(const uint16_t* p, int64_t i) {
   std::memcpy(&f, &u, sizeof(f));
   return f;
 }
+inline float KvAt(const int8_t* p, int64_t i) { return static_cast<float>(p[i]); }
 
 // Everything one unit needs to know. KV: float or uint16_t (bf16 bits) cache elements.
 template <typename KV>
@@ -66,6 +69,13 @@ struct Unit {
   const float* const* q;  // [rows] -> head_dim floats.
   float* const* out;      // [rows] -> head_dim floats.
   const int64_t* ctx;     // [rows] keys visible to each row (non-decreasing).
+  // int8 caches: key / value j's scale at ks[j * scale_stride] / vs[j * scale_stride]; null for
+  // fp32 and bf16 caches.
+  const float* ks = nullptr;
+  const float* vs = nullptr;
+  int64_t scale_stride = 1;
+  float KScale(int64_t j) const { return ks == nullptr ? 1.0f : ks[j * scale_stride]; }
+  float VScale(int64_t j) const { return vs == nullptr ? 1.0f : vs[j * scale_stride]; }
 };
 
 // ---------------------------------------------------------------------------------------
@@ -90,8 +100,10 @@ inline float Dot(const float* a, const float* b, int64_t n) {
 #endif
 }
 
-// A bf16 row widened first, then the fp32 Dot: the same sums as an fp32 cache of those values.
-inline float Dot(const float* a, const uint16_t* b, int64_t n) {
+// A bf16 (int8) row widened first, then the fp32 Dot: for bf16 the same sums as an fp32 cache
+// of those values.
+template <typename KV>
+inline float Dot(const float* a, const KV* b, int64_t n) {
   thread_local std::vector<float> wide;
   wide.resize(n);
   for (int64_t i = 0; i < n; ++i) wide[i] = KvAt(b, i);
@@ -109,7 +121,7 @@ void AttendUnitGeneric(const Unit<KV>& u, float* acc) {
       const int64_t nb = std::min(kKeyBlock, u.ctx[r] - j0);
       float block_max = kNegInf;
       for (int64_t j = 0; j < nb; ++j) {
-        s[j] = Dot(u.q[r], u.k + (j0 + j) * u.kv_stride, d_len) * u.scale;
+        s[j] = Dot(u.q[r], u.k + (j0 + j) * u.kv_stride, d_len) * u.KScale(j0 + j) * u.scale;
         block_max = std::max(block_max, s[j]);
       }
       const float new_max = std::max(mx, block_max);
@@ -120,7 +132,8 @@ void AttendUnitGeneric(const Unit<KV>& u, float* acc) {
         const float p = internal::ExpScalar(s[j] - new_max);
         l += p;
         const KV* vj = u.v + (j0 + j) * u.kv_stride;
-        for (int64_t d = 0; d < d_len; ++d) acc[d] += p * KvAt(vj, d);
+        const float pv = p * u.VScale(j0 + j);
+        for (int64_t d = 0; d < d_len; ++d) acc[d] += pv * KvAt(vj, d);
       }
       mx = new_max;
     }
@@ -139,6 +152,20 @@ inline __m512 LoadKv16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 LoadKv16(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 LoadKv16(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+// The scales of keys j0 .. j0+15 (lanes past `valid` keys 0) of an int8 cache; all 1 otherwise.
+inline __m512 Scales16(const float* scales, int64_t stride, int64_t j0, __mmask16 valid) {
+  if (scales == nullptr) return _mm512_set1_ps(1.0f);
+  if (stride == 1) return _mm512_maskz_loadu_ps(valid, scales + j0);
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(stride)));
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, scales + j0 * stride, 4);
 }
 
 // Pairwise step of a 16-way horizontal sum: per 128-bit lane, the two halves of x0 and of x1
@@ -207,22 +234,30 @@ inline void BlockRows(const Unit<KV>& u, int64_t r0, int64_t j0, float* m, float
     for (int r = 0; r < NR; ++r) y[r][jp] = PairSum(x[r][0], x[r][1]);
   }
 
-  // Online softmax.
+  // Online softmax. An int8 cache's key scales multiply the scores; its value scales the weights
+  // of the P V sum (after the row sums l, which take the unscaled weights).
   alignas(64) float p[NR][16];
   float corr[NR];
   const __m512 scale = _mm512_set1_ps(u.scale);
+  constexpr bool kScaled = std::is_same_v<KV, int8_t>;
+  __m512 k_scale = scale, v_scale = _mm512_set1_ps(1.0f);
+  if constexpr (kScaled) {
+    const __mmask16 valid = internal::TailMask(max_valid);
+    k_scale = _mm512_mul_ps(Scales16(u.ks, u.scale_stride, j0, valid), scale);
+    v_scale = Scales16(u.vs, u.scale_stride, j0, valid);
+  }
   UNROLL_LOOP
   for (int r = 0; r < NR; ++r) {
     const __mmask16 mask = internal::TailMask(std::min<int64_t>(u.ctx[r0 + r] - j0, kKeyBlock));
-    const __m512 s =
-        _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), mask, _mm512_mul_ps(FinishSum16(y[r]), scale));
+    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), mask,
+                                        _mm512_mul_ps(FinishSum16(y[r]), k_scale));
     const float new_max = std::max(m[r], _mm512_reduce_max_ps(s));
     corr[r] = internal::ExpScalar(m[r] - new_max);
     const __m512 e =
         _mm512_maskz_mov_ps(mask, internal::Exp512(_mm512_sub_ps(s, _mm512_set1_ps(new_max))));
     l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(e);
     m[r] = new_max;
-    _mm512_store_ps(p[r], e);
+    _mm512_store_ps(p[r], kScaled ? _mm512_mul_ps(e, v_scale) : e);
   }
 
   // acc = acc * corr + P V, even and odd keys in separate accumulators when registers allow
@@ -363,6 +398,11 @@ struct Problem {
   int64_t group, tokens_per_unit, chunks;
   int64_t heads_per_unit;  // kv heads a unit processes together (1 or n_kv_heads)
   int64_t row_stride, head_stride;
+  // int8 caches: kv head g's scale for position p at g * scale_head_stride + p *
+  // scale_row_stride; null otherwise.
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  int64_t scale_row_stride = 0, scale_head_stride = 0;
   int64_t head_groups() const { return n_kv_heads / heads_per_unit; }
   int64_t units() const { return head_groups() * chunks; }
 };
@@ -422,6 +462,11 @@ void RunUnit(const Problem<KV>& p, int64_t index) {
                          q_rows.data() + hh * rows,
                          out_rows.data() + hh * rows,
                          ctx.data()});
+    if (p.k_scale != nullptr) {
+      units.back().ks = p.k_scale + g * p.scale_head_stride;
+      units.back().vs = p.v_scale + g * p.scale_head_stride;
+      units.back().scale_stride = p.scale_row_stride;
+    }
   }
 #if defined(__AVX512F__)
   if (p.head_dim % 16 == 0 && p.head_dim <= 256) {
@@ -462,17 +507,27 @@ void AttentionPartT(const float* q, const KV* k_cache, const KV* v_cache, int64_
   for (int64_t u = part; u < p.units(); u += num_parts) RunUnit(p, u);
 }
 
+// Scales of an int8 cache (null for the others) and their layout.
+struct KvScales {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t row_stride = 0, head_stride = 0;
+};
+
 template <typename KV>
 void AttentionT(const float* q, const KV* k_cache, const KV* v_cache, int64_t start_pos,
                 int64_t n_new, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
-                int64_t row_stride, int64_t head_stride) {
+                int64_t row_stride, int64_t head_stride, const KvScales& scales = {}) {
   if (n_new <= 0) return;
   // Keys visited summed over the new tokens, times the work per key for all heads.
   const int64_t keys = n_new * start_pos + n_new * (n_new + 1) / 2;
   const int threads = ThreadsFor(keys * n_heads * head_dim * 2, SyncThreads(), kMinWorkPerThread);
-  const Problem<KV> p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
-                                    head_dim, out, /*all_heads=*/threads <= 1, row_stride,
-                                    head_stride);
+  Problem<KV> p = MakeProblem(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads,
+                              head_dim, out, /*all_heads=*/threads <= 1, row_stride, head_stride);
+  p.k_scale = scales.k;
+  p.v_scale = scales.v;
+  p.scale_row_stride = scales.row_stride > 0 ? scales.row_stride : n_kv_heads;
+  p.scale_head_stride = scales.head_stride > 0 ? scales.head_stride : 1;
   if (threads > 1 && p.units() > 1) {
     // Interleaved units balance the causal triangle.
     ParallelRun(threads, [&](int t, int nt) {
@@ -504,6 +559,16 @@ void Attention(const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
                int64_t head_dim, float* out, int64_t row_stride, int64_t head_stride) {
   AttentionT(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out,
              row_stride, head_stride);
+}
+
+void Attention(const float* q, const int8_t* k_cache, const int8_t* v_cache,
+               const float* k_scale, const float* v_scale, int64_t start_pos, int64_t n_new,
+               int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, float* out,
+               int64_t row_stride, int64_t head_stride, int64_t scale_row_stride,
+               int64_t scale_head_stride) {
+  AttentionT(q, k_cache, v_cache, start_pos, n_new, n_heads, n_kv_heads, head_dim, out,
+             row_stride, head_stride,
+             KvScales{k_scale, v_scale, scale_row_stride, scale_head_stride});
 }
 
 }  // namespace ops

@@ -940,6 +940,75 @@ TEST(AttentionTest, Bf16CacheMatchesFp32CacheOfTheSameValues) {
   SetNumThreads(2);
 }
 
+// An int8 cache (a scale per position and kv head) against the double-precision reference over
+// the values it holds (scale * int8), interleaved and head-major layouts, AVX-512 and generic
+// head dims, one and two threads; zero rows (scale 0) included.
+TEST(AttentionTest, Int8CacheMatchesReferenceOfItsValues) {
+  std::mt19937 rng(23);
+  const std::vector<AttentionCase> cases = {
+      {0, 1, 4, 2, 32},   {37, 20, 4, 2, 32}, {300, 1, 4, 2, 32}, {9, 5, 8, 1, 24},
+      {50, 3, 6, 3, 128}, {7, 3, 4, 4, 5},    {5, 70, 32, 4, 128}, {300, 2, 4, 2, 256},
+      {1000, 1, 8, 4, 64}};
+  for (const AttentionCase& c : cases) {
+    const int64_t rows = c.start_pos + c.n_new, slots = rows + 5;
+    std::vector<float> q = RandomVector(c.n_new * c.heads * c.dim, &rng, -2.0f, 2.0f);
+    // Interleaved [rows, kv_heads, dim] int8 values with per-(row, head) scales.
+    std::vector<int8_t> k8(rows * c.kv_heads * c.dim), v8(k8.size());
+    std::vector<float> ks(rows * c.kv_heads), vs(ks.size());
+    std::uniform_int_distribution<int> val(-127, 127);
+    std::uniform_real_distribution<float> sc(0.001f, 0.03f);
+    for (size_t i = 0; i < k8.size(); ++i) {
+      k8[i] = static_cast<int8_t>(val(rng));
+      v8[i] = static_cast<int8_t>(val(rng));
+    }
+    for (size_t i = 0; i < ks.size(); ++i) {
+      ks[i] = i % 11 == 3 ? 0.0f : sc(rng);
+      vs[i] = i % 7 == 2 ? 0.0f : sc(rng);
+    }
+    std::vector<float> k(k8.size()), v(v8.size());
+    for (size_t i = 0; i < k.size(); ++i) {
+      k[i] = ks[i / c.dim] * k8[i];
+      v[i] = vs[i / c.dim] * v8[i];
+    }
+    // The same in a head-major layout: rows of head g at g * slots, scales likewise.
+    std::vector<int8_t> kh(slots * c.kv_heads * c.dim), vh(kh.size());
+    std::vector<float> ksh(slots * c.kv_heads), vsh(ksh.size());
+    for (int64_t g = 0; g < c.kv_heads; ++g) {
+      for (int64_t p = 0; p < rows; ++p) {
+        ksh[g * slots + p] = ks[p * c.kv_heads + g];
+        vsh[g * slots + p] = vs[p * c.kv_heads + g];
+        for (int64_t d = 0; d < c.dim; ++d) {
+          kh[(g * slots + p) * c.dim + d] = k8[(p * c.kv_heads + g) * c.dim + d];
+          vh[(g * slots + p) * c.dim + d] = v8[(p * c.kv_heads + g) * c.dim + d];
+        }
+      }
+    }
+    const std::vector<double> ref =
+        AttentionRef(q, k, v, c.start_pos, c.n_new, c.heads, c.kv_heads, c.dim);
+    for (int threads : {1, 2}) {
+      SetNumThreads(threads);
+      std::vector<float> a(q.size(), std::numeric_limits<float>::quiet_NaN()), b = a;
+      Attention(q.data(), k8.data(), v8.data(), ks.data(), vs.data(), c.start_pos, c.n_new,
+                c.heads, c.kv_heads, c.dim, a.data());
+      Attention(q.data(), kh.data(), vh.data(), ksh.data(), vsh.data(), c.start_pos, c.n_new,
+                c.heads, c.kv_heads, c.dim, b.data(), /*row_stride=*/c.dim,
+                /*head_stride=*/slots * c.dim, /*scale_row_stride=*/1,
+                /*scale_head_stride=*/slots);
+      EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)))
+          << "layouts differ: start=" << c.start_pos << " n_new=" << c.n_new;
+      double worst = 0.0;
+      for (size_t i = 0; i < a.size(); ++i) {
+        const double err = std::abs(a[i] - ref[i]) / std::max(1.0, std::abs(ref[i]));
+        if (!(err <= worst)) worst = err;
+      }
+      EXPECT_LE(worst, 1e-5) << "start=" << c.start_pos << " n_new=" << c.n_new
+                             << " heads=" << c.heads << "/" << c.kv_heads << " dim=" << c.dim
+                             << " threads=" << threads;
+    }
+  }
+  SetNumThreads(2);
+}
+
 TEST(AttentionTest, SingleKeyReturnsValue) {
   std::mt19937 rng(12);
   std::vector<float> q = RandomVector(4 * 32, &rng), k = RandomVector(2 * 32, &rng),
