@@ -1,6 +1,7 @@
 #include "engine/kv_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -11,8 +12,9 @@ namespace moemesh {
 absl::StatusOr<KvDType> ParseKvDType(std::string_view s) {
   if (s == "fp32") return KvDType::kF32;
   if (s == "bf16") return KvDType::kBF16;
+  if (s == "int8") return KvDType::kInt8;
   return absl::InvalidArgumentError(
-      absl::StrCat("--kv_cache_dtype must be fp32 or bf16, not '", std::string(s), "'"));
+      absl::StrCat("--kv_cache_dtype must be fp32, bf16 or int8, not '", std::string(s), "'"));
 }
 
 KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage,
@@ -23,7 +25,7 @@ KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bo
       capacity_(capacity_tokens),
       host_storage_(host_storage),
       dtype_(dtype),
-      elem_bytes_(dtype == KvDType::kBF16 ? 2 : 4) {}
+      elem_bytes_(dtype == KvDType::kBF16 ? 2 : dtype == KvDType::kInt8 ? 1 : 4) {}
 
 int64_t KvCache::Reserved(uint64_t seq) const {
   auto it = seqs_.find(seq);
@@ -50,9 +52,14 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
     // rows into fresh memory (page faults), so a sequence grows O(log length) times. Capacity
     // counts positions, not these slots, so the rounding never refuses a sequence.
     const int64_t want = std::max((length + kBlock - 1) / kBlock * kBlock, 2 * s.slots);
+    const bool scaled = dtype_ == KvDType::kInt8;
     if (host_storage_ && s.k.empty()) {
       s.k.resize(num_layers_);
       s.v.resize(num_layers_);
+      if (scaled) {
+        s.ks.resize(num_layers_);
+        s.vs.resize(num_layers_);
+      }
     }
     // Head-major: each head's block grows from s.slots to `want` rows; its `held` written rows
     // move, the rest stays unwritten (never read before a Store).
@@ -63,6 +70,14 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
         for (int64_t h = 0; held > 0 && h < kv_heads_; ++h) {
           std::memcpy(grown.get() + h * want * hd * eb, buf->get() + h * s.slots * hd * eb,
                       held * hd * eb);
+        }
+        buf->swap(grown);
+      }
+      for (std::unique_ptr<float[]>* buf : {&s.ks[l], &s.vs[l]}) {
+        if (!scaled) break;
+        std::unique_ptr<float[]> grown(new float[want * kv_heads_]);
+        for (int64_t h = 0; held > 0 && h < kv_heads_; ++h) {
+          std::memcpy(grown.get() + h * want, buf->get() + h * s.slots, held * sizeof(float));
         }
         buf->swap(grown);
       }
@@ -93,12 +108,31 @@ uint16_t* KvCache::KBf16(uint64_t seq, int64_t layer) {
 uint16_t* KvCache::VBf16(uint64_t seq, int64_t layer) {
   return reinterpret_cast<uint16_t*>(seqs_.at(seq).v[layer].get());
 }
+int8_t* KvCache::KInt8(uint64_t seq, int64_t layer) {
+  return reinterpret_cast<int8_t*>(seqs_.at(seq).k[layer].get());
+}
+int8_t* KvCache::VInt8(uint64_t seq, int64_t layer) {
+  return reinterpret_cast<int8_t*>(seqs_.at(seq).v[layer].get());
+}
+float* KvCache::KScale(uint64_t seq, int64_t layer) { return seqs_.at(seq).ks[layer].get(); }
+float* KvCache::VScale(uint64_t seq, int64_t layer) { return seqs_.at(seq).vs[layer].get(); }
 
 namespace {
 // A row of n values into the cache's element type.
 void PutRow(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 void PutRow(uint16_t* dst, const float* src, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = F32ToBF16(src[d]);
+}
+// int8: round(x / s) with s = max|x| / 127 (all zeros for a zero row); returns s.
+float PutRowInt8(int8_t* dst, const float* src, int64_t n) {
+  float mx = 0.0f;
+  for (int64_t d = 0; d < n; ++d) mx = std::max(mx, std::abs(src[d]));
+  const float scale = mx / 127.0f;
+  const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+  for (int64_t d = 0; d < n; ++d) {
+    dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(src[d] * inv), -127.0f, 127.0f));
+  }
+  return scale;
 }
 }  // namespace
 
@@ -114,7 +148,20 @@ void KvCache::Store(uint64_t seq, int64_t layer, int64_t pos, int64_t n, const f
       }
     }
   };
-  if (dtype_ == KvDType::kBF16) {
+  if (dtype_ == KvDType::kInt8) {
+    int8_t* kc = KInt8(seq, layer);
+    int8_t* vc = VInt8(seq, layer);
+    float* ksc = KScale(seq, layer);
+    float* vsc = VScale(seq, layer);
+    const int64_t slots = seqs_.at(seq).slots;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < kv_heads_; ++h) {
+        const int64_t row = h * slots + pos + i;
+        ksc[row] = PutRowInt8(kc + row * hd, k + i * kv_dim_ + h * hd, hd);
+        vsc[row] = PutRowInt8(vc + row * hd, v + i * kv_dim_ + h * hd, hd);
+      }
+    }
+  } else if (dtype_ == KvDType::kBF16) {
     store(KBf16(seq, layer), VBf16(seq, layer));
   } else {
     store(K(seq, layer), V(seq, layer));

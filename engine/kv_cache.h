@@ -24,11 +24,13 @@ namespace moemesh {
 // This class keeps the rows in host memory (the CPU attention stack). A device's attention stack
 // (AttentionStack::NewCache) derives from it with `host_storage` false: the base class then only
 // does the slot accounting, and the subclass keeps the rows on its device.
-// Element type of a host KV cache: fp32 (exact: the oracle comparisons) or bf16 (half the
-// memory and half the bytes attention reads; rows rounded to nearest even as they are stored).
-enum class KvDType { kF32, kBF16 };
+// Element type of a host KV cache: fp32 (exact: the oracle comparisons), bf16 (half the
+// memory and half the bytes attention reads; rows rounded to nearest even as they are stored)
+// or int8 (a quarter plus one fp32 scale per row of head_dim values: each (position, kv head)
+// row stored as round(x / s) with s = max|x| / 127).
+enum class KvDType { kF32, kBF16, kInt8 };
 
-// "fp32" / "bf16" -> KvDType; InvalidArgument naming --kv_cache_dtype otherwise.
+// "fp32" / "bf16" / "int8" -> KvDType; InvalidArgument naming --kv_cache_dtype otherwise.
 absl::StatusOr<KvDType> ParseKvDType(std::string_view s);
 
 class KvCache {
@@ -53,11 +55,16 @@ class KvCache {
   // `seq`'s K (V) at `layer`: kv_heads() blocks of HeadStride(seq) elements, each rows
   // [0, reserved length) of head_dim() elements. Valid until the next Reserve or Free of that
   // sequence. Host storage only; K/V for an fp32 cache, KBf16/VBf16 (bf16 bit patterns) for a
-  // bf16 one.
+  // bf16 one, KInt8/VInt8 for an int8 one, whose row scales KScale/VScale hold: kv head h's
+  // scale for position p at h * Slots(seq) + p.
   float* K(uint64_t seq, int64_t layer);
   float* V(uint64_t seq, int64_t layer);
   uint16_t* KBf16(uint64_t seq, int64_t layer);
   uint16_t* VBf16(uint64_t seq, int64_t layer);
+  int8_t* KInt8(uint64_t seq, int64_t layer);
+  int8_t* VInt8(uint64_t seq, int64_t layer);
+  float* KScale(uint64_t seq, int64_t layer);
+  float* VScale(uint64_t seq, int64_t layer);
   KvDType dtype() const { return dtype_; }
   // Writes positions [pos, pos + n) of `seq` at `layer` from rows k, v [n, kv_dim] (kv head
   // after kv head, as a projection produces them) into the head-major layout. The positions
@@ -78,6 +85,8 @@ class KvCache {
     int64_t slots = 0;   // rows allocated per head (>= length)
     int64_t length = 0;  // positions reserved (what capacity counts)
     std::vector<std::unique_ptr<char[]>> k, v;  // [layer] -> [slots * kv_dim] elements
+    // int8 caches: [layer] -> [kv_heads * slots] row scales (head-major as the rows).
+    std::vector<std::unique_ptr<float[]>> ks, vs;
   };
 
   const int64_t num_layers_;
@@ -86,7 +95,7 @@ class KvCache {
   const int64_t capacity_;
   const bool host_storage_;
   const KvDType dtype_;
-  const int64_t elem_bytes_;  // 4 or 2
+  const int64_t elem_bytes_;  // 4, 2 or 1
   int64_t used_ = 0;
   std::unordered_map<uint64_t, Seq> seqs_;
 };

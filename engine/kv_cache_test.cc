@@ -1,5 +1,7 @@
 #include "engine/kv_cache.h"
 
+#include <cmath>
+
 #include "engine/dtype.h"
 #include "gtest/gtest.h"
 
@@ -105,6 +107,44 @@ TEST(KvCacheTest, Bf16StoreRoundsAndGrowthKeepsRows) {
   check();
   EXPECT_EQ(ParseKvDType("bf16").value(), KvDType::kBF16);
   EXPECT_EQ(ParseKvDType("fp16").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// An int8 cache stores each (position, kv head) row as round(x * 127 / max|x|) with the scale
+// max|x| / 127 (a zero row: zeros and scale 0), head-major, and keeps rows and scales when a
+// sequence grows.
+TEST(KvCacheTest, Int8StoreQuantisesRowsAndGrowthKeepsThem) {
+  KvCache c(/*num_layers=*/2, /*kv_dim=*/8, /*capacity_tokens=*/1000, true, /*kv_heads=*/2,
+            KvDType::kInt8);
+  EXPECT_EQ(c.dtype(), KvDType::kInt8);
+  ASSERT_TRUE(c.Reserve(7, 4).ok());
+  // Head 0 of k: largest magnitude 2.54 (scale 0.02); head 1 of k: a zero row.
+  const float k[8] = {1.0f, -2.54f, 0.01f, 0.03f, 0.0f, 0.0f, 0.0f, 0.0f};
+  const float v[8] = {0.5f, 0.25f, -0.125f, 0.0625f, -3.0f, 1.5f, 1.4f, 2.999f};
+  c.Store(7, 1, 3, 1, k, v);
+  auto check = [&] {
+    const int64_t hs = c.HeadStride(7), slots = c.Slots(7);
+    const int8_t want_k0[4] = {50, -127, 0 /* 0.5 rounds to even */, 2 /* 1.5 -> 2 */};
+    for (int64_t d = 0; d < 4; ++d) {
+      EXPECT_EQ(c.KInt8(7, 1)[3 * 4 + d], want_k0[d]) << d;
+      EXPECT_EQ(c.KInt8(7, 1)[hs + 3 * 4 + d], 0);
+    }
+    EXPECT_FLOAT_EQ(c.KScale(7, 1)[3], 2.54f / 127.0f);
+    EXPECT_EQ(c.KScale(7, 1)[slots + 3], 0.0f);
+    for (int64_t h = 0; h < 2; ++h) {
+      const float scale = c.VScale(7, 1)[h * slots + 3];
+      EXPECT_FLOAT_EQ(scale, (h == 0 ? 0.5f : 3.0f) / 127.0f);
+      for (int64_t d = 0; d < 4; ++d) {
+        const float held = scale * c.VInt8(7, 1)[h * hs + 3 * 4 + d];
+        EXPECT_LE(std::abs(held - v[h * 4 + d]), scale / 2 * 1.0001f) << h << " " << d;
+      }
+    }
+  };
+  check();
+  ASSERT_TRUE(c.Reserve(7, 300).ok());  // grows: rows and scales move to new blocks
+  EXPECT_GT(c.Slots(7), 64);
+  check();
+  EXPECT_EQ(ParseKvDType("int8").value(), KvDType::kInt8);
+  EXPECT_NE(ParseKvDType("int4").status().message().find("fp32, bf16 or int8"), std::string::npos);
 }
 
 }  // namespace

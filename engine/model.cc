@@ -408,7 +408,14 @@ absl::Status CpuAttentionStack::Forward(const std::vector<SeqStep>& batch, float
       const SeqStep& s = batch[b];
       const int64_t n = static_cast<int64_t>(s.tokens.size());
       cache->Store(s.seq_id, l, s.start_pos, n, &k[offset[b] * kvd], &v[offset[b] * kvd]);
-      if (cache->dtype() == KvDType::kBF16) {
+      if (cache->dtype() == KvDType::kInt8) {
+        ops::Attention(&q[offset[b] * qd], cache->KInt8(s.seq_id, l), cache->VInt8(s.seq_id, l),
+                       cache->KScale(s.seq_id, l), cache->VScale(s.seq_id, l), s.start_pos, n,
+                       nh, nkv, hd, &att[offset[b] * qd],
+                       /*row_stride=*/cache->head_dim(),
+                       /*head_stride=*/cache->HeadStride(s.seq_id),
+                       /*scale_row_stride=*/1, /*scale_head_stride=*/cache->Slots(s.seq_id));
+      } else if (cache->dtype() == KvDType::kBF16) {
         ops::Attention(&q[offset[b] * qd], cache->KBf16(s.seq_id, l), cache->VBf16(s.seq_id, l),
                        s.start_pos, n, nh, nkv, hd, &att[offset[b] * qd],
                        /*row_stride=*/cache->head_dim(),

@@ -46,7 +46,8 @@ struct LoadOptions {
   // ~13 kernels per layer from the host. Off by default until measured on a GPU.
   bool cuda_graphs = false;
   // Element type of the KV cache the attention stack's NewCache makes (--kv_cache_dtype): fp32
-  // (default, exact) or bf16 (half the memory and attention reads; CPU only).
+  // (default, exact), bf16 (half the memory and attention reads) or int8 (a quarter plus row
+  // scales); CPU only.
   KvDType kv_dtype = KvDType::kF32;
   // Quantised weights on the CPU: kNone computes with `compute`; kInt8 stores int8 with a scale
   // per output row and computes with ComputeType::kInt8 (activations quantised per group of 64

@@ -14,8 +14,9 @@ ABSL_FLAG(bool, cuda_graphs, false,
           "the host");
 
 ABSL_FLAG(std::string, kv_cache_dtype, "fp32",
-          "KV cache element type: fp32 (exact) or bf16 (half the memory and the bytes attention "
-          "reads; CPU attention only)");
+          "KV cache element type: fp32 (exact), bf16 (half the memory and the bytes attention "
+          "reads) or int8 (a quarter, plus a scale per row of head_dim values); CPU attention "
+          "only");
 
 ABSL_FLAG(std::string, quantize_experts, "none",
           "Routed experts' weights on CPU expert shards: none (--compute_dtype's arithmetic), "

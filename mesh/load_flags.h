@@ -16,7 +16,7 @@ namespace moemesh {
 // from the flags
 // (other fields are left alone). InvalidArgument, naming the flag, for a --load_format other
 // than auto/dummy, a negative --num_layers (a count above the model's is refused when
-// config.json is read), a --kv_cache_dtype other than fp32/bf16 or a --quantize_experts or
+// config.json is read), a --kv_cache_dtype other than fp32/bf16/int8 or a --quantize_experts or
 // --quantize_attention other than none/int8/int4.
 absl::Status LoadOptionsFromFlags(LoadOptions* opt);
 

@@ -288,7 +288,7 @@ int main(int argc, char** argv) {
       "  cluster    [--expert_workers=2] [--attention_workers=1] [--port=50051]   one process per role on loopback\n"
       "Weights: [--load_format=auto|dummy] [--num_layers=N] [--compute_dtype=fp32|bf16]\n"
       "         [--quantize_experts=none|int8|int4] [--quantize_attention=none|int8|int4]\n"
-      "         [--kv_cache_dtype=fp32|bf16]\n"
+      "         [--kv_cache_dtype=fp32|bf16|int8]\n"
       "Prints one JSON object on stdout.");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   const std::string cmd = args.size() > 1 ? args[1] : "";

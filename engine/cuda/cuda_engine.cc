@@ -732,8 +732,8 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));
   if (opt.kv_dtype != KvDType::kF32) {
     return absl::InvalidArgumentError(
-        "--kv_cache_dtype=bf16 is supported by the CPU attention stack only; the CUDA KV cache "
-        "is fp32");
+        "--kv_cache_dtype=bf16 and int8 are supported by the CPU attention stack only; the CUDA "
+        "KV cache is fp32");
   }
   if (opt.attention_quant != LoadOptions::WeightQuant::kNone) {
     return absl::InvalidArgumentError(
