@@ -3,15 +3,19 @@
 // Qwen3-30B-A3B's, with the cache interleaved
 // ([position, kv head, dim]) and head-major (each kv head's rows contiguous, as
 // KvCache keeps them). Prints multiply-adds per second and the KV bytes read
-// per second.
+// per second. Then the head-major cache by element type (fp32, bf16, int8 with a
+// scale per row), one thread, at longer contexts.
 //   bazel run -c opt //engine/ops:attention_benchmark
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <string_view>
 #include <vector>
 
+#include "engine/dtype.h"
 #include "engine/ops/attention.h"
+#include "engine/ops/threading.h"
 
 namespace {
 
@@ -70,6 +74,79 @@ int main() {
                     "GMAC/s, %6.1f GB/s of KV\n",
                     s.name, head_major ? "head-major" : "interleaved",
                     static_cast<long long>(ctx), per * 1e6, macs / per / 1e9,
+                    bytes / per / 1e9);
+      }
+    }
+  }
+  // Head-major caches by element type, one thread.
+  moemesh::ops::SetNumThreads(1);
+  for (const Shape &s : shapes) {
+    for (int64_t ctx : {256, 1024, 4096}) {
+      const int64_t seqs = 32, kvd = s.kv_heads * s.head_dim,
+                    qd = s.heads * s.head_dim;
+      std::vector<std::vector<float>> k(seqs), v(seqs), ks(seqs), vs(seqs);
+      std::vector<std::vector<uint16_t>> k16(seqs), v16(seqs);
+      std::vector<std::vector<int8_t>> k8(seqs), v8(seqs);
+      std::uniform_int_distribution<int> i8(-127, 127);
+      for (int64_t b = 0; b < seqs; ++b) {
+        k[b].resize(ctx * kvd);
+        v[b].resize(ctx * kvd);
+        for (float &x : k[b])
+          x = u(rng);
+        for (float &x : v[b])
+          x = u(rng);
+        for (float x : k[b])
+          k16[b].push_back(moemesh::F32ToBF16(x));
+        for (float x : v[b])
+          v16[b].push_back(moemesh::F32ToBF16(x));
+        for (size_t i = 0; i < k[b].size(); ++i) {
+          k8[b].push_back(static_cast<int8_t>(i8(rng)));
+          v8[b].push_back(static_cast<int8_t>(i8(rng)));
+        }
+        ks[b].assign(ctx * s.kv_heads, 1.0f / 127);
+        vs[b].assign(ctx * s.kv_heads, 1.0f / 127);
+      }
+      std::vector<float> q(seqs * qd), out(seqs * qd);
+      for (float &x : q)
+        x = u(rng);
+      for (const char *dtype : {"fp32", "bf16", "int8"}) {
+        const std::string_view d(dtype);
+        auto pass = [&] {
+          for (int64_t b = 0; b < seqs; ++b) {
+            if (d == "fp32") {
+              moemesh::ops::Attention(&q[b * qd], k[b].data(), v[b].data(),
+                                      ctx - 1, 1, s.heads, s.kv_heads,
+                                      s.head_dim, &out[b * qd], s.head_dim,
+                                      ctx * s.head_dim);
+            } else if (d == "bf16") {
+              moemesh::ops::Attention(&q[b * qd], k16[b].data(), v16[b].data(),
+                                      ctx - 1, 1, s.heads, s.kv_heads,
+                                      s.head_dim, &out[b * qd], s.head_dim,
+                                      ctx * s.head_dim);
+            } else {
+              moemesh::ops::Attention(
+                  &q[b * qd], k8[b].data(), v8[b].data(), ks[b].data(),
+                  vs[b].data(), ctx - 1, 1, s.heads, s.kv_heads, s.head_dim,
+                  &out[b * qd], s.head_dim, ctx * s.head_dim, 1, ctx);
+            }
+          }
+        };
+        pass();
+        int reps = 0;
+        const auto t0 = Clock::now();
+        double sec = 0;
+        while (sec < 0.3) {
+          pass();
+          ++reps;
+          sec = std::chrono::duration<double>(Clock::now() - t0).count();
+        }
+        const double per = sec / reps;
+        const double elem = d == "fp32" ? 4 : d == "bf16" ? 2 : 1;
+        const double row_extra = d == "int8" ? 4.0 / s.head_dim : 0.0;
+        const double bytes = 2.0 * seqs * ctx * kvd * (elem + row_extra);
+        std::printf("%-42s %-4s head-major ctx %5lld: %9.1f us per 32 "
+                    "sequences, %6.1f GB/s of KV\n",
+                    s.name, dtype, static_cast<long long>(ctx), per * 1e6,
                     bytes / per / 1e9);
       }
     }
