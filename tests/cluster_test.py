@@ -741,9 +741,16 @@ class DataParallelAttentionTest(unittest.TestCase):
             for i, (j, (ids, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
                 self.assertEqual(j.join(timeout=300).ids, greedy, "prompt %d" % i)
             # The router admitted requests to both workers (the one with the most free KV cache
-            # each time), and each worker released what it ran.
-            after = [s.GetStats(wpb2.StatsRequest(), timeout=10) for s in c.att_stubs]
-            done = [a.released_sequences - b.released_sequences for a, b in zip(after, before)]
+            # each time), and each worker released what it ran. The router sends releases after
+            # it has delivered the last tokens: wait for them (at most 10 s).
+            deadline = time.time() + 10
+            while True:
+                after = [s.GetStats(wpb2.StatsRequest(), timeout=10) for s in c.att_stubs]
+                done = [a.released_sequences - b.released_sequences
+                        for a, b in zip(after, before)]
+                if sum(done) >= len(PYDOC_CASES) or time.time() > deadline:
+                    break
+                time.sleep(0.05)
             self.assertEqual(sum(done), len(PYDOC_CASES), "released per worker: %r" % done)
             for i, d in enumerate(done):
                 self.assertGreaterEqual(d, len(PYDOC_CASES) // 2 - 1,

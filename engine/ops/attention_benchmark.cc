@@ -24,10 +24,24 @@ struct Shape {
   int64_t heads, kv_heads, head_dim;
 };
 
+// Seconds per call of `pass` (after one warm-up call, repeated for 0.3 s).
+template <typename F> double SecondsPerCall(const F &pass) {
+  using Clock = std::chrono::steady_clock;
+  pass();
+  int reps = 0;
+  const auto t0 = Clock::now();
+  double sec = 0;
+  while (sec < 0.3) {
+    pass();
+    ++reps;
+    sec = std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+  return sec / reps;
+}
+
 } // namespace
 
 int main() {
-  using Clock = std::chrono::steady_clock;
   const Shape shapes[] = {
       {"pydoc-moe-17m (8 q / 4 kv heads x 32)", 8, 4, 32},
       {"qwen3-30b-a3b (32 q / 4 kv heads x 128)", 32, 4, 128}};
@@ -58,16 +72,7 @@ int main() {
                 head_major ? s.head_dim : 0, head_major ? ctx * s.head_dim : 0);
           }
         };
-        pass();
-        int reps = 0;
-        const auto t0 = Clock::now();
-        double sec = 0;
-        while (sec < 0.3) {
-          pass();
-          ++reps;
-          sec = std::chrono::duration<double>(Clock::now() - t0).count();
-        }
-        const double per = sec / reps;
+        const double per = SecondsPerCall(pass);
         const double macs = 2.0 * seqs * ctx * qd;       // q.k and p.v per head
         const double bytes = 2.0 * seqs * ctx * kvd * 4; // K and V
         std::printf("%-42s %-11s ctx %5lld: %8.1f us per 32 sequences, %6.1f "
@@ -131,16 +136,7 @@ int main() {
             }
           }
         };
-        pass();
-        int reps = 0;
-        const auto t0 = Clock::now();
-        double sec = 0;
-        while (sec < 0.3) {
-          pass();
-          ++reps;
-          sec = std::chrono::duration<double>(Clock::now() - t0).count();
-        }
-        const double per = sec / reps;
+        const double per = SecondsPerCall(pass);
         const double elem = d == "fp32" ? 4 : d == "bf16" ? 2 : 1;
         const double row_extra = d == "int8" ? 4.0 / s.head_dim : 0.0;
         const double bytes = 2.0 * seqs * ctx * kvd * (elem + row_extra);
