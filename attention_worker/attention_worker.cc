@@ -110,8 +110,80 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       device_(opt.device),
       overlap_halves_(opt.overlap_halves && opt.device == "cpu"),
       overlap_min_sequences_(std::max(2, opt.overlap_min_sequences)),
-      cache_(stack->NewCache(opt.kv_capacity_tokens)) {
+      kv_capacity_(opt.kv_capacity_tokens),
+      prefix_budget_(std::max<int64_t>(opt.prefix_cache_tokens, 0)),
+      cache_(stack->NewCache(opt.kv_capacity_tokens + prefix_budget_)) {
   if (overlap_halves_) side_ = std::make_unique<SideThread>();
+}
+
+std::vector<int32_t> AttentionWorker::SeqState::History() const {
+  std::vector<int32_t> h(prompt.begin(), prompt.end());
+  h.insert(h.end(), generated.begin(), generated.end());
+  if (static_cast<int64_t>(h.size()) > length) h.resize(length);
+  return h;
+}
+
+int64_t AttentionWorker::ReusePrefix(uint64_t seq, const std::vector<int32_t>& history,
+                                     int64_t start, int64_t end) {
+  size_t best = 0;
+  int64_t best_len = start;
+  for (size_t i = 0; i < prefix_.size(); ++i) {
+    const std::vector<int32_t>& t = prefix_[i].tokens;
+    const int64_t limit = std::min<int64_t>({static_cast<int64_t>(t.size()), end - 1});
+    if (limit <= best_len) continue;
+    const auto [a, b] = std::mismatch(history.begin(), history.begin() + limit, t.begin());
+    const int64_t common = a - history.begin();
+    if (common > best_len) {
+      best = i;
+      best_len = common;
+    }
+  }
+  if (best_len <= start) return start;
+  if (!cache_->CopyRows(prefix_[best].cache_id, seq, start, best_len).ok()) return start;
+  prefix_[best].last_used = steps_;
+  prefix_hit_tokens_ += best_len - start;
+  return best_len;
+}
+
+void AttentionWorker::DropPrefix(size_t index) {
+  cache_->Free(prefix_[index].cache_id);
+  prefix_tokens_ -= static_cast<int64_t>(prefix_[index].tokens.size());
+  prefix_.erase(prefix_.begin() + static_cast<std::ptrdiff_t>(index));
+}
+
+bool AttentionWorker::KeepPrefix(uint64_t seq, const SeqState& state) {
+  std::vector<int32_t> tokens = state.History();
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n < 2 || n > prefix_budget_) return false;
+  // An entry that starts with these tokens already holds their rows.
+  for (PrefixEntry& e : prefix_) {
+    if (static_cast<int64_t>(e.tokens.size()) >= n &&
+        std::equal(tokens.begin(), tokens.end(), e.tokens.begin())) {
+      e.last_used = steps_;
+      return false;
+    }
+  }
+  // Entries this one extends hold nothing it does not.
+  for (size_t i = prefix_.size(); i-- > 0;) {
+    const std::vector<int32_t>& t = prefix_[i].tokens;
+    if (static_cast<int64_t>(t.size()) <= n && std::equal(t.begin(), t.end(), tokens.begin())) {
+      DropPrefix(i);
+    }
+  }
+  // Its positions past `n` (reserved for a step that did not run) go back.
+  cache_->Truncate(seq, n);
+  const uint64_t id = (uint64_t{1} << 63) | next_prefix_id_++;
+  if (!cache_->Rename(seq, id)) return false;
+  prefix_.push_back(PrefixEntry{id, std::move(tokens), steps_});
+  prefix_tokens_ += n;
+  while (prefix_tokens_ > prefix_budget_) {
+    size_t oldest = 0;
+    for (size_t i = 1; i < prefix_.size(); ++i) {
+      if (prefix_[i].last_used < prefix_[oldest].last_used) oldest = i;
+    }
+    DropPrefix(oldest);
+  }
+  return true;
 }
 
 AttentionWorker::~AttentionWorker() = default;
@@ -129,6 +201,10 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     auto fail = [&](absl::Status st) { SetError(r, st); };
     if (s.tokens_size() == 0) {
       fail(absl::InvalidArgumentError("no tokens"));
+      continue;
+    }
+    if (s.seq_id() >> 63) {  // the prefix cache's own ids
+      fail(absl::InvalidArgumentError("seq_id must be below 2^63"));
       continue;
     }
     bool bad_id = false;
@@ -180,14 +256,22 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       if (s.new_sequence()) seqs_.erase(it);
       continue;
     }
+    // With a prefix cache, rows another sequence computed for the same tokens are copied and
+    // only the rest computed (prefill steps: a decode step computes its one token).
+    int64_t from = s.start_pos();
+    if (!prefix_.empty() && s.tokens_size() > 1) {
+      std::vector<int32_t> history = st.History();
+      history.insert(history.end(), s.tokens().begin(), s.tokens().end());
+      from = ReusePrefix(s.seq_id(), history, s.start_pos(), s.start_pos() + s.tokens_size());
+    }
     SeqStep b;
     b.seq_id = s.seq_id();
-    b.tokens.assign(s.tokens().begin(), s.tokens().end());
-    b.start_pos = s.start_pos();
+    b.tokens.assign(s.tokens().begin() + (from - s.start_pos()), s.tokens().end());
+    b.start_pos = from;
     b.experts_per_token = s.experts_per_token();
+    all_tokens.insert(all_tokens.end(), b.tokens.begin(), b.tokens.end());
     batch.push_back(std::move(b));
     result_of.push_back(resp->results_size() - 1);
-    all_tokens.insert(all_tokens.end(), s.tokens().begin(), s.tokens().end());
   }
   if (batch.empty()) return absl::OkStatus();
 
@@ -207,20 +291,21 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   for (size_t b = 0; b < batch.size(); ++b) {
     const wire::SeqStep& s = req.seqs(result_of[b]);
     SeqState& state = *seqs_.at(batch[b].seq_id);
-    state.length += static_cast<int64_t>(batch[b].tokens.size());
+    // The step's tokens as sent (a prefix-cache hit computed only the last of them).
+    state.length += s.tokens_size();
     if (state.prompt_len > 0) {
       // A moved sequence: tokens from prompt_len on were generated (on another worker); the
       // decode input after its replay is the last of them.
-      for (size_t i = 0; i < batch[b].tokens.size(); ++i) {
-        const int64_t p = batch[b].start_pos + static_cast<int64_t>(i);
+      for (int i = 0; i < s.tokens_size(); ++i) {
+        const int64_t p = s.start_pos() + i;
         if (p < state.prompt_len) {
-          state.prompt.push_back(batch[b].tokens[i]);
+          state.prompt.push_back(s.tokens(i));
         } else if (static_cast<int64_t>(state.generated.size()) == p - state.prompt_len) {
-          state.generated.push_back(batch[b].tokens[i]);
+          state.generated.push_back(s.tokens(i));
         }
       }
     } else if (state.generated.empty()) {
-      state.prompt.insert(state.prompt.end(), batch[b].tokens.begin(), batch[b].tokens.end());
+      state.prompt.insert(state.prompt.end(), s.tokens().begin(), s.tokens().end());
     }
     if (s.sample()) to_sample.emplace_back(b, &state);
   }
@@ -300,17 +385,27 @@ absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* 
 int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
   std::lock_guard<std::mutex> lock(mu_);
   for (uint64_t id : seq_ids) {
-    if (seqs_.erase(id)) ++released_;
+    auto it = seqs_.find(id);
+    if (it != seqs_.end()) {
+      ++released_;
+      if (prefix_budget_ > 0 && cache_->host_storage() && KeepPrefix(id, *it->second)) {
+        seqs_.erase(it);
+        continue;
+      }
+      seqs_.erase(it);
+    }
     cache_->Free(id);
   }
-  return cache_->capacity_tokens() - cache_->used_tokens();
+  return kv_capacity_ - (cache_->used_tokens() - prefix_tokens_);
 }
 
 wire::Stats AttentionWorker::GetStats() const {
   std::lock_guard<std::mutex> lock(mu_);
   wire::Stats s;
-  s.set_kv_capacity_tokens(cache_->capacity_tokens());
-  s.set_kv_used_tokens(cache_->used_tokens());
+  s.set_kv_capacity_tokens(kv_capacity_);
+  s.set_kv_used_tokens(cache_->used_tokens() - prefix_tokens_);
+  s.set_prefix_cache_tokens(prefix_tokens_);
+  s.set_prefix_hit_tokens(prefix_hit_tokens_);
   s.set_active_sequences(static_cast<int64_t>(seqs_.size()));
   s.set_released_sequences(released_);
   s.set_steps(steps_);

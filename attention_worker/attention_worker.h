@@ -38,6 +38,11 @@ class AttentionWorker {
     // +15..+46% over either).
     bool overlap_halves = true;
     int overlap_min_sequences = 16;
+    // Prefix cache (CPU attention stacks): KV rows of released sequences kept for up to this
+    // many tokens (beyond kv_capacity_tokens, least recently used dropped first). A later
+    // sequence whose tokens start with one of them copies those rows instead of computing them.
+    // 0 = off.
+    int64_t prefix_cache_tokens = 0;
   };
   // `stack`, `encoder` and `experts` must outlive the worker.
   AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder, ExpertBackend* experts,
@@ -57,7 +62,8 @@ class AttentionWorker {
   absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden,
                        std::vector<float>* logits, double* expert_s)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Frees the sequences' KV cache and sampler state; returns the free KV slots after.
+  // Frees the sequences' KV cache and sampler state (with a prefix cache, keeps their rows
+  // there); returns the free KV slots after (prefix cache excluded).
   int64_t Release(const std::vector<uint64_t>& seq_ids);
   wire::Stats GetStats() const;
 
@@ -70,7 +76,26 @@ class AttentionWorker {
     std::vector<int32_t> prompt, generated;
     int64_t length = 0;  // tokens in the KV cache
     int64_t prompt_len = 0;  // SeqStep::prompt_tokens of a moved sequence, else 0
+    // The tokens at positions [0, length): prompt, then generated ones.
+    std::vector<int32_t> History() const;
   };
+  // A released sequence's KV rows kept under its own cache id (high bit set), and its tokens.
+  struct PrefixEntry {
+    uint64_t cache_id = 0;
+    std::vector<int32_t> tokens;
+    int64_t last_used = 0;  // step count of its last hit (or of its release)
+  };
+  // Copies the longest prefix-cache match beyond `start` of `history` (the sequence's tokens so
+  // far followed by this step's, of which positions [start, end) are reserved and must be
+  // computed) into `seq`'s rows [start, m), m <= end - 1 (a step computes at least its last
+  // token); returns m (start when nothing matched).
+  int64_t ReusePrefix(uint64_t seq, const std::vector<int32_t>& history, int64_t start,
+                      int64_t end) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Keeps `seq`'s rows [0, state.length) in the prefix cache under a new id, then trims the
+  // cache to its budget.
+  // False when it kept nothing (the caller frees the rows).
+  bool KeepPrefix(uint64_t seq, const SeqState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropPrefix(size_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const AttentionStack* const stack_;
   EncoderBackend* const encoder_;
@@ -81,8 +106,15 @@ class AttentionWorker {
   class SideThread;
   std::unique_ptr<SideThread> side_;  // runs the second overlapped half; null without halves
 
+  const int64_t kv_capacity_;     // positions for live sequences (what GetStats reports)
+  const int64_t prefix_budget_;   // Options::prefix_cache_tokens (0 when unsupported)
+
   mutable std::mutex mu_;
   const std::unique_ptr<KvCache> cache_ ABSL_GUARDED_BY(mu_);
+  std::vector<PrefixEntry> prefix_ ABSL_GUARDED_BY(mu_);
+  int64_t prefix_tokens_ ABSL_GUARDED_BY(mu_) = 0;     // held by prefix_
+  uint64_t next_prefix_id_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t prefix_hit_tokens_ ABSL_GUARDED_BY(mu_) = 0;  // rows copied instead of computed
   std::unordered_map<uint64_t, std::unique_ptr<SeqState>> seqs_ ABSL_GUARDED_BY(mu_);
   int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t released_ ABSL_GUARDED_BY(mu_) = 0;

@@ -17,6 +17,13 @@ bool IsRoutedExpertTensor(std::string_view name) {
 absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSetupOptions opt) {
   auto s = std::make_unique<AttentionSetup>();
   const LoadOptions& lo = opt.load;
+  if (opt.prefix_cache_tokens < 0) {
+    return absl::InvalidArgumentError("--prefix_cache_tokens must be >= 0");
+  }
+  if (opt.prefix_cache_tokens > 0 && !lo.device.is_cpu()) {
+    return absl::InvalidArgumentError(
+        "--prefix_cache_tokens needs the CPU attention stack (the KV cache in host memory)");
+  }
   auto cfg = LoadModelConfig(opt.model_dir, lo);
   if (!cfg.ok()) return cfg.status();
   s->cfg = *cfg;
@@ -87,6 +94,7 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   }
   AttentionWorker::Options wo;
   wo.kv_capacity_tokens = opt.kv_capacity_tokens;
+  wo.prefix_cache_tokens = opt.prefix_cache_tokens;
   wo.device = lo.device.ToString();
   wo.overlap_halves = opt.overlap_halves;
   s->worker = std::make_unique<AttentionWorker>(s->stack.get(), s->encoder.get(), s->experts.get(), wo);

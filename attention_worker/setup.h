@@ -32,6 +32,7 @@ struct AttentionSetupOptions {
   // the same), --cuda_graphs.
   LoadOptions load;
   int64_t kv_capacity_tokens = 1 << 16;
+  int64_t prefix_cache_tokens = 0;  // AttentionWorker::Options::prefix_cache_tokens (CPU only)
   double expert_timeout_seconds = 30;
   double connect_timeout_seconds = 60;
   bool overlap_halves = true;  // AttentionWorker::Options::overlap_halves

@@ -89,6 +89,50 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
   return absl::OkStatus();
 }
 
+void KvCache::Truncate(uint64_t seq, int64_t length) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end() || length >= it->second.length || length < 0) return;
+  used_ -= it->second.length - length;
+  it->second.length = length;
+}
+
+bool KvCache::Rename(uint64_t from, uint64_t to) {
+  auto it = seqs_.find(from);
+  if (it == seqs_.end() || seqs_.count(to) != 0) return false;
+  Seq s = std::move(it->second);
+  seqs_.erase(it);
+  seqs_.emplace(to, std::move(s));
+  return true;
+}
+
+absl::Status KvCache::CopyRows(uint64_t src, uint64_t dst, int64_t begin, int64_t end) {
+  if (!host_storage_) {
+    return absl::UnimplementedError("copying KV rows needs a KV cache in host memory");
+  }
+  const Seq& a = seqs_.at(src);
+  Seq& b = seqs_.at(dst);
+  if (begin < 0 || end > a.length || end > b.length || begin > end) {
+    return absl::OutOfRangeError(absl::StrCat("KV rows [", begin, ", ", end, ") of ", a.length,
+                                              " / ", b.length));
+  }
+  const int64_t hd = head_dim(), eb = elem_bytes_, n = end - begin;
+  for (int64_t l = 0; l < num_layers_; ++l) {
+    for (int64_t h = 0; h < kv_heads_; ++h) {
+      std::memcpy(b.k[l].get() + (h * b.slots + begin) * hd * eb,
+                  a.k[l].get() + (h * a.slots + begin) * hd * eb, n * hd * eb);
+      std::memcpy(b.v[l].get() + (h * b.slots + begin) * hd * eb,
+                  a.v[l].get() + (h * a.slots + begin) * hd * eb, n * hd * eb);
+      if (dtype_ == KvDType::kInt8) {
+        std::memcpy(b.ks[l].get() + h * b.slots + begin, a.ks[l].get() + h * a.slots + begin,
+                    n * sizeof(float));
+        std::memcpy(b.vs[l].get() + h * b.slots + begin, a.vs[l].get() + h * a.slots + begin,
+                    n * sizeof(float));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 void KvCache::Free(uint64_t seq) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;

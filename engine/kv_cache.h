@@ -46,6 +46,15 @@ class KvCache {
   virtual absl::Status Reserve(uint64_t seq, int64_t length);
   // Frees the sequence's positions and memory at once. No-op for an unknown sequence.
   virtual void Free(uint64_t seq);
+  // Gives back positions [length, Reserved(seq)) of `seq` (no-op when it holds no more).
+  void Truncate(uint64_t seq, int64_t length);
+  // Moves `from`'s positions and rows to the new id `to` (no copy). False when `from` is
+  // unknown or `to` exists.
+  bool Rename(uint64_t from, uint64_t to);
+  // Copies positions [begin, end) of every layer from `src` to `dst` (both reserved that far;
+  // int8 scales too). Host storage only: Unimplemented otherwise.
+  absl::Status CopyRows(uint64_t src, uint64_t dst, int64_t begin, int64_t end);
+  bool host_storage() const { return host_storage_; }
   // Positions reserved for `seq` (0 for an unknown sequence).
   int64_t Reserved(uint64_t seq) const;
   // Rows allocated per head for `seq` (>= Reserved(seq); 0 for an unknown sequence).

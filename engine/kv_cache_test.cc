@@ -1,6 +1,7 @@
 #include "engine/kv_cache.h"
 
 #include <cmath>
+#include <vector>
 
 #include "engine/dtype.h"
 #include "gtest/gtest.h"
@@ -145,6 +146,57 @@ TEST(KvCacheTest, Int8StoreQuantisesRowsAndGrowthKeepsThem) {
   check();
   EXPECT_EQ(ParseKvDType("int8").value(), KvDType::kInt8);
   EXPECT_NE(ParseKvDType("int4").status().message().find("fp32, bf16 or int8"), std::string::npos);
+}
+
+// The prefix cache's operations: Rename moves a sequence's rows to another id, Truncate gives
+// back positions, CopyRows copies positions of every layer (int8 scales too) between sequences.
+TEST(KvCacheTest, RenameTruncateAndCopyRows) {
+  for (KvDType dtype : {KvDType::kF32, KvDType::kInt8}) {
+    KvCache c(/*num_layers=*/2, /*kv_dim=*/8, /*capacity_tokens=*/100, true, /*kv_heads=*/2,
+              dtype);
+    ASSERT_TRUE(c.Reserve(1, 10).ok());
+    std::vector<float> k(10 * 8), v(10 * 8);
+    for (size_t i = 0; i < k.size(); ++i) {
+      k[i] = 0.25f * static_cast<float>(i % 13) - 1.0f;
+      v[i] = 0.5f * static_cast<float>(i % 7);
+    }
+    for (int64_t l = 0; l < 2; ++l) c.Store(1, l, 0, 10, k.data(), v.data());
+    c.Truncate(1, 6);
+    EXPECT_EQ(c.Reserved(1), 6);
+    EXPECT_EQ(c.used_tokens(), 6);
+    ASSERT_TRUE(c.Rename(1, 99));
+    EXPECT_FALSE(c.Has(1));
+    EXPECT_FALSE(c.Rename(1, 5));  // unknown
+    ASSERT_TRUE(c.Reserve(2, 90).ok());
+    ASSERT_TRUE(c.CopyRows(99, 2, 2, 6).ok());
+    EXPECT_EQ(c.CopyRows(99, 2, 2, 7).code(), absl::StatusCode::kOutOfRange);  // 99 holds 6
+    // Sequence 2 (other slots per head than 99) holds 99's rows 2..5 and nothing else moved.
+    const int64_t s99 = c.Slots(99), s2 = c.Slots(2);
+    ASSERT_NE(s99, s2);
+    for (int64_t l = 0; l < 2; ++l) {
+      for (int64_t h = 0; h < 2; ++h) {
+        for (int64_t p = 2; p < 6; ++p) {
+          if (dtype == KvDType::kInt8) {
+            EXPECT_EQ(c.KScale(2, l)[h * s2 + p], c.KScale(99, l)[h * s99 + p]);
+            EXPECT_EQ(c.VScale(2, l)[h * s2 + p], c.VScale(99, l)[h * s99 + p]);
+            for (int64_t d = 0; d < 4; ++d) {
+              EXPECT_EQ(c.KInt8(2, l)[(h * s2 + p) * 4 + d], c.KInt8(99, l)[(h * s99 + p) * 4 + d]);
+              EXPECT_EQ(c.VInt8(2, l)[(h * s2 + p) * 4 + d], c.VInt8(99, l)[(h * s99 + p) * 4 + d]);
+            }
+          } else {
+            for (int64_t d = 0; d < 4; ++d) {
+              EXPECT_EQ(c.K(2, l)[(h * s2 + p) * 4 + d], k[p * 8 + h * 4 + d]);
+              EXPECT_EQ(c.V(2, l)[(h * s2 + p) * 4 + d], v[p * 8 + h * 4 + d]);
+            }
+          }
+        }
+      }
+    }
+  }
+  KvCache device(/*num_layers=*/1, /*kv_dim=*/8, /*capacity_tokens=*/100, /*host_storage=*/false);
+  ASSERT_TRUE(device.Reserve(1, 4).ok());
+  ASSERT_TRUE(device.Reserve(2, 4).ok());
+  EXPECT_EQ(device.CopyRows(1, 2, 0, 4).code(), absl::StatusCode::kUnimplemented);
 }
 
 }  // namespace

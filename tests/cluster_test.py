@@ -921,6 +921,56 @@ class ThinkingBudgetTest(unittest.TestCase):
             c.stop()
 
 
+class PrefixCacheTest(unittest.TestCase):
+    """--prefix_cache_tokens on the attention worker: released sequences' KV rows are reused by
+    later prompts that start with the same tokens; the ids are those of a worker without it."""
+
+    OUT = 24
+
+    def test_prompts_sharing_a_prefix_reuse_its_rows(self):
+        shared = shared_pydoc_cluster()
+        held = heldout_ids()
+        a = held[:600]                          # three prefill chunks of 256, 256, 88
+        b = held[:400] + held[5000:5100]        # shares 400 tokens with a
+        ref = {name: greedy_ids(shared.stub, ids, self.OUT) for name, ids in
+               (("a", a), ("b", b))}
+        c_prompt = a + ref["a"] + held[7000:7050]  # the next turn after a's answer
+        ref["c"] = greedy_ids(shared.stub, c_prompt, self.OUT)
+        # Budget 700: a's 623 rows (600 + 23 generated ones fed back) or b's 523, not both.
+        c = start_cluster(PYDOC, [], name="prefix", encoder=shared.encoder,
+                          experts=shared.experts, attention_flags=["--prefix_cache_tokens=700"])
+        try:
+            def run(ids):
+                before = c.stats().prefix_hit_tokens
+                got = greedy_ids(c.stub, ids, self.OUT)
+                # The router releases a finished sequence after its last token: wait for it.
+                deadline = time.time() + 10
+                while c.stats().kv_used_tokens and time.time() < deadline:
+                    time.sleep(0.02)
+                return got, c.stats().prefix_hit_tokens - before
+
+            # Each prefill chunk computes at least its last token: a hit on all of a's 600
+            # prompt tokens copies 255 + 255 + 87 rows.
+            self.assertEqual(run(a), (ref["a"], 0))
+            self.assertEqual(c.stats().prefix_cache_tokens, 623)
+            self.assertEqual(run(a), (ref["a"], 597))
+            self.assertEqual(c.stats().prefix_cache_tokens, 623)  # kept once
+            self.assertEqual(run(b), (ref["b"], 255 + 144))  # the 400 shared tokens
+            # b's rows pushed a's out (least recently used): a now finds only b's 400.
+            self.assertEqual(c.stats().prefix_cache_tokens, 523)
+            self.assertEqual(run(a), (ref["a"], 255 + 144))
+            # The next turn of a chat: a's prompt, its 23 fed-back answer tokens, then new text.
+            self.assertEqual(run(c_prompt), (ref["c"], 255 + 255 + 111))
+            st = c.stats()
+            self.assertLessEqual(st.prefix_cache_tokens, 700)
+            self.assertEqual(st.kv_used_tokens, 0)
+            self.assertEqual(st.kv_capacity_tokens, 65536)  # the router's admission unchanged
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
+
+
 class BadInputTest(unittest.TestCase):
     """Each bad request fails with the right code while a good greedy stream runs beside it."""
 
