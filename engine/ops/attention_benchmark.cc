@@ -24,6 +24,15 @@ struct Shape {
   int64_t heads, kv_heads, head_dim;
 };
 
+// n values uniform in [-1, 1].
+std::vector<float> Uniform(int64_t n, std::mt19937 *rng) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> x(n);
+  for (float &e : x)
+    e = u(*rng);
+  return x;
+}
+
 // Seconds per call of `pass` (after one warm-up call, repeated for 0.3 s).
 template <typename F> double SecondsPerCall(const F &pass) {
   using Clock = std::chrono::steady_clock;
@@ -54,12 +63,8 @@ int main() {
                       qd = s.heads * s.head_dim;
         std::vector<std::vector<float>> k(seqs), v(seqs);
         for (int64_t b = 0; b < seqs; ++b) {
-          k[b].resize(ctx * kvd);
-          v[b].resize(ctx * kvd);
-          for (float &x : k[b])
-            x = u(rng);
-          for (float &x : v[b])
-            x = u(rng);
+          k[b] = Uniform(ctx * kvd, &rng);
+          v[b] = Uniform(ctx * kvd, &rng);
         }
         std::vector<float> q(seqs * qd), out(seqs * qd);
         for (float &x : q)
@@ -94,12 +99,8 @@ int main() {
       std::vector<std::vector<int8_t>> k8(seqs), v8(seqs);
       std::uniform_int_distribution<int> i8(-127, 127);
       for (int64_t b = 0; b < seqs; ++b) {
-        k[b].resize(ctx * kvd);
-        v[b].resize(ctx * kvd);
-        for (float &x : k[b])
-          x = u(rng);
-        for (float &x : v[b])
-          x = u(rng);
+        k[b] = Uniform(ctx * kvd, &rng);
+        v[b] = Uniform(ctx * kvd, &rng);
         for (float x : k[b])
           k16[b].push_back(moemesh::F32ToBF16(x));
         for (float x : v[b])
