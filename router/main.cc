@@ -92,6 +92,8 @@ int Main() {
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());
+  auto http = StartHttpFromFlags(router->get(), model_dir, "router");
+  if (!http.ok()) return Fail(http.status());
   std::cerr << "router: serving moemesh.v1.Generation on " << bound << std::endl;
   // Shutdown cancels in-flight streams; the router (destroyed after the server) ends them.
   ServeUntilSignal(server->get());

@@ -1,5 +1,7 @@
 #include "router/router_flags.h"
 
+#include <iostream>
+
 #include "absl/flags/flag.h"
 
 ABSL_FLAG(int64_t, max_queue, 256,
@@ -18,6 +20,13 @@ ABSL_FLAG(std::string, think_tokens, "",
           "The tokens between which a request's thinking_budget counts, as START,END; empty: "
           "<think>,</think> when the tokenizer has both (otherwise budgets are refused).");
 
+ABSL_FLAG(std::string, http_address, "",
+          "Also serve the OpenAI-compatible HTTP API (POST /v1/completions, /v1/chat/completions, "
+          "GET /v1/models, /health) on HOST:PORT; empty = off.");
+ABSL_FLAG(std::string, served_model_name, "",
+          "The model id of the HTTP API (what /v1/models lists and requests name); empty = the "
+          "model directory's basename.");
+
 namespace moemesh {
 
 RouterOptions RouterOptionsFromFlags() {
@@ -29,6 +38,26 @@ RouterOptions RouterOptionsFromFlags() {
   ro.worker_retry_seconds = absl::GetFlag(FLAGS_worker_retry_seconds);
   ro.think_tokens = absl::GetFlag(FLAGS_think_tokens);
   return ro;
+}
+
+absl::StatusOr<std::unique_ptr<HttpServer>> StartHttpFromFlags(Router* router,
+                                                               const std::string& model_dir,
+                                                               const std::string& who) {
+  const std::string address = absl::GetFlag(FLAGS_http_address);
+  if (address.empty()) return std::unique_ptr<HttpServer>();
+  HttpServerOptions opt;
+  opt.served_model = absl::GetFlag(FLAGS_served_model_name);
+  if (opt.served_model.empty()) {
+    std::string dir = model_dir;
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    opt.served_model = dir.substr(dir.rfind('/') + 1);
+  }
+  std::string bound;
+  auto server = HttpServer::Start(address, router, opt, &bound);
+  if (!server.ok()) return server.status();
+  std::cerr << who << ": serving the OpenAI-compatible HTTP API on " << bound << " (model '"
+            << opt.served_model << "')" << std::endl;
+  return server;
 }
 
 }  // namespace moemesh

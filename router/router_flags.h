@@ -1,20 +1,30 @@
 // Command-line flags of the router's scheduler, shared by every binary that runs a router
 // (router, moemesh serve, moemesh_node): --max_queue, --max_running, --prefill_chunk, --max_moves,
-// --worker_retry_seconds, --think_tokens.
+// --worker_retry_seconds, --think_tokens, and the HTTP API's --http_address, --served_model_name.
 #ifndef MOEMESH_ROUTER_ROUTER_FLAGS_H_
 #define MOEMESH_ROUTER_ROUTER_FLAGS_H_
 
 #include <string>
 
 #include "absl/flags/declare.h"
+#include "router/http_server.h"
 #include "router/router.h"
 
-// --think_tokens: also read by `moemesh generate --thinking_budget`.
+// --think_tokens: also read by `moemesh generate --thinking_budget`; --http_address by
+// `moemesh cluster` (which passes it to its router).
 ABSL_DECLARE_FLAG(std::string, think_tokens);
+ABSL_DECLARE_FLAG(std::string, http_address);
 
 namespace moemesh {
 
 RouterOptions RouterOptionsFromFlags();
+
+// With --http_address: starts the OpenAI-compatible HTTP API over `router` (the model id it
+// serves: --served_model_name, or the basename of `model_dir`) and logs "`who`: serving the
+// OpenAI-compatible HTTP API on HOST:PORT". Null without --http_address.
+absl::StatusOr<std::unique_ptr<HttpServer>> StartHttpFromFlags(Router* router,
+                                                               const std::string& model_dir,
+                                                               const std::string& who);
 
 }  // namespace moemesh
 

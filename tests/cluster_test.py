@@ -19,6 +19,7 @@ Set MOEMESH_TEST_KEEP_LOGS=DIR to keep the processes' logs in DIR.
 
 import atexit
 import faulthandler
+import http.client
 import importlib
 import importlib.util
 import json
@@ -969,6 +970,151 @@ class PrefixCacheTest(unittest.TestCase):
             raise AssertionError("%s%s" % (e, c.describe())) from None
         finally:
             c.stop()
+
+
+class HttpApiTest(unittest.TestCase):
+    """The router's OpenAI-compatible HTTP API (--http_address) beside its gRPC API: the same
+    completions, streamed or not, OpenAI's error objects, a client that leaves mid-stream."""
+
+    @classmethod
+    def setUpClass(cls):
+        shared = shared_pydoc_cluster()
+        cls.c = start_cluster(PYDOC, [], name="http", encoder=shared.encoder,
+                              experts=shared.experts,
+                              router_flags=["--http_address=127.0.0.1:0"])
+        cls.http = cls.c.procs[-1].wait_for(
+            r"OpenAI-compatible HTTP API on (\S+) \(model 'pydoc-moe-17m'\)").group(1)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.c.stop()
+
+    def call(self, method, path, body=None):
+        """(status, parsed JSON or text) of one request."""
+        conn = http.client.HTTPConnection(self.http, timeout=CALL_TIMEOUT)
+        try:
+            data = None if body is None else json.dumps(body)
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            raw = r.read().decode("utf-8")
+            try:
+                return r.status, json.loads(raw)
+            except ValueError:
+                return r.status, raw
+        finally:
+            conn.close()
+
+    def events(self, path, body):
+        """The data fields of a streamed response's server-sent events."""
+        conn = http.client.HTTPConnection(self.http, timeout=CALL_TIMEOUT)
+        try:
+            conn.request("POST", path, body=json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            self.assertEqual(r.status, 200)
+            self.assertEqual(r.getheader("Content-Type"), "text/event-stream")
+            text = r.read().decode("utf-8")
+        finally:
+            conn.close()
+        self.assertTrue(text.endswith("\n\n"))
+        return [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
+
+    def test_completions_match_the_grpc_api(self):
+        ids = PYDOC_CASES[1][0]
+        want = generate(self.c.stub, make_request(ids, 20))
+        status, got = self.call("POST", "/v1/completions",
+                                {"model": "pydoc-moe-17m", "prompt": ids, "max_tokens": 20,
+                                 "temperature": 0, "ignore_eos": True, "logprobs": 2})
+        self.assertEqual(status, 200, got)
+        self.assertEqual(got["object"], "text_completion")
+        choice = got["choices"][0]
+        self.assertEqual(choice["text"], want.text)
+        self.assertEqual(choice["finish_reason"], "length")
+        self.assertEqual(got["usage"], {"prompt_tokens": len(ids), "completion_tokens": 20,
+                                        "total_tokens": len(ids) + 20})
+        lp = choice["logprobs"]
+        self.assertEqual(len(lp["tokens"]), 20)
+        self.assertEqual("".join(lp["tokens"]), want.text)
+        self.assertTrue(all(len(t) <= 2 for t in lp["top_logprobs"]))
+        self.assertTrue(all(x <= 0 for x in lp["token_logprobs"]))
+        # Streamed: the chunks' texts add up to the same completion; usage last, then [DONE].
+        ev = self.events("/v1/completions", {"prompt": ids, "max_tokens": 20, "temperature": 0,
+                                             "ignore_eos": True, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+        self.assertEqual(ev[-1], "[DONE]")
+        chunks = [json.loads(e) for e in ev[:-1]]
+        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks[:-1]), want.text)
+        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "length")
+        self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 20)
+
+    def test_chat_completions_match_the_grpc_api(self):
+        req = pb2.GenerateRequest()
+        req.chat.messages.add(role="user", content="How do I open a file?")
+        req.sampling.temperature = 0
+        req.sampling.max_tokens = 12
+        req.sampling.ignore_eos = True
+        want = generate(self.c.stub, req)
+        body = {"messages": [{"role": "user", "content": "How do I open a file?"}],
+                "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        status, got = self.call("POST", "/v1/chat/completions", body)
+        self.assertEqual(status, 200, got)
+        self.assertEqual(got["choices"][0]["message"], {"role": "assistant",
+                                                        "content": want.text})
+        self.assertEqual(got["usage"]["prompt_tokens"], want.prompt_tokens)
+        ev = self.events("/v1/chat/completions", dict(body, stream=True))
+        chunks = [json.loads(e) for e in ev[:-1]]
+        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "")
+                                 for c in chunks), want.text)
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "length")
+
+    def test_errors_are_openai_error_objects(self):
+        status, got = self.call("POST", "/v1/completions", {"prompt": "x", "temperature": -1})
+        self.assertEqual(status, 400)
+        self.assertEqual(got["error"]["type"], "invalid_request_error")
+        self.assertIn("temperature", got["error"]["message"])
+        status, got = self.call("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"})
+        self.assertEqual(status, 404)
+        self.assertIn("pydoc-moe-17m", got["error"]["message"])
+        status, got = self.call("POST", "/v1/completions",
+                                {"prompt": heldout_ids()[:PYDOC_CONTEXT + 1]})
+        self.assertEqual(status, 400)
+        self.assertEqual(self.call("GET", "/v1/completions")[0], 405)
+        self.assertEqual(self.call("GET", "/nowhere")[0], 404)
+        status, got = self.call("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in got["data"]], ["pydoc-moe-17m"])
+        self.assertEqual(self.call("GET", "/health"), (200, "ok\n"))
+        # Not JSON at all.
+        conn = http.client.HTTPConnection(self.http, timeout=30)
+        conn.request("POST", "/v1/completions", body="{oops")
+        r = conn.getresponse()
+        self.assertEqual(r.status, 400)
+        self.assertIn("JSON", json.loads(r.read())["error"]["message"])
+        conn.close()
+
+    def test_a_client_leaving_mid_stream_cancels_its_request(self):
+        steps_before = self.c.stats().steps
+        sock = socket.create_connection(tuple(self.http.rsplit(":", 1)), timeout=30)
+        body = json.dumps({"prompt": PYDOC_CASES[0][0], "max_tokens": 900, "temperature": 0,
+                           "ignore_eos": True, "stream": True})
+        sock.sendall(("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      "application/json\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(body), body)).encode())
+        got = b""
+        while b"data: " not in got:
+            got += sock.recv(4096)
+        self.assertIn(b"200 OK", got)
+        self.assertEqual(self.c.stats().active_sequences, 1)
+        sock.close()
+        # Cancelled at a step boundary and released: the worker holds no sequence.
+        deadline = time.time() + 20
+        while self.c.stats().active_sequences and time.time() < deadline:
+            time.sleep(0.05)
+        st = self.c.stats()
+        self.assertEqual(st.active_sequences, 0)
+        self.assertEqual(st.kv_used_tokens, 0)
+        # Stopped early: far fewer steps than the 900 tokens it asked for.
+        self.assertLess(st.steps - steps_before, 450)
 
 
 class BadInputTest(unittest.TestCase):

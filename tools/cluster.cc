@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "mesh/grpc_clients.h"
 #include "mesh/load_flags.h"
+#include "router/router_flags.h"
 #include "tools/commands.h"
 
 ABSL_FLAG(int32_t, expert_workers, 2, "cluster: number of expert-worker processes (experts split evenly).");
@@ -170,7 +171,11 @@ int RunCluster(const std::string& argv0) {
            "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype)},
           attention_addr(i));
   }
-  start("router", {bin + "/router/router", "--config=" + config}, addr(0));
+  // The router also serves the HTTP API with --http_address (it listens before it is healthy).
+  const std::string http = absl::GetFlag(FLAGS_http_address);
+  std::vector<std::string> router_argv = {bin + "/router/router", "--config=" + config};
+  if (!http.empty()) router_argv.push_back("--http_address=" + http);
+  start("router", router_argv, addr(0));
 
   // Healthy, in start order; give up if a process dies or the deadline passes.
   auto died = [&]() -> const Child* {
@@ -212,6 +217,10 @@ int RunCluster(const std::string& argv0) {
             << addr(3) << "); logs and config in " << logs << std::endl;
   std::cout << "Query it:  /usr/bin/python3 scripts/client.py --addr=" << addr(0)
             << " \"your prompt\"   Stop it: Ctrl-C" << std::endl;
+  if (!http.empty()) {
+    std::cout << "HTTP API (OpenAI-compatible): http://" << http
+              << "/v1/completions, /v1/chat/completions" << std::endl;
+  }
   while (!g_signal) {
     if (const Child* d = died()) {
       std::cerr << "moemesh cluster: " << d->name << " exited; stopping the cluster (see " << logs

@@ -259,6 +259,7 @@ int Main(int rank, int size, int thread_level) {
   std::unique_ptr<Tokenizer> tok;
   std::vector<std::unique_ptr<GrpcAttentionClient>> clients;
   std::unique_ptr<Router> router;
+  std::unique_ptr<HttpServer> http;  // rank 0 with --http_address
   if (rank == 0) {
     auto t = Tokenizer::FromFile(model_dir + "/tokenizer.json");
     if (!t.ok()) return Fail(rank, t.status());
@@ -288,6 +289,9 @@ int Main(int rank, int size, int thread_level) {
     auto srv = StartServer(address, {service.get()}, &bound);
     if (!srv.ok()) return Fail(rank, srv.status());
     server = std::move(*srv);
+    auto h = StartHttpFromFlags(router.get(), model_dir, "moemesh_node rank 0");
+    if (!h.ok()) return Fail(rank, h.status());
+    http = std::move(*h);
     std::cout << "MoE Mesh cluster ready (mpirun, " << size << " ranks): router on " << bound
               << std::endl;
   }
@@ -309,6 +313,7 @@ int Main(int rank, int size, int thread_level) {
               << " RunExperts calls over MPI (" << serve_stats.bytes_received << " bytes in, "
               << serve_stats.bytes_sent << " out)" << std::endl;
   }
+  http.reset();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server.reset();
   router.reset();

@@ -65,8 +65,10 @@ int RunServe() {
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());
+  auto http = StartHttpFromFlags(router->get(), dir, "moemesh serve");
+  if (!http.ok()) return Fail(http.status());
   std::cerr << "moemesh serve: serving " << dir << " on " << bound << std::endl;
-  // Shutdown cancels in-flight streams; the router (destroyed after the server) ends them.
+  // Shutdown cancels in-flight streams; the router (destroyed after the servers) ends them.
   ServeUntilSignal(server->get());
   return 0;
 }

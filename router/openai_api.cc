@@ -1,0 +1,396 @@
+#include "router/openai_api.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace moemesh {
+namespace openai {
+namespace {
+
+using json = nlohmann::json;
+using moemesh::v1::FinishReason;
+
+absl::Status Bad(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat("field '", field, "' ", why));
+}
+
+// An optional number field; InvalidArgument when present with another type.
+absl::StatusOr<std::optional<double>> Number(const json& j, const char* field) {
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) return std::optional<double>();
+  if (!it->is_number()) return Bad(field, "must be a number");
+  return std::optional<double>(it->get<double>());
+}
+
+// An optional integer field (a number with no fraction).
+absl::StatusOr<std::optional<int64_t>> Integer(const json& j, const char* field) {
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) return std::optional<int64_t>();
+  if (!it->is_number_integer()) return Bad(field, "must be an integer");
+  return std::optional<int64_t>(it->get<int64_t>());
+}
+
+absl::StatusOr<std::optional<bool>> Bool(const json& j, const char* field) {
+  auto it = j.find(field);
+  if (it == j.end() || it->is_null()) return std::optional<bool>();
+  if (!it->is_boolean()) return Bad(field, "must be true or false");
+  return std::optional<bool>(it->get<bool>());
+}
+
+// A message's content: a string, or text parts [{"type": "text", "text": ...}].
+absl::StatusOr<std::string> Content(const json& content) {
+  if (content.is_string()) return content.get<std::string>();
+  if (!content.is_array()) return Bad("messages", "content must be a string or text parts");
+  std::string text;
+  for (const json& part : content) {
+    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+        !part["text"].is_string()) {
+      return Bad("messages", "content parts must be {\"type\": \"text\", \"text\": ...}: only "
+                             "text inputs are supported");
+    }
+    text += part["text"].get<std::string>();
+  }
+  return text;
+}
+
+std::string FinishName(FinishReason r) {
+  switch (r) {
+    case moemesh::v1::FINISH_REASON_STOP:
+      return "stop";
+    case moemesh::v1::FINISH_REASON_LENGTH:
+      return "length";
+    case moemesh::v1::FINISH_REASON_CANCELLED:
+      return "cancelled";
+    default:
+      return "";
+  }
+}
+
+json Bytes(const std::string& s) {
+  json b = json::array();
+  for (unsigned char c : s) b.push_back(static_cast<int>(c));
+  return b;
+}
+
+}  // namespace
+
+absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,
+                                           const std::string& served_model) {
+  const json j = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError("the request body must be a JSON object");
+  }
+  ParsedRequest out;
+  moemesh::v1::GenerateRequest& req = out.request;
+  moemesh::v1::SamplingParams* s = req.mutable_sampling();
+  if (auto it = j.find("model"); it != j.end() && !it->is_null()) {
+    if (!it->is_string()) return Bad("model", "must be a string");
+    if (it->get<std::string>() != served_model) {
+      return absl::NotFoundError(absl::StrCat("model '", it->get<std::string>(),
+                                              "' is not served here; this server serves '",
+                                              served_model, "'"));
+    }
+  }
+  if (endpoint == Endpoint::kCompletions) {
+    auto it = j.find("prompt");
+    if (it == j.end()) return Bad("prompt", "is required");
+    if (it->is_string()) {
+      req.set_text(it->get<std::string>());
+    } else if (it->is_array() && !it->empty() && (*it)[0].is_number_integer()) {
+      for (const json& id : *it) {
+        if (!id.is_number_integer()) return Bad("prompt", "must be a string or token ids");
+        req.mutable_token_ids()->add_ids(id.get<int32_t>());
+      }
+    } else if (it->is_array() && it->size() == 1 && (*it)[0].is_string()) {
+      req.set_text((*it)[0].get<std::string>());
+    } else if (it->is_array() && it->size() > 1) {
+      return Bad("prompt", "holds several prompts: send one request per prompt");
+    } else {
+      return Bad("prompt", "must be a string or an array of token ids");
+    }
+    s->set_max_tokens(16);  // OpenAI's default for completions
+  } else {
+    auto it = j.find("messages");
+    if (it == j.end() || !it->is_array() || it->empty()) {
+      return Bad("messages", "must be a non-empty array of {role, content}");
+    }
+    for (const json& m : *it) {
+      if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
+        return Bad("messages", "entries need a string 'role'");
+      }
+      auto content = Content(m.value("content", json("")));
+      if (!content.ok()) return content.status();
+      auto* cm = req.mutable_chat()->add_messages();
+      cm->set_role(m["role"].get<std::string>());
+      cm->set_content(*content);
+    }
+  }
+  for (const char* field : {"max_tokens", "max_completion_tokens"}) {
+    auto v = Integer(j, field);
+    if (!v.ok()) return v.status();
+    if (v->has_value()) {
+      if (**v < 1) return Bad(field, "must be >= 1");
+      s->set_max_tokens(static_cast<int32_t>(std::min<int64_t>(**v, 1 << 30)));
+    }
+  }
+  struct FloatField {
+    const char* name;
+    void (moemesh::v1::SamplingParams::*set)(float);
+  };
+  for (const FloatField& f : {FloatField{"temperature", &moemesh::v1::SamplingParams::set_temperature},
+                              FloatField{"top_p", &moemesh::v1::SamplingParams::set_top_p},
+                              FloatField{"min_p", &moemesh::v1::SamplingParams::set_min_p},
+                              FloatField{"presence_penalty",
+                                         &moemesh::v1::SamplingParams::set_presence_penalty},
+                              FloatField{"frequency_penalty",
+                                         &moemesh::v1::SamplingParams::set_frequency_penalty},
+                              FloatField{"repetition_penalty",
+                                         &moemesh::v1::SamplingParams::set_repetition_penalty}}) {
+    auto v = Number(j, f.name);
+    if (!v.ok()) return v.status();
+    if (v->has_value()) (s->*f.set)(static_cast<float>(**v));
+  }
+  struct IntField {
+    const char* name;
+    void (moemesh::v1::SamplingParams::*set)(int32_t);
+  };
+  for (const IntField& f : {IntField{"top_k", &moemesh::v1::SamplingParams::set_top_k},
+                            IntField{"experts_per_token",
+                                     &moemesh::v1::SamplingParams::set_experts_per_token},
+                            IntField{"thinking_budget",
+                                     &moemesh::v1::SamplingParams::set_thinking_budget}}) {
+    auto v = Integer(j, f.name);
+    if (!v.ok()) return v.status();
+    if (v->has_value()) {
+      if (**v < INT32_MIN || **v > INT32_MAX) return Bad(f.name, "is out of range");
+      (s->*f.set)(static_cast<int32_t>(**v));
+    }
+  }
+  if (s->has_top_k() && s->top_k() == -1) s->set_top_k(0);  // vLLM's "off"
+  auto seed = Integer(j, "seed");
+  if (!seed.ok()) return seed.status();
+  if (seed->has_value()) s->set_seed(static_cast<uint64_t>(**seed));
+  auto ignore_eos = Bool(j, "ignore_eos");
+  if (!ignore_eos.ok()) return ignore_eos.status();
+  if (ignore_eos->has_value()) s->set_ignore_eos(**ignore_eos);
+  if (auto it = j.find("stop"); it != j.end() && !it->is_null()) {
+    if (it->is_string()) {
+      s->add_stop(it->get<std::string>());
+    } else if (it->is_array()) {
+      for (const json& x : *it) {
+        if (!x.is_string()) return Bad("stop", "must be a string or an array of strings");
+        s->add_stop(x.get<std::string>());
+      }
+    } else {
+      return Bad("stop", "must be a string or an array of strings");
+    }
+  }
+  auto n = Integer(j, "n");
+  if (!n.ok()) return n.status();
+  if (n->has_value() && **n != 1) return Bad("n", "must be 1 (send one request per completion)");
+  auto echo = Bool(j, "echo");
+  if (!echo.ok()) return echo.status();
+  if (echo->value_or(false)) return Bad("echo", "is not supported");
+  // Log-probabilities: completions `logprobs: N`; chat `logprobs: true` + `top_logprobs: N`.
+  if (endpoint == Endpoint::kCompletions) {
+    auto lp = Integer(j, "logprobs");
+    if (!lp.ok()) return lp.status();
+    if (lp->has_value()) {
+      if (**lp < 0 || **lp > 20) return Bad("logprobs", "must be in [0, 20]");
+      out.top_logprobs = static_cast<int>(**lp);
+    }
+  } else {
+    auto lp = Bool(j, "logprobs");
+    if (!lp.ok()) return lp.status();
+    auto top = Integer(j, "top_logprobs");
+    if (!top.ok()) return top.status();
+    if (top->has_value() && (**top < 0 || **top > 20)) return Bad("top_logprobs", "must be in [0, 20]");
+    if (top->has_value() && !lp->value_or(false)) {
+      return Bad("top_logprobs", "needs 'logprobs': true");
+    }
+    if (lp->value_or(false)) out.top_logprobs = static_cast<int>(top->value_or(0));
+  }
+  // The chosen token's logprob comes with at least one top entry; the builder trims.
+  if (out.top_logprobs >= 0) s->set_logprobs(std::max(out.top_logprobs, 1));
+  auto stream = Bool(j, "stream");
+  if (!stream.ok()) return stream.status();
+  out.stream = stream->value_or(false);
+  if (auto it = j.find("stream_options"); it != j.end() && !it->is_null()) {
+    if (!it->is_object()) return Bad("stream_options", "must be an object");
+    auto usage = Bool(*it, "include_usage");
+    if (!usage.ok()) return usage.status();
+    out.include_usage = usage->value_or(false);
+  }
+  return out;
+}
+
+int HttpStatus(const absl::Status& st) {
+  switch (st.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+    case absl::StatusCode::kFailedPrecondition:
+      return 400;
+    case absl::StatusCode::kNotFound:
+      return 404;
+    case absl::StatusCode::kResourceExhausted:
+      return 429;
+    case absl::StatusCode::kUnavailable:
+      return 503;
+    case absl::StatusCode::kDeadlineExceeded:
+      return 504;
+    case absl::StatusCode::kUnimplemented:
+      return 501;
+    default:
+      return 500;
+  }
+}
+
+json ErrorBody(const absl::Status& st) {
+  const int code = HttpStatus(st);
+  const char* type = code == 400 || code == 404 ? "invalid_request_error"
+                     : code == 429             ? "rate_limit_error"
+                                               : "server_error";
+  return json{{"error",
+               {{"message", std::string(st.message())},
+                {"type", type},
+                {"param", nullptr},
+                {"code", absl::StatusCodeToString(st.code())}}}};
+}
+
+ResponseBuilder::ResponseBuilder(Endpoint endpoint, std::string id, std::string model,
+                                 int64_t created, int top_logprobs)
+    : endpoint_(endpoint),
+      id_(std::move(id)),
+      model_(std::move(model)),
+      created_(created),
+      top_logprobs_(top_logprobs) {
+  if (top_logprobs_ >= 0) {
+    logprobs_ = endpoint_ == Endpoint::kChat
+                    ? json{{"content", json::array()}}
+                    : json{{"tokens", json::array()},
+                           {"token_logprobs", json::array()},
+                           {"top_logprobs", json::array()},
+                           {"text_offset", json::array()}};
+  }
+}
+
+json ResponseBuilder::Envelope(bool chunk) const {
+  const char* object = endpoint_ == Endpoint::kChat
+                           ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                           : "text_completion";
+  return json{{"id", id_}, {"object", object}, {"created", created_}, {"model", model_}};
+}
+
+json ResponseBuilder::Logprobs(const moemesh::v1::GenerateResponse& r,
+                               int64_t* text_offset) const {
+  if (top_logprobs_ < 0) return nullptr;
+  if (endpoint_ == Endpoint::kChat) {
+    json content = json::array();
+    for (const auto& t : r.logprobs()) {
+      json top = json::array();
+      for (int i = 0; i < t.top_size() && i < top_logprobs_; ++i) {
+        top.push_back({{"token", t.top(i).text()},
+                       {"logprob", t.top(i).logprob()},
+                       {"bytes", Bytes(t.top(i).text())}});
+      }
+      content.push_back({{"token", t.chosen().text()},
+                         {"logprob", t.chosen().logprob()},
+                         {"bytes", Bytes(t.chosen().text())},
+                         {"top_logprobs", top}});
+    }
+    return json{{"content", content}};
+  }
+  json lp{{"tokens", json::array()},
+          {"token_logprobs", json::array()},
+          {"top_logprobs", json::array()},
+          {"text_offset", json::array()}};
+  for (const auto& t : r.logprobs()) {
+    lp["tokens"].push_back(t.chosen().text());
+    lp["token_logprobs"].push_back(t.chosen().logprob());
+    json top = json::object();
+    for (int i = 0; i < t.top_size() && i < top_logprobs_; ++i) {
+      top[t.top(i).text()] = t.top(i).logprob();
+    }
+    lp["top_logprobs"].push_back(top);
+    lp["text_offset"].push_back(*text_offset);
+    *text_offset += static_cast<int64_t>(t.chosen().text().size());
+  }
+  return lp;
+}
+
+json ResponseBuilder::Choice(const std::string& text, const json& logprobs, FinishReason reason,
+                             bool delta) const {
+  json c{{"index", 0}, {"logprobs", logprobs}};
+  const std::string finish = FinishName(reason);
+  c["finish_reason"] = finish.empty() ? json(nullptr) : json(finish);
+  if (endpoint_ == Endpoint::kCompletions) {
+    c["text"] = text;
+  } else if (delta) {
+    c["delta"] = text.empty() ? json::object() : json{{"content", text}};
+  } else {
+    c["message"] = {{"role", "assistant"}, {"content", text}};
+  }
+  return c;
+}
+
+json ResponseBuilder::Usage() const {
+  return {{"prompt_tokens", prompt_tokens_},
+          {"completion_tokens", completion_tokens_},
+          {"total_tokens", prompt_tokens_ + completion_tokens_}};
+}
+
+void ResponseBuilder::Add(const moemesh::v1::GenerateResponse& r) {
+  text_ += r.text();
+  if (top_logprobs_ >= 0) {
+    const json lp = Logprobs(r, &text_offset_);
+    for (auto& [key, values] : lp.items()) {
+      for (const json& v : values) logprobs_[key].push_back(v);
+    }
+  }
+  if (r.finish_reason() != moemesh::v1::FINISH_REASON_UNSPECIFIED) {
+    finish_ = r.finish_reason();
+    prompt_tokens_ = r.prompt_tokens();
+    completion_tokens_ = r.completion_tokens();
+  }
+}
+
+json ResponseBuilder::Chunk(const moemesh::v1::GenerateResponse& r) {
+  int64_t offset = text_offset_;
+  const json lp = Logprobs(r, &offset);
+  Add(r);
+  json out = Envelope(/*chunk=*/true);
+  out["choices"] = json::array({Choice(r.text(), lp, r.finish_reason(), /*delta=*/true)});
+  return out;
+}
+
+json ResponseBuilder::RoleChunk() const {
+  json out = Envelope(/*chunk=*/true);
+  json c{{"index", 0},
+         {"delta", {{"role", "assistant"}, {"content", ""}}},
+         {"logprobs", nullptr},
+         {"finish_reason", nullptr}};
+  out["choices"] = json::array({c});
+  return out;
+}
+
+json ResponseBuilder::UsageChunk() const {
+  json out = Envelope(/*chunk=*/true);
+  out["choices"] = json::array();
+  out["usage"] = Usage();
+  return out;
+}
+
+json ResponseBuilder::Final() const {
+  json out = Envelope(/*chunk=*/false);
+  out["choices"] = json::array({Choice(text_, top_logprobs_ >= 0 ? logprobs_ : json(nullptr),
+                                       finish_, /*delta=*/false)});
+  out["usage"] = Usage();
+  return out;
+}
+
+}  // namespace openai
+}  // namespace moemesh

@@ -1,0 +1,85 @@
+// The OpenAI-compatible HTTP API's JSON, translated to and from the public gRPC messages: the
+// bodies of POST /v1/completions and /v1/chat/completions become a GenerateRequest, and a
+// request's GenerateResponses become the OpenAI response object or its streamed chunks. No I/O
+// (http_server.h serves it).
+#ifndef MOEMESH_ROUTER_OPENAI_API_H_
+#define MOEMESH_ROUTER_OPENAI_API_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+#include "protos/generation.pb.h"
+
+namespace moemesh {
+namespace openai {
+
+enum class Endpoint { kCompletions, kChat };
+
+struct ParsedRequest {
+  moemesh::v1::GenerateRequest request;
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage: a last chunk with the usage
+  // Log-probabilities to report: -1 none; completions: top-n (`logprobs`); chat: `top_logprobs`
+  // (with `logprobs: true`).
+  int top_logprobs = -1;
+};
+
+// Parses a request body. Fields (OpenAI's, plus vLLM's extensions top_k, min_p,
+// repetition_penalty, ignore_eos, and ours experts_per_token, thinking_budget): model (must be
+// `served_model` when given), prompt (completions: a string or an array of token ids), messages
+// (chat: role + content, a string or text parts), max_tokens (completions default 16, as
+// OpenAI's; chat: max_completion_tokens too, default up to the context), temperature, top_p,
+// seed, stop (string or array), presence_penalty, frequency_penalty, logprobs / top_logprobs,
+// n (1 only), echo (false only), stream, stream_options. Unset sampling fields keep the model's
+// generation_config defaults, as the gRPC API does. InvalidArgument naming the field otherwise;
+// NotFound for another model.
+absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,
+                                           const std::string& served_model);
+
+// HTTP status of an error (400 invalid argument, 404 not found, 429 resource exhausted, 503
+// unavailable, 504 deadline exceeded, 500 otherwise) and its OpenAI error object.
+int HttpStatus(const absl::Status& st);
+nlohmann::json ErrorBody(const absl::Status& st);
+
+// Turns one request's GenerateResponses into OpenAI objects.
+class ResponseBuilder {
+ public:
+  ResponseBuilder(Endpoint endpoint, std::string id, std::string model, int64_t created,
+                  int top_logprobs);
+  // The chunk for one response (streaming); also accumulates it for Final().
+  nlohmann::json Chunk(const moemesh::v1::GenerateResponse& r);
+  // Streaming chat: the first chunk, with the assistant role and no content.
+  nlohmann::json RoleChunk() const;
+  // The usage chunk of stream_options.include_usage (no choices).
+  nlohmann::json UsageChunk() const;
+  // The whole response (non-streaming), after every response was given to Add or Chunk.
+  void Add(const moemesh::v1::GenerateResponse& r);
+  nlohmann::json Final() const;
+
+ private:
+  nlohmann::json Choice(const std::string& text, const nlohmann::json& logprobs,
+                        moemesh::v1::FinishReason reason, bool delta) const;
+  nlohmann::json Logprobs(const moemesh::v1::GenerateResponse& r, int64_t* text_offset) const;
+  nlohmann::json Usage() const;
+  nlohmann::json Envelope(bool chunk) const;
+
+  const Endpoint endpoint_;
+  const std::string id_, model_;
+  const int64_t created_;
+  const int top_logprobs_;
+  std::string text_;
+  nlohmann::json logprobs_;  // accumulated, for Final()
+  int64_t text_offset_ = 0;  // completions logprobs: offset of the next token's text
+  moemesh::v1::FinishReason finish_ = moemesh::v1::FINISH_REASON_UNSPECIFIED;
+  int32_t prompt_tokens_ = 0, completion_tokens_ = 0;
+};
+
+}  // namespace openai
+}  // namespace moemesh
+
+#endif  // MOEMESH_ROUTER_OPENAI_API_H_

@@ -1,0 +1,221 @@
+// The OpenAI API's JSON <-> the public messages (no server: tests/cluster_test.py drives the
+// HTTP server against a running model).
+#include "router/openai_api.h"
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace moemesh {
+namespace openai {
+namespace {
+
+using json = nlohmann::json;
+
+TEST(OpenAiApiTest, CompletionFieldsMapToTheRequest) {
+  auto p = ParseRequest(Endpoint::kCompletions, R"({
+      "model": "m", "prompt": "Hello", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+      "top_k": -1, "min_p": 0.1, "seed": 3, "stop": ["a", "b"], "presence_penalty": 0.5,
+      "frequency_penalty": -0.5, "repetition_penalty": 1.1, "ignore_eos": true, "logprobs": 2,
+      "stream": true, "stream_options": {"include_usage": true}, "experts_per_token": 2,
+      "thinking_budget": 5, "n": 1, "echo": false})",
+                        "m");
+  ASSERT_TRUE(p.ok()) << p.status();
+  const auto& r = p->request;
+  EXPECT_EQ(r.text(), "Hello");
+  const auto& s = r.sampling();
+  EXPECT_EQ(s.max_tokens(), 7);
+  EXPECT_FLOAT_EQ(s.temperature(), 0.5f);
+  EXPECT_FLOAT_EQ(s.top_p(), 0.9f);
+  EXPECT_TRUE(s.has_top_k());
+  EXPECT_EQ(s.top_k(), 0);  // vLLM's -1: off
+  EXPECT_FLOAT_EQ(s.min_p(), 0.1f);
+  EXPECT_EQ(s.seed(), 3u);
+  ASSERT_EQ(s.stop_size(), 2);
+  EXPECT_EQ(s.stop(1), "b");
+  EXPECT_FLOAT_EQ(s.presence_penalty(), 0.5f);
+  EXPECT_FLOAT_EQ(s.frequency_penalty(), -0.5f);
+  EXPECT_FLOAT_EQ(s.repetition_penalty(), 1.1f);
+  EXPECT_TRUE(s.ignore_eos());
+  EXPECT_EQ(s.logprobs(), 2);
+  EXPECT_EQ(s.experts_per_token(), 2);
+  EXPECT_EQ(s.thinking_budget(), 5);
+  EXPECT_EQ(p->top_logprobs, 2);
+  EXPECT_TRUE(p->stream);
+  EXPECT_TRUE(p->include_usage);
+}
+
+TEST(OpenAiApiTest, DefaultsLeaveSamplingToTheModel) {
+  auto p = ParseRequest(Endpoint::kCompletions, R"({"prompt": [5, 6, 7]})", "m");
+  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_EQ(p->request.token_ids().ids_size(), 3);
+  EXPECT_EQ(p->request.token_ids().ids(2), 7);
+  const auto& s = p->request.sampling();
+  EXPECT_EQ(s.max_tokens(), 16);  // OpenAI's completions default
+  EXPECT_FALSE(s.has_temperature());
+  EXPECT_FALSE(s.has_top_p());
+  EXPECT_FALSE(s.has_logprobs());
+  EXPECT_EQ(p->top_logprobs, -1);
+  EXPECT_FALSE(p->stream);
+  auto chat = ParseRequest(Endpoint::kChat, R"({"messages": [{"role": "user", "content": "x"}]})",
+                           "m");
+  ASSERT_TRUE(chat.ok()) << chat.status();
+  EXPECT_FALSE(chat->request.sampling().has_max_tokens());  // chat: up to the context
+}
+
+TEST(OpenAiApiTest, ChatMessagesAndTextParts) {
+  auto p = ParseRequest(Endpoint::kChat, R"({
+      "messages": [{"role": "system", "content": "Be brief."},
+                   {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                {"type": "text", "text": "there"}]}],
+      "max_completion_tokens": 9, "logprobs": true, "top_logprobs": 3})",
+                        "m");
+  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_EQ(p->request.chat().messages_size(), 2);
+  EXPECT_EQ(p->request.chat().messages(0).role(), "system");
+  EXPECT_EQ(p->request.chat().messages(1).content(), "Hi there");
+  EXPECT_EQ(p->request.sampling().max_tokens(), 9);
+  EXPECT_EQ(p->top_logprobs, 3);
+  EXPECT_EQ(p->request.sampling().logprobs(), 3);
+  // logprobs: true alone reports the chosen tokens' (one top entry asked, none shown).
+  auto lp = ParseRequest(Endpoint::kChat,
+                         R"({"messages": [{"role": "user", "content": "x"}], "logprobs": true})",
+                         "m");
+  ASSERT_TRUE(lp.ok());
+  EXPECT_EQ(lp->top_logprobs, 0);
+  EXPECT_EQ(lp->request.sampling().logprobs(), 1);
+}
+
+TEST(OpenAiApiTest, BadRequestsNameTheField) {
+  struct Case {
+    Endpoint e;
+    const char* body;
+    absl::StatusCode code;
+    const char* word;
+  };
+  const Case cases[] = {
+      {Endpoint::kCompletions, "not json", absl::StatusCode::kInvalidArgument, "JSON"},
+      {Endpoint::kCompletions, "[1]", absl::StatusCode::kInvalidArgument, "JSON object"},
+      {Endpoint::kCompletions, "{}", absl::StatusCode::kInvalidArgument, "prompt"},
+      {Endpoint::kCompletions, R"({"prompt": ["a", "b"]})", absl::StatusCode::kInvalidArgument,
+       "one request per prompt"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "model": "other"})",
+       absl::StatusCode::kNotFound, "serves 'm'"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "temperature": "hot"})",
+       absl::StatusCode::kInvalidArgument, "temperature"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "max_tokens": 0})",
+       absl::StatusCode::kInvalidArgument, "max_tokens"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "max_tokens": 1.5})",
+       absl::StatusCode::kInvalidArgument, "max_tokens"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "n": 2})", absl::StatusCode::kInvalidArgument,
+       "'n'"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "echo": true})",
+       absl::StatusCode::kInvalidArgument, "echo"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "stop": 5})",
+       absl::StatusCode::kInvalidArgument, "stop"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "logprobs": 21})",
+       absl::StatusCode::kInvalidArgument, "logprobs"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "experts_per_token": 4294967297})",
+       absl::StatusCode::kInvalidArgument, "experts_per_token"},
+      {Endpoint::kChat, R"({"messages": []})", absl::StatusCode::kInvalidArgument, "messages"},
+      {Endpoint::kChat, R"({"messages": [{"content": "x"}]})", absl::StatusCode::kInvalidArgument,
+       "role"},
+      {Endpoint::kChat,
+       R"({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})",
+       absl::StatusCode::kInvalidArgument, "only text"},
+      {Endpoint::kChat, R"({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})",
+       absl::StatusCode::kInvalidArgument, "top_logprobs"},
+  };
+  for (const Case& c : cases) {
+    auto p = ParseRequest(c.e, c.body, "m");
+    EXPECT_EQ(p.status().code(), c.code) << c.body;
+    EXPECT_NE(p.status().message().find(c.word), std::string::npos)
+        << c.body << ": " << p.status().message();
+  }
+  EXPECT_EQ(HttpStatus(absl::InvalidArgumentError("x")), 400);
+  EXPECT_EQ(HttpStatus(absl::NotFoundError("x")), 404);
+  EXPECT_EQ(HttpStatus(absl::ResourceExhaustedError("x")), 429);
+  EXPECT_EQ(HttpStatus(absl::UnavailableError("x")), 503);
+  EXPECT_EQ(HttpStatus(absl::InternalError("x")), 500);
+  const json e = ErrorBody(absl::ResourceExhaustedError("queue full"));
+  EXPECT_EQ(e["error"]["message"], "queue full");
+  EXPECT_EQ(e["error"]["type"], "rate_limit_error");
+}
+
+moemesh::v1::GenerateResponse Response(const std::string& text, std::vector<int> ids,
+                                       moemesh::v1::FinishReason finish = {}) {
+  moemesh::v1::GenerateResponse r;
+  r.set_text(text);
+  for (int id : ids) {
+    r.add_ids(id);
+    auto* lp = r.add_logprobs();
+    lp->mutable_chosen()->set_id(id);
+    lp->mutable_chosen()->set_text(absl::StrCat("t", id));
+    lp->mutable_chosen()->set_logprob(-0.5f * id);
+    for (int k = 0; k < 3; ++k) {
+      auto* top = lp->add_top();
+      top->set_id(k);
+      top->set_text(absl::StrCat("t", k));
+      top->set_logprob(-1.0f * k);
+    }
+  }
+  if (finish != moemesh::v1::FINISH_REASON_UNSPECIFIED) {
+    r.set_finish_reason(finish);
+    r.set_prompt_tokens(4);
+    r.set_completion_tokens(3);
+  }
+  return r;
+}
+
+TEST(OpenAiApiTest, CompletionResponseAndChunks) {
+  ResponseBuilder b(Endpoint::kCompletions, "cmpl-1", "m", 100, /*top_logprobs=*/2);
+  const json c1 = b.Chunk(Response("Hel", {1, 2}));
+  EXPECT_EQ(c1["object"], "text_completion");
+  EXPECT_EQ(c1["choices"][0]["text"], "Hel");
+  EXPECT_TRUE(c1["choices"][0]["finish_reason"].is_null());
+  EXPECT_EQ(c1["choices"][0]["logprobs"]["tokens"], json({"t1", "t2"}));
+  EXPECT_EQ(c1["choices"][0]["logprobs"]["text_offset"], json({0, 2}));
+  EXPECT_EQ(c1["choices"][0]["logprobs"]["top_logprobs"][0].size(), 2u);  // trimmed to 2
+  const json c2 = b.Chunk(Response("lo", {3}, moemesh::v1::FINISH_REASON_LENGTH));
+  EXPECT_EQ(c2["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(c2["choices"][0]["logprobs"]["text_offset"], json({4}));
+  const json f = b.Final();
+  EXPECT_EQ(f["id"], "cmpl-1");
+  EXPECT_EQ(f["model"], "m");
+  EXPECT_EQ(f["created"], 100);
+  EXPECT_EQ(f["choices"][0]["text"], "Hello");
+  EXPECT_EQ(f["choices"][0]["logprobs"]["token_logprobs"], json({-0.5, -1.0, -1.5}));
+  EXPECT_EQ(f["choices"][0]["logprobs"]["text_offset"], json({0, 2, 4}));
+  EXPECT_EQ(f["usage"], json({{"prompt_tokens", 4}, {"completion_tokens", 3},
+                              {"total_tokens", 7}}));
+  EXPECT_EQ(b.UsageChunk()["usage"]["total_tokens"], 7);
+  EXPECT_TRUE(b.UsageChunk()["choices"].empty());
+}
+
+TEST(OpenAiApiTest, ChatResponseAndChunks) {
+  ResponseBuilder b(Endpoint::kChat, "chatcmpl-2", "m", 5, /*top_logprobs=*/-1);
+  EXPECT_EQ(b.RoleChunk()["choices"][0]["delta"]["role"], "assistant");
+  const json c = b.Chunk(Response("Hi", {7}));
+  EXPECT_EQ(c["object"], "chat.completion.chunk");
+  EXPECT_EQ(c["choices"][0]["delta"]["content"], "Hi");
+  EXPECT_TRUE(c["choices"][0]["logprobs"].is_null());
+  const json end = b.Chunk(Response("", {}, moemesh::v1::FINISH_REASON_STOP));
+  EXPECT_TRUE(end["choices"][0]["delta"].empty());
+  EXPECT_EQ(end["choices"][0]["finish_reason"], "stop");
+  const json f = b.Final();
+  EXPECT_EQ(f["object"], "chat.completion");
+  EXPECT_EQ(f["choices"][0]["message"], json({{"role", "assistant"}, {"content", "Hi"}}));
+  EXPECT_EQ(f["choices"][0]["finish_reason"], "stop");
+
+  ResponseBuilder lp(Endpoint::kChat, "chatcmpl-3", "m", 5, /*top_logprobs=*/1);
+  lp.Add(Response("A", {2}, moemesh::v1::FINISH_REASON_STOP));
+  const json content = lp.Final()["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 1u);
+  EXPECT_EQ(content[0]["token"], "t2");
+  EXPECT_EQ(content[0]["logprob"], -1.0);
+  EXPECT_EQ(content[0]["bytes"], json({'t', '2'}));
+  EXPECT_EQ(content[0]["top_logprobs"].size(), 1u);
+}
+
+}  // namespace
+}  // namespace openai
+}  // namespace moemesh
