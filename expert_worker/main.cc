@@ -3,12 +3,16 @@
 //   expert_worker --config=cluster.textproto --index=I   (model, address and shards from the config)
 #include <iostream>
 #include <set>
+#include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "engine/arch.h"
 #include "engine/config.h"
 #include "engine/model.h"
@@ -21,6 +25,10 @@
 ABSL_FLAG(std::string, model, "models/pydoc-moe-17m", "Checkpoint directory.");
 ABSL_FLAG(std::string, address, "127.0.0.1:50061", "host:port to serve on.");
 ABSL_FLAG(std::string, shards, "", "Shards to hold, LAYERS:EXPERTS entries separated by ';' (e.g. \"0-5:0-7\"). Empty = every expert.");
+ABSL_FLAG(std::string, even_share, "",
+          "I/N: hold the I-th of N even shares of every MoE layer's experts (what a cluster "
+          "config's expert worker with no shards gets), e.g. $(POD_INDEX)/4 in a Kubernetes "
+          "StatefulSet. Instead of --shards.");
 ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text); with --index, gives model, address and shards.");
 ABSL_FLAG(int32_t, index, -1, "This worker's index among the config's experts.");
 ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
@@ -71,6 +79,19 @@ int Main() {
     auto s = ShardsOf(cluster, *cfg, absl::GetFlag(FLAGS_index));
     if (!s.ok()) return Fail(s.status());
     shards = *s;
+  } else if (!absl::GetFlag(FLAGS_even_share).empty()) {
+    if (!absl::GetFlag(FLAGS_shards).empty()) {
+      return Fail(absl::InvalidArgumentError("give --shards or --even_share, not both"));
+    }
+    const std::string spec = absl::GetFlag(FLAGS_even_share);
+    std::vector<std::string> parts = absl::StrSplit(spec, '/');
+    int i = -1, n = 0;
+    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &i) || !absl::SimpleAtoi(parts[1], &n) ||
+        n < 1 || i < 0 || i >= n) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "--even_share must be I/N with 0 <= I < N (e.g. 0/2), not '", spec, "'")));
+    }
+    shards = EvenShare(*cfg, i, n);
   } else if (!absl::GetFlag(FLAGS_shards).empty()) {
     auto s = ParseShardSpec(absl::GetFlag(FLAGS_shards), *cfg);
     if (!s.ok()) return Fail(s.status());

@@ -20,6 +20,7 @@ PACKAGES=(
   nlohmann-json3-dev       # JSON
   python3-grpcio           # scripts/client.py
   python3-protobuf
+  python3-yaml             # tests/deploy_test.py reads the Kubernetes manifests
 )
 
 missing=()
