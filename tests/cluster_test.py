@@ -1068,6 +1068,31 @@ class HttpApiTest(unittest.TestCase):
                                  for c in chunks), want.text)
         self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "length")
 
+    def test_concurrent_requests_match_solo_ones(self):
+        # 16 completions at once, half streamed, half not, with a bad one among them: each
+        # good one gets its solo text; the bad one its 400.
+        held = heldout_ids()
+
+        def body(i, stream):
+            return {"prompt": held[i * 37:i * 37 + 50], "max_tokens": 24, "temperature": 0,
+                    "ignore_eos": True, "stream": stream}
+
+        def run(i, stream):
+            if not stream:
+                status, got = self.call("POST", "/v1/completions", body(i, False))
+                self.assertEqual(status, 200, got)
+                return got["choices"][0]["text"]
+            ev = self.events("/v1/completions", body(i, True))
+            return "".join(json.loads(e)["choices"][0]["text"] for e in ev[:-1])
+
+        solo = [run(i, False) for i in range(8)]
+        jobs = [Background(lambda k=k: run(k % 8, k >= 8)) for k in range(16)]
+        bad = Background(lambda: self.call("POST", "/v1/completions",
+                                           {"prompt": "x", "top_p": 7}))
+        self.assertEqual(bad.join(timeout=120)[0], 400)
+        for k, j in enumerate(jobs):
+            self.assertEqual(j.join(timeout=240), solo[k % 8], "request %d" % k)
+
     def test_errors_are_openai_error_objects(self):
         status, got = self.call("POST", "/v1/completions", {"prompt": "x", "temperature": -1})
         self.assertEqual(status, 400)
