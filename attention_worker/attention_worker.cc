@@ -129,7 +129,7 @@ int64_t AttentionWorker::ReusePrefix(uint64_t seq, const std::vector<int32_t>& h
   int64_t best_len = start;
   for (size_t i = 0; i < prefix_.size(); ++i) {
     const std::vector<int32_t>& t = prefix_[i].tokens;
-    const int64_t limit = std::min<int64_t>({static_cast<int64_t>(t.size()), end - 1});
+    const int64_t limit = std::min(static_cast<int64_t>(t.size()), end - 1);
     if (limit <= best_len) continue;
     const auto [a, b] = std::mismatch(history.begin(), history.begin() + limit, t.begin());
     const int64_t common = a - history.begin();
@@ -396,14 +396,14 @@ int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
     }
     cache_->Free(id);
   }
-  return kv_capacity_ - (cache_->used_tokens() - prefix_tokens_);
+  return kv_capacity_ - LiveTokens();
 }
 
 wire::Stats AttentionWorker::GetStats() const {
   std::lock_guard<std::mutex> lock(mu_);
   wire::Stats s;
   s.set_kv_capacity_tokens(kv_capacity_);
-  s.set_kv_used_tokens(cache_->used_tokens() - prefix_tokens_);
+  s.set_kv_used_tokens(LiveTokens());
   s.set_prefix_cache_tokens(prefix_tokens_);
   s.set_prefix_hit_tokens(prefix_hit_tokens_);
   s.set_active_sequences(static_cast<int64_t>(seqs_.size()));

@@ -8,6 +8,37 @@
 #include "engine/dtype.h"
 
 namespace moemesh {
+namespace {
+
+// Copies rows [begin, begin + n) of `heads` head-major blocks, `from_slots` / `to_slots` rows
+// apart, each row `row_bytes` long.
+void CopyHeadRows(void* to, int64_t to_slots, const void* from, int64_t from_slots,
+                  int64_t heads, int64_t begin, int64_t n, int64_t row_bytes) {
+  for (int64_t h = 0; n > 0 && h < heads; ++h) {
+    std::memcpy(static_cast<char*>(to) + (h * to_slots + begin) * row_bytes,
+                static_cast<const char*>(from) + (h * from_slots + begin) * row_bytes,
+                n * row_bytes);
+  }
+}
+
+// A row of n values into the cache's element type.
+void PutRow(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+void PutRow(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = F32ToBF16(src[d]);
+}
+// int8: round(x / s) with s = max|x| / 127 (all zeros for a zero row); returns s.
+float PutRowInt8(int8_t* dst, const float* src, int64_t n) {
+  float mx = 0.0f;
+  for (int64_t d = 0; d < n; ++d) mx = std::max(mx, std::abs(src[d]));
+  const float scale = mx / 127.0f;
+  const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+  for (int64_t d = 0; d < n; ++d) {
+    dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(src[d] * inv), -127.0f, 127.0f));
+  }
+  return scale;
+}
+
+}  // namespace
 
 absl::StatusOr<KvDType> ParseKvDType(std::string_view s) {
   if (s == "fp32") return KvDType::kF32;
@@ -67,18 +98,13 @@ absl::Status KvCache::Reserve(uint64_t seq, int64_t length) {
     for (int64_t l = 0; host_storage_ && l < num_layers_; ++l) {
       for (std::unique_ptr<char[]>* buf : {&s.k[l], &s.v[l]}) {
         std::unique_ptr<char[]> grown(new char[want * kv_dim_ * eb]);  // not zero-filled
-        for (int64_t h = 0; held > 0 && h < kv_heads_; ++h) {
-          std::memcpy(grown.get() + h * want * hd * eb, buf->get() + h * s.slots * hd * eb,
-                      held * hd * eb);
-        }
+        CopyHeadRows(grown.get(), want, buf->get(), s.slots, kv_heads_, 0, held, hd * eb);
         buf->swap(grown);
       }
       for (std::unique_ptr<float[]>* buf : {&s.ks[l], &s.vs[l]}) {
         if (!scaled) break;
         std::unique_ptr<float[]> grown(new float[want * kv_heads_]);
-        for (int64_t h = 0; held > 0 && h < kv_heads_; ++h) {
-          std::memcpy(grown.get() + h * want, buf->get() + h * s.slots, held * sizeof(float));
-        }
+        CopyHeadRows(grown.get(), want, buf->get(), s.slots, kv_heads_, 0, held, sizeof(float));
         buf->swap(grown);
       }
     }
@@ -115,19 +141,15 @@ absl::Status KvCache::CopyRows(uint64_t src, uint64_t dst, int64_t begin, int64_
     return absl::OutOfRangeError(absl::StrCat("KV rows [", begin, ", ", end, ") of ", a.length,
                                               " / ", b.length));
   }
-  const int64_t hd = head_dim(), eb = elem_bytes_, n = end - begin;
+  const int64_t row_bytes = head_dim() * elem_bytes_, n = end - begin;
   for (int64_t l = 0; l < num_layers_; ++l) {
-    for (int64_t h = 0; h < kv_heads_; ++h) {
-      std::memcpy(b.k[l].get() + (h * b.slots + begin) * hd * eb,
-                  a.k[l].get() + (h * a.slots + begin) * hd * eb, n * hd * eb);
-      std::memcpy(b.v[l].get() + (h * b.slots + begin) * hd * eb,
-                  a.v[l].get() + (h * a.slots + begin) * hd * eb, n * hd * eb);
-      if (dtype_ == KvDType::kInt8) {
-        std::memcpy(b.ks[l].get() + h * b.slots + begin, a.ks[l].get() + h * a.slots + begin,
-                    n * sizeof(float));
-        std::memcpy(b.vs[l].get() + h * b.slots + begin, a.vs[l].get() + h * a.slots + begin,
-                    n * sizeof(float));
-      }
+    CopyHeadRows(b.k[l].get(), b.slots, a.k[l].get(), a.slots, kv_heads_, begin, n, row_bytes);
+    CopyHeadRows(b.v[l].get(), b.slots, a.v[l].get(), a.slots, kv_heads_, begin, n, row_bytes);
+    if (dtype_ == KvDType::kInt8) {
+      CopyHeadRows(b.ks[l].get(), b.slots, a.ks[l].get(), a.slots, kv_heads_, begin, n,
+                   sizeof(float));
+      CopyHeadRows(b.vs[l].get(), b.slots, a.vs[l].get(), a.slots, kv_heads_, begin, n,
+                   sizeof(float));
     }
   }
   return absl::OkStatus();
@@ -161,50 +183,33 @@ int8_t* KvCache::VInt8(uint64_t seq, int64_t layer) {
 float* KvCache::KScale(uint64_t seq, int64_t layer) { return seqs_.at(seq).ks[layer].get(); }
 float* KvCache::VScale(uint64_t seq, int64_t layer) { return seqs_.at(seq).vs[layer].get(); }
 
-namespace {
-// A row of n values into the cache's element type.
-void PutRow(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-void PutRow(uint16_t* dst, const float* src, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) dst[d] = F32ToBF16(src[d]);
-}
-// int8: round(x / s) with s = max|x| / 127 (all zeros for a zero row); returns s.
-float PutRowInt8(int8_t* dst, const float* src, int64_t n) {
-  float mx = 0.0f;
-  for (int64_t d = 0; d < n; ++d) mx = std::max(mx, std::abs(src[d]));
-  const float scale = mx / 127.0f;
-  const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-  for (int64_t d = 0; d < n; ++d) {
-    dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(src[d] * inv), -127.0f, 127.0f));
-  }
-  return scale;
-}
-}  // namespace
 
 void KvCache::Store(uint64_t seq, int64_t layer, int64_t pos, int64_t n, const float* k,
                     const float* v) {
-  const int64_t hd = head_dim(), hs = seqs_.at(seq).slots * hd;
-  auto store = [&](auto* kc, auto* vc) {
+  const int64_t hd = head_dim(), slots = seqs_.at(seq).slots;
+  // put(row, k_row, v_row) for each new position and kv head; `row` counts head-major rows.
+  auto for_rows = [&](auto put) {
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t h = 0; h < kv_heads_; ++h) {
-        const int64_t at = h * hs + (pos + i) * hd;
-        PutRow(kc + at, k + i * kv_dim_ + h * hd, hd);
-        PutRow(vc + at, v + i * kv_dim_ + h * hd, hd);
+        put(h * slots + pos + i, k + i * kv_dim_ + h * hd, v + i * kv_dim_ + h * hd);
       }
     }
+  };
+  auto store = [&](auto* kc, auto* vc) {
+    for_rows([&](int64_t row, const float* kr, const float* vr) {
+      PutRow(kc + row * hd, kr, hd);
+      PutRow(vc + row * hd, vr, hd);
+    });
   };
   if (dtype_ == KvDType::kInt8) {
     int8_t* kc = KInt8(seq, layer);
     int8_t* vc = VInt8(seq, layer);
     float* ksc = KScale(seq, layer);
     float* vsc = VScale(seq, layer);
-    const int64_t slots = seqs_.at(seq).slots;
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t h = 0; h < kv_heads_; ++h) {
-        const int64_t row = h * slots + pos + i;
-        ksc[row] = PutRowInt8(kc + row * hd, k + i * kv_dim_ + h * hd, hd);
-        vsc[row] = PutRowInt8(vc + row * hd, v + i * kv_dim_ + h * hd, hd);
-      }
-    }
+    for_rows([&](int64_t row, const float* kr, const float* vr) {
+      ksc[row] = PutRowInt8(kc + row * hd, kr, hd);
+      vsc[row] = PutRowInt8(vc + row * hd, vr, hd);
+    });
   } else if (dtype_ == KvDType::kBF16) {
     store(KBf16(seq, layer), VBf16(seq, layer));
   } else {

@@ -64,9 +64,17 @@ bool SendResponse(int fd, int status, const std::string& content_type, const std
                                   "Connection: close\r\n\r\n", body));
 }
 
-bool SendError(int fd, const absl::Status& st, const std::string& extra_headers = "") {
-  return SendResponse(fd, openai::HttpStatus(st), "application/json",
+// An OpenAI error object; `status` 0 = the one openai::HttpStatus gives `st`.
+bool SendError(int fd, const absl::Status& st, int status = 0,
+               const std::string& extra_headers = "") {
+  return SendResponse(fd, status != 0 ? status : openai::HttpStatus(st), "application/json",
                       openai::ErrorBody(st).dump() + "\n", extra_headers);
+}
+
+// 405 for a path that takes only `allowed`.
+bool SendMethodNotAllowed(int fd, const std::string& allowed) {
+  return SendError(fd, absl::InvalidArgumentError("use " + allowed), 405,
+                   "Allow: " + allowed + "\r\n");
 }
 
 // One chunk of a chunked body.
@@ -189,11 +197,10 @@ absl::StatusOr<HttpRequest> ReadRequest(int fd, int64_t max_body) {
     }
   }
   if (length > max_body) {
-    SendResponse(fd, 413, "application/json",
-                 openai::ErrorBody(absl::InvalidArgumentError(absl::StrCat(
-                                       "the body has ", length, " bytes; at most ", max_body)))
-                         .dump() +
-                     "\n");
+    SendError(fd,
+              absl::InvalidArgumentError(
+                  absl::StrCat("the body has ", length, " bytes; at most ", max_body)),
+              413);
     return absl::InvalidArgumentError("body too large");
   }
   if (auto it = req.headers.find("expect"); it != req.headers.end() && rest.empty() &&
@@ -218,7 +225,7 @@ void Handle(int fd, const HttpRequest& req, Router* router, const HttpServerOpti
   const bool chat = req.path == "/v1/chat/completions";
   if (req.path == "/health") {
     if (req.method != "GET") {
-      SendError(fd, absl::InvalidArgumentError("use GET"), "Allow: GET\r\n");
+      SendMethodNotAllowed(fd, "GET");
       return;
     }
     SendResponse(fd, 200, "text/plain", "ok\n");
@@ -226,9 +233,7 @@ void Handle(int fd, const HttpRequest& req, Router* router, const HttpServerOpti
   }
   if (req.path == "/v1/models") {
     if (req.method != "GET") {
-      SendResponse(fd, 405, "application/json",
-                   openai::ErrorBody(absl::InvalidArgumentError("use GET")).dump() + "\n",
-                   "Allow: GET\r\n");
+      SendMethodNotAllowed(fd, "GET");
       return;
     }
     json list{{"object", "list"},
@@ -246,9 +251,7 @@ void Handle(int fd, const HttpRequest& req, Router* router, const HttpServerOpti
     return;
   }
   if (req.method != "POST") {
-    SendResponse(fd, 405, "application/json",
-                 openai::ErrorBody(absl::InvalidArgumentError("use POST")).dump() + "\n",
-                 "Allow: POST\r\n");
+    SendMethodNotAllowed(fd, "POST");
     return;
   }
   const openai::Endpoint endpoint =

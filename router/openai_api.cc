@@ -344,9 +344,12 @@ json ResponseBuilder::Usage() const {
 }
 
 void ResponseBuilder::Add(const moemesh::v1::GenerateResponse& r) {
+  Accumulate(r, Logprobs(r, &text_offset_));
+}
+
+void ResponseBuilder::Accumulate(const moemesh::v1::GenerateResponse& r, const json& lp) {
   text_ += r.text();
   if (top_logprobs_ >= 0) {
-    const json lp = Logprobs(r, &text_offset_);
     for (auto& [key, values] : lp.items()) {
       for (const json& v : values) logprobs_[key].push_back(v);
     }
@@ -359,9 +362,8 @@ void ResponseBuilder::Add(const moemesh::v1::GenerateResponse& r) {
 }
 
 json ResponseBuilder::Chunk(const moemesh::v1::GenerateResponse& r) {
-  int64_t offset = text_offset_;
-  const json lp = Logprobs(r, &offset);
-  Add(r);
+  const json lp = Logprobs(r, &text_offset_);
+  Accumulate(r, lp);
   json out = Envelope(/*chunk=*/true);
   out["choices"] = json::array({Choice(r.text(), lp, r.finish_reason(), /*delta=*/true)});
   return out;

@@ -65,6 +65,8 @@ class ResponseBuilder {
   nlohmann::json Choice(const std::string& text, const nlohmann::json& logprobs,
                         moemesh::v1::FinishReason reason, bool delta) const;
   nlohmann::json Logprobs(const moemesh::v1::GenerateResponse& r, int64_t* text_offset) const;
+  // Adds r's text, its logprobs `lp` (Logprobs of r) and, when final, its finish and usage.
+  void Accumulate(const moemesh::v1::GenerateResponse& r, const nlohmann::json& lp);
   nlohmann::json Usage() const;
   nlohmann::json Envelope(bool chunk) const;
 
