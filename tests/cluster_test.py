@@ -744,14 +744,13 @@ class DataParallelAttentionTest(unittest.TestCase):
             # The router admitted requests to both workers (the one with the most free KV cache
             # each time), and each worker released what it ran. The router sends releases after
             # it has delivered the last tokens: wait for them (at most 10 s).
-            deadline = time.time() + 10
-            while True:
+            def released():
                 after = [s.GetStats(wpb2.StatsRequest(), timeout=10) for s in c.att_stubs]
-                done = [a.released_sequences - b.released_sequences
+                return [a.released_sequences - b.released_sequences
                         for a, b in zip(after, before)]
-                if sum(done) >= len(PYDOC_CASES) or time.time() > deadline:
-                    break
-                time.sleep(0.05)
+
+            poll_until(lambda: sum(released()) >= len(PYDOC_CASES), 10, interval=0.05)
+            done = released()
             self.assertEqual(sum(done), len(PYDOC_CASES), "released per worker: %r" % done)
             for i, d in enumerate(done):
                 self.assertGreaterEqual(d, len(PYDOC_CASES) // 2 - 1,
@@ -945,9 +944,7 @@ class PrefixCacheTest(unittest.TestCase):
                 before = c.stats().prefix_hit_tokens
                 got = greedy_ids(c.stub, ids, self.OUT)
                 # The router releases a finished sequence after its last token: wait for it.
-                deadline = time.time() + 10
-                while c.stats().kv_used_tokens and time.time() < deadline:
-                    time.sleep(0.02)
+                poll_until(lambda: c.stats().kv_used_tokens == 0, 10, interval=0.02)
                 return got, c.stats().prefix_hit_tokens - before
 
             # Each prefill chunk computes at least its last token: a hit on all of a's 600
@@ -1132,9 +1129,7 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(self.c.stats().active_sequences, 1)
         sock.close()
         # Cancelled at a step boundary and released: the worker holds no sequence.
-        deadline = time.time() + 20
-        while self.c.stats().active_sequences and time.time() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: self.c.stats().active_sequences == 0, 20, interval=0.05)
         st = self.c.stats()
         self.assertEqual(st.active_sequences, 0)
         self.assertEqual(st.kv_used_tokens, 0)

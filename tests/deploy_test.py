@@ -76,6 +76,15 @@ def selects(service, workload):
     return all(labels.get(k) == v for k, v in sel.items())
 
 
+def split_peer(hostport):
+    """(service, pod or None, port) of a peer address: SERVICE:PORT or POD.SERVICE:PORT (a
+    StatefulSet pod by its headless Service)."""
+    host, port = hostport.rsplit(":", 1)
+    parts = host.split(".")
+    assert len(parts) <= 2, hostport
+    return parts[-1], (parts[0] if len(parts) == 2 else None), int(port)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,24 +105,17 @@ class ManifestTest(unittest.TestCase):
 
     def resolve(self, hostport):
         """(workload, pod index or None, port) a peer address names."""
-        host, port = hostport.rsplit(":", 1)
-        port = int(port)
-        parts = host.split(".")
-        if len(parts) == 2:  # <statefulset>-<i>.<headless service>
-            pod, svc_name = parts
-            self.assertIn(svc_name, self.services, hostport)
-            w = self.owner(svc_name)
+        svc_name, pod, port = split_peer(hostport)
+        self.assertIn(svc_name, self.services, hostport)
+        w = self.owner(svc_name)
+        index = None
+        if pod is not None:  # <statefulset>-<i>.<headless service>
             self.assertEqual(w["kind"], "StatefulSet", hostport)
             self.assertEqual(w["spec"]["serviceName"], svc_name, hostport)
             prefix = w["metadata"]["name"] + "-"
             self.assertTrue(pod.startswith(prefix), hostport)
             index = int(pod[len(prefix):])
             self.assertLess(index, w["spec"]["replicas"], hostport + ": no such pod")
-        else:
-            self.assertEqual(len(parts), 1, hostport)
-            svc_name, index = host, None
-            self.assertIn(svc_name, self.services, hostport)
-            w = self.owner(svc_name)
         svc_ports = {p["port"]: p["targetPort"] for p in self.services[svc_name]["spec"]["ports"]}
         self.assertIn(port, svc_ports, "%s: service %s has no port %d" % (hostport, svc_name, port))
         container_ports = [p["containerPort"] for p in container(w).get("ports", [])]
@@ -196,12 +198,11 @@ class ManifestRunsLocallyTest(unittest.TestCase):
             return [n for n, w in workloads.items() if selects(services[svc_name], w)][0]
 
         def peer(hostport):
-            host, port = hostport.rsplit(":", 1)
-            parts = host.split(".")
-            svc = services[parts[-1]]
-            target = {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]}[int(port)]
-            name = owner(parts[-1])
-            index = int(parts[0][len(name) + 1:]) if len(parts) == 2 else 0
+            svc_name, pod, port = split_peer(hostport)
+            target = {p["port"]: p["targetPort"]
+                      for p in services[svc_name]["spec"]["ports"]}[port]
+            name = owner(svc_name)
+            index = int(pod[len(name) + 1:]) if pod is not None else 0
             return "127.0.0.1:%d" % local[(name, index, target)]
 
         logs = tempfile.mkdtemp(prefix="moemesh-deploy-test-")
