@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <iostream>
 #include <thread>
 #include <set>
@@ -75,8 +76,16 @@ namespace {
 
 constexpr int kAddrLen = 256;
 
+// One line on stderr for this rank, written with a single write(2): mpirun merges the ranks'
+// stderr, and an unbuffered std::cerr writes each << piece separately, so lines written piece by
+// piece interleave with other ranks' lines (a pipe write of under PIPE_BUF bytes is atomic).
+void Say(int rank, const std::string& msg) {
+  const std::string line = absl::StrCat("moemesh_node rank ", rank, ": ", msg, "\n");
+  if (::write(STDERR_FILENO, line.data(), line.size()) < 0) std::perror("moemesh_node");
+}
+
 int Fail(int rank, const absl::Status& st) {
-  std::cerr << "moemesh_node rank " << rank << ": " << st << std::endl;
+  Say(rank, st.ToString());
   MPI_Abort(MPI_COMM_WORLD, 1);
   return 1;
 }
@@ -190,10 +199,10 @@ int Main(int rank, int size, int thread_level) {
     if (!srv.ok()) return Fail(rank, srv.status());
     server = std::move(*srv);
     mine = Advertised(bound);
-    std::cerr << "moemesh_node rank " << rank << ": " << (rank == 1 ? "encoder" : "expert worker")
-              << " on " << mine << (is_expert ? absl::StrCat(" holding ", ShardSummary(shards), " (",
-                                        ComputeTypeName(lo.expert_compute()), " products)")
-                           : "") << std::endl;
+    Say(rank, absl::StrCat(rank == 1 ? "encoder" : "expert worker", " on ", mine,
+                           is_expert ? absl::StrCat(" holding ", ShardSummary(shards), " (",
+                                                    ComputeTypeName(lo.expert_compute()), " products)")
+                                     : ""));
   }
   std::vector<std::string> addrs = AllGather(mine, size);
 
@@ -227,8 +236,7 @@ int Main(int rank, int size, int thread_level) {
     if (!srv.ok()) return Fail(rank, srv.status());
     server = std::move(*srv);
     mine = Advertised(bound);
-    std::cerr << "moemesh_node rank " << rank << ": attention worker on " << mine
-              << ", experts over " << transport << std::endl;
+    Say(rank, absl::StrCat("attention worker on ", mine, ", experts over ", transport));
   }
   {
     const std::vector<std::string> attention = AllGather(mine, size);
@@ -301,17 +309,15 @@ int Main(int rank, int size, int thread_level) {
   if (mpi_client != nullptr) {
     mpi_client->Stop();
     MpiExpertClient::Stats s = mpi_client->stats();
-    std::cerr << "moemesh_node rank " << rank << ": MPI transport: " << s.calls
-              << " RunExperts calls, "
-              << s.bytes_sent << " bytes sent, " << s.bytes_received << " bytes received"
-              << std::endl;
+    Say(rank, absl::StrCat("MPI transport: ", s.calls, " RunExperts calls, ", s.bytes_sent,
+                           " bytes sent, ", s.bytes_received, " bytes received"));
   }
   if (mpi_server.joinable()) {
     stop_serving = true;
     mpi_server.join();
-    std::cerr << "moemesh_node rank " << rank << ": served " << serve_stats.calls
-              << " RunExperts calls over MPI (" << serve_stats.bytes_received << " bytes in, "
-              << serve_stats.bytes_sent << " out)" << std::endl;
+    Say(rank, absl::StrCat("served ", serve_stats.calls, " RunExperts calls over MPI (",
+                           serve_stats.bytes_received, " bytes in, ", serve_stats.bytes_sent,
+                           " out)"));
   }
   http.reset();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
