@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <random>
 #include <string>
 #include <utility>
 
@@ -77,6 +78,7 @@ Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDef
       opt_(opt),
       think_start_id_(think_ids.first),
       think_end_id_(think_ids.second),
+      seed_base_((static_cast<uint64_t>(std::random_device()()) << 32) ^ std::random_device()()),
       lanes_(attention.size()) {
   for (size_t i = 0; i < lanes_.size(); ++i) {
     lanes_[i].client = attention[i];
@@ -156,6 +158,12 @@ absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSi
   r->prompt = std::move(*prompt);
   const auto& sp = req.sampling();
   r->sampling = ResolveDefaults(sp, defaults_);
+  if (!r->sampling.has_seed()) {
+    uint64_t z = seed_base_ + 0x9e3779b97f4a7c15ull * (seeds_drawn_.fetch_add(1) + 1);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    r->sampling.set_seed(z ^ (z >> 31));
+  }
   if (sp.has_thinking_budget()) {
     if (sp.thinking_budget() < 0) return BadField("thinking_budget", "must be >= 0");
     if (think_end_id_ < 0) {

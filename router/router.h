@@ -5,6 +5,7 @@
 #ifndef MOEMESH_ROUTER_ROUTER_H_
 #define MOEMESH_ROUTER_ROUTER_H_
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -204,6 +205,11 @@ class Router {
   int64_t max_kv_capacity_ = 0;
   // Ids of the think markers; -1 when the tokenizer has none (thinking budgets are refused).
   const int32_t think_start_id_, think_end_id_;
+  // Seeds for requests that name none: SplitMix64 of seed_base_ + a counter, the base drawn from
+  // std::random_device at construction (so two unseeded requests sample differently, as OpenAI's
+  // and vLLM's do, and a seed is still sent, so a moved sequence replays its draws).
+  const uint64_t seed_base_;
+  std::atomic<uint64_t> seeds_drawn_{0};
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

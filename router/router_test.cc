@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <vector>
 
@@ -39,6 +40,8 @@ class FakeAttention : public AttentionClient {
       if (s.new_sequence()) {
         kv.clear();
         think_[s.seq_id()] = {s.think_start_id(), s.think_end_id()};
+        seed_[s.seq_id()] = s.sampling().has_seed() ? std::optional<uint64_t>(s.sampling().seed())
+                                                    : std::nullopt;
       }
       EXPECT_EQ(static_cast<int64_t>(kv.size()), s.start_pos()) << "sequence " << s.seq_id();
       kv.insert(kv.end(), s.tokens().begin(), s.tokens().end());
@@ -80,6 +83,12 @@ class FakeAttention : public AttentionClient {
     auto it = think_.find(seq);
     return it == think_.end() ? std::make_pair(-7, -7) : it->second;
   }
+  // The seed a sequence's first step carried (nullopt: none).
+  std::optional<uint64_t> seed(uint64_t seq) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = seed_.find(seq);
+    return it == seed_.end() ? std::nullopt : it->second;
+  }
   std::vector<int32_t> kv(uint64_t seq) const {
     std::lock_guard<std::mutex> l(mu_);
     auto it = kv_.find(seq);
@@ -96,6 +105,7 @@ class FakeAttention : public AttentionClient {
   std::set<uint64_t> seqs_;
   std::map<uint64_t, std::vector<int32_t>> kv_;
   std::map<uint64_t, std::pair<int32_t, int32_t>> think_;
+  std::map<uint64_t, std::optional<uint64_t>> seed_;
 };
 
 class Sink : public GenerationSink {
@@ -349,6 +359,36 @@ TEST_F(RouterTest, ThinkingBudgetSendsTheMarkersWithTheFirstStep) {
   ASSERT_TRUE(without.Wait().ok());
   EXPECT_EQ(b.think(*id_with), std::make_pair(*tok_->TokenToId("("), *tok_->TokenToId(")")));
   EXPECT_EQ(b.think(*id_without), std::make_pair(0, 0));
+}
+
+TEST_F(RouterTest, UnseededRequestsGetDistinctSeedsAndSeededKeepTheirs) {
+  FakeAttention a(1000);
+  auto r = Make({&a});
+  ASSERT_NE(r, nullptr);
+  moemesh::v1::GenerateRequest seeded = Request(5, 2);
+  seeded.mutable_sampling()->set_seed(1234);
+  Sink s1, s2, s3;
+  auto unseeded1 = r->Submit(Request(5, 2), &s1);
+  auto unseeded2 = r->Submit(Request(5, 2), &s2);
+  auto with_seed = r->Submit(seeded, &s3);
+  ASSERT_TRUE(unseeded1.ok() && unseeded2.ok() && with_seed.ok());
+  ASSERT_TRUE(s1.Wait().ok());
+  ASSERT_TRUE(s2.Wait().ok());
+  ASSERT_TRUE(s3.Wait().ok());
+  ASSERT_TRUE(a.seed(*unseeded1).has_value());
+  ASSERT_TRUE(a.seed(*unseeded2).has_value());
+  EXPECT_NE(*a.seed(*unseeded1), *a.seed(*unseeded2));
+  EXPECT_EQ(a.seed(*with_seed), std::optional<uint64_t>(1234));
+  // Another router (another process) draws other seeds.
+  FakeAttention b(1000);
+  auto other = Make({&b});
+  ASSERT_NE(other, nullptr);
+  Sink s4;
+  auto id = other->Submit(Request(5, 2), &s4);
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(s4.Wait().ok());
+  ASSERT_TRUE(b.seed(*id).has_value());
+  EXPECT_NE(*b.seed(*id), *a.seed(*unseeded1));
 }
 
 TEST_F(RouterTest, NoWorkerIsAnError) {
