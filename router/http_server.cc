@@ -15,7 +15,10 @@
 #include <ctime>
 #include <deque>
 #include <map>
+#include <memory>
+#include <optional>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -56,24 +59,33 @@ bool SendAll(int fd, std::string_view data) {
   return true;
 }
 
-bool SendResponse(int fd, int status, const std::string& content_type, const std::string& body,
-                  const std::string& extra_headers = "") {
-  return SendAll(fd, absl::StrCat("HTTP/1.1 ", status, " ", Reason(status),
-                                  "\r\nContent-Type: ", content_type,
-                                  "\r\nContent-Length: ", body.size(), "\r\n", extra_headers,
-                                  "Connection: close\r\n\r\n", body));
+// A connection: its socket and whether it stays open after the response being written.
+struct Conn {
+  int fd;
+  bool keep_alive;
+  const char* ConnectionHeader() const {
+    return keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n";
+  }
+};
+
+bool SendResponse(const Conn& c, int status, const std::string& content_type,
+                  const std::string& body, const std::string& extra_headers = "") {
+  return SendAll(c.fd, absl::StrCat("HTTP/1.1 ", status, " ", Reason(status),
+                                    "\r\nContent-Type: ", content_type,
+                                    "\r\nContent-Length: ", body.size(), "\r\n", extra_headers,
+                                    c.ConnectionHeader(), "\r\n", body));
 }
 
 // An OpenAI error object; `status` 0 = the one openai::HttpStatus gives `st`.
-bool SendError(int fd, const absl::Status& st, int status = 0,
+bool SendError(const Conn& c, const absl::Status& st, int status = 0,
                const std::string& extra_headers = "") {
-  return SendResponse(fd, status != 0 ? status : openai::HttpStatus(st), "application/json",
+  return SendResponse(c, status != 0 ? status : openai::HttpStatus(st), "application/json",
                       openai::ErrorBody(st).dump() + "\n", extra_headers);
 }
 
 // 405 for a path that takes only `allowed`.
-bool SendMethodNotAllowed(int fd, const std::string& allowed) {
-  return SendError(fd, absl::InvalidArgumentError("use " + allowed), 405,
+bool SendMethodNotAllowed(const Conn& c, const std::string& allowed) {
+  return SendError(c, absl::InvalidArgumentError("use " + allowed), 405,
                    "Allow: " + allowed + "\r\n");
 }
 
@@ -96,58 +108,72 @@ bool PeerClosed(int fd) {
   return ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
-// Collects one request's responses for the connection's thread.
-class QueueSink : public GenerationSink {
+// Collects the responses of one HTTP request's choices (one router request each) for the
+// connection's thread.
+class ChoiceQueue {
  public:
-  void OnResponse(const moemesh::v1::GenerateResponse& r) override {
-    std::lock_guard<std::mutex> l(mu_);
-    queue_.push_back(r);
-    cv_.notify_all();
+  struct Event {
+    int choice;
+    std::optional<moemesh::v1::GenerateResponse> response;  // none: the choice finished
+    absl::Status status;                                     // its final status
+  };
+  explicit ChoiceQueue(int choices) {
+    for (int i = 0; i < choices; ++i) sinks_.emplace_back(new Sink(this, i));
   }
-  void OnFinish(const absl::Status& st) override {
-    std::lock_guard<std::mutex> l(mu_);
-    status_ = st;
-    done_ = true;
-    cv_.notify_all();
-  }
-  // The next response, or nothing once finished (then status() is final). Waits at most
-  // `wait`; *timed_out tells a timeout from the end.
-  std::optional<moemesh::v1::GenerateResponse> Next(std::chrono::milliseconds wait,
-                                                    bool* timed_out) {
+  GenerationSink* sink(int choice) { return sinks_[choice].get(); }
+  // The next event; nothing after `wait` with none.
+  std::optional<Event> Next(std::chrono::milliseconds wait) {
     std::unique_lock<std::mutex> l(mu_);
-    *timed_out = !cv_.wait_for(l, wait, [&] { return !queue_.empty() || done_; });
-    if (*timed_out || queue_.empty()) return std::nullopt;
-    moemesh::v1::GenerateResponse r = std::move(queue_.front());
+    if (!cv_.wait_for(l, wait, [&] { return !queue_.empty(); })) return std::nullopt;
+    Event e = std::move(queue_.front());
     queue_.pop_front();
-    return r;
-  }
-  absl::Status status() {
-    std::lock_guard<std::mutex> l(mu_);
-    return status_;
+    return e;
   }
 
  private:
+  class Sink : public GenerationSink {
+   public:
+    Sink(ChoiceQueue* q, int choice) : q_(q), choice_(choice) {}
+    void OnResponse(const moemesh::v1::GenerateResponse& r) override {
+      q_->Push({choice_, r, absl::OkStatus()});
+    }
+    void OnFinish(const absl::Status& st) override { q_->Push({choice_, std::nullopt, st}); }
+
+   private:
+    ChoiceQueue* const q_;
+    const int choice_;
+  };
+  void Push(Event e) {
+    std::lock_guard<std::mutex> l(mu_);
+    queue_.push_back(std::move(e));
+    cv_.notify_all();
+  }
+
+  std::vector<std::unique_ptr<Sink>> sinks_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<moemesh::v1::GenerateResponse> queue_;
-  bool done_ = false;
-  absl::Status status_;
+  std::deque<Event> queue_;
 };
 
 struct HttpRequest {
   std::string method, path;
+  bool http10 = false;  // an HTTP/1.0 request: its connection closes unless it asks otherwise
   std::map<std::string, std::string> headers;  // names lower-cased
   std::string body;
 };
 
-// Reads one request; on a malformed or oversized one, answers it and returns an error.
-absl::StatusOr<HttpRequest> ReadRequest(int fd, int64_t max_body) {
-  std::string buf;
+// Reads one request, starting with the bytes in *carry (read with the connection's previous
+// request) and leaving there any that follow it. On a malformed or oversized request, answers it
+// (closing the connection) and returns an error.
+absl::StatusOr<HttpRequest> ReadRequest(int fd, int64_t max_body, std::string* carry) {
+  const Conn conn{fd, /*keep_alive=*/false};
+  std::string buf = std::move(*carry);
+  carry->clear();
   size_t header_end = std::string::npos;
   char chunk[8192];
   while ((header_end = buf.find("\r\n\r\n")) == std::string::npos) {
     if (buf.size() > kMaxHeaderBytes) {
-      SendResponse(fd, 431, "text/plain", "request headers too large\n");
+      SendResponse(conn, 431, "text/plain", "request headers too large\n");
       return absl::InvalidArgumentError("headers too large");
     }
     const ssize_t n = ::recv(fd, chunk, sizeof(chunk), 0);
@@ -162,11 +188,12 @@ absl::StatusOr<HttpRequest> ReadRequest(int fd, int64_t max_body) {
   const std::string request_line = head.substr(0, line_end);
   const size_t sp1 = request_line.find(' '), sp2 = request_line.rfind(' ');
   if (sp1 == std::string::npos || sp2 == sp1) {
-    SendError(fd, absl::InvalidArgumentError("malformed request line"));
+    SendError(conn, absl::InvalidArgumentError("malformed request line"));
     return absl::InvalidArgumentError("bad request line");
   }
   req.method = request_line.substr(0, sp1);
   req.path = request_line.substr(sp1 + 1, sp2 - sp1 - 1);
+  req.http10 = request_line.substr(sp2 + 1) == "HTTP/1.0";
   if (size_t q = req.path.find('?'); q != std::string::npos) req.path.resize(q);
   while (line_end != std::string::npos && line_end < head.size()) {
     const size_t next = head.find("\r\n", line_end + 2);
@@ -185,19 +212,19 @@ absl::StatusOr<HttpRequest> ReadRequest(int fd, int64_t max_body) {
     req.headers[name] = value;
   }
   if (req.headers.count("transfer-encoding")) {
-    SendError(fd, absl::InvalidArgumentError("chunked request bodies are not supported: send "
-                                             "Content-Length"));
+    SendError(conn, absl::InvalidArgumentError("chunked request bodies are not supported: send "
+                                               "Content-Length"));
     return absl::InvalidArgumentError("chunked body");
   }
   int64_t length = 0;
   if (auto it = req.headers.find("content-length"); it != req.headers.end()) {
     if (!absl::SimpleAtoi(it->second, &length) || length < 0) {
-      SendError(fd, absl::InvalidArgumentError("bad Content-Length"));
+      SendError(conn, absl::InvalidArgumentError("bad Content-Length"));
       return absl::InvalidArgumentError("bad length");
     }
   }
   if (length > max_body) {
-    SendError(fd,
+    SendError(conn,
               absl::InvalidArgumentError(
                   absl::StrCat("the body has ", length, " bytes; at most ", max_body)),
               413);
@@ -213,114 +240,138 @@ absl::StatusOr<HttpRequest> ReadRequest(int fd, int64_t max_body) {
     if (n <= 0) return absl::UnavailableError("connection closed mid-body");
     rest.append(chunk, static_cast<size_t>(n));
   }
+  carry->assign(rest, static_cast<size_t>(length), std::string::npos);  // a pipelined request
   rest.resize(static_cast<size_t>(length));
   req.body = std::move(rest);
   return req;
 }
 
-// Answers one request. `stop`: the server is shutting down (in-flight requests are cancelled).
-void Handle(int fd, const HttpRequest& req, Router* router, const HttpServerOptions& opt,
+// Whether the connection may stay open after answering `req` (HTTP/1.1 unless it says close;
+// HTTP/1.0 only when it asks for keep-alive).
+bool WantsKeepAlive(const HttpRequest& req) {
+  auto it = req.headers.find("connection");
+  std::string v = it == req.headers.end() ? "" : it->second;
+  std::transform(v.begin(), v.end(), v.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (v.find("close") != std::string::npos) return false;
+  return !req.http10 || v.find("keep-alive") != std::string::npos;
+}
+
+// Answers one request on `c`. Returns whether the connection is still usable (the peer did not
+// go away). `stop`: the server is shutting down (in-flight requests are cancelled).
+bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpServerOptions& opt,
             const std::atomic<bool>& stop) {
   const bool completions = req.path == "/v1/completions";
   const bool chat = req.path == "/v1/chat/completions";
   if (req.path == "/health") {
-    if (req.method != "GET") {
-      SendMethodNotAllowed(fd, "GET");
-      return;
-    }
-    SendResponse(fd, 200, "text/plain", "ok\n");
-    return;
+    if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
+    return SendResponse(c, 200, "text/plain", "ok\n");
   }
   if (req.path == "/v1/models") {
-    if (req.method != "GET") {
-      SendMethodNotAllowed(fd, "GET");
-      return;
-    }
+    if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
     json list{{"object", "list"},
               {"data", json::array({{{"id", opt.served_model},
                                      {"object", "model"},
                                      {"created", 0},
                                      {"owned_by", "moemesh"}}})}};
-    SendResponse(fd, 200, "application/json", list.dump() + "\n");
-    return;
+    return SendResponse(c, 200, "application/json", list.dump() + "\n");
   }
   if (!completions && !chat) {
-    SendError(fd, absl::NotFoundError(absl::StrCat(
-                      "no route ", req.path, ": POST /v1/completions, POST /v1/chat/completions, "
-                      "GET /v1/models, GET /health")));
-    return;
+    return SendError(c, absl::NotFoundError(absl::StrCat(
+                            "no route ", req.path, ": POST /v1/completions, POST "
+                            "/v1/chat/completions, GET /v1/models, GET /health")));
   }
-  if (req.method != "POST") {
-    SendMethodNotAllowed(fd, "POST");
-    return;
-  }
+  if (req.method != "POST") return SendMethodNotAllowed(c, "POST");
   const openai::Endpoint endpoint =
       chat ? openai::Endpoint::kChat : openai::Endpoint::kCompletions;
   auto parsed = openai::ParseRequest(endpoint, req.body, opt.served_model);
-  if (!parsed.ok()) {
-    SendError(fd, parsed.status());
-    return;
-  }
-  QueueSink sink;
-  auto id = router->Submit(parsed->request, &sink);
-  if (!id.ok()) {
-    SendError(fd, id.status());
-    return;
-  }
-  openai::ResponseBuilder builder(endpoint, absl::StrCat(chat ? "chatcmpl-" : "cmpl-", *id),
-                                  opt.served_model, static_cast<int64_t>(std::time(nullptr)),
-                                  parsed->top_logprobs);
-  bool alive = true;
-  if (parsed->stream) {
-    alive = SendAll(fd, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                        "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n"
-                        "Connection: close\r\n\r\n");
-    if (alive && chat) alive = SendEvent(fd, builder.RoleChunk());
-  }
-  // Until the router's OnFinish: the sink must outlive every call the router makes to it.
+  if (!parsed.ok()) return SendError(c, parsed.status());
+  const int choices = static_cast<int>(parsed->requests.size());
+  ChoiceQueue queue(choices);
+  // Router ids of the submitted choices; the queue must outlive every call the router makes to
+  // their sinks, i.e. until each submitted choice's finish event.
+  std::vector<uint64_t> ids;
+  std::vector<bool> finished;
+  int running = 0;
+  absl::Status failed;  // the first choice that failed (the others are then cancelled)
   bool cancelled = false;
-  auto cancel = [&] {
-    if (!cancelled) router->Cancel(*id);
+  auto cancel_all = [&] {
+    if (cancelled) return;
     cancelled = true;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (!finished[i]) router->Cancel(ids[i]);
+    }
   };
-  for (;;) {
-    bool timed_out = false;
-    auto r = sink.Next(std::chrono::milliseconds(200), &timed_out);
-    if (timed_out) {
-      if (alive && !parsed->stream && PeerClosed(fd)) alive = false;
-      if (!alive || stop) cancel();
+  for (int i = 0; i < choices && failed.ok(); ++i) {
+    auto id = router->Submit(parsed->requests[i], queue.sink(i));
+    if (!id.ok()) {
+      failed = id.status();
+      break;
+    }
+    ids.push_back(*id);
+    finished.push_back(false);
+    ++running;
+  }
+  if (!failed.ok()) cancel_all();
+  std::vector<openai::ResponseBuilder> builders;
+  builders.reserve(static_cast<size_t>(choices));
+  const std::string id_text =
+      absl::StrCat(chat ? "chatcmpl-" : "cmpl-", ids.empty() ? 0 : ids[0]);
+  const int64_t created = static_cast<int64_t>(std::time(nullptr));
+  for (int i = 0; i < choices; ++i) {
+    builders.emplace_back(endpoint, id_text, opt.served_model, created, parsed->top_logprobs, i);
+  }
+  const bool stream = parsed->stream && failed.ok();  // a refused request answers plainly
+  bool alive = true;
+  if (stream) {
+    alive = SendAll(c.fd, absl::StrCat("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                       "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n",
+                                       c.ConnectionHeader(), "\r\n"));
+    for (int i = 0; alive && chat && i < choices; ++i) {
+      alive = SendEvent(c.fd, builders[i].RoleChunk());
+    }
+  }
+  while (running > 0) {
+    auto e = queue.Next(std::chrono::milliseconds(200));
+    if (!e.has_value()) {  // a quiet moment: is anyone still listening?
+      if (alive && !stream && PeerClosed(c.fd)) alive = false;
+      if (!alive || stop) cancel_all();
       continue;
     }
-    if (!r.has_value()) break;  // finished
-    if (!parsed->stream) {
-      builder.Add(*r);
+    if (!e->response.has_value()) {
+      finished[e->choice] = true;
+      --running;
+      if (!e->status.ok() && failed.ok()) {
+        failed = e->status;
+        cancel_all();
+      }
       continue;
     }
-    const bool empty = r->text().empty() && r->logprobs_size() == 0 &&
-                       r->finish_reason() == moemesh::v1::FINISH_REASON_UNSPECIFIED;
-    json chunk = builder.Chunk(*r);
-    if (alive && !empty && !SendEvent(fd, chunk)) {
+    const moemesh::v1::GenerateResponse& r = *e->response;
+    if (!stream) {
+      builders[e->choice].Add(r);
+      continue;
+    }
+    const bool empty = r.text().empty() && r.logprobs_size() == 0 &&
+                       r.finish_reason() == moemesh::v1::FINISH_REASON_UNSPECIFIED;
+    json chunk = builders[e->choice].Chunk(r);
+    if (alive && !empty && !SendEvent(c.fd, chunk)) {
       alive = false;
-      cancel();
+      cancel_all();
     }
   }
-  const absl::Status st = sink.status();
-  if (!alive) return;
-  if (!parsed->stream) {
-    if (st.ok()) {
-      SendResponse(fd, 200, "application/json", builder.Final().dump() + "\n");
-    } else {
-      SendError(fd, st);
-    }
-    return;
+  if (!alive) return false;
+  if (!stream) {
+    if (!failed.ok()) return SendError(c, failed);
+    return SendResponse(c, 200, "application/json",
+                        openai::Final(builders, parsed->n).dump() + "\n");
   }
-  if (!st.ok()) {
-    SendEvent(fd, openai::ErrorBody(st));
+  if (!failed.ok()) {
+    alive = SendEvent(c.fd, openai::ErrorBody(failed));
   } else if (parsed->include_usage) {
-    SendEvent(fd, builder.UsageChunk());
+    alive = SendEvent(c.fd, openai::UsageChunk(builders, parsed->n));
   }
-  SendChunk(fd, "data: [DONE]\n\n");
-  SendAll(fd, "0\r\n\r\n");
+  return alive && SendChunk(c.fd, "data: [DONE]\n\n") && SendAll(c.fd, "0\r\n\r\n");
 }
 
 }  // namespace
@@ -410,7 +461,7 @@ void HttpServer::AcceptLoop() {
     if (fd < 0) continue;
     std::lock_guard<std::mutex> l(mu_);
     if (active_ >= opt_.max_connections) {
-      SendError(fd, absl::UnavailableError(absl::StrCat(
+      SendError(Conn{fd, false}, absl::UnavailableError(absl::StrCat(
                         "too many connections (", active_, "): retry later")));
       ::close(fd);
       continue;
@@ -424,8 +475,19 @@ void HttpServer::AcceptLoop() {
 void HttpServer::Serve(int fd) {
   timeval tv{30, 0};  // a client that stops sending mid-request is dropped
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  auto req = ReadRequest(fd, opt_.max_body_bytes);
-  if (req.ok()) Handle(fd, *req, router_, opt_, stop_);
+  std::string carry;  // bytes of the next request read with the last one
+  for (bool first = true; !stop_; first = false) {
+    if (!first && carry.empty()) {
+      // Keep-alive: wait for the next request at most keep_alive_seconds (the destructor's
+      // shutdown of the socket ends the wait at once).
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(opt_.keep_alive_seconds * 1000)) <= 0 || stop_) break;
+    }
+    auto req = ReadRequest(fd, opt_.max_body_bytes, &carry);
+    if (!req.ok()) break;
+    const bool keep = opt_.keep_alive_seconds > 0 && WantsKeepAlive(*req) && !stop_;
+    if (!Handle(Conn{fd, keep}, *req, router_, opt_, stop_) || !keep) break;
+  }
   std::lock_guard<std::mutex> l(mu_);
   open_.erase(fd);
   ::close(fd);

@@ -1,8 +1,10 @@
 // An OpenAI-compatible HTTP/1.1 front end over a Router, beside the gRPC API:
 //   POST /v1/completions, POST /v1/chat/completions  (JSON, or server-sent events with "stream")
 //   GET  /v1/models, GET /health
-// One thread per connection; each response closes its connection (no keep-alive). Streams use
-// chunked transfer encoding; a client that goes away mid-stream cancels its request.
+// One thread per connection; HTTP/1.1 connections stay open between requests (keep-alive, up to
+// keep_alive_seconds idle; pipelined requests are answered in order) unless the client sends
+// `Connection: close`. Streams use chunked transfer encoding; a client that goes away mid-stream
+// (or before a non-streamed answer) cancels its request.
 #ifndef MOEMESH_ROUTER_HTTP_SERVER_H_
 #define MOEMESH_ROUTER_HTTP_SERVER_H_
 
@@ -25,6 +27,9 @@ struct HttpServerOptions {
   std::string served_model;        // the id /v1/models lists and requests may name
   int max_connections = 256;       // beyond: 503 at once
   int64_t max_body_bytes = 16 << 20;
+  // How long an open connection may wait idle for its next request; 0 closes each connection
+  // after one response.
+  double keep_alive_seconds = 5;
 };
 
 class HttpServer {

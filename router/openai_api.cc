@@ -85,7 +85,9 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
     return absl::InvalidArgumentError("the request body must be a JSON object");
   }
   ParsedRequest out;
-  moemesh::v1::GenerateRequest& req = out.request;
+  // The fields every choice shares; the prompts go into `prompts` (one entry for chat).
+  moemesh::v1::GenerateRequest req;
+  std::vector<moemesh::v1::GenerateRequest> prompts;
   moemesh::v1::SamplingParams* s = req.mutable_sampling();
   if (auto it = j.find("model"); it != j.end() && !it->is_null()) {
     if (!it->is_string()) return Bad("model", "must be a string");
@@ -98,19 +100,33 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   if (endpoint == Endpoint::kCompletions) {
     auto it = j.find("prompt");
     if (it == j.end()) return Bad("prompt", "is required");
-    if (it->is_string()) {
-      req.set_text(it->get<std::string>());
-    } else if (it->is_array() && !it->empty() && (*it)[0].is_number_integer()) {
-      for (const json& id : *it) {
-        if (!id.is_number_integer()) return Bad("prompt", "must be a string or token ids");
-        req.mutable_token_ids()->add_ids(id.get<int32_t>());
+    // One prompt: a string or token ids. Several: an array of those.
+    auto one = [&](const json& p) -> absl::Status {
+      moemesh::v1::GenerateRequest g;
+      if (p.is_string()) {
+        g.set_text(p.get<std::string>());
+      } else if (p.is_array() && !p.empty()) {
+        for (const json& id : p) {
+          if (!id.is_number_integer()) {
+            return Bad("prompt", "must be a string, token ids, or an array of either");
+          }
+          const int64_t v = id.get<int64_t>();
+          if (v < INT32_MIN || v > INT32_MAX) return Bad("prompt", "holds an id out of range");
+          g.mutable_token_ids()->add_ids(static_cast<int32_t>(v));
+        }
+      } else {
+        return Bad("prompt", "must be a string, token ids, or an array of either (none empty)");
       }
-    } else if (it->is_array() && it->size() == 1 && (*it)[0].is_string()) {
-      req.set_text((*it)[0].get<std::string>());
-    } else if (it->is_array() && it->size() > 1) {
-      return Bad("prompt", "holds several prompts: send one request per prompt");
-    } else {
-      return Bad("prompt", "must be a string or an array of token ids");
+      prompts.push_back(std::move(g));
+      return absl::OkStatus();
+    };
+    if (it->is_array() && !it->empty() && ((*it)[0].is_string() || (*it)[0].is_array())) {
+      for (const json& p : *it) {
+        if (p.is_number()) return Bad("prompt", "mixes token ids and prompts");
+        if (absl::Status st = one(p); !st.ok()) return st;
+      }
+    } else if (absl::Status st = one(*it); !st.ok()) {
+      return st;
     }
     s->set_max_tokens(16);  // OpenAI's default for completions
   } else {
@@ -124,7 +140,8 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
       }
       auto content = Content(m.value("content", json("")));
       if (!content.ok()) return content.status();
-      auto* cm = req.mutable_chat()->add_messages();
+      if (prompts.empty()) prompts.emplace_back();
+      auto* cm = prompts[0].mutable_chat()->add_messages();
       cm->set_role(m["role"].get<std::string>());
       cm->set_content(*content);
     }
@@ -191,7 +208,19 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   }
   auto n = Integer(j, "n");
   if (!n.ok()) return n.status();
-  if (n->has_value() && **n != 1) return Bad("n", "must be 1 (send one request per completion)");
+  if (n->has_value() && (**n < 1 || **n > kMaxChoices)) {
+    return Bad("n", absl::StrCat("must be in [1, ", kMaxChoices, "]"));
+  }
+  out.n = static_cast<int>(n->value_or(1));
+  if (static_cast<int64_t>(prompts.size()) * out.n > kMaxChoices) {
+    return Bad("n", absl::StrCat("times the ", prompts.size(), " prompts asks for ",
+                                 prompts.size() * out.n, " choices; at most ", kMaxChoices));
+  }
+  auto best_of = Integer(j, "best_of");
+  if (!best_of.ok()) return best_of.status();
+  if (best_of->has_value() && **best_of != out.n) {
+    return Bad("best_of", "must equal n: choices are not ranked");
+  }
   auto echo = Bool(j, "echo");
   if (!echo.ok()) return echo.status();
   if (echo->value_or(false)) return Bad("echo", "is not supported");
@@ -224,6 +253,14 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
     auto usage = Bool(*it, "include_usage");
     if (!usage.ok()) return usage.status();
     out.include_usage = usage->value_or(false);
+  }
+  for (const moemesh::v1::GenerateRequest& p : prompts) {
+    for (int i = 0; i < out.n; ++i) {
+      moemesh::v1::GenerateRequest g = req;
+      g.MergeFrom(p);
+      if (s->has_seed()) g.mutable_sampling()->set_seed(s->seed() + static_cast<uint64_t>(i));
+      out.requests.push_back(std::move(g));
+    }
   }
   return out;
 }
@@ -262,12 +299,13 @@ json ErrorBody(const absl::Status& st) {
 }
 
 ResponseBuilder::ResponseBuilder(Endpoint endpoint, std::string id, std::string model,
-                                 int64_t created, int top_logprobs)
+                                 int64_t created, int top_logprobs, int index)
     : endpoint_(endpoint),
       id_(std::move(id)),
       model_(std::move(model)),
       created_(created),
-      top_logprobs_(top_logprobs) {
+      top_logprobs_(top_logprobs),
+      index_(index) {
   if (top_logprobs_ >= 0) {
     logprobs_ = endpoint_ == Endpoint::kChat
                     ? json{{"content", json::array()}}
@@ -324,7 +362,7 @@ json ResponseBuilder::Logprobs(const moemesh::v1::GenerateResponse& r,
 
 json ResponseBuilder::Choice(const std::string& text, const json& logprobs, FinishReason reason,
                              bool delta) const {
-  json c{{"index", 0}, {"logprobs", logprobs}};
+  json c{{"index", index_}, {"logprobs", logprobs}};
   const std::string finish = FinishName(reason);
   c["finish_reason"] = finish.empty() ? json(nullptr) : json(finish);
   if (endpoint_ == Endpoint::kCompletions) {
@@ -371,7 +409,7 @@ json ResponseBuilder::Chunk(const moemesh::v1::GenerateResponse& r) {
 
 json ResponseBuilder::RoleChunk() const {
   json out = Envelope(/*chunk=*/true);
-  json c{{"index", 0},
+  json c{{"index", index_},
          {"delta", {{"role", "assistant"}, {"content", ""}}},
          {"logprobs", nullptr},
          {"finish_reason", nullptr}};
@@ -386,11 +424,43 @@ json ResponseBuilder::UsageChunk() const {
   return out;
 }
 
+json ResponseBuilder::FinalChoice() const {
+  return Choice(text_, top_logprobs_ >= 0 ? logprobs_ : json(nullptr), finish_, /*delta=*/false);
+}
+
 json ResponseBuilder::Final() const {
   json out = Envelope(/*chunk=*/false);
-  out["choices"] = json::array({Choice(text_, top_logprobs_ >= 0 ? logprobs_ : json(nullptr),
-                                       finish_, /*delta=*/false)});
+  out["choices"] = json::array({FinalChoice()});
   out["usage"] = Usage();
+  return out;
+}
+
+namespace {
+
+json UsageOf(const std::vector<ResponseBuilder>& choices, int n) {
+  int64_t prompt = 0, completion = 0;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    if (i % static_cast<size_t>(n) == 0) prompt += choices[i].prompt_tokens();
+    completion += choices[i].completion_tokens();
+  }
+  return {{"prompt_tokens", prompt},
+          {"completion_tokens", completion},
+          {"total_tokens", prompt + completion}};
+}
+
+}  // namespace
+
+json Final(const std::vector<ResponseBuilder>& choices, int n) {
+  json out = choices.at(0).Final();
+  out["choices"] = json::array();
+  for (const ResponseBuilder& b : choices) out["choices"].push_back(b.FinalChoice());
+  out["usage"] = UsageOf(choices, n);
+  return out;
+}
+
+json UsageChunk(const std::vector<ResponseBuilder>& choices, int n) {
+  json out = choices.at(0).UsageChunk();
+  out["usage"] = UsageOf(choices, n);
   return out;
 }
 

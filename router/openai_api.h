@@ -20,8 +20,15 @@ namespace openai {
 
 enum class Endpoint { kCompletions, kChat };
 
+// Most choices one HTTP request may ask for (prompts x n).
+constexpr int kMaxChoices = 128;
+
 struct ParsedRequest {
-  moemesh::v1::GenerateRequest request;
+  // One GenerateRequest per choice, in the order of the answer's choice indexes: prompt p's n
+  // samples are choices p * n ... p * n + n - 1. With a seed and n > 1, sample j of a prompt
+  // has seed + j; without one each gets the router's random seed.
+  std::vector<moemesh::v1::GenerateRequest> requests;
+  int n = 1;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage: a last chunk with the usage
   // Log-probabilities to report: -1 none; completions: top-n (`logprobs`); chat: `top_logprobs`
@@ -31,11 +38,12 @@ struct ParsedRequest {
 
 // Parses a request body. Fields (OpenAI's, plus vLLM's extensions top_k, min_p,
 // repetition_penalty, ignore_eos, and ours experts_per_token, thinking_budget): model (must be
-// `served_model` when given), prompt (completions: a string or an array of token ids), messages
-// (chat: role + content, a string or text parts), max_tokens (completions default 16, as
-// OpenAI's; chat: max_completion_tokens too, default up to the context), temperature, top_p,
-// seed, stop (string or array), presence_penalty, frequency_penalty, logprobs / top_logprobs,
-// n (1 only), echo (false only), stream, stream_options. Unset sampling fields keep the model's
+// `served_model` when given), prompt (completions: a string, an array of token ids, or an array
+// of either for several prompts), messages (chat: role + content, a string or text parts),
+// max_tokens (completions default 16, as OpenAI's; chat: max_completion_tokens too, default up
+// to the context), temperature, top_p, seed, stop (string or array), presence_penalty,
+// frequency_penalty, logprobs / top_logprobs, n (choices per prompt; prompts x n at most
+// kMaxChoices), best_of (equal to n only), echo (false only), stream, stream_options. Unset sampling fields keep the model's
 // generation_config defaults, as the gRPC API does. InvalidArgument naming the field otherwise;
 // NotFound for another model.
 absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,
@@ -49,8 +57,9 @@ nlohmann::json ErrorBody(const absl::Status& st);
 // Turns one request's GenerateResponses into OpenAI objects.
 class ResponseBuilder {
  public:
+  // `index`: the choice this builder's responses are (0 unless the request asked for several).
   ResponseBuilder(Endpoint endpoint, std::string id, std::string model, int64_t created,
-                  int top_logprobs);
+                  int top_logprobs, int index = 0);
   // The chunk for one response (streaming); also accumulates it for Final().
   nlohmann::json Chunk(const moemesh::v1::GenerateResponse& r);
   // Streaming chat: the first chunk, with the assistant role and no content.
@@ -60,6 +69,10 @@ class ResponseBuilder {
   // The whole response (non-streaming), after every response was given to Add or Chunk.
   void Add(const moemesh::v1::GenerateResponse& r);
   nlohmann::json Final() const;
+  // Final()'s choice object alone, and its token counts.
+  nlohmann::json FinalChoice() const;
+  int32_t prompt_tokens() const { return prompt_tokens_; }
+  int32_t completion_tokens() const { return completion_tokens_; }
 
  private:
   nlohmann::json Choice(const std::string& text, const nlohmann::json& logprobs,
@@ -74,12 +87,18 @@ class ResponseBuilder {
   const std::string id_, model_;
   const int64_t created_;
   const int top_logprobs_;
+  const int index_;
   std::string text_;
   nlohmann::json logprobs_;  // accumulated, for Final()
   int64_t text_offset_ = 0;  // completions logprobs: offset of the next token's text
   moemesh::v1::FinishReason finish_ = moemesh::v1::FINISH_REASON_UNSPECIFIED;
   int32_t prompt_tokens_ = 0, completion_tokens_ = 0;
 };
+
+// Several choices' builders, in index order, `n` per prompt (a prompt's tokens count once in the
+// usage): the whole response, and the usage chunk of a stream.
+nlohmann::json Final(const std::vector<ResponseBuilder>& choices, int n);
+nlohmann::json UsageChunk(const std::vector<ResponseBuilder>& choices, int n);
 
 }  // namespace openai
 }  // namespace moemesh

@@ -20,7 +20,8 @@ TEST(OpenAiApiTest, CompletionFieldsMapToTheRequest) {
       "thinking_budget": 5, "n": 1, "echo": false})",
                         "m");
   ASSERT_TRUE(p.ok()) << p.status();
-  const auto& r = p->request;
+  ASSERT_EQ(p->requests.size(), 1u);
+  const auto& r = p->requests[0];
   EXPECT_EQ(r.text(), "Hello");
   const auto& s = r.sampling();
   EXPECT_EQ(s.max_tokens(), 7);
@@ -47,9 +48,9 @@ TEST(OpenAiApiTest, CompletionFieldsMapToTheRequest) {
 TEST(OpenAiApiTest, DefaultsLeaveSamplingToTheModel) {
   auto p = ParseRequest(Endpoint::kCompletions, R"({"prompt": [5, 6, 7]})", "m");
   ASSERT_TRUE(p.ok()) << p.status();
-  ASSERT_EQ(p->request.token_ids().ids_size(), 3);
-  EXPECT_EQ(p->request.token_ids().ids(2), 7);
-  const auto& s = p->request.sampling();
+  ASSERT_EQ(p->requests[0].token_ids().ids_size(), 3);
+  EXPECT_EQ(p->requests[0].token_ids().ids(2), 7);
+  const auto& s = p->requests[0].sampling();
   EXPECT_EQ(s.max_tokens(), 16);  // OpenAI's completions default
   EXPECT_FALSE(s.has_temperature());
   EXPECT_FALSE(s.has_top_p());
@@ -59,7 +60,39 @@ TEST(OpenAiApiTest, DefaultsLeaveSamplingToTheModel) {
   auto chat = ParseRequest(Endpoint::kChat, R"({"messages": [{"role": "user", "content": "x"}]})",
                            "m");
   ASSERT_TRUE(chat.ok()) << chat.status();
-  EXPECT_FALSE(chat->request.sampling().has_max_tokens());  // chat: up to the context
+  EXPECT_FALSE(chat->requests[0].sampling().has_max_tokens());  // chat: up to the context
+}
+
+TEST(OpenAiApiTest, SeveralPromptsAndChoices) {
+  auto p = ParseRequest(Endpoint::kCompletions,
+                        R"({"prompt": ["Hi", [3, 4]], "n": 3, "best_of": 3, "seed": 10,
+                            "temperature": 0.7, "max_tokens": 5})",
+                        "m");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->n, 3);
+  ASSERT_EQ(p->requests.size(), 6u);
+  for (int i = 0; i < 6; ++i) {
+    const auto& r = p->requests[i];
+    if (i < 3) {
+      EXPECT_EQ(r.text(), "Hi") << i;
+    } else {
+      EXPECT_EQ(r.token_ids().ids_size(), 2) << i;
+    }
+    EXPECT_EQ(r.sampling().seed(), 10u + static_cast<uint64_t>(i % 3)) << i;
+    EXPECT_FLOAT_EQ(r.sampling().temperature(), 0.7f);
+    EXPECT_EQ(r.sampling().max_tokens(), 5);
+  }
+  // Token-id prompts, one of them; chat with n; no seed: each choice gets the router's.
+  auto ids = ParseRequest(Endpoint::kCompletions, R"({"prompt": [[7], [8, 9]], "n": 2})", "m");
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  ASSERT_EQ(ids->requests.size(), 4u);
+  EXPECT_EQ(ids->requests[2].token_ids().ids(1), 9);
+  EXPECT_FALSE(ids->requests[1].sampling().has_seed());
+  auto chat = ParseRequest(Endpoint::kChat,
+                           R"({"messages": [{"role": "user", "content": "x"}], "n": 2})", "m");
+  ASSERT_TRUE(chat.ok()) << chat.status();
+  ASSERT_EQ(chat->requests.size(), 2u);
+  EXPECT_EQ(chat->requests[1].chat().messages(0).content(), "x");
 }
 
 TEST(OpenAiApiTest, ChatMessagesAndTextParts) {
@@ -70,19 +103,19 @@ TEST(OpenAiApiTest, ChatMessagesAndTextParts) {
       "max_completion_tokens": 9, "logprobs": true, "top_logprobs": 3})",
                         "m");
   ASSERT_TRUE(p.ok()) << p.status();
-  ASSERT_EQ(p->request.chat().messages_size(), 2);
-  EXPECT_EQ(p->request.chat().messages(0).role(), "system");
-  EXPECT_EQ(p->request.chat().messages(1).content(), "Hi there");
-  EXPECT_EQ(p->request.sampling().max_tokens(), 9);
+  ASSERT_EQ(p->requests[0].chat().messages_size(), 2);
+  EXPECT_EQ(p->requests[0].chat().messages(0).role(), "system");
+  EXPECT_EQ(p->requests[0].chat().messages(1).content(), "Hi there");
+  EXPECT_EQ(p->requests[0].sampling().max_tokens(), 9);
   EXPECT_EQ(p->top_logprobs, 3);
-  EXPECT_EQ(p->request.sampling().logprobs(), 3);
+  EXPECT_EQ(p->requests[0].sampling().logprobs(), 3);
   // logprobs: true alone reports the chosen tokens' (one top entry asked, none shown).
   auto lp = ParseRequest(Endpoint::kChat,
                          R"({"messages": [{"role": "user", "content": "x"}], "logprobs": true})",
                          "m");
   ASSERT_TRUE(lp.ok());
   EXPECT_EQ(lp->top_logprobs, 0);
-  EXPECT_EQ(lp->request.sampling().logprobs(), 1);
+  EXPECT_EQ(lp->requests[0].sampling().logprobs(), 1);
 }
 
 TEST(OpenAiApiTest, BadRequestsNameTheField) {
@@ -96,8 +129,19 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
       {Endpoint::kCompletions, "not json", absl::StatusCode::kInvalidArgument, "JSON"},
       {Endpoint::kCompletions, "[1]", absl::StatusCode::kInvalidArgument, "JSON object"},
       {Endpoint::kCompletions, "{}", absl::StatusCode::kInvalidArgument, "prompt"},
-      {Endpoint::kCompletions, R"({"prompt": ["a", "b"]})", absl::StatusCode::kInvalidArgument,
-       "one request per prompt"},
+      {Endpoint::kCompletions, R"({"prompt": ["a", 5]})", absl::StatusCode::kInvalidArgument,
+       "prompt"},
+      {Endpoint::kCompletions, R"({"prompt": []})", absl::StatusCode::kInvalidArgument, "prompt"},
+      {Endpoint::kCompletions, R"({"prompt": [[1, 2], []]})", absl::StatusCode::kInvalidArgument,
+       "prompt"},
+      {Endpoint::kCompletions, R"({"prompt": [1, 4294967297]})",
+       absl::StatusCode::kInvalidArgument, "out of range"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "n": 0})", absl::StatusCode::kInvalidArgument,
+       "'n'"},
+      {Endpoint::kCompletions, R"({"prompt": ["a", "b", "c"], "n": 50})",
+       absl::StatusCode::kInvalidArgument, "150 choices"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "n": 2, "best_of": 3})",
+       absl::StatusCode::kInvalidArgument, "best_of"},
       {Endpoint::kCompletions, R"({"prompt": "x", "model": "other"})",
        absl::StatusCode::kNotFound, "serves 'm'"},
       {Endpoint::kCompletions, R"({"prompt": "x", "temperature": "hot"})",
@@ -106,8 +150,6 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "max_tokens"},
       {Endpoint::kCompletions, R"({"prompt": "x", "max_tokens": 1.5})",
        absl::StatusCode::kInvalidArgument, "max_tokens"},
-      {Endpoint::kCompletions, R"({"prompt": "x", "n": 2})", absl::StatusCode::kInvalidArgument,
-       "'n'"},
       {Endpoint::kCompletions, R"({"prompt": "x", "echo": true})",
        absl::StatusCode::kInvalidArgument, "echo"},
       {Endpoint::kCompletions, R"({"prompt": "x", "stop": 5})",
@@ -214,6 +256,31 @@ TEST(OpenAiApiTest, ChatResponseAndChunks) {
   EXPECT_EQ(content[0]["logprob"], -1.0);
   EXPECT_EQ(content[0]["bytes"], json({'t', '2'}));
   EXPECT_EQ(content[0]["top_logprobs"].size(), 1u);
+}
+
+TEST(OpenAiApiTest, SeveralChoicesMakeOneResponse) {
+  // Two prompts x two choices: indexes in order, each prompt's tokens counted once.
+  std::vector<ResponseBuilder> b;
+  for (int i = 0; i < 4; ++i) b.emplace_back(Endpoint::kCompletions, "cmpl-9", "m", 1, -1, i);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(b[i].Chunk(Response(absl::StrCat("c", i), {1}))["choices"][0]["index"], i);
+    moemesh::v1::GenerateResponse end = Response("", {}, moemesh::v1::FINISH_REASON_LENGTH);
+    end.set_prompt_tokens(i < 2 ? 4 : 6);
+    end.set_completion_tokens(i + 1);
+    b[i].Add(end);
+  }
+  const json f = Final(b, /*n=*/2);
+  ASSERT_EQ(f["choices"].size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(f["choices"][i]["index"], i);
+    EXPECT_EQ(f["choices"][i]["text"], absl::StrCat("c", i));
+  }
+  EXPECT_EQ(f["id"], "cmpl-9");
+  EXPECT_EQ(f["usage"], json({{"prompt_tokens", 10}, {"completion_tokens", 10},
+                              {"total_tokens", 20}}));
+  EXPECT_EQ(UsageChunk(b, 2)["usage"]["prompt_tokens"], 10);
+  ResponseBuilder chat(Endpoint::kChat, "chatcmpl-1", "m", 1, -1, 3);
+  EXPECT_EQ(chat.RoleChunk()["choices"][0]["index"], 3);
 }
 
 }  // namespace

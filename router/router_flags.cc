@@ -27,6 +27,10 @@ ABSL_FLAG(std::string, served_model_name, "",
           "The model id of the HTTP API (what /v1/models lists and requests name); empty = the "
           "model directory's basename.");
 
+ABSL_FLAG(double, http_keep_alive_seconds, 5,
+          "HTTP API: how long a connection may wait idle for its next request (HTTP/1.1 "
+          "keep-alive); 0 = close each connection after one response.");
+
 namespace moemesh {
 
 RouterOptions RouterOptionsFromFlags() {
@@ -46,6 +50,10 @@ absl::StatusOr<std::unique_ptr<HttpServer>> StartHttpFromFlags(Router* router,
   const std::string address = absl::GetFlag(FLAGS_http_address);
   if (address.empty()) return std::unique_ptr<HttpServer>();
   HttpServerOptions opt;
+  opt.keep_alive_seconds = absl::GetFlag(FLAGS_http_keep_alive_seconds);
+  if (!(opt.keep_alive_seconds >= 0 && opt.keep_alive_seconds <= 3600)) {
+    return absl::InvalidArgumentError("--http_keep_alive_seconds must be in [0, 3600]");
+  }
   opt.served_model = absl::GetFlag(FLAGS_served_model_name);
   if (opt.served_model.empty()) {
     std::string dir = model_dir;

@@ -1,6 +1,7 @@
 // Command-line flags of the router's scheduler, shared by every binary that runs a router
 // (router, moemesh serve, moemesh_node): --max_queue, --max_running, --prefill_chunk, --max_moves,
-// --worker_retry_seconds, --think_tokens, and the HTTP API's --http_address, --served_model_name.
+// --worker_retry_seconds, --think_tokens, and the HTTP API's --http_address, --served_model_name,
+// --http_keep_alive_seconds.
 #ifndef MOEMESH_ROUTER_ROUTER_FLAGS_H_
 #define MOEMESH_ROUTER_ROUTER_FLAGS_H_
 

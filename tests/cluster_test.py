@@ -1090,6 +1090,102 @@ class HttpApiTest(unittest.TestCase):
         for k, j in enumerate(jobs):
             self.assertEqual(j.join(timeout=240), solo[k % 8], "request %d" % k)
 
+    def test_several_prompts_and_choices_match_the_grpc_api(self):
+        # Two prompts x n=2, sampled with a seed: choice p * 2 + j is prompt p sampled with
+        # seed + j over gRPC, streamed or not; each prompt's tokens count once in the usage.
+        a, b = PYDOC_CASES[0][0], PYDOC_CASES[1][0]
+        want = [generate(self.c.stub, make_request(p, 12, temperature=0.8, seed=5 + j)).text
+                for p in (a, b) for j in range(2)]
+        body = {"prompt": [a, b], "n": 2, "seed": 5, "temperature": 0.8, "max_tokens": 12,
+                "ignore_eos": True}
+        status, got = self.call("POST", "/v1/completions", body)
+        self.assertEqual(status, 200, got)
+        self.assertEqual([c["index"] for c in got["choices"]], [0, 1, 2, 3])
+        self.assertEqual([c["text"] for c in got["choices"]], want)
+        self.assertEqual(got["usage"], {"prompt_tokens": len(a) + len(b), "completion_tokens": 48,
+                                        "total_tokens": len(a) + len(b) + 48})
+        ev = self.events("/v1/completions", dict(body, stream=True,
+                                                 stream_options={"include_usage": True}))
+        self.assertEqual(ev[-1], "[DONE]")
+        chunks = [json.loads(e) for e in ev[:-1]]
+        texts = ["", "", "", ""]
+        for c in chunks[:-1]:
+            texts[c["choices"][0]["index"]] += c["choices"][0]["text"]
+        self.assertEqual(texts, want)
+        self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 48)
+        # Chat with n=3: three role chunks, then three answers, each the seeded gRPC one.
+        req = pb2.GenerateRequest()
+        req.chat.messages.add(role="user", content="How do I open a file?")
+        req.sampling.temperature = 0.8
+        req.sampling.max_tokens = 8
+        req.sampling.ignore_eos = True
+        chat_want = []
+        for j in range(3):
+            req.sampling.seed = 11 + j
+            chat_want.append(generate(self.c.stub, req).text)
+        ev = self.events("/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "How do I open a file?"}],
+                          "n": 3, "seed": 11, "temperature": 0.8, "max_tokens": 8,
+                          "ignore_eos": True, "stream": True})
+        chunks = [json.loads(e) for e in ev[:-1]]
+        self.assertEqual(sorted(c["choices"][0]["index"] for c in chunks
+                                if "role" in c["choices"][0]["delta"]), [0, 1, 2])
+        texts = ["", "", ""]
+        for c in chunks:
+            texts[c["choices"][0]["index"]] += c["choices"][0]["delta"].get("content", "")
+        self.assertEqual(texts, chat_want)
+
+    def test_connections_are_kept_alive_and_pipelined(self):
+        ids = PYDOC_CASES[1][0]
+        want = generate(self.c.stub, make_request(ids, 6)).text
+        body = json.dumps({"prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        conn = http.client.HTTPConnection(self.http, timeout=CALL_TIMEOUT)
+        try:
+            socks = []
+            for stream in (False, True, False):
+                b = json.loads(body)
+                b["stream"] = stream
+                conn.request("POST", "/v1/completions", body=json.dumps(b))
+                r = conn.getresponse()
+                self.assertEqual(r.status, 200)
+                self.assertEqual(r.getheader("Connection"), "keep-alive")
+                raw = r.read().decode()
+                socks.append(conn.sock)
+                if not stream:
+                    self.assertEqual(json.loads(raw)["choices"][0]["text"], want)
+                else:
+                    self.assertIn("data: [DONE]", raw)
+            self.assertIsNotNone(socks[0])
+            self.assertTrue(all(s is socks[0] for s in socks), "the connection was not reused")
+        finally:
+            conn.close()
+        # Two requests sent at once on one socket are answered in order; Connection: close on
+        # the second ends the connection after it.
+        sock = socket.create_connection(tuple(self.http.rsplit(":", 1)), timeout=60)
+        try:
+            req = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s")
+            sock.sendall((req % (len(body), "", body) +
+                          req % (len(body), "Connection: close\r\n", body)).encode())
+            got = b""
+            while True:
+                part = sock.recv(65536)
+                if not part:
+                    break
+                got += part
+        finally:
+            sock.close()
+        answers = []  # (head, parsed body) of each response, by Content-Length
+        while got:
+            head, _, rest = got.partition(b"\r\n\r\n")
+            n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            answers.append((head.decode(), json.loads(rest[:n])))
+            got = rest[n:]
+        self.assertEqual(len(answers), 2)
+        self.assertTrue(all(h.startswith("HTTP/1.1 200 OK") for h, _ in answers))
+        self.assertIn("Connection: keep-alive", answers[0][0])
+        self.assertIn("Connection: close", answers[1][0])
+        self.assertEqual([a["choices"][0]["text"] for _, a in answers], [want, want])
+
     def test_errors_are_openai_error_objects(self):
         status, got = self.call("POST", "/v1/completions", {"prompt": "x", "temperature": -1})
         self.assertEqual(status, 400)
@@ -1117,8 +1213,9 @@ class HttpApiTest(unittest.TestCase):
     def test_a_client_leaving_mid_stream_cancels_its_request(self):
         steps_before = self.c.stats().steps
         sock = socket.create_connection(tuple(self.http.rsplit(":", 1)), timeout=30)
+        # Two choices: leaving cancels both.
         body = json.dumps({"prompt": PYDOC_CASES[0][0], "max_tokens": 900, "temperature": 0,
-                           "ignore_eos": True, "stream": True})
+                           "ignore_eos": True, "stream": True, "n": 2})
         sock.sendall(("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                       "application/json\r\nContent-Length: %d\r\n\r\n%s"
                       % (len(body), body)).encode())
@@ -1126,7 +1223,8 @@ class HttpApiTest(unittest.TestCase):
         while b"data: " not in got:
             got += sock.recv(4096)
         self.assertIn(b"200 OK", got)
-        self.assertEqual(self.c.stats().active_sequences, 1)
+        poll_until(lambda: self.c.stats().active_sequences == 2, 20, interval=0.05)
+        self.assertEqual(self.c.stats().active_sequences, 2)
         sock.close()
         # Cancelled at a step boundary and released: the worker holds no sequence.
         poll_until(lambda: self.c.stats().active_sequences == 0, 20, interval=0.05)
