@@ -240,6 +240,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       if (it != seqs_.end()) cache_->Free(s.seq_id());
       it = seqs_.insert_or_assign(s.seq_id(), std::make_unique<SeqState>(sc)).first;
       it->second->prompt_len = std::max<int64_t>(s.prompt_tokens(), 0);
+      it->second->prompt_logprobs = sc.prompt_logprobs;
     } else if (it == seqs_.end()) {
       fail(absl::FailedPreconditionError(absl::StrCat("unknown sequence ", s.seq_id())));
       continue;
@@ -258,8 +259,9 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     }
     // With a prefix cache, rows another sequence computed for the same tokens are copied and
     // only the rest computed (prefill steps: a decode step computes its one token).
+    // (Not for a sequence scoring its prompt: that needs every position's logits.)
     int64_t from = s.start_pos();
-    if (!prefix_.empty() && s.tokens_size() > 1) {
+    if (!prefix_.empty() && s.tokens_size() > 1 && !st.ScoresPrompt()) {
       std::vector<int32_t> history = st.History();
       history.insert(history.end(), s.tokens().begin(), s.tokens().end());
       from = ReusePrefix(s.seq_id(), history, s.start_pos(), s.start_pos() + s.tokens_size());
@@ -269,6 +271,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     b.tokens.assign(s.tokens().begin() + (from - s.start_pos()), s.tokens().end());
     b.start_pos = from;
     b.experts_per_token = s.experts_per_token();
+    b.all_logits = st.ScoresPrompt();
     all_tokens.insert(all_tokens.end(), b.tokens.begin(), b.tokens.end());
     batch.push_back(std::move(b));
     result_of.push_back(resp->results_size() - 1);
@@ -287,10 +290,19 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   st = Forward(batch, hidden.data(), &logits, &expert_s);
   if (!st.ok()) return st;
   auto t_sample = Clock::now();
-  std::vector<std::pair<size_t, SeqState*>> to_sample;  // batch entries that sample a token
+  // Batch entries that sample a token, with their logits row (the last of the entry's rows).
+  std::vector<std::pair<size_t, SeqState*>> to_sample;
+  std::vector<int64_t> sample_row(batch.size());
+  int64_t row = 0;  // the entry's first logits row
   for (size_t b = 0; b < batch.size(); ++b) {
     const wire::SeqStep& s = req.seqs(result_of[b]);
     SeqState& state = *seqs_.at(batch[b].seq_id);
+    const int64_t rows = batch[b].all_logits ? static_cast<int64_t>(batch[b].tokens.size()) : 1;
+    sample_row[b] = row + rows - 1;
+    if (batch[b].all_logits) {
+      ScorePrompt(s, &logits[row * cfg.vocab_size], &state, resp->mutable_results(result_of[b]));
+    }
+    row += rows;
     // The step's tokens as sent (a prefix-cache hit computed only the last of them).
     state.length += s.tokens_size();
     if (state.prompt_len > 0) {
@@ -314,7 +326,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   auto sample = [&](int64_t i) {
     const size_t b = to_sample[i].first;
     SeqState& state = *to_sample[i].second;
-    TokenChoice c = state.sampler.Sample(&logits[b * cfg.vocab_size], cfg.vocab_size,
+    TokenChoice c = state.sampler.Sample(&logits[sample_row[b] * cfg.vocab_size], cfg.vocab_size,
                                          state.prompt, state.generated);
     state.generated.push_back(c.id);
     wire::SeqResult* r = resp->mutable_results(result_of[b]);
@@ -339,6 +351,34 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   expert_s_ += expert_s;
   attention_s_ += std::chrono::duration<double>(t_sample - t_start).count() - expert_s;
   return absl::OkStatus();
+}
+
+void AttentionWorker::ScorePrompt(const wire::SeqStep& s, const float* rows, SeqState* state,
+                                  wire::SeqResult* r) const {
+  const int64_t vocab = stack_->config().vocab_size;
+  const int n = s.tokens_size();
+  for (int i = 0; i < n; ++i) {
+    // Token i is predicted by the row before it: the previous chunk's last (kept) or this
+    // chunk's row i - 1; the sequence's first token by none.
+    const float* pred = i > 0 ? rows + (i - 1) * vocab
+                              : (state->last_row.empty() ? nullptr : state->last_row.data());
+    auto* e = r->add_prompt_logprobs();
+    e->mutable_chosen()->set_id(s.tokens(i));
+    if (pred == nullptr) continue;
+    TokenChoice c = ScoreToken(pred, vocab, s.tokens(i), state->prompt_logprobs);
+    e->mutable_chosen()->set_logprob(c.logprob);
+    for (const auto& [id, lp] : c.top) {
+      auto* t = e->add_top();
+      t->set_id(id);
+      t->set_logprob(lp);
+    }
+  }
+  if (s.sample()) {
+    state->last_row.clear();
+    state->last_row.shrink_to_fit();
+  } else {  // the next chunk's first token is scored with this chunk's last row
+    state->last_row.assign(rows + (n - 1) * vocab, rows + n * vocab);
+  }
 }
 
 absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* hidden,

@@ -76,6 +76,14 @@ class AttentionWorker {
     std::vector<int32_t> prompt, generated;
     int64_t length = 0;  // tokens in the KV cache
     int64_t prompt_len = 0;  // SeqStep::prompt_tokens of a moved sequence, else 0
+    // SamplingConfig::prompt_logprobs (-1: none). While the prompt is prefilled, the logits of
+    // a chunk's last token, which score the next chunk's first token.
+    int32_t prompt_logprobs = -1;
+    std::vector<float> last_row;
+    // Whether this step's tokens are prompt tokens to score.
+    bool ScoresPrompt() const {
+      return prompt_logprobs >= 0 && prompt_len == 0 && generated.empty();
+    }
     // The tokens at positions [0, length): prompt, then generated ones.
     std::vector<int32_t> History() const;
   };
@@ -85,6 +93,11 @@ class AttentionWorker {
     std::vector<int32_t> tokens;
     int64_t last_used = 0;  // step count of its last hit (or of its release)
   };
+  // Scores the prompt tokens of step `s` (ScoreToken with state->prompt_logprobs top entries)
+  // into r->prompt_logprobs from `rows`, the step's logits of every token, and keeps the last
+  // row for the next chunk (a step that samples ends the prompt and drops it).
+  void ScorePrompt(const wire::SeqStep& s, const float* rows, SeqState* state,
+                   wire::SeqResult* r) const;
   // Copies the longest prefix-cache match beyond `start` of `history` (the sequence's tokens so
   // far followed by this step's, of which positions [start, end) are reserved and must be
   // computed) into `seq`'s rows [start, m), m <= end - 1 (a step computes at least its last

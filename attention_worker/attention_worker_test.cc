@@ -4,7 +4,10 @@
 // moved from another worker continues exactly as if it had not moved.
 #include "attention_worker/attention_worker.h"
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -125,6 +128,90 @@ TEST_P(OverlapTest, BatchedGreedyMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Halves, OverlapTest, ::testing::Bool(),
                          [](const auto& info) { return info.param ? "overlapped" : "whole"; });
+
+// Prompt log-probabilities (sampling.prompt_logprobs) over prompts prefilled in two chunks,
+// batched with sequences that do not ask for them: each prompt token's logprob and top entries
+// are the log-softmax of transformers' logits at the position before it; the first token has
+// none; the first sampled token of every sequence is still transformers' greedy one.
+TEST_P(OverlapTest, PromptLogprobsAreTransformersLogSoftmax) {
+  const std::string dir = "testdata/oracle/qwen3_moe";
+  auto parts = Load(dir);
+  ASSERT_NE(parts->stack, nullptr);
+  AttentionWorker::Options opt;
+  opt.overlap_halves = GetParam();
+  opt.overlap_min_sequences = 2;
+  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(), opt);
+  std::ifstream in(dir + "/reference.json");
+  nlohmann::json ref = nlohmann::json::parse(in);
+  const int64_t vocab = parts->cfg.vocab_size;
+  constexpr int kTop = 3;
+  // Sequences 1..n score their prompts; n+1..2n (the same prompts) do not.
+  const size_t n = ref.size();
+  std::vector<std::vector<wire::SeqResult>> results(2 * n);
+  for (int chunk = 0; chunk < 2; ++chunk) {
+    wire::StepRequest req;
+    for (size_t k = 0; k < 2 * n; ++k) {
+      const auto prompt = ref[k % n]["input_ids"].get<std::vector<int32_t>>();
+      ASSERT_GE(prompt.size(), 2u);
+      const size_t first = prompt.size() / 2;  // the first chunk's tokens
+      wire::SeqStep* s = req.add_seqs();
+      s->set_seq_id(k + 1);
+      if (chunk == 0) {
+        s->set_new_sequence(true);
+        s->mutable_sampling()->set_temperature(0);
+        if (k < n) s->mutable_sampling()->set_prompt_logprobs(kTop);
+      }
+      s->set_start_pos(chunk == 0 ? 0 : first);
+      for (size_t i = chunk == 0 ? 0 : first; i < (chunk == 0 ? first : prompt.size()); ++i) {
+        s->add_tokens(prompt[i]);
+      }
+      s->set_sample(chunk == 1);
+    }
+    wire::StepResponse resp;
+    ASSERT_TRUE(worker.Step(req, &resp).ok());
+    ASSERT_EQ(resp.results_size(), static_cast<int>(2 * n));
+    for (size_t k = 0; k < 2 * n; ++k) results[k].push_back(resp.results(static_cast<int>(k)));
+  }
+  double worst = 0;
+  for (size_t k = 0; k < 2 * n; ++k) {
+    const nlohmann::json& c = ref[k % n];
+    const auto prompt = c["input_ids"].get<std::vector<int32_t>>();
+    ASSERT_EQ(results[k][0].error(), "");
+    ASSERT_EQ(results[k][1].error(), "");
+    EXPECT_FALSE(results[k][0].sampled());
+    ASSERT_TRUE(results[k][1].sampled());
+    EXPECT_EQ(results[k][1].token(), c["greedy"][0].get<int32_t>()) << "sequence " << k;
+    if (k >= n) {
+      EXPECT_EQ(results[k][0].prompt_logprobs_size() + results[k][1].prompt_logprobs_size(), 0);
+      continue;
+    }
+    std::vector<moemesh::v1::TokenLogprobs> got;
+    for (const auto& r : results[k]) got.insert(got.end(), r.prompt_logprobs().begin(),
+                                                 r.prompt_logprobs().end());
+    ASSERT_EQ(got.size(), prompt.size());
+    EXPECT_EQ(got[0].chosen().id(), prompt[0]);
+    EXPECT_EQ(got[0].chosen().logprob(), 0.0f);
+    EXPECT_EQ(got[0].top_size(), 0);
+    for (size_t i = 1; i < prompt.size(); ++i) {
+      const std::vector<double> row = c["logits"][i - 1].get<std::vector<double>>();
+      ASSERT_EQ(static_cast<int64_t>(row.size()), vocab);
+      double mx = row[0], z = 0;
+      for (double v : row) mx = std::max(mx, v);
+      for (double v : row) z += std::exp(v - mx);
+      const double lse = mx + std::log(z);
+      std::vector<double> sorted(row);
+      std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+      EXPECT_EQ(got[i].chosen().id(), prompt[i]);
+      worst = std::max(worst, std::abs(got[i].chosen().logprob() - (row[prompt[i]] - lse)));
+      ASSERT_EQ(got[i].top_size(), kTop);
+      for (int t = 0; t < kTop; ++t) {
+        worst = std::max(worst, std::abs(got[i].top(t).logprob() - (sorted[t] - lse)));
+        EXPECT_NEAR(got[i].top(t).logprob(), row[got[i].top(t).id()] - lse, 1e-3);
+      }
+    }
+  }
+  EXPECT_LT(worst, 1e-3);
+}
 
 // A sequence moved from another worker (the router replays its prompt and generated tokens, with
 // prompt_tokens saying where the prompt ends) continues exactly as it would have: greedy with

@@ -41,6 +41,18 @@ void SortBest(std::vector<int32_t>* idx, int64_t k, const Better& better) {
   std::sort(idx->begin(), idx->begin() + k, better);
 }
 
+// Appends the n best (id, logits[id] - lse) of the row to choice->top, best first.
+void AddTop(const float* logits, int64_t vocab, float lse, int64_t n, TokenChoice* choice) {
+  thread_local std::vector<int32_t> idx;
+  idx.resize(vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  n = std::min<int64_t>(n, vocab);
+  SortBest(&idx, n, [logits](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  for (int64_t i = 0; i < n; ++i) choice->top.emplace_back(idx[i], logits[idx[i]] - lse);
+}
+
 }  // namespace
 
 absl::Status SamplingConfig::Validate() const {
@@ -58,6 +70,9 @@ absl::Status SamplingConfig::Validate() const {
     return OutOfRange("frequency_penalty", frequency_penalty, "[-2, 2]");
   }
   if (logprobs < 0 || logprobs > 20) return OutOfRange("logprobs", logprobs, "[0, 20]");
+  if (prompt_logprobs < -1 || prompt_logprobs > 20) {
+    return OutOfRange("prompt_logprobs", prompt_logprobs, "[0, 20]");
+  }
   if (thinking_budget < -1) return OutOfRange("thinking_budget", thinking_budget, ">= 0");
   if (thinking_budget >= 0 && (think_start_id < 0 || think_end_id < 0)) {
     return absl::InvalidArgumentError(
@@ -198,13 +213,16 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
     choice.id = idx[pick];
   }
   if (with_logprob) choice.logprob = logits[choice.id] - lse;
-  if (cfg_.logprobs > 0) {
-    idx.resize(vocab);
-    std::iota(idx.begin(), idx.end(), 0);
-    const int64_t n = std::min<int64_t>(cfg_.logprobs, vocab);
-    SortBest(&idx, n, better);
-    for (int64_t i = 0; i < n; ++i) choice.top.emplace_back(idx[i], logits[idx[i]] - lse);
-  }
+  if (cfg_.logprobs > 0) AddTop(logits, vocab, lse, cfg_.logprobs, &choice);
+  return choice;
+}
+
+TokenChoice ScoreToken(const float* logits, int64_t vocab, int32_t id, int32_t top_n) {
+  TokenChoice choice;
+  choice.id = id;
+  const float lse = LogSumExp(logits, vocab);
+  choice.logprob = logits[id] - lse;
+  if (top_n > 0) AddTop(logits, vocab, lse, top_n, &choice);
   return choice;
 }
 

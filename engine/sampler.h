@@ -21,6 +21,9 @@ struct SamplingConfig {
   float frequency_penalty = 0.0f;  // [-2, 2], subtracted per occurrence in the generated tokens
   uint64_t seed = 0;
   int32_t logprobs = 0;            // top-n log-probabilities to report, 0..20
+  // Prompt log-probabilities (ScoreToken of each prompt token given the ones before it) with
+  // this many top entries, 0..20; -1 = none.
+  int32_t prompt_logprobs = -1;
   // Thinking budget: with thinking_budget >= 0, once that many tokens follow the last
   // think_start_id of the sequence (prompt and generated, with no think_end_id after it), the
   // next token is think_end_id, whatever the logits say. -1 = no budget.
@@ -64,6 +67,10 @@ class Sampler {
   bool thinking_ = false;
   int64_t think_tokens_ = 0;
 };
+
+// The log-probability of `id` under a raw row of logits (log-softmax: no penalties, no
+// temperature), and the `top_n` best (id, logprob), best first (ties: lowest id).
+TokenChoice ScoreToken(const float* logits, int64_t vocab, int32_t id, int32_t top_n);
 
 // Index of the largest value (lowest index on ties), as torch.argmax.
 int32_t ArgMax(const float* x, int64_t n);

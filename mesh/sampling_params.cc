@@ -13,6 +13,7 @@ SamplingConfig ToSamplingConfig(const moemesh::v1::SamplingParams& p) {
   if (p.has_frequency_penalty()) c.frequency_penalty = p.frequency_penalty();
   if (p.has_seed()) c.seed = p.seed();
   if (p.has_logprobs()) c.logprobs = p.logprobs();
+  if (p.has_prompt_logprobs()) c.prompt_logprobs = p.prompt_logprobs();
   if (p.has_thinking_budget()) c.thinking_budget = p.thinking_budget();
   return c;
 }

@@ -320,6 +320,15 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   const int64_t created = static_cast<int64_t>(std::time(nullptr));
   for (int i = 0; i < choices; ++i) {
     builders.emplace_back(endpoint, id_text, opt.served_model, created, parsed->top_logprobs, i);
+    if (parsed->echo) {
+      const moemesh::v1::GenerateRequest& g = parsed->requests[i];
+      builders.back().Echo(
+          g.has_token_ids()
+              ? router->tokenizer()->Decode({g.token_ids().ids().begin(), g.token_ids().ids().end()},
+                                            /*skip_special=*/false)
+              : g.text(),
+          parsed->prompt_only);
+    }
   }
   const bool stream = parsed->stream && failed.ok();  // a refused request answers plainly
   bool alive = true;

@@ -146,11 +146,21 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
       cm->set_content(*content);
     }
   }
+  auto echo = Bool(j, "echo");
+  if (!echo.ok()) return echo.status();
+  out.echo = echo->value_or(false);
+  if (out.echo && endpoint == Endpoint::kChat) return Bad("echo", "is for completions only");
   for (const char* field : {"max_tokens", "max_completion_tokens"}) {
     auto v = Integer(j, field);
     if (!v.ok()) return v.status();
     if (v->has_value()) {
-      if (**v < 1) return Bad(field, "must be >= 1");
+      // 0 with echo: the prompt alone (scored with logprobs); one token is computed and dropped.
+      if (**v == 0 && out.echo) {
+        out.prompt_only = true;
+        s->set_max_tokens(1);
+        continue;
+      }
+      if (**v < 1) return Bad(field, out.echo ? "must be >= 0" : "must be >= 1");
       s->set_max_tokens(static_cast<int32_t>(std::min<int64_t>(**v, 1 << 30)));
     }
   }
@@ -221,9 +231,6 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   if (best_of->has_value() && **best_of != out.n) {
     return Bad("best_of", "must equal n: choices are not ranked");
   }
-  auto echo = Bool(j, "echo");
-  if (!echo.ok()) return echo.status();
-  if (echo->value_or(false)) return Bad("echo", "is not supported");
   // Log-probabilities: completions `logprobs: N`; chat `logprobs: true` + `top_logprobs: N`.
   if (endpoint == Endpoint::kCompletions) {
     auto lp = Integer(j, "logprobs");
@@ -245,6 +252,8 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   }
   // The chosen token's logprob comes with at least one top entry; the builder trims.
   if (out.top_logprobs >= 0) s->set_logprobs(std::max(out.top_logprobs, 1));
+  // Echo with logprobs scores the prompt's tokens too.
+  if (out.echo && out.top_logprobs >= 0) s->set_prompt_logprobs(out.top_logprobs);
   auto stream = Bool(j, "stream");
   if (!stream.ok()) return stream.status();
   out.stream = stream->value_or(false);
@@ -324,7 +333,7 @@ json ResponseBuilder::Envelope(bool chunk) const {
 }
 
 json ResponseBuilder::Logprobs(const moemesh::v1::GenerateResponse& r,
-                               int64_t* text_offset) const {
+                               int64_t* text_offset) {
   if (top_logprobs_ < 0) return nullptr;
   if (endpoint_ == Endpoint::kChat) {
     json content = json::array();
@@ -348,12 +357,18 @@ json ResponseBuilder::Logprobs(const moemesh::v1::GenerateResponse& r,
           {"text_offset", json::array()}};
   for (const auto& t : r.logprobs()) {
     lp["tokens"].push_back(t.chosen().text());
-    lp["token_logprobs"].push_back(t.chosen().logprob());
-    json top = json::object();
-    for (int i = 0; i < t.top_size() && i < top_logprobs_; ++i) {
-      top[t.top(i).text()] = t.top(i).logprob();
+    if (unscored_first_) {  // an echoed prompt's first token: nothing predicts it
+      unscored_first_ = false;
+      lp["token_logprobs"].push_back(nullptr);
+      lp["top_logprobs"].push_back(nullptr);
+    } else {
+      lp["token_logprobs"].push_back(t.chosen().logprob());
+      json top = json::object();
+      for (int i = 0; i < t.top_size() && i < top_logprobs_; ++i) {
+        top[t.top(i).text()] = t.top(i).logprob();
+      }
+      lp["top_logprobs"].push_back(top);
     }
-    lp["top_logprobs"].push_back(top);
     lp["text_offset"].push_back(*text_offset);
     *text_offset += static_cast<int64_t>(t.chosen().text().size());
   }
@@ -381,8 +396,38 @@ json ResponseBuilder::Usage() const {
           {"total_tokens", prompt_tokens_ + completion_tokens_}};
 }
 
+void ResponseBuilder::Echo(std::string prompt_text, bool prompt_only) {
+  echo_pending_ = true;
+  echo_text_ = std::move(prompt_text);
+  prompt_only_ = prompt_only;
+}
+
+moemesh::v1::GenerateResponse ResponseBuilder::Shown(const moemesh::v1::GenerateResponse& r) {
+  moemesh::v1::GenerateResponse v = r;
+  if (prompt_only_) {  // max_tokens 0: the token computed is not shown
+    v.clear_ids();
+    v.clear_text();
+    v.clear_logprobs();
+    v.set_completion_tokens(0);
+  }
+  if (echo_pending_) {
+    echo_pending_ = false;
+    v.set_text(echo_text_ + v.text());
+    if (top_logprobs_ >= 0 && r.prompt_logprobs_size() > 0) {
+      v.clear_logprobs();
+      for (const auto& e : r.prompt_logprobs()) *v.add_logprobs() = e;
+      if (!prompt_only_) {
+        for (const auto& e : r.logprobs()) *v.add_logprobs() = e;
+      }
+      unscored_first_ = true;
+    }
+  }
+  return v;
+}
+
 void ResponseBuilder::Add(const moemesh::v1::GenerateResponse& r) {
-  Accumulate(r, Logprobs(r, &text_offset_));
+  const moemesh::v1::GenerateResponse v = Shown(r);
+  Accumulate(v, Logprobs(v, &text_offset_));
 }
 
 void ResponseBuilder::Accumulate(const moemesh::v1::GenerateResponse& r, const json& lp) {
@@ -400,10 +445,11 @@ void ResponseBuilder::Accumulate(const moemesh::v1::GenerateResponse& r, const j
 }
 
 json ResponseBuilder::Chunk(const moemesh::v1::GenerateResponse& r) {
-  const json lp = Logprobs(r, &text_offset_);
-  Accumulate(r, lp);
+  const moemesh::v1::GenerateResponse v = Shown(r);
+  const json lp = Logprobs(v, &text_offset_);
+  Accumulate(v, lp);
   json out = Envelope(/*chunk=*/true);
-  out["choices"] = json::array({Choice(r.text(), lp, r.finish_reason(), /*delta=*/true)});
+  out["choices"] = json::array({Choice(v.text(), lp, v.finish_reason(), /*delta=*/true)});
   return out;
 }
 

@@ -34,6 +34,10 @@ struct ParsedRequest {
   // Log-probabilities to report: -1 none; completions: top-n (`logprobs`); chat: `top_logprobs`
   // (with `logprobs: true`).
   int top_logprobs = -1;
+  // Completions `echo`: the answer starts with the prompt (and, with logprobs, its tokens'
+  // scores, the first one's null); with max_tokens 0 (prompt_only) it is the prompt alone.
+  bool echo = false;
+  bool prompt_only = false;
 };
 
 // Parses a request body. Fields (OpenAI's, plus vLLM's extensions top_k, min_p,
@@ -43,7 +47,8 @@ struct ParsedRequest {
 // max_tokens (completions default 16, as OpenAI's; chat: max_completion_tokens too, default up
 // to the context), temperature, top_p, seed, stop (string or array), presence_penalty,
 // frequency_penalty, logprobs / top_logprobs, n (choices per prompt; prompts x n at most
-// kMaxChoices), best_of (equal to n only), echo (false only), stream, stream_options. Unset sampling fields keep the model's
+// kMaxChoices), best_of (equal to n only), echo (completions; max_tokens may then be 0),
+// stream, stream_options. Unset sampling fields keep the model's
 // generation_config defaults, as the gRPC API does. InvalidArgument naming the field otherwise;
 // NotFound for another model.
 absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,
@@ -60,6 +65,10 @@ class ResponseBuilder {
   // `index`: the choice this builder's responses are (0 unless the request asked for several).
   ResponseBuilder(Endpoint endpoint, std::string id, std::string model, int64_t created,
                   int top_logprobs, int index = 0);
+  // Completions echo: the first response shown starts with `prompt_text` (and its
+  // prompt_logprobs ahead of its logprobs); `prompt_only` (max_tokens 0) hides the generated
+  // token. Call before the first Chunk/Add.
+  void Echo(std::string prompt_text, bool prompt_only);
   // The chunk for one response (streaming); also accumulates it for Final().
   nlohmann::json Chunk(const moemesh::v1::GenerateResponse& r);
   // Streaming chat: the first chunk, with the assistant role and no content.
@@ -77,7 +86,10 @@ class ResponseBuilder {
  private:
   nlohmann::json Choice(const std::string& text, const nlohmann::json& logprobs,
                         moemesh::v1::FinishReason reason, bool delta) const;
-  nlohmann::json Logprobs(const moemesh::v1::GenerateResponse& r, int64_t* text_offset) const;
+  // r's logprobs in the endpoint's format (an echoed prompt's first entry as null).
+  nlohmann::json Logprobs(const moemesh::v1::GenerateResponse& r, int64_t* text_offset);
+  // r as the client sees it: with the echo applied to the first, without a prompt_only token.
+  moemesh::v1::GenerateResponse Shown(const moemesh::v1::GenerateResponse& r);
   // Adds r's text, its logprobs `lp` (Logprobs of r) and, when final, its finish and usage.
   void Accumulate(const moemesh::v1::GenerateResponse& r, const nlohmann::json& lp);
   nlohmann::json Usage() const;
@@ -93,6 +105,8 @@ class ResponseBuilder {
   int64_t text_offset_ = 0;  // completions logprobs: offset of the next token's text
   moemesh::v1::FinishReason finish_ = moemesh::v1::FINISH_REASON_UNSPECIFIED;
   int32_t prompt_tokens_ = 0, completion_tokens_ = 0;
+  bool echo_pending_ = false, prompt_only_ = false, unscored_first_ = false;
+  std::string echo_text_;
 };
 
 // Several choices' builders, in index order, `n` per prompt (a prompt's tokens count once in the

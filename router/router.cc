@@ -374,6 +374,10 @@ bool Router::OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoin
   o.sink = r->sink;
   GenerateResponse& resp = o.response;
   resp.add_ids(id);
+  if (r->generated.size() == 1 && r->sampling.has_prompt_logprobs()) {
+    for (auto& e : r->prompt_logprobs) *resp.add_prompt_logprobs() = std::move(e);
+    r->prompt_logprobs.clear();
+  }
   if (r->sampling.has_logprobs() && r->sampling.logprobs() > 0) {
     auto* lp = resp.add_logprobs();
     lp->mutable_chosen()->set_id(id);
@@ -410,6 +414,7 @@ bool Router::OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoin
   GenerateResponse& fin = (*out)[out->size() - 2].response;
   *fin.mutable_ids() = resp.ids();
   *fin.mutable_logprobs() = resp.logprobs();
+  *fin.mutable_prompt_logprobs() = resp.prompt_logprobs();
   return true;
 }
 
@@ -509,6 +514,7 @@ void Router::Loop(size_t index) {
             s->set_think_end_id(think_end_id_);
           }
           if (!r->generated.empty()) s->set_prompt_tokens(plen);  // moved: replays its tokens
+          r->prompt_logprobs.clear();  // (a prefill moved before its first token starts over)
           r->started = true;
         }
         in_step.push_back(r);
@@ -540,6 +546,13 @@ void Router::Loop(size_t index) {
           continue;
         }
         r->prefilled += chunk[i];
+        if (r->generated.empty()) {
+          for (const moemesh::v1::TokenLogprobs& e : res.prompt_logprobs()) {
+            moemesh::v1::TokenLogprobs& kept = r->prompt_logprobs.emplace_back(e);
+            kept.mutable_chosen()->set_text(tok_->Decode({e.chosen().id()}, false));
+            for (auto& t : *kept.mutable_top()) t.set_text(tok_->Decode({t.id()}, false));
+          }
+        }
         if (r->cancelled || !res.sampled()) continue;
         OnToken(r, res, &out);
       }

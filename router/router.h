@@ -98,6 +98,7 @@ class Router {
   // Validates and queues a request. A non-OK result (INVALID_ARGUMENT naming the field,
   // RESOURCE_EXHAUSTED when the queue is full) means the sink is never called. Thread-safe.
   absl::StatusOr<uint64_t> Submit(const moemesh::v1::GenerateRequest& req, GenerationSink* sink);
+  const Tokenizer* tokenizer() const { return tok_; }
   // Stops a request: its sequence is freed at the next step boundary, its sink gets a final
   // response with FINISH_REASON_CANCELLED. Unknown or finished ids are ignored. Thread-safe.
   void Cancel(uint64_t id);
@@ -128,6 +129,9 @@ class Router {
     bool thinking_budget = false;  // sampling.thinking_budget is set
     std::vector<int32_t> stop_ids;
     std::unique_ptr<TextStream> stream;
+    // sampling.prompt_logprobs: the prompt's scores gathered from its prefill steps, sent with
+    // the first token.
+    std::vector<moemesh::v1::TokenLogprobs> prompt_logprobs;
     // Scheduling state.
     int64_t prefilled = 0;          // prompt tokens in the KV cache
     std::vector<int32_t> generated;

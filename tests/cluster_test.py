@@ -23,6 +23,7 @@ import http.client
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -1185,6 +1186,75 @@ class HttpApiTest(unittest.TestCase):
         self.assertIn("Connection: keep-alive", answers[0][0])
         self.assertIn("Connection: close", answers[1][0])
         self.assertEqual([a["choices"][0]["text"] for _, a in answers], [want, want])
+
+    def test_echo_scores_the_prompt_as_lm_eval_asks(self):
+        # lm-eval's loglikelihood request: context + continuation as token ids, echo, logprobs 1,
+        # max_tokens 1. The continuation's logprob is the log-softmax of transformers' logits
+        # after the context (the reference's last_logits); every prompt token is scored but the
+        # first; the top entry tells whether the continuation is greedy.
+        with open(os.path.join(PYDOC, "reference.json")) as f:
+            cases = json.load(f)["prompts"][:2]
+        for case in cases:
+            ctx, last = case["input_ids"], case["last_logits"]
+            mx = max(last)
+            lse = mx + math.log(sum(math.exp(v - mx) for v in last))
+            best = max(range(len(last)), key=lambda i: (last[i], -i))
+            second = max((i for i in range(len(last)) if i != best), key=lambda i: last[i])
+            text = self.c.stub.Detokenize(pb2.DetokenizeRequest(ids=ctx + [second])).text
+            for cont, greedy in ((best, True), (second, False)):
+                status, got = self.call("POST", "/v1/completions",
+                                        {"prompt": ctx + [cont], "max_tokens": 1, "echo": True,
+                                         "logprobs": 1, "temperature": 0})
+                self.assertEqual(status, 200, got)
+                lp = got["choices"][0]["logprobs"]
+                n = len(ctx) + 1
+                self.assertEqual(len(lp["tokens"]), n + 1)  # the prompt's and one generated
+                self.assertIsNone(lp["token_logprobs"][0])
+                self.assertIsNone(lp["top_logprobs"][0])
+                self.assertTrue(all(x <= 0 for x in lp["token_logprobs"][1:]))
+                self.assertAlmostEqual(lp["token_logprobs"][n - 1], last[cont] - lse, places=3)
+                top = lp["top_logprobs"][n - 1]
+                self.assertEqual(max(top, key=top.get) == lp["tokens"][n - 1], greedy)
+                self.assertEqual(got["usage"]["prompt_tokens"], n)
+            # max_tokens 0: the prompt alone, as text and scores.
+            status, got = self.call("POST", "/v1/completions",
+                                    {"prompt": ctx + [second], "max_tokens": 0, "echo": True,
+                                     "logprobs": 0})
+            self.assertEqual(status, 200, got)
+            choice = got["choices"][0]
+            self.assertEqual(choice["text"], text)
+            self.assertEqual(len(choice["logprobs"]["tokens"]), len(ctx) + 1)
+            self.assertEqual("".join(choice["logprobs"]["tokens"]), text)
+            self.assertAlmostEqual(choice["logprobs"]["token_logprobs"][-1], last[second] - lse,
+                                   places=3)
+            self.assertEqual(got["usage"]["completion_tokens"], 0)
+        # Streamed echo: the first chunk starts with the prompt; a string prompt comes back as
+        # given.
+        ev = self.events("/v1/completions", {"prompt": "import os", "max_tokens": 3, "echo": True,
+                                             "stream": True, "temperature": 0})
+        first = json.loads(ev[0])["choices"][0]["text"]
+        self.assertTrue(first.startswith("import os"), first)
+        # Over gRPC: sampling.prompt_logprobs puts the same scores in the first response.
+        req = make_request(cases[0]["input_ids"], 2)
+        req.sampling.prompt_logprobs = 2
+        responses = list(self.c.stub.Generate(req, timeout=CALL_TIMEOUT))
+        plp = responses[0].prompt_logprobs
+        self.assertEqual([e.chosen.id for e in plp], cases[0]["input_ids"])
+        self.assertEqual(len(plp[0].top), 0)
+        self.assertTrue(all(len(e.top) == 2 and e.chosen.text for e in plp[1:]))
+        self.assertTrue(all(len(r.prompt_logprobs) == 0 for r in responses[1:]))
+        # Bad values name their field.
+        status, got = self.call("POST", "/v1/chat/completions",
+                                {"messages": [{"role": "user", "content": "x"}], "echo": True})
+        self.assertEqual(status, 400)
+        self.assertIn("echo", got["error"]["message"])
+        status, got = self.call("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0})
+        self.assertEqual(status, 400)
+        req.sampling.prompt_logprobs = 21
+        with self.assertRaises(grpc.RpcError) as cm:
+            list(self.c.stub.Generate(req, timeout=CALL_TIMEOUT))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("prompt_logprobs", cm.exception.details())
 
     def test_errors_are_openai_error_objects(self):
         status, got = self.call("POST", "/v1/completions", {"prompt": "x", "temperature": -1})
