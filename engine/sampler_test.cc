@@ -111,6 +111,27 @@ TEST(SamplerTest, LogprobsAreNormalisedAndSorted) {
   EXPECT_NEAR(t.top[1].second, 1.0 - z, 1e-6);
 }
 
+// ScoreToken: any token's log-softmax (not the best one's), the top entries best first with ties
+// by lowest id, no top entries when none are asked.
+TEST(SamplerTest, ScoreTokenIsTheLogSoftmaxOfTheRawRow) {
+  std::vector<float> l = {1.0f, 3.0f, 0.5f, 3.0f};
+  const double z = std::log(std::exp(1.0) + 2 * std::exp(3.0) + std::exp(0.5));
+  TokenChoice t = ScoreToken(l.data(), 4, 2, 3);
+  EXPECT_EQ(t.id, 2);
+  EXPECT_NEAR(t.logprob, 0.5 - z, 1e-6);
+  ASSERT_EQ(t.top.size(), 3u);
+  EXPECT_EQ(t.top[0].first, 1);
+  EXPECT_EQ(t.top[1].first, 3);
+  EXPECT_EQ(t.top[2].first, 0);
+  EXPECT_NEAR(t.top[2].second, 1.0 - z, 1e-6);
+  EXPECT_TRUE(ScoreToken(l.data(), 4, 0, 0).top.empty());
+  SamplingConfig c;
+  c.prompt_logprobs = 21;
+  EXPECT_NE(c.Validate().message().find("prompt_logprobs"), std::string::npos);
+  c.prompt_logprobs = 0;
+  EXPECT_TRUE(c.Validate().ok());
+}
+
 // A large vocabulary (the sampler selects and sorts only the candidates a filter needs, growing
 // the selection): every sampled token lies in the set a full sort of the vocabulary keeps.
 TEST(SamplerTest, LargeVocabularyFiltersMatchAFullSort) {

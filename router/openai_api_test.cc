@@ -150,8 +150,10 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "max_tokens"},
       {Endpoint::kCompletions, R"({"prompt": "x", "max_tokens": 1.5})",
        absl::StatusCode::kInvalidArgument, "max_tokens"},
-      {Endpoint::kCompletions, R"({"prompt": "x", "echo": true})",
+      {Endpoint::kChat, R"({"messages": [{"role": "user", "content": "x"}], "echo": true})",
        absl::StatusCode::kInvalidArgument, "echo"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "echo": false, "max_tokens": 0})",
+       absl::StatusCode::kInvalidArgument, "max_tokens"},
       {Endpoint::kCompletions, R"({"prompt": "x", "stop": 5})",
        absl::StatusCode::kInvalidArgument, "stop"},
       {Endpoint::kCompletions, R"({"prompt": "x", "logprobs": 21})",
@@ -256,6 +258,55 @@ TEST(OpenAiApiTest, ChatResponseAndChunks) {
   EXPECT_EQ(content[0]["logprob"], -1.0);
   EXPECT_EQ(content[0]["bytes"], json({'t', '2'}));
   EXPECT_EQ(content[0]["top_logprobs"].size(), 1u);
+}
+
+TEST(OpenAiApiTest, EchoPutsThePromptFirst) {
+  auto p = ParseRequest(Endpoint::kCompletions,
+                        R"({"prompt": [5, 6], "echo": true, "logprobs": 1, "max_tokens": 0})", "m");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_TRUE(p->echo);
+  EXPECT_TRUE(p->prompt_only);
+  EXPECT_EQ(p->requests[0].sampling().max_tokens(), 1);  // computed, then hidden
+  EXPECT_EQ(p->requests[0].sampling().prompt_logprobs(), 1);
+  auto plain = ParseRequest(Endpoint::kCompletions, R"({"prompt": "a", "echo": true})", "m");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_FALSE(plain->requests[0].sampling().has_prompt_logprobs());  // no logprobs asked
+
+  // The first response carries the prompt's scores (first unscored) before its own token's.
+  auto first = Response("lo", {3});
+  for (int id : {1, 2}) {
+    auto* e = first.add_prompt_logprobs();
+    e->mutable_chosen()->set_id(id);
+    e->mutable_chosen()->set_text(absl::StrCat("t", id));
+    e->mutable_chosen()->set_logprob(id == 1 ? 0.0f : -2.0f);
+    if (id == 2) {
+      auto* t = e->add_top();
+      t->set_text("t9");
+      t->set_logprob(-0.1f);
+    }
+  }
+  ResponseBuilder b(Endpoint::kCompletions, "cmpl-1", "m", 1, /*top_logprobs=*/1);
+  b.Echo("t1t2", /*prompt_only=*/false);
+  const json c = b.Chunk(first);
+  EXPECT_EQ(c["choices"][0]["text"], "t1t2lo");
+  const json lp = c["choices"][0]["logprobs"];
+  EXPECT_EQ(lp["tokens"], json({"t1", "t2", "t3"}));
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  EXPECT_EQ(lp["token_logprobs"][1], -2.0);
+  EXPECT_EQ(lp["top_logprobs"][1], json({{"t9", -0.1f}}));
+  EXPECT_EQ(lp["text_offset"], json({0, 2, 4}));
+  // A later response is not echoed again.
+  EXPECT_EQ(b.Chunk(Response("!", {4}))["choices"][0]["text"], "!");
+  // max_tokens 0: the generated token is hidden, the usage counts none.
+  ResponseBuilder only(Endpoint::kCompletions, "cmpl-2", "m", 1, /*top_logprobs=*/1);
+  only.Echo("t1t2", /*prompt_only=*/true);
+  only.Add(first);
+  only.Add(Response("", {}, moemesh::v1::FINISH_REASON_LENGTH));
+  const json f = only.Final();
+  EXPECT_EQ(f["choices"][0]["text"], "t1t2");
+  EXPECT_EQ(f["choices"][0]["logprobs"]["tokens"], json({"t1", "t2"}));
+  EXPECT_EQ(f["usage"]["completion_tokens"], 0);
 }
 
 TEST(OpenAiApiTest, SeveralChoicesMakeOneResponse) {
