@@ -50,7 +50,10 @@ void AddTop(const float* logits, int64_t vocab, float lse, int64_t n, TokenChoic
   SortBest(&idx, n, [logits](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   });
-  for (int64_t i = 0; i < n; ++i) choice->top.emplace_back(idx[i], logits[idx[i]] - lse);
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isinf(logits[idx[i]])) break;  // masked off (JSON mode): not a candidate
+    choice->top.emplace_back(idx[i], logits[idx[i]] - lse);
+  }
 }
 
 }  // namespace
@@ -130,6 +133,8 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
       logits[id] -= cfg_.presence_penalty + cfg_.frequency_penalty * static_cast<float>(c);
     }
   }
+
+  if (constraint_ != nullptr) constraint_->Mask(logits, vocab);
 
   TokenChoice choice;
   const bool forced = BudgetSpent(prompt, generated) && cfg_.think_end_id < vocab;
@@ -214,6 +219,7 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
   }
   if (with_logprob) choice.logprob = logits[choice.id] - lse;
   if (cfg_.logprobs > 0) AddTop(logits, vocab, lse, cfg_.logprobs, &choice);
+  if (constraint_ != nullptr) constraint_->Advance(choice.id);
   return choice;
 }
 

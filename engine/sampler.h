@@ -3,11 +3,13 @@
 #define MOEMESH_ENGINE_SAMPLER_H_
 
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/json_constraint.h"
 
 namespace moemesh {
 
@@ -54,6 +56,14 @@ class Sampler {
   // sampled token would and draws no random number.
   TokenChoice Sample(float* logits, int64_t vocab, const std::vector<int32_t>& prompt,
                      const std::vector<int32_t>& generated);
+  // JSON mode: from now on every draw keeps to the constraint (after the penalties, before
+  // the log-probabilities and filters, so reported logprobs are those of the allowed tokens),
+  // and the chosen token advances it.
+  void Constrain(std::unique_ptr<JsonConstraint> c) { constraint_ = std::move(c); }
+  // A token generated elsewhere (a moved sequence's replay): advances the constraint.
+  void Observe(int32_t id) {
+    if (constraint_ != nullptr) constraint_->Advance(id);
+  }
 
  private:
   // True when the thinking budget forces think_end_id next (after reading the new tokens).
@@ -61,6 +71,7 @@ class Sampler {
 
   SamplingConfig cfg_;
   std::mt19937_64 rng_;
+  std::unique_ptr<JsonConstraint> constraint_;
   // Thinking budget: tokens of prompt + generated read so far; whether the last marker among
   // them opened a thinking section, and how many tokens followed it.
   int64_t think_read_ = 0;

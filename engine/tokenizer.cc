@@ -501,6 +501,22 @@ void ByteLevelDecodeToken(std::string_view token, std::string* out) {
   }
 }
 
+// A byte-fallback token "<0xAB>": its byte.
+bool ByteFallbackByte(const std::string& t, char* byte) {
+  const auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>' || hex(t[3]) < 0 ||
+      hex(t[4]) < 0) {
+    return false;
+  }
+  *byte = static_cast<char>(hex(t[3]) * 16 + hex(t[4]));
+  return true;
+}
+
 void ReplaceAll(std::string_view s, std::string_view from, std::string_view to,
                 std::string* out) {
   size_t pos = 0;
@@ -1369,16 +1385,9 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids,
           }
           pending.clear();
         };
-        const auto hex = [](char c) -> int {
-          if (c >= '0' && c <= '9') return c - '0';
-          if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-          if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-          return -1;
-        };
         for (std::string& t : tokens) {
-          if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' &&
-              hex(t[3]) >= 0 && hex(t[4]) >= 0) {
-            pending.push_back(static_cast<char>(hex(t[3]) * 16 + hex(t[4])));
+          if (char byte; ByteFallbackByte(t, &byte)) {
+            pending.push_back(byte);
             continue;
           }
           flush();
@@ -1437,6 +1446,36 @@ std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
 std::string Tokenizer::IdToToken(int32_t id) const {
   if (id < 0 || id >= vocab_size_) return "";
   return id_to_token_[id];
+}
+
+std::string Tokenizer::TokenBytes(int32_t id) const {
+  if (id < 0 || id >= vocab_size_ || id_to_token_[id].empty() || IsSpecial(id)) return "";
+  std::string t = id_to_token_[id];
+  if (!has_decoder_) return t;
+  for (const DecodeStep& step : decoder_) {
+    switch (step.kind) {
+      case DecodeStep::kByteLevel: {
+        std::string bytes;
+        ByteLevelDecodeToken(t, &bytes);
+        t = std::move(bytes);
+        break;
+      }
+      case DecodeStep::kReplace:
+        if (t.find(step.a) != std::string::npos) {
+          std::string r;
+          ReplaceAll(t, step.a, step.b, &r);
+          t = std::move(r);
+        }
+        break;
+      case DecodeStep::kByteFallback:
+        if (char byte; ByteFallbackByte(t, &byte)) t = std::string(1, byte);
+        break;
+      case DecodeStep::kFuse:
+      case DecodeStep::kStrip:
+        break;
+    }
+  }
+  return t;
 }
 
 bool Tokenizer::IsSpecial(int32_t id) const {

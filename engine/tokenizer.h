@@ -73,6 +73,11 @@ class Tokenizer {
   std::string IdToToken(int32_t id) const;
   // Whether `id` is an added token with special=true.
   bool IsSpecial(int32_t id) const;
+  // The bytes `id` adds inside a decoded text: the decoder's steps on this one token, with
+  // byte-level and byte-fallback tokens giving their raw bytes (possibly part of a UTF-8
+  // character) and no stripping (which applies at the text's start). "" for special tokens and
+  // ids out of range. (JSON mode matches these against its grammar.)
+  std::string TokenBytes(int32_t id) const;
   // The first id the post-processor puts before the text, if it adds one.
   std::optional<int32_t> bos_id() const;
 

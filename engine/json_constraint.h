@@ -1,0 +1,121 @@
+// JSON mode (OpenAI's response_format {"type": "json_object"}): the generated text is one JSON
+// object, then an end token. A byte-level recognizer of JSON (JsonState) decides which bytes may
+// come next; a table of the vocabulary's token bytes (TokenTable) turns that into the tokens
+// whose every byte may come next, which the sampler keeps (the rest get -inf logits).
+//
+// Bounds that keep a sampled text from running away without breaking JSON: at most kMaxDepth
+// nested containers, kMaxWhitespace whitespace bytes in a row between tokens of the grammar and
+// kMaxNumberBytes bytes in a number (strings are bounded by max_tokens only). Nothing may follow
+// the top-level object but an end token.
+#ifndef MOEMESH_ENGINE_JSON_CONSTRAINT_H_
+#define MOEMESH_ENGINE_JSON_CONSTRAINT_H_
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moemesh {
+
+// Where a JSON text stands after the bytes fed so far. Copyable (a few dozen bytes).
+class JsonState {
+ public:
+  static constexpr int kMaxDepth = 32;
+  static constexpr int kMaxWhitespace = 16;
+  static constexpr int kMaxNumberBytes = 32;
+
+  // Reads one more byte; false (and the state unchanged) when no JSON object text continues
+  // the ones read with it.
+  bool Feed(uint8_t c);
+  // Reads all of `bytes`; false at the first one that cannot come next (the state is then left
+  // after the bytes before it).
+  bool FeedAll(const std::string& bytes);
+  // A whole top-level object has been read (only an end token may follow).
+  bool Complete() const { return mode_ == kDone; }
+
+ private:
+  enum Mode : uint8_t {
+    kStart,         // before the top-level '{'
+    kKeyOrClose,    // after '{': a key or '}'
+    kKey,           // after ',' in an object: a key
+    kColon,         // after a key
+    kValue,         // after ':' or ',' in an array: a value
+    kValueOrClose,  // after '[': a value or ']'
+    kAfterValue,    // ',' or the container's closing bracket
+    kString,        // in a string (key or value)
+    kEscape,        // after a backslash in a string
+    kUnicode,       // in the 4 hex digits of \u
+    kNumber,        // in a number (num_ says where)
+    kLiteral,       // in true, false or null
+    kDone,          // after the top-level object
+  };
+  // Where a number stands: after '-', after a leading 0, in integer digits, after '.', in
+  // fraction digits, after 'e', after the exponent's sign, in exponent digits.
+  enum Num : uint8_t { kMinus, kZero, kInt, kDot, kFrac, kExp, kExpSign, kExpDigits };
+
+  friend class TokenTable;
+  bool Step(uint8_t c);             // Feed without the rollback: the state is garbage on false
+  bool Whitespace();                // counts one whitespace byte; false past the bound
+  bool StartValue(uint8_t c);       // c begins a value (in kValue / kValueOrClose)
+  bool CloseContainer(uint8_t c);   // c is '}' or ']' closing the innermost container
+  void EndValue();                  // a value ended: kAfterValue, or kDone at the top
+  bool NumberCanEnd() const {
+    return num_ == kZero || num_ == kInt || num_ == kFrac || num_ == kExpDigits;
+  }
+
+  Mode mode_ = kStart;
+  Num num_ = kMinus;
+  bool key_ = false;           // the string being read is an object key
+  uint8_t depth_ = 0;          // open containers
+  uint8_t run_ = 0;            // whitespace bytes in a row; hex digits of \u; number bytes
+  uint8_t literal_ = 0;        // kLiteral: index into kLiterals, and pos_ the bytes matched
+  uint8_t pos_ = 0;
+  std::array<uint8_t, kMaxDepth> stack_{};  // '{' or '[' per open container
+};
+
+// The vocabulary's tokens as bytes, sorted, with the length each shares with the one before: one
+// pass over it finds every token a JsonState accepts, feeding each byte once per distinct
+// prefix. Built once per tokenizer; const after construction, shared by every sequence.
+class TokenTable {
+ public:
+  // bytes[id]: what token id adds to a text (empty: never allowed in JSON mode, e.g. special
+  // tokens).
+  explicit TokenTable(const std::vector<std::string>& bytes);
+  int64_t vocab() const { return vocab_; }
+  // Sets allowed[id] = 1 for every token whose bytes `s` accepts whole (others untouched).
+  void Accepted(const JsonState& s, std::vector<uint8_t>* allowed) const;
+  // The bytes of token id ("" when it has none).
+  const std::string& bytes(int32_t id) const { return by_id_[id]; }
+
+ private:
+  int64_t vocab_ = 0;
+  std::vector<std::string> by_id_;
+  std::vector<int32_t> order_;   // ids by their bytes, sorted; empty ones left out
+  std::vector<int32_t> shared_;  // bytes order_[i] shares with order_[i - 1]
+  size_t longest_ = 0;
+};
+
+// One sequence's JSON mode: its JsonState over the tokens generated so far, and the end tokens
+// allowed once the object is complete.
+class JsonConstraint {
+ public:
+  JsonConstraint(const TokenTable* table, std::vector<int32_t> end_ids)
+      : table_(table), end_ids_(std::move(end_ids)) {}
+  // Sets every token that cannot come next to -inf in logits[0, vocab). When no token can (a
+  // vocabulary that cannot continue the text), the end tokens stay allowed, so the sequence
+  // stops.
+  void Mask(float* logits, int64_t vocab) const;
+  // Reads the chosen token (an end token or a rejected one changes nothing).
+  void Advance(int32_t id);
+  bool Complete() const { return state_.Complete(); }
+
+ private:
+  const TokenTable* const table_;
+  const std::vector<int32_t> end_ids_;
+  JsonState state_;
+};
+
+}  // namespace moemesh
+
+#endif  // MOEMESH_ENGINE_JSON_CONSTRAINT_H_
