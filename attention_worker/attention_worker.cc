@@ -112,6 +112,7 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       overlap_min_sequences_(std::max(2, opt.overlap_min_sequences)),
       kv_capacity_(opt.kv_capacity_tokens),
       prefix_budget_(std::max<int64_t>(opt.prefix_cache_tokens, 0)),
+      json_tokens_(opt.json_tokens),
       cache_(stack->NewCache(opt.kv_capacity_tokens + prefix_budget_)) {
   if (overlap_halves_) side_ = std::make_unique<SideThread>();
 }
@@ -237,10 +238,25 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
         fail(valid);
         continue;
       }
+      const bool json = s.sampling().response_format() == moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT;
+      if (json && json_tokens_ == nullptr) {
+        fail(absl::FailedPreconditionError(
+            "response_format JSON_OBJECT needs the model's tokenizer.json beside the attention "
+            "worker's weights"));
+        continue;
+      }
+      if (json && s.end_ids_size() == 0) {
+        fail(absl::InvalidArgumentError("response_format JSON_OBJECT needs end_ids"));
+        continue;
+      }
       if (it != seqs_.end()) cache_->Free(s.seq_id());
       it = seqs_.insert_or_assign(s.seq_id(), std::make_unique<SeqState>(sc)).first;
       it->second->prompt_len = std::max<int64_t>(s.prompt_tokens(), 0);
       it->second->prompt_logprobs = sc.prompt_logprobs;
+      if (json) {
+        it->second->sampler.Constrain(std::make_unique<JsonConstraint>(
+            json_tokens_, std::vector<int32_t>(s.end_ids().begin(), s.end_ids().end())));
+      }
     } else if (it == seqs_.end()) {
       fail(absl::FailedPreconditionError(absl::StrCat("unknown sequence ", s.seq_id())));
       continue;
@@ -314,6 +330,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
           state.prompt.push_back(s.tokens(i));
         } else if (static_cast<int64_t>(state.generated.size()) == p - state.prompt_len) {
           state.generated.push_back(s.tokens(i));
+          state.sampler.Observe(s.tokens(i));  // JSON mode: the replayed text counts
         }
       }
     } else if (state.generated.empty()) {

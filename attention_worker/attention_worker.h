@@ -14,6 +14,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "engine/json_constraint.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
@@ -43,6 +44,9 @@ class AttentionWorker {
     // sequence whose tokens start with one of them copies those rows instead of computing them.
     // 0 = off.
     int64_t prefix_cache_tokens = 0;
+    // The model's token bytes for JSON mode (sampling.response_format JSON_OBJECT); null: such
+    // sequences are refused. Must outlive the worker.
+    const TokenTable* json_tokens = nullptr;
   };
   // `stack`, `encoder` and `experts` must outlive the worker.
   AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder, ExpertBackend* experts,
@@ -125,6 +129,7 @@ class AttentionWorker {
 
   const int64_t kv_capacity_;     // positions for live sequences (what GetStats reports)
   const int64_t prefix_budget_;   // Options::prefix_cache_tokens (0 when unsupported)
+  const TokenTable* const json_tokens_;
 
   mutable std::mutex mu_;
   const std::unique_ptr<KvCache> cache_ ABSL_GUARDED_BY(mu_);

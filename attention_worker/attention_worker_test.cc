@@ -15,7 +15,9 @@
 #include "engine/arch.h"
 #include "engine/config.h"
 #include "engine/model.h"
+#include "engine/json_constraint.h"
 #include "engine/safetensors.h"
+#include "engine/tokenizer.h"
 #include "gtest/gtest.h"
 #include "mesh/encoder_backend.h"
 #include "mesh/expert_dispatch.h"
@@ -217,21 +219,23 @@ TEST_P(OverlapTest, PromptLogprobsAreTransformersLogSoftmax) {
 // prompt_tokens saying where the prompt ends) continues exactly as it would have: greedy with
 // frequency and presence penalties, which depend on which tokens were generated. Without
 // prompt_tokens the replayed tokens count as prompt, and the continuation differs.
-TEST(MovedSequenceTest, ReplayKeepsThePenaltyHistory) {
-  // The trained embedded model: its greedy text repeats tokens, which the penalties act on.
+// Greedy decoding of the embedded model's first reference prompt with `sp`, 24 tokens: never
+// moved (full); moved after 10 tokens, its replay marked as prompt + generated (moved); and the
+// same replay all counted as prompt (as_prompt).
+struct MovedRuns {
+  std::vector<int32_t> full, moved, as_prompt;
+};
+MovedRuns RunMoved(const moemesh::v1::SamplingParams& sp, const TokenTable* json_tokens) {
   const std::string dir = "models/pydoc-moe-17m";
   auto parts = Load(dir);
-  ASSERT_NE(parts->stack, nullptr);
-  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(),
-                         AttentionWorker::Options());
+  EXPECT_NE(parts->stack, nullptr);
+  AttentionWorker::Options opt;
+  opt.json_tokens = json_tokens;
+  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(), opt);
   std::ifstream in(dir + "/reference.json");
   const std::vector<int32_t> prompt =
       nlohmann::json::parse(in)["prompts"][0]["input_ids"].get<std::vector<int32_t>>();
   const int64_t plen = static_cast<int64_t>(prompt.size());
-  moemesh::v1::SamplingParams sp;
-  sp.set_temperature(0);
-  sp.set_frequency_penalty(2.0f);
-  sp.set_presence_penalty(2.0f);
   // One step of sequence `id`: tokens at start_pos; the sampled token, or -1.
   auto step = [&](uint64_t id, const std::vector<int32_t>& tokens, int64_t start_pos, bool sample,
                   bool first, int64_t prompt_tokens) {
@@ -245,6 +249,7 @@ TEST(MovedSequenceTest, ReplayKeepsThePenaltyHistory) {
       s->set_new_sequence(true);
       *s->mutable_sampling() = sp;
       s->set_prompt_tokens(prompt_tokens);
+      s->add_end_ids(0);
     }
     wire::StepResponse resp;
     EXPECT_TRUE(worker.Step(req, &resp).ok());
@@ -269,8 +274,53 @@ TEST(MovedSequenceTest, ReplayKeepsThePenaltyHistory) {
     }
     return got;
   };
-  EXPECT_EQ(moved(2, plen), full);
-  EXPECT_NE(moved(3, 0), full) << "the penalties did not depend on the generated tokens";
+  return {full, moved(2, plen), moved(3, 0)};
+}
+
+TEST(MovedSequenceTest, ReplayKeepsThePenaltyHistory) {
+  // The trained embedded model: its greedy text repeats tokens, which the penalties act on.
+  moemesh::v1::SamplingParams sp;
+  sp.set_temperature(0);
+  sp.set_frequency_penalty(2.0f);
+  sp.set_presence_penalty(2.0f);
+  const MovedRuns r = RunMoved(sp, nullptr);
+  EXPECT_EQ(r.moved, r.full);
+  EXPECT_NE(r.as_prompt, r.full) << "the penalties did not depend on the generated tokens";
+}
+
+// JSON mode: a moved sequence's replayed tokens advance its constraint as if generated there.
+TEST(MovedSequenceTest, ReplayKeepsTheJsonState) {
+  auto tok = Tokenizer::FromFile("models/pydoc-moe-17m/tokenizer.json");
+  ASSERT_TRUE(tok.ok());
+  std::vector<std::string> bytes((*tok)->vocab_size());
+  for (int32_t id = 0; id < (*tok)->vocab_size(); ++id) bytes[id] = (*tok)->TokenBytes(id);
+  const TokenTable table(bytes);
+  moemesh::v1::SamplingParams sp;
+  sp.set_temperature(0);
+  sp.set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);
+  const MovedRuns r = RunMoved(sp, &table);
+  std::string text;
+  for (int32_t id : r.full) text += id == 0 ? "" : table.bytes(id);
+  JsonState s;
+  EXPECT_TRUE(s.FeedAll(text)) << text;
+  EXPECT_EQ(r.moved, r.full);
+  EXPECT_NE(r.as_prompt, r.full) << "the replayed tokens did not advance the JSON state";
+  // Without the token table (no tokenizer.json) the worker refuses JSON mode, naming the file.
+  auto parts = Load("models/pydoc-moe-17m");
+  AttentionWorker plain(parts->stack.get(), parts->encoder.get(), parts->experts.get(),
+                        AttentionWorker::Options());
+  wire::StepRequest req;
+  wire::SeqStep* step = req.add_seqs();
+  step->set_seq_id(1);
+  step->add_tokens(5);
+  step->set_sample(true);
+  step->set_new_sequence(true);
+  *step->mutable_sampling() = sp;
+  step->add_end_ids(0);
+  wire::StepResponse resp;
+  ASSERT_TRUE(plain.Step(req, &resp).ok());
+  EXPECT_EQ(resp.results(0).error_code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_NE(resp.results(0).error().find("tokenizer.json"), std::string::npos);
 }
 
 }  // namespace

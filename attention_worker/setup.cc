@@ -1,7 +1,10 @@
 #include "attention_worker/setup.h"
 
+#include <fstream>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/tokenizer.h"
 #include "mesh/grpc_clients.h"
 #include "mesh/placement.h"
 
@@ -92,7 +95,16 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
     s->experts = std::make_unique<ExpertDispatcher>(std::move(handles), s->cfg.hidden_size,
                                                     opt.wire_dtype);
   }
+  // JSON mode needs the token bytes: from tokenizer.json when the model has one.
+  if (std::ifstream(opt.model_dir + "/tokenizer.json").good()) {
+    auto tok = Tokenizer::FromFile(opt.model_dir + "/tokenizer.json");
+    if (!tok.ok()) return tok.status();
+    std::vector<std::string> bytes(static_cast<size_t>((*tok)->vocab_size()));
+    for (int32_t id = 0; id < (*tok)->vocab_size(); ++id) bytes[id] = (*tok)->TokenBytes(id);
+    s->json_tokens = std::make_unique<TokenTable>(bytes);
+  }
   AttentionWorker::Options wo;
+  wo.json_tokens = s->json_tokens.get();
   wo.kv_capacity_tokens = opt.kv_capacity_tokens;
   wo.prefix_cache_tokens = opt.prefix_cache_tokens;
   wo.device = lo.device.ToString();

@@ -12,6 +12,7 @@
 #include "attention_worker/attention_worker.h"
 #include "engine/arch.h"
 #include "engine/config.h"
+#include "engine/json_constraint.h"
 #include "engine/model.h"
 #include "mesh/encoder_backend.h"
 #include "mesh/expert_dispatch.h"
@@ -48,6 +49,7 @@ struct AttentionSetup {
   std::unique_ptr<ExpertShard> local_experts;
   std::unique_ptr<ExpertBackend> experts;
   std::vector<std::pair<std::string, std::string>> expert_placement;  // (name, shard summary)
+  std::unique_ptr<TokenTable> json_tokens;  // null without tokenizer.json (JSON mode refused)
   std::unique_ptr<AttentionWorker> worker;
 };
 

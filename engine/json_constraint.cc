@@ -31,9 +31,19 @@ bool JsonState::FeedAll(const std::string& bytes) {
   return true;
 }
 
-bool JsonState::Whitespace() {
-  if (run_ >= kMaxWhitespace) return false;
-  ++run_;
+bool JsonState::Whitespace(uint8_t c) {
+  if (c == '\n') {
+    if (gap_ != 0) return false;
+    gap_ = 2;
+    return true;
+  }
+  if (c != ' ' && c != '\t') return false;  // no carriage returns
+  if (gap_ == 0 && c == ' ') {
+    gap_ = 1;
+    return true;
+  }
+  if (gap_ < 2 || gap_ - 2 >= kMaxIndent) return false;  // indentation follows a newline
+  ++gap_;
   return true;
 }
 
@@ -173,6 +183,7 @@ bool JsonState::Step(uint8_t c) {
       // c ends the number and is read after it.
       if (!NumberCanEnd()) return false;
       EndValue();
+      gap_ = 0;
       return Step(c);
     }
     case kLiteral: {
@@ -187,8 +198,8 @@ bool JsonState::Step(uint8_t c) {
       break;
   }
   // Between the grammar's tokens.
-  if (IsWhitespace(c)) return Whitespace();
-  run_ = 0;
+  if (IsWhitespace(c)) return Whitespace(c);
+  gap_ = 0;
   switch (mode_) {
     case kStart:
       if (c != '{') return false;  // the top level is an object

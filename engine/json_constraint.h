@@ -3,10 +3,11 @@
 // come next; a table of the vocabulary's token bytes (TokenTable) turns that into the tokens
 // whose every byte may come next, which the sampler keeps (the rest get -inf logits).
 //
-// Bounds that keep a sampled text from running away without breaking JSON: at most kMaxDepth
-// nested containers, kMaxWhitespace whitespace bytes in a row between tokens of the grammar and
-// kMaxNumberBytes bytes in a number (strings are bounded by max_tokens only). Nothing may follow
-// the top-level object but an end token.
+// Bounds that keep a sampled text from running away without breaking JSON (small models love
+// blank lines): whitespace between the grammar's tokens is one space, or one newline followed by
+// at most kMaxIndent spaces or tabs (so compact and pretty-printed JSON both pass); at most
+// kMaxDepth nested containers and kMaxNumberBytes bytes in a number (strings are bounded by
+// max_tokens only). Nothing may follow the top-level object but an end token.
 #ifndef MOEMESH_ENGINE_JSON_CONSTRAINT_H_
 #define MOEMESH_ENGINE_JSON_CONSTRAINT_H_
 
@@ -22,7 +23,7 @@ namespace moemesh {
 class JsonState {
  public:
   static constexpr int kMaxDepth = 32;
-  static constexpr int kMaxWhitespace = 16;
+  static constexpr int kMaxIndent = 16;
   static constexpr int kMaxNumberBytes = 32;
 
   // Reads one more byte; false (and the state unchanged) when no JSON object text continues
@@ -56,7 +57,7 @@ class JsonState {
 
   friend class TokenTable;
   bool Step(uint8_t c);             // Feed without the rollback: the state is garbage on false
-  bool Whitespace();                // counts one whitespace byte; false past the bound
+  bool Whitespace(uint8_t c);       // one whitespace byte between tokens; false past the bounds
   bool StartValue(uint8_t c);       // c begins a value (in kValue / kValueOrClose)
   bool CloseContainer(uint8_t c);   // c is '}' or ']' closing the innermost container
   void EndValue();                  // a value ended: kAfterValue, or kDone at the top
@@ -68,7 +69,9 @@ class JsonState {
   Num num_ = kMinus;
   bool key_ = false;           // the string being read is an object key
   uint8_t depth_ = 0;          // open containers
-  uint8_t run_ = 0;            // whitespace bytes in a row; hex digits of \u; number bytes
+  uint8_t run_ = 0;            // hex digits of \u; number bytes
+  uint8_t gap_ = 0;            // whitespace since the last token: 0 none, 1 a space, 2 + n a
+                               // newline and n indentation bytes
   uint8_t literal_ = 0;        // kLiteral: index into kLiterals, and pos_ the bytes matched
   uint8_t pos_ = 0;
   std::array<uint8_t, kMaxDepth> stack_{};  // '{' or '[' per open container

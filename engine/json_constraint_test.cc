@@ -24,7 +24,7 @@ const std::vector<std::string>& GoodDocs() {
       "\"b\": {\"c\": {}, \"d\": []}}",
       "{ \"k\" : \"\xc3\xa9\xe6\xbc\xa2\" }",
       "{\n    \"name\": \"os\",\n    \"items\": [\n        {\"x\": -0}\n    ]\n}",
-      "  {\"tab\":\t\"\\t\\/\\b\\f\\r\"}",
+      " {\"tab\":\n\t\t\"\\t\\/\\b\\f\\r\"}",
   };
   return docs;
 }
@@ -67,8 +67,11 @@ TEST(JsonStateTest, RefusesEachBadByteWhereItOccurs) {
       {"{\"a\":[1", '}'},
       {"{\"a\":", '}'},
       {"{}", 'x'},
-      {std::string(JsonState::kMaxWhitespace, ' '), ' '},
-      {"{\"a\":" + std::string(JsonState::kMaxWhitespace, '\n'), '\n'},
+      {" ", ' '},                 // whitespace: one space,
+      {"{\"a\": ", '\n'},
+      {"{\"a\":\n", '\n'},           // or one newline
+      {"{\"a\":\n" + std::string(JsonState::kMaxIndent, ' '), ' '},  // and bounded indentation
+      {"{", '\r'},
       {"{\"a\":1" + std::string(JsonState::kMaxNumberBytes - 1, '0'), '0'},
   };
   for (const auto& [prefix, bad] : cases) {

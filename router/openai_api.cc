@@ -254,6 +254,19 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   if (out.top_logprobs >= 0) s->set_logprobs(std::max(out.top_logprobs, 1));
   // Echo with logprobs scores the prompt's tokens too.
   if (out.echo && out.top_logprobs >= 0) s->set_prompt_logprobs(out.top_logprobs);
+  if (auto it = j.find("response_format"); it != j.end() && !it->is_null()) {
+    const std::string type =
+        it->is_object() && it->contains("type") && (*it)["type"].is_string()
+            ? (*it)["type"].get<std::string>()
+            : "";
+    if (type == "json_object") {
+      s->set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);
+    } else if (type != "text") {
+      return Bad("response_format", type.empty()
+                                        ? "must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"
+                                        : "type '" + type + "' is not supported: text or json_object");
+    }
+  }
   auto stream = Bool(j, "stream");
   if (!stream.ok()) return stream.status();
   out.stream = stream->value_or(false);

@@ -17,7 +17,7 @@ TEST(OpenAiApiTest, CompletionFieldsMapToTheRequest) {
       "top_k": -1, "min_p": 0.1, "seed": 3, "stop": ["a", "b"], "presence_penalty": 0.5,
       "frequency_penalty": -0.5, "repetition_penalty": 1.1, "ignore_eos": true, "logprobs": 2,
       "stream": true, "stream_options": {"include_usage": true}, "experts_per_token": 2,
-      "thinking_budget": 5, "n": 1, "echo": false})",
+      "thinking_budget": 5, "n": 1, "echo": false, "response_format": {"type": "json_object"}})",
                         "m");
   ASSERT_TRUE(p.ok()) << p.status();
   ASSERT_EQ(p->requests.size(), 1u);
@@ -40,6 +40,7 @@ TEST(OpenAiApiTest, CompletionFieldsMapToTheRequest) {
   EXPECT_EQ(s.logprobs(), 2);
   EXPECT_EQ(s.experts_per_token(), 2);
   EXPECT_EQ(s.thinking_budget(), 5);
+  EXPECT_EQ(s.response_format(), moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);
   EXPECT_EQ(p->top_logprobs, 2);
   EXPECT_TRUE(p->stream);
   EXPECT_TRUE(p->include_usage);
@@ -154,6 +155,11 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "echo"},
       {Endpoint::kCompletions, R"({"prompt": "x", "echo": false, "max_tokens": 0})",
        absl::StatusCode::kInvalidArgument, "max_tokens"},
+      {Endpoint::kChat,
+       R"({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}})",
+       absl::StatusCode::kInvalidArgument, "json_schema"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "response_format": "json"})",
+       absl::StatusCode::kInvalidArgument, "response_format"},
       {Endpoint::kCompletions, R"({"prompt": "x", "stop": 5})",
        absl::StatusCode::kInvalidArgument, "stop"},
       {Endpoint::kCompletions, R"({"prompt": "x", "logprobs": 21})",

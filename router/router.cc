@@ -173,6 +173,17 @@ absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSi
     }
     r->thinking_budget = true;
   }
+  if (sp.response_format() == moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT) {
+    if (sp.has_thinking_budget()) {
+      return BadField("response_format", "JSON_OBJECT cannot be combined with thinking_budget");
+    }
+    if (sp.has_ignore_eos() && sp.ignore_eos()) {
+      return BadField("response_format", "JSON_OBJECT needs an end token: not with ignore_eos");
+    }
+  } else if (sp.response_format() != moemesh::v1::RESPONSE_FORMAT_TEXT) {
+    return BadField("response_format", absl::StrCat("has an unknown value ",
+                                                    static_cast<int>(sp.response_format())));
+  }
   SamplingConfig sc = ToSamplingConfig(r->sampling);
   sc.think_start_id = think_start_id_;
   sc.think_end_id = think_end_id_;
@@ -512,6 +523,9 @@ void Router::Loop(size_t index) {
           if (r->thinking_budget) {
             s->set_think_start_id(think_start_id_);
             s->set_think_end_id(think_end_id_);
+          }
+          if (r->sampling.response_format() == moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT) {
+            for (int32_t id : r->stop_ids) s->add_end_ids(id);
           }
           if (!r->generated.empty()) s->set_prompt_tokens(plen);  // moved: replays its tokens
           r->prompt_logprobs.clear();  // (a prefill moved before its first token starts over)

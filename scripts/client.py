@@ -8,7 +8,8 @@
 
 Options (generate): --addr=127.0.0.1:50051 --max_tokens=64 (0 = leave unset: the server's default)
   --temperature=T --top_p=P --top_k=K --min_p=P --repetition_penalty=R --seed=S --stop=STR (repeatable)
-  --ignore_eos --experts_per_token=K --thinking_budget=N --logprobs=N --chat [--system=TEXT] --request_id=ID --json
+  --ignore_eos --experts_per_token=K --thinking_budget=N --logprobs=N --prompt_logprobs=N
+  --json_object --chat [--system=TEXT] --request_id=ID --json
   --timeout=SECONDS.
 Sampling fields are only set when given (proto3 `optional`); unset ones take the model's defaults.
 
@@ -142,6 +143,10 @@ def _build_parser():
                    help="reasoning tokens allowed after <think> before </think> is forced")
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="top-N logprobs per token (printed on stderr, or in --json)")
+    g.add_argument("--prompt_logprobs", type=int, default=None, metavar="N",
+                   help="also score the prompt's tokens, with top-N (0..20), printed on stderr")
+    g.add_argument("--json_object", action="store_true",
+                   help="response_format JSON_OBJECT: the answer is one JSON object")
     g.add_argument("--chat", action="store_true", help="send PROMPT as one user chat message")
     g.add_argument("--system", default=None, help="with --chat: a system message first")
     g.add_argument("--request_id", default="")
@@ -167,11 +172,13 @@ def build_request(pb2, a, prompt):
         s.max_tokens = a.max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "seed", "ignore_eos",
-                 "experts_per_token", "thinking_budget", "logprobs"):
+                 "experts_per_token", "thinking_budget", "logprobs", "prompt_logprobs"):
         v = getattr(a, name)
         if v is not None:
             setattr(s, name, v)
     s.stop.extend(a.stop)
+    if a.json_object:
+        s.response_format = pb2.RESPONSE_FORMAT_JSON_OBJECT
     if a.request_id:
         req.request_id = a.request_id
     return req
@@ -197,7 +204,7 @@ def run_generate(pb2, stub, a, prompt):
     t0 = time.monotonic()
     call = stub.Generate(req, timeout=a.timeout)
     finish, prompt_tokens, completion_tokens, counted = 0, 0, 0, 0
-    logprobs = []
+    logprobs, prompt_logprobs = [], []
     printed = False
     try:
         for resp in call:
@@ -208,6 +215,7 @@ def run_generate(pb2, stub, a, prompt):
                 _out(resp.text)
                 printed = True
             logprobs.extend(resp.logprobs)
+            prompt_logprobs.extend(resp.prompt_logprobs)
             if resp.finish_reason:
                 finish = resp.finish_reason
             if resp.prompt_tokens:
@@ -229,8 +237,12 @@ def run_generate(pb2, stub, a, prompt):
         completion_tokens = counted
     if not a.json:
         _out("\n")
-    if logprobs and not a.json:
-        for lp in logprobs:
+    if not a.json:
+        if prompt_logprobs:
+            sys.stderr.write("prompt:\n")
+        for i, lp in enumerate(prompt_logprobs + logprobs):
+            if i == len(prompt_logprobs) and prompt_logprobs and logprobs:
+                sys.stderr.write("generated:\n")
             top = " ".join("%r:%.3f" % (t.text, t.logprob) for t in lp.top)
             sys.stderr.write("  %-12r id=%-6d logprob=%.4f  top: %s\n"
                              % (lp.chosen.text, lp.chosen.id, lp.chosen.logprob, top))

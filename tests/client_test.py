@@ -179,6 +179,10 @@ class ClientTestBase:
         self.assertEqual(s.logprobs, 2)
         self.assertEqual(list(s.stop), ["###", "END"])
         self.assertFalse(s.HasField("seed"))
+        self.assertEqual(s.response_format, pb2.RESPONSE_FORMAT_TEXT)
+        self.run_client("--json_object", "Say hello")
+        self.assertEqual(self.last_request().sampling.response_format,
+                         pb2.RESPONSE_FORMAT_JSON_OBJECT)
 
     def test_chat_sends_one_user_message(self):
         _, out, err = self.run_client("--chat", "Hi there")

@@ -1256,6 +1256,43 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn("prompt_logprobs", cm.exception.details())
 
+    def test_json_object_answers_are_json(self):
+        # response_format json_object: every answer is (the start of) one JSON object, and those
+        # that end by themselves parse as one; the same requests without it are not JSON.
+        def ask(seed, json_mode):
+            body = {"prompt": "The JSON config:", "max_tokens": 64, "temperature": 0.8,
+                    "seed": seed}
+            if json_mode:
+                body["response_format"] = {"type": "json_object"}
+            status, got = self.call("POST", "/v1/completions", body)
+            self.assertEqual(status, 200, got)
+            return got["choices"][0]
+
+        finished = 0
+        for seed in range(8):
+            c = ask(seed, True)
+            self.assertTrue(c["text"].lstrip().startswith("{"), c["text"])
+            if c["finish_reason"] == "stop":
+                self.assertIsInstance(json.loads(c["text"]), dict, c["text"])
+                finished += 1
+        self.assertGreater(finished, 0)
+        self.assertFalse(all(ask(seed, False)["text"].lstrip().startswith("{")
+                             for seed in range(8)))
+        # Chat, greedy, streamed.
+        ev = self.events("/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "Give me JSON"}],
+                          "max_tokens": 48, "temperature": 0, "stream": True,
+                          "response_format": {"type": "json_object"}})
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in ev[:-1])
+        self.assertTrue(text.lstrip().startswith("{"), text)
+        # Combinations that cannot hold are refused by name.
+        req = make_request(PYDOC_CASES[0][0], 8)  # ignore_eos=True
+        req.sampling.response_format = pb2.RESPONSE_FORMAT_JSON_OBJECT
+        with self.assertRaises(grpc.RpcError) as cm:
+            list(self.c.stub.Generate(req, timeout=CALL_TIMEOUT))
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("response_format", cm.exception.details())
+
     def test_errors_are_openai_error_objects(self):
         status, got = self.call("POST", "/v1/completions", {"prompt": "x", "temperature": -1})
         self.assertEqual(status, 400)

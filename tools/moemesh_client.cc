@@ -2,8 +2,9 @@
 //
 //   moemesh_client [generate] [--addr=127.0.0.1:50051] [--max_tokens=64] [--temperature=T]
 //                  [--top_p=P] [--top_k=K] [--seed=S] [--stop=A,B] [--chat] [--experts_per_token=K]
-//                  [--thinking_budget=N]
-//                  [--logprobs=N] [--json] [--timeout=SECONDS] (--prompt=TEXT | PROMPT)
+//                  [--thinking_budget=N] [--json_object]
+//                  [--logprobs=N] [--prompt_logprobs=N] [--json] [--timeout=SECONDS]
+//                  (--prompt=TEXT | PROMPT)
 //   moemesh_client tokenize TEXT            (or --prompt=TEXT): token ids, comma-separated
 //   moemesh_client detokenize 1,2,3
 //   moemesh_client info                     ModelInfo as JSON
@@ -51,6 +52,8 @@ ABSL_FLAG(bool, ignore_eos, false, "Keep going after the end-of-sequence token (
 ABSL_FLAG(absl::optional<int32_t>, experts_per_token, absl::nullopt, "Override of the active experts per token.");
 ABSL_FLAG(absl::optional<int32_t>, thinking_budget, absl::nullopt, "Reasoning tokens allowed after <think> before </think> is forced (the server's --think_tokens names the markers).");
 ABSL_FLAG(absl::optional<int32_t>, logprobs, absl::nullopt, "Top-N logprobs per token (0..20), printed on stderr.");
+ABSL_FLAG(absl::optional<int32_t>, prompt_logprobs, absl::nullopt, "Also score the prompt's tokens, with top-N (0..20), printed on stderr.");
+ABSL_FLAG(bool, json_object, false, "response_format JSON_OBJECT: the answer is one JSON object.");
 ABSL_FLAG(bool, chat, false, "Send the prompt as one user chat message.");
 ABSL_FLAG(std::string, system, "", "With --chat: a system message sent first.");
 ABSL_FLAG(std::string, request_id, "", "Request id (echoed in the server's logs).");
@@ -136,7 +139,11 @@ v1::GenerateRequest BuildRequest(const std::string& prompt) {
   if (auto v = absl::GetFlag(FLAGS_experts_per_token)) s->set_experts_per_token(*v);
   if (auto v = absl::GetFlag(FLAGS_thinking_budget)) s->set_thinking_budget(*v);
   if (auto v = absl::GetFlag(FLAGS_logprobs)) s->set_logprobs(*v);
+  if (auto v = absl::GetFlag(FLAGS_prompt_logprobs)) s->set_prompt_logprobs(*v);
   if (absl::GetFlag(FLAGS_ignore_eos)) s->set_ignore_eos(true);
+  if (absl::GetFlag(FLAGS_json_object)) {
+    s->set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);
+  }
   const std::string stop = absl::GetFlag(FLAGS_stop);
   if (!stop.empty()) {
     for (absl::string_view part : absl::StrSplit(stop, ',')) {
@@ -181,7 +188,7 @@ int RunGenerate(Generation::Stub* stub, const std::string& prompt) {
   v1::GenerateResponse resp;
   v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
   int64_t prompt_tokens = 0, completion_tokens = 0, counted = 0;
-  std::vector<v1::TokenLogprobs> logprobs;
+  std::vector<v1::TokenLogprobs> logprobs, prompt_logprobs;
   bool printed = false;
   while (reader->Read(&resp)) {
     counted += resp.ids_size();
@@ -192,6 +199,7 @@ int RunGenerate(Generation::Stub* stub, const std::string& prompt) {
       printed = true;
     }
     for (const auto& lp : resp.logprobs()) logprobs.push_back(lp);
+    for (const auto& lp : resp.prompt_logprobs()) prompt_logprobs.push_back(lp);
     if (resp.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish = resp.finish_reason();
     if (resp.prompt_tokens() != 0) prompt_tokens = resp.prompt_tokens();
     if (resp.completion_tokens() != 0) completion_tokens = resp.completion_tokens();
@@ -211,12 +219,20 @@ int RunGenerate(Generation::Stub* stub, const std::string& prompt) {
   if (completion_tokens == 0) completion_tokens = counted;
   if (!json) Out("\n");
   if (!json) {
-    for (const auto& lp : logprobs) {
-      std::string top;
-      for (const auto& t : lp.top()) absl::StrAppendFormat(&top, " '%s':%.3f", t.text(), t.logprob());
-      std::fprintf(stderr, "  '%s' id=%d logprob=%.4f  top:%s\n", lp.chosen().text().c_str(),
-                   lp.chosen().id(), lp.chosen().logprob(), top.c_str());
+    auto print = [](const std::vector<v1::TokenLogprobs>& entries) {
+      for (const auto& lp : entries) {
+        std::string top;
+        for (const auto& t : lp.top()) absl::StrAppendFormat(&top, " '%s':%.3f", t.text(), t.logprob());
+        std::fprintf(stderr, "  '%s' id=%d logprob=%.4f  top:%s\n", lp.chosen().text().c_str(),
+                     lp.chosen().id(), lp.chosen().logprob(), top.c_str());
+      }
+    };
+    if (!prompt_logprobs.empty()) {
+      std::fprintf(stderr, "prompt:\n");
+      print(prompt_logprobs);
+      if (!logprobs.empty()) std::fprintf(stderr, "generated:\n");
     }
+    print(logprobs);
   }
   const double tps = elapsed > 0 ? completion_tokens / elapsed : 0.0;
   std::fprintf(stderr, "[finish=%s prompt_tokens=%lld completion_tokens=%lld tok/s=%.1f]\n",
