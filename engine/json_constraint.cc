@@ -232,35 +232,58 @@ bool JsonState::Step(uint8_t c) {
   }
 }
 
-TokenTable::TokenTable(const std::vector<std::string>& bytes)
-    : vocab_(static_cast<int64_t>(bytes.size())), by_id_(bytes) {
-  for (size_t id = 0; id < bytes.size(); ++id) {
-    if (!bytes[id].empty()) order_.push_back(static_cast<int32_t>(id));
-  }
-  std::sort(order_.begin(), order_.end(),
-            [&](int32_t a, int32_t b) { return by_id_[a] < by_id_[b]; });
-  shared_.resize(order_.size(), 0);
-  for (size_t i = 0; i < order_.size(); ++i) {
-    const std::string& b = by_id_[order_[i]];
-    longest_ = std::max(longest_, b.size());
-    if (i == 0) continue;
-    const std::string& a = by_id_[order_[i - 1]];
+TokenTable::Sorted TokenTable::Sort(const std::vector<std::string>& by_id,
+                                     std::vector<int32_t> ids) {
+  Sorted s;
+  std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return by_id[a] < by_id[b]; });
+  s.shared.resize(ids.size(), 0);
+  for (size_t i = 1; i < ids.size(); ++i) {
+    const std::string &a = by_id[ids[i - 1]], &b = by_id[ids[i]];
     size_t k = 0;
     while (k < a.size() && k < b.size() && a[k] == b[k]) ++k;
-    shared_[i] = static_cast<int32_t>(k);
+    s.shared[i] = static_cast<int32_t>(k);
   }
+  s.ids = std::move(ids);
+  return s;
+}
+
+TokenTable::TokenTable(const std::vector<std::string>& bytes)
+    : vocab_(static_cast<int64_t>(bytes.size())), by_id_(bytes) {
+  std::vector<int32_t> all, special;
+  for (size_t id = 0; id < bytes.size(); ++id) {
+    const std::string& b = bytes[id];
+    if (b.empty()) continue;
+    longest_ = std::max(longest_, b.size());
+    all.push_back(static_cast<int32_t>(id));
+    const bool plain = std::none_of(b.begin(), b.end(), [](char c) {
+      return c == '"' || c == '\\' || static_cast<uint8_t>(c) < 0x20;
+    });
+    (plain ? plain_ : special).push_back(static_cast<int32_t>(id));
+  }
+  all_ = Sort(by_id_, std::move(all));
+  special_ = Sort(by_id_, std::move(special));
 }
 
 void TokenTable::Accepted(const JsonState& s, std::vector<uint8_t>* allowed) const {
+  if (!s.InString()) {
+    Pass(all_, s, allowed);
+    return;
+  }
+  for (int32_t id : plain_) (*allowed)[id] = 1;
+  Pass(special_, s, allowed);
+}
+
+void TokenTable::Pass(const Sorted& sorted, const JsonState& s,
+                      std::vector<uint8_t>* allowed) const {
   // states[k]: s after the first k bytes of the current token; valid for k <= alive, where
   // alive is how many bytes of the last token were accepted (its next byte, if any, was not).
   thread_local std::vector<JsonState> states;
   states.resize(longest_ + 1);
   states[0] = s;
   size_t alive = 0;
-  for (size_t i = 0; i < order_.size(); ++i) {
-    const std::string& b = by_id_[order_[i]];
-    const size_t from = static_cast<size_t>(shared_[i]);
+  for (size_t i = 0; i < sorted.ids.size(); ++i) {
+    const std::string& b = by_id_[sorted.ids[i]];
+    const size_t from = static_cast<size_t>(sorted.shared[i]);
     if (from > alive) continue;  // it shares the byte the last token was refused at
     size_t k = from;
     for (; k < b.size(); ++k) {
@@ -268,7 +291,7 @@ void TokenTable::Accepted(const JsonState& s, std::vector<uint8_t>* allowed) con
       if (!states[k + 1].Step(static_cast<uint8_t>(b[k]))) break;
     }
     alive = k;
-    if (k == b.size()) (*allowed)[order_[i]] = 1;
+    if (k == b.size()) (*allowed)[sorted.ids[i]] = 1;
   }
 }
 

@@ -34,6 +34,9 @@ class JsonState {
   bool FeedAll(const std::string& bytes);
   // A whole top-level object has been read (only an end token may follow).
   bool Complete() const { return mode_ == kDone; }
+  // In a string's characters (not in an escape): any byte but a quote, a backslash or a control
+  // byte keeps it so.
+  bool InString() const { return mode_ == kString; }
 
  private:
   enum Mode : uint8_t {
@@ -79,7 +82,9 @@ class JsonState {
 
 // The vocabulary's tokens as bytes, sorted, with the length each shares with the one before: one
 // pass over it finds every token a JsonState accepts, feeding each byte once per distinct
-// prefix. Built once per tokenizer; const after construction, shared by every sequence.
+// prefix. Inside a string, tokens with no quote, backslash or control byte are accepted
+// without feeding (they cannot end or break it) and the pass covers only the others. Built once
+// per tokenizer; const after construction, shared by every sequence.
 class TokenTable {
  public:
   // bytes[id]: what token id adds to a text (empty: never allowed in JSON mode, e.g. special
@@ -92,10 +97,18 @@ class TokenTable {
   const std::string& bytes(int32_t id) const { return by_id_[id]; }
 
  private:
+  // Tokens in the order of their bytes, and how many bytes each shares with the one before.
+  struct Sorted {
+    std::vector<int32_t> ids, shared;
+  };
+  static Sorted Sort(const std::vector<std::string>& by_id, std::vector<int32_t> ids);
+  void Pass(const Sorted& sorted, const JsonState& s, std::vector<uint8_t>* allowed) const;
+
   int64_t vocab_ = 0;
   std::vector<std::string> by_id_;
-  std::vector<int32_t> order_;   // ids by their bytes, sorted; empty ones left out
-  std::vector<int32_t> shared_;  // bytes order_[i] shares with order_[i - 1]
+  Sorted all_;                  // every token with bytes
+  Sorted special_;              // those with a quote, backslash or control byte
+  std::vector<int32_t> plain_;  // the others
   size_t longest_ = 0;
 };
 
