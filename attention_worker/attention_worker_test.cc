@@ -68,16 +68,25 @@ std::unique_ptr<Parts> Load(const std::string& dir) {
   return p;
 }
 
-class OverlapTest : public ::testing::TestWithParam<bool> {};
+// Parameter: whether steps run as two overlapping halves (from 2 sequences: the oracle's few
+// prompts).
+class OverlapTest : public ::testing::TestWithParam<bool> {
+ protected:
+  std::unique_ptr<AttentionWorker> MakeWorker(const Parts& parts) {
+    AttentionWorker::Options opt;
+    opt.overlap_halves = GetParam();
+    opt.overlap_min_sequences = 2;
+    return std::make_unique<AttentionWorker>(parts.stack.get(), parts.encoder.get(),
+                                             parts.experts.get(), opt);
+  }
+};
 
 TEST_P(OverlapTest, BatchedGreedyMatchesTransformers) {
   const std::string dir = "testdata/oracle/qwen3_moe";
   auto parts = Load(dir);
   ASSERT_NE(parts->stack, nullptr);
-  AttentionWorker::Options opt;
-  opt.overlap_halves = GetParam();
-  opt.overlap_min_sequences = 2;  // the oracle's few prompts
-  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(), opt);
+  const std::unique_ptr<AttentionWorker> owned = MakeWorker(*parts);
+  AttentionWorker& worker = *owned;
 
   std::ifstream in(dir + "/reference.json");
   nlohmann::json ref = nlohmann::json::parse(in);
@@ -139,10 +148,8 @@ TEST_P(OverlapTest, PromptLogprobsAreTransformersLogSoftmax) {
   const std::string dir = "testdata/oracle/qwen3_moe";
   auto parts = Load(dir);
   ASSERT_NE(parts->stack, nullptr);
-  AttentionWorker::Options opt;
-  opt.overlap_halves = GetParam();
-  opt.overlap_min_sequences = 2;
-  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(), opt);
+  const std::unique_ptr<AttentionWorker> owned = MakeWorker(*parts);
+  AttentionWorker& worker = *owned;
   std::ifstream in(dir + "/reference.json");
   nlohmann::json ref = nlohmann::json::parse(in);
   const int64_t vocab = parts->cfg.vocab_size;
