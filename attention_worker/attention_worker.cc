@@ -113,6 +113,8 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       kv_capacity_(opt.kv_capacity_tokens),
       prefix_budget_(std::max<int64_t>(opt.prefix_cache_tokens, 0)),
       json_tokens_(opt.json_tokens),
+      speculative_tokens_(std::max(opt.speculative_tokens, 0)),
+      speculative_max_batch_(opt.speculative_max_batch),
       cache_(stack->NewCache(opt.kv_capacity_tokens + prefix_budget_)) {
   if (overlap_halves_) side_ = std::make_unique<SideThread>();
 }
@@ -288,11 +290,15 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     b.start_pos = from;
     b.experts_per_token = s.experts_per_token();
     b.all_logits = st.ScoresPrompt();
-    all_tokens.insert(all_tokens.end(), b.tokens.begin(), b.tokens.end());
     batch.push_back(std::move(b));
     result_of.push_back(resp->results_size() - 1);
   }
   if (batch.empty()) return absl::OkStatus();
+  // Speculative decoding: decode entries get draft tokens (after every entry's own room is
+  // reserved, so drafts only take KV slots nobody in the step needs).
+  std::vector<std::vector<int32_t>> drafts(batch.size());
+  Speculate(req, result_of, &batch, &drafts);
+  for (const SeqStep& b : batch) all_tokens.insert(all_tokens.end(), b.tokens.begin(), b.tokens.end());
 
   // Step buffers kept between steps: a step's logits are rows x vocabulary (39 MB for 64 rows of
   // Qwen3), which fresh each step would page-fault in again.
@@ -315,7 +321,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     SeqState& state = *seqs_.at(batch[b].seq_id);
     const int64_t rows = batch[b].all_logits ? static_cast<int64_t>(batch[b].tokens.size()) : 1;
     sample_row[b] = row + rows - 1;
-    if (batch[b].all_logits) {
+    if (batch[b].all_logits && drafts[b].empty()) {  // (a speculating entry's rows are drafts')
       ScorePrompt(s, &logits[row * cfg.vocab_size], &state, resp->mutable_results(result_of[b]));
     }
     row += rows;
@@ -340,19 +346,40 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   }
   // Each sequence samples from its own row with its own sampler: in parallel when the rows are
   // big (a vocabulary of 151,936 takes ~1-2 ms a row to sample at a temperature).
+  // accepted[b]: draft tokens of entry b the sampler confirmed.
+  std::vector<int64_t> accepted(batch.size(), 0);
   auto sample = [&](int64_t i) {
     const size_t b = to_sample[i].first;
     SeqState& state = *to_sample[i].second;
-    TokenChoice c = state.sampler.Sample(&logits[sample_row[b] * cfg.vocab_size], cfg.vocab_size,
-                                         state.prompt, state.generated);
-    state.generated.push_back(c.id);
+    const std::vector<int32_t>& draft = drafts[b];
+    // A speculating entry has a row for its input token and one per draft: the draw from row j
+    // checks draft j, and draws go on while they confirm their drafts (the first that does not,
+    // or the one after the last draft, is the step's `token`).
+    const int64_t first_row = sample_row[b] - static_cast<int64_t>(draft.size());
     wire::SeqResult* r = resp->mutable_results(result_of[b]);
-    r->set_sampled(true);
-    r->set_token(c.id);
-    r->set_logprob(c.logprob);
-    for (const auto& [id, lp] : c.top) {
-      r->add_top_ids(id);
-      r->add_top_logprobs(lp);
+    for (size_t j = 0;; ++j) {
+      TokenChoice c = state.sampler.Sample(&logits[(first_row + j) * cfg.vocab_size],
+                                           cfg.vocab_size, state.prompt, state.generated);
+      state.generated.push_back(c.id);
+      if (j < draft.size() && c.id == draft[j]) {
+        wire::EarlierToken* e = r->add_earlier();
+        e->set_token(c.id);
+        e->set_logprob(c.logprob);
+        for (const auto& [id, lp] : c.top) {
+          e->add_top_ids(id);
+          e->add_top_logprobs(lp);
+        }
+        ++accepted[b];
+        continue;
+      }
+      r->set_sampled(true);
+      r->set_token(c.id);
+      r->set_logprob(c.logprob);
+      for (const auto& [id, lp] : c.top) {
+        r->add_top_ids(id);
+        r->add_top_logprobs(lp);
+      }
+      break;
     }
   };
   const int64_t n_sample = static_cast<int64_t>(to_sample.size());
@@ -363,11 +390,52 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   } else {
     for (int64_t i = 0; i < n_sample; ++i) sample(i);
   }
+  // The confirmed drafts' rows stay in the KV cache; the others' slots are given back.
+  for (size_t b = 0; b < batch.size(); ++b) {
+    if (drafts[b].empty()) continue;
+    SeqState& state = *seqs_.at(batch[b].seq_id);
+    state.length += accepted[b];
+    cache_->Truncate(batch[b].seq_id, state.length);
+    draft_tokens_ += static_cast<int64_t>(drafts[b].size());
+    accepted_draft_tokens_ += accepted[b];
+  }
   ++steps_;
   sampling_s_ += Since(t_sample);
   expert_s_ += expert_s;
   attention_s_ += std::chrono::duration<double>(t_sample - t_start).count() - expert_s;
   return absl::OkStatus();
+}
+
+void AttentionWorker::Speculate(const wire::StepRequest& req, const std::vector<int>& result_of,
+                                std::vector<SeqStep>* batch,
+                                std::vector<std::vector<int32_t>>* drafts) {
+  if (speculative_tokens_ <= 0) return;
+  int decoding = 0;
+  for (size_t b = 0; b < batch->size(); ++b) {
+    const wire::SeqStep& s = req.seqs(result_of[b]);
+    decoding += s.sample() && s.tokens_size() == 1 && !s.new_sequence();
+  }
+  if (decoding == 0 || decoding > speculative_max_batch_) return;
+  const int64_t context = stack_->config().max_position_embeddings;
+  for (size_t b = 0; b < batch->size(); ++b) {
+    const wire::SeqStep& s = req.seqs(result_of[b]);
+    SeqStep& e = (*batch)[b];
+    if (!s.sample() || s.tokens_size() != 1 || s.new_sequence() || e.all_logits) continue;
+    const SeqState& state = *seqs_.at(e.seq_id);
+    std::vector<int32_t> history = state.History();
+    history.push_back(s.tokens(0));
+    std::vector<int32_t> draft =
+        LookupDraft(history, kDraftMaxNgram, kDraftMinNgram, speculative_tokens_);
+    const int64_t room = context - (s.start_pos() + 1);
+    if (static_cast<int64_t>(draft.size()) > room) draft.resize(std::max<int64_t>(room, 0));
+    if (draft.empty()) continue;
+    if (!cache_->Reserve(e.seq_id, s.start_pos() + 1 + static_cast<int64_t>(draft.size())).ok()) {
+      continue;  // no free slots: this one decodes plainly
+    }
+    e.tokens.insert(e.tokens.end(), draft.begin(), draft.end());
+    e.all_logits = true;
+    (*drafts)[b] = std::move(draft);
+  }
 }
 
 void AttentionWorker::ScorePrompt(const wire::SeqStep& s, const float* rows, SeqState* state,
@@ -463,6 +531,8 @@ wire::Stats AttentionWorker::GetStats() const {
   s.set_kv_used_tokens(LiveTokens());
   s.set_prefix_cache_tokens(prefix_tokens_);
   s.set_prefix_hit_tokens(prefix_hit_tokens_);
+  s.set_draft_tokens(draft_tokens_);
+  s.set_accepted_draft_tokens(accepted_draft_tokens_);
   s.set_active_sequences(static_cast<int64_t>(seqs_.size()));
   s.set_released_sequences(released_);
   s.set_steps(steps_);

@@ -18,6 +18,7 @@
 #include "engine/kv_cache.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "engine/speculation.h"
 #include "mesh/encoder_backend.h"
 #include "mesh/sampling_params.h"
 #include "protos/worker.pb.h"
@@ -47,6 +48,13 @@ class AttentionWorker {
     // The model's token bytes for JSON mode (sampling.response_format JSON_OBJECT); null: such
     // sequences are refused. Must outlive the worker.
     const TokenTable* json_tokens = nullptr;
+    // Speculative decoding (prompt lookup, engine/speculation.h): up to this many draft tokens
+    // per decoding sequence and step, when the step has at most speculative_max_batch decoding
+    // sequences (beyond that the extra rows cost more than they save). 0 = off. Tokens are those
+    // of plain decoding (see speculation.h). CPU attention only (rejected drafts' KV slots are
+    // given back).
+    int speculative_tokens = 0;
+    int speculative_max_batch = 8;
   };
   // `stack`, `encoder` and `experts` must outlive the worker.
   AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder, ExpertBackend* experts,
@@ -97,6 +105,12 @@ class AttentionWorker {
     std::vector<int32_t> tokens;
     int64_t last_used = 0;  // step count of its last hit (or of its release)
   };
+  // Gives decode entries of `batch` (result_of: their index in req) draft tokens when
+  // speculative decoding applies: appends them to the entry's tokens (all_logits set), reserves
+  // their KV slots, and records them in (*drafts)[entry].
+  void Speculate(const wire::StepRequest& req, const std::vector<int>& result_of,
+                 std::vector<SeqStep>* batch, std::vector<std::vector<int32_t>>* drafts)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Scores the prompt tokens of step `s` (ScoreToken with state->prompt_logprobs top entries)
   // into r->prompt_logprobs from `rows`, the step's logits of every token, and keeps the last
   // row for the next chunk (a step that samples ends the prompt and drops it).
@@ -130,6 +144,9 @@ class AttentionWorker {
   const int64_t kv_capacity_;     // positions for live sequences (what GetStats reports)
   const int64_t prefix_budget_;   // Options::prefix_cache_tokens (0 when unsupported)
   const TokenTable* const json_tokens_;
+  const int speculative_tokens_, speculative_max_batch_;
+  // Draft n-gram lengths tried, longest first.
+  static constexpr int kDraftMaxNgram = 4, kDraftMinNgram = 2;
 
   mutable std::mutex mu_;
   const std::unique_ptr<KvCache> cache_ ABSL_GUARDED_BY(mu_);
@@ -137,6 +154,7 @@ class AttentionWorker {
   int64_t prefix_tokens_ ABSL_GUARDED_BY(mu_) = 0;     // held by prefix_
   uint64_t next_prefix_id_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t prefix_hit_tokens_ ABSL_GUARDED_BY(mu_) = 0;  // rows copied instead of computed
+  int64_t draft_tokens_ ABSL_GUARDED_BY(mu_) = 0, accepted_draft_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   std::unordered_map<uint64_t, std::unique_ptr<SeqState>> seqs_ ABSL_GUARDED_BY(mu_);
   int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t released_ ABSL_GUARDED_BY(mu_) = 0;

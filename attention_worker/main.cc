@@ -12,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "attention_worker/attention_service.h"
 #include "attention_worker/setup.h"
+#include "attention_worker/worker_flags.h"
 #include "engine/ops/threading.h"
 #include "mesh/load_flags.h"
 #include "mesh/placement.h"
@@ -24,8 +25,6 @@ ABSL_FLAG(std::string, experts, "", "Comma-separated expert worker addresses; em
 ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): gives model and every address.");
 ABSL_FLAG(int32_t, index, 0, "With --config: this worker's index among the config's attention workers.");
 ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "KV cache size in tokens over all sequences.");
-ABSL_FLAG(int64_t, prefix_cache_tokens, 0,
-          "KV rows of finished requests kept for reuse, in tokens, beyond --kv_capacity_tokens (CPU attention only; least recently used dropped first): a prompt that starts with the tokens of an earlier request (a shared system prompt, the next turn of a chat) copies their rows instead of computing them. 0 = off.");
 ABSL_FLAG(std::string, wire_dtype, "f32", "Hidden states sent to expert workers as f32 (exact) or bf16.");
 ABSL_FLAG(int32_t, threads, 2, "Compute threads.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
@@ -77,7 +76,7 @@ int Main() {
   absl::Status load_flags = LoadOptionsFromFlags(&o.load);
   if (!load_flags.ok()) return Fail(load_flags);
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
-  o.prefix_cache_tokens = absl::GetFlag(FLAGS_prefix_cache_tokens);
+  AttentionFlagsInto(&o);
   o.expert_timeout_seconds = absl::GetFlag(FLAGS_expert_timeout);
   o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));

@@ -27,6 +27,16 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
     return absl::InvalidArgumentError(
         "--prefix_cache_tokens needs the CPU attention stack (the KV cache in host memory)");
   }
+  if (opt.speculative_tokens < 0 || opt.speculative_tokens > 16) {
+    return absl::InvalidArgumentError("--speculative_tokens must be in [0, 16]");
+  }
+  if (opt.speculative_tokens > 0 && !lo.device.is_cpu()) {
+    return absl::InvalidArgumentError(
+        "--speculative_tokens needs the CPU attention stack (the KV cache in host memory)");
+  }
+  if (opt.speculative_max_batch < 1) {
+    return absl::InvalidArgumentError("--speculative_max_batch must be >= 1");
+  }
   auto cfg = LoadModelConfig(opt.model_dir, lo);
   if (!cfg.ok()) return cfg.status();
   s->cfg = *cfg;
@@ -107,6 +117,8 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   wo.json_tokens = s->json_tokens.get();
   wo.kv_capacity_tokens = opt.kv_capacity_tokens;
   wo.prefix_cache_tokens = opt.prefix_cache_tokens;
+  wo.speculative_tokens = opt.speculative_tokens;
+  wo.speculative_max_batch = opt.speculative_max_batch;
   wo.device = lo.device.ToString();
   wo.overlap_halves = opt.overlap_halves;
   s->worker = std::make_unique<AttentionWorker>(s->stack.get(), s->encoder.get(), s->experts.get(), wo);

@@ -568,7 +568,17 @@ void Router::Loop(size_t index) {
           }
         }
         if (r->cancelled || !res.sampled()) continue;
-        OnToken(r, res, &out);
+        // Speculative decoding: tokens confirmed before the step's last one, in order.
+        bool finished = false;
+        for (const wire::EarlierToken& e : res.earlier()) {
+          wire::SeqResult one;
+          one.set_token(e.token());
+          one.set_logprob(e.logprob());
+          *one.mutable_top_ids() = e.top_ids();
+          *one.mutable_top_logprobs() = e.top_logprobs();
+          if ((finished = OnToken(r, one, &out))) break;
+        }
+        if (!finished) OnToken(r, res, &out);
       }
       remove_ended();
       Admit();  // the KV cache freed above may fit waiting requests (on any worker)

@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention_worker/attention_service.h"
 #include "attention_worker/setup.h"
+#include "attention_worker/worker_flags.h"
 #include "encoder_worker/encoder_service.h"
 #include "engine/arch.h"
 #include "engine/ops/threading.h"
@@ -56,8 +57,6 @@ ABSL_FLAG(int32_t, attention_threads, 0,
           "uses one.");
 ABSL_FLAG(std::string, compute_dtype, "fp32", "Matrix-product compute type: fp32 or bf16.");
 ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "Attention worker's KV cache size in tokens.");
-ABSL_FLAG(int64_t, prefix_cache_tokens, 0,
-          "Attention worker: " "KV rows of finished requests kept for reuse, in tokens, beyond --kv_capacity_tokens (CPU attention only; least recently used dropped first): a prompt that starts with the tokens of an earlier request (a shared system prompt, the next turn of a chat) copies their rows instead of computing them. 0 = off.");
 ABSL_FLAG(std::string, expert_transport, "mpi",
           "How the attention worker reaches the expert workers for RunExperts: mpi (MPI messages, "
           "shared memory on one host) or grpc (as a cluster outside mpirun). Health and GetStats "
@@ -224,7 +223,7 @@ int Main(int rank, int size, int thread_level) {
     }
     o.load = lo;
     o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
-    o.prefix_cache_tokens = absl::GetFlag(FLAGS_prefix_cache_tokens);
+    AttentionFlagsInto(&o);
     o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
     if (cluster.wire_dtype() == "bf16") o.wire_dtype = wire::DTYPE_BF16;
     auto s = BuildAttentionWorker(std::move(o));

@@ -6,6 +6,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "attention_worker/setup.h"
+#include "attention_worker/worker_flags.h"
 #include "engine/ops/threading.h"
 #include "engine/tokenizer.h"
 #include "mesh/load_flags.h"
@@ -17,8 +18,6 @@
 #include "tools/commands.h"
 
 ABSL_FLAG(int64_t, kv_capacity_tokens, 65536, "serve: KV cache size in tokens over all sequences.");
-ABSL_FLAG(int64_t, prefix_cache_tokens, 0,
-          "serve: " "KV rows of finished requests kept for reuse, in tokens, beyond --kv_capacity_tokens (CPU attention only; least recently used dropped first): a prompt that starts with the tokens of an earlier request (a shared system prompt, the next turn of a chat) copies their rows instead of computing them. 0 = off.");
 
 namespace moemesh {
 namespace {
@@ -36,7 +35,7 @@ int RunServe() {
   AttentionSetupOptions o;
   o.model_dir = dir;
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
-  o.prefix_cache_tokens = absl::GetFlag(FLAGS_prefix_cache_tokens);
+  AttentionFlagsInto(&o);
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") o.load.compute = ComputeType::kBF16;
   auto device = ParseDevice(absl::GetFlag(FLAGS_device));
   if (!device.ok()) return Fail(device.status());
