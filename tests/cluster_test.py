@@ -970,6 +970,48 @@ class PrefixCacheTest(unittest.TestCase):
             c.stop()
 
 
+class SpeculativeDecodingTest(unittest.TestCase):
+    """--speculative_tokens on the attention worker: the tokens of a worker without it, greedy or
+    seeded, alone or batched, cut by max_tokens or a stop string inside a step's confirmed
+    drafts; the worker confirms drafts (the embedded model's text repeats itself)."""
+
+    def test_tokens_are_those_of_plain_decoding(self):
+        shared = shared_pydoc_cluster()
+        c = start_cluster(PYDOC, [], name="spec", encoder=shared.encoder, experts=shared.experts,
+                          attention_flags=["--speculative_tokens=4"])
+        try:
+            for ids, greedy in PYDOC_CASES:
+                self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+            held = heldout_ids()
+            reqs = [make_request(held[i * 50:i * 50 + 30], 120) for i in range(4)]
+            reqs.append(make_request(held[300:340], 37, temperature=0.8, seed=3,
+                                     frequency_penalty=0.2, logprobs=2))
+            want = [generate(shared.stub, r) for r in reqs]
+            jobs = [Background(lambda r=r: generate(c.stub, r)) for r in reqs]
+            got = [j.join(timeout=240) for j in jobs]
+            for w, g in zip(want, got):
+                self.assertEqual(g.ids, w.ids)
+                self.assertEqual(g.text, w.text)
+            self.assertEqual(got[-1].completion_tokens, 37)
+            # Logprobs come with every token, confirmed drafts too.
+            resp = list(c.stub.Generate(reqs[-1], timeout=CALL_TIMEOUT))
+            self.assertEqual(sum(len(r.logprobs) for r in resp), 37)
+            self.assertTrue(all(len(lp.top) == 2 for r in resp for lp in r.logprobs))
+            # A stop string that ends inside a step's run of tokens.
+            text = want[0].text
+            stop = text[len(text) // 2:len(text) // 2 + 6]
+            req = make_request(held[0:30], 120)
+            req.sampling.stop.append(stop)
+            self.assertEqual(generate(c.stub, req).text, generate(shared.stub, req).text)
+            st = c.stats()
+            self.assertGreater(st.accepted_draft_tokens, 0)
+            self.assertGreaterEqual(st.draft_tokens, st.accepted_draft_tokens)
+            poll_until(lambda: c.stats().kv_used_tokens == 0, 10, interval=0.02)
+            self.assertEqual(c.stats().kv_used_tokens, 0)
+        finally:
+            c.stop()
+
+
 class HttpApiTest(unittest.TestCase):
     """The router's OpenAI-compatible HTTP API (--http_address) beside its gRPC API: the same
     completions, streamed or not, OpenAI's error objects, a client that leaves mid-stream."""
