@@ -100,6 +100,17 @@ void SetError(wire::SeqResult* r, const absl::Status& st) {
   r->set_error(std::string(st.message()));
 }
 
+// A sampled token into a SeqResult or an EarlierToken (the same fields).
+template <typename Sampled>
+void SetSampled(const TokenChoice& c, Sampled* m) {
+  m->set_token(c.id);
+  m->set_logprob(c.logprob);
+  for (const auto& [id, lp] : c.top) {
+    m->add_top_ids(id);
+    m->add_top_logprobs(lp);
+  }
+}
+
 }  // namespace
 
 AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder,
@@ -362,23 +373,12 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
                                            cfg.vocab_size, state.prompt, state.generated);
       state.generated.push_back(c.id);
       if (j < draft.size() && c.id == draft[j]) {
-        wire::EarlierToken* e = r->add_earlier();
-        e->set_token(c.id);
-        e->set_logprob(c.logprob);
-        for (const auto& [id, lp] : c.top) {
-          e->add_top_ids(id);
-          e->add_top_logprobs(lp);
-        }
+        SetSampled(c, r->add_earlier());
         ++accepted[b];
         continue;
       }
       r->set_sampled(true);
-      r->set_token(c.id);
-      r->set_logprob(c.logprob);
-      for (const auto& [id, lp] : c.top) {
-        r->add_top_ids(id);
-        r->add_top_logprobs(lp);
-      }
+      SetSampled(c, r);
       break;
     }
   };
@@ -410,17 +410,17 @@ void AttentionWorker::Speculate(const wire::StepRequest& req, const std::vector<
                                 std::vector<SeqStep>* batch,
                                 std::vector<std::vector<int32_t>>* drafts) {
   if (speculative_tokens_ <= 0) return;
-  int decoding = 0;
+  std::vector<size_t> decoding;  // entries decoding one token
   for (size_t b = 0; b < batch->size(); ++b) {
     const wire::SeqStep& s = req.seqs(result_of[b]);
-    decoding += s.sample() && s.tokens_size() == 1 && !s.new_sequence();
+    if (s.sample() && s.tokens_size() == 1 && !s.new_sequence()) decoding.push_back(b);
   }
-  if (decoding == 0 || decoding > speculative_max_batch_) return;
+  if (decoding.empty() || static_cast<int>(decoding.size()) > speculative_max_batch_) return;
   const int64_t context = stack_->config().max_position_embeddings;
-  for (size_t b = 0; b < batch->size(); ++b) {
+  for (size_t b : decoding) {
     const wire::SeqStep& s = req.seqs(result_of[b]);
     SeqStep& e = (*batch)[b];
-    if (!s.sample() || s.tokens_size() != 1 || s.new_sequence() || e.all_logits) continue;
+    if (e.all_logits) continue;  // scoring its prompt
     const SeqState& state = *seqs_.at(e.seq_id);
     std::vector<int32_t> history = state.History();
     history.push_back(s.tokens(0));

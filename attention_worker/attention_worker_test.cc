@@ -300,9 +300,7 @@ TEST(MovedSequenceTest, ReplayKeepsThePenaltyHistory) {
 TEST(MovedSequenceTest, ReplayKeepsTheJsonState) {
   auto tok = Tokenizer::FromFile("models/pydoc-moe-17m/tokenizer.json");
   ASSERT_TRUE(tok.ok());
-  std::vector<std::string> bytes((*tok)->vocab_size());
-  for (int32_t id = 0; id < (*tok)->vocab_size(); ++id) bytes[id] = (*tok)->TokenBytes(id);
-  const TokenTable table(bytes);
+  const TokenTable table((*tok)->AllTokenBytes());
   moemesh::v1::SamplingParams sp;
   sp.set_temperature(0);
   sp.set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);

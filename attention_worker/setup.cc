@@ -105,13 +105,14 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
     s->experts = std::make_unique<ExpertDispatcher>(std::move(handles), s->cfg.hidden_size,
                                                     opt.wire_dtype);
   }
-  // JSON mode needs the token bytes: from tokenizer.json when the model has one.
-  if (std::ifstream(opt.model_dir + "/tokenizer.json").good()) {
+  // JSON mode needs the token bytes: from the caller's tokenizer, else from tokenizer.json when
+  // the model has one.
+  if (opt.tokenizer != nullptr) {
+    s->json_tokens = std::make_unique<TokenTable>(opt.tokenizer->AllTokenBytes());
+  } else if (std::ifstream(opt.model_dir + "/tokenizer.json").good()) {
     auto tok = Tokenizer::FromFile(opt.model_dir + "/tokenizer.json");
     if (!tok.ok()) return tok.status();
-    std::vector<std::string> bytes(static_cast<size_t>((*tok)->vocab_size()));
-    for (int32_t id = 0; id < (*tok)->vocab_size(); ++id) bytes[id] = (*tok)->TokenBytes(id);
-    s->json_tokens = std::make_unique<TokenTable>(bytes);
+    s->json_tokens = std::make_unique<TokenTable>((*tok)->AllTokenBytes());
   }
   AttentionWorker::Options wo;
   wo.json_tokens = s->json_tokens.get();

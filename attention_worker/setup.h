@@ -14,6 +14,7 @@
 #include "engine/config.h"
 #include "engine/json_constraint.h"
 #include "engine/model.h"
+#include "engine/tokenizer.h"
 #include "mesh/encoder_backend.h"
 #include "mesh/expert_dispatch.h"
 
@@ -21,6 +22,9 @@ namespace moemesh {
 
 struct AttentionSetupOptions {
   std::string model_dir;
+  // The model's tokenizer when the caller has loaded it (`moemesh serve`'s router); null: read
+  // model_dir/tokenizer.json (if any) for JSON mode's token table.
+  const Tokenizer* tokenizer = nullptr;
   std::string encoder_address;                // "" = embed in this process
   std::vector<std::string> expert_addresses;  // empty = every expert in this process
   // Optional: one pre-built transport per expert address (e.g. MPI under mpirun), used for

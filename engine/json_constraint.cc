@@ -247,11 +247,11 @@ TokenTable::Sorted TokenTable::Sort(const std::vector<std::string>& by_id,
   return s;
 }
 
-TokenTable::TokenTable(const std::vector<std::string>& bytes)
-    : vocab_(static_cast<int64_t>(bytes.size())), by_id_(bytes) {
+TokenTable::TokenTable(std::vector<std::string> bytes)
+    : vocab_(static_cast<int64_t>(bytes.size())), by_id_(std::move(bytes)) {
   std::vector<int32_t> all, special;
-  for (size_t id = 0; id < bytes.size(); ++id) {
-    const std::string& b = bytes[id];
+  for (size_t id = 0; id < by_id_.size(); ++id) {
+    const std::string& b = by_id_[id];
     if (b.empty()) continue;
     longest_ = std::max(longest_, b.size());
     all.push_back(static_cast<int32_t>(id));

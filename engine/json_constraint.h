@@ -89,7 +89,7 @@ class TokenTable {
  public:
   // bytes[id]: what token id adds to a text (empty: never allowed in JSON mode, e.g. special
   // tokens).
-  explicit TokenTable(const std::vector<std::string>& bytes);
+  explicit TokenTable(std::vector<std::string> bytes);
   int64_t vocab() const { return vocab_; }
   // Sets allowed[id] = 1 for every token whose bytes `s` accepts whole (others untouched).
   void Accepted(const JsonState& s, std::vector<uint8_t>* allowed) const;

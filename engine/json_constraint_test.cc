@@ -94,12 +94,6 @@ TEST(JsonStateTest, RefusesEachBadByteWhereItOccurs) {
   EXPECT_TRUE(s.Complete());
 }
 
-std::vector<std::string> VocabularyBytes(const Tokenizer& tok) {
-  std::vector<std::string> bytes(static_cast<size_t>(tok.vocab_size()));
-  for (int32_t id = 0; id < tok.vocab_size(); ++id) bytes[id] = tok.TokenBytes(id);
-  return bytes;
-}
-
 TEST(TokenBytesTest, ConcatenatedTokensGiveTheText) {
   auto tok = Tokenizer::FromFile("models/pydoc-moe-17m/tokenizer.json");
   ASSERT_TRUE(tok.ok()) << tok.status();
@@ -133,7 +127,7 @@ TEST(TokenBytesTest, ConcatenatedTokensGiveTheText) {
 TEST(TokenTableTest, AcceptedEqualsFeedingEveryToken) {
   auto tok = Tokenizer::FromFile("models/pydoc-moe-17m/tokenizer.json");
   ASSERT_TRUE(tok.ok()) << tok.status();
-  const std::vector<std::string> bytes = VocabularyBytes(**tok);
+  const std::vector<std::string> bytes = (*tok)->AllTokenBytes();
   const TokenTable table(bytes);
   int checked = 0;
   for (const std::string& doc : GoodDocs()) {
@@ -163,7 +157,7 @@ TEST(TokenTableTest, AcceptedEqualsFeedingEveryToken) {
 TEST(JsonConstraintTest, SampledTokensAlwaysKeepTheTextJson) {
   auto tok = Tokenizer::FromFile("models/pydoc-moe-17m/tokenizer.json");
   ASSERT_TRUE(tok.ok()) << tok.status();
-  const TokenTable table(VocabularyBytes(**tok));
+  const TokenTable table((*tok)->AllTokenBytes());
   const int64_t vocab = (*tok)->vocab_size();
   const int32_t end = 0;  // any id serves as the end token here
   std::mt19937 rng(7);

@@ -1478,6 +1478,12 @@ std::string Tokenizer::TokenBytes(int32_t id) const {
   return t;
 }
 
+std::vector<std::string> Tokenizer::AllTokenBytes() const {
+  std::vector<std::string> bytes(static_cast<size_t>(vocab_size_));
+  for (int32_t id = 0; id < vocab_size_; ++id) bytes[id] = TokenBytes(id);
+  return bytes;
+}
+
 bool Tokenizer::IsSpecial(int32_t id) const {
   return id >= 0 && id < vocab_size_ && is_special_[id];
 }

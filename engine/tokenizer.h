@@ -78,6 +78,8 @@ class Tokenizer {
   // character) and no stripping (which applies at the text's start). "" for special tokens and
   // ids out of range. (JSON mode matches these against its grammar.)
   std::string TokenBytes(int32_t id) const;
+  // TokenBytes of every id in [0, vocab_size()), indexed by id.
+  std::vector<std::string> AllTokenBytes() const;
   // The first id the post-processor puts before the text, if it adds one.
   std::optional<int32_t> bos_id() const;
 

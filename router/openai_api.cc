@@ -415,8 +415,11 @@ void ResponseBuilder::Echo(std::string prompt_text, bool prompt_only) {
   prompt_only_ = prompt_only;
 }
 
-moemesh::v1::GenerateResponse ResponseBuilder::Shown(const moemesh::v1::GenerateResponse& r) {
-  moemesh::v1::GenerateResponse v = r;
+const moemesh::v1::GenerateResponse& ResponseBuilder::Shown(
+    const moemesh::v1::GenerateResponse& r, moemesh::v1::GenerateResponse* scratch) {
+  if (!prompt_only_ && !echo_pending_) return r;  // shown as it is (no copy)
+  moemesh::v1::GenerateResponse& v = *scratch;
+  v = r;
   if (prompt_only_) {  // max_tokens 0: the token computed is not shown
     v.clear_ids();
     v.clear_text();
@@ -439,7 +442,8 @@ moemesh::v1::GenerateResponse ResponseBuilder::Shown(const moemesh::v1::Generate
 }
 
 void ResponseBuilder::Add(const moemesh::v1::GenerateResponse& r) {
-  const moemesh::v1::GenerateResponse v = Shown(r);
+  moemesh::v1::GenerateResponse scratch;
+  const moemesh::v1::GenerateResponse& v = Shown(r, &scratch);
   Accumulate(v, Logprobs(v, &text_offset_));
 }
 
@@ -458,7 +462,8 @@ void ResponseBuilder::Accumulate(const moemesh::v1::GenerateResponse& r, const j
 }
 
 json ResponseBuilder::Chunk(const moemesh::v1::GenerateResponse& r) {
-  const moemesh::v1::GenerateResponse v = Shown(r);
+  moemesh::v1::GenerateResponse scratch;
+  const moemesh::v1::GenerateResponse& v = Shown(r, &scratch);
   const json lp = Logprobs(v, &text_offset_);
   Accumulate(v, lp);
   json out = Envelope(/*chunk=*/true);

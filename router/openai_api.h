@@ -88,8 +88,10 @@ class ResponseBuilder {
                         moemesh::v1::FinishReason reason, bool delta) const;
   // r's logprobs in the endpoint's format (an echoed prompt's first entry as null).
   nlohmann::json Logprobs(const moemesh::v1::GenerateResponse& r, int64_t* text_offset);
-  // r as the client sees it: with the echo applied to the first, without a prompt_only token.
-  moemesh::v1::GenerateResponse Shown(const moemesh::v1::GenerateResponse& r);
+  // r as the client sees it: with the echo applied to the first, without a prompt_only token;
+  // r itself when neither applies, else *scratch rewritten.
+  const moemesh::v1::GenerateResponse& Shown(const moemesh::v1::GenerateResponse& r,
+                                             moemesh::v1::GenerateResponse* scratch);
   // Adds r's text, its logprobs `lp` (Logprobs of r) and, when final, its finish and usage.
   void Accumulate(const moemesh::v1::GenerateResponse& r, const nlohmann::json& lp);
   nlohmann::json Usage() const;

@@ -378,7 +378,8 @@ void Router::Unreserve(Request* r) {
   if (r->started) lane.to_release.push_back(r->id);
 }
 
-bool Router::OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoing>* out) {
+template <typename Sampled>
+bool Router::OnToken(Request* r, const Sampled& res, std::vector<Outgoing>* out) {
   const int32_t id = res.token();
   r->generated.push_back(id);
   Outgoing o;
@@ -571,12 +572,7 @@ void Router::Loop(size_t index) {
         // Speculative decoding: tokens confirmed before the step's last one, in order.
         bool finished = false;
         for (const wire::EarlierToken& e : res.earlier()) {
-          wire::SeqResult one;
-          one.set_token(e.token());
-          one.set_logprob(e.logprob());
-          *one.mutable_top_ids() = e.top_ids();
-          *one.mutable_top_logprobs() = e.top_logprobs();
-          if ((finished = OnToken(r, one, &out))) break;
+          if ((finished = OnToken(r, e, &out))) break;
         }
         if (!finished) OnToken(r, res, &out);
       }

@@ -196,8 +196,10 @@ class Router {
   // worker up, fails the step's requests instead.
   void MoveOrFail(size_t lane, const absl::Status& st, const std::vector<Request*>& in_step,
                   std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Applies one sampled token; true when the request is finished.
-  bool OnToken(Request* r, const wire::SeqResult& res, std::vector<Outgoing>* out)
+  // Applies one sampled token, a SeqResult's `token` or one of its `earlier` ones (both carry
+  // token, logprob, top_ids, top_logprobs); true when the request is finished.
+  template <typename Sampled>
+  bool OnToken(Request* r, const Sampled& res, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void Deliver(std::vector<Outgoing>* out);
 

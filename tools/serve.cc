@@ -42,12 +42,13 @@ int RunServe() {
   o.load.device = *device;
   absl::Status load_flags = LoadOptionsFromFlags(&o.load);
   if (!load_flags.ok()) return Fail(load_flags);
+  auto tok = Tokenizer::FromFile(dir + "/tokenizer.json");
+  if (!tok.ok()) return Fail(tok.status());
+  o.tokenizer = tok->get();  // the router's, also JSON mode's token table
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
   auto gen = GenerationDefaults::FromFile(dir + "/generation_config.json");
   if (!gen.ok()) return Fail(gen.status());
-  auto tok = Tokenizer::FromFile(dir + "/tokenizer.json");
-  if (!tok.ok()) return Fail(tok.status());
   LocalAttentionClient<AttentionWorker> client((*setup)->worker.get());
   RouterOptions ro = RouterOptionsFromFlags();
   auto router = Router::Create(tok->get(), (*setup)->cfg, *gen, &client, ro);
