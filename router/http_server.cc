@@ -267,6 +267,11 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
     return SendResponse(c, 200, "text/plain", "ok\n");
   }
+  if (req.path == "/metrics") {
+    if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
+    return SendResponse(c, 200, "text/plain; version=0.0.4; charset=utf-8",
+                        PrometheusMetrics(router->counters()));
+  }
   if (req.path == "/v1/models") {
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
     json list{{"object", "list"},
@@ -279,7 +284,7 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   if (!completions && !chat) {
     return SendError(c, absl::NotFoundError(absl::StrCat(
                             "no route ", req.path, ": POST /v1/completions, POST "
-                            "/v1/chat/completions, GET /v1/models, GET /health")));
+                            "/v1/chat/completions, GET /v1/models, GET /health, GET /metrics")));
   }
   if (req.method != "POST") return SendMethodNotAllowed(c, "POST");
   const openai::Endpoint endpoint =

@@ -18,6 +18,10 @@ using moemesh::v1::FinishReason;
 using moemesh::v1::GenerateRequest;
 using moemesh::v1::GenerateResponse;
 
+double Seconds(std::chrono::steady_clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
 absl::Status BadField(const std::string& field, const std::string& why) {
   return absl::InvalidArgumentError(absl::StrCat("field '", field, "' ", why));
 }
@@ -146,6 +150,16 @@ absl::StatusOr<std::vector<int32_t>> Router::PromptIds(const GenerateRequest& re
 }
 
 absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSink* sink) {
+  absl::StatusOr<uint64_t> id = SubmitChecked(req, sink);
+  if (absl::IsInvalidArgument(id.status())) {
+    std::lock_guard<std::mutex> l(mu_);
+    ++counters_.invalid;
+  }
+  return id;
+}
+
+absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, GenerationSink* sink) {
+  const auto submitted_at = std::chrono::steady_clock::now();
   auto prompt = PromptIds(req);
   if (!prompt.ok()) return prompt.status();
   const int64_t ctx = cfg_.max_position_embeddings;
@@ -229,6 +243,7 @@ absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSi
         absl::StrCat("the request queue is full (", waiting_.size(), " waiting): retry later"));
   }
   r->id = next_id_++;
+  r->submitted_at = submitted_at;
   const uint64_t id = r->id;
   waiting_.push_back(std::move(r));
   ++counters_.submitted;
@@ -250,6 +265,10 @@ void Router::Admit() {
       if (best == nullptr || free > best->kv_capacity - best->kv_reserved) best = &lane;
     }
     if (best == nullptr) break;  // first come first served: the head waits for room
+    if (!r->admitted_once) {
+      r->admitted_once = true;
+      counters_.queue_time.Observe(Seconds(std::chrono::steady_clock::now() - r->submitted_at));
+    }
     best->kv_reserved += need;
     r->reserved = need;
     r->lane = static_cast<int>(best - lanes_.data());
@@ -289,6 +308,9 @@ Router::Counters Router::counters() const {
     c.kv_reserved += lane.kv_reserved;
     c.steps += lane.steps;
     c.steps_per_worker.push_back(lane.steps);
+    c.kv_reserved_per_worker.push_back(lane.kv_reserved);
+    c.kv_capacity_per_worker.push_back(lane.kv_capacity);
+    c.worker_up.push_back(!lane.down);
   }
   return c;
 }
@@ -311,6 +333,11 @@ void Router::Finish(Request* r, FinishReason reason, const std::string& text_tai
     ++counters_.cancelled;
   } else {
     ++counters_.finished;
+    if (reason == moemesh::v1::FINISH_REASON_LENGTH) ++counters_.finished_length;
+    const auto end = r->generated.empty() ? std::chrono::steady_clock::now() : r->last_token_at;
+    counters_.request_latency.Observe(Seconds(end - r->submitted_at));
+    counters_.request_prompt_tokens.Observe(static_cast<double>(r->prompt.size()));
+    counters_.request_generation_tokens.Observe(static_cast<double>(r->generated.size()));
   }
   Unreserve(r);
   r->sink = nullptr;
@@ -382,6 +409,14 @@ template <typename Sampled>
 bool Router::OnToken(Request* r, const Sampled& res, std::vector<Outgoing>* out) {
   const int32_t id = res.token();
   r->generated.push_back(id);
+  const auto now = std::chrono::steady_clock::now();
+  if (r->generated.size() == 1) {
+    counters_.time_to_first_token.Observe(Seconds(now - r->submitted_at));
+  } else {
+    counters_.inter_token.Observe(Seconds(now - r->last_token_at));
+  }
+  r->last_token_at = now;
+  ++counters_.generation_tokens;
   Outgoing o;
   o.sink = r->sink;
   GenerateResponse& resp = o.response;
@@ -561,6 +596,10 @@ void Router::Loop(size_t index) {
           continue;
         }
         r->prefilled += chunk[i];
+        if (!r->prompt_counted && r->prefilled >= static_cast<int64_t>(r->prompt.size())) {
+          r->prompt_counted = true;
+          counters_.prompt_tokens += static_cast<int64_t>(r->prompt.size());
+        }
         if (r->generated.empty()) {
           for (const moemesh::v1::TokenLogprobs& e : res.prompt_logprobs()) {
             moemesh::v1::TokenLogprobs& kept = r->prompt_logprobs.emplace_back(e);

@@ -24,6 +24,7 @@
 #include "engine/tokenizer.h"
 #include "protos/generation.pb.h"
 #include "protos/worker.pb.h"
+#include "router/metrics.h"
 #include "router/text_stream.h"
 
 namespace moemesh {
@@ -106,11 +107,29 @@ class Router {
   // Prompt tokens for `req` as Submit would compute them (text, ids or chat messages).
   absl::StatusOr<std::vector<int32_t>> PromptIds(const moemesh::v1::GenerateRequest& req) const;
 
+  // Totals since start, and the state now. Finished = ended with a finish reason stop or
+  // length; rejected = RESOURCE_EXHAUSTED at Submit; invalid = INVALID_ARGUMENT at Submit.
   struct Counters {
-    int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0;
+    int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0, invalid = 0;
+    int64_t finished_length = 0;  // of `finished`, those that reached max_tokens or the context
     int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
     int64_t moved = 0;  // requests moved to another worker after a worker failed
-    std::vector<int64_t> steps_per_worker;                           // in Create's order
+    // Prompt tokens of requests whose prompt is prefilled (once each: not again when a moved
+    // request rebuilds its cache), and tokens generated (sent to clients).
+    int64_t prompt_tokens = 0, generation_tokens = 0;
+    // Per attention worker, in Create's order.
+    std::vector<int64_t> steps_per_worker, kv_reserved_per_worker, kv_capacity_per_worker;
+    std::vector<bool> worker_up;
+    // Seconds from Submit to the first token; between two tokens of a request (tokens that
+    // arrive together, as speculative decoding's, count a gap of 0 after the first); Submit to
+    // the last token (finished requests); Submit to the first admission to a worker.
+    Histogram time_to_first_token{Histogram::LatencySeconds()};
+    Histogram inter_token{Histogram::TokenGapSeconds()};
+    Histogram request_latency{Histogram::LatencySeconds()};
+    Histogram queue_time{Histogram::LatencySeconds()};
+    // Prompt and generated tokens of finished requests.
+    Histogram request_prompt_tokens{Histogram::TokenCounts()};
+    Histogram request_generation_tokens{Histogram::TokenCounts()};
   };
   Counters counters() const;
   const ModelConfig& config() const { return cfg_; }
@@ -139,6 +158,9 @@ class Router {
     bool cancelled = false;
     int64_t reserved = 0;           // KV slots counted against its worker's capacity
     int lane = -1;                  // its attention worker, once admitted
+    std::chrono::steady_clock::time_point submitted_at, last_token_at;
+    bool admitted_once = false;
+    bool prompt_counted = false;  // in Counters::prompt_tokens (once, though a move re-prefills)
     // After a move: generated tokens (all but the last) prefilled after the prompt, to rebuild
     // the KV cache; the last is the next decode step's input.
     int64_t replay = 0;
@@ -184,6 +206,8 @@ class Router {
   // Moves waiting requests, in order, to the lane with the most free KV cache that has room
   // for them; stops at the first that fits nowhere yet. Wakes the lanes.
   void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<uint64_t> SubmitChecked(const moemesh::v1::GenerateRequest& req,
+                                         GenerationSink* sink);
   // Ends `r` (running or waiting): queues its last response / status; frees its KV reservation.
   void Finish(Request* r, moemesh::v1::FinishReason reason, const std::string& text_tail,
               std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -227,6 +251,10 @@ class Router {
   std::vector<Lane> lanes_;
   Counters counters_ ABSL_GUARDED_BY(mu_);
 };
+
+// The counters in Prometheus' text format (GET /metrics): moemesh_* counters, gauges and
+// histograms, per worker with a worker="i" label.
+std::string PrometheusMetrics(const Router::Counters& c);
 
 // In-process attention client over an AttentionWorker-like object.
 template <typename Worker>

@@ -9,6 +9,9 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "engine/config.h"
@@ -303,6 +306,70 @@ TEST_F(RouterTest, CancelWaitingAndRunningRequestsAcrossWorkers) {
   EXPECT_EQ(c.waiting, 0);
   EXPECT_EQ(c.running, 0);
   EXPECT_EQ(c.kv_reserved, 0);
+}
+
+// Counters and histograms for GET /metrics: tokens, finish reasons, refusals, and latencies that
+// include the time a request waited for its worker (held here for 50 ms before the first step).
+TEST_F(RouterTest, MetricsCountTokensRequestsAndLatencies) {
+  FakeAttention a(1000), b(1000);
+  a.Hold();
+  b.Hold();
+  auto router = Make({&a, &b});
+  ASSERT_NE(router, nullptr);
+  const std::vector<std::pair<int, int>> shapes = {{5, 4}, {7, 6}, {9, 8}};  // prompt, max
+  std::vector<Sink> sinks(shapes.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    ASSERT_TRUE(router->Submit(Request(shapes[i].first, shapes[i].second), &sinks[i]).ok());
+  }
+  Sink invalid, too_big;
+  EXPECT_EQ(router->Submit(Request(5, 0), &invalid).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(router->Submit(Request(100, 950), &too_big).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  const auto held_from = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const double held = std::chrono::duration<double>(std::chrono::steady_clock::now() - held_from)
+                          .count();
+  a.Open();
+  b.Open();
+  for (Sink& s : sinks) ASSERT_TRUE(s.Wait().ok());
+  const Router::Counters c = router->counters();
+  EXPECT_EQ(c.submitted, 3);
+  EXPECT_EQ(c.finished, 3);
+  EXPECT_EQ(c.finished_length, 3);
+  EXPECT_EQ(c.invalid, 1);
+  EXPECT_EQ(c.rejected, 1);
+  EXPECT_EQ(c.prompt_tokens, 5 + 7 + 9);
+  EXPECT_EQ(c.generation_tokens, 4 + 6 + 8);
+  EXPECT_EQ(c.time_to_first_token.count(), 3);
+  EXPECT_GE(c.time_to_first_token.sum(), 3 * held);
+  EXPECT_EQ(c.time_to_first_token.counts()[0], 0);  // none under 1 ms: all waited 50 ms
+  EXPECT_EQ(c.inter_token.count(), 3 + 5 + 7);       // every token but each request's first
+  EXPECT_EQ(c.request_latency.count(), 3);
+  EXPECT_GE(c.request_latency.sum(), c.time_to_first_token.sum());
+  EXPECT_EQ(c.queue_time.count(), 3);  // admitted at once: both workers had room
+  EXPECT_LT(c.queue_time.sum(), c.time_to_first_token.sum());
+  EXPECT_EQ(c.request_prompt_tokens.sum(), 5 + 7 + 9);
+  EXPECT_EQ(c.request_generation_tokens.sum(), 4 + 6 + 8);
+  EXPECT_EQ(c.request_generation_tokens.counts()[2], 1);  // (2, 5]: the 4-token request
+  ASSERT_EQ(c.worker_up, std::vector<bool>({true, true}));
+  EXPECT_EQ(c.kv_capacity_per_worker, std::vector<int64_t>({1000, 1000}));
+  EXPECT_EQ(c.kv_reserved_per_worker, std::vector<int64_t>({0, 0}));
+
+  const std::string text = PrometheusMetrics(c);
+  for (const char* line :
+       {"moemesh_generation_tokens_total 18\n", "moemesh_prompt_tokens_total 21\n",
+        "moemesh_requests_finished_total{reason=\"length\"} 3\n",
+        "moemesh_requests_finished_total{reason=\"stop\"} 0\n",
+        "moemesh_requests_rejected_total{reason=\"invalid\"} 1\n",
+        "moemesh_requests_rejected_total{reason=\"resource_exhausted\"} 1\n",
+        "moemesh_kv_cache_capacity_tokens{worker=\"1\"} 1000\n",
+        "moemesh_worker_up{worker=\"0\"} 1\n",
+        "moemesh_inter_token_latency_seconds_count 15\n",
+        "moemesh_time_to_first_token_seconds_bucket{le=\"+Inf\"} 3\n",
+        "# TYPE moemesh_e2e_request_latency_seconds histogram\n"}) {
+    EXPECT_NE(text.find(line), std::string::npos) << line << " not in\n" << text;
+  }
 }
 
 // --think_tokens: markers resolve through the tokenizer; the default (<think>, </think>) is

@@ -1359,6 +1359,83 @@ class HttpApiTest(unittest.TestCase):
         self.assertIn("JSON", json.loads(r.read())["error"]["message"])
         conn.close()
 
+    def metrics(self):
+        """GET /metrics parsed: {(name, labels): value}, labels a sorted tuple of pairs; checks
+        the text format on the way (HELP and TYPE before each family's samples; histograms'
+        buckets cumulative, their +Inf bucket equal to _count)."""
+        conn = http.client.HTTPConnection(self.http, timeout=CALL_TIMEOUT)
+        try:
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            self.assertEqual(r.status, 200)
+            self.assertTrue(r.getheader("Content-Type").startswith("text/plain; version=0.0.4"))
+            text = r.read().decode("utf-8")
+        finally:
+            conn.close()
+        sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+        label = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+        types, out = {}, {}
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                continue
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ")
+                self.assertNotIn(name, types)
+                types[name] = kind
+                continue
+            m = sample.match(line)
+            self.assertIsNotNone(m, line)
+            name, labels, value = m.group(1), m.group(2) or "", m.group(3)
+            family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+            self.assertIn(family, types, line)
+            out[(name, tuple(sorted(label.findall(labels))))] = float(value)
+        for name, kind in types.items():
+            if kind != "histogram":
+                continue
+            buckets = sorted((float(dict(k[1])["le"]), v) for k, v in out.items()
+                             if k[0] == name + "_bucket")
+            self.assertEqual(buckets[-1][0], float("inf"))
+            counts = [v for _, v in buckets]
+            self.assertEqual(counts, sorted(counts), name)
+            self.assertEqual(counts[-1], out[(name + "_count", ())], name)
+        return out
+
+    def test_metrics_count_what_the_router_served(self):
+        ids = PYDOC_CASES[2][0]
+        before = self.metrics()
+        status, got = self.call("POST", "/v1/completions",
+                                {"prompt": ids, "max_tokens": 12, "temperature": 0,
+                                 "ignore_eos": True})
+        self.assertEqual(status, 200, got)
+        status, _ = self.call("POST", "/v1/completions",
+                              {"prompt": heldout_ids()[:PYDOC_CONTEXT + 1]})
+        self.assertEqual(status, 400)
+        after = self.metrics()
+
+        def delta(name, **labels):
+            key = (name, tuple(sorted(labels.items())))
+            return after[key] - before[key]
+        self.assertEqual(delta("moemesh_generation_tokens_total"), 12)
+        self.assertEqual(delta("moemesh_prompt_tokens_total"), len(ids))
+        self.assertEqual(delta("moemesh_requests_submitted_total"), 1)
+        self.assertEqual(delta("moemesh_requests_finished_total", reason="length"), 1)
+        self.assertEqual(delta("moemesh_requests_finished_total", reason="stop"), 0)
+        self.assertEqual(delta("moemesh_requests_rejected_total", reason="invalid"), 1)
+        self.assertEqual(delta("moemesh_time_to_first_token_seconds_count"), 1)
+        self.assertGreater(delta("moemesh_time_to_first_token_seconds_sum"), 0)
+        self.assertEqual(delta("moemesh_inter_token_latency_seconds_count"), 11)
+        self.assertEqual(delta("moemesh_e2e_request_latency_seconds_count"), 1)
+        self.assertGreaterEqual(delta("moemesh_e2e_request_latency_seconds_sum"),
+                                delta("moemesh_time_to_first_token_seconds_sum"))
+        self.assertEqual(delta("moemesh_request_generation_tokens_sum"), 12)
+        self.assertEqual(delta("moemesh_request_prompt_tokens_sum"), len(ids))
+        self.assertEqual(after[("moemesh_requests_running", ())], 0)
+        self.assertEqual(after[("moemesh_worker_up", (("worker", "0"),))], 1)
+        self.assertGreater(delta("moemesh_worker_steps_total", worker="0"), 0)
+        self.assertEqual(after[("moemesh_kv_cache_reserved_tokens", (("worker", "0"),))], 0)
+        self.assertGreater(after[("moemesh_kv_cache_capacity_tokens", (("worker", "0"),))], 0)
+        self.assertEqual(self.call("POST", "/metrics")[0], 405)
+
     def test_a_client_leaving_mid_stream_cancels_its_request(self):
         steps_before = self.c.stats().steps
         sock = socket.create_connection(tuple(self.http.rsplit(":", 1)), timeout=30)
