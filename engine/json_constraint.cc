@@ -15,6 +15,47 @@ bool IsHex(uint8_t c) {
   return IsDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
 }
 
+// A UTF-8 sequence's first byte: how many continuation bytes follow and the range of the first
+// (overlong forms, surrogates and code points past U+10FFFF excluded); false for a byte no
+// character starts with.
+bool Utf8Lead(uint8_t c, uint8_t* left, uint8_t* lo, uint8_t* hi) {
+  *lo = 0x80;
+  *hi = 0xBF;
+  if (c >= 0xC2 && c <= 0xDF) {
+    *left = 1;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    *left = 2;
+    if (c == 0xE0) *lo = 0xA0;
+    if (c == 0xED) *hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    *left = 3;
+    if (c == 0xF0) *lo = 0x90;
+    if (c == 0xF4) *hi = 0x8F;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// Whole UTF-8 characters, none a quote, a backslash or a control character.
+bool PlainInString(const std::string& b) {
+  uint8_t left = 0, lo = 0, hi = 0;
+  for (char ch : b) {
+    const uint8_t c = static_cast<uint8_t>(ch);
+    if (left > 0) {
+      if (c < lo || c > hi) return false;
+      --left;
+      lo = 0x80;
+      hi = 0xBF;
+    } else if (c < 0x80) {
+      if (c == '"' || c == '\\' || c < 0x20) return false;
+    } else if (!Utf8Lead(c, &left, &lo, &hi)) {
+      return false;
+    }
+  }
+  return left == 0;
+}
+
 }  // namespace
 
 bool JsonState::Feed(uint8_t c) {
@@ -50,6 +91,75 @@ bool JsonState::Whitespace(uint8_t c) {
 void JsonState::EndValue() {
   mode_ = depth_ == 0 ? kDone : kAfterValue;
   run_ = 0;
+  if (schema_ != nullptr && depth_ > 0 && stack_[depth_ - 1] == '[' && next_[depth_ - 1] < 65535) {
+    ++next_[depth_ - 1];
+  }
+}
+
+uint16_t JsonState::ExpectedNode() const {
+  if (depth_ == 0) return schema_->root();
+  const JsonSchema::Node& n = schema_->node(node_[depth_ - 1]);
+  if (stack_[depth_ - 1] == '[') return n.items;
+  return n.free_object ? JsonSchema::kAny : n.values[next_[depth_ - 1] - 1];
+}
+
+uint64_t JsonState::KeyChoices() const {
+  const JsonSchema::Node& n = schema_->node(node_[depth_ - 1]);
+  uint64_t mask = 0;
+  for (size_t i = next_[depth_ - 1]; i < n.keys.size(); ++i) {
+    mask |= uint64_t{1} << i;
+    if (n.required[i]) break;  // a required property cannot be skipped
+  }
+  return mask;
+}
+
+bool JsonState::MayClose() const {
+  const JsonSchema::Node& n = schema_->node(node_[depth_ - 1]);
+  if (stack_[depth_ - 1] == '[') return next_[depth_ - 1] >= n.min_items;
+  if (n.free_object) return true;
+  for (size_t i = next_[depth_ - 1]; i < n.keys.size(); ++i) {
+    if (n.required[i]) return false;
+  }
+  return true;
+}
+
+bool JsonState::ChoiceStep(uint8_t c) {
+  const JsonSchema::Node& n = schema_->node(choice_node_);
+  const std::vector<std::string>& cands = choice_key_ ? n.keys : n.choices;
+  uint64_t next = 0;
+  bool longer = false;  // a candidate in `next` goes on past this byte
+  int whole = -1;       // a candidate read whole before c
+  for (uint64_t m = choice_; m != 0; m &= m - 1) {
+    const int i = __builtin_ctzll(m);
+    const std::string& s = cands[static_cast<size_t>(i)];
+    if (s.size() == choice_pos_) {
+      whole = i;
+    } else if (static_cast<uint8_t>(s[choice_pos_]) == c) {
+      next |= uint64_t{1} << i;
+      longer = longer || s.size() > choice_pos_ + 1u;
+    }
+  }
+  if (next != 0) {
+    choice_ = next;
+    ++choice_pos_;
+    if (!longer) FinishChoice(__builtin_ctzll(next));  // one candidate, read whole
+    return true;
+  }
+  if (whole < 0) return false;
+  // c ends an enum value (1 when 12 was possible too) and is read after it.
+  FinishChoice(whole);
+  gap_ = 0;
+  return Step(c);
+}
+
+void JsonState::FinishChoice(int i) {
+  if (choice_key_) {
+    next_[depth_ - 1] = static_cast<uint16_t>(i + 1);
+    mode_ = kColon;
+    run_ = 0;
+  } else {
+    EndValue();
+  }
 }
 
 bool JsonState::CloseContainer(uint8_t c) {
@@ -57,14 +167,33 @@ bool JsonState::CloseContainer(uint8_t c) {
       (c == ']' && stack_[depth_ - 1] != '[') || (c != '}' && c != ']')) {
     return false;
   }
+  if (schema_ != nullptr && !MayClose()) return false;
   --depth_;
   EndValue();
   return true;
 }
 
 bool JsonState::StartValue(uint8_t c) {
+  int node = JsonSchema::kAny;
+  if (schema_ != nullptr) {
+    node = schema_->Select(ExpectedNode(), c);
+    if (node < 0) return false;
+    const JsonSchema::Node& n = schema_->node(static_cast<uint16_t>(node));
+    const uint8_t kind = JsonSchema::KindOf(c);
+    if ((n.kinds & kind) == 0) {  // an enum value
+      choice_ = n.choices.size() == 64 ? ~uint64_t{0} : (uint64_t{1} << n.choices.size()) - 1;
+      choice_pos_ = 0;
+      choice_node_ = static_cast<uint16_t>(node);
+      choice_key_ = false;
+      mode_ = kChoice;
+      return ChoiceStep(c);
+    }
+    int_only_ = (n.kinds & JsonSchema::kNumber) == 0;
+  }
   if (c == '{' || c == '[') {
     if (depth_ >= kMaxDepth) return false;
+    node_[depth_] = static_cast<uint16_t>(node);
+    next_[depth_] = 0;
     stack_[depth_++] = c;
     mode_ = c == '{' ? kKeyOrClose : kValueOrClose;
     return true;
@@ -94,6 +223,14 @@ bool JsonState::StartValue(uint8_t c) {
 bool JsonState::Step(uint8_t c) {
   switch (mode_) {
     case kString:
+      if (utf8_left_ > 0) {
+        if (c < utf8_lo_ || c > utf8_hi_) return false;
+        --utf8_left_;
+        utf8_lo_ = 0x80;
+        utf8_hi_ = 0xBF;
+        return true;
+      }
+      if (need_low_ && c != '\\') return false;  // a high surrogate's \uDC00-\uDFFF
       if (c == '"') {
         if (key_) {
           key_ = false;
@@ -108,26 +245,39 @@ bool JsonState::Step(uint8_t c) {
         mode_ = kEscape;
         return true;
       }
-      return c >= 0x20;  // control characters must be escaped
+      if (c < 0x80) return c >= 0x20;  // control characters must be escaped
+      return Utf8Lead(c, &utf8_left_, &utf8_lo_, &utf8_hi_);
     case kEscape:
       if (c == 'u') {
         mode_ = kUnicode;
         run_ = 0;
+        code_ = 0;
         return true;
       }
+      if (need_low_) return false;
       if (c == '"' || c == '\\' || c == '/' || c == 'b' || c == 'f' || c == 'n' || c == 'r' ||
           c == 't') {
         mode_ = kString;
         return true;
       }
       return false;
-    case kUnicode:
+    case kUnicode: {
       if (!IsHex(c)) return false;
-      if (++run_ == 4) {
+      code_ = static_cast<uint16_t>(code_ * 16 + (IsDigit(c) ? c - '0' : (c | 0x20) - 'a' + 10));
+      ++run_;
+      // Surrogates (D800-DFFF) only in pairs, as JSON parsers insist: a high one, then a low.
+      if (run_ == 1 && need_low_ && code_ != 0xD) return false;
+      if (run_ == 2) {
+        const bool low = code_ >= 0xDC && code_ <= 0xDF;
+        if (need_low_ != low) return false;
+      }
+      if (run_ == 4) {
         mode_ = kString;
         run_ = 0;
+        need_low_ = !need_low_ && code_ >= 0xD800 && code_ <= 0xDBFF;
       }
       return true;
+    }
     case kNumber: {
       Num next = num_;
       bool more = true;  // c continues the number
@@ -145,9 +295,9 @@ bool JsonState::Step(uint8_t c) {
         case kInt:
         case kFrac:
           if (IsDigit(c) && num_ != kZero) break;
-          if (c == '.' && num_ != kFrac) {
+          if (c == '.' && num_ != kFrac && !int_only_) {
             next = kDot;
-          } else if (c == 'e' || c == 'E') {
+          } else if ((c == 'e' || c == 'E') && !int_only_) {
             next = kExp;
           } else {
             more = false;
@@ -186,6 +336,8 @@ bool JsonState::Step(uint8_t c) {
       gap_ = 0;
       return Step(c);
     }
+    case kChoice:
+      return ChoiceStep(c);
     case kLiteral: {
       const char* lit = kLiterals[literal_];
       if (c != static_cast<uint8_t>(lit[pos_])) return false;
@@ -209,6 +361,15 @@ bool JsonState::Step(uint8_t c) {
       [[fallthrough]];
     case kKey:
       if (c != '"') return false;
+      if (schema_ != nullptr && !schema_->node(node_[depth_ - 1]).free_object) {
+        choice_ = KeyChoices();
+        if (choice_ == 0) return false;
+        choice_pos_ = 0;
+        choice_node_ = node_[depth_ - 1];
+        choice_key_ = true;
+        mode_ = kChoice;
+        return ChoiceStep(c);
+      }
       mode_ = kString;
       key_ = true;
       return true;
@@ -218,11 +379,19 @@ bool JsonState::Step(uint8_t c) {
       return true;
     case kValueOrClose:
       if (c == ']') return CloseContainer(c);
+      if (schema_ != nullptr && schema_->node(node_[depth_ - 1]).max_items == 0) return false;
       [[fallthrough]];
     case kValue:
       return StartValue(c);
     case kAfterValue:
       if (c == ',') {
+        if (schema_ != nullptr) {
+          const JsonSchema::Node& n = schema_->node(node_[depth_ - 1]);
+          if (stack_[depth_ - 1] == '[' ? next_[depth_ - 1] >= n.max_items
+                                        : !n.free_object && next_[depth_ - 1] >= n.keys.size()) {
+            return false;
+          }
+        }
         mode_ = stack_[depth_ - 1] == '{' ? kKey : kValue;
         return true;
       }
@@ -255,10 +424,7 @@ TokenTable::TokenTable(std::vector<std::string> bytes)
     if (b.empty()) continue;
     longest_ = std::max(longest_, b.size());
     all.push_back(static_cast<int32_t>(id));
-    const bool plain = std::none_of(b.begin(), b.end(), [](char c) {
-      return c == '"' || c == '\\' || static_cast<uint8_t>(c) < 0x20;
-    });
-    (plain ? plain_ : special).push_back(static_cast<int32_t>(id));
+    (PlainInString(b) ? plain_ : special).push_back(static_cast<int32_t>(id));
   }
   all_ = Sort(by_id_, std::move(all));
   special_ = Sort(by_id_, std::move(special));

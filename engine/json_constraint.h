@@ -8,6 +8,10 @@
 // at most kMaxIndent spaces or tabs (so compact and pretty-printed JSON both pass); at most
 // kMaxDepth nested containers and kMaxNumberBytes bytes in a number (strings are bounded by
 // max_tokens only). Nothing may follow the top-level object but an end token.
+//
+// With a JsonSchema (response_format json_schema) the same recognizer also follows the schema's
+// nodes: which kinds of value may start where, the keys of each object in order, enum values,
+// array lengths, integers.
 #ifndef MOEMESH_ENGINE_JSON_CONSTRAINT_H_
 #define MOEMESH_ENGINE_JSON_CONSTRAINT_H_
 
@@ -16,6 +20,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "engine/json_schema.h"
 
 namespace moemesh {
 
@@ -26,6 +32,10 @@ class JsonState {
   static constexpr int kMaxIndent = 16;
   static constexpr int kMaxNumberBytes = 32;
 
+  JsonState() = default;
+  // Values the schema accepts only (null: any JSON object). The schema must outlive the state.
+  explicit JsonState(const JsonSchema* schema) : schema_(schema) {}
+
   // Reads one more byte; false (and the state unchanged) when no JSON object text continues
   // the ones read with it.
   bool Feed(uint8_t c);
@@ -34,9 +44,9 @@ class JsonState {
   bool FeedAll(const std::string& bytes);
   // A whole top-level object has been read (only an end token may follow).
   bool Complete() const { return mode_ == kDone; }
-  // In a string's characters (not in an escape): any byte but a quote, a backslash or a control
-  // byte keeps it so.
-  bool InString() const { return mode_ == kString; }
+  // In a string, between characters (not in an escape or a UTF-8 sequence): any complete UTF-8
+  // characters but a quote, a backslash or a control character keep it so.
+  bool InString() const { return mode_ == kString && utf8_left_ == 0 && !need_low_; }
 
  private:
   enum Mode : uint8_t {
@@ -52,6 +62,7 @@ class JsonState {
     kUnicode,       // in the 4 hex digits of \u
     kNumber,        // in a number (num_ says where)
     kLiteral,       // in true, false or null
+    kChoice,        // in an enum value or a schema object's key (choice_ says which remain)
     kDone,          // after the top-level object
   };
   // Where a number stands: after '-', after a leading 0, in integer digits, after '.', in
@@ -64,6 +75,12 @@ class JsonState {
   bool StartValue(uint8_t c);       // c begins a value (in kValue / kValueOrClose)
   bool CloseContainer(uint8_t c);   // c is '}' or ']' closing the innermost container
   void EndValue();                  // a value ended: kAfterValue, or kDone at the top
+  // Schema mode.
+  uint16_t ExpectedNode() const;     // the node of the value that may start here
+  uint64_t KeyChoices() const;       // the keys that may come next in the innermost object
+  bool MayClose() const;             // the innermost container may close here
+  bool ChoiceStep(uint8_t c);        // one byte of an enum value or key
+  void FinishChoice(int i);          // candidate i was read whole
   bool NumberCanEnd() const {
     return num_ == kZero || num_ == kInt || num_ == kFrac || num_ == kExpDigits;
   }
@@ -77,13 +94,31 @@ class JsonState {
                                // newline and n indentation bytes
   uint8_t literal_ = 0;        // kLiteral: index into kLiterals, and pos_ the bytes matched
   uint8_t pos_ = 0;
+  // In a string: continuation bytes the UTF-8 character needs yet, and the range of the next.
+  uint8_t utf8_left_ = 0, utf8_lo_ = 0, utf8_hi_ = 0;
+  // \u escapes: the hex digits' value so far; after a high surrogate, a low one must follow.
+  uint16_t code_ = 0;
+  bool need_low_ = false;
   std::array<uint8_t, kMaxDepth> stack_{};  // '{' or '[' per open container
+  // Schema mode: per open container its node, and for an object the index of the first
+  // property that may come next (after the last one written), for an array the values so far
+  // (saturating at 65535); the candidates of a kChoice (bits), how many bytes they matched, the
+  // node they belong to and whether they are keys; whether the number being read is an integer.
+  const JsonSchema* schema_ = nullptr;
+  std::array<uint16_t, kMaxDepth> node_{};
+  std::array<uint16_t, kMaxDepth> next_{};
+  uint64_t choice_ = 0;
+  uint16_t choice_pos_ = 0;
+  uint16_t choice_node_ = 0;
+  bool choice_key_ = false;
+  bool int_only_ = false;
 };
 
 // The vocabulary's tokens as bytes, sorted, with the length each shares with the one before: one
 // pass over it finds every token a JsonState accepts, feeding each byte once per distinct
-// prefix. Inside a string, tokens with no quote, backslash or control byte are accepted
-// without feeding (they cannot end or break it) and the pass covers only the others. Built once
+// prefix. Inside a string, tokens of whole UTF-8 characters with no quote, backslash or control
+// character are accepted without feeding (they cannot end or break it) and the pass covers only
+// the others. Built once
 // per tokenizer; const after construction, shared by every sequence.
 class TokenTable {
  public:
@@ -116,8 +151,11 @@ class TokenTable {
 // allowed once the object is complete.
 class JsonConstraint {
  public:
-  JsonConstraint(const TokenTable* table, std::vector<int32_t> end_ids)
-      : table_(table), end_ids_(std::move(end_ids)) {}
+  // schema: null for any JSON object.
+  JsonConstraint(const TokenTable* table, std::vector<int32_t> end_ids,
+                 std::shared_ptr<const JsonSchema> schema = nullptr)
+      : table_(table), end_ids_(std::move(end_ids)), schema_(std::move(schema)),
+        state_(schema_.get()) {}
   // Sets every token that cannot come next to -inf in logits[0, vocab). When no token can (a
   // vocabulary that cannot continue the text), the end tokens stay allowed, so the sequence
   // stops.
@@ -129,6 +167,7 @@ class JsonConstraint {
  private:
   const TokenTable* const table_;
   const std::vector<int32_t> end_ids_;
+  const std::shared_ptr<const JsonSchema> schema_;
   JsonState state_;
 };
 

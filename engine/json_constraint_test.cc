@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
@@ -25,6 +27,7 @@ const std::vector<std::string>& GoodDocs() {
       "{ \"k\" : \"\xc3\xa9\xe6\xbc\xa2\" }",
       "{\n    \"name\": \"os\",\n    \"items\": [\n        {\"x\": -0}\n    ]\n}",
       " {\"tab\":\n\t\t\"\\t\\/\\b\\f\\r\"}",
+      "{\"pair\": \"\\ud83d\\ude00 \\uD7FF \\uE000 \xf0\x9f\x99\x82 \xf4\x8f\xbf\xbf\"}",
   };
   return docs;
 }
@@ -73,6 +76,22 @@ TEST(JsonStateTest, RefusesEachBadByteWhereItOccurs) {
       {"{\"a\":\n" + std::string(JsonState::kMaxIndent, ' '), ' '},  // and bounded indentation
       {"{", '\r'},
       {"{\"a\":1" + std::string(JsonState::kMaxNumberBytes - 1, '0'), '0'},
+      // Strings are valid UTF-8: no stray continuation byte, no unfinished, overlong or
+      // surrogate sequence, nothing past U+10FFFF; \u surrogates only as high-low pairs.
+      {"{\"a\":\"", '\x80'},
+      {"{\"a\":\"", '\xc0'},
+      {"{\"a\":\"", '\xf5'},
+      {"{\"a\":\"\xc3", '"'},
+      {"{\"a\":\"\xe0", '\x80'},
+      {"{\"a\":\"\xed", '\xa0'},
+      {"{\"a\":\"\xf4", '\x90'},
+      {"{\"a\":\"\xe6\xbc", 'x'},
+      {"{\"\xc3", '"'},
+      {"{\"a\":\"\\ud83d", '"'},
+      {"{\"a\":\"\\ud83d\\", 'n'},
+      {"{\"a\":\"\\ud83d\\u", '0'},
+      {"{\"a\":\"\\ud83d\\ud", '8'},
+      {"{\"a\":\"\\ud", 'e'},
   };
   for (const auto& [prefix, bad] : cases) {
     JsonState s;
@@ -187,6 +206,8 @@ TEST(JsonConstraintTest, SampledTokensAlwaysKeepTheTextJson) {
         JsonState s;
         ASSERT_TRUE(s.FeedAll(text));
         EXPECT_TRUE(s.Complete()) << text;
+        // An independent parser agrees (valid UTF-8 included).
+        EXPECT_TRUE(nlohmann::json::accept(text)) << text;
         ++completed;
         break;
       }
