@@ -251,15 +251,30 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
         fail(valid);
         continue;
       }
-      const bool json = s.sampling().response_format() == moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT;
+      const moemesh::v1::ResponseFormat format = s.sampling().response_format();
+      const bool json = format != moemesh::v1::RESPONSE_FORMAT_TEXT;
       if (json && json_tokens_ == nullptr) {
         fail(absl::FailedPreconditionError(
-            "response_format JSON_OBJECT needs the model's tokenizer.json beside the attention "
-            "worker's weights"));
+            "response_format JSON_OBJECT / JSON_SCHEMA needs the model's tokenizer.json beside "
+            "the attention worker's weights"));
         continue;
       }
       if (json && s.end_ids_size() == 0) {
-        fail(absl::InvalidArgumentError("response_format JSON_OBJECT needs end_ids"));
+        fail(absl::InvalidArgumentError("response_format JSON_OBJECT / JSON_SCHEMA needs end_ids"));
+        continue;
+      }
+      std::shared_ptr<const JsonSchema> schema;
+      if (format == moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA) {
+        absl::StatusOr<std::shared_ptr<const JsonSchema>> compiled =
+            JsonSchema::Compile(s.sampling().json_schema());
+        if (!compiled.ok()) {
+          fail(compiled.status());
+          continue;
+        }
+        schema = std::move(*compiled);
+      } else if (json && format != moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT) {
+        fail(absl::InvalidArgumentError(
+            absl::StrCat("unknown response_format ", static_cast<int>(format))));
         continue;
       }
       if (it != seqs_.end()) cache_->Free(s.seq_id());
@@ -268,7 +283,8 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       it->second->prompt_logprobs = sc.prompt_logprobs;
       if (json) {
         it->second->sampler.Constrain(std::make_unique<JsonConstraint>(
-            json_tokens_, std::vector<int32_t>(s.end_ids().begin(), s.end_ids().end())));
+            json_tokens_, std::vector<int32_t>(s.end_ids().begin(), s.end_ids().end()),
+            std::move(schema)));
       }
     } else if (it == seqs_.end()) {
       fail(absl::FailedPreconditionError(absl::StrCat("unknown sequence ", s.seq_id())));

@@ -1,7 +1,8 @@
 // Time to sample one row of logits, per sampling configuration, for a vocabulary of
 // --vocab entries (default: Qwen3's 151,936) with a peaked random distribution; then JSON mode's
 // extra cost (the mask of a JsonConstraint) over a synthetic vocabulary of as many random tokens
-// (1-12 bytes of letters, digits, spaces and JSON punctuation), at three points of a document.
+// (1-12 bytes of letters, digits, spaces and JSON punctuation), at three points of a document,
+// and a JsonConstraint with a schema (keys, integers, a string, an enum) at four.
 //   bazel-bin/engine/sampler_benchmark [--vocab=151936] [--rows=40]
 #include <chrono>
 #include <cstdio>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/json_schema.h"
 #include "engine/sampler.h"
 
 int main(int argc, char** argv) {
@@ -61,7 +63,23 @@ int main(int argc, char** argv) {
     for (int k = 0; k < len; ++k) t += alphabet[g() % alphabet.size()];
   }
   const moemesh::TokenTable table(bytes);
-  for (const char* where : {"{", "{\"key\": \"abc", "{\"key\": [1, 2"}) {
+  auto schema = moemesh::JsonSchema::Compile(
+      R"({"type": "object", "properties": {"key": {"type": "array", "items": {"type": "integer"}},
+          "name": {"type": "string"}, "kind": {"enum": ["alpha", "beta"]}},
+          "required": ["key", "name", "kind"]})");
+  if (!schema.ok()) return 1;
+  struct Where {
+    const char* where;
+    std::shared_ptr<const moemesh::JsonSchema> schema;  // null: JSON mode
+  };
+  for (const Where& cs : std::vector<Where>{{"{", nullptr},
+                                          {"{\"key\": \"abc", nullptr},
+                                          {"{\"key\": [1, 2", nullptr},
+                                          {"{", *schema},
+                                          {"{\"key\": [1, 2", *schema},
+                                          {"{\"key\": [], \"name\": \"abc", *schema},
+                                          {"{\"key\": [], \"name\": \"\", ", *schema}}) {
+    const char* where = cs.where;
     // The document so far, spelt with single-byte tokens (the synthetic vocabulary has them).
     std::vector<int32_t> prefix;
     for (const char* p = where; *p != '\0'; ++p) {
@@ -78,7 +96,8 @@ int main(int argc, char** argv) {
     std::vector<float> l;
     for (int r = 0; r < rows; ++r) {
       moemesh::Sampler s(cfg);
-      auto c = std::make_unique<moemesh::JsonConstraint>(&table, std::vector<int32_t>{0});
+      auto c = std::make_unique<moemesh::JsonConstraint>(&table, std::vector<int32_t>{0},
+                                                         cs.schema);
       for (int32_t id : prefix) c->Advance(id);
       s.Constrain(std::move(c));
       l = base;
@@ -86,8 +105,9 @@ int main(int argc, char** argv) {
       s.Sample(l.data(), vocab, {}, {});
       seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
-    std::printf("JSON mode after %-14s %8.3f ms per row (temperature 0.8)\n",
-                (std::string("'") + where + "'").c_str(), seconds * 1e3 / rows);
+    std::printf("JSON %s after %-28s %8.3f ms per row (temperature 0.8)\n",
+                cs.schema ? "schema" : "mode  ", (std::string("'") + where + "'").c_str(),
+                seconds * 1e3 / rows);
   }
   return 0;
 }

@@ -261,10 +261,25 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
             : "";
     if (type == "json_object") {
       s->set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);
+    } else if (type == "json_schema") {
+      // {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
+      auto js = it->find("json_schema");
+      if (js == it->end() || !js->is_object() || !js->contains("schema") ||
+          !(*js)["schema"].is_object()) {
+        return Bad("response_format",
+                   "json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}");
+      }
+      s->set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA);
+      // Again from the body with the keys in their order (json sorts them): the order of
+      // properties is the order they are generated in.
+      const auto ordered = nlohmann::ordered_json::parse(body.begin(), body.end(), nullptr, false);
+      s->set_json_schema(ordered["response_format"]["json_schema"]["schema"].dump());
     } else if (type != "text") {
-      return Bad("response_format", type.empty()
-                                        ? "must be {\"type\": \"text\"} or {\"type\": \"json_object\"}"
-                                        : "type '" + type + "' is not supported: text or json_object");
+      return Bad("response_format",
+                 type.empty() ? "must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                "{\"type\": \"json_schema\", ...}"
+                              : "type '" + type + "' is not supported: text, json_object or "
+                                                  "json_schema");
     }
   }
   auto stream = Bool(j, "stream");

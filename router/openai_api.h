@@ -48,7 +48,8 @@ struct ParsedRequest {
 // to the context), temperature, top_p, seed, stop (string or array), presence_penalty,
 // frequency_penalty, logprobs / top_logprobs, n (choices per prompt; prompts x n at most
 // kMaxChoices), best_of (equal to n only), echo (completions; max_tokens may then be 0),
-// response_format ({"type": "text"} or {"type": "json_object"}), stream, stream_options. Unset sampling fields keep the model's
+// response_format ({"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+// "json_schema": {"schema": {...}}}), stream, stream_options. Unset sampling fields keep the model's
 // generation_config defaults, as the gRPC API does. InvalidArgument naming the field otherwise;
 // NotFound for another model.
 absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,

@@ -119,6 +119,21 @@ TEST(OpenAiApiTest, ChatMessagesAndTextParts) {
   EXPECT_EQ(lp->requests[0].sampling().logprobs(), 1);
 }
 
+// response_format json_schema: the schema goes to the request as JSON text with its keys in
+// the order they were sent (the order properties are generated in), not sorted.
+TEST(OpenAiApiTest, JsonSchemaKeepsItsKeyOrder) {
+  auto p = ParseRequest(Endpoint::kChat, R"({"messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "t", "strict": true,
+      "schema": {"type": "object", "properties": {"zeta": {"type": "integer"},
+      "alpha": {"type": "string"}}, "required": ["zeta", "alpha"]}}}})", "m");
+  ASSERT_TRUE(p.ok()) << p.status();
+  const moemesh::v1::SamplingParams& s = p->requests[0].sampling();
+  EXPECT_EQ(s.response_format(), moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA);
+  EXPECT_EQ(s.json_schema(),
+            R"({"type":"object","properties":{"zeta":{"type":"integer"},"alpha":{"type":"string"}},)"
+            R"("required":["zeta","alpha"]})");
+}
+
 TEST(OpenAiApiTest, BadRequestsNameTheField) {
   struct Case {
     Endpoint e;
@@ -128,6 +143,13 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
   };
   const Case cases[] = {
       {Endpoint::kCompletions, "not json", absl::StatusCode::kInvalidArgument, "JSON"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "response_format": {"type": "json_schema"}})",
+       absl::StatusCode::kInvalidArgument, "json_schema needs"},
+      {Endpoint::kCompletions,
+       R"({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}})",
+       absl::StatusCode::kInvalidArgument, "json_schema needs"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "response_format": {"type": "grammar"}})",
+       absl::StatusCode::kInvalidArgument, "json_schema"},
       {Endpoint::kCompletions, "[1]", absl::StatusCode::kInvalidArgument, "JSON object"},
       {Endpoint::kCompletions, "{}", absl::StatusCode::kInvalidArgument, "prompt"},
       {Endpoint::kCompletions, R"({"prompt": ["a", 5]})", absl::StatusCode::kInvalidArgument,

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "engine/json_schema.h"
 #include "mesh/sampling_params.h"
 #include "router/chat_template.h"
 
@@ -187,16 +188,29 @@ absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, Gener
     }
     r->thinking_budget = true;
   }
-  if (sp.response_format() == moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT) {
+  const moemesh::v1::ResponseFormat format = sp.response_format();
+  if (format != moemesh::v1::RESPONSE_FORMAT_TEXT &&
+      format != moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT &&
+      format != moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA) {
+    return BadField("response_format",
+                    absl::StrCat("has an unknown value ", static_cast<int>(format)));
+  }
+  if (!sp.json_schema().empty() && format != moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA) {
+    return BadField("json_schema", "is only for response_format JSON_SCHEMA");
+  }
+  if (format != moemesh::v1::RESPONSE_FORMAT_TEXT) {
+    const std::string name =
+        format == moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA ? "JSON_SCHEMA" : "JSON_OBJECT";
     if (sp.has_thinking_budget()) {
-      return BadField("response_format", "JSON_OBJECT cannot be combined with thinking_budget");
+      return BadField("response_format", name + " cannot be combined with thinking_budget");
     }
     if (sp.has_ignore_eos() && sp.ignore_eos()) {
-      return BadField("response_format", "JSON_OBJECT needs an end token: not with ignore_eos");
+      return BadField("response_format", name + " needs an end token: not with ignore_eos");
     }
-  } else if (sp.response_format() != moemesh::v1::RESPONSE_FORMAT_TEXT) {
-    return BadField("response_format", absl::StrCat("has an unknown value ",
-                                                    static_cast<int>(sp.response_format())));
+    if (format == moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA) {
+      auto schema = JsonSchema::Compile(sp.json_schema());  // checked here, used by the worker
+      if (!schema.ok()) return schema.status();
+    }
   }
   SamplingConfig sc = ToSamplingConfig(r->sampling);
   sc.think_start_id = think_start_id_;
@@ -560,7 +574,7 @@ void Router::Loop(size_t index) {
             s->set_think_start_id(think_start_id_);
             s->set_think_end_id(think_end_id_);
           }
-          if (r->sampling.response_format() == moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT) {
+          if (r->sampling.response_format() != moemesh::v1::RESPONSE_FORMAT_TEXT) {
             for (int32_t id : r->stop_ids) s->add_end_ids(id);
           }
           if (!r->generated.empty()) s->set_prompt_tokens(plen);  // moved: replays its tokens

@@ -45,6 +45,7 @@ class FakeAttention : public AttentionClient {
         think_[s.seq_id()] = {s.think_start_id(), s.think_end_id()};
         seed_[s.seq_id()] = s.sampling().has_seed() ? std::optional<uint64_t>(s.sampling().seed())
                                                     : std::nullopt;
+        first_[s.seq_id()] = s;
       }
       EXPECT_EQ(static_cast<int64_t>(kv.size()), s.start_pos()) << "sequence " << s.seq_id();
       kv.insert(kv.end(), s.tokens().begin(), s.tokens().end());
@@ -92,6 +93,12 @@ class FakeAttention : public AttentionClient {
     auto it = seed_.find(seq);
     return it == seed_.end() ? std::nullopt : it->second;
   }
+  // A sequence's first step (sampling, end ids), without its tokens' check.
+  wire::SeqStep first(uint64_t seq) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = first_.find(seq);
+    return it == first_.end() ? wire::SeqStep() : it->second;
+  }
   std::vector<int32_t> kv(uint64_t seq) const {
     std::lock_guard<std::mutex> l(mu_);
     auto it = kv_.find(seq);
@@ -109,6 +116,7 @@ class FakeAttention : public AttentionClient {
   std::map<uint64_t, std::vector<int32_t>> kv_;
   std::map<uint64_t, std::pair<int32_t, int32_t>> think_;
   std::map<uint64_t, std::optional<uint64_t>> seed_;
+  std::map<uint64_t, wire::SeqStep> first_;
 };
 
 class Sink : public GenerationSink {
@@ -370,6 +378,51 @@ TEST_F(RouterTest, MetricsCountTokensRequestsAndLatencies) {
         "# TYPE moemesh_e2e_request_latency_seconds histogram\n"}) {
     EXPECT_NE(text.find(line), std::string::npos) << line << " not in\n" << text;
   }
+}
+
+// response_format JSON_SCHEMA: the schema is compiled at Submit (what the subset lacks is
+// INVALID_ARGUMENT naming it) and travels to the worker with the end tokens.
+TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
+  FakeAttention a(1000);
+  auto router = Make({&a});
+  ASSERT_NE(router, nullptr);
+  auto request = [](const std::string& schema, moemesh::v1::ResponseFormat format) {
+    moemesh::v1::GenerateRequest r = Request(5, 3);
+    r.mutable_sampling()->clear_ignore_eos();
+    r.mutable_sampling()->set_response_format(format);
+    r.mutable_sampling()->set_json_schema(schema);
+    return r;
+  };
+  const std::string good = R"({"type": "object", "properties": {"a": {"type": "integer"}}})";
+  struct Bad {
+    std::string schema;
+    moemesh::v1::ResponseFormat format;
+    const char* word;
+  };
+  for (const Bad& b : std::vector<Bad>{
+           {R"({"type": "object", "properties": {"a": {"type": "string", "format": "date"}}})",
+            moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "keyword 'format' is not supported"},
+           {"", moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "not JSON"},
+           {good, moemesh::v1::RESPONSE_FORMAT_TEXT, "json_schema"},
+           {good, moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT, "json_schema"}}) {
+    Sink sink;
+    auto id = router->Submit(request(b.schema, b.format), &sink);
+    ASSERT_FALSE(id.ok()) << b.schema;
+    EXPECT_EQ(id.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(id.status().message().find(b.word), std::string::npos) << id.status();
+  }
+  moemesh::v1::GenerateRequest with_eos = request(good, moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA);
+  with_eos.mutable_sampling()->set_ignore_eos(true);
+  Sink refused;
+  EXPECT_EQ(router->Submit(with_eos, &refused).status().code(), absl::StatusCode::kInvalidArgument);
+  Sink sink;
+  auto id = router->Submit(request(good, moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA), &sink);
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(sink.Wait().ok());
+  const wire::SeqStep first = a.first(*id);
+  EXPECT_EQ(first.sampling().response_format(), moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA);
+  EXPECT_EQ(first.sampling().json_schema(), good);
+  EXPECT_GT(first.end_ids_size(), 0);
 }
 
 // --think_tokens: markers resolve through the tokenizer; the default (<think>, </think>) is

@@ -147,6 +147,9 @@ def _build_parser():
                    help="also score the prompt's tokens, with top-N (0..20), printed on stderr")
     g.add_argument("--json_object", action="store_true",
                    help="response_format JSON_OBJECT: the answer is one JSON object")
+    g.add_argument("--json_schema", default=None, metavar="SCHEMA",
+                   help="response_format JSON_SCHEMA: the answer is one JSON object this JSON "
+                        "Schema describes (the schema's text, or @FILE)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as one user chat message")
     g.add_argument("--system", default=None, help="with --chat: a system message first")
     g.add_argument("--request_id", default="")
@@ -179,6 +182,13 @@ def build_request(pb2, a, prompt):
     s.stop.extend(a.stop)
     if a.json_object:
         s.response_format = pb2.RESPONSE_FORMAT_JSON_OBJECT
+    if a.json_schema:
+        schema = a.json_schema
+        if schema.startswith("@"):
+            with open(schema[1:], encoding="utf-8") as f:
+                schema = f.read()
+        s.response_format = pb2.RESPONSE_FORMAT_JSON_SCHEMA
+        s.json_schema = schema
     if a.request_id:
         req.request_id = a.request_id
     return req

@@ -183,6 +183,11 @@ class ClientTestBase:
         self.run_client("--json_object", "Say hello")
         self.assertEqual(self.last_request().sampling.response_format,
                          pb2.RESPONSE_FORMAT_JSON_OBJECT)
+        schema = '{"type": "object", "properties": {"a": {"type": "integer"}}}'
+        self.run_client("--json_schema=" + schema, "Say hello")
+        self.assertEqual(self.last_request().sampling.response_format,
+                         pb2.RESPONSE_FORMAT_JSON_SCHEMA)
+        self.assertEqual(self.last_request().sampling.json_schema, schema)
 
     def test_chat_sends_one_user_message(self):
         _, out, err = self.run_client("--chat", "Hi there")

@@ -2,7 +2,7 @@
 //
 //   moemesh_client [generate] [--addr=127.0.0.1:50051] [--max_tokens=64] [--temperature=T]
 //                  [--top_p=P] [--top_k=K] [--seed=S] [--stop=A,B] [--chat] [--experts_per_token=K]
-//                  [--thinking_budget=N] [--json_object]
+//                  [--thinking_budget=N] [--json_object] [--json_schema=SCHEMA|@FILE]
 //                  [--logprobs=N] [--prompt_logprobs=N] [--json] [--timeout=SECONDS]
 //                  (--prompt=TEXT | PROMPT)
 //   moemesh_client tokenize TEXT            (or --prompt=TEXT): token ids, comma-separated
@@ -19,6 +19,9 @@
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -54,6 +57,7 @@ ABSL_FLAG(absl::optional<int32_t>, thinking_budget, absl::nullopt, "Reasoning to
 ABSL_FLAG(absl::optional<int32_t>, logprobs, absl::nullopt, "Top-N logprobs per token (0..20), printed on stderr.");
 ABSL_FLAG(absl::optional<int32_t>, prompt_logprobs, absl::nullopt, "Also score the prompt's tokens, with top-N (0..20), printed on stderr.");
 ABSL_FLAG(bool, json_object, false, "response_format JSON_OBJECT: the answer is one JSON object.");
+ABSL_FLAG(std::string, json_schema, "", "response_format JSON_SCHEMA: the answer is one JSON object this JSON Schema describes (the schema's text, or @FILE).");
 ABSL_FLAG(bool, chat, false, "Send the prompt as one user chat message.");
 ABSL_FLAG(std::string, system, "", "With --chat: a system message sent first.");
 ABSL_FLAG(std::string, request_id, "", "Request id (echoed in the server's logs).");
@@ -143,6 +147,18 @@ v1::GenerateRequest BuildRequest(const std::string& prompt) {
   if (absl::GetFlag(FLAGS_ignore_eos)) s->set_ignore_eos(true);
   if (absl::GetFlag(FLAGS_json_object)) {
     s->set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);
+  }
+  if (std::string schema = absl::GetFlag(FLAGS_json_schema); !schema.empty()) {
+    if (schema[0] == '@') {
+      std::ifstream f(schema.substr(1));
+      if (!f) {
+        std::fprintf(stderr, "error: cannot read --json_schema file %s\n", schema.c_str() + 1);
+        std::exit(2);
+      }
+      schema.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    }
+    s->set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA);
+    s->set_json_schema(schema);
   }
   const std::string stop = absl::GetFlag(FLAGS_stop);
   if (!stop.empty()) {
