@@ -118,7 +118,21 @@ class JsonSchema::Compiler {
     return *slot;
   }
 
+  // Nesting of subschemas (the recursion below), bounded so that a deep schema is an error, not
+  // a stack overflow.
+  static constexpr int kMaxNesting = 64;
+
   absl::StatusOr<Node> Build(const Json& j, const std::string& path) {
+    if (nesting_ >= kMaxNesting) {
+      return Bad(path, absl::StrCat("subschemas nest deeper than ", kMaxNesting, " levels"));
+    }
+    ++nesting_;
+    absl::StatusOr<Node> n = BuildNested(j, path);
+    --nesting_;
+    return n;
+  }
+
+  absl::StatusOr<Node> BuildNested(const Json& j, const std::string& path) {
     Node n;
     if (j.is_boolean()) {
       if (!j.get<bool>()) return Bad(path, "the schema false (no value) is not supported");
@@ -281,6 +295,7 @@ class JsonSchema::Compiler {
   const Json& doc_;
   JsonSchema* out_;
   std::map<std::string, uint16_t> refs_;
+  int nesting_ = 0;
 };
 
 absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Compile(std::string_view text) {

@@ -91,6 +91,13 @@ TEST(JsonSchemaTest, UnsupportedSchemasAreClearErrors) {
     EXPECT_NE(s.status().message().find(want), std::string::npos)
         << s.status() << " lacks '" << want << "'";
   }
+  // Deep nesting is an error, not a stack overflow.
+  std::string deep = R"({"type": "object", "properties": {"a": )";
+  for (int i = 0; i < 100000; ++i) deep += R"({"items": )";
+  deep += "{}" + std::string(100000, '}') + "}}";
+  auto d = JsonSchema::Compile(deep);
+  ASSERT_FALSE(d.ok());
+  EXPECT_NE(d.status().message().find("nest deeper"), std::string::npos) << d.status();
   std::string many = R"({"type": "object", "properties": {"a": {"enum": [)";
   for (int i = 0; i <= JsonSchema::kMaxChoices; ++i) many += (i ? "," : "") + std::to_string(i);
   many += "]}}}";
