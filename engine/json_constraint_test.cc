@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/json_schema.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
@@ -141,16 +142,26 @@ TEST(TokenBytesTest, ConcatenatedTokensGiveTheText) {
   EXPECT_TRUE(joined == text || joined == " " + text) << joined;
 }
 
-// Every prefix of the good documents: the table's one pass finds exactly the tokens whose bytes
-// the state accepts one by one.
+// Every prefix of the good documents, and of one document under a JSON Schema: the table's one
+// pass finds exactly the tokens whose bytes the state accepts one by one.
 TEST(TokenTableTest, AcceptedEqualsFeedingEveryToken) {
   auto tok = Tokenizer::FromFile("models/pydoc-moe-17m/tokenizer.json");
   ASSERT_TRUE(tok.ok()) << tok.status();
   const std::vector<std::string> bytes = (*tok)->AllTokenBytes();
   const TokenTable table(bytes);
+  auto schema = JsonSchema::Compile(R"({"type": "object", "properties": {
+      "name": {"type": "string"}, "age": {"type": "integer"},
+      "tags": {"type": "array", "items": {"enum": ["a", "b", 1, 12]}, "maxItems": 2},
+      "nick": {"type": ["string", "null"]}, "ok": {"type": "boolean"}},
+      "required": ["name", "age", "tags", "ok"]})");
+  ASSERT_TRUE(schema.ok()) << schema.status();
+  std::vector<std::pair<std::string, const JsonSchema*>> docs;
+  for (const std::string& doc : GoodDocs()) docs.emplace_back(doc, nullptr);
+  docs.emplace_back(R"({"name": "os", "age": 12, "tags": [12, "b"], "nick": null, "ok": true})",
+                    schema->get());
   int checked = 0;
-  for (const std::string& doc : GoodDocs()) {
-    JsonState s;
+  for (const auto& [doc, sch] : docs) {
+    JsonState s(sch);
     for (size_t i = 0; i <= doc.size(); ++i) {
       std::vector<uint8_t> got(bytes.size(), 0);
       table.Accepted(s, &got);
@@ -166,8 +177,9 @@ TEST(TokenTableTest, AcceptedEqualsFeedingEveryToken) {
       ++checked;
       if (i < doc.size()) ASSERT_TRUE(s.Feed(static_cast<uint8_t>(doc[i])));
     }
+    EXPECT_TRUE(s.Complete()) << doc;
   }
-  EXPECT_GT(checked, 150);
+  EXPECT_GT(checked, 220);
 }
 
 // Sampling from random logits over the real vocabulary under the constraint: the text so far is

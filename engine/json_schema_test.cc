@@ -1,7 +1,7 @@
 // Structured outputs: JSON Schema compilation (clear errors for what the subset lacks), the
-// byte recognizer in schema mode against hand-written documents and refused bytes, the token
-// table against feeding every token of the embedded model's vocabulary, and sampling under a
-// schema checked by an independent parse of the text.
+// byte recognizer in schema mode against hand-written documents and refused bytes, and sampling
+// under a schema checked by an independent parse of the text (json_constraint_test checks the
+// token table in schema mode).
 #include "engine/json_schema.h"
 
 #include <cmath>
@@ -178,35 +178,6 @@ TEST(JsonSchemaStateTest, RefusesEachByteTheSchemaDoesNotAllow) {
   JsonState plain;
   EXPECT_TRUE(plain.FeedAll(R"({"age": 1.5e3, "tags": []})"));
   EXPECT_TRUE(plain.Complete());
-}
-
-// The table's pass equals feeding every token, in schema mode, at every prefix of a document.
-TEST(JsonSchemaStateTest, TokenTableAcceptedEqualsFeedingEveryToken) {
-  auto tok = Tokenizer::FromFile("models/pydoc-moe-17m/tokenizer.json");
-  ASSERT_TRUE(tok.ok()) << tok.status();
-  const std::vector<std::string> bytes = (*tok)->AllTokenBytes();
-  const TokenTable table(bytes);
-  auto person = MustCompile(kPerson);
-  ASSERT_NE(person, nullptr);
-  const std::string doc = R"({"name": "os", "age": 12, "tags": [12, "b"], "nick": null, "ok": true})";
-  JsonState s(person.get());
-  for (size_t i = 0; i <= doc.size(); ++i) {
-    std::vector<uint8_t> got(bytes.size(), 0);
-    table.Accepted(s, &got);
-    size_t n = 0;
-    for (size_t id = 0; id < bytes.size(); ++id) {
-      JsonState t = s;
-      const bool want = !bytes[id].empty() && t.FeedAll(bytes[id]);
-      ASSERT_EQ(got[id] != 0, want) << "token " << id << " '" << bytes[id] << "' after '"
-                                    << doc.substr(0, i) << "'";
-      n += want;
-    }
-    if (i < doc.size()) {
-      EXPECT_GT(n, 0u) << doc.substr(0, i);
-      ASSERT_TRUE(s.Feed(static_cast<uint8_t>(doc[i])));
-    }
-  }
-  EXPECT_TRUE(s.Complete());
 }
 
 // Sampling from random logits over the real vocabulary under the schema: every text that ends
