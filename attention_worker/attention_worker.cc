@@ -247,6 +247,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       SamplingConfig sc = ToSamplingConfig(s.sampling());
       sc.think_start_id = s.think_start_id();
       sc.think_end_id = s.think_end_id();
+      sc.end_ids.assign(s.end_ids().begin(), s.end_ids().end());
       if (absl::Status valid = sc.Validate(); !valid.ok()) {
         fail(valid);
         continue;

@@ -77,6 +77,11 @@ absl::Status SamplingConfig::Validate() const {
     return OutOfRange("prompt_logprobs", prompt_logprobs, "[0, 20]");
   }
   if (thinking_budget < -1) return OutOfRange("thinking_budget", thinking_budget, ">= 0");
+  if (min_tokens < 0) return OutOfRange("min_tokens", min_tokens, ">= 0");
+  for (const auto& [id, bias] : logit_bias) {
+    if (id < 0) return OutOfRange("logit_bias", id, "token ids >= 0");
+    if (!(bias >= -100.0f && bias <= 100.0f)) return OutOfRange("logit_bias", bias, "[-100, 100]");
+  }
   if (thinking_budget >= 0 && (think_start_id < 0 || think_end_id < 0)) {
     return absl::InvalidArgumentError(
         "sampling field 'thinking_budget' needs the ids of the think markers");
@@ -134,6 +139,14 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
     }
   }
 
+  for (const auto& [id, bias] : cfg_.logit_bias) {
+    if (id < vocab) logits[id] += bias;
+  }
+  if (static_cast<int64_t>(generated.size()) < cfg_.min_tokens) {
+    for (int32_t id : cfg_.end_ids) {
+      if (id >= 0 && id < vocab) logits[id] = -std::numeric_limits<float>::infinity();
+    }
+  }
   if (constraint_ != nullptr) constraint_->Mask(logits, vocab);
 
   TokenChoice choice;

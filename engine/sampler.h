@@ -32,6 +32,13 @@ struct SamplingConfig {
   int32_t thinking_budget = -1;
   int32_t think_start_id = -1;
   int32_t think_end_id = -1;
+  // Added to the logits (after the penalties) before the draw, as OpenAI's logit_bias: per
+  // token id, in [-100, 100]; -100 in effect bans a token, 100 all but forces it.
+  std::vector<std::pair<int32_t, float>> logit_bias;
+  // While fewer than min_tokens tokens are generated, the end_ids (EOS and stop token ids) are
+  // never drawn.
+  int32_t min_tokens = 0;
+  std::vector<int32_t> end_ids;
 
   // InvalidArgument naming the field when a value is out of range.
   absl::Status Validate() const;

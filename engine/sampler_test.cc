@@ -209,6 +209,58 @@ TEST(SamplerTest, ValidateNamesTheField) {
   EXPECT_NE(c.Validate().message().find("thinking_budget"), std::string::npos);
 }
 
+TEST(SamplerTest, LogitBiasIsAddedBeforeTheDraw) {
+  // Greedy: +1.6 lifts token 0 (0.5) over token 1 (2.0); -100 removes the best.
+  SamplingConfig c;
+  c.logit_bias = {{0, 1.6f}};
+  std::vector<float> l = {0.5f, 2.0f, -1.0f};
+  EXPECT_EQ(Sampler(c).Sample(l.data(), 3, {}, {}).id, 0);
+  c.logit_bias = {{1, -100.0f}};
+  l = {0.5f, 2.0f, -1.0f};
+  EXPECT_EQ(Sampler(c).Sample(l.data(), 3, {}, {}).id, 0);
+  // Sampled: frequencies follow the biased softmax, and logprobs include the bias:
+  // logits log(0.25), log(0.75) + log(1/3) give 1/2 each.
+  c = SamplingConfig{};
+  c.temperature = 1.0f;
+  c.seed = 3;
+  c.logprobs = 1;
+  c.logit_bias = {{1, std::log(1.0f / 3)}, {7, 5.0f}};  // an id past the vocabulary: ignored
+  Sampler s(c);
+  int ones = 0;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) {
+    std::vector<float> row = {std::log(0.25f), std::log(0.75f)};
+    const TokenChoice t = s.Sample(row.data(), 2, {}, {});
+    ones += t.id == 1;
+    ASSERT_NEAR(t.logprob, std::log(0.5f), 1e-5);
+  }
+  EXPECT_NEAR(static_cast<double>(ones) / n, 0.5, 0.015);
+  // Range.
+  c = SamplingConfig{};
+  c.logit_bias = {{2, 100.5f}};
+  EXPECT_NE(c.Validate().message().find("logit_bias"), std::string::npos);
+  c.logit_bias = {{-1, 1.0f}};
+  EXPECT_NE(c.Validate().message().find("logit_bias"), std::string::npos);
+  c.logit_bias = {{2, -100.0f}};
+  EXPECT_TRUE(c.Validate().ok());
+}
+
+TEST(SamplerTest, MinTokensHoldsBackTheEndTokens) {
+  // Token 3 (an end token) is the best at every step; 2 is the best after it.
+  SamplingConfig c;
+  c.min_tokens = 3;
+  c.end_ids = {3, 9};
+  Sampler s(c);
+  std::vector<int32_t> out;
+  for (int i = 0; i < 5; ++i) {
+    std::vector<float> l = {0.0f, 0.5f, 1.0f, 4.0f};
+    out.push_back(s.Sample(l.data(), 4, {5, 5}, out).id);
+  }
+  EXPECT_EQ(out, std::vector<int32_t>({2, 2, 2, 3, 3}));  // the prompt does not count
+  c.min_tokens = -1;
+  EXPECT_NE(c.Validate().message().find("min_tokens"), std::string::npos);
+}
+
 // Greedy decoding over 8 tokens whose logits favour `want[i]` at step i (the last entry after);
 // markers 6 (start) and 7 (end). Returns the generated ids.
 std::vector<int32_t> DecodeWithBudget(const std::vector<int32_t>& prompt,

@@ -1,5 +1,7 @@
 #include "mesh/sampling_params.h"
 
+#include <algorithm>
+
 namespace moemesh {
 
 SamplingConfig ToSamplingConfig(const moemesh::v1::SamplingParams& p) {
@@ -15,6 +17,9 @@ SamplingConfig ToSamplingConfig(const moemesh::v1::SamplingParams& p) {
   if (p.has_logprobs()) c.logprobs = p.logprobs();
   if (p.has_prompt_logprobs()) c.prompt_logprobs = p.prompt_logprobs();
   if (p.has_thinking_budget()) c.thinking_budget = p.thinking_budget();
+  if (p.has_min_tokens()) c.min_tokens = p.min_tokens();
+  c.logit_bias.assign(p.logit_bias().begin(), p.logit_bias().end());
+  std::sort(c.logit_bias.begin(), c.logit_bias.end());  // (a map's order is unspecified)
   return c;
 }
 

@@ -5,6 +5,7 @@
 #include <optional>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace moemesh {
@@ -189,7 +190,8 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
                             IntField{"experts_per_token",
                                      &moemesh::v1::SamplingParams::set_experts_per_token},
                             IntField{"thinking_budget",
-                                     &moemesh::v1::SamplingParams::set_thinking_budget}}) {
+                                     &moemesh::v1::SamplingParams::set_thinking_budget},
+                            IntField{"min_tokens", &moemesh::v1::SamplingParams::set_min_tokens}}) {
     auto v = Integer(j, f.name);
     if (!v.ok()) return v.status();
     if (v->has_value()) {
@@ -204,6 +206,18 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   auto ignore_eos = Bool(j, "ignore_eos");
   if (!ignore_eos.ok()) return ignore_eos.status();
   if (ignore_eos->has_value()) s->set_ignore_eos(**ignore_eos);
+  // {"50256": -100, ...}: token ids (as strings, JSON keys) to biases.
+  if (auto it = j.find("logit_bias"); it != j.end() && !it->is_null()) {
+    if (!it->is_object()) return Bad("logit_bias", "must be an object of token id -> bias");
+    for (const auto& [key, bias] : it->items()) {
+      int32_t id = 0;
+      if (!absl::SimpleAtoi(key, &id)) {
+        return Bad("logit_bias", "has key '" + key + "', not a token id");
+      }
+      if (!bias.is_number()) return Bad("logit_bias", "has a bias that is not a number");
+      (*s->mutable_logit_bias())[id] = bias.get<float>();
+    }
+  }
   if (auto it = j.find("stop"); it != j.end() && !it->is_null()) {
     if (it->is_string()) {
       s->add_stop(it->get<std::string>());

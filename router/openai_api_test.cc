@@ -119,6 +119,25 @@ TEST(OpenAiApiTest, ChatMessagesAndTextParts) {
   EXPECT_EQ(lp->requests[0].sampling().logprobs(), 1);
 }
 
+TEST(OpenAiApiTest, LogitBiasAndMinTokens) {
+  auto p = ParseRequest(Endpoint::kCompletions,
+                        R"({"prompt": "x", "logit_bias": {"50": -100, "7": 2.5}, "min_tokens": 3})",
+                        "m");
+  ASSERT_TRUE(p.ok()) << p.status();
+  const moemesh::v1::SamplingParams& s = p->requests[0].sampling();
+  EXPECT_EQ(s.logit_bias().size(), 2u);
+  EXPECT_EQ(s.logit_bias().at(50), -100.0f);
+  EXPECT_EQ(s.logit_bias().at(7), 2.5f);
+  EXPECT_EQ(s.min_tokens(), 3);
+  for (const char* bad : {R"({"prompt": "x", "logit_bias": {"abc": 1}})",
+                          R"({"prompt": "x", "logit_bias": {"5": "high"}})",
+                          R"({"prompt": "x", "logit_bias": [5]})"}) {
+    auto b = ParseRequest(Endpoint::kCompletions, bad, "m");
+    ASSERT_FALSE(b.ok()) << bad;
+    EXPECT_NE(b.status().message().find("logit_bias"), std::string::npos) << b.status();
+  }
+}
+
 // response_format json_schema: the schema goes to the request as JSON text with its keys in
 // the order they were sent (the order properties are generated in), not sorted.
 TEST(OpenAiApiTest, JsonSchemaKeepsItsKeyOrder) {

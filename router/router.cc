@@ -235,13 +235,30 @@ absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, Gener
     }
   }
   r->stop_ids.assign(sp.stop_token_ids().begin(), sp.stop_token_ids().end());
+  const int32_t min_tokens = sp.has_min_tokens() ? sp.min_tokens() : 0;
+  if (min_tokens < 0 || min_tokens > r->max_tokens) {
+    return BadField("min_tokens", absl::StrCat("must be in [0, max_tokens = ", r->max_tokens, "]"));
+  }
+  if (min_tokens > 0 && format != moemesh::v1::RESPONSE_FORMAT_TEXT) {
+    return BadField("min_tokens", "cannot be combined with a JSON response_format");
+  }
+  if (sp.logit_bias_size() > 1024) {
+    return BadField("logit_bias", absl::StrCat("has ", sp.logit_bias_size(),
+                                               " entries; at most 1024"));
+  }
+  for (const auto& [id, bias] : sp.logit_bias()) {
+    if (id < 0 || id >= cfg_.vocab_size) {
+      return BadField("logit_bias", absl::StrCat("holds id ", id, " outside the vocabulary"));
+    }
+  }
   r->ignore_eos = sp.has_ignore_eos() && sp.ignore_eos();
   if (!r->ignore_eos) {
     for (int32_t id : cfg_.eos_token_ids) r->stop_ids.push_back(id);
     for (int32_t id : defaults_.eos_token_ids) r->stop_ids.push_back(id);
   }
   r->stream = std::make_unique<TextStream>(
-      tok_, std::vector<std::string>(sp.stop().begin(), sp.stop().end()), /*skip_special=*/true);
+      tok_, std::vector<std::string>(sp.stop().begin(), sp.stop().end()), /*skip_special=*/true,
+      min_tokens);
   r->sink = sink;
   const int64_t need = plen + r->max_tokens;
   std::lock_guard<std::mutex> l(mu_);
@@ -574,7 +591,8 @@ void Router::Loop(size_t index) {
             s->set_think_start_id(think_start_id_);
             s->set_think_end_id(think_end_id_);
           }
-          if (r->sampling.response_format() != moemesh::v1::RESPONSE_FORMAT_TEXT) {
+          if (r->sampling.response_format() != moemesh::v1::RESPONSE_FORMAT_TEXT ||
+              r->sampling.min_tokens() > 0) {
             for (int32_t id : r->stop_ids) s->add_end_ids(id);
           }
           if (!r->generated.empty()) s->set_prompt_tokens(plen);  // moved: replays its tokens

@@ -425,6 +425,54 @@ TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
   EXPECT_GT(first.end_ids_size(), 0);
 }
 
+// min_tokens and logit_bias: checked at Submit (by field name), sent to the worker with the end
+// tokens min_tokens holds back.
+TEST_F(RouterTest, MinTokensAndLogitBiasAreCheckedAndSent) {
+  FakeAttention a(1000);
+  auto router = Make({&a});
+  ASSERT_NE(router, nullptr);
+  auto refused = [&](moemesh::v1::GenerateRequest r, const char* field) {
+    Sink sink;
+    auto id = router->Submit(r, &sink);
+    ASSERT_EQ(id.status().code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_NE(id.status().message().find(field), std::string::npos) << id.status();
+  };
+  moemesh::v1::GenerateRequest r = Request(5, 4);
+  r.mutable_sampling()->set_min_tokens(5);  // more than max_tokens
+  refused(r, "min_tokens");
+  r = Request(5, 4);
+  r.mutable_sampling()->set_min_tokens(-1);
+  refused(r, "min_tokens");
+  r = Request(5, 4);
+  r.mutable_sampling()->clear_ignore_eos();
+  r.mutable_sampling()->set_min_tokens(2);
+  r.mutable_sampling()->set_response_format(moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT);
+  refused(r, "min_tokens");
+  r = Request(5, 4);
+  (*r.mutable_sampling()->mutable_logit_bias())[static_cast<int32_t>(cfg_.vocab_size)] = 1;
+  refused(r, "logit_bias");
+  r = Request(5, 4);
+  (*r.mutable_sampling()->mutable_logit_bias())[3] = 101;
+  refused(r, "logit_bias");
+
+  r = Request(5, 4);
+  r.mutable_sampling()->clear_ignore_eos();
+  r.mutable_sampling()->set_min_tokens(4);
+  r.mutable_sampling()->add_stop_token_ids(kToken);
+  (*r.mutable_sampling()->mutable_logit_bias())[kToken] = -100;
+  Sink sink;
+  auto id = router->Submit(r, &sink);
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(sink.Wait().ok());
+  const wire::SeqStep first = a.first(*id);
+  EXPECT_EQ(first.sampling().min_tokens(), 4);
+  EXPECT_EQ(first.sampling().logit_bias().at(kToken), -100);
+  // The end tokens: the stop token id and the model's EOS.
+  std::set<int32_t> ends(first.end_ids().begin(), first.end_ids().end());
+  EXPECT_TRUE(ends.count(kToken));
+  for (int32_t eos : cfg_.eos_token_ids) EXPECT_TRUE(ends.count(eos)) << eos;
+}
+
 // --think_tokens: markers resolve through the tokenizer; the default (<think>, </think>) is
 // optional, named markers are not.
 TEST_F(RouterTest, ThinkTokensResolveOrAreRefused) {

@@ -22,8 +22,8 @@ bool IsContinuationByte(char c) {
 }  // namespace
 
 TextStream::TextStream(const Tokenizer* tok, std::vector<std::string> stop,
-                       bool skip_special)
-    : tok_(tok), skip_special_(skip_special) {
+                       bool skip_special, int64_t min_tokens)
+    : tok_(tok), skip_special_(skip_special), min_tokens_(min_tokens) {
   for (std::string& s : stop) {
     if (s.empty()) continue;
     max_stop_len_ = std::max(max_stop_len_, s.size());
@@ -35,6 +35,12 @@ StreamDelta TextStream::Push(int32_t id) {
   if (stopped_ || finished_) {
     StreamDelta d;
     d.stopped = stopped_;
+    return d;
+  }
+  if (++pushed_ < min_tokens_) {  // stop strings wait for the min_tokens-th token
+    StreamDelta d;
+    d.text = Detokenize(id);
+    text_ += d.text;
     return d;
   }
   return Filter(Detokenize(id), /*flush=*/false);

@@ -50,8 +50,10 @@ class TextStream {
   // `tok` must outlive the stream. `stop`: stop strings (empty ones are
   // ignored). `skip_special`: special tokens contribute no text, as
   // Tokenizer::Decode(ids, skip_special_tokens=true).
+  // `min_tokens`: stop strings are looked for from that token's text on (in text that arrives
+  // from then; what came before is sent as it comes).
   TextStream(const Tokenizer* tok, std::vector<std::string> stop,
-             bool skip_special = true);
+             bool skip_special = true, int64_t min_tokens = 0);
 
   TextStream(const TextStream&) = delete;
   TextStream& operator=(const TextStream&) = delete;
@@ -89,6 +91,8 @@ class TextStream {
   std::vector<std::string> stop_;  // Non-empty stop strings.
   size_t max_stop_len_ = 0;        // Longest of stop_, in bytes.
   bool skip_special_;
+  int64_t min_tokens_ = 0;
+  int64_t pushed_ = 0;  // tokens pushed
 
   std::vector<int32_t> window_;  // Ids from the prefix offset on.
   size_t read_ = 0;              // Window index of the read offset.

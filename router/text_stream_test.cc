@@ -474,6 +474,37 @@ TEST(TextStreamStopTest, StopStringSpanningTokensIsCutExactly) {
   }
 }
 
+// min_tokens: stop strings in the text of the tokens before the min_tokens-th pass through; the
+// first match in text that arrives from then on ends the stream.
+TEST(TextStreamStopTest, MinTokensDelaysStopStrings) {
+  const Tokenizer& tok = Pydoc();
+  const std::string text = "a = 1\nb = 2\nc = 3\n";
+  const std::vector<int32_t> ids = tok.Encode(text, false);
+  ASSERT_EQ(tok.Decode(ids), text);
+  // Tokens up to and including the one that ends "b = 2\n".
+  std::string seen;
+  size_t second_line = 0;
+  while (second_line < ids.size() && seen.find("2\n") == std::string::npos) {
+    seen = tok.Decode(std::vector<int32_t>(ids.begin(), ids.begin() + ++second_line));
+  }
+  ASSERT_LT(second_line, ids.size());
+  auto run = [&](int64_t min_tokens) {
+    TextStream ts(&tok, {" = "}, true, min_tokens);
+    std::string joined;
+    for (int32_t id : ids) {
+      const StreamDelta d = ts.Push(id);
+      joined += d.text;
+      if (d.stopped) return joined;
+    }
+    return joined + ts.Finish();
+  };
+  EXPECT_EQ(run(0), "a");
+  EXPECT_EQ(run(1), "a");  // the first token's text is checked
+  // Stop strings wait for the token after the second line: the third line's " = " stops it.
+  EXPECT_EQ(run(static_cast<int64_t>(second_line) + 1), "a = 1\nb = 2\nc");
+  EXPECT_EQ(run(static_cast<int64_t>(ids.size()) + 1), text);
+}
+
 TEST(TextStreamStopTest, StopWithinOneTokenAndAtStart) {
   const Tokenizer& tok = Pydoc();
   const std::string text = "The file is open";

@@ -139,6 +139,10 @@ def _build_parser():
                    help="stop string (repeatable)")
     g.add_argument("--ignore_eos", action="store_true", default=None)
     g.add_argument("--experts_per_token", type=int, default=None)
+    g.add_argument("--min_tokens", type=int, default=None, metavar="N",
+                   help="tokens generated before an end token or a stop string may end it")
+    g.add_argument("--logit_bias", action="append", default=[], metavar="ID:BIAS",
+                   help="add BIAS (-100..100) to token ID's logit (repeatable, or comma-separated)")
     g.add_argument("--thinking_budget", type=int, default=None, metavar="N",
                    help="reasoning tokens allowed after <think> before </think> is forced")
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
@@ -175,11 +179,20 @@ def build_request(pb2, a, prompt):
         s.max_tokens = a.max_tokens
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "seed", "ignore_eos",
-                 "experts_per_token", "thinking_budget", "logprobs", "prompt_logprobs"):
+                 "experts_per_token", "thinking_budget", "logprobs", "prompt_logprobs",
+                 "min_tokens"):
         v = getattr(a, name)
         if v is not None:
             setattr(s, name, v)
     s.stop.extend(a.stop)
+    for item in ",".join(a.logit_bias).split(","):
+        if item:
+            tid, _, bias = item.partition(":")
+            try:
+                s.logit_bias[int(tid)] = float(bias)
+            except ValueError:
+                sys.stderr.write("error: --logit_bias takes ID:BIAS, got %r\n" % item)
+                sys.exit(2)
     if a.json_object:
         s.response_format = pb2.RESPONSE_FORMAT_JSON_OBJECT
     if a.json_schema:

@@ -188,6 +188,12 @@ class ClientTestBase:
         self.assertEqual(self.last_request().sampling.response_format,
                          pb2.RESPONSE_FORMAT_JSON_SCHEMA)
         self.assertEqual(self.last_request().sampling.json_schema, schema)
+        self.run_client("--min_tokens=3", "--logit_bias=5:-100,7:2.5", "Say hello")
+        s = self.last_request().sampling
+        self.assertEqual(s.min_tokens, 3)
+        self.assertEqual(dict(s.logit_bias), {5: -100.0, 7: 2.5})
+        _, _, err = self.run_client("--logit_bias=5", "x", expect_rc=2)
+        self.assertIn("ID:BIAS", err)
 
     def test_chat_sends_one_user_message(self):
         _, out, err = self.run_client("--chat", "Hi there")

@@ -1388,6 +1388,44 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(status, 400, got)
         self.assertIn("keyword 'pattern'", got["error"]["message"])
 
+    def test_logit_bias_and_min_tokens_steer_greedy_decoding(self):
+        ids = PYDOC_CASES[1][0]
+        plain = greedy_ids(self.c.stub, ids, 12)
+        # -100 on the first greedy token: the first token is another; +100 on a token: every
+        # token is that one.
+        req = make_request(ids, 12)
+        req.sampling.logit_bias[plain[0]] = -100
+        banned = generate(self.c.stub, req).ids
+        self.assertNotEqual(banned[0], plain[0])
+        self.assertNotIn(plain[0], banned)
+        req = make_request(ids, 6)
+        req.sampling.logit_bias[plain[3]] = 100
+        self.assertEqual(generate(self.c.stub, req).ids, [plain[3]] * 6)
+        # The fourth greedy token as a stop token id ends the answer there; with min_tokens=8
+        # it is held back until 8 tokens are out. The first three tokens are the same.
+        stop = plain[3]
+        first = next(i for i, t in enumerate(plain) if t == stop)
+        req = make_request(ids, 12, ignore_eos=False)
+        req.sampling.stop_token_ids.append(stop)
+        early = generate(self.c.stub, req)
+        self.assertEqual(early.ids, plain[:first + 1])
+        self.assertEqual(early.finish_reason, pb2.FINISH_REASON_STOP)
+        req.sampling.min_tokens = 8
+        late = generate(self.c.stub, req)
+        self.assertGreaterEqual(len(late.ids), 8)
+        self.assertNotIn(stop, late.ids[:7])
+        self.assertEqual(late.ids[:first], plain[:first])
+        # Over HTTP: the same fields, OpenAI's spelling.
+        status, got = self.call("POST", "/v1/completions",
+                                {"prompt": ids, "max_tokens": 6, "temperature": 0,
+                                 "ignore_eos": True, "logit_bias": {str(plain[3]): 100}})
+        self.assertEqual(status, 200, got)
+        self.assertEqual(got["usage"]["completion_tokens"], 6)
+        status, got = self.call("POST", "/v1/completions",
+                                {"prompt": ids, "max_tokens": 4, "min_tokens": 5})
+        self.assertEqual(status, 400)
+        self.assertIn("min_tokens", got["error"]["message"])
+
     def test_errors_are_openai_error_objects(self):
         status, got = self.call("POST", "/v1/completions", {"prompt": "x", "temperature": -1})
         self.assertEqual(status, 400)

@@ -3,6 +3,7 @@
 //   moemesh_client [generate] [--addr=127.0.0.1:50051] [--max_tokens=64] [--temperature=T]
 //                  [--top_p=P] [--top_k=K] [--seed=S] [--stop=A,B] [--chat] [--experts_per_token=K]
 //                  [--thinking_budget=N] [--json_object] [--json_schema=SCHEMA|@FILE]
+//                  [--min_tokens=N] [--logit_bias=ID:BIAS,...]
 //                  [--logprobs=N] [--prompt_logprobs=N] [--json] [--timeout=SECONDS]
 //                  (--prompt=TEXT | PROMPT)
 //   moemesh_client tokenize TEXT            (or --prompt=TEXT): token ids, comma-separated
@@ -51,6 +52,8 @@ ABSL_FLAG(absl::optional<float>, min_p, absl::nullopt, "Min-p threshold in [0, 1
 ABSL_FLAG(absl::optional<float>, repetition_penalty, absl::nullopt, "Repetition penalty (> 0, 1 = off).");
 ABSL_FLAG(absl::optional<uint64_t>, seed, absl::nullopt, "Random seed.");
 ABSL_FLAG(std::string, stop, "", "Stop strings, comma-separated.");
+ABSL_FLAG(absl::optional<int32_t>, min_tokens, absl::nullopt, "Tokens generated before an end token or a stop string may end the answer.");
+ABSL_FLAG(std::string, logit_bias, "", "ID:BIAS,... : add BIAS (-100..100) to token ID's logit before each draw.");
 ABSL_FLAG(bool, ignore_eos, false, "Keep going after the end-of-sequence token (only sent when true).");
 ABSL_FLAG(absl::optional<int32_t>, experts_per_token, absl::nullopt, "Override of the active experts per token.");
 ABSL_FLAG(absl::optional<int32_t>, thinking_budget, absl::nullopt, "Reasoning tokens allowed after <think> before </think> is forced (the server's --think_tokens names the markers).");
@@ -142,6 +145,18 @@ v1::GenerateRequest BuildRequest(const std::string& prompt) {
   if (auto v = absl::GetFlag(FLAGS_seed)) s->set_seed(*v);
   if (auto v = absl::GetFlag(FLAGS_experts_per_token)) s->set_experts_per_token(*v);
   if (auto v = absl::GetFlag(FLAGS_thinking_budget)) s->set_thinking_budget(*v);
+  if (auto v = absl::GetFlag(FLAGS_min_tokens)) s->set_min_tokens(*v);
+  for (absl::string_view item : absl::StrSplit(absl::GetFlag(FLAGS_logit_bias), ',', absl::SkipEmpty())) {
+    const std::vector<absl::string_view> kv = absl::StrSplit(item, absl::MaxSplits(':', 1));
+    int32_t id = 0;
+    float bias = 0;
+    if (kv.size() != 2 || !absl::SimpleAtoi(kv[0], &id) || !absl::SimpleAtof(kv[1], &bias)) {
+      std::fprintf(stderr, "error: --logit_bias takes ID:BIAS,..., got '%s'\n",
+                   std::string(item).c_str());
+      std::exit(2);
+    }
+    (*s->mutable_logit_bias())[id] = bias;
+  }
   if (auto v = absl::GetFlag(FLAGS_logprobs)) s->set_logprobs(*v);
   if (auto v = absl::GetFlag(FLAGS_prompt_logprobs)) s->set_prompt_logprobs(*v);
   if (absl::GetFlag(FLAGS_ignore_eos)) s->set_ignore_eos(true);
