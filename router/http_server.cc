@@ -265,6 +265,7 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   const bool chat = req.path == "/v1/chat/completions";
   if (req.path == "/health") {
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
+    if (router->draining()) return SendResponse(c, 503, "text/plain", "draining\n");
     return SendResponse(c, 200, "text/plain", "ok\n");
   }
   if (req.path == "/metrics") {

@@ -95,8 +95,10 @@ int Main() {
   auto http = StartHttpFromFlags(router->get(), model_dir, "router");
   if (!http.ok()) return Fail(http.status());
   std::cerr << "router: serving moemesh.v1.Generation on " << bound << std::endl;
-  // Shutdown cancels in-flight streams; the router (destroyed after the server) ends them.
-  ServeUntilSignal(server->get());
+  // On SIGTERM: drain, then shut down (cancelling what is left; the router, destroyed after
+  // the server, ends them).
+  WaitForSignalThenDrain(router->get(), server->get(), "router");
+  server->get()->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }
 

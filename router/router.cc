@@ -262,6 +262,10 @@ absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, Gener
   r->sink = sink;
   const int64_t need = plen + r->max_tokens;
   std::lock_guard<std::mutex> l(mu_);
+  if (draining_) {
+    return absl::UnavailableError(
+        "the server is shutting down (draining its requests): send this one to another replica");
+  }
   if (need > max_kv_capacity_) {
     ++counters_.rejected;
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -328,6 +332,30 @@ void Router::Cancel(uint64_t id) {
     Admit();
   }
   Deliver(&out);
+}
+
+void Router::Drain() {
+  std::lock_guard<std::mutex> l(mu_);
+  draining_ = true;
+}
+
+bool Router::draining() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return draining_;
+}
+
+bool Router::WaitIdle(std::chrono::steady_clock::duration timeout) const {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      bool idle = waiting_.empty();
+      for (const Lane& lane : lanes_) idle = idle && lane.running.empty();
+      if (idle) return true;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 Router::Counters Router::counters() const {

@@ -132,6 +132,14 @@ class Router {
     Histogram request_generation_tokens{Histogram::TokenCounts()};
   };
   Counters counters() const;
+
+  // Graceful shutdown: from now on Submit refuses new requests with UNAVAILABLE while those
+  // accepted run to their end.
+  void Drain();
+  bool draining() const;
+  // Waits until no request is waiting or running, at most `timeout` (polling); whether it got
+  // there.
+  bool WaitIdle(std::chrono::steady_clock::duration timeout) const;
   const ModelConfig& config() const { return cfg_; }
   // The largest KV cache of one attention worker (what one request can use at most).
   int64_t kv_capacity_tokens() const { return max_kv_capacity_; }
@@ -244,6 +252,7 @@ class Router {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::deque<std::unique_ptr<Request>> waiting_ ABSL_GUARDED_BY(mu_);
   // The lanes' scheduling state is guarded by mu_ (their clients and threads are not touched

@@ -1,8 +1,11 @@
 #include "router/router_flags.h"
 
+#include <algorithm>
+#include <chrono>
 #include <iostream>
 
 #include "absl/flags/flag.h"
+#include "mesh/server.h"
 
 ABSL_FLAG(int64_t, max_queue, 256,
           "Requests that may wait for KV cache room; more get RESOURCE_EXHAUSTED.");
@@ -31,7 +34,27 @@ ABSL_FLAG(double, http_keep_alive_seconds, 5,
           "HTTP API: how long a connection may wait idle for its next request (HTTP/1.1 "
           "keep-alive); 0 = close each connection after one response.");
 
+ABSL_FLAG(double, drain_seconds, 30,
+          "On SIGTERM or SIGINT: how long the requests already accepted get to finish while new "
+          "ones are refused (gRPC UNAVAILABLE, HTTP 503; gRPC health and GET /health report not "
+          "serving, so load balancers move on); those still running after it are cancelled. "
+          "0 = cancel at once.");
+
 namespace moemesh {
+
+void WaitForSignalThenDrain(Router* router, grpc::Server* server, const std::string& who) {
+  WaitForSignal();
+  router->Drain();
+  if (server != nullptr) server->GetHealthCheckService()->SetServingStatus(false);
+  const double seconds = std::max(0.0, absl::GetFlag(FLAGS_drain_seconds));
+  const Router::Counters c = router->counters();
+  std::cerr << who << ": shutting down: draining " << c.running + c.waiting
+            << " requests (up to " << seconds << " s; new ones are refused)" << std::endl;
+  const bool idle = router->WaitIdle(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(seconds)));
+  std::cerr << who << (idle ? ": drained" : ": drain time is up: cancelling the requests left")
+            << std::endl;
+}
 
 RouterOptions RouterOptionsFromFlags() {
   RouterOptions ro;

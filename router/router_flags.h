@@ -1,13 +1,14 @@
 // Command-line flags of the router's scheduler, shared by every binary that runs a router
 // (router, moemesh serve, moemesh_node): --max_queue, --max_running, --prefill_chunk, --max_moves,
 // --worker_retry_seconds, --think_tokens, and the HTTP API's --http_address, --served_model_name,
-// --http_keep_alive_seconds.
+// --http_keep_alive_seconds, and shutdown's --drain_seconds.
 #ifndef MOEMESH_ROUTER_ROUTER_FLAGS_H_
 #define MOEMESH_ROUTER_ROUTER_FLAGS_H_
 
 #include <string>
 
 #include "absl/flags/declare.h"
+#include "grpcpp/grpcpp.h"
 #include "router/http_server.h"
 #include "router/router.h"
 
@@ -19,6 +20,11 @@ ABSL_DECLARE_FLAG(std::string, http_address);
 namespace moemesh {
 
 RouterOptions RouterOptionsFromFlags();
+
+// Blocks until SIGINT or SIGTERM, then drains: `router` refuses new requests, `server`'s gRPC
+// health turns NOT_SERVING, and the accepted requests get --drain_seconds to finish. Logs as
+// `who`. The caller then shuts its servers down (cancelling what is left).
+void WaitForSignalThenDrain(Router* router, grpc::Server* server, const std::string& who);
 
 // With --http_address: starts the OpenAI-compatible HTTP API over `router` (the model id it
 // serves: --served_model_name, or the basename of `model_dir`) and logs "`who`: serving the

@@ -473,6 +473,34 @@ TEST_F(RouterTest, MinTokensAndLogitBiasAreCheckedAndSent) {
   for (int32_t eos : cfg_.eos_token_ids) EXPECT_TRUE(ends.count(eos)) << eos;
 }
 
+// Drain (graceful shutdown): new requests are refused with UNAVAILABLE, accepted ones (running
+// or still waiting) run to their end; WaitIdle says when they have.
+TEST_F(RouterTest, DrainRefusesNewRequestsAndFinishesAcceptedOnes) {
+  FakeAttention a(1000);
+  a.Hold();
+  RouterOptions opt;
+  opt.max_running = 1;  // the second request waits
+  auto r = Router::Create(tok_.get(), cfg_, gen_, {&a}, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  Router& router = **r;
+  std::vector<Sink> sinks(2);
+  for (Sink& s : sinks) ASSERT_TRUE(router.Submit(Request(5, 10), &s).ok());
+  EXPECT_FALSE(router.draining());
+  router.Drain();
+  EXPECT_TRUE(router.draining());
+  Sink late;
+  auto refused = router.Submit(Request(5, 10), &late);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+  EXPECT_FALSE(router.WaitIdle(std::chrono::milliseconds(50)));  // held: still running
+  a.Open();
+  EXPECT_TRUE(router.WaitIdle(std::chrono::seconds(30)));
+  for (Sink& s : sinks) {
+    ASSERT_TRUE(s.Wait().ok());
+    EXPECT_EQ(s.ids(), std::vector<int32_t>(10, kToken));
+  }
+  EXPECT_EQ(router.counters().submitted, 2);
+}
+
 // --think_tokens: markers resolve through the tokenizer; the default (<think>, </think>) is
 // optional, named markers are not.
 TEST_F(RouterTest, ThinkTokensResolveOrAreRefused) {

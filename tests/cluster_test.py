@@ -1552,6 +1552,44 @@ class HttpApiTest(unittest.TestCase):
         self.assertLess(st.steps - steps_before, 450)
 
 
+class DrainTest(unittest.TestCase):
+    """SIGTERM to a router: it stops taking requests (UNAVAILABLE, HTTP 503, health NOT_SERVING),
+    lets the stream in flight run to its last token, then exits 0."""
+
+    def test_sigterm_drains_the_requests_in_flight(self):
+        shared = shared_pydoc_cluster()
+        c = start_cluster(PYDOC, [], name="drain", encoder=shared.encoder,
+                          experts=shared.experts,
+                          router_flags=["--http_address=127.0.0.1:0", "--drain_seconds=120"])
+        try:
+            router = c.procs[-1]
+            http_addr = router.wait_for(r"OpenAI-compatible HTTP API on (\S+)").group(1)
+            ids, want = PYDOC_CASES[0]
+            n = 600
+            bg = Background(lambda: generate(c.stub, make_request(ids, n)))
+            poll_until(lambda: c.stats().active_sequences == 1, 30, interval=0.05)
+            os.killpg(router.pid, signal.SIGTERM)
+            router.wait_for(r"router: shutting down: draining 1 requests")
+            with self.assertRaises(grpc.RpcError) as cm:
+                generate(c.stub, make_request(ids, 4))
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertIn("shutting down", cm.exception.details())
+            self.assertFalse(health_ok(c.addr))
+            conn = http.client.HTTPConnection(http_addr, timeout=CALL_TIMEOUT)
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            self.assertEqual((r.status, r.read()), (503, b"draining\n"))
+            conn.close()
+            got = bg.join()
+            self.assertEqual(got.finish_reason, pb2.FINISH_REASON_LENGTH)
+            self.assertEqual(len(got.ids), n)
+            self.assertEqual(got.ids[:len(want)], want)
+            self.assertEqual(router.p.wait(timeout=60), 0)
+            router.wait_for(r"router: drained")
+        finally:
+            c.stop()
+
+
 class BadInputTest(unittest.TestCase):
     """Each bad request fails with the right code while a good greedy stream runs beside it."""
 

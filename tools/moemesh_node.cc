@@ -302,7 +302,11 @@ int Main(int rank, int size, int thread_level) {
     std::cout << "MoE Mesh cluster ready (mpirun, " << size << " ranks): router on " << bound
               << std::endl;
   }
-  WaitForSignal();
+  if (router != nullptr) {
+    WaitForSignalThenDrain(router.get(), server.get(), "moemesh_node rank 0");
+  } else {
+    WaitForSignal();
+  }
   // Stop the MPI data plane first: a Step waiting on experts then fails at once instead of
   // holding up the gRPC shutdown.
   if (mpi_client != nullptr) {

@@ -68,8 +68,10 @@ int RunServe() {
   auto http = StartHttpFromFlags(router->get(), dir, "moemesh serve");
   if (!http.ok()) return Fail(http.status());
   std::cerr << "moemesh serve: serving " << dir << " on " << bound << std::endl;
-  // Shutdown cancels in-flight streams; the router (destroyed after the servers) ends them.
-  ServeUntilSignal(server->get());
+  // On SIGTERM: drain, then shut down (cancelling what is left; the router, destroyed after
+  // the servers, ends them).
+  WaitForSignalThenDrain(router->get(), server->get(), "moemesh serve");
+  server->get()->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }
 
