@@ -296,6 +296,12 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
                                                   "json_schema");
     }
   }
+  auto priority = Integer(j, "priority");
+  if (!priority.ok()) return priority.status();
+  if (priority->has_value()) {
+    if (**priority < INT32_MIN || **priority > INT32_MAX) return Bad("priority", "is out of range");
+    req.set_priority(static_cast<int32_t>(**priority));
+  }
   auto stream = Bool(j, "stream");
   if (!stream.ok()) return stream.status();
   out.stream = stream->value_or(false);

@@ -129,6 +129,12 @@ TEST(OpenAiApiTest, LogitBiasAndMinTokens) {
   EXPECT_EQ(s.logit_bias().at(50), -100.0f);
   EXPECT_EQ(s.logit_bias().at(7), 2.5f);
   EXPECT_EQ(s.min_tokens(), 3);
+  EXPECT_EQ(p->requests[0].priority(), 0);
+  auto urgent = ParseRequest(Endpoint::kCompletions, R"({"prompt": "x", "n": 2, "priority": -5})",
+                             "m");
+  ASSERT_TRUE(urgent.ok()) << urgent.status();
+  for (const auto& r : urgent->requests) EXPECT_EQ(r.priority(), -5);
+  EXPECT_FALSE(ParseRequest(Endpoint::kCompletions, R"({"prompt": "x", "priority": "high"})", "m").ok());
   for (const char* bad : {R"({"prompt": "x", "logit_bias": {"abc": 1}})",
                           R"({"prompt": "x", "logit_bias": {"5": "high"}})",
                           R"({"prompt": "x", "logit_bias": [5]})"}) {

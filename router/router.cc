@@ -280,7 +280,11 @@ absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, Gener
   r->id = next_id_++;
   r->submitted_at = submitted_at;
   const uint64_t id = r->id;
-  waiting_.push_back(std::move(r));
+  r->priority = req.priority();
+  // After every waiting request of the same or a more urgent priority.
+  auto at = std::find_if(waiting_.begin(), waiting_.end(),
+                         [p = r->priority](const auto& w) { return w->priority > p; });
+  waiting_.insert(at, std::move(r));
   ++counters_.submitted;
   Admit();
   return id;
@@ -299,7 +303,7 @@ void Router::Admit() {
       }
       if (best == nullptr || free > best->kv_capacity - best->kv_reserved) best = &lane;
     }
-    if (best == nullptr) break;  // first come first served: the head waits for room
+    if (best == nullptr) break;  // in queue order: the head waits for room
     if (!r->admitted_once) {
       r->admitted_once = true;
       counters_.queue_time.Observe(Seconds(std::chrono::steady_clock::now() - r->submitted_at));

@@ -75,9 +75,9 @@ class Router {
   // `tok` and the attention clients must outlive the router. With several attention workers,
   // each request is admitted to the one with the most free KV cache (among those with room
   // for its prompt + max_tokens) and stays there; each worker gets its own scheduler thread
-  // and steps, so the workers compute side by side. Requests wait in one queue, first come
-  // first served. When a worker's step fails as a whole (the worker is down or unreachable)
-  // and another worker is up, its requests go back to the head of the queue and continue on
+  // and steps, so the workers compute side by side. Requests wait in one queue, by priority
+  // then arrival (GenerateRequest.priority: lower first). When a worker's step fails as a
+  // whole (the worker is down or unreachable) and another worker is up, its requests go back to the head of the queue and continue on
   // another worker from their last token (its KV cache rebuilt by a prefill of the prompt and
   // the tokens generated so far; greedy output is unchanged, sampling continues with a fresh
   // random stream), at most RouterOptions::max_moves times; the failed worker takes no new
@@ -147,6 +147,7 @@ class Router {
  private:
   struct Request {
     uint64_t id = 0;
+    int32_t priority = 0;  // GenerateRequest.priority: lower first
     GenerationSink* sink = nullptr;
     std::vector<int32_t> prompt;
     moemesh::v1::SamplingParams sampling;  // defaults resolved

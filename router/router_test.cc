@@ -46,6 +46,7 @@ class FakeAttention : public AttentionClient {
         seed_[s.seq_id()] = s.sampling().has_seed() ? std::optional<uint64_t>(s.sampling().seed())
                                                     : std::nullopt;
         first_[s.seq_id()] = s;
+        order_.push_back(s.seq_id());
       }
       EXPECT_EQ(static_cast<int64_t>(kv.size()), s.start_pos()) << "sequence " << s.seq_id();
       kv.insert(kv.end(), s.tokens().begin(), s.tokens().end());
@@ -93,6 +94,11 @@ class FakeAttention : public AttentionClient {
     auto it = seed_.find(seq);
     return it == seed_.end() ? std::nullopt : it->second;
   }
+  // Sequences in the order of their first steps.
+  std::vector<uint64_t> order() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return order_;
+  }
   // A sequence's first step (sampling, end ids), without its tokens' check.
   wire::SeqStep first(uint64_t seq) const {
     std::lock_guard<std::mutex> l(mu_);
@@ -117,6 +123,7 @@ class FakeAttention : public AttentionClient {
   std::map<uint64_t, std::pair<int32_t, int32_t>> think_;
   std::map<uint64_t, std::optional<uint64_t>> seed_;
   std::map<uint64_t, wire::SeqStep> first_;
+  std::vector<uint64_t> order_;
 };
 
 class Sink : public GenerationSink {
@@ -499,6 +506,31 @@ TEST_F(RouterTest, DrainRefusesNewRequestsAndFinishesAcceptedOnes) {
     EXPECT_EQ(s.ids(), std::vector<int32_t>(10, kToken));
   }
   EXPECT_EQ(router.counters().submitted, 2);
+}
+
+// Priority: waiting requests are admitted lowest priority value first, equal ones in arrival
+// order; the running one is not preempted.
+TEST_F(RouterTest, WaitingRequestsAreAdmittedByPriorityThenArrival) {
+  FakeAttention a(1000);
+  a.Hold();
+  RouterOptions opt;
+  opt.max_running = 1;
+  auto r = Router::Create(tok_.get(), cfg_, gen_, {&a}, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  Router& router = **r;
+  const std::vector<int32_t> priorities = {3, 5, 0, 5, -2, 0};  // the first runs at once
+  std::vector<Sink> sinks(priorities.size());
+  std::vector<uint64_t> ids;
+  for (size_t i = 0; i < priorities.size(); ++i) {
+    moemesh::v1::GenerateRequest req = Request(4, 3);
+    req.set_priority(priorities[i]);
+    auto id = router.Submit(req, &sinks[i]);
+    ASSERT_TRUE(id.ok()) << id.status();
+    ids.push_back(*id);
+  }
+  a.Open();
+  for (Sink& s : sinks) ASSERT_TRUE(s.Wait().ok());
+  EXPECT_EQ(a.order(), std::vector<uint64_t>({ids[0], ids[4], ids[2], ids[5], ids[1], ids[3]}));
 }
 
 // --think_tokens: markers resolve through the tokenizer; the default (<think>, </think>) is

@@ -157,6 +157,8 @@ def _build_parser():
     g.add_argument("--chat", action="store_true", help="send PROMPT as one user chat message")
     g.add_argument("--system", default=None, help="with --chat: a system message first")
     g.add_argument("--request_id", default="")
+    g.add_argument("--priority", type=int, default=None,
+                   help="scheduling priority: lower is admitted first (default 0)")
     g.add_argument("--prompt", default=None, help="the prompt (instead of the positional PROMPT)")
     t = p.add_argument_group("tokenize / detokenize")
     t.add_argument("--add_special_tokens", action="store_true")
@@ -204,6 +206,8 @@ def build_request(pb2, a, prompt):
         s.json_schema = schema
     if a.request_id:
         req.request_id = a.request_id
+    if a.priority is not None:
+        req.priority = a.priority
     return req
 
 

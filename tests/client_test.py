@@ -188,7 +188,9 @@ class ClientTestBase:
         self.assertEqual(self.last_request().sampling.response_format,
                          pb2.RESPONSE_FORMAT_JSON_SCHEMA)
         self.assertEqual(self.last_request().sampling.json_schema, schema)
-        self.run_client("--min_tokens=3", "--logit_bias=5:-100,7:2.5", "Say hello")
+        self.run_client("--min_tokens=3", "--logit_bias=5:-100,7:2.5", "--priority=-3",
+                        "Say hello")
+        self.assertEqual(self.last_request().priority, -3)
         s = self.last_request().sampling
         self.assertEqual(s.min_tokens, 3)
         self.assertEqual(dict(s.logit_bias), {5: -100.0, 7: 2.5})

@@ -1552,6 +1552,50 @@ class HttpApiTest(unittest.TestCase):
         self.assertLess(st.steps - steps_before, 450)
 
 
+class PriorityTest(unittest.TestCase):
+    """A router running one sequence at a time (--max_running=1): of two waiting requests the
+    one with the lower priority value is admitted first, though it came second."""
+
+    def test_more_urgent_waiting_request_is_served_first(self):
+        shared = shared_pydoc_cluster()
+        c = start_cluster(PYDOC, [], name="prio", encoder=shared.encoder,
+                          experts=shared.experts,
+                          router_flags=["--http_address=127.0.0.1:0", "--max_running=1"])
+        try:
+            http_addr = c.procs[-1].wait_for(r"OpenAI-compatible HTTP API on (\S+)").group(1)
+
+            def waiting():
+                conn = http.client.HTTPConnection(http_addr, timeout=CALL_TIMEOUT)
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+                conn.close()
+                return int(float(re.search(r"^moemesh_requests_waiting (\S+)$", text,
+                                           re.M).group(1)))
+
+            ids = PYDOC_CASES[0][0]
+            done = []
+
+            def run(name, n, priority):
+                req = make_request(ids, n)
+                req.priority = priority
+                r = generate(c.stub, req)
+                done.append(name)
+                return r
+
+            first = Background(lambda: run("first", 900, 0))
+            poll_until(lambda: c.stats().active_sequences == 1, 30, interval=0.05)
+            later = Background(lambda: run("later", 4, 5))
+            poll_until(lambda: waiting() == 1, 30, interval=0.05)
+            urgent = Background(lambda: run("urgent", 4, -1))
+            poll_until(lambda: waiting() == 2, 30, interval=0.05)
+            self.assertEqual(waiting(), 2)
+            for b in (first, later, urgent):
+                self.assertEqual(b.join().finish_reason, pb2.FINISH_REASON_LENGTH)
+            self.assertEqual(done, ["first", "urgent", "later"])
+        finally:
+            c.stop()
+
+
 class DrainTest(unittest.TestCase):
     """SIGTERM to a router: it stops taking requests (UNAVAILABLE, HTTP 503, health NOT_SERVING),
     lets the stream in flight run to its last token, then exits 0."""

@@ -3,7 +3,7 @@
 //   moemesh_client [generate] [--addr=127.0.0.1:50051] [--max_tokens=64] [--temperature=T]
 //                  [--top_p=P] [--top_k=K] [--seed=S] [--stop=A,B] [--chat] [--experts_per_token=K]
 //                  [--thinking_budget=N] [--json_object] [--json_schema=SCHEMA|@FILE]
-//                  [--min_tokens=N] [--logit_bias=ID:BIAS,...]
+//                  [--min_tokens=N] [--logit_bias=ID:BIAS,...] [--priority=P]
 //                  [--logprobs=N] [--prompt_logprobs=N] [--json] [--timeout=SECONDS]
 //                  (--prompt=TEXT | PROMPT)
 //   moemesh_client tokenize TEXT            (or --prompt=TEXT): token ids, comma-separated
@@ -64,6 +64,7 @@ ABSL_FLAG(std::string, json_schema, "", "response_format JSON_SCHEMA: the answer
 ABSL_FLAG(bool, chat, false, "Send the prompt as one user chat message.");
 ABSL_FLAG(std::string, system, "", "With --chat: a system message sent first.");
 ABSL_FLAG(std::string, request_id, "", "Request id (echoed in the server's logs).");
+ABSL_FLAG(int32_t, priority, 0, "Scheduling priority: lower is admitted first.");
 ABSL_FLAG(bool, json, false, "Print one JSON object per response instead of the text.");
 ABSL_FLAG(double, timeout, 0, "Deadline in seconds (0 = none).");
 ABSL_FLAG(bool, add_special_tokens, false, "tokenize: add the model's special tokens.");
@@ -182,6 +183,7 @@ v1::GenerateRequest BuildRequest(const std::string& prompt) {
     }
   }
   if (!absl::GetFlag(FLAGS_request_id).empty()) req.set_request_id(absl::GetFlag(FLAGS_request_id));
+  req.set_priority(absl::GetFlag(FLAGS_priority));
   return req;
 }
 
