@@ -268,6 +268,39 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
     if (router->draining()) return SendResponse(c, 503, "text/plain", "draining\n");
     return SendResponse(c, 200, "text/plain", "ok\n");
   }
+  if (req.path == "/tokenize") {
+    if (req.method != "POST") return SendMethodNotAllowed(c, "POST");
+    auto t = openai::ParseTokenize(req.body, opt.served_model);
+    if (!t.ok()) return SendError(c, t.status());
+    std::vector<int32_t> ids;
+    if (t->prompt.has_value()) {
+      ids = router->tokenizer()->Encode(*t->prompt, t->add_special_tokens);
+    } else {
+      auto p = router->PromptIds(t->chat);
+      if (!p.ok()) return SendError(c, p.status());
+      ids = std::move(*p);
+    }
+    const json body{{"tokens", ids},
+                    {"count", ids.size()},
+                    {"max_model_len", router->config().max_position_embeddings}};
+    return SendResponse(c, 200, "application/json", body.dump() + "\n");
+  }
+  if (req.path == "/detokenize") {
+    if (req.method != "POST") return SendMethodNotAllowed(c, "POST");
+    auto ids = openai::ParseDetokenize(req.body, opt.served_model);
+    if (!ids.ok()) return SendError(c, ids.status());
+    const int32_t vocab = router->tokenizer()->vocab_size();
+    for (int32_t id : *ids) {
+      if (id < 0 || id >= vocab) {
+        return SendError(c, absl::InvalidArgumentError(absl::StrCat(
+                                "field 'tokens' holds id ", id, " outside the vocabulary [0, ",
+                                vocab, ")")));
+      }
+    }
+    const json body{{"prompt", router->tokenizer()->Decode(*ids, /*skip_special_tokens=*/false)}};
+    return SendResponse(c, 200, "application/json",
+                        body.dump(-1, ' ', false, json::error_handler_t::replace) + "\n");
+  }
   if (req.path == "/metrics") {
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
     return SendResponse(c, 200, "text/plain; version=0.0.4; charset=utf-8",
@@ -285,7 +318,7 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   if (!completions && !chat) {
     return SendError(c, absl::NotFoundError(absl::StrCat(
                             "no route ", req.path, ": POST /v1/completions, POST "
-                            "/v1/chat/completions, GET /v1/models, GET /health, GET /metrics")));
+                            "/v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /tokenize, POST /detokenize")));
   }
   if (req.method != "POST") return SendMethodNotAllowed(c, "POST");
   const openai::Endpoint endpoint =

@@ -79,17 +79,12 @@ json Bytes(const std::string& s) {
 
 }  // namespace
 
-absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,
-                                           const std::string& served_model) {
-  const json j = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+// The body as a JSON object whose "model", if given, is the served one.
+absl::StatusOr<json> ParseBody(std::string_view body, const std::string& served_model) {
+  json j = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError("the request body must be a JSON object");
   }
-  ParsedRequest out;
-  // The fields every choice shares; the prompts go into `prompts` (one entry for chat).
-  moemesh::v1::GenerateRequest req;
-  std::vector<moemesh::v1::GenerateRequest> prompts;
-  moemesh::v1::SamplingParams* s = req.mutable_sampling();
   if (auto it = j.find("model"); it != j.end() && !it->is_null()) {
     if (!it->is_string()) return Bad("model", "must be a string");
     if (it->get<std::string>() != served_model) {
@@ -98,6 +93,57 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
                                               served_model, "'"));
     }
   }
+  return j;
+}
+
+absl::StatusOr<TokenizeRequest> ParseTokenize(std::string_view body,
+                                              const std::string& served_model) {
+  auto j = ParseBody(body, served_model);
+  if (!j.ok()) return j.status();
+  TokenizeRequest out;
+  if (j->contains("messages")) {
+    auto chat = ParseRequest(Endpoint::kChat, body, served_model);
+    if (!chat.ok()) return chat.status();
+    out.chat = std::move(chat->requests[0]);
+    return out;
+  }
+  auto it = j->find("prompt");
+  if (it == j->end() || !it->is_string()) {
+    return Bad("prompt", "is required: a string (or give chat 'messages')");
+  }
+  out.prompt = it->get<std::string>();
+  auto add = Bool(*j, "add_special_tokens");
+  if (!add.ok()) return add.status();
+  out.add_special_tokens = add->value_or(true);
+  return out;
+}
+
+absl::StatusOr<std::vector<int32_t>> ParseDetokenize(std::string_view body,
+                                                     const std::string& served_model) {
+  auto j = ParseBody(body, served_model);
+  if (!j.ok()) return j.status();
+  auto it = j->find("tokens");
+  if (it == j->end() || !it->is_array()) return Bad("tokens", "is required: a list of token ids");
+  std::vector<int32_t> ids;
+  for (const json& t : *it) {
+    if (!t.is_number_integer() || t.get<int64_t>() < INT32_MIN || t.get<int64_t>() > INT32_MAX) {
+      return Bad("tokens", "must hold token ids (integers)");
+    }
+    ids.push_back(t.get<int32_t>());
+  }
+  return ids;
+}
+
+absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,
+                                           const std::string& served_model) {
+  auto parsed = ParseBody(body, served_model);
+  if (!parsed.ok()) return parsed.status();
+  const json& j = *parsed;
+  ParsedRequest out;
+  // The fields every choice shares; the prompts go into `prompts` (one entry for chat).
+  moemesh::v1::GenerateRequest req;
+  std::vector<moemesh::v1::GenerateRequest> prompts;
+  moemesh::v1::SamplingParams* s = req.mutable_sampling();
   if (endpoint == Endpoint::kCompletions) {
     auto it = j.find("prompt");
     if (it == j.end()) return Bad("prompt", "is required");

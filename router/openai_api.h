@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -54,6 +55,19 @@ struct ParsedRequest {
 // NotFound for another model.
 absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view body,
                                            const std::string& served_model);
+
+// POST /tokenize (vLLM's): {"prompt": TEXT, "add_special_tokens": true} or {"messages": [...]}
+// (chat, rendered as /v1/chat/completions renders it, in `chat`); "model" optional.
+struct TokenizeRequest {
+  std::optional<std::string> prompt;
+  bool add_special_tokens = true;
+  moemesh::v1::GenerateRequest chat;  // without a prompt
+};
+absl::StatusOr<TokenizeRequest> ParseTokenize(std::string_view body,
+                                              const std::string& served_model);
+// POST /detokenize (vLLM's): {"tokens": [ids]}; the ids (their range is the caller's to check).
+absl::StatusOr<std::vector<int32_t>> ParseDetokenize(std::string_view body,
+                                                     const std::string& served_model);
 
 // HTTP status of an error (400 invalid argument, 404 not found, 429 resource exhausted, 503
 // unavailable, 504 deadline exceeded, 500 otherwise) and its OpenAI error object.

@@ -119,6 +119,30 @@ TEST(OpenAiApiTest, ChatMessagesAndTextParts) {
   EXPECT_EQ(lp->requests[0].sampling().logprobs(), 1);
 }
 
+TEST(OpenAiApiTest, TokenizeAndDetokenizeBodies) {
+  auto t = ParseTokenize(R"({"model": "m", "prompt": "hi", "add_special_tokens": false})", "m");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->prompt, std::optional<std::string>("hi"));
+  EXPECT_FALSE(t->add_special_tokens);
+  t = ParseTokenize(R"({"messages": [{"role": "user", "content": "yo"}]})", "m");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_FALSE(t->prompt.has_value());
+  ASSERT_EQ(t->chat.chat().messages_size(), 1);
+  EXPECT_EQ(t->chat.chat().messages(0).content(), "yo");
+  EXPECT_EQ(ParseTokenize(R"({"prompt": "x", "model": "n"})", "m").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_NE(ParseTokenize(R"({"prompt": 5})", "m").status().message().find("prompt"),
+            std::string::npos);
+  auto d = ParseDetokenize(R"({"tokens": [1, 2, 3]})", "m");
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(*d, std::vector<int32_t>({1, 2, 3}));
+  for (const char* bad : {R"({"tokens": "abc"})", R"({"tokens": [1.5]})", R"({})",
+                          R"({"tokens": [99999999999]})"}) {
+    EXPECT_NE(ParseDetokenize(bad, "m").status().message().find("tokens"), std::string::npos)
+        << bad;
+  }
+}
+
 TEST(OpenAiApiTest, LogitBiasAndMinTokens) {
   auto p = ParseRequest(Endpoint::kCompletions,
                         R"({"prompt": "x", "logit_bias": {"50": -100, "7": 2.5}, "min_tokens": 3})",

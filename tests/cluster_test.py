@@ -563,6 +563,7 @@ def tearDownModule():
 
 PYDOC_CASES = oracle_cases(PYDOC)
 PYDOC_CONTEXT = load_config(PYDOC)[0]["max_position_embeddings"]
+PYDOC_VOCAB = load_config(PYDOC)[0]["vocab_size"]
 
 
 # ================================================================================== tests
@@ -1490,6 +1491,35 @@ class HttpApiTest(unittest.TestCase):
             self.assertEqual(counts, sorted(counts), name)
             self.assertEqual(counts[-1], out[(name + "_count", ())], name)
         return out
+
+    def test_tokenize_and_detokenize_match_the_grpc_api(self):
+        text = "import os\nprint(os.getcwd())"
+        status, got = self.call("POST", "/tokenize", {"prompt": text})
+        self.assertEqual(status, 200, got)
+        want = list(self.c.stub.Tokenize(pb2.TokenizeRequest(text=text, add_special_tokens=True),
+                                         timeout=CALL_TIMEOUT).ids)
+        self.assertEqual(got["tokens"], want)
+        self.assertEqual(got["count"], len(want))
+        self.assertEqual(got["max_model_len"], PYDOC_CONTEXT)
+        # Chat messages: as many tokens as a chat completion's prompt.
+        msgs = [{"role": "user", "content": "Hi there"}]
+        status, tok = self.call("POST", "/tokenize", {"messages": msgs})
+        self.assertEqual(status, 200, tok)
+        status, chat = self.call("POST", "/v1/chat/completions",
+                                 {"messages": msgs, "max_tokens": 1})
+        self.assertEqual(status, 200, chat)
+        self.assertEqual(tok["count"], chat["usage"]["prompt_tokens"])
+        status, got = self.call("POST", "/detokenize", {"tokens": want})
+        self.assertEqual(status, 200, got)
+        self.assertEqual(got["prompt"], self.c.stub.Detokenize(
+            pb2.DetokenizeRequest(ids=want), timeout=CALL_TIMEOUT).text)
+        self.assertEqual(got["prompt"], text)
+        status, got = self.call("POST", "/detokenize", {"tokens": [PYDOC_VOCAB]})
+        self.assertEqual(status, 400)
+        self.assertIn("outside the vocabulary", got["error"]["message"])
+        self.assertEqual(self.call("POST", "/tokenize", {"text": "x"})[0], 400)
+        self.assertEqual(self.call("POST", "/tokenize", {"prompt": "x", "model": "gpt-4"})[0], 404)
+        self.assertEqual(self.call("GET", "/tokenize")[0], 405)
 
     def test_metrics_count_what_the_router_served(self):
         ids = PYDOC_CASES[2][0]
