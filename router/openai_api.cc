@@ -144,6 +144,24 @@ absl::StatusOr<ParsedRequest> ParseRequest(Endpoint endpoint, std::string_view b
   moemesh::v1::GenerateRequest req;
   std::vector<moemesh::v1::GenerateRequest> prompts;
   moemesh::v1::SamplingParams* s = req.mutable_sampling();
+  // Fields whose meaning this server does not implement are refused rather than ignored (a
+  // client that sends tools expects tool calls); their empty forms pass.
+  for (const char* field : {"tools", "functions"}) {
+    if (auto it = j.find(field); it != j.end() && !it->is_null() && !it->empty()) {
+      return Bad(field, "is not supported (no tool calling); use response_format json_schema "
+                        "for structured answers");
+    }
+  }
+  for (const char* field : {"tool_choice", "function_call"}) {
+    if (auto it = j.find(field); it != j.end() && !it->is_null() &&
+        !(it->is_string() && (*it == "none" || *it == "auto"))) {
+      return Bad(field, "is not supported (no tool calling)");
+    }
+  }
+  if (auto it = j.find("suffix"); it != j.end() && !it->is_null() &&
+      !(it->is_string() && it->get<std::string>().empty())) {
+    return Bad("suffix", "is not supported (no fill-in-the-middle)");
+  }
   if (endpoint == Endpoint::kCompletions) {
     auto it = j.find("prompt");
     if (it == j.end()) return Bad("prompt", "is required");

@@ -119,6 +119,15 @@ TEST(OpenAiApiTest, ChatMessagesAndTextParts) {
   EXPECT_EQ(lp->requests[0].sampling().logprobs(), 1);
 }
 
+// The empty forms of unsupported fields that some clients always send pass.
+TEST(OpenAiApiTest, EmptyToolFieldsPass) {
+  auto p = ParseRequest(Endpoint::kChat, R"({"messages": [{"role": "user", "content": "x"}],
+      "tools": [], "tool_choice": "none", "functions": null, "user": "u1"})", "m");
+  EXPECT_TRUE(p.ok()) << p.status();
+  p = ParseRequest(Endpoint::kCompletions, R"({"prompt": "x", "suffix": ""})", "m");
+  EXPECT_TRUE(p.ok()) << p.status();
+}
+
 TEST(OpenAiApiTest, TokenizeAndDetokenizeBodies) {
   auto t = ParseTokenize(R"({"model": "m", "prompt": "hi", "add_special_tokens": false})", "m");
   ASSERT_TRUE(t.ok()) << t.status();
@@ -192,6 +201,15 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
   };
   const Case cases[] = {
       {Endpoint::kCompletions, "not json", absl::StatusCode::kInvalidArgument, "JSON"},
+      {Endpoint::kChat,
+       R"({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
+           "function": {"name": "f", "parameters": {}}}]})",
+       absl::StatusCode::kInvalidArgument, "'tools' is not supported"},
+      {Endpoint::kChat,
+       R"({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"})",
+       absl::StatusCode::kInvalidArgument, "tool_choice"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "suffix": "end"})",
+       absl::StatusCode::kInvalidArgument, "suffix"},
       {Endpoint::kCompletions, R"({"prompt": "x", "response_format": {"type": "json_schema"}})",
        absl::StatusCode::kInvalidArgument, "json_schema needs"},
       {Endpoint::kCompletions,
