@@ -263,6 +263,7 @@ absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, Gener
   const int64_t need = plen + r->max_tokens;
   std::lock_guard<std::mutex> l(mu_);
   if (draining_) {
+    ++counters_.refused_draining;
     return absl::UnavailableError(
         "the server is shutting down (draining its requests): send this one to another replica");
   }
@@ -366,6 +367,7 @@ Router::Counters Router::counters() const {
   std::lock_guard<std::mutex> l(mu_);
   Counters c = counters_;
   c.waiting = static_cast<int64_t>(waiting_.size());
+  c.draining = draining_;
   for (const Lane& lane : lanes_) {
     c.running += static_cast<int64_t>(lane.running.size());
     c.kv_reserved += lane.kv_reserved;

@@ -112,6 +112,8 @@ class Router {
   struct Counters {
     int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0, invalid = 0;
     int64_t finished_length = 0;  // of `finished`, those that reached max_tokens or the context
+    int64_t refused_draining = 0;  // UNAVAILABLE at Submit: the router is draining (Drain)
+    bool draining = false;
     int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
     int64_t moved = 0;  // requests moved to another worker after a worker failed
     // Prompt tokens of requests whose prompt is prefilled (once each: not again when a moved

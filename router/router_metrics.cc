@@ -28,12 +28,15 @@ std::string PrometheusMetrics(const Router::Counters& c) {
       "Requests that ended with an error after they were accepted (a worker failed).",
       d(c.failed));
   p.Family("moemesh_requests_rejected_total", "counter",
-           "Requests refused at submission: invalid (INVALID_ARGUMENT) or no room "
-           "(RESOURCE_EXHAUSTED: queue full, or more KV cache than a worker holds).");
+           "Requests refused at submission: invalid (INVALID_ARGUMENT), no room "
+           "(RESOURCE_EXHAUSTED: queue full, or more KV cache than a worker holds) or draining "
+           "(UNAVAILABLE: shutting down).");
   p.Sample("moemesh_requests_rejected_total", d(c.invalid),
            PrometheusText::Label("reason", "invalid"));
   p.Sample("moemesh_requests_rejected_total", d(c.rejected),
            PrometheusText::Label("reason", "resource_exhausted"));
+  p.Sample("moemesh_requests_rejected_total", d(c.refused_draining),
+           PrometheusText::Label("reason", "draining"));
   one("moemesh_requests_moved_total", "counter",
       "Requests moved to another attention worker after theirs failed.", d(c.moved));
   one("moemesh_prompt_tokens_total", "counter", "Prompt tokens prefilled (each prompt once).",
@@ -43,6 +46,9 @@ std::string PrometheusMetrics(const Router::Counters& c) {
   one("moemesh_requests_running", "gauge", "Requests admitted to an attention worker.",
       d(c.running));
   one("moemesh_requests_waiting", "gauge", "Requests queued for KV cache room.", d(c.waiting));
+  one("moemesh_draining", "gauge",
+      "1 once the router is shutting down (new requests refused, accepted ones finishing).",
+      c.draining ? 1 : 0);
 
   // One sample per attention worker, labelled worker="i" (Create's order).
   auto per_worker = [&p, &c](const char* name, const char* type, const char* help,

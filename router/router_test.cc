@@ -499,6 +499,12 @@ TEST_F(RouterTest, DrainRefusesNewRequestsAndFinishesAcceptedOnes) {
   auto refused = router.Submit(Request(5, 10), &late);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
   EXPECT_FALSE(router.WaitIdle(std::chrono::milliseconds(50)));  // held: still running
+  EXPECT_EQ(router.counters().refused_draining, 1);
+  EXPECT_TRUE(router.counters().draining);
+  const std::string text = PrometheusMetrics(router.counters());
+  EXPECT_NE(text.find("moemesh_draining 1\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("moemesh_requests_rejected_total{reason=\"draining\"} 1\n"),
+            std::string::npos);
   a.Open();
   EXPECT_TRUE(router.WaitIdle(std::chrono::seconds(30)));
   for (Sink& s : sinks) {
