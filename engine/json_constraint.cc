@@ -100,7 +100,7 @@ uint16_t JsonState::ExpectedNode() const {
   if (depth_ == 0) return schema_->root();
   const JsonSchema::Node& n = schema_->node(node_[depth_ - 1]);
   if (stack_[depth_ - 1] == '[') return n.items;
-  return n.free_object ? JsonSchema::kAny : n.values[next_[depth_ - 1] - 1];
+  return n.free_object ? n.additional : n.values[next_[depth_ - 1] - 1];
 }
 
 uint64_t JsonState::KeyChoices() const {

@@ -235,9 +235,10 @@ class JsonSchema::Compiler {
     if (auto ap = j.find("additionalProperties"); ap != j.end()) {
       if (ap->is_boolean()) {
         if (!ap->get<bool>()) n->free_object = false;  // no keys but the properties
-      } else if (!j.contains("properties")) {
-        return Bad(path, "additionalProperties as a schema is not supported (only with "
-                         "properties, where no other keys are generated)");
+      } else if (!j.contains("properties")) {  // a map: any keys, values of this schema
+        absl::StatusOr<uint16_t> v = Index(*ap, path + "/additionalProperties");
+        if (!v.ok()) return v.status();
+        n->additional = *v;
       }
     }
     auto props = j.find("properties");

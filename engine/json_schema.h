@@ -10,7 +10,8 @@
 //   examples, $schema, $id, $comment.
 // As OpenAI's strict mode: an object with properties is generated with its keys in the schema's
 // order and no other keys (properties not in `required` may be left out); an object without
-// properties is any JSON object. The root must be an object. enum and const values are
+// properties is any JSON object (its values as additionalProperties says, when that is a
+// schema: Dict[str, int]). The root must be an object. enum and const values are
 // generated in their compact form (no whitespace inside).
 #ifndef MOEMESH_ENGINE_JSON_SCHEMA_H_
 #define MOEMESH_ENGINE_JSON_SCHEMA_H_
@@ -43,9 +44,11 @@ class JsonSchema {
   struct Node {
     uint8_t kinds = 0;
     std::vector<std::string> choices;  // enum / const values, compact JSON
-    // Objects: with free_object, any object; else these keys (quoted, as they are written), in
-    // order, each with its value's node and whether it is required.
+    // Objects: with free_object, any keys, each value of node `additional`; else these keys
+    // (quoted, as they are written), in order, each with its value's node and whether it is
+    // required.
     bool free_object = true;
+    uint16_t additional = kAny;
     std::vector<std::string> keys;
     std::vector<uint16_t> values;
     std::vector<bool> required;
