@@ -16,6 +16,9 @@
 // `moemesh cluster` (which passes it to its router).
 ABSL_DECLARE_FLAG(std::string, think_tokens);
 ABSL_DECLARE_FLAG(std::string, http_address);
+// --drain_seconds: also read by `moemesh cluster` (passed to its router; it waits that long for
+// the router before stopping the workers).
+ABSL_DECLARE_FLAG(double, drain_seconds);
 
 namespace moemesh {
 

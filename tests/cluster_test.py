@@ -1882,7 +1882,25 @@ class ClusterCommandTest(unittest.TestCase):
                 self.assertEqual(sorted(w.address for w in info.workers if w.role == "attention"),
                                  sorted(m.groups()))
             p.extra_pids = sorted(set(p.extra_pids) | set(descendants(p.pid)))
+            # A stream in flight at SIGINT finishes whole: the router drains before the workers
+            # are stopped.
+            ids, want = PYDOC_CASES[0]
+            ch = grpc.insecure_channel(addr)
+            bg = Background(lambda: generate(pb2_grpc.GenerationStub(ch), make_request(ids, 600)))
+
+            def active():
+                n = 0
+                for a in m.groups():
+                    with grpc.insecure_channel(a) as ach:
+                        n += wpb2_grpc.AttentionStub(ach).GetStats(
+                            wpb2.StatsRequest(), timeout=10).active_sequences
+                return n
+            poll_until(lambda: active() == 1, 30, interval=0.05)
             os.kill(p.pid, signal.SIGINT)  # to the command only, as `kill -INT PID` does
+            got = bg.join()
+            ch.close()
+            self.assertEqual(len(got.ids), 600)
+            self.assertEqual(got.ids[:len(want)], want)
             try:
                 rc = p.p.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -61,26 +62,38 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
   return pid;
 }
 
-void StopAll(std::vector<Child>* children) {
-  for (auto& c : *children) {
-    if (c.pid > 0) kill(c.pid, SIGTERM);
-  }
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  for (auto& c : *children) {
-    while (c.pid > 0) {
-      int status;
-      pid_t r = waitpid(c.pid, &status, WNOHANG);
-      if (r == c.pid || r < 0) {
-        c.pid = -1;
-      } else if (std::chrono::steady_clock::now() > deadline) {
-        kill(c.pid, SIGKILL);
-        waitpid(c.pid, &status, 0);
-        c.pid = -1;
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
+// Waits for `c` to exit; SIGKILL once `deadline` passes.
+void Reap(Child* c, std::chrono::steady_clock::time_point deadline) {
+  while (c->pid > 0) {
+    int status;
+    const pid_t r = waitpid(c->pid, &status, WNOHANG);
+    if (r == c->pid || r < 0) {
+      c->pid = -1;
+    } else if (std::chrono::steady_clock::now() > deadline) {
+      kill(c->pid, SIGKILL);
+      waitpid(c->pid, &status, 0);
+      c->pid = -1;
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
+}
+
+// SIGTERM to the router first, which drains (the requests it accepted finish on the workers,
+// for up to --drain_seconds), then to the workers; SIGKILL to any still there 5 s later.
+void StopAll(std::vector<Child>* children) {
+  const auto drain = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(std::max(0.0, absl::GetFlag(FLAGS_drain_seconds)) + 5));
+  for (Child& c : *children) {
+    if (c.name != "router" || c.pid <= 0) continue;
+    kill(c.pid, SIGTERM);
+    Reap(&c, std::chrono::steady_clock::now() + drain);
+  }
+  for (Child& c : *children) {
+    if (c.pid > 0) kill(c.pid, SIGTERM);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (Child& c : *children) Reap(&c, deadline);
 }
 
 }  // namespace
@@ -175,6 +188,7 @@ int RunCluster(const std::string& argv0) {
   const std::string http = absl::GetFlag(FLAGS_http_address);
   std::vector<std::string> router_argv = {bin + "/router/router", "--config=" + config};
   if (!http.empty()) router_argv.push_back("--http_address=" + http);
+  router_argv.push_back(absl::StrCat("--drain_seconds=", absl::GetFlag(FLAGS_drain_seconds)));
   start("router", router_argv, addr(0));
 
   // Healthy, in start order; give up if a process dies or the deadline passes.
