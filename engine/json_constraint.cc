@@ -201,6 +201,12 @@ bool JsonState::StartValue(uint8_t c) {
   if (c == '"') {
     mode_ = kString;
     key_ = false;
+    str_node_ = static_cast<uint16_t>(node);
+    str_len_ = 0;
+    if (schema_ != nullptr) {
+      const JsonSchema::Node& n = schema_->node(str_node_);
+      str_bounded_ = n.min_length > 0 || n.max_length != UINT32_MAX;
+    }
     return true;
   }
   if (c == '-' || IsDigit(c)) {
@@ -231,6 +237,15 @@ bool JsonState::Step(uint8_t c) {
         return true;
       }
       if (need_low_ && c != '\\') return false;  // a high surrogate's \uDC00-\uDFFF
+      if (str_bounded_) {  // minLength / maxLength, in characters (code points)
+        const JsonSchema::Node& n = schema_->node(str_node_);
+        if (c == '"') {
+          if (str_len_ < n.min_length) return false;
+        } else if (!need_low_ && (c < 0x80 || (c >= 0xC2 && c <= 0xF4))) {  // a character starts
+          if (str_len_ >= n.max_length) return false;
+          ++str_len_;
+        }
+      }
       if (c == '"') {
         if (key_) {
           key_ = false;
@@ -372,6 +387,9 @@ bool JsonState::Step(uint8_t c) {
       }
       mode_ = kString;
       key_ = true;
+      str_node_ = JsonSchema::kAny;
+      str_len_ = 0;
+      str_bounded_ = false;
       return true;
     case kColon:
       if (c != ':') return false;

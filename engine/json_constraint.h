@@ -46,7 +46,11 @@ class JsonState {
   bool Complete() const { return mode_ == kDone; }
   // In a string, between characters (not in an escape or a UTF-8 sequence): any complete UTF-8
   // characters but a quote, a backslash or a control character keep it so.
-  bool InString() const { return mode_ == kString && utf8_left_ == 0 && !need_low_; }
+  // Not with a schema's maxLength on the string (every character then counts).
+  bool InString() const {
+    return mode_ == kString && utf8_left_ == 0 && !need_low_ &&
+           (!str_bounded_ || schema_->node(str_node_).max_length == UINT32_MAX);
+  }
 
  private:
   enum Mode : uint8_t {
@@ -99,6 +103,10 @@ class JsonState {
   // \u escapes: the hex digits' value so far; after a high surrogate, a low one must follow.
   uint16_t code_ = 0;
   bool need_low_ = false;
+  // Schema mode: the string's node (its min/max length) and the characters read so far.
+  uint16_t str_node_ = 0;
+  bool str_bounded_ = false;  // the node has a minLength or maxLength
+  uint32_t str_len_ = 0;
   std::array<uint8_t, kMaxDepth> stack_{};  // '{' or '[' per open container
   // Schema mode: per open container its node, and for an object the index of the first
   // property that may come next (after the last one written), for an array the values so far

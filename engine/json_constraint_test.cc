@@ -150,7 +150,7 @@ TEST(TokenTableTest, AcceptedEqualsFeedingEveryToken) {
   const std::vector<std::string> bytes = (*tok)->AllTokenBytes();
   const TokenTable table(bytes);
   auto schema = JsonSchema::Compile(R"({"type": "object", "properties": {
-      "name": {"type": "string"}, "age": {"type": "integer"},
+      "name": {"type": "string", "maxLength": 3}, "age": {"type": "integer"},
       "tags": {"type": "array", "items": {"enum": ["a", "b", 1, 12]}, "maxItems": 2},
       "nick": {"type": ["string", "null"]}, "ok": {"type": "boolean"}},
       "required": ["name", "age", "tags", "ok"]})");

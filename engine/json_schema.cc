@@ -19,7 +19,7 @@ using Json = nlohmann::ordered_json;  // keeps the properties in the schema's or
 const std::set<std::string>& Keywords() {
   static const std::set<std::string> k = {
       "type",     "properties", "required", "additionalProperties", "items", "minItems",
-      "maxItems", "enum",       "const",    "anyOf",   "oneOf",    "$ref",  "$defs",
+      "maxItems", "minLength", "maxLength", "enum",       "const",    "anyOf",   "oneOf",    "$ref",  "$defs",
       "definitions", "title",   "description", "default", "examples", "$schema", "$id",
       "$comment"};
   return k;
@@ -152,7 +152,7 @@ class JsonSchema::Compiler {
     auto has = [&j](const char* k) { return j.contains(k); };
     const bool typed = has("type") || has("properties") || has("required") ||
                        has("additionalProperties") || has("items") || has("minItems") ||
-                       has("maxItems");
+                       has("maxItems") || has("minLength") || has("maxLength");
     if (has("$ref")) {
       if (typed || has("enum") || has("const") || has("anyOf") || has("oneOf")) {
         return Bad(path, "$ref with other keywords beside it is not supported");
@@ -223,11 +223,17 @@ class JsonSchema::Compiler {
       n.kinds = kObject;
     } else if (has("items") || has("minItems") || has("maxItems")) {
       n.kinds = kArray;
+    } else if (has("minLength") || has("maxLength")) {
+      n.kinds = kString;
     } else {
       n.kinds = kAnyKind;  // {} or annotations only
     }
     if (absl::Status st = Object(j, path, &n); !st.ok()) return st;
     if (absl::Status st = Array(j, path, &n); !st.ok()) return st;
+    if (absl::Status st = Bounds(j, path, "minLength", "maxLength", &n.min_length, &n.max_length);
+        !st.ok()) {
+      return st;
+    }
     return n;
   }
 
@@ -280,16 +286,26 @@ class JsonSchema::Compiler {
       if (!v.ok()) return v.status();
       n->items = *v;
     }
-    for (const char* bound : {"minItems", "maxItems"}) {
-      auto b = j.find(bound);
-      if (b == j.end()) continue;
-      if (!b->is_number_integer() || b->get<int64_t>() < 0 || b->get<int64_t>() > UINT32_MAX) {
-        return Bad(path, absl::StrCat(bound, " must be an integer >= 0"));
-      }
-      (bound[1] == 'i' ? n->min_items : n->max_items) = b->get<uint32_t>();
+    if (absl::Status st = Bounds(j, path, "minItems", "maxItems", &n->min_items, &n->max_items);
+        !st.ok()) {
+      return st;
     }
-    if (n->min_items > n->max_items) return Bad(path, "minItems is more than maxItems");
     if (n->min_items > 65535) return Bad(path, "minItems above 65535 is not supported");
+    return absl::OkStatus();
+  }
+
+  // A pair of bounds (integers >= 0, min <= max) into *lo, *hi when given.
+  static absl::Status Bounds(const Json& j, const std::string& path, const char* min_key,
+                             const char* max_key, uint32_t* lo, uint32_t* hi) {
+    for (const char* key : {min_key, max_key}) {
+      auto b = j.find(key);
+      if (b == j.end()) continue;
+      if (!b->is_number_integer() || b->get<int64_t>() < 0 || b->get<int64_t>() >= UINT32_MAX) {
+        return Bad(path, absl::StrCat(key, " must be an integer >= 0"));
+      }
+      *(key == min_key ? lo : hi) = b->get<uint32_t>();
+    }
+    if (*lo > *hi) return Bad(path, absl::StrCat(min_key, " is more than ", max_key));
     return absl::OkStatus();
   }
 

@@ -4,7 +4,7 @@
 //
 // The subset (anything else is an INVALID_ARGUMENT naming the keyword):
 //   type (a name or a list of names), properties, required, additionalProperties, items,
-//   minItems, maxItems, enum, const, anyOf / oneOf (alternatives that start with different
+//   minItems, maxItems, minLength, maxLength, enum, const, anyOf / oneOf (alternatives that start with different
 //   bytes: an object, a string, null, ...), $ref to "#", "#/$defs/NAME" or
 //   "#/definitions/NAME" (recursion allowed), and the annotations title, description, default,
 //   examples, $schema, $id, $comment.
@@ -52,6 +52,8 @@ class JsonSchema {
     std::vector<std::string> keys;
     std::vector<uint16_t> values;
     std::vector<bool> required;
+    // Strings: minLength / maxLength, in characters (code points; an escape is one).
+    uint32_t min_length = 0, max_length = UINT32_MAX;
     // Arrays.
     uint16_t items = kAny;
     uint32_t min_items = 0, max_items = UINT32_MAX;

@@ -4,6 +4,7 @@
 // token table in schema mode).
 #include "engine/json_schema.h"
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <random>
@@ -26,7 +27,7 @@ constexpr char kPerson[] = R"({
   "type": "object",
   "title": "person",
   "properties": {
-    "name": {"type": "string", "description": "who"},
+    "name": {"type": "string", "description": "who", "maxLength": 6},
     "age": {"type": "integer"},
     "tags": {"type": "array", "items": {"enum": ["a", "b", 1, 12]}, "minItems": 1,
              "maxItems": 2},
@@ -81,6 +82,8 @@ TEST(JsonSchemaTest, UnsupportedSchemasAreClearErrors) {
       {R"({"type": "object", "properties": {"a": {"items": [{}]}}})", "tuples"},
       {R"({"type": "object", "properties": {"a": {"minItems": 3, "maxItems": 2}}})",
        "minItems is more than maxItems"},
+      {R"({"type": "object", "properties": {"a": {"type": "string", "maxLength": -1}}})",
+       "maxLength must be an integer"},
   };
   for (const auto& [schema, want] : cases) {
     auto s = JsonSchema::Compile(schema);
@@ -137,6 +140,23 @@ TEST(JsonSchemaStateTest, AcceptsDocumentsOfTheSchema) {
   JsonState m2(map.get());
   ASSERT_TRUE(m2.FeedAll(R"({"counts": {"a": )"));
   EXPECT_FALSE(m2.Feed('"'));
+  // minLength / maxLength count characters: a multi-byte character or an escape (a surrogate
+  // pair too) is one.
+  auto code = MustCompile(R"({"properties": {"c": {"type": "string", "minLength": 2,
+      "maxLength": 3}}, "required": ["c"]})");
+  ASSERT_NE(code, nullptr);
+  for (const std::string ok : {R"({"c": "ab"})", R"({"c": "abc"})",
+                               "{\"c\": \"\xc3\xa9\xe6\xbc\xa2x\"}", R"({"c": "\n\t"})",
+                               R"({"c": "\ud83d\ude00\u00e9"})"}) {
+    EXPECT_TRUE(Accepts(*code, ok));
+  }
+  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
+           {R"({"c": "a)", '"'}, {R"({"c": "abc)", 'd'}, {R"({"c": "ab\n)", '\\'},
+           {"{\"c\": \"\xc3\xa9\xe6\xbc\xa2x", '\xc3'}}) {
+    JsonState s(code.get());
+    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
+    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
+  }
   // Keys and enum strings are written as JSON writes them (escaped).
   auto escaped = MustCompile(R"({"properties": {"a\"b": {"const": "c\nd"}}, "required": ["a\"b"]})");
   ASSERT_NE(escaped, nullptr);
@@ -236,7 +256,12 @@ TEST(JsonSchemaConstraintTest, SampledDocumentsFollowTheSchema) {
     EXPECT_EQ(keys, nick ? std::vector<std::string>({"name", "age", "tags", "nick", "ok"})
                          : std::vector<std::string>({"name", "age", "tags", "ok"}))
         << text;
-    EXPECT_TRUE(j["name"].is_string()) << text;
+    ASSERT_TRUE(j["name"].is_string()) << text;
+    const std::string name = j["name"].get<std::string>();
+    EXPECT_LE(std::count_if(name.begin(), name.end(),
+                            [](char ch) { return (static_cast<uint8_t>(ch) & 0xC0) != 0x80; }),
+              6)
+        << text;
     // An integer (one past int64 parses as a float with no fraction).
     ASSERT_TRUE(j["age"].is_number()) << text;
     EXPECT_EQ(std::floor(j["age"].get<double>()), j["age"].get<double>()) << text;
