@@ -1,5 +1,7 @@
 // Router::Counters in Prometheus' text format.
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "router/metrics.h"
 #include "router/router.h"
@@ -15,28 +17,30 @@ std::string PrometheusMetrics(const Router::Counters& c) {
   auto d = [](int64_t v) { return static_cast<double>(v); };
   one("moemesh_requests_submitted_total", "counter", "Requests accepted into the queue.",
       d(c.submitted));
-  p.Family("moemesh_requests_finished_total", "counter",
-           "Requests ended, by finish reason (stop: an end token or stop string; length: "
-           "max_tokens or the context; cancelled: by the client).");
-  p.Sample("moemesh_requests_finished_total", d(c.finished - c.finished_length),
-           PrometheusText::Label("reason", "stop"));
-  p.Sample("moemesh_requests_finished_total", d(c.finished_length),
-           PrometheusText::Label("reason", "length"));
-  p.Sample("moemesh_requests_finished_total", d(c.cancelled),
-           PrometheusText::Label("reason", "cancelled"));
+  // A counter family with one sample per value of label `key`.
+  auto by = [&p](const char* name, const char* help, const char* key,
+                 std::initializer_list<std::pair<const char*, int64_t>> values) {
+    p.Family(name, "counter", help);
+    for (const auto& [label, v] : values) {
+      p.Sample(name, static_cast<double>(v), PrometheusText::Label(key, label));
+    }
+  };
+  by("moemesh_requests_finished_total",
+     "Requests ended, by finish reason (stop: an end token or stop string; length: max_tokens or "
+     "the context; cancelled: by the client).",
+     "reason",
+     {{"stop", c.finished - c.finished_length}, {"length", c.finished_length},
+      {"cancelled", c.cancelled}});
   one("moemesh_requests_failed_total", "counter",
       "Requests that ended with an error after they were accepted (a worker failed).",
       d(c.failed));
-  p.Family("moemesh_requests_rejected_total", "counter",
-           "Requests refused at submission: invalid (INVALID_ARGUMENT), no room "
-           "(RESOURCE_EXHAUSTED: queue full, or more KV cache than a worker holds) or draining "
-           "(UNAVAILABLE: shutting down).");
-  p.Sample("moemesh_requests_rejected_total", d(c.invalid),
-           PrometheusText::Label("reason", "invalid"));
-  p.Sample("moemesh_requests_rejected_total", d(c.rejected),
-           PrometheusText::Label("reason", "resource_exhausted"));
-  p.Sample("moemesh_requests_rejected_total", d(c.refused_draining),
-           PrometheusText::Label("reason", "draining"));
+  by("moemesh_requests_rejected_total",
+     "Requests refused at submission: invalid (INVALID_ARGUMENT), no room (RESOURCE_EXHAUSTED: "
+     "queue full, or more KV cache than a worker holds) or draining (UNAVAILABLE: shutting "
+     "down).",
+     "reason",
+     {{"invalid", c.invalid}, {"resource_exhausted", c.rejected},
+      {"draining", c.refused_draining}});
   one("moemesh_requests_moved_total", "counter",
       "Requests moved to another attention worker after theirs failed.", d(c.moved));
   one("moemesh_prompt_tokens_total", "counter", "Prompt tokens prefilled (each prompt once).",
