@@ -304,7 +304,7 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   if (req.path == "/metrics") {
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
     return SendResponse(c, 200, "text/plain; version=0.0.4; charset=utf-8",
-                        PrometheusMetrics(router->counters()));
+                        PrometheusMetrics(router->counters(), router->WorkerStats()));
   }
   if (req.path == "/v1/models") {
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");

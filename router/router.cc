@@ -339,6 +339,12 @@ void Router::Cancel(uint64_t id) {
   Deliver(&out);
 }
 
+std::vector<absl::StatusOr<wire::Stats>> Router::WorkerStats() const {
+  std::vector<absl::StatusOr<wire::Stats>> out;
+  for (const Lane& lane : lanes_) out.push_back(lane.client->GetStats());  // client: fixed
+  return out;
+}
+
 void Router::Drain() {
   std::lock_guard<std::mutex> l(mu_);
   draining_ = true;

@@ -135,6 +135,10 @@ class Router {
   };
   Counters counters() const;
 
+  // Each attention worker's own Stats (KV rows in use, prefix cache, speculative decoding,
+  // time spent), in Create's order: one GetStats call each, not under the router's lock.
+  std::vector<absl::StatusOr<wire::Stats>> WorkerStats() const;
+
   // Graceful shutdown: from now on Submit refuses new requests with UNAVAILABLE while those
   // accepted run to their end.
   void Drain();
@@ -265,8 +269,10 @@ class Router {
 };
 
 // The counters in Prometheus' text format (GET /metrics): moemesh_* counters, gauges and
-// histograms, per worker with a worker="i" label.
-std::string PrometheusMetrics(const Router::Counters& c);
+// histograms, per worker with a worker="i" label; with `workers` (Router::WorkerStats) also
+// what each worker reports of itself (those that did not answer are left out).
+std::string PrometheusMetrics(const Router::Counters& c,
+                              const std::vector<absl::StatusOr<wire::Stats>>& workers = {});
 
 // In-process attention client over an AttentionWorker-like object.
 template <typename Worker>

@@ -8,7 +8,8 @@
 
 namespace moemesh {
 
-std::string PrometheusMetrics(const Router::Counters& c) {
+std::string PrometheusMetrics(const Router::Counters& c,
+                              const std::vector<absl::StatusOr<wire::Stats>>& workers) {
   PrometheusText p;
   auto one = [&p](const char* name, const char* type, const char* help, double value) {
     p.Family(name, type, help);
@@ -74,6 +75,42 @@ std::string PrometheusMetrics(const Router::Counters& c) {
              "1 while the attention worker takes requests, 0 after a failed step until it "
              "answers again.",
              [&c](size_t w) { return c.worker_up[w] ? 1 : 0; });
+
+  // What each worker reports of itself (GetStats), for those that answered.
+  auto reported = [&p, &workers](const char* name, const char* type, const char* help,
+                                 double (*value_of)(const wire::Stats&)) {
+    p.Family(name, type, help);
+    for (size_t w = 0; w < workers.size(); ++w) {
+      if (!workers[w].ok()) continue;
+      p.Sample(name, value_of(*workers[w]), PrometheusText::Label("worker", std::to_string(w)));
+    }
+  };
+  if (!workers.empty()) {
+    reported("moemesh_kv_cache_used_tokens", "gauge",
+             "KV cache rows in use on the attention worker (its own count).",
+             [](const wire::Stats& s) { return static_cast<double>(s.kv_used_tokens()); });
+    reported("moemesh_prefix_cache_tokens", "gauge",
+             "KV rows of finished requests the worker keeps for reuse (--prefix_cache_tokens).",
+             [](const wire::Stats& s) { return static_cast<double>(s.prefix_cache_tokens()); });
+    reported("moemesh_prefix_cache_hit_tokens_total", "counter",
+             "Prompt rows copied from the prefix cache instead of computed.",
+             [](const wire::Stats& s) { return static_cast<double>(s.prefix_hit_tokens()); });
+    reported("moemesh_spec_draft_tokens_total", "counter",
+             "Speculative decoding: draft tokens verified (--speculative_tokens).",
+             [](const wire::Stats& s) { return static_cast<double>(s.draft_tokens()); });
+    reported("moemesh_spec_accepted_draft_tokens_total", "counter",
+             "Speculative decoding: draft tokens the sampler's draws confirmed.",
+             [](const wire::Stats& s) { return static_cast<double>(s.accepted_draft_tokens()); });
+    reported("moemesh_worker_attention_seconds_total", "counter",
+             "Seconds the attention worker spent in attention (and the rest of its stack).",
+             [](const wire::Stats& s) { return s.attention_seconds(); });
+    reported("moemesh_worker_expert_wait_seconds_total", "counter",
+             "Seconds the attention worker waited for expert workers.",
+             [](const wire::Stats& s) { return s.expert_wait_seconds(); });
+    reported("moemesh_worker_sampling_seconds_total", "counter",
+             "Seconds the attention worker spent sampling.",
+             [](const wire::Stats& s) { return s.sampling_seconds(); });
+  }
 
   p.AddHistogram("moemesh_time_to_first_token_seconds",
                  "Seconds from a request's arrival to its first token.", c.time_to_first_token);

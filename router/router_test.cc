@@ -385,6 +385,25 @@ TEST_F(RouterTest, MetricsCountTokensRequestsAndLatencies) {
         "# TYPE moemesh_e2e_request_latency_seconds histogram\n"}) {
     EXPECT_NE(text.find(line), std::string::npos) << line << " not in\n" << text;
   }
+  // The workers' own stats: one GetStats each, in order; one that does not answer is left out.
+  const auto stats = router->WorkerStats();
+  ASSERT_EQ(stats.size(), 2u);
+  ASSERT_TRUE(stats[0].ok());
+  EXPECT_EQ(stats[0]->kv_capacity_tokens(), 1000);
+  wire::Stats w0;
+  w0.set_kv_used_tokens(5);
+  w0.set_draft_tokens(3);
+  w0.set_accepted_draft_tokens(2);
+  w0.set_attention_seconds(0.25);
+  const std::string with = PrometheusMetrics(c, {w0, absl::UnavailableError("down")});
+  for (const char* line : {"moemesh_kv_cache_used_tokens{worker=\"0\"} 5\n",
+                           "moemesh_spec_draft_tokens_total{worker=\"0\"} 3\n",
+                           "moemesh_spec_accepted_draft_tokens_total{worker=\"0\"} 2\n",
+                           "moemesh_worker_attention_seconds_total{worker=\"0\"} 0.25\n"}) {
+    EXPECT_NE(with.find(line), std::string::npos) << line << " not in\n" << with;
+  }
+  EXPECT_EQ(with.find("moemesh_kv_cache_used_tokens{worker=\"1\"}"), std::string::npos);
+  EXPECT_EQ(text.find("moemesh_kv_cache_used_tokens"), std::string::npos);  // none given
 }
 
 // response_format JSON_SCHEMA: the schema is compiled at Submit (what the subset lacks is

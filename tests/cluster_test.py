@@ -1555,6 +1555,11 @@ class HttpApiTest(unittest.TestCase):
         self.assertGreater(delta("moemesh_worker_steps_total", worker="0"), 0)
         self.assertEqual(after[("moemesh_kv_cache_reserved_tokens", (("worker", "0"),))], 0)
         self.assertGreater(after[("moemesh_kv_cache_capacity_tokens", (("worker", "0"),))], 0)
+        # The worker's own report: no rows in use once done, time spent on the completion.
+        self.assertEqual(after[("moemesh_kv_cache_used_tokens", (("worker", "0"),))], 0)
+        self.assertGreater(delta("moemesh_worker_attention_seconds_total", worker="0"), 0)
+        self.assertGreater(delta("moemesh_worker_expert_wait_seconds_total", worker="0"), 0)
+        self.assertEqual(delta("moemesh_spec_draft_tokens_total", worker="0"), 0)
         self.assertEqual(self.call("POST", "/metrics")[0], 405)
 
     def test_a_client_leaving_mid_stream_cancels_its_request(self):
