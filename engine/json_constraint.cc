@@ -189,6 +189,9 @@ bool JsonState::StartValue(uint8_t c) {
       return ChoiceStep(c);
     }
     int_only_ = (n.kinds & JsonSchema::kNumber) == 0;
+    if (int_only_ && n.int_floor >= 0 && (c == '-' || (n.int_floor == 1 && c == '0'))) {
+      return false;  // minimum 0 or 1
+    }
   }
   if (c == '{' || c == '[') {
     if (depth_ >= kMaxDepth) return false;

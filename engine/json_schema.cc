@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <bitset>
+#include <cmath>
+#include <optional>
 #include <map>
 #include <set>
 #include <utility>
@@ -19,7 +21,8 @@ using Json = nlohmann::ordered_json;  // keeps the properties in the schema's or
 const std::set<std::string>& Keywords() {
   static const std::set<std::string> k = {
       "type",     "properties", "required", "additionalProperties", "items", "minItems",
-      "maxItems", "minLength", "maxLength", "enum",       "const",    "anyOf",   "oneOf",    "$ref",  "$defs",
+      "maxItems", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
+      "exclusiveMaximum", "enum",       "const",    "anyOf",   "oneOf",    "$ref",  "$defs",
       "definitions", "title",   "description", "default", "examples", "$schema", "$id",
       "$comment"};
   return k;
@@ -152,7 +155,9 @@ class JsonSchema::Compiler {
     auto has = [&j](const char* k) { return j.contains(k); };
     const bool typed = has("type") || has("properties") || has("required") ||
                        has("additionalProperties") || has("items") || has("minItems") ||
-                       has("maxItems") || has("minLength") || has("maxLength");
+                       has("maxItems") || has("minLength") || has("maxLength") ||
+                       has("minimum") || has("maximum") || has("exclusiveMinimum") ||
+                       has("exclusiveMaximum");
     if (has("$ref")) {
       if (typed || has("enum") || has("const") || has("anyOf") || has("oneOf")) {
         return Bad(path, "$ref with other keywords beside it is not supported");
@@ -234,7 +239,44 @@ class JsonSchema::Compiler {
         !st.ok()) {
       return st;
     }
+    if (absl::Status st = IntegerRange(j, path, &n); !st.ok()) return st;
     return n;
+  }
+
+  // minimum / maximum (and their exclusive forms), on integers only, in the two shapes a byte
+  // recognizer follows exactly: both bounds at most kMaxChoices values apart (the values become
+  // an enum), or a lower bound of 0 or 1 alone (no minus sign; for 1 no leading 0 either).
+  absl::Status IntegerRange(const Json& j, const std::string& path, Node* n) {
+    std::optional<int64_t> lo, hi;
+    for (const char* key : {"minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"}) {
+      auto b = j.find(key);
+      if (b == j.end()) continue;
+      if (n->kinds != kInteger) {
+        return Bad(path, absl::StrCat(key, " is supported on integers only (type integer)"));
+      }
+      if (!b->is_number()) return Bad(path, absl::StrCat(key, " must be a number"));
+      const double v = b->get<double>();
+      if (!(std::fabs(v) < 1e15)) return Bad(path, absl::StrCat(key, " is out of range"));
+      const std::string k = key;
+      if (k == "minimum") lo = static_cast<int64_t>(std::ceil(v));
+      if (k == "exclusiveMinimum") lo = static_cast<int64_t>(std::floor(v)) + 1;
+      if (k == "maximum") hi = static_cast<int64_t>(std::floor(v));
+      if (k == "exclusiveMaximum") hi = static_cast<int64_t>(std::ceil(v)) - 1;
+    }
+    if (!lo && !hi) return absl::OkStatus();
+    if (lo && hi) {
+      if (*lo > *hi) return Bad(path, "no integer lies between minimum and maximum");
+      if (*hi - *lo < kMaxChoices) {
+        n->kinds = 0;
+        for (int64_t v = *lo; v <= *hi; ++v) n->choices.push_back(std::to_string(v));
+        return absl::OkStatus();
+      }
+    } else if (lo && (*lo == 0 || *lo == 1)) {
+      n->int_floor = static_cast<int8_t>(*lo);
+      return absl::OkStatus();
+    }
+    return Bad(path, absl::StrCat("integer bounds are supported as minimum and maximum at most ",
+                                  kMaxChoices, " values apart, or minimum 0 or 1 alone"));
   }
 
   absl::Status Object(const Json& j, const std::string& path, Node* n) {

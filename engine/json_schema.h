@@ -4,7 +4,9 @@
 //
 // The subset (anything else is an INVALID_ARGUMENT naming the keyword):
 //   type (a name or a list of names), properties, required, additionalProperties, items,
-//   minItems, maxItems, minLength, maxLength, enum, const, anyOf / oneOf (alternatives that start with different
+//   minItems, maxItems, minLength, maxLength, minimum / maximum / exclusiveMinimum /
+//   exclusiveMaximum on integers (bounds at most 64 values apart, or a lower bound of 0 or 1
+//   alone), enum, const, anyOf / oneOf (alternatives that start with different
 //   bytes: an object, a string, null, ...), $ref to "#", "#/$defs/NAME" or
 //   "#/definitions/NAME" (recursion allowed), and the annotations title, description, default,
 //   examples, $schema, $id, $comment.
@@ -52,6 +54,8 @@ class JsonSchema {
     std::vector<std::string> keys;
     std::vector<uint16_t> values;
     std::vector<bool> required;
+    // Integers: -1 any; 0 no minus sign (>= 0); 1 neither a minus sign nor a leading 0 (>= 1).
+    int8_t int_floor = -1;
     // Strings: minLength / maxLength, in characters (code points; an escape is one).
     uint32_t min_length = 0, max_length = UINT32_MAX;
     // Arrays.

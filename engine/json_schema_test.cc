@@ -84,6 +84,16 @@ TEST(JsonSchemaTest, UnsupportedSchemasAreClearErrors) {
        "minItems is more than maxItems"},
       {R"({"type": "object", "properties": {"a": {"type": "string", "maxLength": -1}}})",
        "maxLength must be an integer"},
+      {R"({"type": "object", "properties": {"a": {"type": "number", "minimum": 0}}})",
+       "minimum is supported on integers only"},
+      {R"({"type": "object", "properties": {"a": {"type": "integer", "maximum": 100}}})",
+       "integer bounds are supported as"},
+      {R"({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
+           "maximum": 1000}}})",
+       "integer bounds are supported as"},
+      {R"({"type": "object", "properties": {"a": {"type": "integer", "minimum": 5,
+           "maximum": 1}}})",
+       "no integer lies between"},
   };
   for (const auto& [schema, want] : cases) {
     auto s = JsonSchema::Compile(schema);
@@ -154,6 +164,25 @@ TEST(JsonSchemaStateTest, AcceptsDocumentsOfTheSchema) {
            {R"({"c": "a)", '"'}, {R"({"c": "abc)", 'd'}, {R"({"c": "ab\n)", '\\'},
            {"{\"c\": \"\xc3\xa9\xe6\xbc\xa2x", '\xc3'}}) {
     JsonState s(code.get());
+    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
+    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
+  }
+  // Integer bounds: a small range becomes its values; minimum 0 or 1 alone drops the minus sign
+  // (and for 1 a leading 0).
+  auto ints = MustCompile(R"({"properties": {"stars": {"type": "integer", "minimum": 1,
+      "maximum": 5}, "count": {"type": "integer", "minimum": 0}, "id": {"type": "integer",
+      "exclusiveMinimum": 0}}, "required": ["stars", "count", "id"]})");
+  ASSERT_NE(ints, nullptr);
+  for (const std::string ok : {R"({"stars": 1, "count": 0, "id": 1})",
+                               R"({"stars": 5, "count": 1234, "id": 90})"}) {
+    EXPECT_TRUE(Accepts(*ints, ok));
+  }
+  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
+           {R"({"stars": )", '6'}, {R"({"stars": )", '0'}, {R"({"stars": )", '-'},
+           {R"({"stars": 5)", '0'}, {R"({"stars": 3, "count": )", '-'},
+           {R"({"stars": 3, "count": 2, "id": )", '0'},
+           {R"({"stars": 3, "count": 2, "id": )", '-'}}) {
+    JsonState s(ints.get());
     ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
     EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
   }
