@@ -266,6 +266,14 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   if (req.path == "/health") {
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
     if (router->draining()) return SendResponse(c, 503, "text/plain", "draining\n");
+    // Ready while some attention worker answers (one GetStats each).
+    const auto stats = router->WorkerStats();
+    if (std::none_of(stats.begin(), stats.end(), [](const auto& s) { return s.ok(); })) {
+      return SendResponse(c, 503, "text/plain",
+                          absl::StrCat("no attention worker answers: ",
+                                       stats.empty() ? "none" : stats[0].status().ToString(),
+                                       "\n"));
+    }
     return SendResponse(c, 200, "text/plain", "ok\n");
   }
   if (req.path == "/tokenize") {

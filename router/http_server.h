@@ -1,6 +1,7 @@
 // An OpenAI-compatible HTTP/1.1 front end over a Router, beside the gRPC API:
 //   POST /v1/completions, POST /v1/chat/completions  (JSON, or server-sent events with "stream")
-//   GET  /v1/models, GET /health (503 while draining), GET /metrics (Prometheus text format)
+//   GET  /v1/models, GET /health (503 while draining or while no attention worker answers),
+//   GET /metrics (Prometheus text format)
 //   POST /tokenize, POST /detokenize (vLLM's: a prompt or chat messages to ids, ids to text)
 // One thread per connection; HTTP/1.1 connections stay open between requests (keep-alive, up to
 // keep_alive_seconds idle; pipelined requests are answered in order) unless the client sends

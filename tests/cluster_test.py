@@ -1587,6 +1587,38 @@ class HttpApiTest(unittest.TestCase):
         self.assertLess(st.steps - steps_before, 450)
 
 
+class WorkerDownHealthTest(unittest.TestCase):
+    """A router whose only attention worker is gone: GET /health answers 503 (a readiness probe
+    takes the pod out), a request fails UNAVAILABLE."""
+
+    def test_health_is_503_while_no_attention_worker_is_up(self):
+        shared = shared_pydoc_cluster()
+        c = start_cluster(PYDOC, [], name="down", encoder=shared.encoder,
+                          experts=shared.experts,
+                          router_flags=["--http_address=127.0.0.1:0"])
+        try:
+            http_addr = c.procs[-1].wait_for(r"OpenAI-compatible HTTP API on (\S+)").group(1)
+
+            def get(path):
+                conn = http.client.HTTPConnection(http_addr, timeout=CALL_TIMEOUT)
+                conn.request("GET", path)
+                r = conn.getresponse()
+                out = (r.status, r.read().decode())
+                conn.close()
+                return out
+            self.assertEqual(get("/health"), (200, "ok\n"))
+            c.attention_procs[0].stop()
+            status, text = get("/health")
+            self.assertEqual(status, 503)
+            self.assertTrue(text.startswith("no attention worker answers: UNAVAILABLE"), text)
+            with self.assertRaises(grpc.RpcError) as cm:
+                generate(c.stub, make_request(PYDOC_CASES[0][0], 4))
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertEqual(get("/health")[0], 503)
+        finally:
+            c.stop()
+
+
 class PriorityTest(unittest.TestCase):
     """A router running one sequence at a time (--max_running=1): of two waiting requests the
     one with the lower priority value is admitted first, though it came second."""
