@@ -246,6 +246,7 @@ bool JsonState::Step(uint8_t c) {
           if (str_len_ < n.min_length) return false;
         } else if (!need_low_ && (c < 0x80 || (c >= 0xC2 && c <= 0xF4))) {  // a character starts
           if (str_len_ >= n.max_length) return false;
+          if (n.uuid && !JsonSchema::UuidByte(str_len_, c)) return false;
           ++str_len_;
         }
       }

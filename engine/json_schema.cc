@@ -22,7 +22,7 @@ const std::set<std::string>& Keywords() {
   static const std::set<std::string> k = {
       "type",     "properties", "required", "additionalProperties", "items", "minItems",
       "maxItems", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
-      "exclusiveMaximum", "enum",       "const",    "anyOf",   "oneOf",    "$ref",  "$defs",
+      "exclusiveMaximum", "format", "enum",       "const",    "anyOf",   "oneOf",    "$ref",  "$defs",
       "definitions", "title",   "description", "default", "examples", "$schema", "$id",
       "$comment"};
   return k;
@@ -157,7 +157,7 @@ class JsonSchema::Compiler {
                        has("additionalProperties") || has("items") || has("minItems") ||
                        has("maxItems") || has("minLength") || has("maxLength") ||
                        has("minimum") || has("maximum") || has("exclusiveMinimum") ||
-                       has("exclusiveMaximum");
+                       has("exclusiveMaximum") || has("format");
     if (has("$ref")) {
       if (typed || has("enum") || has("const") || has("anyOf") || has("oneOf")) {
         return Bad(path, "$ref with other keywords beside it is not supported");
@@ -240,6 +240,14 @@ class JsonSchema::Compiler {
       return st;
     }
     if (absl::Status st = IntegerRange(j, path, &n); !st.ok()) return st;
+    if (auto f = j.find("format"); f != j.end()) {
+      if (!(f->is_string() && *f == "uuid" && n.kinds == kString)) {
+        return Bad(path, absl::StrCat("format ", f->dump(),
+                                      " is not supported (only \"uuid\", on type string)"));
+      }
+      n.uuid = true;
+      n.min_length = n.max_length = 36;
+    }
     return n;
   }
 
@@ -400,6 +408,11 @@ uint8_t JsonSchema::KindOf(uint8_t c) {
     case 'n': return kNull;
     default: return c == '-' || (c >= '0' && c <= '9') ? kNumber | kInteger : 0;
   }
+}
+
+bool JsonSchema::UuidByte(uint32_t pos, uint8_t c) {
+  if (pos == 8 || pos == 13 || pos == 18 || pos == 23) return c == '-';
+  return pos < 36 && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'));
 }
 
 int JsonSchema::Select(uint16_t n, uint8_t c) const {

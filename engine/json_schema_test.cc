@@ -66,6 +66,8 @@ TEST(JsonSchemaTest, UnsupportedSchemasAreClearErrors) {
       {R"({"type": ["object", "null"]})", "root must be an object"},
       {R"({"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}})",
        "/properties/a: keyword 'pattern' is not supported"},
+      {R"({"type": "object", "properties": {"a": {"type": "string", "format": "date"}}})",
+       "format \"date\" is not supported"},
       {R"({"type": "object", "properties": {"a": {"type": "text"}}})", "unknown type 'text'"},
       {R"({"type": "object", "properties": {"a": {}}, "required": ["b"]})",
        "required names 'b'"},
@@ -183,6 +185,19 @@ TEST(JsonSchemaStateTest, AcceptsDocumentsOfTheSchema) {
            {R"({"stars": 3, "count": 2, "id": )", '0'},
            {R"({"stars": 3, "count": 2, "id": )", '-'}}) {
     JsonState s(ints.get());
+    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
+    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
+  }
+  // format uuid: 8-4-4-4-12 hex digits.
+  auto uuid = MustCompile(R"({"properties": {"u": {"type": "string", "format": "uuid"}},
+      "required": ["u"]})");
+  ASSERT_NE(uuid, nullptr);
+  EXPECT_TRUE(Accepts(*uuid, R"({"u": "123e4567-e89b-12d3-A456-426614174000"})"));
+  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
+           {R"({"u": ")", 'g'}, {R"({"u": "123e4567)", '0'}, {R"({"u": "123e456)", '-'},
+           {R"({"u": "123e4567-e89b-12d3-a456-42661417400)", '"'},
+           {R"({"u": "123e4567-e89b-12d3-a456-426614174000)", '0'}, {R"({"u": ")", '\\'}}) {
+    JsonState s(uuid.get());
     ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
     EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
   }

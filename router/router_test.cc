@@ -427,7 +427,7 @@ TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
   };
   for (const Bad& b : std::vector<Bad>{
            {R"({"type": "object", "properties": {"a": {"type": "string", "format": "date"}}})",
-            moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "keyword 'format' is not supported"},
+            moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "format \"date\" is not supported"},
            {"", moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "not JSON"},
            {good, moemesh::v1::RESPONSE_FORMAT_TEXT, "json_schema"},
            {good, moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT, "json_schema"}}) {

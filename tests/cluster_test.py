@@ -1381,7 +1381,7 @@ class HttpApiTest(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             list(self.c.stub.Generate(req, timeout=CALL_TIMEOUT))
         self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        self.assertIn("keyword 'format' is not supported", cm.exception.details())
+        self.assertIn('format "date" is not supported', cm.exception.details())
         status, got = self.call("POST", "/v1/chat/completions", {
             "messages": [{"role": "user", "content": "x"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
