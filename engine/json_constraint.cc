@@ -206,6 +206,7 @@ bool JsonState::StartValue(uint8_t c) {
     key_ = false;
     str_node_ = static_cast<uint16_t>(node);
     str_len_ = 0;
+    format_memo_ = 0;
     if (schema_ != nullptr) {
       const JsonSchema::Node& n = schema_->node(str_node_);
       str_bounded_ = n.min_length > 0 || n.max_length != UINT32_MAX;
@@ -246,7 +247,10 @@ bool JsonState::Step(uint8_t c) {
           if (str_len_ < n.min_length) return false;
         } else if (!need_low_ && (c < 0x80 || (c >= 0xC2 && c <= 0xF4))) {  // a character starts
           if (str_len_ >= n.max_length) return false;
-          if (n.uuid && !JsonSchema::UuidByte(str_len_, c)) return false;
+          if (n.format != JsonSchema::Node::kNoFormat &&
+              !JsonSchema::FormatByte(n.format, str_len_, c, &format_memo_)) {
+            return false;
+          }
           ++str_len_;
         }
       }

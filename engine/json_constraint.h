@@ -107,6 +107,7 @@ class JsonState {
   uint16_t str_node_ = 0;
   bool str_bounded_ = false;  // the node has a minLength or maxLength
   uint32_t str_len_ = 0;
+  uint32_t format_memo_ = 0;  // JsonSchema::FormatByte's
   std::array<uint8_t, kMaxDepth> stack_{};  // '{' or '[' per open container
   // Schema mode: per open container its node, and for an object the index of the first
   // property that may come next (after the last one written), for an array the values so far

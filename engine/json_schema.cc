@@ -241,12 +241,17 @@ class JsonSchema::Compiler {
     }
     if (absl::Status st = IntegerRange(j, path, &n); !st.ok()) return st;
     if (auto f = j.find("format"); f != j.end()) {
-      if (!(f->is_string() && *f == "uuid" && n.kinds == kString)) {
+      static const std::map<std::string, std::pair<Node::Format, uint32_t>> formats = {
+          {"uuid", {Node::kUuid, 36}}, {"date", {Node::kDate, 10}},
+          {"date-time", {Node::kDateTime, 20}}};
+      auto it = f->is_string() ? formats.find(f->get<std::string>()) : formats.end();
+      if (it == formats.end() || n.kinds != kString) {
         return Bad(path, absl::StrCat("format ", f->dump(),
-                                      " is not supported (only \"uuid\", on type string)"));
+                                      " is not supported (\"uuid\", \"date\" or \"date-time\", "
+                                      "on type string)"));
       }
-      n.uuid = true;
-      n.min_length = n.max_length = 36;
+      n.format = it->second.first;
+      n.min_length = n.max_length = it->second.second;
     }
     return n;
   }
@@ -410,9 +415,59 @@ uint8_t JsonSchema::KindOf(uint8_t c) {
   }
 }
 
-bool JsonSchema::UuidByte(uint32_t pos, uint8_t c) {
-  if (pos == 8 || pos == 13 || pos == 18 || pos == 23) return c == '-';
-  return pos < 36 && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'));
+bool JsonSchema::FormatByte(Node::Format f, uint32_t pos, uint8_t c, uint32_t* memo) {
+  const bool digit = c >= '0' && c <= '9';
+  const uint32_t d = digit ? c - '0' : 0;
+  if (f == Node::kUuid) {
+    if (pos == 8 || pos == 13 || pos == 18 || pos == 23) return c == '-';
+    return pos < 36 && (digit || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'));
+  }
+  // memo: year (bits 0-13), month (14-17), day tens (18-19), hour tens (20-21).
+  const uint32_t year = *memo & 0x3FFF, month = (*memo >> 14) & 0xF, day_tens = (*memo >> 18) & 3;
+  auto in = [&](uint32_t lo, uint32_t hi) { return digit && d >= lo && d <= hi; };
+  switch (pos) {
+    case 0: case 1: case 2: case 3:
+      if (!digit) return false;
+      *memo = (*memo & ~0x3FFFu) | (year * 10 + d);
+      return true;
+    case 4: case 7: return c == '-';
+    case 5:
+      if (!in(0, 1)) return false;
+      *memo |= (d * 10) << 14;
+      return true;
+    case 6:
+      if (!(month == 0 ? in(1, 9) : in(0, 2))) return false;
+      *memo += d << 14;
+      return true;
+    case 8:
+      if (!in(0, month == 2 ? 2 : 3)) return false;
+      *memo |= d << 18;
+      return true;
+    case 9: {
+      const bool leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+      const bool long_month = month == 1 || month == 3 || month == 5 || month == 7 ||
+                              month == 8 || month == 10 || month == 12;
+      if (day_tens == 0) return in(1, 9);
+      if (day_tens == 1) return in(0, 9);
+      if (day_tens == 2) return month == 2 && !leap ? in(0, 8) : in(0, 9);
+      return long_month ? in(0, 1) : in(0, 0);
+    }
+    default: break;
+  }
+  if (f != Node::kDateTime) return false;
+  switch (pos) {
+    case 10: return c == 'T';
+    case 11:
+      if (!in(0, 2)) return false;
+      *memo |= d << 20;
+      return true;
+    case 12: return ((*memo >> 20) & 3) == 2 ? in(0, 3) : in(0, 9);
+    case 13: case 16: return c == ':';
+    case 14: case 17: return in(0, 5);
+    case 15: case 18: return in(0, 9);
+    case 19: return c == 'Z';
+    default: return false;
+  }
 }
 
 int JsonSchema::Select(uint16_t n, uint8_t c) const {

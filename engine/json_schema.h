@@ -6,7 +6,7 @@
 //   type (a name or a list of names), properties, required, additionalProperties, items,
 //   minItems, maxItems, minLength, maxLength, minimum / maximum / exclusiveMinimum /
 //   exclusiveMaximum on integers (bounds at most 64 values apart, or a lower bound of 0 or 1
-//   alone), format "uuid" on strings, enum, const, anyOf / oneOf (alternatives that start with different
+//   alone), format "uuid", "date" or "date-time" on strings, enum, const, anyOf / oneOf (alternatives that start with different
 //   bytes: an object, a string, null, ...), $ref to "#", "#/$defs/NAME" or
 //   "#/definitions/NAME" (recursion allowed), and the annotations title, description, default,
 //   examples, $schema, $id, $comment.
@@ -58,7 +58,10 @@ class JsonSchema {
     int8_t int_floor = -1;
     // Strings: minLength / maxLength, in characters (code points; an escape is one).
     uint32_t min_length = 0, max_length = UINT32_MAX;
-    bool uuid = false;  // format "uuid": 8-4-4-4-12 hex digits (36 characters)
+    // format: "uuid" (8-4-4-4-12 hex digits), "date" (YYYY-MM-DD, a real day: leap years
+    // counted) or "date-time" (YYYY-MM-DDTHH:MM:SSZ, a real day and time, in UTC).
+    enum Format : uint8_t { kNoFormat, kUuid, kDate, kDateTime };
+    Format format = kNoFormat;
     // Arrays.
     uint16_t items = kAny;
     uint32_t min_items = 0, max_items = UINT32_MAX;
@@ -76,8 +79,9 @@ class JsonSchema {
   int Select(uint16_t n, uint8_t c) const;
   // The kind a value starting with byte c has (kNumber | kInteger for a number), or 0.
   static uint8_t KindOf(uint8_t c);
-  // Whether byte c may be character `pos` of a UUID (hex digits, '-' at 8, 13, 18 and 23).
-  static bool UuidByte(uint32_t pos, uint8_t c);
+  // Whether byte c may be character `pos` of a string of format `f`; `memo` carries what the
+  // characters before it said (the date's year, month, ...), 0 at the start.
+  static bool FormatByte(Node::Format f, uint32_t pos, uint8_t c, uint32_t* memo);
 
  private:
   class Compiler;

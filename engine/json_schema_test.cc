@@ -66,8 +66,8 @@ TEST(JsonSchemaTest, UnsupportedSchemasAreClearErrors) {
       {R"({"type": ["object", "null"]})", "root must be an object"},
       {R"({"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}})",
        "/properties/a: keyword 'pattern' is not supported"},
-      {R"({"type": "object", "properties": {"a": {"type": "string", "format": "date"}}})",
-       "format \"date\" is not supported"},
+      {R"({"type": "object", "properties": {"a": {"type": "string", "format": "email"}}})",
+       "format \"email\" is not supported"},
       {R"({"type": "object", "properties": {"a": {"type": "text"}}})", "unknown type 'text'"},
       {R"({"type": "object", "properties": {"a": {}}, "required": ["b"]})",
        "required names 'b'"},
@@ -198,6 +198,32 @@ TEST(JsonSchemaStateTest, AcceptsDocumentsOfTheSchema) {
            {R"({"u": "123e4567-e89b-12d3-a456-42661417400)", '"'},
            {R"({"u": "123e4567-e89b-12d3-a456-426614174000)", '0'}, {R"({"u": ")", '\\'}}) {
     JsonState s(uuid.get());
+    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
+    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
+  }
+  // format date and date-time: real days (leap years counted) and times, in UTC.
+  auto when = MustCompile(R"({"properties": {"d": {"type": "string", "format": "date"},
+      "t": {"type": "string", "format": "date-time"}}, "required": ["d", "t"]})");
+  ASSERT_NE(when, nullptr);
+  for (const std::string ok : {R"({"d": "2024-02-29", "t": "2000-02-29T23:59:59Z"})",
+                               R"({"d": "1999-12-31", "t": "2023-04-30T00:00:00Z"})",
+                               R"({"d": "2023-01-31", "t": "1970-01-01T19:05:07Z"})"}) {
+    EXPECT_TRUE(Accepts(*when, ok));
+  }
+  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
+           {R"({"d": "2023-02-2)", '9'},   // not a leap year
+           {R"({"d": "1900-02-2)", '9'},   // nor is 1900
+           {R"({"d": "2024-02-)", '3'},
+           {R"({"d": "2024-04-3)", '1'},   // April has 30 days
+           {R"({"d": "2024-1)", '3'},
+           {R"({"d": "2024-0)", '0'},
+           {R"({"d": "2024-05-0)", '0'},
+           {R"({"d": "2024)", '/'},
+           {R"({"d": "2024-05-06)", 'T'},  // a date only
+           {R"({"d": "2024-05-06", "t": "2024-05-06T2)", '4'},
+           {R"({"d": "2024-05-06", "t": "2024-05-06T12:)", '6'},
+           {R"({"d": "2024-05-06", "t": "2024-05-06T12:00:00)", '+'}}) {
+    JsonState s(when.get());
     ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
     EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
   }

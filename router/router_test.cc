@@ -426,8 +426,8 @@ TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
     const char* word;
   };
   for (const Bad& b : std::vector<Bad>{
-           {R"({"type": "object", "properties": {"a": {"type": "string", "format": "date"}}})",
-            moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "format \"date\" is not supported"},
+           {R"({"type": "object", "properties": {"a": {"type": "string", "format": "email"}}})",
+            moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "format \"email\" is not supported"},
            {"", moemesh::v1::RESPONSE_FORMAT_JSON_SCHEMA, "not JSON"},
            {good, moemesh::v1::RESPONSE_FORMAT_TEXT, "json_schema"},
            {good, moemesh::v1::RESPONSE_FORMAT_JSON_OBJECT, "json_schema"}}) {

@@ -1377,11 +1377,11 @@ class HttpApiTest(unittest.TestCase):
         req.sampling.ClearField("ignore_eos")
         req.sampling.response_format = pb2.RESPONSE_FORMAT_JSON_SCHEMA
         req.sampling.json_schema = json.dumps({"type": "object", "properties": {
-            "d": {"type": "string", "format": "date"}}})
+            "d": {"type": "string", "format": "email"}}})
         with self.assertRaises(grpc.RpcError) as cm:
             list(self.c.stub.Generate(req, timeout=CALL_TIMEOUT))
         self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        self.assertIn('format "date" is not supported', cm.exception.details())
+        self.assertIn('format "email" is not supported', cm.exception.details())
         status, got = self.call("POST", "/v1/chat/completions", {
             "messages": [{"role": "user", "content": "x"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
