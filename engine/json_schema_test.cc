@@ -59,6 +59,16 @@ std::shared_ptr<const JsonSchema> MustCompile(const std::string& text) {
   return ::testing::AssertionSuccess();
 }
 
+// For each {prefix, byte}: the prefix is accepted and the byte after it refused.
+void ExpectRefused(const JsonSchema& schema,
+                   const std::vector<std::pair<std::string, char>>& cases) {
+  for (const auto& [prefix, bad] : cases) {
+    JsonState s(&schema);
+    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
+    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + '" << bad << "'";
+  }
+}
+
 TEST(JsonSchemaTest, UnsupportedSchemasAreClearErrors) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"{oops", "not JSON"},
@@ -162,13 +172,8 @@ TEST(JsonSchemaStateTest, AcceptsDocumentsOfTheSchema) {
                                R"({"c": "\ud83d\ude00\u00e9"})"}) {
     EXPECT_TRUE(Accepts(*code, ok));
   }
-  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
-           {R"({"c": "a)", '"'}, {R"({"c": "abc)", 'd'}, {R"({"c": "ab\n)", '\\'},
-           {"{\"c\": \"\xc3\xa9\xe6\xbc\xa2x", '\xc3'}}) {
-    JsonState s(code.get());
-    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
-    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
-  }
+  ExpectRefused(*code, {{R"({"c": "a)", '"'}, {R"({"c": "abc)", 'd'}, {R"({"c": "ab\n)", '\\'},
+                         {"{\"c\": \"\xc3\xa9\xe6\xbc\xa2x", '\xc3'}});
   // Integer bounds: a small range becomes its values; minimum 0 or 1 alone drops the minus sign
   // (and for 1 a leading 0).
   auto ints = MustCompile(R"({"properties": {"stars": {"type": "integer", "minimum": 1,
@@ -179,28 +184,18 @@ TEST(JsonSchemaStateTest, AcceptsDocumentsOfTheSchema) {
                                R"({"stars": 5, "count": 1234, "id": 90})"}) {
     EXPECT_TRUE(Accepts(*ints, ok));
   }
-  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
-           {R"({"stars": )", '6'}, {R"({"stars": )", '0'}, {R"({"stars": )", '-'},
-           {R"({"stars": 5)", '0'}, {R"({"stars": 3, "count": )", '-'},
-           {R"({"stars": 3, "count": 2, "id": )", '0'},
-           {R"({"stars": 3, "count": 2, "id": )", '-'}}) {
-    JsonState s(ints.get());
-    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
-    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
-  }
+  ExpectRefused(*ints, {{R"({"stars": )", '6'}, {R"({"stars": )", '0'}, {R"({"stars": )", '-'},
+                         {R"({"stars": 5)", '0'}, {R"({"stars": 3, "count": )", '-'},
+                         {R"({"stars": 3, "count": 2, "id": )", '0'},
+                         {R"({"stars": 3, "count": 2, "id": )", '-'}});
   // format uuid: 8-4-4-4-12 hex digits.
   auto uuid = MustCompile(R"({"properties": {"u": {"type": "string", "format": "uuid"}},
       "required": ["u"]})");
   ASSERT_NE(uuid, nullptr);
   EXPECT_TRUE(Accepts(*uuid, R"({"u": "123e4567-e89b-12d3-A456-426614174000"})"));
-  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
-           {R"({"u": ")", 'g'}, {R"({"u": "123e4567)", '0'}, {R"({"u": "123e456)", '-'},
-           {R"({"u": "123e4567-e89b-12d3-a456-42661417400)", '"'},
-           {R"({"u": "123e4567-e89b-12d3-a456-426614174000)", '0'}, {R"({"u": ")", '\\'}}) {
-    JsonState s(uuid.get());
-    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
-    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
-  }
+  ExpectRefused(*uuid, {{R"({"u": ")", 'g'}, {R"({"u": "123e4567)", '0'}, {R"({"u": "123e456)", '-'},
+                         {R"({"u": "123e4567-e89b-12d3-a456-42661417400)", '"'},
+                         {R"({"u": "123e4567-e89b-12d3-a456-426614174000)", '0'}, {R"({"u": ")", '\\'}});
   // format date and date-time: real days (leap years counted) and times, in UTC.
   auto when = MustCompile(R"({"properties": {"d": {"type": "string", "format": "date"},
       "t": {"type": "string", "format": "date-time"}}, "required": ["d", "t"]})");
@@ -210,23 +205,18 @@ TEST(JsonSchemaStateTest, AcceptsDocumentsOfTheSchema) {
                                R"({"d": "2023-01-31", "t": "1970-01-01T19:05:07Z"})"}) {
     EXPECT_TRUE(Accepts(*when, ok));
   }
-  for (const auto& [prefix, bad] : std::vector<std::pair<std::string, char>>{
-           {R"({"d": "2023-02-2)", '9'},   // not a leap year
-           {R"({"d": "1900-02-2)", '9'},   // nor is 1900
-           {R"({"d": "2024-02-)", '3'},
-           {R"({"d": "2024-04-3)", '1'},   // April has 30 days
-           {R"({"d": "2024-1)", '3'},
-           {R"({"d": "2024-0)", '0'},
-           {R"({"d": "2024-05-0)", '0'},
-           {R"({"d": "2024)", '/'},
-           {R"({"d": "2024-05-06)", 'T'},  // a date only
-           {R"({"d": "2024-05-06", "t": "2024-05-06T2)", '4'},
-           {R"({"d": "2024-05-06", "t": "2024-05-06T12:)", '6'},
-           {R"({"d": "2024-05-06", "t": "2024-05-06T12:00:00)", '+'}}) {
-    JsonState s(when.get());
-    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
-    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + " << bad;
-  }
+  ExpectRefused(*when, {{R"({"d": "2023-02-2)", '9'},   // not a leap year
+                         {R"({"d": "1900-02-2)", '9'},   // nor is 1900
+                         {R"({"d": "2024-02-)", '3'},
+                         {R"({"d": "2024-04-3)", '1'},   // April has 30 days
+                         {R"({"d": "2024-1)", '3'},
+                         {R"({"d": "2024-0)", '0'},
+                         {R"({"d": "2024-05-0)", '0'},
+                         {R"({"d": "2024)", '/'},
+                         {R"({"d": "2024-05-06)", 'T'},  // a date only
+                         {R"({"d": "2024-05-06", "t": "2024-05-06T2)", '4'},
+                         {R"({"d": "2024-05-06", "t": "2024-05-06T12:)", '6'},
+                         {R"({"d": "2024-05-06", "t": "2024-05-06T12:00:00)", '+'}});
   // Keys and enum strings are written as JSON writes them (escaped).
   auto escaped = MustCompile(R"({"properties": {"a\"b": {"const": "c\nd"}}, "required": ["a\"b"]})");
   ASSERT_NE(escaped, nullptr);
@@ -265,11 +255,7 @@ TEST(JsonSchemaStateTest, RefusesEachByteTheSchemaDoesNotAllow) {
       {head + "[\"a\"], \"ok\": true", ','},    // no key after the last
       {head + "[\"a\"], \"ok\": true}", ' '},   // nothing after the root
   };
-  for (const auto& [prefix, bad] : cases) {
-    JsonState s(person.get());
-    ASSERT_TRUE(s.FeedAll(prefix)) << prefix;
-    EXPECT_FALSE(s.Feed(static_cast<uint8_t>(bad))) << prefix << " + '" << bad << "'";
-  }
+  ExpectRefused(*person, cases);
   // Enum values that are prefixes of others: 1 ends at the byte after it.
   for (const std::string tail : {"[1]", "[12]", "[1, 12]", "[12, 1]"}) {
     EXPECT_TRUE(Accepts(*person, head + tail + R"(, "ok": true})")) << tail;
