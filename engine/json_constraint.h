@@ -25,7 +25,8 @@
 
 namespace moemesh {
 
-// Where a JSON text stands after the bytes fed so far. Copyable (a few dozen bytes).
+// Where a JSON text stands after the bytes fed so far. Copyable (about 200 bytes: the schema
+// mode's per-container arrays).
 class JsonState {
  public:
   static constexpr int kMaxDepth = 32;
@@ -127,8 +128,7 @@ class JsonState {
 // pass over it finds every token a JsonState accepts, feeding each byte once per distinct
 // prefix. Inside a string, tokens of whole UTF-8 characters with no quote, backslash or control
 // character are accepted without feeding (they cannot end or break it) and the pass covers only
-// the others. Built once
-// per tokenizer; const after construction, shared by every sequence.
+// the others. Built once per tokenizer; const after construction, shared by every sequence.
 class TokenTable {
  public:
   // bytes[id]: what token id adds to a text (empty: never allowed in JSON mode, e.g. special

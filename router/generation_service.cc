@@ -107,14 +107,9 @@ grpc::ServerUnaryReactor* GenerationService::Detokenize(grpc::CallbackServerCont
                                                         const moemesh::v1::DetokenizeRequest* req,
                                                         moemesh::v1::DetokenizeResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
-  const int32_t vocab = tok_->vocab_size();
-  for (int32_t id : req->ids()) {
-    if (id < 0 || id >= vocab) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                   absl::StrCat("field 'ids' holds id ", id,
-                                                " outside the vocabulary [0, ", vocab, ")")));
-      return reactor;
-    }
+  if (absl::Status st = CheckTokenIds("ids", req->ids(), tok_->vocab_size()); !st.ok()) {
+    reactor->Finish(ToGrpc(st));
+    return reactor;
   }
   resp->set_text(tok_->Decode(std::vector<int32_t>(req->ids().begin(), req->ids().end()),
                               req->skip_special_tokens()));

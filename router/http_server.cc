@@ -297,13 +297,9 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
     if (req.method != "POST") return SendMethodNotAllowed(c, "POST");
     auto ids = openai::ParseDetokenize(req.body, opt.served_model);
     if (!ids.ok()) return SendError(c, ids.status());
-    const int32_t vocab = router->tokenizer()->vocab_size();
-    for (int32_t id : *ids) {
-      if (id < 0 || id >= vocab) {
-        return SendError(c, absl::InvalidArgumentError(absl::StrCat(
-                                "field 'tokens' holds id ", id, " outside the vocabulary [0, ",
-                                vocab, ")")));
-      }
+    if (absl::Status st = CheckTokenIds("tokens", *ids, router->tokenizer()->vocab_size());
+        !st.ok()) {
+      return SendError(c, st);
     }
     const json body{{"prompt", router->tokenizer()->Decode(*ids, /*skip_special_tokens=*/false)}};
     return SendResponse(c, 200, "application/json",
@@ -325,8 +321,9 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   }
   if (!completions && !chat) {
     return SendError(c, absl::NotFoundError(absl::StrCat(
-                            "no route ", req.path, ": POST /v1/completions, POST "
-                            "/v1/chat/completions, GET /v1/models, GET /health, GET /metrics, POST /tokenize, POST /detokenize")));
+                            "no route ", req.path,
+                            ": POST /v1/completions, POST /v1/chat/completions, GET /v1/models, "
+                            "GET /health, GET /metrics, POST /tokenize, POST /detokenize")));
   }
   if (req.method != "POST") return SendMethodNotAllowed(c, "POST");
   const openai::Endpoint endpoint =

@@ -6,9 +6,9 @@
 #define MOEMESH_ROUTER_OPENAI_API_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
-#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"

@@ -124,13 +124,11 @@ absl::StatusOr<std::vector<int32_t>> Router::PromptIds(const GenerateRequest& re
       ids = tok_->Encode(req.text(), /*add_special_tokens=*/true);
       break;
     case GenerateRequest::kTokenIds:
-      ids.assign(req.token_ids().ids().begin(), req.token_ids().ids().end());
-      for (int32_t id : ids) {
-        if (id < 0 || id >= cfg_.vocab_size) {
-          return BadField("token_ids", absl::StrCat("holds id ", id, " outside the vocabulary [0, ",
-                                                    cfg_.vocab_size, ")"));
-        }
+      if (absl::Status st = CheckTokenIds("token_ids", req.token_ids().ids(), cfg_.vocab_size);
+          !st.ok()) {
+        return st;
       }
+      ids.assign(req.token_ids().ids().begin(), req.token_ids().ids().end());
       break;
     case GenerateRequest::kChat: {
       if (!SupportsChatML(*tok_)) {
@@ -148,6 +146,17 @@ absl::StatusOr<std::vector<int32_t>> Router::PromptIds(const GenerateRequest& re
   }
   if (ids.empty()) return absl::InvalidArgumentError("the prompt is empty");
   return ids;
+}
+
+absl::Status CheckTokenIds(const std::string& field, absl::Span<const int32_t> ids,
+                           int64_t vocab) {
+  for (int32_t id : ids) {
+    if (id < 0 || id >= vocab) {
+      return BadField(field, absl::StrCat("holds id ", id, " outside the vocabulary [0, ", vocab,
+                                          ")"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<uint64_t> Router::Submit(const GenerateRequest& req, GenerationSink* sink) {
@@ -229,10 +238,9 @@ absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, Gener
     return BadField("experts_per_token", absl::StrCat("must be in [1, ", cfg_.num_experts, "]"));
   }
   r->experts_per_token = sp.has_experts_per_token() ? sp.experts_per_token() : 0;
-  for (int32_t id : sp.stop_token_ids()) {
-    if (id < 0 || id >= cfg_.vocab_size) {
-      return BadField("stop_token_ids", absl::StrCat("holds id ", id, " outside the vocabulary"));
-    }
+  if (absl::Status st = CheckTokenIds("stop_token_ids", sp.stop_token_ids(), cfg_.vocab_size);
+      !st.ok()) {
+    return st;
   }
   r->stop_ids.assign(sp.stop_token_ids().begin(), sp.stop_token_ids().end());
   const int32_t min_tokens = sp.has_min_tokens() ? sp.min_tokens() : 0;
@@ -305,8 +313,7 @@ void Router::Admit() {
       if (best == nullptr || free > best->kv_capacity - best->kv_reserved) best = &lane;
     }
     if (best == nullptr) break;  // in queue order: the head waits for room
-    if (!r->admitted_once) {
-      r->admitted_once = true;
+    if (r->moves == 0) {  // its first admission (a moved request is back in the queue)
       counters_.queue_time.Observe(Seconds(std::chrono::steady_clock::now() - r->submitted_at));
     }
     best->kv_reserved += need;

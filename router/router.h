@@ -20,6 +20,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/config.h"
 #include "engine/tokenizer.h"
 #include "protos/generation.pb.h"
@@ -77,8 +78,8 @@ class Router {
   // for its prompt + max_tokens) and stays there; each worker gets its own scheduler thread
   // and steps, so the workers compute side by side. Requests wait in one queue, by priority
   // then arrival (GenerateRequest.priority: lower first). When a worker's step fails as a
-  // whole (the worker is down or unreachable) and another worker is up, its requests go back to the head of the queue and continue on
-  // another worker from their last token (its KV cache rebuilt by a prefill of the prompt and
+  // whole (the worker is down or unreachable) and another worker is up, its requests go back
+  // to the head of the queue and continue on another worker from their last token (its KV cache rebuilt by a prefill of the prompt and
   // the tokens generated so far; greedy output is unchanged, sampling continues with a fresh
   // random stream), at most RouterOptions::max_moves times; the failed worker takes no new
   // requests until its GetStats answers again.
@@ -174,7 +175,6 @@ class Router {
     int64_t reserved = 0;           // KV slots counted against its worker's capacity
     int lane = -1;                  // its attention worker, once admitted
     std::chrono::steady_clock::time_point submitted_at, last_token_at;
-    bool admitted_once = false;
     bool prompt_counted = false;  // in Counters::prompt_tokens (once, though a move re-prefills)
     // After a move: generated tokens (all but the last) prefilled after the prompt, to rebuild
     // the KV cache; the last is the next decode step's input.
@@ -267,6 +267,10 @@ class Router {
   std::vector<Lane> lanes_;
   Counters counters_ ABSL_GUARDED_BY(mu_);
 };
+
+// INVALID_ARGUMENT "field 'FIELD' holds id X outside the vocabulary [0, VOCAB)" for the first
+// id of `ids` out of range; OK when all are in it.
+absl::Status CheckTokenIds(const std::string& field, absl::Span<const int32_t> ids, int64_t vocab);
 
 // The counters in Prometheus' text format (GET /metrics): moemesh_* counters, gauges and
 // histograms, per worker with a worker="i" label; with `workers` (Router::WorkerStats) also
