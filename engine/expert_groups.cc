@@ -1,5 +1,7 @@
 #include "engine/expert_groups.h"
 
+#include <algorithm>
+
 namespace moemesh {
 
 void GroupByExpert(const int32_t* ids, int64_t n, int64_t k, int64_t num_experts,
@@ -29,6 +31,34 @@ void GroupByExpert(const int32_t* ids, int64_t n, int64_t k, int64_t num_experts
     g->assignment[next[e]] = static_cast<int32_t>(a);
     g->where[a] = next[e]++;
   }
+}
+
+PaddedBuckets PadGroups(const std::vector<int32_t>& begin, int32_t align, double fill) {
+  PaddedBuckets p;
+  const int32_t G = begin.empty() ? 0 : static_cast<int32_t>(begin.size()) - 1;
+  auto rows = [&](int32_t g) { return begin[g + 1] - begin[g]; };
+  p.order.resize(G);
+  for (int32_t g = 0; g < G; ++g) p.order[g] = g;
+  // Largest first; ties by group so the plan is deterministic.
+  std::stable_sort(p.order.begin(), p.order.end(),
+                   [&](int32_t a, int32_t b) { return rows(a) > rows(b); });
+  std::vector<int32_t> padded(G, 0);
+  p.bucket_begin.push_back(0);
+  for (int32_t j = 0; j < G; ++j) {
+    const int32_t r = rows(p.order[j]);
+    const int32_t own = std::max(align, (r + align - 1) / align * align);  // padded alone
+    const bool joins = !p.bucket_rows.empty() &&
+                       (own == p.bucket_rows.back() || r >= fill * p.bucket_rows.back());
+    if (!joins) {
+      if (!p.bucket_rows.empty()) p.bucket_begin.push_back(j);
+      p.bucket_rows.push_back(own);
+    }
+    padded[p.order[j]] = p.bucket_rows.back();
+  }
+  if (G > 0) p.bucket_begin.push_back(G);
+  p.dst_begin.assign(G + 1, 0);
+  for (int32_t g = 0; g < G; ++g) p.dst_begin[g + 1] = p.dst_begin[g] + padded[g];
+  return p;
 }
 
 }  // namespace moemesh

@@ -27,6 +27,25 @@ struct ExpertGroups {
 void GroupByExpert(const int32_t* ids, int64_t n, int64_t k, int64_t num_experts,
                    ExpertGroups* g);
 
+// Groups laid out for batched GEMMs of one shape: groups of similar size share a bucket, and
+// every group of a bucket is padded to the bucket's row count (a multiple of `align`), so one
+// batched product with uniform m, n, k runs a bucket (the CUDA expert path: cuBLAS's batched GEMM
+// over all experts at once instead of one small GEMM per expert). A group joins the current
+// bucket (groups taken largest first) while its rows fill at least `fill` of the bucket's padded
+// rows (or it would pad to the same count alone), so every group's padding is under `align` rows
+// or under 1 - fill of its padded rows.
+struct PaddedBuckets {
+  std::vector<int32_t> dst_begin;     // [G + 1] group g's padded rows, groups in their order
+  std::vector<int32_t> order;         // [G] groups, bucket by bucket
+  std::vector<int32_t> bucket_begin;  // [B + 1] into order
+  std::vector<int32_t> bucket_rows;   // [B] padded rows of each group of bucket b
+  int32_t padded_rows() const { return dst_begin.empty() ? 0 : dst_begin.back(); }
+  int32_t buckets() const { return static_cast<int32_t>(bucket_rows.size()); }
+};
+
+// begin: [G + 1] row offsets of the groups (ascending; empty groups allowed).
+PaddedBuckets PadGroups(const std::vector<int32_t>& begin, int32_t align = 8, double fill = 0.8);
+
 }  // namespace moemesh
 
 #endif  // MOEMESH_ENGINE_EXPERT_GROUPS_H_

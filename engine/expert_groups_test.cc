@@ -1,5 +1,9 @@
 #include "engine/expert_groups.h"
 
+#include <algorithm>
+#include <random>
+#include <vector>
+
 #include "gtest/gtest.h"
 
 namespace moemesh {
@@ -40,6 +44,54 @@ TEST(ExpertGroupsTest, ReusedStorageAndEmptyRouting) {
   EXPECT_EQ(g.rows(), 0);
   EXPECT_TRUE(g.assignment.empty());
   EXPECT_EQ(g.where, (std::vector<int32_t>{-1, -1}));
+}
+
+TEST(PadGroupsTest, BucketsBySizeAndPadsToTheBucket) {
+  // Rows per group: 300, 260, 10, 260, 0.
+  const PaddedBuckets p = PadGroups({0, 300, 560, 570, 830, 830}, 8, 0.8);
+  EXPECT_EQ(p.order, (std::vector<int32_t>{0, 1, 3, 2, 4}));
+  EXPECT_EQ(p.bucket_rows, (std::vector<int32_t>{304, 16, 8}));
+  EXPECT_EQ(p.bucket_begin, (std::vector<int32_t>{0, 3, 4, 5}));
+  EXPECT_EQ(p.dst_begin, (std::vector<int32_t>{0, 304, 608, 624, 928, 936}));
+  EXPECT_EQ(p.padded_rows(), 936);
+  EXPECT_EQ(PadGroups({0}).padded_rows(), 0);
+  EXPECT_EQ(PadGroups({}).buckets(), 0);
+}
+
+TEST(PadGroupsTest, EveryGroupFitsItsBucketWithBoundedPadding) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int32_t G = 1 + rng() % 130;
+    const bool skewed = trial % 2 == 1;
+    std::vector<int32_t> begin = {0};
+    for (int32_t g = 0; g < G; ++g) {
+      const int32_t r = skewed ? (rng() % 4 == 0 ? 1000 + rng() % 3000 : 1 + rng() % 40)
+                               : 200 + rng() % 120;
+      begin.push_back(begin.back() + r);
+    }
+    const PaddedBuckets p = PadGroups(begin, 8, 0.8);
+    ASSERT_EQ(p.bucket_begin.front(), 0);
+    ASSERT_EQ(p.bucket_begin.back(), G);
+    ASSERT_EQ(static_cast<int32_t>(p.bucket_begin.size()), p.buckets() + 1);
+    std::vector<int32_t> seen(G, 0);
+    for (int32_t b = 0; b < p.buckets(); ++b) {
+      EXPECT_EQ(p.bucket_rows[b] % 8, 0);
+      if (b > 0) EXPECT_LT(p.bucket_rows[b], p.bucket_rows[b - 1]);
+      for (int32_t j = p.bucket_begin[b]; j < p.bucket_begin[b + 1]; ++j) {
+        const int32_t g = p.order[j], rows = begin[g + 1] - begin[g];
+        ++seen[g];
+        EXPECT_EQ(p.dst_begin[g + 1] - p.dst_begin[g], p.bucket_rows[b]);
+        EXPECT_LE(rows, p.bucket_rows[b]);
+        // Padding: under the alignment, or the rows fill at least 80% of the padded rows; the
+        // bucket's first (largest) group always pads by less than the alignment.
+        EXPECT_TRUE(p.bucket_rows[b] - rows < 8 || rows >= 0.8 * p.bucket_rows[b])
+            << rows << " rows padded to " << p.bucket_rows[b];
+        if (j == p.bucket_begin[b]) EXPECT_LT(p.bucket_rows[b] - std::max(rows, 1), 8);
+      }
+    }
+    EXPECT_EQ(seen, std::vector<int32_t>(G, 1));
+    if (!skewed) EXPECT_LE(p.buckets(), 3) << "uniform sizes in [200, 320) need few buckets";
+  }
 }
 
 }  // namespace

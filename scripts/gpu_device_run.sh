@@ -5,7 +5,7 @@
 #     //tools:moemesh_bench //tools:moemesh //expert_worker //attention_worker //encoder_worker //router
 #   ../shared/tools/device_bundle.sh .devbundle <those binaries from bazel-bin>
 # and the Python stubs generated into .devbundle/cache (XDG_CACHE_HOME=$PWD/.devbundle/cache, scripts/client.py load_stubs()).
-# Usage: scripts/gpu_device_run.sh [all|tests|bench|hf]   (results under $OUT)
+# Usage: scripts/gpu_device_run.sh [all|tests|bench|hf|profile]   (results under $OUT; all = the first three)
 set -x
 tar xJf .devbundle/bundle.tar.xz -C /tmp
 export LD_LIBRARY_PATH=/tmp/bundle/lib:${LD_LIBRARY_PATH:-}
@@ -28,4 +28,16 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = hf ]; then
   PYTHONUNBUFFERED=1 timeout 280 python3 scripts/hf_baseline.py --config=models/configs/qwen3-30b-a3b --batches=1,64 --prompt_tokens=128 --new_tokens=16 --json=$OUT/hf_30b.json 2>&1 | grep -v Warning | tail -6
+fi
+if [ "$PHASE" = profile ]; then
+  # Where the time of a 64-sequence decode step goes, per kernel (4 layers of the 30B shape).
+  P="$B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --num_layers=4 --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=16 --decode_tokens=16 --repeats=1 --batch=64 --bandwidth_gbs=3350"
+  if command -v nsys >/dev/null; then
+    timeout 400 nsys profile -o /tmp/p64 --force-overwrite true $P 2>&1 | tail -12
+    nsys stats --report cuda_gpu_kern_sum --report cuda_api_sum /tmp/p64.nsys-rep 2>&1 | cut -c1-220 | head -70
+  elif command -v ncu >/dev/null; then
+    timeout 500 ncu --print-summary per-kernel --metrics gpu__time_duration.sum -k 'regex:^(?!Fill)' $P 2>&1 | grep -E "^  [A-Za-z_].*\(|gpu__time_duration.sum|invocations" | head -120
+  else
+    echo "neither nsys nor ncu on this machine"; timeout 300 $P 2>&1 | tail -12
+  fi
 fi

@@ -115,13 +115,17 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
 
 // The routed experts' products for rows grouped by expert: group g (rows [row_begin[g],
 // row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up
-// ([rows, width] fp32 scratch), y = act down^T ([rows, hidden] fp32). bf16 weights: one
-// activation cast, two grouped cuBLAS GEMMs (cublasGemmGroupedBatchedEx, bf16 in and out, fp32
-// accumulation) around one SwiGLU, one widening cast; otherwise (or if cuBLAS refuses the
-// grouped call) Project per group.
+// ([rows, width] fp32 scratch), y = act down^T ([rows, hidden] fp32). bf16 weights (bf16 in and
+// out of every GEMM, fp32 accumulation): up to kMaxPadGroups groups are padded into buckets of
+// one row count (PadGroups) and each bucket runs as one cuBLAS batched GEMM per projection, with
+// the cast to bf16, the SwiGLU and the widening back to fp32 as three passes around them (no
+// host synchronisation); more groups (or if cuBLAS refuses the batched call) go through
+// cublasGemmGroupedBatchedEx; fp32 weights (or if that is refused too) Project per group.
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
                            const float* x, float* act, float* y);
+// The way the last GroupedSwiGlu call in the process ran: "batched", "grouped" or "per-group".
+const char* LastGroupedSwiGluPath();
 
 // Routed experts on one GPU.
 class CudaExpertShard : public ExpertShard {

@@ -141,6 +141,190 @@ INSTANTIATE_TEST_SUITE_P(Cases, ProjectTest,
                                   (info.param.bf16 ? "_bf16" : "_f32");
                          });
 
+// Weights of `count` [rows, in] matrices: random, stored as fp32 or bf16; `stored` gets the
+// values as the device holds them.
+void MakeMatrix(int64_t count, int64_t rows, int64_t in, bool bf16, uint32_t seed, float scale,
+                cuda::DeviceMatrix* mat, std::vector<float>* stored) {
+  std::vector<float> w = Random(count * rows * in, seed, scale);
+  mat->wt = bf16 ? cuda::WType::kBF16 : cuda::WType::kF32;
+  mat->rows = rows;
+  mat->in = in;
+  mat->count = count;
+  ASSERT_TRUE(mat->w.Reserve(w.size() * cuda::WTypeSize(mat->wt)).ok());
+  stored->resize(w.size());
+  if (bf16) {
+    std::vector<uint16_t> h(w.size());
+    for (size_t i = 0; i < w.size(); ++i) {
+      h[i] = F32ToBF16(w[i]);
+      (*stored)[i] = BF16ToF32(h[i]);
+    }
+    ASSERT_EQ(cudaMemcpy(mat->w.get(), h.data(), h.size() * 2, cudaMemcpyHostToDevice),
+              cudaSuccess);
+  } else {
+    *stored = w;
+    ASSERT_EQ(cudaMemcpy(mat->w.get(), w.data(), w.size() * 4, cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+}
+
+float RoundBf16(double v) { return BF16ToF32(F32ToBF16(static_cast<float>(v))); }
+
+struct GroupedCase {
+  std::vector<int32_t> rows;  // per group
+  bool bf16;
+};
+
+class GroupedSmallMTest : public ::testing::TestWithParam<GroupedCase> {};
+
+// The small-batch kernels over groups of rows (a MoE layer's decode: device group arrays, each
+// group its own matrix): plain with bias and accumulate, and fused SwiGLU, against double
+// precision. Mean rows per group 1 (one-row kernel), <= 4 and > 4 (multi-output kernel, 4 and 8
+// rows per pass); out not a multiple of the outputs per block.
+TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
+  SKIP_WITHOUT_GPU();
+  const GroupedCase c = GetParam();
+  const int64_t out = 76, in = 264, slots = 5;
+  const int32_t G = static_cast<int32_t>(c.rows.size());
+  std::vector<int32_t> begin = {0}, slot;
+  for (int32_t g = 0; g < G; ++g) {
+    begin.push_back(begin.back() + c.rows[g]);
+    slot.push_back((3 * g + 1) % slots);
+  }
+  const int64_t m = begin.back();
+  cuda::DeviceMatrix mat;
+  std::vector<float> w;
+  MakeMatrix(slots, 2 * out, in, c.bf16, 31, 0.1f, &mat, &w);
+  std::vector<float> x = Random(m * in, 32), y0 = Random(m * out, 34);
+  cuda::DeviceBuffer dx, dy, dng, dslot, dbeg;
+  const std::vector<int32_t> ng = {G};
+  cuda::Groups groups{Upload(ng, &dng), Upload(slot, &dslot), Upload(begin, &dbeg), G};
+  const float* d_x = Upload(x, &dx);
+  float* d_y = Upload(y0, &dy);
+  // Reference: gate and up rows of each group's matrix.
+  std::vector<double> gate(m * out), up(m * out);
+  for (int32_t g = 0; g < G; ++g) {
+    const float* wg = &w[slot[g] * 2 * out * in];
+    for (int64_t r = begin[g]; r < begin[g + 1]; ++r) {
+      for (int64_t o = 0; o < out; ++o) {
+        double a = 0, u = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          a += double(x[r * in + i]) * wg[o * in + i];
+          u += double(x[r * in + i]) * wg[(out + o) * in + i];
+        }
+        gate[r * out + o] = a;
+        up[r * out + o] = u;
+      }
+    }
+  }
+  // SwiGLU: y = silu(x Wg^T) * (x Wu^T), gate rows [0, out) and up rows [out, 2 out).
+  ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, d_x, m, d_y, out, false,
+                               true, groups, nullptr),
+            cudaSuccess);
+  std::vector<float> got = Download(d_y, m * out);
+  std::vector<double> act(m * out);
+  for (int64_t i = 0; i < m * out; ++i) act[i] = gate[i] / (1 + std::exp(-gate[i])) * up[i];
+  EXPECT_LT(MaxAbsDiff(got, act), 2e-5) << "SwiGLU";
+
+  // Plain over all 2 out rows, with bias, accumulated into y2.
+  cuda::DeviceBuffer dy2, db2;
+  std::vector<float> y2 = Random(m * 2 * out, 35), bias2 = Random(2 * out, 36);
+  float* d_y2 = Upload(y2, &dy2);
+  ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, Upload(bias2, &db2), 2 * out, in, d_x, m,
+                               d_y2, 2 * out, true, false, groups, nullptr),
+            cudaSuccess);
+  std::vector<double> ref(m * 2 * out);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      ref[r * 2 * out + o] = y2[r * 2 * out + o] + gate[r * out + o] + bias2[o];
+      ref[r * 2 * out + out + o] = y2[r * 2 * out + out + o] + up[r * out + o] + bias2[out + o];
+    }
+  }
+  EXPECT_LT(MaxAbsDiff(Download(d_y2, m * 2 * out), ref), 2e-5) << "plain, bias, accumulate";
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, GroupedSmallMTest,
+    ::testing::Values(GroupedCase{{1, 1, 1, 1}, true}, GroupedCase{{1, 2, 3, 4, 5, 9}, true},
+                      GroupedCase{{1, 2, 3, 4, 5, 9}, false}, GroupedCase{{9, 17, 6}, true},
+                      GroupedCase{{9, 17, 6}, false}, GroupedCase{{0, 7, 0, 3}, true}),
+    [](const auto& info) {
+      std::string name = info.param.bf16 ? "bf16" : "f32";
+      for (int32_t r : info.param.rows) name += "_" + std::to_string(r);
+      return name;
+    });
+
+// The grouped expert GEMMs of large batches (bf16 weights): groups of very different sizes over
+// non-consecutive slots, against a double-precision reference that rounds where the device
+// stores bf16 (x, gate and up, the activation, y). Up to kMaxPadGroups groups run as padded
+// batched GEMMs; more through cuBLAS's grouped GEMM.
+TEST(GroupedSwiGluTest, MatchesReferenceOnBothPaths) {
+  SKIP_WITHOUT_GPU();
+  const int64_t H = 264, W = 72, slots = 7;
+  cuda::DeviceMatrix gate_up, down;
+  std::vector<float> wgu, wd;
+  MakeMatrix(slots, 2 * W, H, true, 41, 0.1f, &gate_up, &wgu);
+  MakeMatrix(slots, H, W, true, 42, 0.1f, &down, &wd);
+  auto ex = cuda::Exec::Create(0);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  struct Case {
+    std::vector<int32_t> rows, slot;
+    const char* path;
+  };
+  std::vector<Case> cases = {{{40, 3, 33, 1, 70, 17}, {5, 0, 2, 3, 6, 1}, "batched"},
+                             {{300}, {4}, "batched"}};
+  Case many;  // more groups than kMaxPadGroups
+  for (int g = 0; g < cuda::kMaxPadGroups + 20; ++g) {
+    many.rows.push_back(1 + g % 3);
+    many.slot.push_back(g % slots);
+  }
+  many.path = "grouped";
+  cases.push_back(many);
+  for (const Case& c : cases) {
+    const int G = static_cast<int>(c.rows.size());
+    std::vector<int32_t> begin = {0};
+    for (int32_t r : c.rows) begin.push_back(begin.back() + r);
+    const int64_t m = begin.back();
+    std::vector<float> x = Random(m * H, 43);
+    cuda::DeviceBuffer dx, dact, dy;
+    const float* d_x = Upload(x, &dx);
+    ASSERT_TRUE(dact.Reserve(m * W * 4).ok());
+    ASSERT_TRUE(dy.Reserve(m * H * 4).ok());
+    ASSERT_TRUE(cuda::GroupedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x, dact.as<float>(),
+                                    dy.as<float>())
+                    .ok());
+    ASSERT_TRUE((*ex)->Sync().ok());
+    EXPECT_STREQ(cuda::LastGroupedSwiGluPath(), c.path) << G << " groups";
+    std::vector<float> got = Download(dy.as<float>(), m * H);
+    double worst = 0;
+    for (int g = 0; g < G; ++g) {
+      const float* gw = &wgu[c.slot[g] * 2 * W * H];
+      const float* dw = &wd[c.slot[g] * H * W];
+      for (int64_t r = begin[g]; r < begin[g + 1]; ++r) {
+        std::vector<double> a(W);
+        for (int64_t o = 0; o < W; ++o) {
+          double gs = 0, us = 0;
+          for (int64_t i = 0; i < H; ++i) {
+            const double xi = RoundBf16(x[r * H + i]);
+            gs += xi * gw[o * H + i];
+            us += xi * gw[(W + o) * H + i];
+          }
+          const double gr = RoundBf16(gs), ur = RoundBf16(us);
+          a[o] = RoundBf16(gr / (1 + std::exp(-gr)) * ur);
+        }
+        for (int64_t o = 0; o < H; ++o) {
+          double s = 0;
+          for (int64_t i = 0; i < W; ++i) s += a[i] * dw[o * W + i];
+          // A rounding step apart at most (fp32 sums on the device): 2% of the value, or 1e-3.
+          const double err = std::abs(got[r * H + o] - RoundBf16(s)) / (0.02 * std::abs(s) + 1e-3);
+          worst = std::max(worst, err);
+        }
+      }
+    }
+    EXPECT_LE(worst, 1.0) << G << " groups, path " << cuda::LastGroupedSwiGluPath();
+  }
+}
+
 // ---------------------------------------------------------------- norms, routing, attention
 
 TEST(CudaKernelsTest, RmsNormMatchesCpu) {

@@ -1,22 +1,26 @@
 // Grouped expert GEMM throughput on the GPU against one dense cuBLAS GEMM of the same FLOPs.
 //
 //   expert_gemm_bench [--tokens=4096] [--experts=128] [--top_k=8] [--hidden=2048] [--width=768]
+//                     [--streams=64] [--iters=20]
 //
 // Routes `tokens` rows uniformly at random to `top_k` of `experts` experts (Qwen3-30B-A3B's
 // expert shape by default, bf16 weights) and times the expert computation as the expert worker
 // runs it (per expert: gate/up GEMM, SwiGLU, down GEMM; cuda::Project), against dense bf16
 // GEMMs [A, hidden] x [hidden, 2 width] and [A, width] x [width, hidden] with A = tokens * top_k.
-// Also times single-token decode (top_k experts, one row each: the small-batch kernel) as
-// achieved GB/s of expert weights read.
+// Also times single-token decode (top_k experts, one row each: the small-batch kernel) and the
+// decode step of --streams sequences (their rows grouped by expert on the device, all experts
+// in two launches) as achieved GB/s of the expert weights they read.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "engine/cuda/cuda_engine.h"
+#include "engine/expert_groups.h"
 
 ABSL_FLAG(int64_t, tokens, 4096, "Rows routed (prefill-sized batch).");
 ABSL_FLAG(int64_t, experts, 128, "Experts.");
@@ -24,6 +28,7 @@ ABSL_FLAG(int64_t, top_k, 8, "Experts per row.");
 ABSL_FLAG(int64_t, hidden, 2048, "Hidden size.");
 ABSL_FLAG(int64_t, width, 768, "Expert width (moe_intermediate_size).");
 ABSL_FLAG(int32_t, iters, 20, "Timed iterations.");
+ABSL_FLAG(int64_t, streams, 64, "Sequences of the batched-decode figure (one row each).");
 
 namespace moemesh {
 namespace cuda {
@@ -112,6 +117,8 @@ int Main() {
                         y.as<float>());
   };
   const double grouped_ms = TimeMs(ex, iters, grouped);
+  const std::string path = LastGroupedSwiGluPath();
+  const PaddedBuckets pb = PadGroups(row_begin);
 
   // Dense: the same FLOPs as two bf16 GEMMs (inputs already bf16, fp32 out).
   CHECK_OK(xb.Reserve(A * H * 2));
@@ -142,6 +149,42 @@ int Main() {
   };
   const double decode_ms = TimeMs(ex, iters * 10, decode);
   const double decode_bytes = K * 3.0 * H * W * 2;
+
+  // Batched decode: `streams` rows routed to top_k experts each, all experts' products in two
+  // launches of the small-batch kernel over device group arrays (as the attention worker's
+  // in-process experts run a decode step of that many sequences).
+  const int64_t S = absl::GetFlag(FLAGS_streams);
+  std::vector<int64_t> srows(E, 0);
+  for (int64_t t = 0; t < S; ++t) {
+    std::vector<int64_t> pick(E);
+    for (int64_t e = 0; e < E; ++e) pick[e] = e;
+    std::shuffle(pick.begin(), pick.end(), g);
+    for (int64_t j = 0; j < K; ++j) ++srows[pick[j]];
+  }
+  std::vector<int32_t> sslot, sbegin = {0};
+  for (int64_t e = 0; e < E; ++e) {
+    if (srows[e] == 0) continue;
+    sslot.push_back(static_cast<int32_t>(e));
+    sbegin.push_back(sbegin.back() + static_cast<int32_t>(srows[e]));
+  }
+  const int32_t sgroups = static_cast<int32_t>(sslot.size());
+  DeviceBuffer d_sgroups;
+  CHECK_OK(d_sgroups.Reserve((1 + sslot.size() + sbegin.size()) * 4));
+  std::vector<int32_t> packed = {sgroups};
+  packed.insert(packed.end(), sslot.begin(), sslot.end());
+  packed.insert(packed.end(), sbegin.begin(), sbegin.end());
+  cudaMemcpy(d_sgroups.get(), packed.data(), packed.size() * 4, cudaMemcpyHostToDevice);
+  const int32_t* pk = d_sgroups.as<int32_t>();
+  const Groups sg{pk, pk + 1, pk + 1 + sgroups, static_cast<int32_t>(std::min(S * K, E))};
+  const int64_t SA = S * K;
+  auto streams = [&] {
+    SmallMLinear(gu.w.get(), gu.wt, nullptr, W, H, x.as<float>(), SA, act.as<float>(), W, false,
+                 true, sg, ex.stream());
+    SmallMLinear(down.w.get(), down.wt, nullptr, H, W, act.as<float>(), SA, y.as<float>(), H,
+                 false, false, sg, ex.stream());
+  };
+  const double streams_ms = TimeMs(ex, iters * 5, streams);
+  const double streams_bytes = sgroups * 3.0 * H * W * 2;
   CHECK_OK(ex.Sync());
 
   std::printf("expert_gemm_bench on %s: tokens=%lld experts=%lld top_k=%lld hidden=%lld width=%lld bf16\n",
@@ -151,9 +194,14 @@ int Main() {
               grouped_ms, flops / grouped_ms / 1e9);
   std::printf("  dense cuBLAS GEMMs of the same FLOPs:             %8.3f ms  %7.1f TFLOP/s\n",
               dense_ms, flops / dense_ms / 1e9);
-  std::printf("  grouped / dense throughput: %.2f (target >= 0.70)\n", dense_ms / grouped_ms);
+  std::printf("  grouped / dense throughput: %.2f (target >= 0.70); path %s, %d buckets, padded rows %.3f x\n",
+              dense_ms / grouped_ms, path.c_str(), pb.buckets(),
+              static_cast<double>(pb.padded_rows()) / A);
   std::printf("  decode, 1 row x %lld experts: %.1f us, %.0f GB/s of expert weights\n",
               static_cast<long long>(K), decode_ms * 1e3, decode_bytes / decode_ms / 1e6);
+  std::printf("  decode of %lld streams (%lld rows over %d experts, 2 launches): %.1f us, %.0f GB/s of expert weights\n",
+              static_cast<long long>(S), static_cast<long long>(SA), sgroups, streams_ms * 1e3,
+              streams_bytes / streams_ms / 1e6);
   return 0;
 }
 

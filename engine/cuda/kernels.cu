@@ -153,6 +153,93 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
   }
 }
 
+// The small-batch product for groups of several rows (MoE decode of a batch: a few rows per
+// expert). The plain kernel above re-reads each x row from L1/L2 for every output row, which at
+// 4 rows per group is 8 bytes of x per byte of bf16 weight; here each warp takes kOuts output
+// rows (4 weight vectors per step: 4 outputs, or 2 gate/up pairs) and reuses every x load for all
+// of them, with those 4 weight loads in flight together. kRows: x rows per pass over the
+// weights. Each output's sum runs in the plain kernel's order (lane-strided, then WarpSum).
+template <typename WT, bool kSwiglu, int kRows>
+__global__ void __launch_bounds__(kLinWarps * kWarp, 2)
+    SmallMMultiKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
+                      const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
+                      bool accumulate, Groups groups) {
+  constexpr int kOuts = kSwiglu ? 2 : 4;
+  constexpr int kVecs = kSwiglu ? 2 * kOuts : kOuts;  // weight vectors per step
+  int r0 = 0, r1 = m;
+  int64_t slot = 0;
+  if (groups.num_groups != nullptr) {
+    const int g = blockIdx.y;
+    if (g >= *groups.num_groups) return;
+    r0 = groups.row_begin[g];
+    r1 = groups.row_begin[g + 1];
+    slot = groups.slot[g];
+  }
+  const int lane = threadIdx.x % kWarp;
+  const int o0 = (blockIdx.x * kLinWarps + threadIdx.x / kWarp) * kOuts;
+  if (o0 >= out) return;
+  const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
+  const WT* base = w + slot * mat_rows * static_cast<int64_t>(in);
+  const WT* wr[kVecs];  // gate rows then up rows (SwiGLU), or the kOuts rows
+#pragma unroll
+  for (int j = 0; j < kOuts; ++j) {
+    const int o = min(o0 + j, out - 1);  // past the end: recompute the last row, never stored
+    wr[j] = base + static_cast<int64_t>(o) * in;
+    if (kSwiglu) wr[kOuts + j] = wr[j] + static_cast<int64_t>(out) * in;
+  }
+  for (int rb = r0; rb < r1; rb += kRows) {
+    const int nr = min(kRows, r1 - rb);
+    const float* xb = x + static_cast<int64_t>(rb) * in;
+    float acc[kRows][kVecs];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = 0.0f;
+    }
+    for (int i = lane * 8; i < in; i += kWarp * 8) {
+      float wv[kVecs][8];
+#pragma unroll
+      for (int v = 0; v < kVecs; ++v) Load8(wr[v] + i, wv[v]);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < nr) {
+          float xv[8];
+          Load8(xb + static_cast<int64_t>(r) * in + i, xv);
+#pragma unroll
+          for (int v = 0; v < kVecs; ++v) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r][v] = fmaf(xv[e], wv[v][e], acc[r][v]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (r < nr) {
+#pragma unroll
+        for (int v = 0; v < kVecs; ++v) acc[r][v] = WarpSum(acc[r][v]);
+      }
+    }
+    // Lane r * kOuts + j stores output o0 + j of row rb + r.
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int j = 0; j < kOuts; ++j) {
+        if (lane == (r * kOuts + j) % kWarp && r < nr && o0 + j < out) {
+          float v;
+          if (kSwiglu) {
+            v = Silu(acc[r][j]) * acc[r][kOuts + j];
+          } else {
+            v = acc[r][j] + (bias != nullptr ? bias[o0 + j] : 0.0f);
+          }
+          float* dst = y + static_cast<int64_t>(rb + r) * ldy + o0 + j;
+          *dst = accumulate ? *dst + v : v;
+        }
+      }
+    }
+  }
+}
+
 template <typename WT>
 cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in, const float* x,
                          int64_t m, float* y, int64_t ldy, bool accumulate, bool swiglu,
@@ -166,6 +253,24 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
 #define MOEMESH_SMALLM(V, S, R)                                                              \
   SmallMKernel<WT, V, S, R><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy, accumulate, \
                                                         groups)
+  // Rows per group: all m for one matrix, the mean over the groups of a MoE layer.
+  const int64_t per_group =
+      groups.num_groups != nullptr ? (m + groups.max_groups - 1) / groups.max_groups : m;
+  if (vec && (groups.num_groups != nullptr ? per_group >= 2 : m > 8)) {
+    // Several rows per matrix: the multi-output kernel (x loads shared by 4 weight vectors).
+    const int outs_per_block = kLinWarps * (swiglu ? 2 : 4);
+    dim3 mgrid(static_cast<unsigned>((out + outs_per_block - 1) / outs_per_block), grid.y);
+#define MOEMESH_SMALLM_MULTI(S, R)                                                        \
+  SmallMMultiKernel<WT, S, R><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy, \
+                                                           accumulate, groups)
+    if (per_group <= 4) {
+      if (swiglu) MOEMESH_SMALLM_MULTI(true, 4); else MOEMESH_SMALLM_MULTI(false, 4);
+    } else {
+      if (swiglu) MOEMESH_SMALLM_MULTI(true, 8); else MOEMESH_SMALLM_MULTI(false, 8);
+    }
+#undef MOEMESH_SMALLM_MULTI
+    return cudaGetLastError();
+  }
   const bool one = m <= 8;  // decode-sized: rows re-read the weights from L2, not DRAM
   if (vec && swiglu) {
     if (one) MOEMESH_SMALLM(true, true, 1); else MOEMESH_SMALLM(true, true, 8);
@@ -544,6 +649,48 @@ __global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
   }
 }
 
+// The group of padded row p (begin: ascending [groups + 1]): the last g with begin[g] <= p.
+__device__ __forceinline__ int FindGroup(const int32_t* begin, int groups, int p) {
+  int lo = 0, hi = groups - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (begin[mid] <= p) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void PadRowsKernel(const float* x, int64_t dim, const __grid_constant__ PadMap map,
+                              uint16_t* xp) {
+  const int p = blockIdx.x;
+  const int g = FindGroup(map.dst_begin, map.groups, p);
+  const int r = p - map.dst_begin[g];
+  const int src = map.src_begin[g] + r < map.src_begin[g + 1] ? map.src_begin[g] + r : -1;
+  uint16_t* d = xp + static_cast<int64_t>(p) * dim;
+  const float* s = src >= 0 ? x + static_cast<int64_t>(src) * dim : nullptr;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) d[i] = s != nullptr ? F32ToBf16(s[i]) : 0;
+}
+
+__global__ void UnpadRowsKernel(const uint16_t* yp, int64_t dim, const __grid_constant__ PadMap map,
+                                float* y) {
+  const int i = blockIdx.x;  // source row
+  const int g = FindGroup(map.src_begin, map.groups, i);
+  const uint16_t* s = yp + static_cast<int64_t>(map.dst_begin[g] + (i - map.src_begin[g])) * dim;
+  float* d = y + static_cast<int64_t>(i) * dim;
+  for (int64_t e = threadIdx.x; e < dim; e += blockDim.x) d[e] = Bf16ToF32(s[e]);
+}
+
+__global__ void BatchPointersKernel(const __grid_constant__ BatchList list, const char* a,
+                                    int64_t a_stride, const char* b, int64_t b_row, char* c,
+                                    int64_t c_row, void** out) {
+  const int n = list.n;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const int g = list.order[j];
+    out[j] = const_cast<char*>(a + list.slot[g] * a_stride);
+    out[n + j] = const_cast<char*>(b + list.row[g] * b_row);
+    out[2 * n + j] = c + list.row[g] * c_row;
+  }
+}
+
 __device__ __forceinline__ uint64_t SplitMix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -709,6 +856,37 @@ cudaError_t Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream) {
 cudaError_t ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   ToBf16Kernel<<<GridFor(n, 256), 256, 0, stream>>>(x, n, static_cast<uint16_t*>(y));
+  return cudaGetLastError();
+}
+
+cudaError_t PadRowsToBf16(const float* x, int64_t dim, const PadMap& map, void* xp,
+                          cudaStream_t stream) {
+  if (map.groups <= 0 || map.groups > kMaxPadGroups) return cudaErrorInvalidValue;
+  const int rows = map.dst_begin[map.groups];
+  if (rows <= 0) return cudaSuccess;
+  PadRowsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, dim, map,
+                                                                  static_cast<uint16_t*>(xp));
+  return cudaGetLastError();
+}
+
+cudaError_t UnpadRowsToF32(const void* yp, int64_t dim, const PadMap& map, float* y,
+                           cudaStream_t stream) {
+  if (map.groups <= 0 || map.groups > kMaxPadGroups) return cudaErrorInvalidValue;
+  const int rows = map.src_begin[map.groups];
+  if (rows <= 0) return cudaSuccess;
+  UnpadRowsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+      static_cast<const uint16_t*>(yp), dim, map, y);
+  return cudaGetLastError();
+}
+
+cudaError_t FillBatchPointers(const BatchList& list, const void* a, int64_t a_stride,
+                              const void* b, int64_t b_row, void* c, int64_t c_row, void** out,
+                              cudaStream_t stream) {
+  if (list.n <= 0) return cudaSuccess;
+  if (list.n > kMaxPadGroups) return cudaErrorInvalidValue;
+  BatchPointersKernel<<<1, 256, 0, stream>>>(list, static_cast<const char*>(a), a_stride,
+                                             static_cast<const char*>(b), b_row,
+                                             static_cast<char*>(c), c_row, out);
   return cudaGetLastError();
 }
 

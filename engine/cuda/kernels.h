@@ -116,6 +116,39 @@ cudaError_t Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream);
 // fp32 -> bf16 (round to nearest even).
 cudaError_t ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream);
 
+// Grouped rows laid out for batched GEMMs (engine/expert_groups.h's PadGroups): group g's rows
+// [src_begin[g], src_begin[g + 1]) of a dense grouped matrix sit at rows starting at
+// dst_begin[g] of a padded one, whose other rows are zero. Passed by value (kernel parameter
+// space), so launches need no host-to-device copy and can be captured in a CUDA graph.
+constexpr int kMaxPadGroups = 256;
+struct PadMap {
+  int32_t groups = 0;
+  int32_t src_begin[kMaxPadGroups + 1];
+  int32_t dst_begin[kMaxPadGroups + 1];  // dst_begin[groups]: padded rows
+};
+
+// xp (bf16, [padded rows, dim]) from x (fp32, [src rows, dim]): rows moved and rounded to bf16,
+// padding rows zero.
+cudaError_t PadRowsToBf16(const float* x, int64_t dim, const PadMap& map, void* xp,
+                          cudaStream_t stream);
+
+// y (fp32, [src rows, dim]) from the padded bf16 yp: the inverse move, widened to fp32.
+cudaError_t UnpadRowsToF32(const void* yp, int64_t dim, const PadMap& map, float* y,
+                           cudaStream_t stream);
+
+// Pointer arrays of a batched GEMM over groups listed in `order`: for j < n, g = order[j],
+//   out[j] = a + slot[g] * a_stride, out[n + j] = b + row[g] * b_row, out[2n + j] = c + row[g] * c_row
+// (byte offsets). out: device array of 3n pointers.
+struct BatchList {
+  int32_t n = 0;
+  int32_t slot[kMaxPadGroups];  // by group
+  int32_t row[kMaxPadGroups];   // by group: first padded row
+  int32_t order[kMaxPadGroups];
+};
+cudaError_t FillBatchPointers(const BatchList& list, const void* a, int64_t a_stride,
+                              const void* b, int64_t b_row, void* c, int64_t c_row, void** out,
+                              cudaStream_t stream);
+
 // Random weights for --load_format=dummy: uniform in [-scale, scale] from (seed, index), or
 // the constant `scale` when `constant`. n elements of type wt.
 cudaError_t FillRandom(void* dst, WType wt, int64_t n, uint64_t seed, float scale, bool constant,
