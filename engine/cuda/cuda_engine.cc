@@ -176,133 +176,161 @@ std::atomic<const char*> last_grouped_path{"none"};
 
 const char* LastGroupedSwiGluPath() { return last_grouped_path.load(); }
 
-absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* act, float* y) {
+                           const float* x, float* y) {
   const int G = static_cast<int>(slot.size());
   if (G == 0) return absl::OkStatus();
+  if (gate_up.wt != WType::kBF16 || down.wt != WType::kBF16 || G > kMaxPadGroups) {
+    return absl::UnimplementedError(
+        absl::StrCat("batched expert GEMMs take bf16 weights and at most ", kMaxPadGroups,
+                     " groups"));
+  }
+  const int64_t H = gate_up.in, W = down.in;
+  // Groups of similar size padded to one row count per bucket, each bucket one cuBLAS batched
+  // GEMM per projection (bf16 in and out, fp32 accumulation). Row maps and pointer arrays travel
+  // as kernel parameters: no host synchronisation, no upload.
+  const PaddedBuckets pb = PadGroups(row_begin);
+  const int64_t P = pb.padded_rows();
+  MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(P * H) * 2));  // x, later y
+  MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(P * W) * 2));
+  MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(P * 2 * W) * 2));
+  MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
+  PadMap map;
+  map.groups = G;
+  BatchList list;
+  list.n = G;
+  for (int g = 0; g <= G; ++g) {
+    map.src_begin[g] = row_begin[g];
+    map.dst_begin[g] = pb.dst_begin[g];
+    if (g < G) {
+      list.slot[g] = slot[g];
+      list.row[g] = pb.dst_begin[g];
+      list.order[g] = pb.order[g];
+    }
+  }
+  void** dp = ex.ptrs.as<void*>();
+  MOEMESH_CUDA(PadRowsToBf16(x, H, map, ex.xb16.get(), ex.stream()));
+  MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), 2 * W * H * 2, ex.xb16.get(), H * 2,
+                                 ex.gu.get(), 2 * W * 2, dp, ex.stream()));
+  MOEMESH_CUDA(FillBatchPointers(list, down.w.get(), H * W * 2, ex.ab16.get(), W * 2,
+                                 ex.xb16.get(), H * 2, dp + 3 * G, ex.stream()));
+  const float one = 1.0f, zero = 0.0f;
+  // Bucket b: groups order[bucket_begin[b] ..), each [bucket_rows[b], ...].
+  auto batched = [&](void** arrays, int m, int k, int ldc) -> absl::Status {
+    for (int b = 0; b < pb.buckets(); ++b) {
+      const int j = pb.bucket_begin[b], count = pb.bucket_begin[b + 1] - j;
+      MOEMESH_BLAS(cublasGemmBatchedEx(
+          ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, pb.bucket_rows[b], k, &one, arrays + j,
+          CUDA_R_16BF, k, arrays + G + j, CUDA_R_16BF, k, &zero, arrays + 2 * G + j, CUDA_R_16BF,
+          ldc, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    return absl::OkStatus();
+  };
+  MOEMESH_OK(batched(dp, static_cast<int>(2 * W), static_cast<int>(H), static_cast<int>(2 * W)));
+  MOEMESH_CUDA(SiluMulBf16(ex.gu.get(), P, W, ex.ab16.get(), ex.stream()));
+  MOEMESH_OK(batched(dp + 3 * G, static_cast<int>(H), static_cast<int>(W), static_cast<int>(H)));
+  MOEMESH_CUDA(UnpadRowsToF32(ex.xb16.get(), H, map, y, ex.stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                                 const std::vector<int32_t>& slot,
+                                 const std::vector<int32_t>& row_begin, const float* x, float* y) {
+  const int G = static_cast<int>(slot.size());
+  if (G == 0) return absl::OkStatus();
+  if (gate_up.wt != WType::kBF16 || down.wt != WType::kBF16) {
+    return absl::UnimplementedError("cuBLAS's grouped expert GEMMs take bf16 weights");
+  }
   const int64_t rows = row_begin[G], H = gate_up.in, W = down.in;
-  static std::atomic<bool> batched_ok{true};
-  if (gate_up.wt == WType::kBF16 && down.wt == WType::kBF16 && G <= kMaxPadGroups &&
-      batched_ok.load()) {
-    // Groups of similar size padded to one row count per bucket and run as cuBLAS batched GEMMs
-    // (one launch over all of a bucket's experts; bf16 in and out, fp32 accumulation). Pointer
-    // arrays and row maps travel as kernel parameters: no host synchronisation, no upload.
-    const PaddedBuckets pb = PadGroups(row_begin);
-    const int64_t P = pb.padded_rows();
-    MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(P * H) * 2));  // x, later y
-    MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(P * W) * 2));
-    MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(P * 2 * W) * 2));
-    MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
-    PadMap map;
-    map.groups = G;
-    BatchList list;
-    list.n = G;
-    for (int g = 0; g <= G; ++g) {
-      map.src_begin[g] = row_begin[g];
-      map.dst_begin[g] = pb.dst_begin[g];
-      if (g < G) {
-        list.slot[g] = slot[g];
-        list.row[g] = pb.dst_begin[g];
-        list.order[g] = pb.order[g];
-      }
-    }
-    void** dp = ex.ptrs.as<void*>();
-    MOEMESH_CUDA(PadRowsToBf16(x, H, map, ex.xb16.get(), ex.stream()));
-    MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), 2 * W * H * 2, ex.xb16.get(), H * 2,
-                                   ex.gu.get(), 2 * W * 2, dp, ex.stream()));
-    MOEMESH_CUDA(FillBatchPointers(list, down.w.get(), H * W * 2, ex.ab16.get(), W * 2,
-                                   ex.xb16.get(), H * 2, dp + 3 * G, ex.stream()));
-    const float one = 1.0f, zero = 0.0f;
-    // Bucket b: groups order[bucket_begin[b] ..), each [bucket_rows[b], ...].
-    auto batched = [&](void** arrays, int m, int k, int ldc) {
-      for (int b = 0; b < pb.buckets(); ++b) {
-        const int j = pb.bucket_begin[b], count = pb.bucket_begin[b + 1] - j;
-        const cublasStatus_t st = cublasGemmBatchedEx(
-            ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, pb.bucket_rows[b], k, &one, arrays + j,
-            CUDA_R_16BF, k, arrays + G + j, CUDA_R_16BF, k, &zero, arrays + 2 * G + j,
-            CUDA_R_16BF, ldc, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-        if (st != CUBLAS_STATUS_SUCCESS) return st;
-      }
-      return CUBLAS_STATUS_SUCCESS;
-    };
-    cublasStatus_t st = batched(dp, static_cast<int>(2 * W), static_cast<int>(H),
-                                static_cast<int>(2 * W));
-    if (st == CUBLAS_STATUS_SUCCESS) {
-      MOEMESH_CUDA(SiluMulBf16(ex.gu.get(), P, W, ex.ab16.get(), ex.stream()));
-      st = batched(dp + 3 * G, static_cast<int>(H), static_cast<int>(W), static_cast<int>(H));
-      if (st == CUBLAS_STATUS_SUCCESS) {
-        MOEMESH_CUDA(UnpadRowsToF32(ex.xb16.get(), H, map, y, ex.stream()));
-        last_grouped_path = "batched";
-        return absl::OkStatus();
-      }
-    }
-    std::fprintf(stderr, "cublasGemmBatchedEx: %s; using cuBLAS's grouped GEMM\n",
-                 cublasGetStatusString(st));
-    batched_ok = false;
-  }
-  static std::atomic<bool> grouped_ok{true};
-  if (gate_up.wt == WType::kBF16 && down.wt == WType::kBF16 && grouped_ok.load()) {
-    // bf16 throughout the grouped GEMMs (cuBLAS's grouped call takes bf16 in and out, with fp32
-    // accumulation); y is widened to fp32 at the end.
-    MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(rows * H) * 2));
-    MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(rows * W) * 2));
-    MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(rows * 2 * W) * 2));
-    MOEMESH_CUDA(ToBf16(x, rows * H, ex.xb16.get(), ex.stream()));
-    // Device arrays of pointers: [A of gate_up, B, C, A of down, B, C] x G.
-    MOEMESH_OK(ex.h_ptrs.Reserve(6 * G * sizeof(void*)));
-    MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
-    MOEMESH_OK(ex.Sync());  // h_ptrs may still feed the previous call's copy
-    const void** hp = ex.h_ptrs.as<const void*>();
-    const char* xb = ex.xb16.as<char>();
-    const char* ab = ex.ab16.as<char>();
-    const char* gb = ex.gu.as<char>();
-    for (int g = 0; g < G; ++g) {
-      const int64_t b = row_begin[g];
-      hp[g] = gate_up.matrix(slot[g]);
-      hp[G + g] = xb + b * H * 2;
-      hp[2 * G + g] = gb + b * 2 * W * 2;
-      hp[3 * G + g] = down.matrix(slot[g]);
-      hp[4 * G + g] = ab + b * W * 2;
-      hp[5 * G + g] = xb + b * H * 2;  // y in bf16 reuses x's bf16 copy (consumed by then)
-    }
-    MOEMESH_CUDA(cudaMemcpyAsync(ex.ptrs.get(), hp, 6 * G * sizeof(void*), cudaMemcpyHostToDevice,
-                                 ex.stream()));
-    void** dp = ex.ptrs.as<void*>();
-    std::vector<cublasOperation_t> ta(G, CUBLAS_OP_T), tb(G, CUBLAS_OP_N);
-    std::vector<int> m1(G, static_cast<int>(2 * W)), m2(G, static_cast<int>(H)), n(G),
-        k1(G, static_cast<int>(H)), k2(G, static_cast<int>(W)), ones(G, 1);
-    std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);
-    for (int g = 0; g < G; ++g) n[g] = row_begin[g + 1] - row_begin[g];
-    cublasStatus_t st = cublasGemmGroupedBatchedEx(
-        ex.blas(), ta.data(), tb.data(), m1.data(), n.data(), k1.data(), alpha.data(),
-        const_cast<const void* const*>(dp), CUDA_R_16BF, k1.data(),
-        const_cast<const void* const*>(dp + G), CUDA_R_16BF, k1.data(), beta.data(), dp + 2 * G,
-        CUDA_R_16BF, m1.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
-    if (st == CUBLAS_STATUS_SUCCESS) {
-      MOEMESH_CUDA(SiluMulBf16(ex.gu.get(), rows, W, ex.ab16.get(), ex.stream()));
-      st = cublasGemmGroupedBatchedEx(
-          ex.blas(), ta.data(), tb.data(), m2.data(), n.data(), k2.data(), alpha.data(),
-          const_cast<const void* const*>(dp + 3 * G), CUDA_R_16BF, k2.data(),
-          const_cast<const void* const*>(dp + 4 * G), CUDA_R_16BF, k2.data(), beta.data(),
-          dp + 5 * G, CUDA_R_16BF, m2.data(), G, ones.data(), CUBLAS_COMPUTE_32F);
-      if (st == CUBLAS_STATUS_SUCCESS) {
-        MOEMESH_CUDA(Bf16ToF32(ex.xb16.get(), rows * H, y, ex.stream()));
-        last_grouped_path = "grouped";
-        return ex.Sync();  // the host arrays above are freed next
-      }
-    }
-    std::fprintf(stderr, "cublasGemmGroupedBatchedEx: %s; using one GEMM per expert\n",
-                 cublasGetStatusString(st));
-    grouped_ok = false;
-  }
+  // bf16 throughout the grouped GEMMs (cuBLAS's grouped call takes bf16 in and out, with fp32
+  // accumulation); y is widened to fp32 at the end.
+  MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(rows * H) * 2));
+  MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(rows * W) * 2));
+  MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(rows * 2 * W) * 2));
+  MOEMESH_CUDA(ToBf16(x, rows * H, ex.xb16.get(), ex.stream()));
+  // Device arrays of pointers: [A of gate_up, B, C, A of down, B, C] x G.
+  MOEMESH_OK(ex.h_ptrs.Reserve(6 * G * sizeof(void*)));
+  MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
+  MOEMESH_OK(ex.Sync());  // h_ptrs may still feed the previous call's copy
+  const void** hp = ex.h_ptrs.as<const void*>();
+  const char* xb = ex.xb16.as<char>();
+  const char* ab = ex.ab16.as<char>();
+  const char* gb = ex.gu.as<char>();
   for (int g = 0; g < G; ++g) {
+    const int64_t b = row_begin[g];
+    hp[g] = gate_up.matrix(slot[g]);
+    hp[G + g] = xb + b * H * 2;
+    hp[2 * G + g] = gb + b * 2 * W * 2;
+    hp[3 * G + g] = down.matrix(slot[g]);
+    hp[4 * G + g] = ab + b * W * 2;
+    hp[5 * G + g] = xb + b * H * 2;  // y in bf16 reuses x's bf16 copy (consumed by then)
+  }
+  MOEMESH_CUDA(cudaMemcpyAsync(ex.ptrs.get(), hp, 6 * G * sizeof(void*), cudaMemcpyHostToDevice,
+                               ex.stream()));
+  void** dp = ex.ptrs.as<void*>();
+  std::vector<cublasOperation_t> ta(G, CUBLAS_OP_T), tb(G, CUBLAS_OP_N);
+  std::vector<int> m1(G, static_cast<int>(2 * W)), m2(G, static_cast<int>(H)), n(G),
+      k1(G, static_cast<int>(H)), k2(G, static_cast<int>(W)), ones(G, 1);
+  std::vector<float> alpha(G, 1.0f), beta(G, 0.0f);
+  for (int g = 0; g < G; ++g) n[g] = row_begin[g + 1] - row_begin[g];
+  MOEMESH_BLAS(cublasGemmGroupedBatchedEx(
+      ex.blas(), ta.data(), tb.data(), m1.data(), n.data(), k1.data(), alpha.data(),
+      const_cast<const void* const*>(dp), CUDA_R_16BF, k1.data(),
+      const_cast<const void* const*>(dp + G), CUDA_R_16BF, k1.data(), beta.data(), dp + 2 * G,
+      CUDA_R_16BF, m1.data(), G, ones.data(), CUBLAS_COMPUTE_32F));
+  MOEMESH_CUDA(SiluMulBf16(ex.gu.get(), rows, W, ex.ab16.get(), ex.stream()));
+  MOEMESH_BLAS(cublasGemmGroupedBatchedEx(
+      ex.blas(), ta.data(), tb.data(), m2.data(), n.data(), k2.data(), alpha.data(),
+      const_cast<const void* const*>(dp + 3 * G), CUDA_R_16BF, k2.data(),
+      const_cast<const void* const*>(dp + 4 * G), CUDA_R_16BF, k2.data(), beta.data(),
+      dp + 5 * G, CUDA_R_16BF, m2.data(), G, ones.data(), CUBLAS_COMPUTE_32F));
+  MOEMESH_CUDA(Bf16ToF32(ex.xb16.get(), rows * H, y, ex.stream()));
+  return ex.Sync();  // the host arrays above are freed next
+}
+
+absl::Status PerGroupSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                            const std::vector<int32_t>& slot,
+                            const std::vector<int32_t>& row_begin, const float* x, float* act,
+                            float* y) {
+  const int64_t H = gate_up.in, W = down.in;
+  for (size_t g = 0; g < slot.size(); ++g) {
     const int64_t b = row_begin[g], m = row_begin[g + 1] - b;
     MOEMESH_OK(Project(ex, gate_up, slot[g], x + b * H, m, act + b * W, W, false, true));
     MOEMESH_OK(Project(ex, down, slot[g], act + b * W, m, y + b * H, H, false, false));
   }
-  last_grouped_path = "per-group";
   return absl::OkStatus();
+}
+
+absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                           const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
+                           const float* x, float* act, float* y) {
+  if (slot.empty()) return absl::OkStatus();
+  // A path cuBLAS refuses (a status other than "not for these weights") is not tried again.
+  static std::atomic<bool> batched_ok{true}, grouped_ok{true};
+  const bool bf16 = gate_up.wt == WType::kBF16 && down.wt == WType::kBF16;
+  if (bf16 && static_cast<int>(slot.size()) <= kMaxPadGroups && batched_ok.load()) {
+    absl::Status st = BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y);
+    if (st.ok()) {
+      last_grouped_path = "batched";
+      return st;
+    }
+    std::fprintf(stderr, "batched expert GEMMs: %s; using cuBLAS's grouped GEMM\n",
+                 st.ToString().c_str());
+    batched_ok = false;
+  }
+  if (bf16 && grouped_ok.load()) {
+    absl::Status st = CublasGroupedSwiGlu(ex, gate_up, down, slot, row_begin, x, y);
+    if (st.ok()) {
+      last_grouped_path = "grouped";
+      return st;
+    }
+    std::fprintf(stderr, "grouped expert GEMMs: %s; using one GEMM per expert\n",
+                 st.ToString().c_str());
+    grouped_ok = false;
+  }
+  last_grouped_path = "per-group";
+  return PerGroupSwiGlu(ex, gate_up, down, slot, row_begin, x, act, y);
 }
 
 // ---------------------------------------------------------------- loading

@@ -127,6 +127,19 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
 // The way the last GroupedSwiGlu call in the process ran: "batched", "grouped" or "per-group".
 const char* LastGroupedSwiGluPath();
 
+// GroupedSwiGlu's three ways, for tests and expert_gemm_bench. The first two take bf16 weights
+// (UNIMPLEMENTED otherwise; BatchedSwiGlu also at most kMaxPadGroups groups).
+absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                           const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
+                           const float* x, float* y);
+absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                                 const std::vector<int32_t>& slot,
+                                 const std::vector<int32_t>& row_begin, const float* x, float* y);
+absl::Status PerGroupSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                            const std::vector<int32_t>& slot,
+                            const std::vector<int32_t>& row_begin, const float* x, float* act,
+                            float* y);
+
 // Routed experts on one GPU.
 class CudaExpertShard : public ExpertShard {
  public:

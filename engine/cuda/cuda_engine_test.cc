@@ -240,6 +240,15 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
     }
   }
   EXPECT_LT(MaxAbsDiff(Download(d_y2, m * 2 * out), ref), 2e-5) << "plain, bias, accumulate";
+
+  // Either kernel, chosen explicitly, gives the automatic choice's results bit for bit.
+  for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti}) {
+    ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, d_x, m, d_y, out, false,
+                                 true, groups, nullptr, choice),
+              cudaSuccess);
+    EXPECT_EQ(Download(d_y, m * out), got) << "SwiGLU, kernel " << static_cast<int>(choice);
+  }
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
@@ -258,7 +267,7 @@ INSTANTIATE_TEST_SUITE_P(
 // non-consecutive slots, against a double-precision reference that rounds where the device
 // stores bf16 (x, gate and up, the activation, y). Up to kMaxPadGroups groups run as padded
 // batched GEMMs; more through cuBLAS's grouped GEMM.
-TEST(GroupedSwiGluTest, MatchesReferenceOnBothPaths) {
+TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
   SKIP_WITHOUT_GPU();
   const int64_t H = 264, W = 72, slots = 7;
   cuda::DeviceMatrix gate_up, down;
@@ -290,13 +299,29 @@ TEST(GroupedSwiGluTest, MatchesReferenceOnBothPaths) {
     const float* d_x = Upload(x, &dx);
     ASSERT_TRUE(dact.Reserve(m * W * 4).ok());
     ASSERT_TRUE(dy.Reserve(m * H * 4).ok());
+    // The dispatcher's path, then each bf16 path by name (the batched one refuses > 256 groups).
+    std::vector<std::pair<std::string, std::vector<float>>> runs;
     ASSERT_TRUE(cuda::GroupedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x, dact.as<float>(),
                                     dy.as<float>())
                     .ok());
     ASSERT_TRUE((*ex)->Sync().ok());
     EXPECT_STREQ(cuda::LastGroupedSwiGluPath(), c.path) << G << " groups";
-    std::vector<float> got = Download(dy.as<float>(), m * H);
-    double worst = 0;
+    runs.emplace_back("dispatched", Download(dy.as<float>(), m * H));
+    absl::Status batched = cuda::BatchedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x,
+                                               dy.as<float>());
+    if (G <= cuda::kMaxPadGroups) {
+      ASSERT_TRUE(batched.ok()) << batched;
+      ASSERT_TRUE((*ex)->Sync().ok());
+      runs.emplace_back("batched", Download(dy.as<float>(), m * H));
+    } else {
+      EXPECT_EQ(batched.code(), absl::StatusCode::kUnimplemented) << batched;
+    }
+    ASSERT_TRUE(cuda::CublasGroupedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x,
+                                          dy.as<float>())
+                    .ok());
+    runs.emplace_back("grouped", Download(dy.as<float>(), m * H));
+    // Reference, with the device's bf16 roundings.
+    std::vector<double> ref(m * H);
     for (int g = 0; g < G; ++g) {
       const float* gw = &wgu[c.slot[g] * 2 * W * H];
       const float* dw = &wd[c.slot[g] * H * W];
@@ -313,15 +338,21 @@ TEST(GroupedSwiGluTest, MatchesReferenceOnBothPaths) {
           a[o] = RoundBf16(gr / (1 + std::exp(-gr)) * ur);
         }
         for (int64_t o = 0; o < H; ++o) {
-          double s = 0;
-          for (int64_t i = 0; i < W; ++i) s += a[i] * dw[o * W + i];
-          // A rounding step apart at most (fp32 sums on the device): 2% of the value, or 1e-3.
-          const double err = std::abs(got[r * H + o] - RoundBf16(s)) / (0.02 * std::abs(s) + 1e-3);
-          worst = std::max(worst, err);
+          double sum = 0;
+          for (int64_t i = 0; i < W; ++i) sum += a[i] * dw[o * W + i];
+          ref[r * H + o] = sum;
         }
       }
     }
-    EXPECT_LE(worst, 1.0) << G << " groups, path " << cuda::LastGroupedSwiGluPath();
+    for (const auto& [name, got] : runs) {
+      // A rounding step apart at most (fp32 sums on the device): 2% of the value, or 1e-3.
+      double worst = 0;
+      for (int64_t i = 0; i < m * H; ++i) {
+        worst = std::max(worst, std::abs(got[i] - RoundBf16(ref[i])) /
+                                    (0.02 * std::abs(ref[i]) + 1e-3));
+      }
+      EXPECT_LE(worst, 1.0) << G << " groups, " << name;
+    }
   }
 }
 

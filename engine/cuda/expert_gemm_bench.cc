@@ -112,6 +112,7 @@ int Main() {
     slot.push_back(static_cast<int32_t>(e));
     row_begin.push_back(row_begin.back() + static_cast<int32_t>(rows[e]));
   }
+  // The engine's choice (GroupedSwiGlu), then each path by name.
   auto grouped = [&] {
     (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), act.as<float>(),
                         y.as<float>());
@@ -119,6 +120,24 @@ int Main() {
   const double grouped_ms = TimeMs(ex, iters, grouped);
   const std::string path = LastGroupedSwiGluPath();
   const PaddedBuckets pb = PadGroups(row_begin);
+  auto time_path = [&](const char* name, auto&& run) {
+    absl::Status st = run();
+    if (!st.ok()) {
+      std::printf("  %-30s refused: %s\n", name, st.ToString().c_str());
+      return 0.0;
+    }
+    return TimeMs(ex, iters, [&] { (void)run(); });
+  };
+  const double batched_ms = time_path("batched (padded buckets)", [&] {
+    return BatchedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
+  });
+  const double cublas_grouped_ms = time_path("cuBLAS grouped", [&] {
+    return CublasGroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
+  });
+  const double per_group_ms = time_path("one GEMM per expert", [&] {
+    return PerGroupSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), act.as<float>(),
+                          y.as<float>());
+  });
 
   // Dense: the same FLOPs as two bf16 GEMMs (inputs already bf16, fp32 out).
   CHECK_OK(xb.Reserve(A * H * 2));
@@ -177,13 +196,17 @@ int Main() {
   const int32_t* pk = d_sgroups.as<int32_t>();
   const Groups sg{pk, pk + 1, pk + 1 + sgroups, static_cast<int32_t>(std::min(S * K, E))};
   const int64_t SA = S * K;
-  auto streams = [&] {
-    SmallMLinear(gu.w.get(), gu.wt, nullptr, W, H, x.as<float>(), SA, act.as<float>(), W, false,
-                 true, sg, ex.stream());
-    SmallMLinear(down.w.get(), down.wt, nullptr, H, W, act.as<float>(), SA, y.as<float>(), H,
-                 false, false, sg, ex.stream());
+  auto streams_with = [&](SmallMChoice choice) {
+    return TimeMs(ex, iters * 5, [&] {
+      SmallMLinear(gu.w.get(), gu.wt, nullptr, W, H, x.as<float>(), SA, act.as<float>(), W,
+                   false, true, sg, ex.stream(), choice);
+      SmallMLinear(down.w.get(), down.wt, nullptr, H, W, act.as<float>(), SA, y.as<float>(), H,
+                   false, false, sg, ex.stream(), choice);
+    });
   };
-  const double streams_ms = TimeMs(ex, iters * 5, streams);
+  const double streams_ms = streams_with(SmallMChoice::kAuto);
+  const double streams_one_ms = streams_with(SmallMChoice::kOne);
+  const double streams_multi_ms = streams_with(SmallMChoice::kMulti);
   const double streams_bytes = sgroups * 3.0 * H * W * 2;
   CHECK_OK(ex.Sync());
 
@@ -194,14 +217,19 @@ int Main() {
               grouped_ms, flops / grouped_ms / 1e9);
   std::printf("  dense cuBLAS GEMMs of the same FLOPs:             %8.3f ms  %7.1f TFLOP/s\n",
               dense_ms, flops / dense_ms / 1e9);
-  std::printf("  grouped / dense throughput: %.2f (target >= 0.70); path %s, %d buckets, padded rows %.3f x\n",
-              dense_ms / grouped_ms, path.c_str(), pb.buckets(),
-              static_cast<double>(pb.padded_rows()) / A);
+  std::printf("  grouped / dense throughput: %.2f (target >= 0.70); path %s\n",
+              dense_ms / grouped_ms, path.c_str());
+  std::printf("  by path: batched %.3f ms (%d buckets, padded rows %.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms\n",
+              batched_ms, pb.buckets(), static_cast<double>(pb.padded_rows()) / A,
+              cublas_grouped_ms, per_group_ms);
   std::printf("  decode, 1 row x %lld experts: %.1f us, %.0f GB/s of expert weights\n",
               static_cast<long long>(K), decode_ms * 1e3, decode_bytes / decode_ms / 1e6);
   std::printf("  decode of %lld streams (%lld rows over %d experts, 2 launches): %.1f us, %.0f GB/s of expert weights\n",
               static_cast<long long>(S), static_cast<long long>(SA), sgroups, streams_ms * 1e3,
               streams_bytes / streams_ms / 1e6);
+  std::printf("    one-output kernel %.1f us (%.0f GB/s), multi-output kernel %.1f us (%.0f GB/s)\n",
+              streams_one_ms * 1e3, streams_bytes / streams_one_ms / 1e6, streams_multi_ms * 1e3,
+              streams_bytes / streams_multi_ms / 1e6);
   return 0;
 }
 

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
 template <typename WT>
 cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in, const float* x,
                          int64_t m, float* y, int64_t ldy, bool accumulate, bool swiglu,
-                         const Groups& groups, cudaStream_t stream) {
+                         const Groups& groups, cudaStream_t stream, SmallMChoice choice) {
   const bool vec = in % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(x) % 16 == 0;
   dim3 grid(static_cast<unsigned>((out + kLinWarps - 1) / kLinWarps),
@@ -256,7 +256,10 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   // Rows per group: all m for one matrix, the mean over the groups of a MoE layer.
   const int64_t per_group =
       groups.num_groups != nullptr ? (m + groups.max_groups - 1) / groups.max_groups : m;
-  if (vec && (groups.num_groups != nullptr ? per_group >= 2 : m > 8)) {
+  const bool multi = choice == SmallMChoice::kAuto
+                         ? (groups.num_groups != nullptr ? per_group >= 2 : m > 8)
+                         : choice == SmallMChoice::kMulti;
+  if (vec && multi) {
     // Several rows per matrix: the multi-output kernel (x loads shared by 4 weight vectors).
     const int outs_per_block = kLinWarps * (swiglu ? 2 : 4);
     dim3 mgrid(static_cast<unsigned>((out + outs_per_block - 1) / outs_per_block), grid.y);
@@ -725,14 +728,15 @@ unsigned GridFor(int64_t n, int threads) {
 
 cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
                          const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
-                         bool swiglu, const Groups& groups, cudaStream_t stream) {
+                         bool swiglu, const Groups& groups, cudaStream_t stream,
+                         SmallMChoice choice) {
   if (m <= 0 || out <= 0) return cudaSuccess;
   if (wt == WType::kF32) {
     return LaunchSmallM(static_cast<const float*>(w), bias, out, in, x, m, y, ldy, accumulate,
-                        swiglu, groups, stream);
+                        swiglu, groups, stream, choice);
   }
   return LaunchSmallM(static_cast<const uint16_t*>(w), bias, out, in, x, m, y, ldy, accumulate,
-                      swiglu, groups, stream);
+                      swiglu, groups, stream, choice);
 }
 
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,

@@ -29,13 +29,21 @@ struct Groups {
   int32_t max_groups = 1;               // grid size; groups beyond *num_groups do nothing
 };
 
-// Small-batch projection, one warp per output row, weights streamed once per 8 rows of x:
+// Small-batch projection, weights streamed once per pass over up to 8 rows of x:
 //   y[r, o] (+)= sum_i x[r, i] * W[o, i] (+ bias[o])
 // With `swiglu`, W is a fused [2 * out, in] gate/up matrix and y[r, o] = silu(g) * u, where
 // g, u are rows o and out + o. x: [m, in], y: [m, out] (row stride `ldy`, >= out).
+// Two kernels: kOne, a warp per output row (one x row at a time up to m = 8, the decode of one
+// sequence), and kMulti, a warp per 4 output rows (2 with SwiGLU) that shares each x load among
+// them (several rows per matrix: batched decode). kAuto: kMulti when there are >= 2 rows per
+// group on average (or m > 8 without groups); kMulti needs in % 8 == 0 and 16-byte aligned w and
+// x (otherwise kOne's scalar variant runs).
+// Both give the same sums (same order per output), so the choice never changes a result.
+enum class SmallMChoice { kAuto, kOne, kMulti };
 cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
                          const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
-                         bool swiglu, const Groups& groups, cudaStream_t stream);
+                         bool swiglu, const Groups& groups, cudaStream_t stream,
+                         SmallMChoice kernel = SmallMChoice::kAuto);
 
 // y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, rows of `dim`; y may equal x.
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
