@@ -178,8 +178,8 @@ class GroupedSmallMTest : public ::testing::TestWithParam<GroupedCase> {};
 
 // The small-batch kernels over groups of rows (a MoE layer's decode: device group arrays, each
 // group its own matrix): plain with bias and accumulate, and fused SwiGLU, against double
-// precision. Mean rows per group 1 (one-row kernel), <= 4 and > 4 (multi-output kernel, 4 and 8
-// rows per pass); out not a multiple of the outputs per block.
+// precision. Mean rows per group 1 (one-row kernel, its sums split over warps), <= 4 and > 4
+// (multi-output kernel, 4 and 8 rows per pass); out not a multiple of the outputs per block.
 TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
   SKIP_WITHOUT_GPU();
   const GroupedCase c = GetParam();
@@ -241,13 +241,14 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
   }
   EXPECT_LT(MaxAbsDiff(Download(d_y2, m * 2 * out), ref), 2e-5) << "plain, bias, accumulate";
 
-  // Either kernel, chosen explicitly, gives the automatic choice's results bit for bit.
+  // Either kernel, chosen explicitly, is as exact.
   for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti}) {
     ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, d_x, m, d_y, out, false,
                                  true, groups, nullptr, choice),
               cudaSuccess);
-    EXPECT_EQ(Download(d_y, m * out), got) << "SwiGLU, kernel " << static_cast<int>(choice);
+    EXPECT_LT(MaxAbsDiff(Download(d_y, m * out), act), 2e-5)
+        << "SwiGLU, kernel " << static_cast<int>(choice);
   }
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

@@ -240,6 +240,87 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
   }
 }
 
+// The one-row kernel with each output's sum split over kSplit warps (slices of `in`), for
+// decode products too narrow to give every SM enough warps streaming weights (Qwen3-30B-A3B's
+// o projection has 2048 output rows: ~16 warps per SM of an H100, each reading 8 KiB in a row).
+// The kSplit partial sums meet in shared memory, added in slice order.
+template <typename WT, bool kSwiglu, int kSplit>
+__global__ void __launch_bounds__(kLinWarps * kWarp, 4)
+    SplitKKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
+                 const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
+                 bool accumulate, Groups groups) {
+  static_assert(kLinWarps % kSplit == 0, "warps per block must split evenly");
+  constexpr int kOutsPerBlock = kLinWarps / kSplit;
+  __shared__ float part[kLinWarps][2];
+  int r0 = 0, r1 = m;
+  int64_t slot = 0;
+  if (groups.num_groups != nullptr) {
+    const int g = blockIdx.y;
+    if (g >= *groups.num_groups) return;  // the whole block
+    r0 = groups.row_begin[g];
+    r1 = groups.row_begin[g + 1];
+    slot = groups.slot[g];
+  }
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int o = blockIdx.x * kOutsPerBlock + warp / kSplit;
+  const int s = warp % kSplit;
+  const bool active = o < out;  // inactive warps still meet the block's barriers
+  // Slices of whole 256-element steps (32 lanes x 8), so every load stays 16-byte aligned.
+  const int chunk = ((in + kSplit - 1) / kSplit + kWarp * 8 - 1) / (kWarp * 8) * (kWarp * 8);
+  const int i0 = s * chunk, i1 = min(in, i0 + chunk);
+  const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
+  const WT* wg = w + (slot * mat_rows + (active ? o : 0)) * static_cast<int64_t>(in);
+  const WT* wu = kSwiglu ? wg + static_cast<int64_t>(out) * in : nullptr;
+  for (int r = r0; r < r1; ++r) {
+    float ag = 0.0f, au = 0.0f;
+    if (active) {
+      const float* xr = x + static_cast<int64_t>(r) * in;
+#pragma unroll(kSwiglu ? 2 : 4)
+      for (int i = i0 + lane * 8; i < i1; i += kWarp * 8) {
+        float wv[8], uv[8], xv[8];
+        Load8(wg + i, wv);
+        if (kSwiglu) Load8(wu + i, uv);
+        Load8(xr + i, xv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          ag = fmaf(xv[e], wv[e], ag);
+          if (kSwiglu) au = fmaf(xv[e], uv[e], au);
+        }
+      }
+      ag = WarpSum(ag);
+      if (kSwiglu) au = WarpSum(au);
+    }
+    if (lane == 0) {
+      part[warp][0] = ag;
+      part[warp][1] = au;
+    }
+    __syncthreads();
+    if (s == 0 && lane == 0 && active) {
+      for (int t = 1; t < kSplit; ++t) {
+        ag += part[warp + t][0];
+        au += part[warp + t][1];
+      }
+      const float v = kSwiglu ? Silu(ag) * au : ag + (bias != nullptr ? bias[o] : 0.0f);
+      float* dst = y + static_cast<int64_t>(r) * ldy + o;
+      *dst = accumulate ? *dst + v : v;
+    }
+    __syncthreads();  // `part` is reused by the next row
+  }
+}
+
+// Multiprocessors of the current device (cached: one kind of GPU per process).
+int SmCount() {
+  static const int n = [] {
+    int dev = 0, count = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      return 132;
+    }
+    return count;
+  }();
+  return n;
+}
+
 template <typename WT>
 cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in, const float* x,
                          int64_t m, float* y, int64_t ldy, bool accumulate, bool swiglu,
@@ -275,6 +356,27 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
     return cudaGetLastError();
   }
   const bool one = m <= 8;  // decode-sized: rows re-read the weights from L2, not DRAM
+  if (vec && one) {
+    // Split each sum over 2 or 4 warps while the product has fewer than 2 warps' worth of output
+    // rows per SM slot (32 warps per SM at this kernel's 64 registers).
+    const int64_t rows = out * grid.y;
+    int split = 1;
+    while (split < 4 && rows * split < 2LL * SmCount() * 32) split *= 2;
+    if (split > 1) {
+      dim3 sgrid(static_cast<unsigned>((out + kLinWarps / split - 1) / (kLinWarps / split)),
+                 grid.y);
+#define MOEMESH_SPLITK(S, P)                                                                \
+  SplitKKernel<WT, S, P><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy, accumulate, \
+                                                      groups)
+      if (split == 2) {
+        if (swiglu) MOEMESH_SPLITK(true, 2); else MOEMESH_SPLITK(false, 2);
+      } else {
+        if (swiglu) MOEMESH_SPLITK(true, 4); else MOEMESH_SPLITK(false, 4);
+      }
+#undef MOEMESH_SPLITK
+      return cudaGetLastError();
+    }
+  }
   if (vec && swiglu) {
     if (one) MOEMESH_SMALLM(true, true, 1); else MOEMESH_SMALLM(true, true, 8);
   } else if (vec) {

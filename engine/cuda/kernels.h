@@ -33,12 +33,13 @@ struct Groups {
 //   y[r, o] (+)= sum_i x[r, i] * W[o, i] (+ bias[o])
 // With `swiglu`, W is a fused [2 * out, in] gate/up matrix and y[r, o] = silu(g) * u, where
 // g, u are rows o and out + o. x: [m, in], y: [m, out] (row stride `ldy`, >= out).
-// Two kernels: kOne, a warp per output row (one x row at a time up to m = 8, the decode of one
-// sequence), and kMulti, a warp per 4 output rows (2 with SwiGLU) that shares each x load among
-// them (several rows per matrix: batched decode). kAuto: kMulti when there are >= 2 rows per
-// group on average (or m > 8 without groups); kMulti needs in % 8 == 0 and 16-byte aligned w and
-// x (otherwise kOne's scalar variant runs).
-// Both give the same sums (same order per output), so the choice never changes a result.
+// Kernels: kOne, a warp per output row, one x row at a time up to m = 8 (the decode of one
+// sequence; when that gives too few warps for the GPU, each sum is split over 2 or 4 warps and
+// the partial sums added in order), 8 rows per pass above; kMulti, a warp per 4 output rows (2
+// with SwiGLU) sharing each x load among them (several rows per matrix: batched decode). kAuto:
+// kMulti when there are >= 2 rows per group on average (or m > 8 without groups). kMulti and the
+// 8-row kOne add in the same order (same results bit for bit). The vector kernels need in % 8 == 0
+// and 16-byte aligned w and x; otherwise a scalar variant of kOne runs.
 enum class SmallMChoice { kAuto, kOne, kMulti };
 cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
                          const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
