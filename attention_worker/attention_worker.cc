@@ -335,9 +335,22 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   absl::Status st = encoder_->Encode(all_tokens.data(), static_cast<int64_t>(all_tokens.size()),
                                      hidden.data());
   if (!st.ok()) return st;
+  // When every draw of the step is its row's argmax (greedy, nothing that reads the rest of
+  // the row; no prompt scoring or drafts, which need whole rows), only the argmax ids come back
+  // from the stack: a GPU's rows stay on the GPU. A moved sequence's replay below may add
+  // generated tokens first: counting them before it errs towards whole rows (min_tokens).
+  bool argmax_only = true;
+  for (size_t b = 0; b < batch.size() && argmax_only; ++b) {
+    const SeqState& state = *seqs_.at(batch[b].seq_id);
+    argmax_only = !batch[b].all_logits &&
+                  (!req.seqs(result_of[b]).sample() ||
+                   state.sampler.ArgMaxSuffices(static_cast<int64_t>(state.generated.size())));
+  }
   std::vector<float>& logits = logits_buf_;
+  std::vector<int32_t>& argmax = argmax_buf_;
   double expert_s = 0;
-  st = Forward(batch, hidden.data(), &logits, &expert_s);
+  st = argmax_only ? Forward(batch, hidden.data(), nullptr, &argmax, &expert_s)
+                   : Forward(batch, hidden.data(), &logits, nullptr, &expert_s);
   if (!st.ok()) return st;
   auto t_sample = Clock::now();
   // Batch entries that sample a token, with their logits row (the last of the entry's rows).
@@ -385,6 +398,14 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
     // or the one after the last draft, is the step's `token`).
     const int64_t first_row = sample_row[b] - static_cast<int64_t>(draft.size());
     wire::SeqResult* r = resp->mutable_results(result_of[b]);
+    if (argmax_only) {  // no drafts here
+      TokenChoice c = state.sampler.TakeArgMax(argmax[sample_row[b]], cfg.vocab_size,
+                                               state.prompt, state.generated);
+      state.generated.push_back(c.id);
+      r->set_sampled(true);
+      SetSampled(c, r);
+      return;
+    }
     for (size_t j = 0;; ++j) {
       TokenChoice c = state.sampler.Sample(&logits[(first_row + j) * cfg.vocab_size],
                                            cfg.vocab_size, state.prompt, state.generated);
@@ -401,7 +422,9 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
   };
   const int64_t n_sample = static_cast<int64_t>(to_sample.size());
   const int threads =
-      ops::ThreadsFor(n_sample * cfg.vocab_size, ops::SyncThreads(), kSampleWorkPerThread);
+      argmax_only ? 1
+                  : ops::ThreadsFor(n_sample * cfg.vocab_size, ops::SyncThreads(),
+                                    kSampleWorkPerThread);
   if (threads > 1) {
     ops::ParallelForDynamic(threads, n_sample, sample);
   } else {
@@ -484,13 +507,20 @@ void AttentionWorker::ScorePrompt(const wire::SeqStep& s, const float* rows, Seq
 }
 
 absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* hidden,
-                                      std::vector<float>* logits, double* expert_s) {
+                                      std::vector<float>* logits, std::vector<int32_t>* ids,
+                                      double* expert_s) {
   const bool overlap =
       overlap_halves_ && experts_->local_shard() == nullptr &&
       static_cast<int>(batch.size()) >= overlap_min_sequences_;
+  auto run = [&](const std::vector<SeqStep>& part, float* h, ExpertBackend* experts,
+                 std::vector<float>* part_logits, std::vector<int32_t>* part_ids) {
+    return part_ids != nullptr
+               ? stack_->ForwardArgMax(part, h, cache_.get(), experts, part_ids)
+               : stack_->Forward(part, h, cache_.get(), experts, part_logits);
+  };
   if (!overlap) {
     TimedExperts timed(experts_);
-    absl::Status st = stack_->Forward(batch, hidden, cache_.get(), &timed, logits);
+    absl::Status st = run(batch, hidden, &timed, logits, ids);
     *expert_s += timed.seconds;
     return st;
   }
@@ -510,17 +540,22 @@ absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* 
   const std::vector<SeqStep> b(batch.begin() + split, batch.end());
   TimedExperts timed_a(experts_), timed_b(experts_);
   std::vector<float>& logits_b = logits_b_buf_;
+  std::vector<int32_t>& ids_b = argmax_b_buf_;
   absl::Status st_b;
   side_->Start([&] {
-    st_b = stack_->Forward(b, hidden + first_tokens * stack_->config().hidden_size, cache_.get(),
-                           &timed_b, &logits_b);
+    st_b = run(b, hidden + first_tokens * stack_->config().hidden_size, &timed_b, &logits_b,
+               ids != nullptr ? &ids_b : nullptr);
   });
-  absl::Status st = stack_->Forward(a, hidden, cache_.get(), &timed_a, logits);
+  absl::Status st = run(a, hidden, &timed_a, logits, ids);
   side_->Wait();
   *expert_s += (timed_a.seconds + timed_b.seconds) / 2;
   if (!st.ok()) return st;
   if (!st_b.ok()) return st_b;
-  logits->insert(logits->end(), logits_b.begin(), logits_b.end());
+  if (ids != nullptr) {
+    ids->insert(ids->end(), ids_b.begin(), ids_b.end());
+  } else {
+    logits->insert(logits->end(), logits_b.begin(), logits_b.end());
+  }
   return absl::OkStatus();
 }
 

@@ -69,10 +69,11 @@ class AttentionWorker {
   // and every sequence in it must be released. Thread-safe: steps run one at a time.
   absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp);
   // Forward over `batch` (hidden: its tokens' rows), as two overlapping halves when
-  // Options::overlap_halves applies. Adds the time spent waiting on experts to *expert_s
-  // (overlapped halves: the mean of the two halves' waits).
+  // Options::overlap_halves applies: the logits rows, or with `ids` (logits null) only each
+  // row's argmax (AttentionStack::ForwardArgMax). Adds the time spent waiting on experts to
+  // *expert_s (overlapped halves: the mean of the two halves' waits).
   absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden,
-                       std::vector<float>* logits, double* expert_s)
+                       std::vector<float>* logits, std::vector<int32_t>* ids, double* expert_s)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees the sequences' KV cache and sampler state (with a prefix cache, keeps their rows
   // there); returns the free KV slots after (prefix cache excluded).
@@ -163,6 +164,8 @@ class AttentionWorker {
   // A step's hidden rows and logits (the second overlapped half's apart), reused step to step.
   std::vector<float> hidden_buf_ ABSL_GUARDED_BY(mu_), logits_buf_ ABSL_GUARDED_BY(mu_),
       logits_b_buf_ ABSL_GUARDED_BY(mu_);
+  // Steps whose every draw is the raw argmax (Sampler::ArgMaxSuffices): the rows' argmax ids.
+  std::vector<int32_t> argmax_buf_ ABSL_GUARDED_BY(mu_), argmax_b_buf_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace moemesh

@@ -69,16 +69,42 @@ std::unique_ptr<Parts> Load(const std::string& dir) {
   return p;
 }
 
+// The attention stack, counting which way each forward pass ran.
+class CountingStack : public AttentionStack {
+ public:
+  explicit CountingStack(const AttentionStack* inner) : inner_(inner) { cfg_ = inner->config(); }
+  absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                       ExpertBackend* experts, std::vector<float>* logits) const override {
+    ++rows_calls;
+    return inner_->Forward(batch, hidden, cache, experts, logits);
+  }
+  absl::Status ForwardArgMax(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                             ExpertBackend* experts, std::vector<int32_t>* ids) const override {
+    ++argmax_calls;
+    return inner_->ForwardArgMax(batch, hidden, cache, experts, ids);
+  }
+  std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const override {
+    return inner_->NewCache(capacity_tokens);
+  }
+  Device device() const override { return inner_->device(); }
+
+  mutable int rows_calls = 0, argmax_calls = 0;
+
+ private:
+  const AttentionStack* inner_;
+};
+
 // Parameter: whether steps run as two overlapping halves (from 2 sequences: the oracle's few
 // prompts).
 class OverlapTest : public ::testing::TestWithParam<bool> {
  protected:
-  std::unique_ptr<AttentionWorker> MakeWorker(const Parts& parts) {
+  std::unique_ptr<AttentionWorker> MakeWorker(const Parts& parts,
+                                              const AttentionStack* stack = nullptr) {
     AttentionWorker::Options opt;
     opt.overlap_halves = GetParam();
     opt.overlap_min_sequences = 2;
-    return std::make_unique<AttentionWorker>(parts.stack.get(), parts.encoder.get(),
-                                             parts.experts.get(), opt);
+    return std::make_unique<AttentionWorker>(stack != nullptr ? stack : parts.stack.get(),
+                                             parts.encoder.get(), parts.experts.get(), opt);
   }
 };
 
@@ -86,7 +112,9 @@ TEST_P(OverlapTest, BatchedGreedyMatchesTransformers) {
   const std::string dir = "testdata/oracle/qwen3_moe";
   auto parts = Load(dir);
   ASSERT_NE(parts->stack, nullptr);
-  const std::unique_ptr<AttentionWorker> owned = MakeWorker(*parts);
+  // Plain greedy draws need only each row's argmax: every step asks the stack for ids alone.
+  const CountingStack counting(parts->stack.get());
+  const std::unique_ptr<AttentionWorker> owned = MakeWorker(*parts, &counting);
   AttentionWorker& worker = *owned;
 
   std::ifstream in(dir + "/reference.json");
@@ -128,6 +156,8 @@ TEST_P(OverlapTest, BatchedGreedyMatchesTransformers) {
   for (size_t i = 0; i < n; ++i) {
     EXPECT_EQ(got[i], ref[i]["greedy"].get<std::vector<int32_t>>()) << "prompt " << i;
   }
+  EXPECT_EQ(counting.rows_calls, 0);
+  EXPECT_EQ(counting.argmax_calls, static_cast<int>(steps) * (GetParam() ? 2 : 1));
   // A whole step calls each worker at most once per layer; overlapped halves call it once per
   // half and layer, so more often than that over the run.
   const int64_t once_per_layer = static_cast<int64_t>(steps) * parts->cfg.num_hidden_layers * 2;
@@ -149,7 +179,8 @@ TEST_P(OverlapTest, PromptLogprobsAreTransformersLogSoftmax) {
   const std::string dir = "testdata/oracle/qwen3_moe";
   auto parts = Load(dir);
   ASSERT_NE(parts->stack, nullptr);
-  const std::unique_ptr<AttentionWorker> owned = MakeWorker(*parts);
+  const CountingStack counting(parts->stack.get());
+  const std::unique_ptr<AttentionWorker> owned = MakeWorker(*parts, &counting);
   AttentionWorker& worker = *owned;
   std::ifstream in(dir + "/reference.json");
   nlohmann::json ref = nlohmann::json::parse(in);
@@ -182,6 +213,9 @@ TEST_P(OverlapTest, PromptLogprobsAreTransformersLogSoftmax) {
     ASSERT_EQ(resp.results_size(), static_cast<int>(2 * n));
     for (size_t k = 0; k < 2 * n; ++k) results[k].push_back(resp.results(static_cast<int>(k)));
   }
+  // Scoring prompts needs whole rows: no step took the argmax-only way.
+  EXPECT_EQ(counting.argmax_calls, 0);
+  EXPECT_EQ(counting.rows_calls, GetParam() ? 4 : 2);
   double worst = 0;
   for (size_t k = 0; k < 2 * n; ++k) {
     const nlohmann::json& c = ref[k % n];

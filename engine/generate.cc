@@ -34,16 +34,29 @@ absl::StatusOr<GenerateResult> Generate(const Model& model, const std::vector<in
   step.start_pos = 0;
   step.experts_per_token = opt.experts_per_token;
   step.all_logits = opt.prompt_logits;
+  // A step whose draw needs only the row's argmax (Sampler::ArgMaxSuffices) asks the model for
+  // that alone (on a GPU the row stays there); argmax < 0 when the step returned its rows.
+  int32_t argmax = -1;
+  std::vector<int32_t> ids;
+  auto run = [&](bool rows) -> absl::Status {
+    argmax = -1;
+    if (rows) return model.Step({step}, cache.get(), &logits);
+    absl::Status s = model.StepArgMax({step}, cache.get(), &ids);
+    if (s.ok()) argmax = ids.back();
+    return s;
+  };
   auto t0 = std::chrono::steady_clock::now();
-  st = model.Step({step}, cache.get(), &logits);
+  st = run(opt.prompt_logits || !sampler.ArgMaxSuffices(0));
   if (!st.ok()) return st;
   auto t1 = std::chrono::steady_clock::now();
   result.prefill_seconds = Seconds(t0, t1);
   if (opt.prompt_logits) result.prompt_logits = logits;
-  float* last = logits.data() + logits.size() - vocab;
   int64_t pos = static_cast<int64_t>(prompt.size());
   for (int64_t i = 0; i < opt.max_new_tokens; ++i) {
-    const int32_t id = sampler.Sample(last, vocab, prompt, result.ids).id;
+    const int32_t id =
+        argmax >= 0
+            ? sampler.TakeArgMax(argmax, vocab, prompt, result.ids).id
+            : sampler.Sample(logits.data() + logits.size() - vocab, vocab, prompt, result.ids).id;
     result.ids.push_back(id);
     if (std::find(opt.stop_token_ids.begin(), opt.stop_token_ids.end(), id) !=
             opt.stop_token_ids.end() ||
@@ -53,9 +66,8 @@ absl::StatusOr<GenerateResult> Generate(const Model& model, const std::vector<in
     step.tokens = {id};
     step.start_pos = pos++;
     step.all_logits = false;
-    st = model.Step({step}, cache.get(), &logits);
+    st = run(!sampler.ArgMaxSuffices(static_cast<int64_t>(result.ids.size())));
     if (!st.ok()) return st;
-    last = logits.data();
   }
   result.decode_seconds = Seconds(t1, std::chrono::steady_clock::now());
   return result;

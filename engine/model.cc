@@ -8,6 +8,7 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "engine/argmax.h"
 #include "engine/expert_groups.h"
 #include "engine/ops/attention.h"
 #include "engine/ops/kernels.h"
@@ -615,8 +616,30 @@ absl::StatusOr<std::string> DescribeDevice(const Device& d) {
   return (*backend)->describe(d);
 }
 
+absl::Status AttentionStack::ForwardArgMax(const std::vector<SeqStep>& batch, float* hidden,
+                                           KvCache* cache, ExpertBackend* experts,
+                                           std::vector<int32_t>* ids) const {
+  thread_local std::vector<float> logits;  // kept: rows of a big vocabulary page-fault in
+  absl::Status st = Forward(batch, hidden, cache, experts, &logits);
+  if (!st.ok()) return st;
+  const int64_t V = cfg_.vocab_size, rows = static_cast<int64_t>(logits.size()) / V;
+  ids->resize(rows);
+  for (int64_t r = 0; r < rows; ++r) (*ids)[r] = ArgMax(&logits[r * V], V);
+  return absl::OkStatus();
+}
+
 absl::Status Model::Step(const std::vector<SeqStep>& batch, KvCache* cache,
                          std::vector<float>* logits) const {
+  return Run(batch, cache, logits, nullptr);
+}
+
+absl::Status Model::StepArgMax(const std::vector<SeqStep>& batch, KvCache* cache,
+                               std::vector<int32_t>* ids) const {
+  return Run(batch, cache, nullptr, ids);
+}
+
+absl::Status Model::Run(const std::vector<SeqStep>& batch, KvCache* cache,
+                        std::vector<float>* logits, std::vector<int32_t>* ids) const {
   int64_t T = 0;
   for (const SeqStep& s : batch) T += static_cast<int64_t>(s.tokens.size());
   // Every row is embedded below: not zero-filled first (a prefill's rows are megabytes).
@@ -635,6 +658,7 @@ absl::Status Model::Step(const std::vector<SeqStep>& batch, KvCache* cache,
     if (!st.ok()) return st;
     off += n;
   }
+  if (ids != nullptr) return attention_->ForwardArgMax(batch, hidden.get(), cache, backend_.get(), ids);
   return attention_->Forward(batch, hidden.get(), cache, backend_.get(), logits);
 }
 

@@ -221,6 +221,14 @@ class AttentionStack {
   // an all_logits entry, else its last token).
   virtual absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
                                ExpertBackend* experts, std::vector<float>* logits) const = 0;
+  // Forward, returning only each logits row's argmax (lowest id on ties; a row whose first
+  // value is NaN gives 0, other NaNs are passed over: sampler.h's ArgMax): for steps whose
+  // draws need nothing else (Sampler::ArgMaxSuffices). This default runs Forward and takes the
+  // argmax on the host; the CUDA stack takes it on the GPU, so a step's 151,936-wide rows never
+  // leave the device (39 MB a step at 64 sequences of Qwen3).
+  virtual absl::Status ForwardArgMax(const std::vector<SeqStep>& batch, float* hidden,
+                                     KvCache* cache, ExpertBackend* experts,
+                                     std::vector<int32_t>* ids) const;
   // A KV cache for this stack (on its device) of `capacity_tokens` token slots.
   virtual std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const = 0;
   virtual Device device() const = 0;
@@ -303,12 +311,19 @@ class Model {
   // Embeds, reserves KV cache room and runs one forward step (see AttentionStack::Forward).
   absl::Status Step(const std::vector<SeqStep>& batch, KvCache* cache,
                     std::vector<float>* logits) const;
+  // The same with the logits rows' argmax only (AttentionStack::ForwardArgMax).
+  absl::Status StepArgMax(const std::vector<SeqStep>& batch, KvCache* cache,
+                          std::vector<int32_t>* ids) const;
   std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const;
 
   const ModelConfig& config() const { return cfg_; }
   const ArchSpec& arch() const { return arch_; }
 
  private:
+  // Step (ids null) or StepArgMax (logits null).
+  absl::Status Run(const std::vector<SeqStep>& batch, KvCache* cache, std::vector<float>* logits,
+                   std::vector<int32_t>* ids) const;
+
   ModelConfig cfg_;
   ArchSpec arch_;
   std::unique_ptr<CheckpointReader> ckpt_;

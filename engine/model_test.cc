@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "engine/argmax.h"
 #include "engine/generate.h"
 #include "engine/model.h"
 #include "engine/ops/threading.h"
@@ -145,6 +146,41 @@ TEST_P(PydocModelTest, ExpertsPerTokenOverrideChangesLogits) {
   opt.experts_per_token = 17;
   auto too_many = Generate(**model, prompt, opt);
   EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// StepArgMax gives each logits row's argmax (the CUDA stack takes it on the GPU): a batch with
+// a prompt-scoring entry (a row per token) and a plain one, then a decode step of both.
+TEST_P(PydocModelTest, StepArgMaxIsTheArgMaxOfEveryLogitsRow) {
+  const std::string device = GetParam();
+  SKIP_WITHOUT_DEVICE(device);
+  auto model = Model::Load("models/pydoc-moe-17m", OnDevice(device));
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int64_t V = (*model)->config().vocab_size;
+  auto with_logits = (*model)->NewCache(64), with_ids = (*model)->NewCache(64);
+  std::vector<SeqStep> batch(2);
+  batch[0].seq_id = 1;
+  batch[0].tokens = {16, 201, 496, 21, 17};
+  batch[0].all_logits = true;
+  batch[1].seq_id = 2;
+  batch[1].tokens = {300, 12, 7};
+  for (int step = 0; step < 3; ++step) {
+    std::vector<float> logits;
+    std::vector<int32_t> ids;
+    ASSERT_TRUE((*model)->Step(batch, with_logits.get(), &logits).ok());
+    ASSERT_TRUE((*model)->StepArgMax(batch, with_ids.get(), &ids).ok());
+    const size_t rows = step == 0 ? 6 : 2;
+    ASSERT_EQ(logits.size(), rows * V);
+    ASSERT_EQ(ids.size(), rows) << "step " << step;
+    for (size_t r = 0; r < rows; ++r) {
+      EXPECT_EQ(ids[r], ArgMax(&logits[r * V], V)) << "step " << step << " row " << r;
+    }
+    // Next: each entry's greedy token, decoded plainly.
+    for (size_t b = 0; b < 2; ++b) {
+      batch[b].start_pos += static_cast<int64_t>(batch[b].tokens.size());
+      batch[b].tokens = {ids[b == 0 ? rows - 2 : rows - 1]};
+      batch[b].all_logits = false;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, PydocModelTest, ::testing::Values("cpu", "cuda:0"),

@@ -89,14 +89,6 @@ absl::Status SamplingConfig::Validate() const {
   return absl::OkStatus();
 }
 
-int32_t ArgMax(const float* x, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (x[i] > x[best]) best = i;
-  }
-  return static_cast<int32_t>(best);
-}
-
 Sampler::Sampler(const SamplingConfig& cfg) : cfg_(cfg), rng_(cfg.seed) {}
 
 bool Sampler::BudgetSpent(const std::vector<int32_t>& prompt,
@@ -233,6 +225,22 @@ TokenChoice Sampler::Sample(float* logits, int64_t vocab, const std::vector<int3
   if (with_logprob) choice.logprob = logits[choice.id] - lse;
   if (cfg_.logprobs > 0) AddTop(logits, vocab, lse, cfg_.logprobs, &choice);
   if (constraint_ != nullptr) constraint_->Advance(choice.id);
+  return choice;
+}
+
+bool Sampler::ArgMaxSuffices(int64_t generated) const {
+  return cfg_.greedy() && cfg_.logprobs == 0 && cfg_.repetition_penalty == 1.0f &&
+         cfg_.presence_penalty == 0.0f && cfg_.frequency_penalty == 0.0f &&
+         cfg_.logit_bias.empty() && (generated >= cfg_.min_tokens || cfg_.end_ids.empty()) &&
+         constraint_ == nullptr;
+}
+
+TokenChoice Sampler::TakeArgMax(int32_t argmax, int64_t vocab, const std::vector<int32_t>& prompt,
+                                const std::vector<int32_t>& generated) {
+  TokenChoice choice;
+  // As Sample: the budget's bookkeeping reads the new tokens whether or not it forces.
+  const bool forced = BudgetSpent(prompt, generated) && cfg_.think_end_id < vocab;
+  choice.id = forced ? cfg_.think_end_id : argmax;
   return choice;
 }
 

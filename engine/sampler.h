@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/argmax.h"
 #include "engine/json_constraint.h"
 
 namespace moemesh {
@@ -67,6 +68,15 @@ class Sampler {
   // the log-probabilities and filters, so reported logprobs are those of the allowed tokens),
   // and the chosen token advances it.
   void Constrain(std::unique_ptr<JsonConstraint> c) { constraint_ = std::move(c); }
+  // Whether the next draw, after `generated` tokens, is the raw row's argmax (ties to the lowest
+  // id): greedy with no log-probabilities, penalties, logit_bias, min_tokens still holding back
+  // end ids, or JSON constraint. Then TakeArgMax(argmax of the row) is what Sample would return,
+  // and the row itself need not leave the device (the attention stacks' ForwardArgMax).
+  bool ArgMaxSuffices(int64_t generated) const;
+  // Sample for such a draw, given the row's argmax: the thinking budget may still force
+  // think_end_id. Same bookkeeping as Sample.
+  TokenChoice TakeArgMax(int32_t argmax, int64_t vocab, const std::vector<int32_t>& prompt,
+                         const std::vector<int32_t>& generated);
   // A token generated elsewhere (a moved sequence's replay): advances the constraint.
   void Observe(int32_t id) {
     if (constraint_ != nullptr) constraint_->Advance(id);
@@ -89,9 +99,6 @@ class Sampler {
 // The log-probability of `id` under a raw row of logits (log-softmax: no penalties, no
 // temperature), and the `top_n` best (id, logprob), best first (ties: lowest id).
 TokenChoice ScoreToken(const float* logits, int64_t vocab, int32_t id, int32_t top_n);
-
-// Index of the largest value (lowest index on ties), as torch.argmax.
-int32_t ArgMax(const float* x, int64_t n);
 
 }  // namespace moemesh
 

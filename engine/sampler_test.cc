@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <set>
@@ -330,6 +331,61 @@ TEST(SamplerTest, ForcedEndReportsItsLogprobAndDrawsNoRandomNumber) {
     gen_b.push_back(reference.Sample(lb.data(), 8, {6}, gen_b).id);
   }
   EXPECT_EQ(gen_a, gen_b);
+}
+
+// Where ArgMaxSuffices says so, TakeArgMax(argmax of the raw row) is exactly Sample's choice,
+// step after step (thinking budget included); wherever the row's other values matter it says no.
+TEST(SamplerTest, ArgMaxSufficesExactlyWhenTheRawArgMaxIsTheDraw) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+  SamplingConfig budget;
+  budget.thinking_budget = 2;
+  budget.think_start_id = 6;
+  budget.think_end_id = 7;
+  SamplingConfig min_tokens_no_end;  // min_tokens without end ids holds nothing back
+  min_tokens_no_end.min_tokens = 5;
+  for (const SamplingConfig& c : {SamplingConfig{}, budget, min_tokens_no_end}) {
+    Sampler by_row(c), by_argmax(c);
+    std::vector<int32_t> prompt = {1, 6}, gen_a, gen_b;
+    for (int step = 0; step < 12; ++step) {
+      ASSERT_TRUE(by_argmax.ArgMaxSuffices(static_cast<int64_t>(gen_b.size())));
+      std::vector<float> row(9);
+      for (float& x : row) x = u(rng);
+      row[step % 9] = row[(step + 4) % 9] = 5.0f;  // a tie: the lower id wins
+      const int32_t argmax = ArgMax(row.data(), 9);
+      const TokenChoice a = by_row.Sample(row.data(), 9, prompt, gen_a);
+      const TokenChoice b = by_argmax.TakeArgMax(argmax, 9, prompt, gen_b);
+      EXPECT_EQ(a.id, b.id) << "step " << step;
+      EXPECT_EQ(a.logprob, b.logprob);
+      EXPECT_TRUE(b.top.empty());
+      gen_a.push_back(a.id);
+      gen_b.push_back(b.id);
+    }
+    if (c.thinking_budget == 2) {
+      EXPECT_EQ(gen_b[2], 7) << "the budget forces the end after 2 tokens";
+    }
+  }
+  // Each of these changes the draw (or what is reported) beyond the raw argmax.
+  auto refuses = [](auto edit, int64_t generated) {
+    SamplingConfig c;
+    edit(c);
+    return !Sampler(c).ArgMaxSuffices(generated);
+  };
+  EXPECT_TRUE(refuses([](SamplingConfig& c) { c.temperature = 0.7f; }, 0));
+  EXPECT_TRUE(refuses([](SamplingConfig& c) { c.logprobs = 1; }, 0));
+  EXPECT_TRUE(refuses([](SamplingConfig& c) { c.repetition_penalty = 1.1f; }, 0));
+  EXPECT_TRUE(refuses([](SamplingConfig& c) { c.presence_penalty = 0.5f; }, 0));
+  EXPECT_TRUE(refuses([](SamplingConfig& c) { c.frequency_penalty = -0.5f; }, 0));
+  EXPECT_TRUE(refuses([](SamplingConfig& c) { c.logit_bias = {{3, 1.0f}}; }, 0));
+  auto min_tokens = [](SamplingConfig& c) {
+    c.min_tokens = 3;
+    c.end_ids = {2};
+  };
+  EXPECT_TRUE(refuses(min_tokens, 2));
+  EXPECT_FALSE(refuses(min_tokens, 3)) << "min_tokens reached: the end ids are free again";
+  Sampler constrained{SamplingConfig{}};
+  constrained.Constrain(std::make_unique<JsonConstraint>(nullptr, std::vector<int32_t>{2}));
+  EXPECT_FALSE(constrained.ArgMaxSuffices(10));
 }
 
 }  // namespace

@@ -808,8 +808,8 @@ std::unique_ptr<KvCache> CudaAttentionStack::NewCache(int64_t capacity_tokens) c
 // ---------------------------------------------------------------- attention stack
 
 struct CudaAttentionStack::Scratch {
-  PinnedBuffer h_hidden, h_idx, h_xn, h_route, h_moe;
-  DeviceBuffer d_idx, h, xn, qkv, q, att, rl, ids, w, tmp, act, g, sel, logits;
+  PinnedBuffer h_hidden, h_idx, h_xn, h_route, h_moe, h_argmax;
+  DeviceBuffer d_idx, h, xn, qkv, q, att, rl, ids, w, tmp, act, g, sel, logits, d_argmax;
 };
 
 CudaAttentionStack::~CudaAttentionStack() {
@@ -905,6 +905,18 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
 absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, float* hidden,
                                          KvCache* cache, ExpertBackend* experts,
                                          std::vector<float>* logits) const {
+  return Run(batch, hidden, cache, experts, logits, nullptr);
+}
+
+absl::Status CudaAttentionStack::ForwardArgMax(const std::vector<SeqStep>& batch, float* hidden,
+                                               KvCache* cache, ExpertBackend* experts,
+                                               std::vector<int32_t>* ids) const {
+  return Run(batch, hidden, cache, experts, nullptr, ids);
+}
+
+absl::Status CudaAttentionStack::Run(const std::vector<SeqStep>& batch, float* hidden,
+                                     KvCache* cache, ExpertBackend* experts,
+                                     std::vector<float>* logits, std::vector<int32_t>* ids) const {
   auto* kv = dynamic_cast<CudaKvCache*>(cache);
   if (kv == nullptr) {
     return absl::InvalidArgumentError("the CUDA attention stack needs a cache from its NewCache()");
@@ -996,6 +1008,18 @@ absl::Status CudaAttentionStack::Forward(const std::vector<SeqStep>& batch, floa
   const bool graph = use_graphs_ && !graphs_failed_ && T == static_cast<int64_t>(batch.size()) &&
                      (!any_moe_ || (a.same_gpu != nullptr && a.same_gpu->GroupsOnDevice(T, kmax)));
   MOEMESH_OK(graph ? EnqueueStepGraph(a) : EnqueueStep(a));
+  if (ids != nullptr) {
+    // Only the rows' argmax leaves the GPU. Buffers sized in steps of 256 rows: a device buffer
+    // that grows drops the captured graphs.
+    MOEMESH_OK(s.d_argmax.Reserve((R + 255) / 256 * 256 * 4));
+    MOEMESH_OK(s.h_argmax.Reserve(R * 4));
+    MOEMESH_CUDA(ArgMaxRows(s.logits.as<float>(), R, V, s.d_argmax.as<int32_t>(), st));
+    MOEMESH_CUDA(cudaMemcpyAsync(s.h_argmax.get(), s.d_argmax.get(), R * 4,
+                                 cudaMemcpyDeviceToHost, st));
+    MOEMESH_OK(ex.Sync());
+    ids->assign(s.h_argmax.as<int32_t>(), s.h_argmax.as<int32_t>() + R);
+    return absl::OkStatus();
+  }
   logits->resize(R * V);
   MOEMESH_CUDA(cudaMemcpyAsync(logits->data(), s.logits.get(), R * V * 4, cudaMemcpyDeviceToHost, st));
   return ex.Sync();

@@ -200,10 +200,17 @@ class CudaAttentionStack : public AttentionStack {
   ~CudaAttentionStack() override;
   absl::Status Forward(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
                        ExpertBackend* experts, std::vector<float>* logits) const override;
+  // The argmax of each row on the GPU (ArgMaxRows): R ids come back instead of R x vocab floats.
+  absl::Status ForwardArgMax(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                             ExpertBackend* experts, std::vector<int32_t>* ids) const override;
   std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const override;
   Device device() const override { return device_; }
 
  private:
+  // Forward (ids null) or ForwardArgMax (logits null).
+  absl::Status Run(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                   ExpertBackend* experts, std::vector<float>* logits,
+                   std::vector<int32_t>* ids) const;
   struct Layer {
     DeviceBuffer input_norm, post_norm, q_norm, k_norm;  // fp32
     DeviceMatrix qkv, o, router, mlp_gate_up, mlp_down, shared_gate;

@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "engine/arch.h"
+#include "engine/argmax.h"
 #include "engine/config.h"
 #include "engine/cuda/cuda_engine.h"
 #include "engine/dtype.h"
@@ -369,6 +371,43 @@ TEST(CudaKernelsTest, RmsNormMatchesCpu) {
   ASSERT_EQ(cuda::RmsNorm(d_x, Upload(w, &dw), rows, dim, 1e-6f, d_x, nullptr), cudaSuccess);
   std::vector<double> r(ref.begin(), ref.end());
   EXPECT_LT(MaxAbsDiff(Download(d_x, rows * dim), r), 1e-5);
+}
+
+// The GPU's argmax is the host's ArgMax on every row: ties, NaNs (first or not), infinities,
+// a vocabulary-sized row whose maximum appears twice far apart.
+TEST(CudaKernelsTest, ArgMaxRowsIsTheHostArgMax) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 151936;
+  const float nan = std::nanf(""), inf = std::numeric_limits<float>::infinity();
+  std::vector<std::vector<float>> rows;
+  auto row = [&](std::initializer_list<std::pair<int64_t, float>> set, float fill) {
+    std::vector<float> r(n, fill);
+    for (const auto& [i, v] : set) r[i] = v;
+    rows.push_back(r);
+  };
+  row({{7, 3.0f}, {5, 3.0f}, {100000, 3.0f}}, 0.0f);   // tie: 5
+  row({{0, nan}, {9, 5.0f}}, 0.0f);                     // NaN first: 0
+  row({{3, nan}, {4, 2.0f}, {n - 1, 2.0f}}, 1.0f);      // NaN passed over: 4
+  row({}, -inf);                                        // all -inf: 0
+  row({{n - 2, inf}, {n - 1, inf}}, -1.0f);             // +inf twice: n - 2
+  row({}, nan);                                         // all NaN: 0
+  row({{1, nan}, {2, nan}}, -inf);                      // -inf and NaN: 0
+  std::vector<float> r = Random(n, 77, 10.0f);
+  r[12345] = r[150000] = 11.0f;
+  rows.push_back(r);                                    // 12345
+  std::vector<float> flat;
+  for (const auto& x : rows) flat.insert(flat.end(), x.begin(), x.end());
+  cuda::DeviceBuffer dx, dout;
+  ASSERT_TRUE(dout.Reserve(rows.size() * 4).ok());
+  ASSERT_EQ(cuda::ArgMaxRows(Upload(flat, &dx), static_cast<int64_t>(rows.size()), n,
+                             dout.as<int32_t>(), nullptr),
+            cudaSuccess);
+  const std::vector<int32_t> got = Download(dout.as<int32_t>(), rows.size());
+  const std::vector<int32_t> want = {5, 0, 4, 0, static_cast<int32_t>(n - 2), 0, 0, 12345};
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_EQ(ArgMax(rows[i].data(), n), want[i]) << "host, row " << i;
+    EXPECT_EQ(got[i], want[i]) << "device, row " << i;
+  }
 }
 
 // Same experts (ties to the lower index) and weights as the CPU, per-row k, renormalisation.

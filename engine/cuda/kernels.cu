@@ -1,5 +1,6 @@
 #include "engine/cuda/kernels.h"
 
+#include <climits>
 #include <cstdint>
 
 namespace moemesh {
@@ -754,6 +755,57 @@ __global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
   }
 }
 
+// (value, index) a beats (value, index) b: greater, or equal at a lower index. NaN never beats.
+__device__ __forceinline__ bool Beats(float av, int ai, float bv, int bi) {
+  return av > bv || (av == bv && ai < bi);
+}
+
+__global__ void ArgMaxRowsKernel(const float* x, int64_t n, int32_t* out) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const float* row = x + static_cast<int64_t>(blockIdx.x) * n;
+  float bv = -INFINITY;
+  int bi = INT_MAX;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = row[i];
+    if (Beats(v, static_cast<int>(i), bv, bi)) {
+      bv = v;
+      bi = static_cast<int>(i);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (Beats(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (lane == 0) {
+    sv[warp] = bv;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = blockDim.x / kWarp;
+    bv = lane < nw ? sv[lane] : -INFINITY;
+    bi = lane < nw ? si[lane] : INT_MAX;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (Beats(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    // A NaN first value: nothing compares greater than it, so the sequential scan stays at 0.
+    if (lane == 0) out[blockIdx.x] = isnan(row[0]) || bi == INT_MAX ? 0 : bi;
+  }
+}
+
 // The group of padded row p (begin: ascending [groups + 1]): the last g with begin[g] <= p.
 __device__ __forceinline__ int FindGroup(const int32_t* begin, int groups, int p) {
   int lo = 0, hi = groups - 1;
@@ -962,6 +1014,14 @@ cudaError_t Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream) {
 cudaError_t ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   ToBf16Kernel<<<GridFor(n, 256), 256, 0, stream>>>(x, n, static_cast<uint16_t*>(y));
+  return cudaGetLastError();
+}
+
+cudaError_t ArgMaxRows(const float* x, int64_t rows, int64_t n, int32_t* out,
+                       cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  if (n <= 0 || n > INT_MAX) return cudaErrorInvalidValue;
+  ArgMaxRowsKernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(x, n, out);
   return cudaGetLastError();
 }
 

@@ -125,6 +125,11 @@ cudaError_t Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream);
 // fp32 -> bf16 (round to nearest even).
 cudaError_t ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream);
 
+// out[r] = the index of row r's largest value (lowest index on ties; NaNs passed over, and 0
+// when the row's first value is NaN): engine/argmax.h's ArgMax, exactly. x: [rows, n].
+cudaError_t ArgMaxRows(const float* x, int64_t rows, int64_t n, int32_t* out,
+                       cudaStream_t stream);
+
 // Grouped rows laid out for batched GEMMs (engine/expert_groups.h's PadGroups): group g's rows
 // [src_begin[g], src_begin[g + 1]) of a dense grouped matrix sit at rows starting at
 // dst_begin[g] of a padded one, whose other rows are zero. Passed by value (kernel parameter
