@@ -211,10 +211,11 @@ absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   }
   void** dp = ex.ptrs.as<void*>();
   MOEMESH_CUDA(PadRowsToBf16(x, H, map, ex.xb16.get(), ex.stream()));
-  MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), 2 * W * H * 2, ex.xb16.get(), H * 2,
-                                 ex.gu.get(), 2 * W * 2, dp, ex.stream()));
-  MOEMESH_CUDA(FillBatchPointers(list, down.w.get(), H * W * 2, ex.ab16.get(), W * 2,
-                                 ex.xb16.get(), H * 2, dp + 3 * G, ex.stream()));
+  // Matrix strides as DeviceMatrix::matrix(slot) has them ([2 W, H] and [H, W] bf16).
+  MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), gate_up.rows * gate_up.in * 2,
+                                 ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2, dp, ex.stream()));
+  MOEMESH_CUDA(FillBatchPointers(list, down.w.get(), down.rows * down.in * 2, ex.ab16.get(),
+                                 W * 2, ex.xb16.get(), H * 2, dp + 3 * G, ex.stream()));
   const float one = 1.0f, zero = 0.0f;
   // Bucket b: groups order[bucket_begin[b] ..), each [bucket_rows[b], ...].
   auto batched = [&](void** arrays, int m, int k, int ldc) -> absl::Status {
