@@ -309,26 +309,27 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   if (slot.empty()) return absl::OkStatus();
   // A path cuBLAS refuses (a status other than "not for these weights") is not tried again.
   static std::atomic<bool> batched_ok{true}, grouped_ok{true};
+  // Runs one way; on failure says so once and turns that way off.
+  auto attempt = [&](std::atomic<bool>& ok, const char* path, const char* next,
+                     const absl::Status& st) {
+    if (st.ok()) {
+      last_grouped_path = path;
+      return true;
+    }
+    std::fprintf(stderr, "%s expert GEMMs: %s; using %s\n", path, st.ToString().c_str(), next);
+    ok = false;
+    return false;
+  };
   const bool bf16 = gate_up.wt == WType::kBF16 && down.wt == WType::kBF16;
-  if (bf16 && static_cast<int>(slot.size()) <= kMaxPadGroups && batched_ok.load()) {
-    absl::Status st = BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y);
-    if (st.ok()) {
-      last_grouped_path = "batched";
-      return st;
-    }
-    std::fprintf(stderr, "batched expert GEMMs: %s; using cuBLAS's grouped GEMM\n",
-                 st.ToString().c_str());
-    batched_ok = false;
+  if (bf16 && static_cast<int>(slot.size()) <= kMaxPadGroups && batched_ok.load() &&
+      attempt(batched_ok, "batched", "cuBLAS's grouped GEMM",
+              BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y))) {
+    return absl::OkStatus();
   }
-  if (bf16 && grouped_ok.load()) {
-    absl::Status st = CublasGroupedSwiGlu(ex, gate_up, down, slot, row_begin, x, y);
-    if (st.ok()) {
-      last_grouped_path = "grouped";
-      return st;
-    }
-    std::fprintf(stderr, "grouped expert GEMMs: %s; using one GEMM per expert\n",
-                 st.ToString().c_str());
-    grouped_ok = false;
+  if (bf16 && grouped_ok.load() &&
+      attempt(grouped_ok, "grouped", "one GEMM per expert",
+              CublasGroupedSwiGlu(ex, gate_up, down, slot, row_begin, x, y))) {
+    return absl::OkStatus();
   }
   last_grouped_path = "per-group";
   return PerGroupSwiGlu(ex, gate_up, down, slot, row_begin, x, act, y);

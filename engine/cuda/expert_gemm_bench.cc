@@ -89,15 +89,24 @@ int Main() {
   FillRandom(gu.w.get(), WType::kBF16, E * 2 * W * H, 1, 0.02f, false, ex.stream());
   FillRandom(down.w.get(), WType::kBF16, E * H * W, 2, 0.03f, false, ex.stream());
 
-  // Uniform routing: rows per expert.
+  // Uniform routing of `tokens` rows to K of E experts each: the experts with rows (their
+  // slots) and the groups' row offsets.
   std::mt19937 g(7);
-  std::vector<int64_t> rows(E, 0);
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<int64_t> pick(E);
-    for (int64_t e = 0; e < E; ++e) pick[e] = e;
-    std::shuffle(pick.begin(), pick.end(), g);
-    for (int64_t j = 0; j < K; ++j) ++rows[pick[j]];
-  }
+  auto route = [&](int64_t tokens, std::vector<int32_t>* slot, std::vector<int32_t>* begin) {
+    std::vector<int64_t> rows(E, 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::vector<int64_t> pick(E);
+      for (int64_t e = 0; e < E; ++e) pick[e] = e;
+      std::shuffle(pick.begin(), pick.end(), g);
+      for (int64_t j = 0; j < K; ++j) ++rows[pick[j]];
+    }
+    *begin = {0};
+    for (int64_t e = 0; e < E; ++e) {
+      if (rows[e] == 0) continue;
+      slot->push_back(static_cast<int32_t>(e));
+      begin->push_back(begin->back() + static_cast<int32_t>(rows[e]));
+    }
+  };
   const int64_t A = T * K;
   DeviceBuffer x, act, y, xb, ab, dense_gu;
   CHECK_OK(x.Reserve(A * H * 4));
@@ -106,12 +115,8 @@ int Main() {
   FillRandom(x.get(), WType::kF32, A * H, 3, 1.0f, false, ex.stream());
   const double flops = 2.0 * A * H * (2 * W) + 2.0 * A * W * H;
 
-  std::vector<int32_t> slot, row_begin = {0};
-  for (int64_t e = 0; e < E; ++e) {
-    if (rows[e] == 0) continue;
-    slot.push_back(static_cast<int32_t>(e));
-    row_begin.push_back(row_begin.back() + static_cast<int32_t>(rows[e]));
-  }
+  std::vector<int32_t> slot, row_begin;
+  route(T, &slot, &row_begin);
   // The engine's choice (GroupedSwiGlu), then each path by name.
   auto grouped = [&] {
     (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), act.as<float>(),
@@ -173,19 +178,8 @@ int Main() {
   // launches of the small-batch kernel over device group arrays (as the attention worker's
   // in-process experts run a decode step of that many sequences).
   const int64_t S = absl::GetFlag(FLAGS_streams);
-  std::vector<int64_t> srows(E, 0);
-  for (int64_t t = 0; t < S; ++t) {
-    std::vector<int64_t> pick(E);
-    for (int64_t e = 0; e < E; ++e) pick[e] = e;
-    std::shuffle(pick.begin(), pick.end(), g);
-    for (int64_t j = 0; j < K; ++j) ++srows[pick[j]];
-  }
-  std::vector<int32_t> sslot, sbegin = {0};
-  for (int64_t e = 0; e < E; ++e) {
-    if (srows[e] == 0) continue;
-    sslot.push_back(static_cast<int32_t>(e));
-    sbegin.push_back(sbegin.back() + static_cast<int32_t>(srows[e]));
-  }
+  std::vector<int32_t> sslot, sbegin;
+  route(S, &sslot, &sbegin);
   const int32_t sgroups = static_cast<int32_t>(sslot.size());
   DeviceBuffer d_sgroups;
   CHECK_OK(d_sgroups.Reserve((1 + sslot.size() + sbegin.size()) * 4));

@@ -21,6 +21,24 @@ __device__ __forceinline__ float WarpMax(float v) {
   return v;
 }
 
+// (value, index) a beats (value, index) b: greater, or equal at a lower index. NaN never beats.
+__device__ __forceinline__ bool Beats(float av, int ai, float bv, int bi) {
+  return av > bv || (av == bv && ai < bi);
+}
+
+// The best (value, index) over the warp, in every lane.
+__device__ __forceinline__ void WarpArgMax(float* v, int* i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, *v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, *i, o);
+    if (Beats(ov, oi, *v, *i)) {
+      *v = ov;
+      *i = oi;
+    }
+  }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, <= 1024). `scratch`: 32 floats of shared
 // memory. Every thread gets the result.
 __device__ float BlockSum(float v, float* scratch) {
@@ -68,6 +86,24 @@ __device__ __forceinline__ float Load1(const uint16_t* p) { return Bf16ToF32(*p)
 
 __device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
 
+// This block's group (blockIdx.y) of a grouped product: its rows [*r0, *r1) and matrix slot;
+// false for a block past the last group. Without groups: all m rows, slot 0.
+__device__ __forceinline__ bool BlockGroup(const Groups& groups, int m, int* r0, int* r1,
+                                           int64_t* slot) {
+  if (groups.num_groups == nullptr) {
+    *r0 = 0;
+    *r1 = m;
+    *slot = 0;
+    return true;
+  }
+  const int g = blockIdx.y;
+  if (g >= *groups.num_groups) return false;
+  *r0 = groups.row_begin[g];
+  *r1 = groups.row_begin[g + 1];
+  *slot = groups.slot[g];
+  return true;
+}
+
 constexpr int kLinWarps = 8;  // output rows per block
 
 // kLinRows: x rows per pass over the weights (8 for batches; 1 for decode, where fewer
@@ -77,15 +113,9 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
     SmallMKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                  const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
                  bool accumulate, Groups groups) {
-  int r0 = 0, r1 = m;
-  int64_t slot = 0;
-  if (groups.num_groups != nullptr) {
-    const int g = blockIdx.y;
-    if (g >= *groups.num_groups) return;
-    r0 = groups.row_begin[g];
-    r1 = groups.row_begin[g + 1];
-    slot = groups.slot[g];
-  }
+  int r0, r1;
+  int64_t slot;
+  if (!BlockGroup(groups, m, &r0, &r1, &slot)) return;
   const int lane = threadIdx.x % kWarp;
   const int o = blockIdx.x * kLinWarps + threadIdx.x / kWarp;
   if (o >= out) return;
@@ -167,15 +197,9 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
                       bool accumulate, Groups groups) {
   constexpr int kOuts = kSwiglu ? 2 : 4;
   constexpr int kVecs = kSwiglu ? 2 * kOuts : kOuts;  // weight vectors per step
-  int r0 = 0, r1 = m;
-  int64_t slot = 0;
-  if (groups.num_groups != nullptr) {
-    const int g = blockIdx.y;
-    if (g >= *groups.num_groups) return;
-    r0 = groups.row_begin[g];
-    r1 = groups.row_begin[g + 1];
-    slot = groups.slot[g];
-  }
+  int r0, r1;
+  int64_t slot;
+  if (!BlockGroup(groups, m, &r0, &r1, &slot)) return;
   const int lane = threadIdx.x % kWarp;
   const int o0 = (blockIdx.x * kLinWarps + threadIdx.x / kWarp) * kOuts;
   if (o0 >= out) return;
@@ -253,15 +277,9 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
   static_assert(kLinWarps % kSplit == 0, "warps per block must split evenly");
   constexpr int kOutsPerBlock = kLinWarps / kSplit;
   __shared__ float part[kLinWarps][2];
-  int r0 = 0, r1 = m;
-  int64_t slot = 0;
-  if (groups.num_groups != nullptr) {
-    const int g = blockIdx.y;
-    if (g >= *groups.num_groups) return;  // the whole block
-    r0 = groups.row_begin[g];
-    r1 = groups.row_begin[g + 1];
-    slot = groups.slot[g];
-  }
+  int r0, r1;
+  int64_t slot;
+  if (!BlockGroup(groups, m, &r0, &r1, &slot)) return;  // the whole block
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int o = blockIdx.x * kOutsPerBlock + warp / kSplit;
   const int s = warp % kSplit;
@@ -596,15 +614,7 @@ __global__ void TopKKernel(const float* logits, int experts, const int32_t* k_pe
         bi = e;
       }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ob > best || (ob == best && oi < bi)) {
-        best = ob;
-        bi = oi;
-      }
-    }
+    WarpArgMax(&best, &bi);
     if (lane == 0) {
       ids[static_cast<int64_t>(r) * kmax + j] = bi;
       weights[static_cast<int64_t>(r) * kmax + j] = best;
@@ -755,11 +765,6 @@ __global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
   }
 }
 
-// (value, index) a beats (value, index) b: greater, or equal at a lower index. NaN never beats.
-__device__ __forceinline__ bool Beats(float av, int ai, float bv, int bi) {
-  return av > bv || (av == bv && ai < bi);
-}
-
 __global__ void ArgMaxRowsKernel(const float* x, int64_t n, int32_t* out) {
   __shared__ float sv[32];
   __shared__ int si[32];
@@ -773,15 +778,7 @@ __global__ void ArgMaxRowsKernel(const float* x, int64_t n, int32_t* out) {
       bi = static_cast<int>(i);
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (Beats(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  WarpArgMax(&bv, &bi);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (lane == 0) {
     sv[warp] = bv;
@@ -792,15 +789,7 @@ __global__ void ArgMaxRowsKernel(const float* x, int64_t n, int32_t* out) {
     const int nw = blockDim.x / kWarp;
     bv = lane < nw ? sv[lane] : -INFINITY;
     bi = lane < nw ? si[lane] : INT_MAX;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (Beats(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    WarpArgMax(&bv, &bi);
     // A NaN first value: nothing compares greater than it, so the sequential scan stays at 0.
     if (lane == 0) out[blockIdx.x] = isnan(row[0]) || bi == INT_MAX ? 0 : bi;
   }
