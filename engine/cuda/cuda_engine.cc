@@ -587,14 +587,17 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
   float* xg = s.d_xg.as<float>();
   float* act = s.d_act.as<float>();
   float* y = s.d_y.as<float>();
-  MOEMESH_CUDA(GatherRows(x, plan.perm, A, H, xg, ex.stream()));
   if (plan.host == nullptr || plan.host->max_group_rows <= kSmallM) {
-    // All experts in two launches; each group's weights are streamed once per 8 rows.
-    MOEMESH_CUDA(SmallMLinear(L.gate_up.w.get(), L.gate_up.wt, nullptr, W, H, xg, A, act, W,
-                              false, true, plan.groups, ex.stream()));
+    // All experts in two launches; each group's weights are streamed once per pass over its
+    // rows, which gate/up reads in place (x_rows: no gathered copy).
+    Groups in_place = plan.groups;
+    in_place.x_rows = plan.perm;
+    MOEMESH_CUDA(SmallMLinear(L.gate_up.w.get(), L.gate_up.wt, nullptr, W, H, x, A, act, W,
+                              false, true, in_place, ex.stream()));
     MOEMESH_CUDA(SmallMLinear(L.down.w.get(), L.down.wt, nullptr, H, W, act, A, y, H, false,
                               false, plan.groups, ex.stream()));
   } else {
+    MOEMESH_CUDA(GatherRows(x, plan.perm, A, H, xg, ex.stream()));
     const HostPlan& hp = *plan.host;
     MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, xg, act, y));
   }

@@ -243,6 +243,24 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
   }
   EXPECT_LT(MaxAbsDiff(Download(d_y2, m * 2 * out), ref), 2e-5) << "plain, bias, accumulate";
 
+  // Rows read in place through x_rows (here x stored in reverse) give the same results.
+  {
+    std::vector<float> reversed(m * in);
+    std::vector<int32_t> rows(m);
+    for (int64_t r = 0; r < m; ++r) {
+      rows[r] = static_cast<int32_t>(m - 1 - r);
+      std::copy(&x[r * in], &x[(r + 1) * in], &reversed[(m - 1 - r) * in]);
+    }
+    cuda::DeviceBuffer drev, drows;
+    cuda::Groups in_place = groups;
+    in_place.x_rows = Upload(rows, &drows);
+    ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, Upload(reversed, &drev),
+                                 m, d_y, out, false, true, in_place, nullptr),
+              cudaSuccess);
+    EXPECT_EQ(Download(d_y, m * out), got) << "x_rows";
+  }
+
   // Either kernel, chosen explicitly, is as exact.
   for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti}) {
     ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);

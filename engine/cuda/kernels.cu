@@ -104,6 +104,11 @@ __device__ __forceinline__ bool BlockGroup(const Groups& groups, int m, int* r0,
   return true;
 }
 
+// Row r of a small-batch product's input (Groups::x_rows).
+__device__ __forceinline__ const float* XRow(const float* x, const Groups& groups, int r, int in) {
+  return x + static_cast<int64_t>(groups.x_rows != nullptr ? groups.x_rows[r] : r) * in;
+}
+
 constexpr int kLinWarps = 8;  // output rows per block
 
 // kLinRows: x rows per pass over the weights (8 for batches; 1 for decode, where fewer
@@ -124,7 +129,9 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
   const WT* wu = kSwiglu ? wg + static_cast<int64_t>(out) * in : nullptr;
   for (int rb = r0; rb < r1; rb += kLinRows) {
     const int nr = min(kLinRows, r1 - rb);
-    const float* xb = x + static_cast<int64_t>(rb) * in;
+    const float* xr[kLinRows];
+#pragma unroll
+    for (int r = 0; r < kLinRows; ++r) xr[r] = XRow(x, groups, rb + min(r, nr - 1), in);
     float ag[kLinRows], au[kLinRows];
 #pragma unroll
     for (int r = 0; r < kLinRows; ++r) ag[r] = au[r] = 0.0f;
@@ -138,7 +145,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
         for (int r = 0; r < kLinRows; ++r) {
           if (r < nr) {
             float xv[8];
-            Load8(xb + static_cast<int64_t>(r) * in + i, xv);
+            Load8(xr[r] + i, xv);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
               ag[r] = fmaf(xv[e], wv[e], ag[r]);
@@ -154,7 +161,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
 #pragma unroll
         for (int r = 0; r < kLinRows; ++r) {
           if (r < nr) {
-            const float xv = xb[static_cast<int64_t>(r) * in + i];
+            const float xv = xr[r][i];
             ag[r] = fmaf(xv, wv, ag[r]);
             if (kSwiglu) au[r] = fmaf(xv, uv, au[r]);
           }
@@ -214,7 +221,9 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
   }
   for (int rb = r0; rb < r1; rb += kRows) {
     const int nr = min(kRows, r1 - rb);
-    const float* xb = x + static_cast<int64_t>(rb) * in;
+    const float* xr[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) xr[r] = XRow(x, groups, rb + min(r, nr - 1), in);
     float acc[kRows][kVecs];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -229,7 +238,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
       for (int r = 0; r < kRows; ++r) {
         if (r < nr) {
           float xv[8];
-          Load8(xb + static_cast<int64_t>(r) * in + i, xv);
+          Load8(xr[r] + i, xv);
 #pragma unroll
           for (int v = 0; v < kVecs; ++v) {
 #pragma unroll
@@ -293,7 +302,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
   for (int r = r0; r < r1; ++r) {
     float ag = 0.0f, au = 0.0f;
     if (active) {
-      const float* xr = x + static_cast<int64_t>(r) * in;
+      const float* xr = XRow(x, groups, r, in);
 #pragma unroll(kSwiglu ? 2 : 4)
       for (int i = i0 + lane * 8; i < i1; i += kWarp * 8) {
         float wv[8], uv[8], xv[8];

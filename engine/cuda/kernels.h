@@ -27,6 +27,9 @@ struct Groups {
   const int32_t* slot = nullptr;        // [max_groups]
   const int32_t* row_begin = nullptr;   // [max_groups + 1]
   int32_t max_groups = 1;               // grid size; groups beyond *num_groups do nothing
+  // Row r of the product's input is row x_rows[r] of the x given (device [m]; null: row r), so
+  // routed rows are read in place rather than gathered first. SmallMLinear only.
+  const int32_t* x_rows = nullptr;
 };
 
 // Small-batch projection, weights streamed once per pass over up to 8 rows of x:
