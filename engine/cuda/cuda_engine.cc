@@ -815,6 +815,7 @@ std::unique_ptr<KvCache> CudaAttentionStack::NewCache(int64_t capacity_tokens) c
 struct CudaAttentionStack::Scratch {
   PinnedBuffer h_hidden, h_idx, h_xn, h_route, h_moe, h_argmax;
   DeviceBuffer d_idx, h, xn, qkv, q, att, rl, ids, w, tmp, act, g, sel, logits, d_argmax;
+  DeviceBuffer att_part;  // PagedAttention's split partials
 };
 
 CudaAttentionStack::~CudaAttentionStack() {
@@ -991,7 +992,15 @@ absl::Status CudaAttentionStack::Run(const std::vector<SeqStep>& batch, float* h
   MOEMESH_CUDA(cudaMemcpyAsync(s.h.get(), s.h_hidden.get(), T * H * 4, cudaMemcpyHostToDevice,
                                st));
 
+  // Long contexts split each (token, head)'s attention over several blocks (flash-decoding).
+  int64_t max_context = 0;
+  for (const SeqStep& b : batch) {
+    max_context = std::max<int64_t>(max_context,
+                                    b.start_pos + static_cast<int64_t>(b.tokens.size()));
+  }
   StepArgs a;
+  a.splits = AttentionSplits(T, nh, max_context);
+  if (a.splits > 1) MOEMESH_OK(s.att_part.Reserve(T * nh * a.splits * (hd + 2) * 4));
   a.tokens = T;
   a.rows = R;
   a.kmax = kmax;
@@ -1054,7 +1063,7 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
                             inv_freq_.as<float>(), static_cast<int64_t>(l), pk, s.q.as<float>(),
                             st));
     MOEMESH_CUDA(PagedAttention(s.q.as<float>(), T, nh, nkv, hd, static_cast<int64_t>(l), pk,
-                                s.att.as<float>(), st));
+                                s.att.as<float>(), st, a.splits, s.att_part.as<float>()));
     MOEMESH_OK(Project(ex, L.o, 0, s.att.as<float>(), T, d_h, H, true, false));
 
     MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));
@@ -1122,7 +1131,7 @@ absl::Status CudaAttentionStack::EnqueueStepGraph(const StepArgs& a) const {
     DropGraphs();
     graphs_epoch_ = epoch;
   }
-  const GraphKey key{a.tokens, a.rows, a.kmax, a.kv.pool, a.same_gpu};
+  const GraphKey key{a.tokens, a.rows, a.kmax, a.kv.pool, a.same_gpu, a.splits};
   auto it = graphs_.find(key);
   if (it == graphs_.end()) {
     if (graphs_.size() >= kMaxGraphs) return EnqueueStep(a);

@@ -222,6 +222,7 @@ class CudaAttentionStack : public AttentionStack {
     int64_t tokens = 0, rows = 0, kmax = 1;  // T, logits rows R, largest k
     const int32_t* d_k = nullptr;            // [T] experts per token
     const int32_t* d_sel = nullptr;          // [R] rows that get logits
+    int splits = 1;                          // PagedAttention's splits (AttentionSplits)
     PagedKv kv;
     ExpertBackend* experts = nullptr;
     const CudaExpertShard* same_gpu = nullptr;  // in-process experts on this GPU, or null
@@ -242,12 +243,13 @@ class CudaAttentionStack : public AttentionStack {
   mutable std::mutex mu_;
   std::unique_ptr<Exec> exec_;
   std::unique_ptr<Scratch> scratch_;
-  // CUDA graphs of decode steps, by (tokens, logits rows, kmax, KV pool, expert shard).
+  // CUDA graphs of decode steps, by (tokens, logits rows, kmax, KV pool, expert shard,
+  // attention splits).
   struct StepGraph {
     bool warm = false;               // a step of this shape ran without allocating
     cudaGraphExec_t exec = nullptr;  // captured
   };
-  using GraphKey = std::tuple<int64_t, int64_t, int64_t, const void*, const void*>;
+  using GraphKey = std::tuple<int64_t, int64_t, int64_t, const void*, const void*, int>;
   bool use_graphs_ = false;
   mutable bool graphs_failed_ = false;
   mutable uint64_t graphs_epoch_ = 0;

@@ -462,14 +462,17 @@ TEST(CudaKernelsTest, TopKRoutingMatchesCpu) {
 }
 
 // q/k norm per head + RoPE + paged cache write, then paged attention, against the CPU's
-// RmsNorm, Rope and Attention over a contiguous cache. Two sequences in one batch, pages
-// scattered, GQA (8 query heads over 2 kv heads), a head_dim that is not a multiple of 32.
+// RmsNorm, Rope and Attention over a contiguous cache. Three sequences in one batch (one of 700
+// positions), pages scattered, GQA (8 query heads over 2 kv heads), a head_dim that is not a
+// multiple of 32; the attention unsplit and split over 3 and 16 blocks per (token, head).
 TEST(CudaKernelsTest, PrepareQkvAndPagedAttentionMatchCpu) {
   SKIP_WITHOUT_GPU();
   const int64_t nh = 8, nkv = 2, hd = 48, qd = nh * hd, kvd = nkv * hd, qkvd = qd + 2 * kvd;
   const int64_t page = 16, layers = 2, layer = 1;
-  const std::vector<int64_t> lens = {37, 5};
-  const std::vector<std::vector<int32_t>> pages = {{5, 0, 3}, {1}};
+  // The third sequence is long enough for several splits of hundreds of positions.
+  const std::vector<int64_t> lens = {37, 5, 700};
+  std::vector<std::vector<int32_t>> pages = {{5, 0, 3}, {1}, {}};
+  for (int32_t p = 0; p < 44; ++p) pages[2].push_back(50 - p);  // 44 pages, out of order
   const float eps = 1e-6f, theta = 1e6f;
   std::vector<float> qn = Random(hd, 11), kn = Random(hd, 12);
   std::vector<float> inv(hd / 2);
@@ -488,7 +491,7 @@ TEST(CudaKernelsTest, PrepareQkvAndPagedAttentionMatchCpu) {
     flat.insert(flat.end(), pages[s].begin(), pages[s].end());
   }
   cuda::DeviceBuffer pool, dqkv, dq, dout, dpos, doff, dpages, dqn, dkn, dinv;
-  ASSERT_TRUE(pool.Reserve(6 * layers * 2 * page * kvd * 4).ok());
+  ASSERT_TRUE(pool.Reserve(51 * layers * 2 * page * kvd * 4).ok());
   ASSERT_TRUE(dq.Reserve(T * qd * 4).ok());
   ASSERT_TRUE(dout.Reserve(T * qd * 4).ok());
   cuda::PagedKv kv;
@@ -503,18 +506,28 @@ TEST(CudaKernelsTest, PrepareQkvAndPagedAttentionMatchCpu) {
                              Upload(kn, &dkn), eps, Upload(inv, &dinv), layer, kv, dq.as<float>(),
                              nullptr),
             cudaSuccess);
-  ASSERT_EQ(cuda::PagedAttention(dq.as<float>(), T, nh, nkv, hd, layer, kv, dout.as<float>(),
-                                 nullptr),
-            cudaSuccess);
-  std::vector<float> got = Download(dout.as<float>(), T * qd);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  // Unsplit, and split (flash-decoding) into 3 and 16 parts: tokens with fewer positions than
+  // splits leave some splits empty.
+  std::vector<std::vector<float>> runs;
+  for (int splits : {1, 3, 16}) {
+    cuda::DeviceBuffer part;
+    ASSERT_TRUE(part.Reserve(T * nh * splits * (hd + 2) * 4).ok());
+    ASSERT_EQ(cuda::PagedAttention(dq.as<float>(), T, nh, nkv, hd, layer, kv, dout.as<float>(),
+                                   nullptr, splits, part.as<float>()),
+              cudaSuccess);
+    runs.push_back(Download(dout.as<float>(), T * qd));
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  }
+  EXPECT_EQ(cuda::AttentionSplits(1, 32, 100), 1) << "short contexts stay unsplit";
+  EXPECT_GT(cuda::AttentionSplits(1, 32, 4096), 1) << "one long sequence's decode is split";
+  EXPECT_EQ(cuda::AttentionSplits(4096, 32, 4096), 1) << "a prefill fills the GPU unsplit";
 
   // CPU: the same steps per sequence.
+  std::vector<float> ref(T * qd);
   int64_t t0 = 0;
-  double max_err = 0;
   for (size_t s = 0; s < lens.size(); ++s) {
     const int64_t n = lens[s];
-    std::vector<float> q(n * qd), k(n * kvd), v(n * kvd), out(n * qd);
+    std::vector<float> q(n * qd), k(n * kvd), v(n * kvd);
     for (int64_t i = 0; i < n; ++i) {
       const float* row = &qkv[(t0 + i) * qkvd];
       std::copy(row, row + qd, &q[i * qd]);
@@ -526,13 +539,16 @@ TEST(CudaKernelsTest, PrepareQkvAndPagedAttentionMatchCpu) {
     std::vector<int32_t> p(pos.begin() + t0, pos.begin() + t0 + n);
     ops::Rope(q.data(), p.data(), n, nh, hd, theta);
     ops::Rope(k.data(), p.data(), n, nkv, hd, theta);
-    ops::Attention(q.data(), k.data(), v.data(), 0, n, nh, nkv, hd, out.data());
-    for (int64_t i = 0; i < n * qd; ++i) {
-      max_err = std::max(max_err, double(std::abs(out[i] - got[t0 * qd + i])));
-    }
+    ops::Attention(q.data(), k.data(), v.data(), 0, n, nh, nkv, hd, &ref[t0 * qd]);
     t0 += n;
   }
-  EXPECT_LT(max_err, 1e-5);
+  for (size_t r = 0; r < runs.size(); ++r) {
+    double max_err = 0;
+    for (int64_t i = 0; i < T * qd; ++i) {
+      max_err = std::max(max_err, double(std::abs(ref[i] - runs[r][i])));
+    }
+    EXPECT_LT(max_err, 1e-5) << "run " << r;
+  }
 }
 
 // ---------------------------------------------------------------- experts

@@ -1,5 +1,6 @@
 #include "engine/cuda/kernels.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -515,7 +516,7 @@ constexpr int kMaxDimPerLane = 8;  // head_dim <= 256
 
 __global__ void __launch_bounds__(kAttWarps * kWarp)
     PagedAttentionKernel(const float* q, int heads, int kv_heads, int hd, int64_t layer,
-                         PagedKv kv, float* out) {
+                         PagedKv kv, float* out, float* partial) {
   __shared__ float sm_m[kAttWarps], sm_l[kAttWarps];
   __shared__ float sm_acc[kAttWarps][kMaxDimPerLane * kWarp];
   const int t = blockIdx.x, h = blockIdx.y;
@@ -532,13 +533,17 @@ __global__ void __launch_bounds__(kAttWarps * kWarp)
     qr[d] = i < hd ? q[static_cast<int64_t>(t) * qd + h * hd + i] * scale : 0.0f;
     acc[d] = 0.0f;
   }
+  // Split s of gridDim.z takes positions [lo, hi) of [0, pos] (all of them when unsplit).
+  const int splits = gridDim.z;
+  const int chunk = (pos + splits) / splits;
+  const int lo = static_cast<int>(blockIdx.z) * chunk, hi = min(pos + 1, lo + chunk);
   float m = -INFINITY, l = 0.0f;
-  for (int p0 = warp * kAttUnroll; p0 <= pos; p0 += kAttWarps * kAttUnroll) {
+  for (int p0 = lo + warp * kAttUnroll; p0 < hi; p0 += kAttWarps * kAttUnroll) {
     float kk[kAttUnroll][kMaxDimPerLane], vv[kAttUnroll][kMaxDimPerLane];
 #pragma unroll
     for (int u = 0; u < kAttUnroll; ++u) {
       const int p = p0 + u;
-      const bool ok = p <= pos;
+      const bool ok = p < hi;
       const float* kr = ok ? KvRow(kv, layer, poff, p, 0) + kvh * hd : nullptr;
       const float* vr = ok ? KvRow(kv, layer, poff, p, 1) + kvh * hd : nullptr;
 #pragma unroll
@@ -551,7 +556,7 @@ __global__ void __launch_bounds__(kAttWarps * kWarp)
     }
 #pragma unroll
     for (int u = 0; u < kAttUnroll; ++u) {
-      if (p0 + u > pos) break;
+      if (p0 + u >= hi) break;
       float dot = 0.0f;
 #pragma unroll
       for (int d = 0; d < kMaxDimPerLane; ++d) dot = fmaf(qr[d], kk[u][d], dot);
@@ -577,12 +582,47 @@ __global__ void __launch_bounds__(kAttWarps * kWarp)
   for (int w = 0; w < kAttWarps; ++w) {
     if (sm_m[w] != -INFINITY) denom += sm_l[w] * expf(sm_m[w] - mx);
   }
+  // Split: this block's (max, denominator, unnormalised numerators) for AttentionCombineKernel
+  // (an empty split leaves max -inf).
+  float* part = splits > 1 ? partial + ((static_cast<int64_t>(t) * heads + h) * splits +
+                                        blockIdx.z) * (hd + 2)
+                           : nullptr;
+  if (part != nullptr && threadIdx.x == 0) {
+    part[0] = mx;
+    part[1] = denom;
+  }
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
     float num = 0.0f;
     for (int w = 0; w < kAttWarps; ++w) {
       if (sm_m[w] != -INFINITY) num += sm_acc[w][i] * expf(sm_m[w] - mx);
     }
-    out[static_cast<int64_t>(t) * qd + h * hd + i] = num / denom;
+    if (part != nullptr) {
+      part[2 + i] = num;
+    } else {
+      out[static_cast<int64_t>(t) * qd + h * hd + i] = num / denom;
+    }
+  }
+}
+
+// The splits of a (token, head) into its attention output, as the warps of one block combine.
+__global__ void AttentionCombineKernel(const float* partial, int heads, int hd, int splits,
+                                       float* out) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const float* base = partial + (static_cast<int64_t>(t) * heads + h) * splits * (hd + 2);
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, base[s * (hd + 2)]);
+  float denom = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float ms = base[s * (hd + 2)];
+    if (ms != -INFINITY) denom += base[s * (hd + 2) + 1] * expf(ms - mx);
+  }
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+    float num = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float ms = base[s * (hd + 2)];
+      if (ms != -INFINITY) num += base[s * (hd + 2) + 2 + i] * expf(ms - mx);
+    }
+    out[static_cast<int64_t>(t) * heads * hd + h * hd + i] = num / denom;
   }
 }
 
@@ -919,14 +959,28 @@ cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t 
 
 cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_t kv_heads,
                            int64_t head_dim, int64_t layer, const PagedKv& kv, float* out,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, int splits, float* partial) {
   if (tokens <= 0) return cudaSuccess;
-  if (head_dim > kMaxDimPerLane * kWarp) return cudaErrorInvalidValue;
-  dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(heads));
+  if (head_dim > kMaxDimPerLane * kWarp || splits < 1 || (splits > 1 && partial == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(heads),
+            static_cast<unsigned>(splits));
   PagedAttentionKernel<<<grid, kAttWarps * kWarp, 0, stream>>>(
       q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), layer,
-      kv, out);
+      kv, out, partial);
+  if (splits > 1) {
+    AttentionCombineKernel<<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(heads)),
+                             128, 0, stream>>>(partial, static_cast<int>(heads),
+                                               static_cast<int>(head_dim), splits, out);
+  }
   return cudaGetLastError();
+}
+
+int AttentionSplits(int64_t tokens, int64_t heads, int64_t max_context) {
+  if (max_context < kAttentionSplitFrom) return 1;
+  const int64_t blocks = std::max<int64_t>(tokens * heads, 1);
+  return static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(1, 2 * SmCount() / blocks)));
 }
 
 cudaError_t TopKRouting(const float* logits, int64_t rows, int64_t experts,
