@@ -644,6 +644,53 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(info.param.rows);
     });
 
+// A long context through the whole model: steps past kAttentionSplitFrom positions (a prefill
+// chunk, then decode) run split attention on the GPU and give the CPU's logits and greedy tokens.
+TEST(CudaLongContextTest, SplitAttentionDecodeMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  ops::SetNumThreads(2);
+  LoadOptions on_gpu;
+  on_gpu.device = *ParseDevice("cuda:0");
+  auto cpu = Model::Load("models/pydoc-moe-17m", LoadOptions{});
+  auto gpu = Model::Load("models/pydoc-moe-17m", on_gpu);
+  ASSERT_TRUE(cpu.ok() && gpu.ok());
+  const int64_t V = (*cpu)->config().vocab_size;
+  ASSERT_GT(cuda::AttentionSplits(1, (*gpu)->config().num_attention_heads, 700), 1);
+  std::mt19937 g(5);
+  std::vector<int32_t> prompt(690);
+  for (int32_t& t : prompt) t = static_cast<int32_t>(g() % V);
+  auto cc = (*cpu)->NewCache(720), gc = (*gpu)->NewCache(720);
+  SeqStep step;
+  step.seq_id = 1;
+  // Prefill in chunks of kSmallM tokens, so that every GPU product keeps fp32 activations (larger
+  // ones round them to bf16 for cuBLAS) and the two caches hold the same rows.
+  for (size_t at = 0; at < prompt.size(); at += cuda::kSmallM) {
+    step.start_pos = static_cast<int64_t>(at);
+    step.tokens.assign(prompt.begin() + at,
+                       prompt.begin() + std::min(prompt.size(), at + cuda::kSmallM));
+    if (step.start_pos + static_cast<int64_t>(step.tokens.size()) ==
+        static_cast<int64_t>(prompt.size())) {
+      break;  // the last chunk runs below
+    }
+    std::vector<float> a, b;
+    ASSERT_TRUE((*cpu)->Step({step}, cc.get(), &a).ok());
+    ASSERT_TRUE((*gpu)->Step({step}, gc.get(), &b).ok());
+  }
+  for (int i = 0; i < 12; ++i) {
+    std::vector<float> a, b;
+    ASSERT_TRUE((*cpu)->Step({step}, cc.get(), &a).ok());
+    ASSERT_TRUE((*gpu)->Step({step}, gc.get(), &b).ok());
+    ASSERT_EQ(a.size(), b.size());
+    double err = 0;
+    for (size_t j = 0; j < a.size(); ++j) err = std::max(err, double(std::abs(a[j] - b[j])));
+    EXPECT_LT(err, 2e-3) << "step " << i << " at position " << step.start_pos;
+    const int32_t next = ArgMax(a.data(), V);
+    EXPECT_EQ(ArgMax(b.data(), V), next) << "step " << i;
+    step.start_pos += static_cast<int64_t>(step.tokens.size());
+    step.tokens = {next};
+  }
+}
+
 // ---------------------------------------------------------------- CUDA graphs
 
 // Decode steps replayed from CUDA graphs give the same logits, bit for bit, as steps launched
