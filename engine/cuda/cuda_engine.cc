@@ -704,20 +704,10 @@ absl::Status CudaExpertShard::RunDevice(Exec& ex, int32_t layer, const float* x,
   Plan plan;
   if (GroupsOnDevice(n, k)) {
     // Group on the device: no host round trip in the decode loop.
-    MOEMESH_OK(s->d_groups.Reserve((2 * nk + 2 * num_experts_ + 2) * sizeof(int32_t)));
-    int32_t* d = s->d_groups.as<int32_t>();
-    int32_t* perm = d;
-    int32_t* where = perm + nk;
-    int32_t* gslot = where + nk;
-    int32_t* rbeg = gslot + num_experts_;
-    int32_t* ng = rbeg + num_experts_ + 1;
-    MOEMESH_CUDA(BuildGroups(ids, n, k, num_experts_, L.d_slot.as<int32_t>(), ng, gslot, rbeg,
-                             perm, where, ex.stream()));
-    plan.perm = perm;
-    plan.where = where;
-    plan.groups = Groups{ng, gslot, rbeg,
-                         static_cast<int32_t>(std::min<int64_t>(nk, num_experts_))};
-    plan.max_rows = nk;
+    GroupArrays g;
+    MOEMESH_OK(DevicePlan(*s, n, k, &plan, &g));
+    MOEMESH_CUDA(BuildGroups(ids, n, k, num_experts_, L.d_slot.as<int32_t>(), g.num_groups,
+                             g.slot, g.row_begin, g.perm, g.where, ex.stream()));
     return RunGrouped(ex, *s, layer, x, n, plan, k, weights, out);
   }
   // Large batches (prefill): group on the host so that big groups go to cuBLAS.
@@ -734,6 +724,52 @@ absl::Status CudaExpertShard::RunDevice(Exec& ex, int32_t layer, const float* x,
   MOEMESH_OK(UploadPlan(ex, s->host_plan, h_w.data(), nk, &s->h_idx, &s->d_idx, &plan, &d_w));
   MOEMESH_OK(RunGrouped(ex, *s, layer, x, n, plan, k, d_w, out));
   return ex.Sync();  // the pinned upload buffer is reused by the next call
+}
+
+absl::Status CudaExpertShard::DevicePlan(Scratch& s, int64_t n, int64_t k, Plan* plan,
+                                         GroupArrays* out) const {
+  const int64_t nk = n * k;
+  MOEMESH_OK(s.d_groups.Reserve((2 * nk + 2 * num_experts_ + 2) * sizeof(int32_t)));
+  int32_t* d = s.d_groups.as<int32_t>();
+  out->perm = d;
+  out->where = d + nk;
+  out->slot = d + 2 * nk;
+  out->row_begin = out->slot + num_experts_;
+  out->num_groups = out->row_begin + num_experts_ + 1;
+  plan->perm = out->perm;
+  plan->where = out->where;
+  plan->groups = Groups{out->num_groups, out->slot, out->row_begin,
+                        static_cast<int32_t>(std::min<int64_t>(nk, num_experts_))};
+  plan->max_rows = nk;
+  return absl::OkStatus();
+}
+
+absl::Status CudaExpertShard::RunDeviceRouted(Exec& ex, int32_t layer, const float* x, int64_t n,
+                                              const float* router_logits,
+                                              const int32_t* k_per_row, int64_t kmax,
+                                              bool normalize, int32_t* ids, float* weights,
+                                              float* out) const {
+  if (layer < 0 || layer >= static_cast<int32_t>(layers_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  if (n <= 0) return absl::OkStatus();
+  if (n <= kRouteMaxRows && GroupsOnDevice(n, kmax) &&
+      RouteAndGroupSmem(n, num_experts_, kmax) <= 48 * 1024) {
+    // A decode step: routing and grouping in one launch.
+    std::lock_guard<std::mutex> lock(device_mu_);
+    if (device_scratch_ == nullptr) device_scratch_ = std::make_unique<Scratch>();
+    Scratch* s = device_scratch_.get();
+    Plan plan;
+    GroupArrays g;
+    MOEMESH_OK(DevicePlan(*s, n, kmax, &plan, &g));
+    MOEMESH_CUDA(RouteAndGroup(router_logits, n, num_experts_, k_per_row, kmax, normalize, ids,
+                               weights, layers_[layer].d_slot.as<int32_t>(), g.num_groups,
+                               g.slot, g.row_begin, g.perm, g.where, ex.stream()));
+    return RunGrouped(ex, *s, layer, x, n, plan, kmax, weights, out);
+  }
+  MOEMESH_CUDA(TopKRouting(router_logits, n, num_experts_, k_per_row, kmax, normalize, ids,
+                           weights, ex.stream()));
+  return RunDevice(ex, layer, x, n, ids, weights, kmax, out);
 }
 
 bool CudaExpertShard::GroupsOnDevice(int64_t n, int64_t k) const {
@@ -1069,12 +1105,14 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
     MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));
     if (L.moe) {
       MOEMESH_OK(Project(ex, L.router, 0, d_xn, T, s.rl.as<float>(), E, false, false));
-      MOEMESH_CUDA(TopKRouting(s.rl.as<float>(), T, E, a.d_k, kmax, arch_.norm_topk_prob,
-                               s.ids.as<int32_t>(), s.w.as<float>(), st));
       if (a.same_gpu != nullptr) {
-        MOEMESH_OK(a.same_gpu->RunDevice(ex, static_cast<int32_t>(l), d_xn, T,
-                                         s.ids.as<int32_t>(), s.w.as<float>(), kmax, d_h));
+        MOEMESH_OK(a.same_gpu->RunDeviceRouted(ex, static_cast<int32_t>(l), d_xn, T,
+                                               s.rl.as<float>(), a.d_k, kmax,
+                                               arch_.norm_topk_prob, s.ids.as<int32_t>(),
+                                               s.w.as<float>(), d_h));
       } else {
+        MOEMESH_CUDA(TopKRouting(s.rl.as<float>(), T, E, a.d_k, kmax, arch_.norm_topk_prob,
+                                 s.ids.as<int32_t>(), s.w.as<float>(), st));
         // Experts elsewhere (other processes, the CPU, another GPU): through host memory.
         MOEMESH_OK(s.h_xn.Reserve(T * H * 4));
         MOEMESH_OK(s.h_route.Reserve(T * kmax * 8));

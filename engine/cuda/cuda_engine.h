@@ -163,6 +163,13 @@ class CudaExpertShard : public ExpertShard {
   // does), so that the work of one call never overlaps the next.
   absl::Status RunDevice(Exec& ex, int32_t layer, const float* x, int64_t n, const int32_t* ids,
                          const float* weights, int64_t k, float* out) const;
+  // RunDevice from the router's logits [n, experts] (top k per row as TopKRouting, written to
+  // the device scratch ids/weights [n, kmax]): a decode-sized step (n <= kRouteMaxRows) routes
+  // and groups in one launch (RouteAndGroup); others run TopKRouting, then RunDevice.
+  absl::Status RunDeviceRouted(Exec& ex, int32_t layer, const float* x, int64_t n,
+                               const float* router_logits, const int32_t* k_per_row,
+                               int64_t kmax, bool normalize, int32_t* ids, float* weights,
+                               float* out) const;
   // Whether RunDevice groups n x k assignments on the GPU: then it makes no host round trip and
   // allocates nothing once its buffers have grown, so the call can be captured in a CUDA graph.
   bool GroupsOnDevice(int64_t n, int64_t k) const;
@@ -170,6 +177,12 @@ class CudaExpertShard : public ExpertShard {
  private:
   struct Scratch;
   struct Plan;  // host-side grouping of one call
+  // A device-grouped plan's arrays (BuildGroups' outputs), carved from s.d_groups for n x k
+  // assignments; `plan` views them.
+  struct GroupArrays {
+    int32_t *perm, *where, *slot, *row_begin, *num_groups;
+  };
+  absl::Status DevicePlan(Scratch& s, int64_t n, int64_t k, Plan* plan, GroupArrays* out) const;
   absl::Status RunGrouped(Exec& ex, Scratch& s, int32_t layer, const float* x, int64_t n,
                           const Plan& plan, int64_t k, const float* d_weights,
                           float* out) const;

@@ -391,6 +391,67 @@ TEST(CudaKernelsTest, RmsNormMatchesCpu) {
   EXPECT_LT(MaxAbsDiff(Download(d_x, rows * dim), r), 1e-5);
 }
 
+// A decode step's routing in one launch (RouteAndGroup) gives exactly TopKRouting's ids and
+// weights and BuildGroups' groups: 1, 5 and 32 rows, experts per row varying, 128 and 60
+// experts.
+TEST(CudaKernelsTest, RouteAndGroupIsTopKThenBuildGroups) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t E : {128, 60}) {
+    for (int64_t rows : {1, 5, 32}) {
+      const int64_t kmax = 8;
+      std::vector<float> logits = Random(rows * E, 90 + rows, 3.0f);
+      std::vector<int32_t> k(rows), slot(E);
+      for (int64_t r = 0; r < rows; ++r) k[r] = r % 3 == 2 ? 3 : 8;
+      for (int64_t e = 0; e < E; ++e) slot[e] = static_cast<int32_t>(E - 1 - e);
+      cuda::DeviceBuffer dl, dk, dslot;
+      const float* d_logits = Upload(logits, &dl);
+      const int32_t* d_k = Upload(k, &dk);
+      const int32_t* d_slot = Upload(slot, &dslot);
+      // Outputs: ids, weights, num_groups, group_slot, row_begin, perm, where.
+      auto run = [&](bool fused) {
+        const int64_t nk = rows * kmax;
+        cuda::DeviceBuffer ids, w, ng, gs, rb, perm, where;
+        EXPECT_TRUE(ids.Reserve(nk * 4).ok() && w.Reserve(nk * 4).ok() && ng.Reserve(4).ok() &&
+                    gs.Reserve(E * 4).ok() && rb.Reserve((E + 1) * 4).ok() &&
+                    perm.Reserve(nk * 4).ok() && where.Reserve(nk * 4).ok());
+        if (fused) {
+          EXPECT_EQ(cuda::RouteAndGroup(d_logits, rows, E, d_k, kmax, true, ids.as<int32_t>(),
+                                        w.as<float>(), d_slot, ng.as<int32_t>(),
+                                        gs.as<int32_t>(), rb.as<int32_t>(), perm.as<int32_t>(),
+                                        where.as<int32_t>(), nullptr),
+                    cudaSuccess);
+        } else {
+          EXPECT_EQ(cuda::TopKRouting(d_logits, rows, E, d_k, kmax, true, ids.as<int32_t>(),
+                                      w.as<float>(), nullptr),
+                    cudaSuccess);
+          EXPECT_EQ(cuda::BuildGroups(ids.as<int32_t>(), rows, kmax, E, d_slot, ng.as<int32_t>(),
+                                      gs.as<int32_t>(), rb.as<int32_t>(), perm.as<int32_t>(),
+                                      where.as<int32_t>(), nullptr),
+                    cudaSuccess);
+        }
+        const int32_t G = Download(ng.as<int32_t>(), 1)[0];
+        std::vector<int32_t> begin = Download(rb.as<int32_t>(), G + 1);
+        std::vector<float> weights = Download(w.as<float>(), nk);
+        std::vector<int32_t> out = Download(ids.as<int32_t>(), nk);
+        for (int32_t v : Download(gs.as<int32_t>(), G)) out.push_back(v);
+        out.insert(out.end(), begin.begin(), begin.end());
+        for (int32_t v : Download(perm.as<int32_t>(), begin[G])) out.push_back(v);
+        for (int32_t v : Download(where.as<int32_t>(), nk)) out.push_back(v);
+        out.push_back(G);
+        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        return std::make_pair(out, weights);
+      };
+      const auto separate = run(false), fused = run(true);
+      EXPECT_EQ(fused.first, separate.first) << E << " experts, " << rows << " rows";
+      EXPECT_EQ(fused.second, separate.second) << E << " experts, " << rows << " rows";
+    }
+  }
+  EXPECT_EQ(cuda::RouteAndGroup(nullptr, cuda::kRouteMaxRows + 1, 128, nullptr, 8, true, nullptr,
+                                nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                nullptr),
+            cudaErrorInvalidValue);
+}
+
 // The GPU's argmax is the host's ArgMax on every row: ties, NaNs (first or not), infinities,
 // a vocabulary-sized row whose maximum appears twice far apart.
 TEST(CudaKernelsTest, ArgMaxRowsIsTheHostArgMax) {

@@ -626,11 +626,10 @@ __global__ void AttentionCombineKernel(const float* partial, int heads, int hd, 
   }
 }
 
-// One warp per row.
-__global__ void TopKKernel(const float* logits, int experts, const int32_t* k_per_row, int kmax,
-                           bool normalize, int32_t* ids, float* weights) {
-  extern __shared__ float p[];
-  const int r = blockIdx.x, lane = threadIdx.x;
+// Row r's routing by one warp (lane: its lane), p: [experts] floats of shared memory.
+__device__ void TopKRow(const float* logits, int r, int lane, int experts,
+                        const int32_t* k_per_row, int kmax, bool normalize, int32_t* ids,
+                        float* weights, float* p) {
   const float* lr = logits + static_cast<int64_t>(r) * experts;
   float mx = -INFINITY;
   for (int e = lane; e < experts; e += kWarp) mx = fmaxf(mx, lr[e]);
@@ -677,13 +676,20 @@ __global__ void TopKKernel(const float* logits, int experts, const int32_t* k_pe
   }
 }
 
-__global__ void BuildGroupsKernel(const int32_t* ids, int nk, int k, int experts,
-                                  const int32_t* slot_of_expert, int32_t* num_groups,
-                                  int32_t* group_slot, int32_t* row_begin, int32_t* perm,
-                                  int32_t* where) {
+// One warp per row.
+__global__ void TopKKernel(const float* logits, int experts, const int32_t* k_per_row, int kmax,
+                           bool normalize, int32_t* ids, float* weights) {
+  extern __shared__ float p[];
+  TopKRow(logits, blockIdx.x, threadIdx.x, experts, k_per_row, kmax, normalize, ids, weights, p);
+}
+
+// BuildGroups by the whole block. sm: shared memory of GroupsSmem(experts, nk) bytes.
+__device__ void GroupBlock(const int32_t* ids, int nk, int k, int experts,
+                           const int32_t* slot_of_expert, int32_t* num_groups,
+                           int32_t* group_slot, int32_t* row_begin, int32_t* perm,
+                           int32_t* where, int32_t* sm) {
   // Shared: [experts] counts, [experts] starts, [experts + 1] group starts, [experts] group
   // slots, [nk] ids. Everything is staged there; global memory is written once, in parallel.
-  extern __shared__ int32_t sm[];
   int32_t* cnt = sm;
   int32_t* start = cnt + experts;
   int32_t* gbeg = start + experts;
@@ -729,6 +735,33 @@ __global__ void BuildGroupsKernel(const int32_t* ids, int nk, int k, int experts
     perm[at] = a / k;
     where[a] = at;
   }
+}
+
+__global__ void BuildGroupsKernel(const int32_t* ids, int nk, int k, int experts,
+                                  const int32_t* slot_of_expert, int32_t* num_groups,
+                                  int32_t* group_slot, int32_t* row_begin, int32_t* perm,
+                                  int32_t* where) {
+  extern __shared__ int32_t sm[];
+  GroupBlock(ids, nk, k, experts, slot_of_expert, num_groups, group_slot, row_begin, perm, where,
+             sm);
+}
+
+// TopK for `rows` rows (a warp each) then the grouping, in one block: a decode step's routing
+// in one launch. Shared: [rows][experts] floats, then GroupBlock's.
+__global__ void RouteGroupsKernel(const float* logits, int rows, int experts,
+                                  const int32_t* k_per_row, int kmax, bool normalize,
+                                  int32_t* ids, float* weights, const int32_t* slot_of_expert,
+                                  int32_t* num_groups, int32_t* group_slot, int32_t* row_begin,
+                                  int32_t* perm, int32_t* where) {
+  extern __shared__ float route_sm[];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (warp < rows) {
+    TopKRow(logits, warp, lane, experts, k_per_row, kmax, normalize, ids, weights,
+            route_sm + warp * experts);
+  }
+  __syncthreads();  // ids in global memory, visible to the block from here
+  GroupBlock(ids, rows * kmax, kmax, experts, slot_of_expert, num_groups, group_slot, row_begin,
+             perm, where, reinterpret_cast<int32_t*>(route_sm + rows * experts));
 }
 
 __global__ void GatherRowsKernel(const float* src, const int32_t* perm, int64_t dim, float* dst) {
@@ -990,6 +1023,21 @@ cudaError_t TopKRouting(const float* logits, int64_t rows, int64_t experts,
   TopKKernel<<<static_cast<unsigned>(rows), kWarp, experts * sizeof(float), stream>>>(
       logits, static_cast<int>(experts), k_per_row, static_cast<int>(kmax), normalize, ids,
       weights);
+  return cudaGetLastError();
+}
+
+cudaError_t RouteAndGroup(const float* logits, int64_t rows, int64_t experts,
+                          const int32_t* k_per_row, int64_t kmax, bool normalize, int32_t* ids,
+                          float* weights, const int32_t* slot_of_expert, int32_t* num_groups,
+                          int32_t* group_slot, int32_t* row_begin, int32_t* perm, int32_t* where,
+                          cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  const size_t smem = RouteAndGroupSmem(rows, experts, kmax);
+  if (rows > kRouteMaxRows || smem > 48 * 1024) return cudaErrorInvalidValue;
+  RouteGroupsKernel<<<1, static_cast<unsigned>(std::max<int64_t>(rows, 8) * kWarp), smem,
+                      stream>>>(logits, static_cast<int>(rows), static_cast<int>(experts),
+                                k_per_row, static_cast<int>(kmax), normalize, ids, weights,
+                                slot_of_expert, num_groups, group_slot, row_begin, perm, where);
   return cudaGetLastError();
 }
 

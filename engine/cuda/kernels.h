@@ -105,6 +105,20 @@ cudaError_t BuildGroups(const int32_t* ids, int64_t n, int64_t k, int64_t expert
                         const int32_t* slot_of_expert, int32_t* num_groups, int32_t* group_slot,
                         int32_t* row_begin, int32_t* perm, int32_t* where, cudaStream_t stream);
 
+// TopKRouting then BuildGroups (ids [rows, kmax]) in one launch, for decode-sized steps:
+// rows <= kRouteMaxRows and RouteAndGroupSmem(rows, experts, kmax) <= 48 KiB (else
+// cudaErrorInvalidValue). Same outputs as the two calls.
+constexpr int64_t kRouteMaxRows = 32;
+inline size_t RouteAndGroupSmem(int64_t rows, int64_t experts, int64_t kmax) {
+  return static_cast<size_t>(rows * experts) * sizeof(float) +
+         static_cast<size_t>(4 * experts + 1 + rows * kmax) * sizeof(int32_t);
+}
+cudaError_t RouteAndGroup(const float* logits, int64_t rows, int64_t experts,
+                          const int32_t* k_per_row, int64_t kmax, bool normalize, int32_t* ids,
+                          float* weights, const int32_t* slot_of_expert, int32_t* num_groups,
+                          int32_t* group_slot, int32_t* row_begin, int32_t* perm, int32_t* where,
+                          cudaStream_t stream);
+
 // dst[i, :] = src[perm[i], :], i < rows.
 cudaError_t GatherRows(const float* src, const int32_t* perm, int64_t rows, int64_t dim,
                        float* dst, cudaStream_t stream);
