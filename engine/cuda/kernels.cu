@@ -683,7 +683,7 @@ __global__ void TopKKernel(const float* logits, int experts, const int32_t* k_pe
   TopKRow(logits, blockIdx.x, threadIdx.x, experts, k_per_row, kmax, normalize, ids, weights, p);
 }
 
-// BuildGroups by the whole block. sm: shared memory of GroupsSmem(experts, nk) bytes.
+// BuildGroups by the whole block. sm: (4 * experts + 1 + nk) int32s of shared memory.
 __device__ void GroupBlock(const int32_t* ids, int nk, int k, int experts,
                            const int32_t* slot_of_expert, int32_t* num_groups,
                            int32_t* group_slot, int32_t* row_begin, int32_t* perm,
