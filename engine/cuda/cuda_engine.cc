@@ -178,7 +178,7 @@ const char* LastGroupedSwiGluPath() { return last_grouped_path.load(); }
 
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y) {
+                           const float* x, float* y, const int32_t* x_rows) {
   const int G = static_cast<int>(slot.size());
   if (G == 0) return absl::OkStatus();
   if (gate_up.wt != WType::kBF16 || down.wt != WType::kBF16 || G > kMaxPadGroups) {
@@ -210,7 +210,7 @@ absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
     }
   }
   void** dp = ex.ptrs.as<void*>();
-  MOEMESH_CUDA(PadRowsToBf16(x, H, map, ex.xb16.get(), ex.stream()));
+  MOEMESH_CUDA(PadRowsToBf16(x, H, map, ex.xb16.get(), ex.stream(), x_rows));
   // Matrix strides as DeviceMatrix::matrix(slot) has them ([2 W, H] and [H, W] bf16).
   MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), gate_up.rows * gate_up.in * 2,
                                  ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2, dp, ex.stream()));
@@ -305,7 +305,8 @@ absl::Status PerGroupSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceM
 
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* act, float* y) {
+                           const float* x, float* act, float* y, const int32_t* x_rows,
+                           float* gathered) {
   if (slot.empty()) return absl::OkStatus();
   // A path cuBLAS refuses (a status other than "not for these weights") is not tried again.
   static std::atomic<bool> batched_ok{true}, grouped_ok{true};
@@ -323,8 +324,12 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   const bool bf16 = gate_up.wt == WType::kBF16 && down.wt == WType::kBF16;
   if (bf16 && static_cast<int>(slot.size()) <= kMaxPadGroups && batched_ok.load() &&
       attempt(batched_ok, "batched", "cuBLAS's grouped GEMM",
-              BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y))) {
+              BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y, x_rows))) {
     return absl::OkStatus();
+  }
+  if (x_rows != nullptr) {  // the other ways read the rows gathered
+    MOEMESH_CUDA(GatherRows(x, x_rows, row_begin.back(), gate_up.in, gathered, ex.stream()));
+    x = gathered;
   }
   if (bf16 && grouped_ok.load() &&
       attempt(grouped_ok, "grouped", "one GEMM per expert",
@@ -597,9 +602,9 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
     MOEMESH_CUDA(SmallMLinear(L.down.w.get(), L.down.wt, nullptr, H, W, act, A, y, H, false,
                               false, plan.groups, ex.stream()));
   } else {
-    MOEMESH_CUDA(GatherRows(x, plan.perm, A, H, xg, ex.stream()));
     const HostPlan& hp = *plan.host;
-    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, xg, act, y));
+    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, x, act, y,
+                             plan.perm, xg));
   }
   MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
   return absl::OkStatus();

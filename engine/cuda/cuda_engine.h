@@ -121,17 +121,21 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
 // the cast to bf16, the SwiGLU and the widening back to fp32 as three passes around them (no
 // host synchronisation); more groups (or if cuBLAS refuses the batched call) go through
 // cublasGemmGroupedBatchedEx; fp32 weights (or if that is refused too) Project per group.
+// With x_rows (device [rows]), grouped row i is row x_rows[i] of x: the batched way reads the
+// rows in place as it pads them; the others gather them into `gathered` ([rows, hidden]) first.
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* act, float* y);
+                           const float* x, float* act, float* y, const int32_t* x_rows = nullptr,
+                           float* gathered = nullptr);
 // The way the last GroupedSwiGlu call in the process ran: "batched", "grouped" or "per-group".
 const char* LastGroupedSwiGluPath();
 
 // GroupedSwiGlu's three ways, for tests and expert_gemm_bench. The first two take bf16 weights
 // (UNIMPLEMENTED otherwise; BatchedSwiGlu also at most kMaxPadGroups groups).
+// BatchedSwiGlu with x_rows (device [rows]): grouped row i is row x_rows[i] of x, read in place.
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y);
+                           const float* x, float* y, const int32_t* x_rows = nullptr);
 absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                                  const std::vector<int32_t>& slot,
                                  const std::vector<int32_t>& row_begin, const float* x, float* y);

@@ -328,6 +328,23 @@ TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
     ASSERT_TRUE((*ex)->Sync().ok());
     EXPECT_STREQ(cuda::LastGroupedSwiGluPath(), c.path) << G << " groups";
     runs.emplace_back("dispatched", Download(dy.as<float>(), m * H));
+    {
+      // The rows read in place through x_rows (x stored in reverse): the same results.
+      std::vector<float> reversed(m * H);
+      std::vector<int32_t> rows(m);
+      for (int64_t r = 0; r < m; ++r) {
+        rows[r] = static_cast<int32_t>(m - 1 - r);
+        std::copy(&x[r * H], &x[(r + 1) * H], &reversed[(m - 1 - r) * H]);
+      }
+      cuda::DeviceBuffer drev, drows, dgathered;
+      ASSERT_TRUE(dgathered.Reserve(m * H * 4).ok());
+      ASSERT_TRUE(cuda::GroupedSwiGlu(**ex, gate_up, down, c.slot, begin, Upload(reversed, &drev),
+                                      dact.as<float>(), dy.as<float>(), Upload(rows, &drows),
+                                      dgathered.as<float>())
+                      .ok());
+      ASSERT_TRUE((*ex)->Sync().ok());
+      EXPECT_EQ(Download(dy.as<float>(), m * H), runs.back().second) << G << " groups, x_rows";
+    }
     absl::Status batched = cuda::BatchedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x,
                                                dy.as<float>());
     if (G <= cuda::kMaxPadGroups) {

@@ -888,11 +888,12 @@ __device__ __forceinline__ int FindGroup(const int32_t* begin, int groups, int p
 }
 
 __global__ void PadRowsKernel(const float* x, int64_t dim, const __grid_constant__ PadMap map,
-                              uint16_t* xp) {
+                              const int32_t* x_rows, uint16_t* xp) {
   const int p = blockIdx.x;
   const int g = FindGroup(map.dst_begin, map.groups, p);
   const int r = p - map.dst_begin[g];
-  const int src = map.src_begin[g] + r < map.src_begin[g + 1] ? map.src_begin[g] + r : -1;
+  int src = map.src_begin[g] + r < map.src_begin[g + 1] ? map.src_begin[g] + r : -1;
+  if (src >= 0 && x_rows != nullptr) src = x_rows[src];
   uint16_t* d = xp + static_cast<int64_t>(p) * dim;
   const float* s = src >= 0 ? x + static_cast<int64_t>(src) * dim : nullptr;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) d[i] = s != nullptr ? F32ToBf16(s[i]) : 0;
@@ -1126,11 +1127,11 @@ cudaError_t ArgMaxRows(const float* x, int64_t rows, int64_t n, int32_t* out,
 }
 
 cudaError_t PadRowsToBf16(const float* x, int64_t dim, const PadMap& map, void* xp,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, const int32_t* x_rows) {
   if (map.groups <= 0 || map.groups > kMaxPadGroups) return cudaErrorInvalidValue;
   const int rows = map.dst_begin[map.groups];
   if (rows <= 0) return cudaSuccess;
-  PadRowsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, dim, map,
+  PadRowsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, dim, map, x_rows,
                                                                   static_cast<uint16_t*>(xp));
   return cudaGetLastError();
 }

@@ -169,9 +169,10 @@ struct PadMap {
 };
 
 // xp (bf16, [padded rows, dim]) from x (fp32, [src rows, dim]): rows moved and rounded to bf16,
-// padding rows zero.
+// padding rows zero. With x_rows (device [src rows]), source row i is row x_rows[i] of x (the
+// routed rows read in place, as Groups::x_rows).
 cudaError_t PadRowsToBf16(const float* x, int64_t dim, const PadMap& map, void* xp,
-                          cudaStream_t stream);
+                          cudaStream_t stream, const int32_t* x_rows = nullptr);
 
 // y (fp32, [src rows, dim]) from the padded bf16 yp: the inverse move, widened to fp32.
 cudaError_t UnpadRowsToF32(const void* yp, int64_t dim, const PadMap& map, float* y,
