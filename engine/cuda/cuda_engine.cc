@@ -292,9 +292,11 @@ absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const De
 
 absl::Status PerGroupSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                             const std::vector<int32_t>& slot,
-                            const std::vector<int32_t>& row_begin, const float* x, float* act,
-                            float* y) {
+                            const std::vector<int32_t>& row_begin, const float* x, float* y) {
+  if (slot.empty()) return absl::OkStatus();
   const int64_t H = gate_up.in, W = down.in;
+  MOEMESH_OK(ex.act32.Reserve(static_cast<size_t>(row_begin.back() * W) * sizeof(float)));
+  float* act = ex.act32.as<float>();
   for (size_t g = 0; g < slot.size(); ++g) {
     const int64_t b = row_begin[g], m = row_begin[g + 1] - b;
     MOEMESH_OK(Project(ex, gate_up, slot[g], x + b * H, m, act + b * W, W, false, true));
@@ -305,8 +307,7 @@ absl::Status PerGroupSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceM
 
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* act, float* y, const int32_t* x_rows,
-                           float* gathered) {
+                           const float* x, float* y, const int32_t* x_rows) {
   if (slot.empty()) return absl::OkStatus();
   // A path cuBLAS refuses (a status other than "not for these weights") is not tried again.
   static std::atomic<bool> batched_ok{true}, grouped_ok{true};
@@ -328,8 +329,10 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
     return absl::OkStatus();
   }
   if (x_rows != nullptr) {  // the other ways read the rows gathered
-    MOEMESH_CUDA(GatherRows(x, x_rows, row_begin.back(), gate_up.in, gathered, ex.stream()));
-    x = gathered;
+    const int64_t rows = row_begin.back(), H = gate_up.in;
+    MOEMESH_OK(ex.gathered.Reserve(static_cast<size_t>(rows * H) * sizeof(float)));
+    MOEMESH_CUDA(GatherRows(x, x_rows, rows, H, ex.gathered.as<float>(), ex.stream()));
+    x = ex.gathered.as<float>();
   }
   if (bf16 && grouped_ok.load() &&
       attempt(grouped_ok, "grouped", "one GEMM per expert",
@@ -337,7 +340,7 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
     return absl::OkStatus();
   }
   last_grouped_path = "per-group";
-  return PerGroupSwiGlu(ex, gate_up, down, slot, row_begin, x, act, y);
+  return PerGroupSwiGlu(ex, gate_up, down, slot, row_begin, x, y);
 }
 
 // ---------------------------------------------------------------- loading
@@ -499,7 +502,7 @@ struct CudaExpertShard::Plan {
 struct CudaExpertShard::Scratch {
   std::unique_ptr<Exec> ex;
   PinnedBuffer h_x, h_out, h_idx, h_w;
-  DeviceBuffer d_x, d_xg, d_act, d_y, d_out, d_idx, d_w, d_groups;
+  DeviceBuffer d_x, d_act, d_y, d_out, d_idx, d_w, d_groups;
   HostPlan host_plan;
 };
 
@@ -586,13 +589,11 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
                                          const float* d_weights, float* out) const {
   const LayerWeights& L = layers_[layer];
   const int64_t H = hidden_, W = width_, A = plan.max_rows;
-  MOEMESH_OK(s.d_xg.Reserve(A * H * sizeof(float)));
-  MOEMESH_OK(s.d_act.Reserve(A * W * sizeof(float)));
   MOEMESH_OK(s.d_y.Reserve(A * H * sizeof(float)));
-  float* xg = s.d_xg.as<float>();
-  float* act = s.d_act.as<float>();
   float* y = s.d_y.as<float>();
   if (plan.host == nullptr || plan.host->max_group_rows <= kSmallM) {
+    MOEMESH_OK(s.d_act.Reserve(A * W * sizeof(float)));
+    float* act = s.d_act.as<float>();
     // All experts in two launches; each group's weights are streamed once per pass over its
     // rows, which gate/up reads in place (x_rows: no gathered copy).
     Groups in_place = plan.groups;
@@ -603,8 +604,8 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
                               false, plan.groups, ex.stream()));
   } else {
     const HostPlan& hp = *plan.host;
-    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, x, act, y,
-                             plan.perm, xg));
+    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, x, y,
+                             plan.perm));
   }
   MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
   return absl::OkStatus();

@@ -89,6 +89,7 @@ class Exec {
   DeviceBuffer blas_workspace;  // set as cuBLAS's workspace (no allocation while capturing)
   DeviceBuffer xb16, gu;       // scratch of Project's cuBLAS path
   DeviceBuffer ab16, ptrs;     // scratch of GroupedSwiGlu
+  DeviceBuffer act32, gathered;  // and of its fallbacks (grown only when they run)
   PinnedBuffer h_ptrs;
 
  private:
@@ -114,19 +115,18 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
                      float* y, int64_t ldy, bool accumulate, bool swiglu);
 
 // The routed experts' products for rows grouped by expert: group g (rows [row_begin[g],
-// row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up
-// ([rows, width] fp32 scratch), y = act down^T ([rows, hidden] fp32). bf16 weights (bf16 in and
+// row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up,
+// y = act down^T ([rows, hidden] fp32). bf16 weights (bf16 in and
 // out of every GEMM, fp32 accumulation): up to kMaxPadGroups groups are padded into buckets of
 // one row count (PadGroups) and each bucket runs as one cuBLAS batched GEMM per projection, with
 // the cast to bf16, the SwiGLU and the widening back to fp32 as three passes around them (no
 // host synchronisation); more groups (or if cuBLAS refuses the batched call) go through
 // cublasGemmGroupedBatchedEx; fp32 weights (or if that is refused too) Project per group.
 // With x_rows (device [rows]), grouped row i is row x_rows[i] of x: the batched way reads the
-// rows in place as it pads them; the others gather them into `gathered` ([rows, hidden]) first.
+// rows in place as it pads them; the others gather them into ex.gathered first.
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* act, float* y, const int32_t* x_rows = nullptr,
-                           float* gathered = nullptr);
+                           const float* x, float* y, const int32_t* x_rows = nullptr);
 // The way the last GroupedSwiGlu call in the process ran: "batched", "grouped" or "per-group".
 const char* LastGroupedSwiGluPath();
 
@@ -139,10 +139,10 @@ absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
 absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                                  const std::vector<int32_t>& slot,
                                  const std::vector<int32_t>& row_begin, const float* x, float* y);
+// (act in ex.act32.)
 absl::Status PerGroupSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                             const std::vector<int32_t>& slot,
-                            const std::vector<int32_t>& row_begin, const float* x, float* act,
-                            float* y);
+                            const std::vector<int32_t>& row_begin, const float* x, float* y);
 
 // Routed experts on one GPU.
 class CudaExpertShard : public ExpertShard {

@@ -119,8 +119,7 @@ int Main() {
   route(T, &slot, &row_begin);
   // The engine's choice (GroupedSwiGlu), then each path by name.
   auto grouped = [&] {
-    (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), act.as<float>(),
-                        y.as<float>());
+    (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   };
   const double grouped_ms = TimeMs(ex, iters, grouped);
   const std::string path = LastGroupedSwiGluPath();
@@ -140,8 +139,7 @@ int Main() {
     return CublasGroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   });
   const double per_group_ms = time_path("one GEMM per expert", [&] {
-    return PerGroupSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), act.as<float>(),
-                          y.as<float>());
+    return PerGroupSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   });
 
   // Dense: the same FLOPs as two bf16 GEMMs (inputs already bf16, fp32 out).
