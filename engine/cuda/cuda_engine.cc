@@ -969,10 +969,22 @@ absl::Status CudaAttentionStack::Run(const std::vector<SeqStep>& batch, float* h
   if (kv == nullptr) {
     return absl::InvalidArgumentError("the CUDA attention stack needs a cache from its NewCache()");
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  absl::Status status = RunLocked(batch, hidden, cache, experts, logits, ids);
+  // A step that failed midway may have copies from the pinned buffers still queued: let them
+  // finish before the next step refills those buffers.
+  if (!status.ok()) exec_->Sync().IgnoreError();
+  return status;
+}
+
+absl::Status CudaAttentionStack::RunLocked(const std::vector<SeqStep>& batch, float* hidden,
+                                           KvCache* cache, ExpertBackend* experts,
+                                           std::vector<float>* logits,
+                                           std::vector<int32_t>* ids) const {
+  auto* kv = static_cast<CudaKvCache*>(cache);
   int64_t T = 0, kmax = 1, R = 0;
   std::vector<int64_t> offset;
-  MOEMESH_OK(PlanBatch(batch, *cache, &offset, &T, &kmax, &R));
-  std::lock_guard<std::mutex> lock(mu_);
+  MOEMESH_OK(PlanBatch(batch, *kv, &offset, &T, &kmax, &R));
   MOEMESH_CUDA(cudaSetDevice(device_.index));
   Exec& ex = *exec_;
   Scratch& s = *scratch_;
@@ -1063,12 +1075,14 @@ absl::Status CudaAttentionStack::Run(const std::vector<SeqStep>& batch, float* h
   // Graphs for decode steps whose experts need no host round trip.
   const bool graph = use_graphs_ && !graphs_failed_ && T == static_cast<int64_t>(batch.size()) &&
                      (!any_moe_ || (a.same_gpu != nullptr && a.same_gpu->GroupsOnDevice(T, kmax)));
-  MOEMESH_OK(graph ? EnqueueStepGraph(a) : EnqueueStep(a));
   if (ids != nullptr) {
-    // Only the rows' argmax leaves the GPU. Buffers sized in steps of 256 rows: a device buffer
-    // that grows drops the captured graphs.
+    // Only the rows' argmax leaves the GPU. Buffers sized in steps of 256 rows, and before the
+    // step is enqueued: a device buffer that grows drops the captured graphs.
     MOEMESH_OK(s.d_argmax.Reserve((R + 255) / 256 * 256 * 4));
     MOEMESH_OK(s.h_argmax.Reserve(R * 4));
+  }
+  MOEMESH_OK(graph ? EnqueueStepGraph(a) : EnqueueStep(a));
+  if (ids != nullptr) {
     MOEMESH_CUDA(ArgMaxRows(s.logits.as<float>(), R, V, s.d_argmax.as<int32_t>(), st));
     MOEMESH_CUDA(cudaMemcpyAsync(s.h_argmax.get(), s.d_argmax.get(), R * 4,
                                  cudaMemcpyDeviceToHost, st));

@@ -228,6 +228,10 @@ class CudaAttentionStack : public AttentionStack {
   absl::Status Run(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
                    ExpertBackend* experts, std::vector<float>* logits,
                    std::vector<int32_t>* ids) const;
+  // Run's body, under mu_; `cache` is a CudaKvCache.
+  absl::Status RunLocked(const std::vector<SeqStep>& batch, float* hidden, KvCache* cache,
+                         ExpertBackend* experts, std::vector<float>* logits,
+                         std::vector<int32_t>* ids) const;
   struct Layer {
     DeviceBuffer input_norm, post_norm, q_norm, k_norm;  // fp32
     DeviceMatrix qkv, o, router, mlp_gate_up, mlp_down, shared_gate;

@@ -666,7 +666,7 @@ __device__ void TopKRow(const float* logits, int r, int lane, int experts,
     if (lane == 0) {
       ids[static_cast<int64_t>(r) * kmax + j] = bi;
       weights[static_cast<int64_t>(r) * kmax + j] = best;
-      p[bi] = -2.0f;  // taken
+      if (bi < experts) p[bi] = -2.0f;  // taken (a NaN row picks none: not past its p)
     }
     picked_sum += best;
     __syncwarp();
