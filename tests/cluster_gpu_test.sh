@@ -4,6 +4,9 @@
 # on the GPU, each behind a router; every oracle family and the embedded model must give the
 # Hugging Face greedy ids through both, and GetModelInfo must report each worker's device.
 # Without a GPU (or in a binary built without --config=cuda) it reports itself skipped.
+# With MOEMESH_CUDA_EMULATION=1 (//tests:cluster_emu_test) the GPU workers are the *_emu
+# binaries, whose cuda:0 is the CPU emulation of engine/cuda/emu, and the oracle's families run
+# (the embedded model is too slow there).
 # Binaries: $MOEMESH_BIN_DIR (default: the runfiles root). Python with grpcio: $PYTHON.
 set -euo pipefail
 export XDG_CACHE_HOME="${XDG_CACHE_HOME:-${TEST_TMPDIR:-$(mktemp -d)}}"
@@ -14,7 +17,17 @@ skip() {
   echo "[  PASSED  ] 0 tests."
   exit 0
 }
-command -v nvidia-smi > /dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU || skip "no CUDA device on this machine"
+EMU="${MOEMESH_CUDA_EMULATION:-0}"
+GPU_EXPERT="$BIN/expert_worker/expert_worker"
+GPU_ATTENTION="$BIN/attention_worker/attention_worker"
+MODELS="testdata/oracle/qwen3_moe testdata/oracle/qwen2_moe testdata/oracle/mixtral testdata/oracle/olmoe models/pydoc-moe-17m"
+if [ "$EMU" = 1 ]; then
+  GPU_EXPERT="${GPU_EXPERT}_emu"
+  GPU_ATTENTION="${GPU_ATTENTION}_emu"
+  MODELS="${MODELS% models/pydoc-moe-17m}"
+else
+  command -v nvidia-smi > /dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU || skip "no CUDA device on this machine"
+fi
 LOG="${TEST_TMPDIR:-$(mktemp -d)}"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -40,13 +53,15 @@ check() {  # check MODEL_DIR
   local m="--model=$model"
   enc=$(start enc "$BIN/encoder_worker/encoder_worker" "$m" --address=127.0.0.1:0)
   e0=$(start cpu_expert "$BIN/expert_worker/expert_worker" "$m" --address=127.0.0.1:0 --device=cpu --shards="0-$((layers - 1)):0-$((half - 1))")
-  if ! e1=$(start gpu_expert "$BIN/expert_worker/expert_worker" "$m" --address=127.0.0.1:0 --device=cuda:0 --shards="0-$((layers - 1)):$half-$((experts - 1))"); then
+  if ! e1=$(start gpu_expert "$GPU_EXPERT" "$m" --address=127.0.0.1:0 --device=cuda:0 --shards="0-$((layers - 1)):$half-$((experts - 1))"); then
     grep -q "built without CUDA" "$LOG/gpu_expert.log" && skip "binaries built without --config=cuda"
     exit 1
   fi
-  grep -q "on cpu, listening" "$LOG/cpu_expert.log" && grep -q "on cuda:0 (.*), listening" "$LOG/gpu_expert.log" || { cat "$LOG"/*expert.log; echo "expert workers do not report their devices"; exit 1; }
+  grep -qE "on cpu( \(.*\))?, listening" "$LOG/cpu_expert.log" && grep -qE "on cuda:0 \(.*\), listening" "$LOG/gpu_expert.log" || { cat "$LOG"/*expert.log; echo "expert workers do not report their devices"; exit 1; }
   for dev in cpu cuda:0; do
-    att=$(start "att_$dev" "$BIN/attention_worker/attention_worker" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096)
+    attention_bin="$BIN/attention_worker/attention_worker"
+    [ "$dev" = cpu ] || attention_bin="$GPU_ATTENTION"
+    att=$(start "att_$dev" "$attention_bin" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096)
     rt=$(start "router_$dev" "$BIN/router/router" "$m" --address=127.0.0.1:0 --attention="$att")
     "$PY" - "$rt" "$model" "$dev" <<'PYEOF'
 import importlib.util, json, os, sys
@@ -74,7 +89,7 @@ PYEOF
   cleanup
   pids=()
 }
-for model in testdata/oracle/qwen3_moe testdata/oracle/qwen2_moe testdata/oracle/mixtral testdata/oracle/olmoe models/pydoc-moe-17m; do
+for model in $MODELS; do
   check "$model"
 done
 echo "[  PASSED  ] 1 test."
