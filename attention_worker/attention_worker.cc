@@ -565,7 +565,7 @@ int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
     auto it = seqs_.find(id);
     if (it != seqs_.end()) {
       ++released_;
-      if (prefix_budget_ > 0 && cache_->host_storage() && KeepPrefix(id, *it->second)) {
+      if (prefix_budget_ > 0 && KeepPrefix(id, *it->second)) {
         seqs_.erase(it);
         continue;
       }

@@ -40,7 +40,7 @@ class AttentionWorker {
     // +15..+46% over either).
     bool overlap_halves = true;
     int overlap_min_sequences = 16;
-    // Prefix cache (CPU attention stacks): KV rows of released sequences kept for up to this
+    // Prefix cache: KV rows of released sequences kept for up to this
     // many tokens (beyond kv_capacity_tokens, least recently used dropped first). A later
     // sequence whose tokens start with one of them copies those rows instead of computing them.
     // 0 = off.

@@ -23,16 +23,8 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   if (opt.prefix_cache_tokens < 0) {
     return absl::InvalidArgumentError("--prefix_cache_tokens must be >= 0");
   }
-  if (opt.prefix_cache_tokens > 0 && !lo.device.is_cpu()) {
-    return absl::InvalidArgumentError(
-        "--prefix_cache_tokens needs the CPU attention stack (the KV cache in host memory)");
-  }
   if (opt.speculative_tokens < 0 || opt.speculative_tokens > 16) {
     return absl::InvalidArgumentError("--speculative_tokens must be in [0, 16]");
-  }
-  if (opt.speculative_tokens > 0 && !lo.device.is_cpu()) {
-    return absl::InvalidArgumentError(
-        "--speculative_tokens needs the CPU attention stack (the KV cache in host memory)");
   }
   if (opt.speculative_max_batch < 1) {
     return absl::InvalidArgumentError("--speculative_max_batch must be >= 1");

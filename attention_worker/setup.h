@@ -37,8 +37,8 @@ struct AttentionSetupOptions {
   // the same), --cuda_graphs.
   LoadOptions load;
   int64_t kv_capacity_tokens = 1 << 16;
-  int64_t prefix_cache_tokens = 0;  // AttentionWorker::Options::prefix_cache_tokens (CPU only)
-  int speculative_tokens = 0;       // AttentionWorker::Options::speculative_tokens (CPU only)
+  int64_t prefix_cache_tokens = 0;  // AttentionWorker::Options::prefix_cache_tokens
+  int speculative_tokens = 0;       // AttentionWorker::Options::speculative_tokens
   int speculative_max_batch = 8;
   double expert_timeout_seconds = 30;
   double connect_timeout_seconds = 60;

@@ -131,16 +131,27 @@ bool KvCache::Rename(uint64_t from, uint64_t to) {
   return true;
 }
 
+absl::Status KvCache::CheckCopy(uint64_t src, uint64_t dst, int64_t begin, int64_t end) const {
+  auto a = seqs_.find(src), b = seqs_.find(dst);
+  if (a == seqs_.end() || b == seqs_.end()) {
+    return absl::NotFoundError(absl::StrCat("KV rows of an unknown sequence (", src, " -> ", dst,
+                                            ")"));
+  }
+  if (begin < 0 || end > a->second.length || end > b->second.length || begin > end) {
+    return absl::OutOfRangeError(absl::StrCat("KV rows [", begin, ", ", end, ") of ",
+                                              a->second.length, " / ", b->second.length));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status KvCache::CopyRows(uint64_t src, uint64_t dst, int64_t begin, int64_t end) {
   if (!host_storage_) {
     return absl::UnimplementedError("copying KV rows needs a KV cache in host memory");
   }
+  absl::Status st = CheckCopy(src, dst, begin, end);
+  if (!st.ok()) return st;
   const Seq& a = seqs_.at(src);
   Seq& b = seqs_.at(dst);
-  if (begin < 0 || end > a.length || end > b.length || begin > end) {
-    return absl::OutOfRangeError(absl::StrCat("KV rows [", begin, ", ", end, ") of ", a.length,
-                                              " / ", b.length));
-  }
   const int64_t row_bytes = head_dim() * elem_bytes_, n = end - begin;
   for (int64_t l = 0; l < num_layers_; ++l) {
     CopyHeadRows(b.k[l].get(), b.slots, a.k[l].get(), a.slots, kv_heads_, begin, n, row_bytes);

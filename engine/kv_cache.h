@@ -23,7 +23,8 @@ namespace moemesh {
 //
 // This class keeps the rows in host memory (the CPU attention stack). A device's attention stack
 // (AttentionStack::NewCache) derives from it with `host_storage` false: the base class then only
-// does the slot accounting, and the subclass keeps the rows on its device.
+// does the slot accounting, and the subclass keeps the rows on its device (and overrides
+// Reserve, Free, Truncate, Rename and CopyRows to manage them).
 // Element type of a host KV cache: fp32 (exact: the oracle comparisons), bf16 (half the
 // memory and half the bytes attention reads; rows rounded to nearest even as they are stored)
 // or int8 (a quarter plus one fp32 scale per row of head_dim values: each (position, kv head)
@@ -47,13 +48,14 @@ class KvCache {
   // Frees the sequence's positions and memory at once. No-op for an unknown sequence.
   virtual void Free(uint64_t seq);
   // Gives back positions [length, Reserved(seq)) of `seq` (no-op when it holds no more).
-  void Truncate(uint64_t seq, int64_t length);
+  virtual void Truncate(uint64_t seq, int64_t length);
   // Moves `from`'s positions and rows to the new id `to` (no copy). False when `from` is
   // unknown or `to` exists.
-  bool Rename(uint64_t from, uint64_t to);
+  virtual bool Rename(uint64_t from, uint64_t to);
   // Copies positions [begin, end) of every layer from `src` to `dst` (both reserved that far;
-  // int8 scales too). Host storage only: Unimplemented otherwise.
-  absl::Status CopyRows(uint64_t src, uint64_t dst, int64_t begin, int64_t end);
+  // int8 scales too). Here for host storage only (Unimplemented otherwise); a device's cache
+  // copies its own rows.
+  virtual absl::Status CopyRows(uint64_t src, uint64_t dst, int64_t begin, int64_t end);
   bool host_storage() const { return host_storage_; }
   // Positions reserved for `seq` (0 for an unknown sequence).
   int64_t Reserved(uint64_t seq) const;
@@ -87,6 +89,11 @@ class KvCache {
   int64_t capacity_tokens() const { return capacity_; }
   int64_t used_tokens() const { return used_; }  // positions reserved over all sequences
   int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
+
+ protected:
+  // CopyRows' argument check: OutOfRange unless 0 <= begin <= end <= both sequences' lengths
+  // (NotFound for an unknown sequence).
+  absl::Status CheckCopy(uint64_t src, uint64_t dst, int64_t begin, int64_t end) const;
 
  private:
   static constexpr int64_t kBlock = 64;  // slots grow in multiples of this, at least doubling

@@ -2,7 +2,8 @@
 # A mixed cluster on one GPU machine: encoder, two expert workers (one --device=cpu, one
 # --device=cuda:0, half of the experts each), an attention worker on the CPU and a second one
 # on the GPU, each behind a router; every oracle family and the embedded model must give the
-# Hugging Face greedy ids through both, and GetModelInfo must report each worker's device.
+# Hugging Face greedy ids through both, and GetModelInfo must report each worker's device. The
+# GPU attention worker runs with speculative decoding and a prefix cache too.
 # Without a GPU (or in a binary built without --config=cuda) it reports itself skipped.
 # With MOEMESH_CUDA_EMULATION=1 (//tests:cluster_emu_test) the GPU workers are the *_emu
 # binaries, whose cuda:0 is the CPU emulation of engine/cuda/emu, and the oracle's families run
@@ -29,18 +30,23 @@ else
   command -v nvidia-smi > /dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU || skip "no CUDA device on this machine"
 fi
 LOG="${TEST_TMPDIR:-$(mktemp -d)}"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# start runs in a command substitution (a subshell): the pids go to a file, not a variable.
+cleanup() {
+  [ -f "$LOG/pids" ] && while read -r p; do kill "$p" 2>/dev/null || true; done < "$LOG/pids"
+  rm -f "$LOG/pids"
+  wait 2>/dev/null || true
+}
 trap cleanup EXIT
 start() {  # start NAME ARGS... ; waits for "... on HOST:PORT" and prints the address
   local name=$1; shift
   "$@" > "$LOG/$name.log" 2>&1 &
-  pids+=($!)
+  local pid=$!
+  echo "$pid" >> "$LOG/pids"
   for _ in $(seq 600); do
     if a=$(grep -oE "(Generation on|embeddings of .* on|listening on|serving on) [0-9.]+:[0-9]+" "$LOG/$name.log" | head -1 | awk '{print $NF}'); [ -n "$a" ]; then
       echo "$a"; return 0
     fi
-    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$LOG/$name.log" >&2; echo "$name exited" >&2; return 1; }
+    kill -0 "$pid" 2>/dev/null || { cat "$LOG/$name.log" >&2; echo "$name exited" >&2; return 1; }
     sleep 0.2
   done
   cat "$LOG/$name.log" >&2; echo "$name did not start" >&2; return 1
@@ -61,33 +67,50 @@ check() {  # check MODEL_DIR
   for dev in cpu cuda:0; do
     attention_bin="$BIN/attention_worker/attention_worker"
     [ "$dev" = cpu ] || attention_bin="$GPU_ATTENTION"
-    att=$(start "att_$dev" "$attention_bin" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096)
-    rt=$(start "router_$dev" "$BIN/router/router" "$m" --address=127.0.0.1:0 --attention="$att")
-    "$PY" - "$rt" "$model" "$dev" <<'PYEOF'
-import importlib.util, json, os, sys
+    # The GPU attention worker also speculates and keeps a prefix cache: each prompt is sent
+    # twice (the second time its rows come from the cache), the ids must not change, and the
+    # router's /metrics must show both at work.
+    extra=() http=() http_port=""
+    if [ "$dev" != cpu ]; then
+      extra=(--speculative_tokens=3 --prefix_cache_tokens=4096)
+      http_port=$("$PY" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+      http=(--http_address=127.0.0.1:$http_port)
+    fi
+    att=$(start "att_$dev" "$attention_bin" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096 "${extra[@]}")
+    rt=$(start "router_$dev" "$BIN/router/router" "$m" --address=127.0.0.1:0 --attention="$att" "${http[@]}")
+    "$PY" - "$rt" "$model" "$dev" "${http_port:-}" <<'PYEOF'
+import importlib.util, json, os, re, sys, urllib.request
 spec = importlib.util.spec_from_file_location("client", "scripts/client.py")
 client = importlib.util.module_from_spec(spec); spec.loader.exec_module(client)
 pb2, pb2_grpc = client.load_stubs()
 import grpc
-addr, model, dev = sys.argv[1:]
+addr, model, dev, http_port = sys.argv[1:]
 ref = json.load(open(os.path.join(model, "reference.json")))
 cases = ref["prompts"] if isinstance(ref, dict) else ref
 stub = pb2_grpc.GenerationStub(grpc.insecure_channel(addr))
-for c in cases:
-    req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=c["input_ids"]))
-    req.sampling.temperature = 0
-    req.sampling.ignore_eos = True
-    req.sampling.max_tokens = len(c["greedy"])
-    ids = [i for r in stub.Generate(req, timeout=300) for i in r.ids]
-    assert ids == c["greedy"], (model, dev, ids, c["greedy"])
+for rep in range(2 if http_port else 1):
+    for c in cases:
+        req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=c["input_ids"]))
+        req.sampling.temperature = 0
+        req.sampling.ignore_eos = True
+        req.sampling.max_tokens = len(c["greedy"])
+        ids = [i for r in stub.Generate(req, timeout=300) for i in r.ids]
+        assert ids == c["greedy"], (model, dev, rep, ids, c["greedy"])
 info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
 devices = [w.device for w in info.workers if w.role == "attention"]
 assert devices == [dev], devices
-print("%s, attention on %s, experts on cpu + cuda:0: %d prompts, greedy ids match" % (model, dev, len(cases)))
+note = ""
+if http_port:
+    metrics = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % http_port, timeout=10).read().decode()
+    def total(name):
+        return sum(float(v) for v in re.findall(r"^%s\{[^}]*\} (\S+)$" % name, metrics, re.M))
+    hits, drafts = total("moemesh_prefix_cache_hit_tokens_total"), total("moemesh_spec_draft_tokens_total")
+    assert hits > 0 and drafts > 0, (model, hits, drafts)
+    note = ", twice; %d prefix-cache rows reused, %d drafts" % (hits, drafts)
+print("%s, attention on %s, experts on cpu + cuda:0: %d prompts, greedy ids match%s" % (model, dev, len(cases), note))
 PYEOF
   done
   cleanup
-  pids=()
 }
 for model in $MODELS; do
   check "$model"

@@ -792,9 +792,12 @@ class CudaKvCache : public KvCache {
  public:
   static constexpr int64_t kPage = 16;
 
-  CudaKvCache(int64_t layers, int64_t kv_dim, int64_t capacity, DeviceBuffer pool,
+  CudaKvCache(int device, int64_t layers, int64_t kv_dim, int64_t capacity, DeviceBuffer pool,
               int64_t num_pages)
-      : KvCache(layers, kv_dim, capacity, /*host_storage=*/false), pool_(std::move(pool)) {
+      : KvCache(layers, kv_dim, capacity, /*host_storage=*/false),
+        device_(device),
+        num_layers_(layers),
+        pool_(std::move(pool)) {
     for (int64_t p = num_pages - 1; p >= 0; --p) free_pages_.push_back(static_cast<int32_t>(p));
   }
 
@@ -825,11 +828,56 @@ class CudaKvCache : public KvCache {
     KvCache::Free(seq);
   }
 
+  // Gives back the pages past the new length too.
+  void Truncate(uint64_t seq, int64_t length) override {
+    KvCache::Truncate(seq, length);
+    auto it = pages_.find(seq);
+    if (it == pages_.end()) return;
+    const size_t keep = static_cast<size_t>((Reserved(seq) + kPage - 1) / kPage);
+    while (it->second.size() > keep) {
+      free_pages_.push_back(it->second.back());
+      it->second.pop_back();
+    }
+  }
+
+  bool Rename(uint64_t from, uint64_t to) override {
+    if (!KvCache::Rename(from, to)) return false;
+    auto node = pages_.extract(from);
+    if (!node.empty()) {
+      node.key() = to;
+      pages_.insert(std::move(node));
+    }
+    return true;
+  }
+
+  // On the device, on the legacy stream, synchronously: called between steps (each of which ends
+  // synchronised), never during one.
+  absl::Status CopyRows(uint64_t src, uint64_t dst, int64_t begin, int64_t end) override {
+    MOEMESH_OK(CheckCopy(src, dst, begin, end));
+    if (begin == end) return absl::OkStatus();
+    MOEMESH_CUDA(cudaSetDevice(device_));
+    const std::vector<int32_t>& a = pages_.at(src);
+    const std::vector<int32_t>& b = pages_.at(dst);
+    std::vector<int32_t> lists(a);
+    lists.insert(lists.end(), b.begin(), b.end());
+    MOEMESH_OK(copy_pages_.Reserve(lists.size() * sizeof(int32_t)));
+    MOEMESH_CUDA(cudaMemcpy(copy_pages_.get(), lists.data(), lists.size() * sizeof(int32_t),
+                            cudaMemcpyHostToDevice));
+    const int32_t* d = copy_pages_.as<int32_t>();
+    MOEMESH_CUDA(cuda::CopyKvRows(pool(), num_layers_, kPage, kv_dim(), d, d + a.size(), begin,
+                                  end - begin, nullptr));
+    MOEMESH_CUDA(cudaStreamSynchronize(nullptr));
+    return absl::OkStatus();
+  }
+
   const std::vector<int32_t>& Pages(uint64_t seq) const { return pages_.at(seq); }
   float* pool() const { return pool_.as<float>(); }
 
  private:
+  const int device_;
+  const int64_t num_layers_;
   DeviceBuffer pool_;
+  DeviceBuffer copy_pages_;  // CopyRows' page lists
   std::vector<int32_t> free_pages_;
   std::unordered_map<uint64_t, std::vector<int32_t>> pages_;
 };
@@ -847,9 +895,10 @@ std::unique_ptr<KvCache> CudaAttentionStack::NewCache(int64_t capacity_tokens) c
   if (!st.ok()) {
     std::fprintf(stderr, "CUDA KV cache of %lld tokens: %s; the cache will hold nothing\n",
                  static_cast<long long>(capacity_tokens), std::string(st.message()).c_str());
-    return std::make_unique<CudaKvCache>(L, kvd, 0, DeviceBuffer(), 0);
+    return std::make_unique<CudaKvCache>(device_.index, L, kvd, 0, DeviceBuffer(), 0);
   }
-  return std::make_unique<CudaKvCache>(L, kvd, capacity_tokens, std::move(pool), pages);
+  return std::make_unique<CudaKvCache>(device_.index, L, kvd, capacity_tokens, std::move(pool),
+                                       pages);
 }
 
 // ---------------------------------------------------------------- attention stack

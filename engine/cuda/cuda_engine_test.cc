@@ -849,6 +849,69 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaGraphTest,
                            return n;
                          });
 
+// The device KV cache's prefix-cache and speculation operations keep the rows they should:
+// rows copied to another sequence (CopyRows) give that sequence the original's next logits bit
+// for bit; a renamed sequence (Rename) keeps its rows; a truncated one (Truncate) gives its
+// pages back and, recomputed from there, reaches the same logits.
+TEST(CudaKvCacheTest, CopyRenameAndTruncateKeepTheRows) {
+  SKIP_WITHOUT_GPU();
+  ops::SetNumThreads(2);
+  LoadOptions opt;
+  opt.device = *ParseDevice("cuda:0");
+  auto model = Model::Load("testdata/oracle/qwen3_moe", opt);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const int64_t V = (*model)->config().vocab_size;
+  // Room for 3 sequences of 40 positions: 16-token pages.
+  auto cache = (*model)->NewCache(120);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 37; ++i) prompt.push_back((i * 37 + 11) % static_cast<int32_t>(V));
+  auto step = [&](uint64_t seq, std::vector<int32_t> tokens, int64_t start) {
+    SeqStep st;
+    st.seq_id = seq;
+    st.tokens = std::move(tokens);
+    st.start_pos = start;
+    std::vector<float> logits;
+    absl::Status s = (*model)->Step({st}, cache.get(), &logits);
+    EXPECT_TRUE(s.ok()) << s;
+    return logits;
+  };
+  step(1, prompt, 0);
+  const std::vector<float> next1 = step(1, {7}, 37);  // position 37 of sequence 1
+  ASSERT_EQ(next1.size(), static_cast<size_t>(V));
+
+  // Copy: sequence 2 gets rows 0..36 from sequence 1 (across three pages, the last partial).
+  ASSERT_TRUE(cache->Reserve(2, 37).ok());
+  ASSERT_TRUE(cache->CopyRows(1, 2, 0, 37).ok());
+  EXPECT_EQ(step(2, {7}, 37), next1);
+  EXPECT_EQ(cache->CopyRows(1, 2, 0, 39).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(cache->CopyRows(1, 9, 0, 1).code(), absl::StatusCode::kNotFound);
+
+  // Rename: sequence 1's rows (and pages) now belong to 5.
+  ASSERT_TRUE(cache->Rename(1, 5));
+  EXPECT_FALSE(cache->Has(1));
+  EXPECT_FALSE(cache->Rename(1, 6));
+  const std::vector<float> after5 = step(5, {9}, 38);
+  EXPECT_EQ(step(2, {9}, 38), after5);
+
+  // Truncate to 20 positions (the pages past the second go back), then recompute positions
+  // 20..38: the same logits. (Uncopied or lost rows would be NaN here: the emulation fills new
+  // device memory with NaNs.)
+  EXPECT_EQ(cache->used_tokens(), 39 + 39);
+  cache->Truncate(5, 20);
+  EXPECT_EQ(cache->Reserved(5), 20);
+  EXPECT_EQ(cache->used_tokens(), 20 + 39);
+  std::vector<int32_t> rest(prompt.begin() + 20, prompt.end());
+  rest.push_back(7);
+  step(5, rest, 20);
+  const std::vector<float> again = step(5, {9}, 38);
+  ASSERT_EQ(again.size(), after5.size());
+  for (int64_t i = 0; i < V; ++i) ASSERT_NEAR(again[i], after5[i], 1e-4) << i;
+  cache->Truncate(5, 0);
+  cache->Truncate(2, 0);
+  EXPECT_EQ(cache->used_tokens(), 0);
+  EXPECT_TRUE(cache->Reserve(3, 120).ok());
+}
+
 // A device that does not exist is a clear error, not a crash.
 TEST(CudaDeviceTest, MissingDeviceIsNotFound) {
   auto st = DescribeDevice(*ParseDevice("cuda:64"));

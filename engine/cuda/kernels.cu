@@ -764,6 +764,18 @@ __global__ void RouteGroupsKernel(const float* logits, int rows, int experts,
              perm, where, reinterpret_cast<int32_t*>(route_sm + rows * experts));
 }
 
+// Block (position, layer, K or V): one row.
+__global__ void CopyKvRowsKernel(float* pool, int num_layers, int page_size, int kv_dim,
+                                 const int32_t* src_pages, const int32_t* dst_pages, int begin) {
+  const int pos = begin + static_cast<int>(blockIdx.x);
+  const int64_t block = static_cast<int64_t>(blockIdx.y) * 2 + blockIdx.z;
+  const int64_t slot = static_cast<int64_t>(pos % page_size) * kv_dim;
+  const int64_t per_page = static_cast<int64_t>(num_layers) * 2 * page_size * kv_dim;
+  const float* src = pool + src_pages[pos / page_size] * per_page + block * page_size * kv_dim + slot;
+  float* dst = pool + dst_pages[pos / page_size] * per_page + block * page_size * kv_dim + slot;
+  for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) dst[i] = src[i];
+}
+
 __global__ void GatherRowsKernel(const float* src, const int32_t* perm, int64_t dim, float* dst) {
   const float* s = src + static_cast<int64_t>(perm[blockIdx.x]) * dim;
   float* d = dst + static_cast<int64_t>(blockIdx.x) * dim;
@@ -1051,6 +1063,21 @@ cudaError_t BuildGroups(const int32_t* ids, int64_t n, int64_t k, int64_t expert
   BuildGroupsKernel<<<1, threads, smem, stream>>>(
       ids, static_cast<int>(n * k), static_cast<int>(k), static_cast<int>(experts),
       slot_of_expert, num_groups, group_slot, row_begin, perm, where);
+  return cudaGetLastError();
+}
+
+cudaError_t CopyKvRows(float* pool, int64_t num_layers, int64_t page_size, int64_t kv_dim,
+                       const int32_t* src_pages, const int32_t* dst_pages, int64_t begin,
+                       int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (begin < 0 || begin + n > INT_MAX || num_layers <= 0 || num_layers > 65535 ||
+      page_size <= 0 || kv_dim <= 0) {
+    return cudaErrorInvalidValue;
+  }
+  CopyKvRowsKernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(num_layers), 2), 256, 0,
+                     stream>>>(pool, static_cast<int>(num_layers), static_cast<int>(page_size),
+                               static_cast<int>(kv_dim), src_pages, dst_pages,
+                               static_cast<int>(begin));
   return cudaGetLastError();
 }
 

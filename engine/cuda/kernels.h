@@ -73,6 +73,14 @@ cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t 
                        const float* k_norm, float eps, const float* inv_freq, int64_t layer,
                        const PagedKv& kv, float* q_out, cudaStream_t stream);
 
+// Copies positions [begin, begin + n) of every layer's K and V rows in the paged pool (the
+// layout of PagedKv: page p's block for (layer, K or V) holds page_size rows of kv_dim floats)
+// from the sequence whose pages are src_pages to the one whose pages are dst_pages (device
+// arrays, covering those positions). The prefix cache's copy on a GPU.
+cudaError_t CopyKvRows(float* pool, int64_t num_layers, int64_t page_size, int64_t kv_dim,
+                       const int32_t* src_pages, const int32_t* dst_pages, int64_t begin,
+                       int64_t n, cudaStream_t stream);
+
 // Causal attention of each token's query over its sequence's cached positions [0, pos[t]],
 // one pass over the cache with an online softmax. q: [T, heads * head_dim], out likewise.
 // With splits > 1 (flash-decoding), each (token, head) is split over that many blocks, each
