@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turns a .cu file into C++ for the CUDA emulation (see cuda_emu.h).
 
-  K<<<grid, block[, smem[, stream]]>>>(args)  ->  ::emu::Launch(grid, block, ...).With(K)(args)
+  K<<<grid, block[, smem[, stream]]>>>(args)  ->  ::emu::Launch(grid, block, ...).With(K, "K")(args)
   extern __shared__ T name[];                 ->  T* name = static_cast<T*>(::emu::DynamicShared());
 
 Usage: cu_to_emu.py IN.cu > OUT.cc
@@ -13,7 +13,7 @@ import sys
 def main():
     src = open(sys.argv[1]).read()
     launches = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
-    src, n = launches.subn(lambda m: "::emu::Launch(%s).With(%s)(" % (m.group(2), m.group(1)), src)
+    src, n = launches.subn(lambda m: "::emu::Launch(%s).With(%s, \"%s\")(" % (m.group(2), m.group(1), re.sub(r"\s+", " ", m.group(1))), src)
     shared = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
     src = shared.sub(r"\1* \2 = static_cast<\1*>(::emu::DynamicShared());", src)
     if "<<<" in src:

@@ -12,7 +12,7 @@
 //
 // This header is what the kernels' source sees in place of nvcc's device environment:
 // engine/cuda/emu/cu_to_emu.py turns a .cu file's `K<<<grid, block, smem, stream>>>(args)`
-// into `::emu::Launch(grid, block, smem, stream).With(K)(args)` and its `extern __shared__`
+// into `::emu::Launch(grid, block, smem, stream).With(K, "K")(args)` and its `extern __shared__`
 // arrays into pointers to the block's dynamic shared memory, and includes this header first.
 #ifndef MOEMESH_ENGINE_CUDA_EMU_CUDA_EMU_H_
 #define MOEMESH_ENGINE_CUDA_EMU_CUDA_EMU_H_
@@ -22,7 +22,9 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -52,11 +54,21 @@ uint64_t WarpExchange(uint64_t v, unsigned src);
 
 // Runs grid x block threads of `body` (one fiber per thread), then returns. Records instead
 // when `stream` is being captured into a graph.
-void RunGrid(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, std::function<void()> body);
+// Statistics, also printed at exit with EMU_STATS=1: "launch K" counts a kernel's host-side
+// launches (a graph replay makes none), "run K" its executions (replays too); cuBLAS calls,
+// copies (count and bytes, by direction), synchronisations, allocations and graph launches.
+void EnableStatistics();
+std::map<std::string, int64_t> Statistics();
+
+// `name` counts the launch in the statistics (EMU_STATS=1: at exit, each kernel's launches and
+// runs, cuBLAS calls, copies and synchronisations, to stderr).
+void RunGrid(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+             std::function<void()> body);
 
 template <typename... P>
 struct Bound {
   void (*kernel)(P...);
+  const char* name;
   dim3 grid, block;
   size_t smem;
   cudaStream_t stream;
@@ -65,7 +77,7 @@ struct Bound {
     static_assert(sizeof...(A) == sizeof...(P), "kernel argument count");
     auto params = std::make_shared<std::tuple<std::decay_t<P>...>>(std::forward<A>(args)...);
     auto k = kernel;
-    RunGrid(grid, block, smem, stream, [k, params] { std::apply(k, *params); });
+    RunGrid(name, grid, block, smem, stream, [k, params] { std::apply(k, *params); });
   }
 };
 
@@ -73,8 +85,8 @@ struct Launch {
   Launch(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t stream = nullptr)
       : grid(grid), block(block), smem(smem), stream(stream) {}
   template <typename... P>
-  Bound<P...> With(void (*kernel)(P...)) const {
-    return Bound<P...>{kernel, grid, block, smem, stream};
+  Bound<P...> With(void (*kernel)(P...), const char* name = "kernel") const {
+    return Bound<P...>{kernel, name, grid, block, smem, stream};
   }
   dim3 grid, block;
   size_t smem;

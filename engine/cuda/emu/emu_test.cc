@@ -151,6 +151,38 @@ TEST(EmuTest, CaptureRecordsAndReplays) {
   cudaStreamDestroy(st);
 }
 
+TEST(EmuTest, StatisticsCountLaunchesAndReplays) {
+  emu::EnableStatistics();
+  const auto before = emu::Statistics();
+  cudaStream_t st;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  std::vector<float> x(32, 0.0f);
+  for (int i = 0; i < 2; ++i) emu::Launch(1, 32, 0, st).With(AddOneKernel, "AddOne")(x.data(), 32);
+  ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  emu::Launch(1, 32, 0, st).With(AddOneKernel, "AddOne")(x.data(), 32);
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamEndCapture(st, &graph), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(cudaGraphLaunch(exec, st), cudaSuccess);
+  float y[32];
+  ASSERT_EQ(cudaMemcpy(y, x.data(), sizeof(y), cudaMemcpyDeviceToHost), cudaSuccess);
+  auto after = emu::Statistics();
+  auto delta = [&](const std::string& k) {
+    auto b = before.find(k);
+    return after[k] - (b == before.end() ? 0 : b->second);
+  };
+  EXPECT_EQ(delta("launch AddOne"), 3);  // two, and one captured
+  EXPECT_EQ(delta("run AddOne"), 5);     // two, and three replays
+  EXPECT_EQ(delta("cudaGraphLaunch"), 3);
+  EXPECT_EQ(delta("cudaMemcpy (synchronous) device->host"), 1);
+  EXPECT_EQ(delta("cudaMemcpy (synchronous) device->host bytes"), 128);
+  EXPECT_EQ(y[0], 5.0f);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(st);
+}
+
 // Column-major reference.
 float Ref(const std::vector<float>& a, bool ta, int lda, const std::vector<float>& b, bool tb,
           int ldb, int i, int j, int k) {

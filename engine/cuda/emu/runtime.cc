@@ -110,6 +110,28 @@ bool g_reverse = [] {
   return reverse;
 }();
 
+// EMU_STATS=1: counters printed at exit. "launch X" counts host calls (what costs a launch's CPU
+// time; a graph replay makes none), "run X" the executions (a replay's too).
+struct Stats {
+  std::mutex mu;
+  std::map<std::string, int64_t> n;
+  bool on = [] {
+    const char* s = std::getenv("EMU_STATS");
+    return s != nullptr && std::string(s) == "1";
+  }();
+  ~Stats() {
+    if (!on) return;
+    std::fprintf(stderr, "CUDA emulation statistics:\n");
+    for (const auto& [k, v] : n) std::fprintf(stderr, "  %10lld  %s\n", static_cast<long long>(v), k.c_str());
+  }
+};
+Stats g_stats;
+void Count(const std::string& what, int64_t by = 1) {
+  if (!g_stats.on) return;
+  std::lock_guard<std::mutex> l(g_stats.mu);
+  g_stats.n[what] += by;
+}
+
 cudaError_t g_last_error = cudaSuccess;
 std::mutex g_error_mu;
 void SetError(cudaError_t e) {
@@ -272,6 +294,13 @@ bool UnsafeDuringCapture() {
 
 }  // namespace
 
+void EnableStatistics() { g_stats.on = true; }
+
+std::map<std::string, int64_t> Statistics() {
+  std::lock_guard<std::mutex> l(g_stats.mu);
+  return g_stats.n;
+}
+
 const ThreadCtx& Ctx() {
   if (g_fiber == nullptr) Die("threadIdx/blockIdx read outside a kernel");
   return g_fiber->ctx;
@@ -295,7 +324,9 @@ uint64_t WarpExchange(uint64_t v, unsigned src) {
   return g_block->exchange[w][phase][src];
 }
 
-void RunGrid(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, std::function<void()> body) {
+void RunGrid(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+             std::function<void()> body) {
+  Count(std::string("launch ") + name);
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 ||
       grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) {
@@ -313,11 +344,15 @@ void RunGrid(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, std::funct
       return;
     }
   }
-  Enqueue(stream, [grid, block, smem, body = std::move(body)] { RunNow(grid, block, smem, body); });
+  Enqueue(stream, [name, grid, block, smem, body = std::move(body)] {
+    Count(std::string("run ") + name);
+    RunNow(grid, block, smem, body);
+  });
 }
 
 }  // namespace emu
 
+using emu::Count;
 using emu::Enqueue;
 using emu::SetError;
 using emu::UnsafeDuringCapture;
@@ -403,6 +438,7 @@ const char* cudaGetErrorString(cudaError_t error) {
 const char* cudaGetErrorName(cudaError_t error) { return cudaGetErrorString(error); }
 
 cudaError_t cudaMalloc(void** p, size_t size) {
+  Count("cudaMalloc");
   if (UnsafeDuringCapture()) return cudaErrorStreamCaptureUnsupported;
   // The exact size, so that a memory checker (valgrind, -fsanitize=address) sees any access
   // past the end.
@@ -428,15 +464,28 @@ cudaError_t cudaFreeHost(void* p) {
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind) {
+static const char* KindName(cudaMemcpyKind kind) {
+  switch (kind) {
+    case cudaMemcpyHostToDevice: return "host->device";
+    case cudaMemcpyDeviceToHost: return "device->host";
+    case cudaMemcpyDeviceToDevice: return "device->device";
+    default: return "other";
+  }
+}
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
   if (UnsafeDuringCapture()) return cudaErrorStreamCaptureUnsupported;
+  Count(std::string("cudaMemcpy (synchronous) ") + KindName(kind));
+  Count(std::string("cudaMemcpy (synchronous) ") + KindName(kind) + " bytes", count);
   if (count > 0) std::memmove(dst, src, count);
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind,
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
                             cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
+  Count(std::string("cudaMemcpyAsync ") + KindName(kind));
+  Count(std::string("cudaMemcpyAsync ") + KindName(kind) + " bytes", count);
   Enqueue(stream, [dst, src, count] { std::memmove(dst, src, count); });
   return cudaSuccess;
 }
@@ -468,6 +517,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  Count("cudaStreamSynchronize");
   if (UnsafeDuringCapture() || (stream != nullptr && stream->capturing)) {
     if (stream != nullptr && stream->capturing) stream->capture_failed = true;
     return cudaErrorStreamCaptureUnsupported;
@@ -476,6 +526,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
 }
 
 cudaError_t cudaDeviceSynchronize(void) {
+  Count("cudaDeviceSynchronize");
   if (UnsafeDuringCapture()) return cudaErrorStreamCaptureUnsupported;
   return cudaSuccess;
 }
@@ -511,6 +562,7 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
 }
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+  Count("cudaStreamBeginCapture");
   if (stream == nullptr) return cudaErrorStreamCaptureUnsupported;  // legacy stream
   if (stream->capturing) return cudaErrorIllegalState;
   stream->capturing = true;
@@ -547,6 +599,7 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsig
 }
 
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+  Count("cudaGraphLaunch");
   if (exec == nullptr) return cudaErrorInvalidValue;
   for (const auto& node : exec->nodes) Enqueue(stream, node);
   return cudaSuccess;
@@ -673,6 +726,7 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
                             cublasGemmAlgo_t) {
   if (!Supported(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
   if (!ShapeOk(transa, transb, m, n, k, lda, ldb, ldc)) return CUBLAS_STATUS_INVALID_VALUE;
+  Count("launch cublasGemmEx");
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
   Enqueue(handle->stream, [=] {
     Gemm(transa, transb, m, n, k, a, A, Atype, lda, B, Btype, ldb, b, C, Ctype, ldc);
@@ -692,6 +746,7 @@ cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t tran
   if (!ShapeOk(transa, transb, m, n, k, lda, ldb, ldc) || batchCount < 0) {
     return CUBLAS_STATUS_INVALID_VALUE;
   }
+  Count("launch cublasGemmBatchedEx");
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
   // The pointer arrays are device memory: read when the call runs (a replayed graph reads them
   // again).
@@ -731,6 +786,7 @@ cublasStatus_t cublasGemmGroupedBatchedEx(
       return CUBLAS_STATUS_INVALID_VALUE;
     }
   }
+  Count("launch cublasGemmGroupedBatchedEx");
   std::vector<int> sizes(group_size, group_size + group_count);
   Enqueue(handle->stream, [=] {
     int i = 0;
