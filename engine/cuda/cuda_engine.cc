@@ -178,7 +178,7 @@ const char* LastGroupedSwiGluPath() { return last_grouped_path.load(); }
 
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y, const int32_t* x_rows) {
+                           const float* x, float* y, const int32_t* x_rows, PadMap* padded) {
   const int G = static_cast<int>(slot.size());
   if (G == 0) return absl::OkStatus();
   if (gate_up.wt != WType::kBF16 || down.wt != WType::kBF16 || G > kMaxPadGroups) {
@@ -231,7 +231,11 @@ absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   MOEMESH_OK(batched(dp, static_cast<int>(2 * W), static_cast<int>(H), static_cast<int>(2 * W)));
   MOEMESH_CUDA(SiluMulBf16(ex.gu.get(), P, W, ex.ab16.get(), ex.stream()));
   MOEMESH_OK(batched(dp + 3 * G, static_cast<int>(H), static_cast<int>(W), static_cast<int>(H)));
-  MOEMESH_CUDA(UnpadRowsToF32(ex.xb16.get(), H, map, y, ex.stream()));
+  if (padded != nullptr) {
+    *padded = map;  // the caller's combine reads the padded rows
+  } else {
+    MOEMESH_CUDA(UnpadRowsToF32(ex.xb16.get(), H, map, y, ex.stream()));
+  }
   return absl::OkStatus();
 }
 
@@ -307,7 +311,8 @@ absl::Status PerGroupSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceM
 
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y, const int32_t* x_rows) {
+                           const float* x, float* y, const int32_t* x_rows, GroupedOut* out) {
+  if (out != nullptr) *out = GroupedOut();
   if (slot.empty()) return absl::OkStatus();
   // A path cuBLAS refuses (a status other than "not for these weights") is not tried again.
   static std::atomic<bool> batched_ok{true}, grouped_ok{true};
@@ -325,8 +330,18 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   const bool bf16 = gate_up.wt == WType::kBF16 && down.wt == WType::kBF16;
   if (bf16 && static_cast<int>(slot.size()) <= kMaxPadGroups && batched_ok.load() &&
       attempt(batched_ok, "batched", "cuBLAS's grouped GEMM",
-              BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y, x_rows))) {
+              BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y, x_rows,
+                            out != nullptr ? &out->map : nullptr))) {
+    if (out != nullptr) out->padded = ex.xb16.get();
     return absl::OkStatus();
+  }
+  if (out != nullptr) {
+    if (y == nullptr) {
+      const int64_t rows = row_begin.back(), H = down.rows;
+      MOEMESH_OK(ex.y32.Reserve(static_cast<size_t>(rows * H) * sizeof(float)));
+      y = ex.y32.as<float>();
+    }
+    out->y = y;
   }
   if (x_rows != nullptr) {  // the other ways read the rows gathered
     const int64_t rows = row_begin.back(), H = gate_up.in;
@@ -589,9 +604,9 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
                                          const float* d_weights, float* out) const {
   const LayerWeights& L = layers_[layer];
   const int64_t H = hidden_, W = width_, A = plan.max_rows;
-  MOEMESH_OK(s.d_y.Reserve(A * H * sizeof(float)));
-  float* y = s.d_y.as<float>();
   if (plan.host == nullptr || plan.host->max_group_rows <= kSmallM) {
+    MOEMESH_OK(s.d_y.Reserve(A * H * sizeof(float)));
+    float* y = s.d_y.as<float>();
     MOEMESH_OK(s.d_act.Reserve(A * W * sizeof(float)));
     float* act = s.d_act.as<float>();
     // All experts in two launches; each group's weights are streamed once per pass over its
@@ -602,12 +617,20 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
                               false, true, in_place, ex.stream()));
     MOEMESH_CUDA(SmallMLinear(L.down.w.get(), L.down.wt, nullptr, H, W, act, A, y, H, false,
                               false, plan.groups, ex.stream()));
-  } else {
-    const HostPlan& hp = *plan.host;
-    MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, x, y,
-                             plan.perm));
+    MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
+    return absl::OkStatus();
   }
-  MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
+  // Large groups (prefill): the batched way's padded bf16 rows go to the combine as they are.
+  const HostPlan& hp = *plan.host;
+  GroupedOut g;
+  MOEMESH_OK(GroupedSwiGlu(ex, L.gate_up, L.down, hp.group_slot, hp.groups.begin, x, nullptr,
+                           plan.perm, &g));
+  if (g.padded != nullptr) {
+    MOEMESH_CUDA(CombineExpertsPadded(g.padded, g.map, plan.where, d_weights, n, k, H, out,
+                                      ex.stream()));
+  } else {
+    MOEMESH_CUDA(CombineExperts(g.y, plan.where, d_weights, n, k, H, out, ex.stream()));
+  }
   return absl::OkStatus();
 }
 

@@ -89,7 +89,7 @@ class Exec {
   DeviceBuffer blas_workspace;  // set as cuBLAS's workspace (no allocation while capturing)
   DeviceBuffer xb16, gu;       // scratch of Project's cuBLAS path
   DeviceBuffer ab16, ptrs;     // scratch of GroupedSwiGlu
-  DeviceBuffer act32, gathered;  // and of its fallbacks (grown only when they run)
+  DeviceBuffer act32, gathered, y32;  // and of its fallbacks (grown only when they run)
   PinnedBuffer h_ptrs;
 
  private:
@@ -120,22 +120,34 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
 // out of every GEMM, fp32 accumulation): up to kMaxPadGroups groups are padded into buckets of
 // one row count (PadGroups) and each bucket runs as one cuBLAS batched GEMM per projection, with
 // the cast to bf16, the SwiGLU and the widening back to fp32 as three passes around them (no
-// host synchronisation); more groups (or if cuBLAS refuses the batched call) go through
+// host synchronisation; the expert shards skip the widening, see `out`); more groups (or if cuBLAS refuses the batched call) go through
 // cublasGemmGroupedBatchedEx; fp32 weights (or if that is refused too) Project per group.
 // With x_rows (device [rows]), grouped row i is row x_rows[i] of x: the batched way reads the
 // rows in place as it pads them; the others gather them into ex.gathered first.
+//
+// With `out`, y may be null: the batched way then leaves its output rows padded, in bf16, for
+// CombineExpertsPadded (no unpadding pass; out->padded, out->map), and the other ways write fp32
+// rows in grouped order to y or, if null, to ex.y32 (out->y).
+struct GroupedOut {
+  const void* padded = nullptr;  // bf16 rows padded as `map` says, or null
+  PadMap map;
+  const float* y = nullptr;  // otherwise
+};
 absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y, const int32_t* x_rows = nullptr);
+                           const float* x, float* y, const int32_t* x_rows = nullptr,
+                           GroupedOut* out = nullptr);
 // The way the last GroupedSwiGlu call in the process ran: "batched", "grouped" or "per-group".
 const char* LastGroupedSwiGluPath();
 
 // GroupedSwiGlu's three ways, for tests and expert_gemm_bench. The first two take bf16 weights
 // (UNIMPLEMENTED otherwise; BatchedSwiGlu also at most kMaxPadGroups groups).
 // BatchedSwiGlu with x_rows (device [rows]): grouped row i is row x_rows[i] of x, read in place.
+// With `padded`, the output stays padded in ex.xb16 (bf16) as *padded describes; y is unused.
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y, const int32_t* x_rows = nullptr);
+                           const float* x, float* y, const int32_t* x_rows = nullptr,
+                           PadMap* padded = nullptr);
 absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                                  const std::vector<int32_t>& slot,
                                  const std::vector<int32_t>& row_begin, const float* x, float* y);

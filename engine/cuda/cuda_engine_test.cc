@@ -341,6 +341,46 @@ TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
       ASSERT_TRUE((*ex)->Sync().ok());
       EXPECT_EQ(Download(dy.as<float>(), m * H), runs.back().second) << G << " groups, x_rows";
     }
+    {
+      // Asked for its output in place: the batched way leaves it padded and the padded combine
+      // gives what unpadding and the plain combine give, bit for bit; the other ways write fp32
+      // rows (to Exec scratch when y is null). Rows are combined as tokens of k = 2 experts:
+      // token t takes grouped rows t and m - 1 - t (or none: where -1).
+      const int64_t k = 2, n = (m + 1) / 2;
+      std::vector<int32_t> where(n * k);
+      std::vector<float> wts(n * k);
+      for (int64_t t = 0; t < n; ++t) {
+        where[t * k] = static_cast<int32_t>(t);
+        where[t * k + 1] = t % 5 == 4 ? -1 : static_cast<int32_t>(m - 1 - t);
+        wts[t * k] = 0.25f + 0.01f * t;
+        wts[t * k + 1] = 0.5f;
+      }
+      cuda::DeviceBuffer dwhere, dwts, dout1, dout2;
+      const std::vector<float> base = Random(n * H, 44);
+      cuda::GroupedOut out;
+      ASSERT_TRUE(cuda::GroupedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x, nullptr, nullptr,
+                                      &out)
+                      .ok());
+      EXPECT_EQ(out.padded != nullptr, G <= cuda::kMaxPadGroups) << G << " groups";
+      EXPECT_EQ(out.y == nullptr, out.padded != nullptr);
+      float* o1 = Upload(base, &dout1);
+      float* o2 = Upload(base, &dout2);
+      const int32_t* w = Upload(where, &dwhere);
+      const float* wt = Upload(wts, &dwts);
+      if (out.padded != nullptr) {
+        ASSERT_EQ(cuda::CombineExpertsPadded(out.padded, out.map, w, wt, n, k, H, o1,
+                                             (*ex)->stream()),
+                  cudaSuccess);
+      } else {
+        ASSERT_EQ(cuda::CombineExperts(out.y, w, wt, n, k, H, o1, (*ex)->stream()), cudaSuccess);
+      }
+      cuda::DeviceBuffer dyf;
+      ASSERT_EQ(cuda::CombineExperts(Upload(runs.front().second, &dyf), w, wt, n, k, H, o2,
+                                     (*ex)->stream()),
+                cudaSuccess);
+      ASSERT_TRUE((*ex)->Sync().ok());
+      EXPECT_EQ(Download(o1, n * H), Download(o2, n * H)) << G << " groups, combined in place";
+    }
     absl::Status batched = cuda::BatchedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x,
                                                dy.as<float>());
     if (G <= cuda::kMaxPadGroups) {

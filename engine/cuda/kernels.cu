@@ -782,9 +782,11 @@ __global__ void GatherRowsKernel(const float* src, const int32_t* perm, int64_t 
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) d[i] = s[i];
 }
 
-__global__ void CombineKernel(const float* y, const int32_t* where, const float* weights, int k,
-                              int64_t dim, float* out) {
-  // Block (row, column chunk of 256): each thread issues its k loads before summing in order.
+// Block (row, column chunk of 256): each thread issues its k loads (load(at, i): column i of
+// grouped row `at`) before summing in order.
+template <typename Load>
+__device__ __forceinline__ void CombineColumn(const int32_t* where, const float* weights, int k,
+                                              int64_t dim, float* out, const Load& load) {
   const int r = blockIdx.x;
   const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (i >= dim) return;
@@ -794,7 +796,7 @@ __global__ void CombineKernel(const float* y, const int32_t* where, const float*
   for (int j = 0; j < kMaxK; ++j) {
     if (j < k) {
       const int32_t at = where[static_cast<int64_t>(r) * k + j];
-      v[j] = at >= 0 ? y[at * dim + i] : 0.0f;
+      v[j] = at >= 0 ? load(at, i) : 0.0f;
       w[j] = at >= 0 ? weights[static_cast<int64_t>(r) * k + j] : 0.0f;
     }
   }
@@ -804,6 +806,12 @@ __global__ void CombineKernel(const float* y, const int32_t* where, const float*
     if (j < k) acc = fmaf(w[j], v[j], acc);
   }
   out[static_cast<int64_t>(r) * dim + i] = acc;
+}
+
+__global__ void CombineKernel(const float* y, const int32_t* where, const float* weights, int k,
+                              int64_t dim, float* out) {
+  CombineColumn(where, weights, k, dim, out,
+                [&](int32_t at, int64_t i) { return y[at * dim + i]; });
 }
 
 __global__ void AddBiasKernel(float* y, const float* bias, int64_t out, int64_t ldy) {
@@ -918,6 +926,18 @@ __global__ void UnpadRowsKernel(const uint16_t* yp, int64_t dim, const __grid_co
   const uint16_t* s = yp + static_cast<int64_t>(map.dst_begin[g] + (i - map.src_begin[g])) * dim;
   float* d = y + static_cast<int64_t>(i) * dim;
   for (int64_t e = threadIdx.x; e < dim; e += blockDim.x) d[e] = Bf16ToF32(s[e]);
+}
+
+// CombineKernel over BatchedSwiGlu's padded bf16 rows: grouped row `at` of group g is padded
+// row dst_begin[g] + at - src_begin[g] (the block's rows are one token's: `at` is uniform over
+// the block, so is the search).
+__global__ void CombinePaddedKernel(const uint16_t* yp, const __grid_constant__ PadMap map,
+                                    const int32_t* where, const float* weights, int k, int64_t dim,
+                                    float* out) {
+  CombineColumn(where, weights, k, dim, out, [&](int32_t at, int64_t i) {
+    const int g = FindGroup(map.src_begin, map.groups, at);
+    return Bf16ToF32(yp[static_cast<int64_t>(map.dst_begin[g] + at - map.src_begin[g]) * dim + i]);
+  });
 }
 
 __global__ void BatchPointersKernel(const __grid_constant__ BatchList list, const char* a,
@@ -1094,6 +1114,17 @@ cudaError_t CombineExperts(const float* y, const int32_t* where, const float* we
   if (k > 32) return cudaErrorInvalidValue;
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim + 255) / 256));
   CombineKernel<<<grid, 256, 0, stream>>>(y, where, weights, static_cast<int>(k), dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t CombineExpertsPadded(const void* yp, const PadMap& map, const int32_t* where,
+                                 const float* weights, int64_t n, int64_t k, int64_t dim,
+                                 float* out, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  if (k > 32 || map.groups <= 0 || map.groups > kMaxPadGroups) return cudaErrorInvalidValue;
+  dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim + 255) / 256));
+  CombinePaddedKernel<<<grid, 256, 0, stream>>>(static_cast<const uint16_t*>(yp), map, where,
+                                                weights, static_cast<int>(k), dim, out);
   return cudaGetLastError();
 }
 

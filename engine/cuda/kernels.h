@@ -186,6 +186,13 @@ cudaError_t PadRowsToBf16(const float* x, int64_t dim, const PadMap& map, void* 
 cudaError_t UnpadRowsToF32(const void* yp, int64_t dim, const PadMap& map, float* y,
                            cudaStream_t stream);
 
+// CombineExperts reading y from the padded bf16 rows yp (grouped row r of group g at padded row
+// map.dst_begin[g] + r - map.src_begin[g]): the unpadding folded into the combine, the same sums
+// bit for bit as UnpadRowsToF32 then CombineExperts.
+cudaError_t CombineExpertsPadded(const void* yp, const PadMap& map, const int32_t* where,
+                                 const float* weights, int64_t n, int64_t k, int64_t dim,
+                                 float* out, cudaStream_t stream);
+
 // Pointer arrays of a batched GEMM over groups listed in `order`: for j < n, g = order[j],
 //   out[j] = a + slot[g] * a_stride, out[n + j] = b + row[g] * b_row, out[2n + j] = c + row[g] * c_row
 // (byte offsets). out: device array of 3n pointers.
