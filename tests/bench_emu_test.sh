@@ -35,7 +35,7 @@ PYEOF
 GEMM="${MOEMESH_BIN_DIR:-$PWD}/engine/cuda/expert_gemm_bench_emu"
 "$GEMM" --tokens=64 --experts=8 --top_k=2 --hidden=64 --width=32 --iters=1 --streams=4 > "$OUTDIR/gemm.log" 2>&1 || { cat "$OUTDIR/gemm.log"; exit 1; }
 cat "$OUTDIR/gemm.log"
-grep -qE "^  grouped / dense throughput: [0-9.]+ \(target >= 0.70\); path batched$" "$OUTDIR/gemm.log"
+grep -qE "^  grouped / dense throughput: [0-9.]+ \(target >= 0.70\); path batched; with y unpadded to fp32: [0-9.]+ ms \([0-9.]+\)$" "$OUTDIR/gemm.log"
 grep -qE "^  by path: batched [0-9.]+ ms \(2 buckets, padded rows [0-9.]+ x\), cuBLAS grouped [0-9.]+ ms, one GEMM per expert [0-9.]+ ms$" "$OUTDIR/gemm.log"
 grep -qE "one-output kernel [0-9.]+ us .*multi-output kernel [0-9.]+ us" "$OUTDIR/gemm.log"
 echo "[  PASSED  ] 1 test."
