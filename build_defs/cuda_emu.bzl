@@ -40,3 +40,16 @@ def cuda_emu_engine(suffix = "", copts = []):
         deps = [":cuda_engine_emu" + suffix],
         alwayslink = 1,
     )
+
+def cuda_emu_engine_test_deps(suffix = ""):
+    """The deps of cuda_engine_test.cc built against cuda_emu_engine(suffix)."""
+    return [
+        ":backend_emu" + suffix,
+        ":cuda_engine_emu" + suffix,
+        "//engine:arch",
+        "//engine:argmax",
+        "//engine:config",
+        "//engine:model",
+        "//engine/ops",
+        "//third_party:gtest_main",
+    ]
