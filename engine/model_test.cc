@@ -365,6 +365,46 @@ TEST(KvCacheDTypeTest, Bf16CacheStaysCloseAndKeepsTheGreedyIds) {
   EXPECT_EQ(cache->dtype(), KvDType::kBF16);
 }
 
+// A bf16 KV cache on the GPU rounds the rows as the CPU's does: over the oracle families'
+// reference prompts, the prompt logits of a cuda:0 model with a bf16 cache stay within 1e-4 of
+// the CPU's with a bf16 cache (the attention sums in another order), differ from the GPU's with
+// an fp32 cache (the bf16 path ran) and the greedy ids through the cache are the CPU's.
+TEST(KvCacheDTypeTest, Bf16CacheOnTheGpuIsTheCpusBf16Cache) {
+  SKIP_WITHOUT_DEVICE("cuda:0");
+  ops::SetNumThreads(2);
+  for (const std::string family : {"qwen3_moe", "mixtral"}) {
+    const std::string dir = "testdata/oracle/" + family;
+    LoadOptions cpu16, gpu16 = OnDevice("cuda:0"), gpu32 = OnDevice("cuda:0");
+    cpu16.kv_dtype = gpu16.kv_dtype = KvDType::kBF16;
+    auto a = Model::Load(dir, cpu16), b = Model::Load(dir, gpu16), c = Model::Load(dir, gpu32);
+    ASSERT_TRUE(a.ok() && b.ok() && c.ok()) << b.status();
+    EXPECT_EQ((*b)->NewCache(64)->dtype(), KvDType::kBF16);
+    nlohmann::json ref = ReadJson(dir + "/reference.json");
+    double to_cpu16 = 0, to_gpu32 = 0;
+    for (const auto& p : ref.is_array() ? ref : ref["prompts"]) {
+      const std::vector<int32_t> prompt = p["input_ids"].get<std::vector<int32_t>>();
+      const GenerateOptions opt = GreedyRun(8);
+      auto ra = Generate(**a, prompt, opt), rb = Generate(**b, prompt, opt),
+           rc = Generate(**c, prompt, opt);
+      ASSERT_TRUE(ra.ok() && rb.ok() && rc.ok()) << rb.status();
+      EXPECT_EQ(rb->ids, ra->ids) << family;
+      ASSERT_EQ(rb->prompt_logits.size(), ra->prompt_logits.size());
+      for (size_t i = 0; i < rb->prompt_logits.size(); ++i) {
+        to_cpu16 = std::max(to_cpu16, std::abs(double(rb->prompt_logits[i]) - ra->prompt_logits[i]));
+        to_gpu32 = std::max(to_gpu32, std::abs(double(rb->prompt_logits[i]) - rc->prompt_logits[i]));
+      }
+    }
+    std::printf("bf16 KV cache on cuda:0, %s: max |logit - cpu bf16 cache| %.2e, - cuda fp32 "
+                "cache %.2e\n", family.c_str(), to_cpu16, to_gpu32);
+    EXPECT_LT(to_cpu16, 1e-4) << family;
+    EXPECT_GT(to_gpu32, to_cpu16) << family;
+  }
+  LoadOptions int8 = OnDevice("cuda:0");
+  int8.kv_dtype = KvDType::kInt8;
+  EXPECT_EQ(Model::Load("testdata/oracle/qwen3_moe", int8).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 // How often a model's argmax is transformers': over an oracle family's reference prompts (with
 // the largest |logit error| there), and teacher-forced on the embedded model (each reference
 // prompt followed by transformers' 40 greedy tokens in one pass; each of those 6 x 40 positions

@@ -15,8 +15,8 @@ ABSL_FLAG(bool, cuda_graphs, false,
 
 ABSL_FLAG(std::string, kv_cache_dtype, "fp32",
           "KV cache element type: fp32 (exact), bf16 (half the memory and the bytes attention "
-          "reads) or int8 (a quarter, plus a scale per row of head_dim values); CPU attention "
-          "only");
+          "reads) or int8 (a quarter, plus a scale per row of head_dim values; CPU attention "
+          "only)");
 
 ABSL_FLAG(std::string, quantize_experts, "none",
           "Routed experts' weights on CPU expert shards: none (--compute_dtype's arithmetic), "

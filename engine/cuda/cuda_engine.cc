@@ -815,9 +815,10 @@ class CudaKvCache : public KvCache {
  public:
   static constexpr int64_t kPage = 16;
 
-  CudaKvCache(int device, int64_t layers, int64_t kv_dim, int64_t capacity, DeviceBuffer pool,
-              int64_t num_pages)
-      : KvCache(layers, kv_dim, capacity, /*host_storage=*/false),
+  // dtype: fp32 or bf16 elements in the pool.
+  CudaKvCache(int device, int64_t layers, int64_t kv_dim, int64_t capacity, KvDType dtype,
+              DeviceBuffer pool, int64_t num_pages)
+      : KvCache(layers, kv_dim, capacity, /*host_storage=*/false, 1, dtype),
         device_(device),
         num_layers_(layers),
         pool_(std::move(pool)) {
@@ -887,14 +888,14 @@ class CudaKvCache : public KvCache {
     MOEMESH_CUDA(cudaMemcpy(copy_pages_.get(), lists.data(), lists.size() * sizeof(int32_t),
                             cudaMemcpyHostToDevice));
     const int32_t* d = copy_pages_.as<int32_t>();
-    MOEMESH_CUDA(cuda::CopyKvRows(pool(), num_layers_, kPage, kv_dim(), d, d + a.size(), begin,
-                                  end - begin, nullptr));
+    MOEMESH_CUDA(cuda::CopyKvRows(pool(), dtype() == KvDType::kBF16 ? 2 : 4, num_layers_, kPage,
+                                  kv_dim(), d, d + a.size(), begin, end - begin, nullptr));
     MOEMESH_CUDA(cudaStreamSynchronize(nullptr));
     return absl::OkStatus();
   }
 
   const std::vector<int32_t>& Pages(uint64_t seq) const { return pages_.at(seq); }
-  float* pool() const { return pool_.as<float>(); }
+  void* pool() const { return pool_.get(); }
 
  private:
   const int device_;
@@ -913,15 +914,16 @@ std::unique_ptr<KvCache> CudaAttentionStack::NewCache(int64_t capacity_tokens) c
   // Whole pages for every slot, plus one partial page per sequence in flight.
   const int64_t pages = (capacity_tokens + CudaKvCache::kPage - 1) / CudaKvCache::kPage + 256;
   DeviceBuffer pool;
+  const size_t elem = kv_dtype_ == KvDType::kBF16 ? 2 : 4;
   absl::Status st =
-      pool.Reserve(static_cast<size_t>(pages * L * 2 * CudaKvCache::kPage * kvd) * sizeof(float));
+      pool.Reserve(static_cast<size_t>(pages * L * 2 * CudaKvCache::kPage * kvd) * elem);
   if (!st.ok()) {
     std::fprintf(stderr, "CUDA KV cache of %lld tokens: %s; the cache will hold nothing\n",
                  static_cast<long long>(capacity_tokens), std::string(st.message()).c_str());
-    return std::make_unique<CudaKvCache>(device_.index, L, kvd, 0, DeviceBuffer(), 0);
+    return std::make_unique<CudaKvCache>(device_.index, L, kvd, 0, kv_dtype_, DeviceBuffer(), 0);
   }
-  return std::make_unique<CudaKvCache>(device_.index, L, kvd, capacity_tokens, std::move(pool),
-                                       pages);
+  return std::make_unique<CudaKvCache>(device_.index, L, kvd, capacity_tokens, kv_dtype_,
+                                       std::move(pool), pages);
 }
 
 // ---------------------------------------------------------------- attention stack
@@ -945,10 +947,10 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
     const LoadOptions& opt) {
   MOEMESH_OK(CheckDevice(opt.device));
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));
-  if (opt.kv_dtype != KvDType::kF32) {
+  if (opt.kv_dtype == KvDType::kInt8) {
     return absl::InvalidArgumentError(
-        "--kv_cache_dtype=bf16 and int8 are supported by the CPU attention stack only; the CUDA "
-        "KV cache is fp32");
+        "--kv_cache_dtype=int8 is supported by the CPU attention stack only; the CUDA KV cache "
+        "holds fp32 or bf16");
   }
   if (opt.attention_quant != LoadOptions::WeightQuant::kNone) {
     return absl::InvalidArgumentError(
@@ -963,6 +965,7 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   s->arch_ = arch;
   s->device_ = opt.device;
   s->use_graphs_ = opt.cuda_graphs;
+  s->kv_dtype_ = opt.kv_dtype;
   auto ex = Exec::Create(opt.device.index);
   if (!ex.ok()) return ex.status();
   s->exec_ = std::move(*ex);
@@ -1133,6 +1136,7 @@ absl::Status CudaAttentionStack::RunLocked(const std::vector<SeqStep>& batch, fl
   a.d_k = d_k;
   a.d_sel = d_sel;
   a.kv.pool = kv->pool();
+  a.kv.bf16 = kv->dtype() == KvDType::kBF16;
   a.kv.page_size = CudaKvCache::kPage;
   a.kv.num_layers = cfg_.num_hidden_layers;
   a.kv.kv_dim = kvd;

@@ -284,6 +284,7 @@ class CudaAttentionStack : public AttentionStack {
   };
   using GraphKey = std::tuple<int64_t, int64_t, int64_t, const void*, const void*, int>;
   bool use_graphs_ = false;
+  KvDType kv_dtype_ = KvDType::kF32;  // the caches' element type (fp32 or bf16)
   mutable bool graphs_failed_ = false;
   mutable uint64_t graphs_epoch_ = 0;
   mutable std::map<GraphKey, StepGraph> graphs_;

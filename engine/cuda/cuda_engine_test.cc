@@ -893,16 +893,20 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaGraphTest,
 // rows copied to another sequence (CopyRows) give that sequence the original's next logits bit
 // for bit; a renamed sequence (Rename) keeps its rows; a truncated one (Truncate) gives its
 // pages back and, recomputed from there, reaches the same logits.
-TEST(CudaKvCacheTest, CopyRenameAndTruncateKeepTheRows) {
+class CudaKvCacheTest : public ::testing::TestWithParam<KvDType> {};
+
+TEST_P(CudaKvCacheTest, CopyRenameAndTruncateKeepTheRows) {
   SKIP_WITHOUT_GPU();
   ops::SetNumThreads(2);
   LoadOptions opt;
   opt.device = *ParseDevice("cuda:0");
+  opt.kv_dtype = GetParam();
   auto model = Model::Load("testdata/oracle/qwen3_moe", opt);
   ASSERT_TRUE(model.ok()) << model.status();
   const int64_t V = (*model)->config().vocab_size;
   // Room for 3 sequences of 40 positions: 16-token pages.
   auto cache = (*model)->NewCache(120);
+  EXPECT_EQ(cache->dtype(), GetParam());
   std::vector<int32_t> prompt;
   for (int i = 0; i < 37; ++i) prompt.push_back((i * 37 + 11) % static_cast<int32_t>(V));
   auto step = [&](uint64_t seq, std::vector<int32_t> tokens, int64_t start) {
@@ -951,6 +955,11 @@ TEST(CudaKvCacheTest, CopyRenameAndTruncateKeepTheRows) {
   EXPECT_EQ(cache->used_tokens(), 0);
   EXPECT_TRUE(cache->Reserve(3, 120).ok());
 }
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaKvCacheTest, ::testing::Values(KvDType::kF32, KvDType::kBF16),
+                         [](const auto& info) {
+                           return std::string(info.param == KvDType::kBF16 ? "bf16" : "fp32");
+                         });
 
 // A device that does not exist is a clear error, not a crash.
 TEST(CudaDeviceTest, MissingDeviceIsNotFound) {

@@ -438,15 +438,27 @@ __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps
   for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
 }
 
-__device__ __forceinline__ float* KvRow(const PagedKv& kv, int64_t layer, int32_t page_off,
-                                        int pos, int which) {
+// Element offset of (layer, position, K or V)'s row in the pool.
+__device__ __forceinline__ int64_t KvRow(const PagedKv& kv, int64_t layer, int32_t page_off,
+                                         int pos, int which) {
   const int32_t page = kv.pages[page_off + pos / kv.page_size];
-  return kv.pool +
-         ((static_cast<int64_t>(page) * kv.num_layers + layer) * 2 + which) * kv.page_size *
+  return ((static_cast<int64_t>(page) * kv.num_layers + layer) * 2 + which) * kv.page_size *
              kv.kv_dim +
          static_cast<int64_t>(pos % kv.page_size) * kv.kv_dim;
 }
 
+// KV elements: fp32, or bf16 bit patterns (rows rounded to nearest even as they are stored, as
+// the CPU's bf16 cache does).
+__device__ __forceinline__ float KvToF32(float v) { return v; }
+__device__ __forceinline__ float KvToF32(uint16_t v) { return Bf16ToF32(v); }
+template <typename T>
+__device__ __forceinline__ T KvFromF32(float v);
+template <>
+__device__ __forceinline__ float KvFromF32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ uint16_t KvFromF32<uint16_t>(float v) { return F32ToBf16(v); }
+
+template <typename KV>
 __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int hd, float clip,
                                  int mode, const float* q_norm, const float* k_norm, float eps,
                                  const float* inv_freq, int64_t layer, PagedKv kv, float* q_out) {
@@ -502,11 +514,11 @@ __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int 
   __syncthreads();
   float* qo = q_out + static_cast<int64_t>(t) * qd;
   for (int i = threadIdx.x; i < qd; i += blockDim.x) qo[i] = s[i];
-  float* kr = KvRow(kv, layer, kv.page_off[t], pos, 0);
-  float* vr = KvRow(kv, layer, kv.page_off[t], pos, 1);
+  KV* kr = static_cast<KV*>(kv.pool) + KvRow(kv, layer, kv.page_off[t], pos, 0);
+  KV* vr = static_cast<KV*>(kv.pool) + KvRow(kv, layer, kv.page_off[t], pos, 1);
   for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
-    kr[i] = s[qd + i];
-    vr[i] = s[qd + kvd + i];
+    kr[i] = KvFromF32<KV>(s[qd + i]);
+    vr[i] = KvFromF32<KV>(s[qd + kvd + i]);
   }
 }
 
@@ -514,6 +526,7 @@ constexpr int kAttWarps = 8;
 constexpr int kAttUnroll = 4;  // cache rows loaded before the first is used
 constexpr int kMaxDimPerLane = 8;  // head_dim <= 256
 
+template <typename KV>
 __global__ void __launch_bounds__(kAttWarps * kWarp)
     PagedAttentionKernel(const float* q, int heads, int kv_heads, int hd, int64_t layer,
                          PagedKv kv, float* out, float* partial) {
@@ -544,14 +557,15 @@ __global__ void __launch_bounds__(kAttWarps * kWarp)
     for (int u = 0; u < kAttUnroll; ++u) {
       const int p = p0 + u;
       const bool ok = p < hi;
-      const float* kr = ok ? KvRow(kv, layer, poff, p, 0) + kvh * hd : nullptr;
-      const float* vr = ok ? KvRow(kv, layer, poff, p, 1) + kvh * hd : nullptr;
+      const KV* pool = static_cast<const KV*>(kv.pool);
+      const KV* kr = ok ? pool + KvRow(kv, layer, poff, p, 0) + kvh * hd : nullptr;
+      const KV* vr = ok ? pool + KvRow(kv, layer, poff, p, 1) + kvh * hd : nullptr;
 #pragma unroll
       for (int d = 0; d < kMaxDimPerLane; ++d) {
         const int i = lane + d * kWarp;
         const bool in = ok && i < hd;
-        kk[u][d] = in ? kr[i] : 0.0f;
-        vv[u][d] = in ? vr[i] : 0.0f;
+        kk[u][d] = in ? KvToF32(kr[i]) : 0.0f;
+        vv[u][d] = in ? KvToF32(vr[i]) : 0.0f;
       }
     }
 #pragma unroll
@@ -765,14 +779,15 @@ __global__ void RouteGroupsKernel(const float* logits, int rows, int experts,
 }
 
 // Block (position, layer, K or V): one row.
-__global__ void CopyKvRowsKernel(float* pool, int num_layers, int page_size, int kv_dim,
+template <typename KV>
+__global__ void CopyKvRowsKernel(KV* pool, int num_layers, int page_size, int kv_dim,
                                  const int32_t* src_pages, const int32_t* dst_pages, int begin) {
   const int pos = begin + static_cast<int>(blockIdx.x);
   const int64_t block = static_cast<int64_t>(blockIdx.y) * 2 + blockIdx.z;
   const int64_t slot = static_cast<int64_t>(pos % page_size) * kv_dim;
   const int64_t per_page = static_cast<int64_t>(num_layers) * 2 * page_size * kv_dim;
-  const float* src = pool + src_pages[pos / page_size] * per_page + block * page_size * kv_dim + slot;
-  float* dst = pool + dst_pages[pos / page_size] * per_page + block * page_size * kv_dim + slot;
+  const KV* src = pool + src_pages[pos / page_size] * per_page + block * page_size * kv_dim + slot;
+  KV* dst = pool + dst_pages[pos / page_size] * per_page + block * page_size * kv_dim + slot;
   for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) dst[i] = src[i];
 }
 
@@ -1011,16 +1026,18 @@ cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t 
                        const PagedKv& kv, float* q_out, cudaStream_t stream) {
   if (tokens <= 0) return cudaSuccess;
   const size_t smem = static_cast<size_t>((heads + 2 * kv_heads) * head_dim) * sizeof(float);
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(PrepareQkvKernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
-  PrepareQkvKernel<<<static_cast<unsigned>(tokens), 256, smem, stream>>>(
-      qkv, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), clip,
-      qk_norm_mode, q_norm, k_norm, eps, inv_freq, layer, kv, q_out);
-  return cudaGetLastError();
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024) {
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+    }
+    kernel<<<static_cast<unsigned>(tokens), 256, smem, stream>>>(
+        qkv, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
+        clip, qk_norm_mode, q_norm, k_norm, eps, inv_freq, layer, kv, q_out);
+    return cudaGetLastError();
+  };
+  return kv.bf16 ? launch(PrepareQkvKernel<uint16_t>) : launch(PrepareQkvKernel<float>);
 }
 
 cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_t kv_heads,
@@ -1032,9 +1049,15 @@ cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_
   }
   dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(heads),
             static_cast<unsigned>(splits));
-  PagedAttentionKernel<<<grid, kAttWarps * kWarp, 0, stream>>>(
-      q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), layer,
-      kv, out, partial);
+  if (kv.bf16) {
+    PagedAttentionKernel<uint16_t><<<grid, kAttWarps * kWarp, 0, stream>>>(
+        q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
+        layer, kv, out, partial);
+  } else {
+    PagedAttentionKernel<float><<<grid, kAttWarps * kWarp, 0, stream>>>(
+        q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
+        layer, kv, out, partial);
+  }
   if (splits > 1) {
     AttentionCombineKernel<<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(heads)),
                              128, 0, stream>>>(partial, static_cast<int>(heads),
@@ -1086,18 +1109,24 @@ cudaError_t BuildGroups(const int32_t* ids, int64_t n, int64_t k, int64_t expert
   return cudaGetLastError();
 }
 
-cudaError_t CopyKvRows(float* pool, int64_t num_layers, int64_t page_size, int64_t kv_dim,
-                       const int32_t* src_pages, const int32_t* dst_pages, int64_t begin,
-                       int64_t n, cudaStream_t stream) {
+cudaError_t CopyKvRows(void* pool, int64_t elem_bytes, int64_t num_layers, int64_t page_size,
+                       int64_t kv_dim, const int32_t* src_pages, const int32_t* dst_pages,
+                       int64_t begin, int64_t n, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (begin < 0 || begin + n > INT_MAX || num_layers <= 0 || num_layers > 65535 ||
-      page_size <= 0 || kv_dim <= 0) {
+      page_size <= 0 || kv_dim <= 0 || (elem_bytes != 4 && elem_bytes != 2)) {
     return cudaErrorInvalidValue;
   }
-  CopyKvRowsKernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(num_layers), 2), 256, 0,
-                     stream>>>(pool, static_cast<int>(num_layers), static_cast<int>(page_size),
-                               static_cast<int>(kv_dim), src_pages, dst_pages,
-                               static_cast<int>(begin));
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(num_layers), 2);
+  const int L = static_cast<int>(num_layers), P = static_cast<int>(page_size),
+            D = static_cast<int>(kv_dim), b = static_cast<int>(begin);
+  if (elem_bytes == 2) {
+    CopyKvRowsKernel<uint16_t><<<grid, 256, 0, stream>>>(static_cast<uint16_t*>(pool), L, P, D, src_pages,
+                                               dst_pages, b);
+  } else {
+    CopyKvRowsKernel<float><<<grid, 256, 0, stream>>>(static_cast<float*>(pool), L, P, D, src_pages,
+                                               dst_pages, b);
+  }
   return cudaGetLastError();
 }
 

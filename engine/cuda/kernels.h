@@ -60,7 +60,8 @@ cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, f
 // slot pos % page_size, where row_pages[t] = pages + page_off[t].
 // Cache layout: [page][layer][2 (k, v)][page_size][kv_dim] fp32.
 struct PagedKv {
-  float* pool = nullptr;
+  void* pool = nullptr;  // fp32 elements, or bf16 ones (bit patterns) with `bf16`
+  bool bf16 = false;
   int64_t page_size = 16;
   int64_t num_layers = 0;
   int64_t kv_dim = 0;
@@ -74,12 +75,13 @@ cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t 
                        const PagedKv& kv, float* q_out, cudaStream_t stream);
 
 // Copies positions [begin, begin + n) of every layer's K and V rows in the paged pool (the
-// layout of PagedKv: page p's block for (layer, K or V) holds page_size rows of kv_dim floats)
+// layout of PagedKv: page p's block for (layer, K or V) holds page_size rows of kv_dim elements
+// of elem_bytes, 4 or 2)
 // from the sequence whose pages are src_pages to the one whose pages are dst_pages (device
 // arrays, covering those positions). The prefix cache's copy on a GPU.
-cudaError_t CopyKvRows(float* pool, int64_t num_layers, int64_t page_size, int64_t kv_dim,
-                       const int32_t* src_pages, const int32_t* dst_pages, int64_t begin,
-                       int64_t n, cudaStream_t stream);
+cudaError_t CopyKvRows(void* pool, int64_t elem_bytes, int64_t num_layers, int64_t page_size,
+                       int64_t kv_dim, const int32_t* src_pages, const int32_t* dst_pages,
+                       int64_t begin, int64_t n, cudaStream_t stream);
 
 // Causal attention of each token's query over its sequence's cached positions [0, pos[t]],
 // one pass over the cache with an online softmax. q: [T, heads * head_dim], out likewise.
