@@ -190,13 +190,18 @@ bool AttentionWorker::KeepPrefix(uint64_t seq, const SeqState& state) {
   if (!cache_->Rename(seq, id)) return false;
   prefix_.push_back(PrefixEntry{id, std::move(tokens), steps_});
   prefix_tokens_ += n;
-  while (prefix_tokens_ > prefix_budget_) {
-    size_t oldest = 0;
-    for (size_t i = 1; i < prefix_.size(); ++i) {
-      if (prefix_[i].last_used < prefix_[oldest].last_used) oldest = i;
-    }
-    DropPrefix(oldest);
+  while (prefix_tokens_ > prefix_budget_ && DropOldestPrefix()) {
   }
+  return true;
+}
+
+bool AttentionWorker::DropOldestPrefix() {
+  if (prefix_.empty()) return false;
+  size_t oldest = 0;
+  for (size_t i = 1; i < prefix_.size(); ++i) {
+    if (prefix_[i].last_used < prefix_[oldest].last_used) oldest = i;
+  }
+  DropPrefix(oldest);
   return true;
 }
 
@@ -298,6 +303,11 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       continue;
     }
     absl::Status reserved = cache_->Reserve(s.seq_id(), s.start_pos() + s.tokens_size());
+    // A cache that allocates in pages (the GPU's) can run out of them before its token count
+    // does: kept prefixes hold partly filled pages. Those give way to live sequences.
+    while (absl::IsResourceExhausted(reserved) && DropOldestPrefix()) {
+      reserved = cache_->Reserve(s.seq_id(), s.start_pos() + s.tokens_size());
+    }
     if (!reserved.ok()) {
       fail(reserved);
       if (s.new_sequence()) seqs_.erase(it);

@@ -128,6 +128,8 @@ class AttentionWorker {
   // False when it kept nothing (the caller frees the rows).
   bool KeepPrefix(uint64_t seq, const SeqState& state) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropPrefix(size_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops the least recently used prefix entry; false when there is none.
+  bool DropOldestPrefix() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // KV positions held by live sequences (the prefix cache's excluded).
   int64_t LiveTokens() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return cache_->used_tokens() - prefix_tokens_;

@@ -363,6 +363,64 @@ TEST(MovedSequenceTest, ReplayKeepsTheJsonState) {
   EXPECT_NE(resp.results(0).error().find("tokenizer.json"), std::string::npos);
 }
 
+// A KV cache that runs out of room by sequences before positions, as the GPU's paged cache does
+// when kept prefixes hold partly filled pages: at most `max_seqs` sequences, live or kept.
+class FewSequencesCache : public KvCache {
+ public:
+  FewSequencesCache(const ModelConfig& cfg, int64_t capacity, int64_t max_seqs)
+      : KvCache(cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim, capacity, true,
+                cfg.num_key_value_heads),
+        max_(max_seqs) {}
+  absl::Status Reserve(uint64_t seq, int64_t length) override {
+    if (!Has(seq) && num_sequences() >= max_) return absl::ResourceExhaustedError("no page left");
+    return KvCache::Reserve(seq, length);
+  }
+
+ private:
+  const int64_t max_;
+};
+
+class FewSequencesStack : public CountingStack {
+ public:
+  FewSequencesStack(const AttentionStack* inner, int64_t max_seqs)
+      : CountingStack(inner), max_(max_seqs) {}
+  std::unique_ptr<KvCache> NewCache(int64_t capacity_tokens) const override {
+    return std::make_unique<FewSequencesCache>(cfg_, capacity_tokens, max_);
+  }
+
+ private:
+  const int64_t max_;
+};
+
+// Kept prefixes give way when the cache has no room for a live sequence: with room for two
+// sequences, two released requests' prefixes are kept, and a third request still runs (the older
+// prefix dropped), where without that it would fail with RESOURCE_EXHAUSTED.
+TEST(PrefixCacheTest, KeptPrefixesGiveWayToLiveSequences) {
+  auto parts = Load("models/pydoc-moe-17m");
+  FewSequencesStack stack(parts->stack.get(), 2);
+  AttentionWorker::Options opt;
+  opt.prefix_cache_tokens = 1000;
+  AttentionWorker worker(&stack, parts->encoder.get(), parts->experts.get(), opt);
+  auto run = [&](uint64_t id, int32_t first) {
+    wire::StepRequest req;
+    wire::SeqStep* step = req.add_seqs();
+    step->set_seq_id(id);
+    for (int32_t t = 0; t < 12; ++t) step->add_tokens(first + t);
+    step->set_sample(true);
+    step->set_new_sequence(true);
+    step->mutable_sampling()->set_temperature(0);
+    wire::StepResponse resp;
+    EXPECT_TRUE(worker.Step(req, &resp).ok());
+    EXPECT_EQ(resp.results(0).error(), "") << "request " << id;
+    worker.Release({id});
+  };
+  run(1, 100);
+  run(2, 200);
+  EXPECT_EQ(worker.GetStats().prefix_cache_tokens(), 24);  // both kept: the cache is full
+  run(3, 300);
+  EXPECT_EQ(worker.GetStats().prefix_cache_tokens(), 24);  // the first gave way, the third kept
+}
+
 // Speculative decoding: three sequences of the embedded model decoded together for 80 tokens with
 // up to 4 prompt-lookup drafts per step give the tokens of plain decoding, greedy and seeded
 // sampling with penalties alike, with logprobs within 1e-4 (a step over several tokens of a

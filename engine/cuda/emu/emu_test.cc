@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <numeric>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "engine/cuda/emu/cuda_emu.h"
@@ -99,6 +100,21 @@ TEST(EmuTest, DynamicSharedMemoryAndCoordinates) {
   }
 }
 
+// As in CUDA: each host thread has its own last error, and the latest one is kept.
+TEST(EmuTest, LastErrorIsPerThread) {
+  std::vector<float> x(2048, 0.0f);
+  std::thread other([&] {
+    emu::Launch(1, 2048).With(AddOneKernel)(x.data(), 2048);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  });
+  other.join();
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  emu::Launch(1, 2048).With(AddOneKernel)(x.data(), 2048);      // too many threads
+  emu::Launch(1, 32, 64 << 10).With(AddOneKernel)(x.data(), 32);  // then too much shared memory
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 TEST(EmuTest, LaunchLimitsAreLaunchErrors) {
   std::vector<float> x(2048, 0.0f);
   emu::Launch(1, 2048).With(AddOneKernel)(x.data(), 2048);
@@ -116,25 +132,39 @@ TEST(EmuTest, CaptureRecordsAndReplays) {
   float* d = nullptr;
   ASSERT_EQ(cudaMalloc(&d, 64 * sizeof(float)), cudaSuccess);
   ASSERT_EQ(cudaMemsetAsync(d, 0, 64 * sizeof(float), st), cudaSuccess);
-  // Unsafe during a thread-local capture (a synchronous copy, an allocation, a launch on the
-  // legacy stream): each fails and invalidates the capture.
+  // Unsafe during a thread-local capture (a synchronous copy, an allocation; work on the legacy
+  // stream while a blocking stream is captured): each fails and invalidates the capture.
   float host[64];
   cudaGraph_t graph = nullptr;
-  for (int unsafe = 0; unsafe < 3; ++unsafe) {
-    ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    emu::Launch(2, 32, 0, st).With(AddOneKernel)(d, 64);
+  cudaStream_t blocking;
+  ASSERT_EQ(cudaStreamCreate(&blocking), cudaSuccess);
+  for (int unsafe = 0; unsafe < 4; ++unsafe) {
+    cudaStream_t cs = unsafe >= 2 ? blocking : st;
+    ASSERT_EQ(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    emu::Launch(2, 32, 0, cs).With(AddOneKernel)(d, 64);
     void* p = nullptr;
     if (unsafe == 0) {
       EXPECT_EQ(cudaMemcpy(host, d, sizeof(host), cudaMemcpyDeviceToHost),
                 cudaErrorStreamCaptureUnsupported);
     } else if (unsafe == 1) {
       EXPECT_EQ(cudaMalloc(&p, 16), cudaErrorStreamCaptureUnsupported);
-    } else {
+    } else if (unsafe == 2) {
       emu::Launch(2, 32).With(AddOneKernel)(d, 64);
       EXPECT_EQ(cudaGetLastError(), cudaErrorStreamCaptureImplicit);
+    } else {
+      EXPECT_EQ(cudaMemsetAsync(d, 0, 4, nullptr), cudaErrorStreamCaptureImplicit);
     }
-    EXPECT_EQ(cudaStreamEndCapture(st, &graph), cudaErrorStreamCaptureInvalidated) << unsafe;
+    EXPECT_EQ(cudaStreamEndCapture(cs, &graph), cudaErrorStreamCaptureInvalidated) << unsafe;
   }
+  cudaStreamDestroy(blocking);
+  EXPECT_EQ(d[0], 0.0f);  // nothing ran
+  // A non-blocking stream's capture leaves the legacy stream free.
+  ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  float one = 1.0f, back = 0.0f;
+  EXPECT_EQ(cudaMemcpyAsync(&back, &one, 4, cudaMemcpyHostToHost, nullptr), cudaSuccess);
+  EXPECT_EQ(back, 1.0f);
+  ASSERT_EQ(cudaStreamEndCapture(st, &graph), cudaSuccess);
+  cudaGraphDestroy(graph);
   ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   emu::Launch(2, 32, 0, st).With(AddOneKernel)(d, 64);
   ASSERT_EQ(cudaStreamEndCapture(st, &graph), cudaSuccess);

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,7 @@ emu_switch:
 )");
 
 struct CUstream_st {
+  unsigned flags = cudaStreamDefault;  // cudaStreamNonBlocking or not
   bool capturing = false;
   bool capture_failed = false;
   std::vector<std::function<void()>>* graph = nullptr;
@@ -132,12 +134,9 @@ void Count(const std::string& what, int64_t by = 1) {
   g_stats.n[what] += by;
 }
 
-cudaError_t g_last_error = cudaSuccess;
-std::mutex g_error_mu;
-void SetError(cudaError_t e) {
-  std::lock_guard<std::mutex> l(g_error_mu);
-  if (g_last_error == cudaSuccess) g_last_error = e;
-}
+// Per host thread, the latest error wins (cudaGetLastError reads and clears it), as in CUDA.
+thread_local cudaError_t g_last_error = cudaSuccess;
+void SetError(cudaError_t e) { g_last_error = e; }
 
 // The stream this thread captures in cudaStreamCaptureModeThreadLocal or Global mode: while it
 // is open this thread may not make unsafe calls (synchronous copies, allocation, waits); one that
@@ -162,10 +161,13 @@ void* InitialStack(char* stack) {
   return reinterpret_cast<void*>(a - 48);
 }
 
+// A stack with an inaccessible lowest page: an overflow faults instead of writing into the
+// next fiber's stack.
 char* NewStack() {
   void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) Die("cannot map a fiber stack");
+  if (mprotect(p, 4096, PROT_NONE) != 0) Die("cannot protect a fiber stack's guard page");
   return static_cast<char*>(p);
 }
 
@@ -271,18 +273,27 @@ void RunNow(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
   g_block = saved;
 }
 
-void Enqueue(cudaStream_t stream, std::function<void()> op) {
+// Blocking streams being captured (by any thread): the legacy stream would wait for them.
+std::mutex g_capture_mu;
+std::set<cudaStream_t> g_blocking_captures;
+
+// Runs `op` on `stream` (at once: streams run in issue order), or records it there while the
+// stream is captured. Work on the legacy stream while a blocking stream is captured fails (and
+// invalidates that capture), as in CUDA.
+cudaError_t Enqueue(cudaStream_t stream, std::function<void()> op) {
   if (stream != nullptr && stream->capturing) {
     stream->graph->push_back(std::move(op));
-    return;
+    return cudaSuccess;
   }
-  if (stream == nullptr && g_thread_capture != nullptr) {
-    // The legacy stream synchronises with the stream being captured: illegal during capture.
-    g_thread_capture->capture_failed = true;
-    SetError(cudaErrorStreamCaptureImplicit);
-    return;
+  if (stream == nullptr) {
+    std::lock_guard<std::mutex> l(g_capture_mu);
+    if (!g_blocking_captures.empty()) {
+      for (cudaStream_t s : g_blocking_captures) s->capture_failed = true;
+      return cudaErrorStreamCaptureImplicit;
+    }
   }
   op();
+  return cudaSuccess;
 }
 
 // An unsafe call (synchronous copy, allocation, synchronisation) while this thread captures.
@@ -344,10 +355,11 @@ void RunGrid(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t 
       return;
     }
   }
-  Enqueue(stream, [name, grid, block, smem, body = std::move(body)] {
+  const cudaError_t e = Enqueue(stream, [name, grid, block, smem, body = std::move(body)] {
     Count(std::string("run ") + name);
     RunNow(grid, block, smem, body);
   });
+  if (e != cudaSuccess) SetError(e);
 }
 
 }  // namespace emu
@@ -410,16 +422,12 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 }
 
 cudaError_t cudaGetLastError(void) {
-  std::lock_guard<std::mutex> l(emu::g_error_mu);
   cudaError_t e = emu::g_last_error;
   emu::g_last_error = cudaSuccess;
   return e;
 }
 
-cudaError_t cudaPeekAtLastError(void) {
-  std::lock_guard<std::mutex> l(emu::g_error_mu);
-  return emu::g_last_error;
-}
+cudaError_t cudaPeekAtLastError(void) { return emu::g_last_error; }
 
 const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
@@ -486,8 +494,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
   if (count == 0) return cudaSuccess;
   Count(std::string("cudaMemcpyAsync ") + KindName(kind));
   Count(std::string("cudaMemcpyAsync ") + KindName(kind) + " bytes", count);
-  Enqueue(stream, [dst, src, count] { std::memmove(dst, src, count); });
-  return cudaSuccess;
+  return Enqueue(stream, [dst, src, count] { std::memmove(dst, src, count); });
 }
 
 cudaError_t cudaMemset(void* p, int value, size_t count) {
@@ -497,8 +504,7 @@ cudaError_t cudaMemset(void* p, int value, size_t count) {
 }
 
 cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t stream) {
-  Enqueue(stream, [p, value, count] { std::memset(p, value, count); });
-  return cudaSuccess;
+  return Enqueue(stream, [p, value, count] { std::memset(p, value, count); });
 }
 
 cudaError_t cudaStreamCreate(cudaStream_t* stream) {
@@ -506,8 +512,9 @@ cudaError_t cudaStreamCreate(cudaStream_t* stream) {
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
   *stream = new CUstream_st;
+  (*stream)->flags = flags;
   return cudaSuccess;
 }
 
@@ -547,8 +554,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 }
 
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
-  Enqueue(stream, [event] { event->at = std::chrono::steady_clock::now(); });
-  return cudaSuccess;
+  return Enqueue(stream, [event] { event->at = std::chrono::steady_clock::now(); });
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t) {
@@ -569,6 +575,10 @@ cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mo
   stream->capture_failed = false;
   stream->graph = new std::vector<std::function<void()>>;
   if (mode != cudaStreamCaptureModeRelaxed) emu::g_thread_capture = stream;
+  if (!(stream->flags & cudaStreamNonBlocking)) {
+    std::lock_guard<std::mutex> l(emu::g_capture_mu);
+    emu::g_blocking_captures.insert(stream);
+  }
   return cudaSuccess;
 }
 
@@ -576,6 +586,10 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
   if (stream == nullptr || !stream->capturing) return cudaErrorIllegalState;
   stream->capturing = false;
   if (emu::g_thread_capture == stream) emu::g_thread_capture = nullptr;
+  {
+    std::lock_guard<std::mutex> l(emu::g_capture_mu);
+    emu::g_blocking_captures.erase(stream);
+  }
   std::unique_ptr<std::vector<std::function<void()>>> nodes(stream->graph);
   stream->graph = nullptr;
   if (stream->capture_failed) {
@@ -601,7 +615,10 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsig
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   Count("cudaGraphLaunch");
   if (exec == nullptr) return cudaErrorInvalidValue;
-  for (const auto& node : exec->nodes) Enqueue(stream, node);
+  for (const auto& node : exec->nodes) {
+    const cudaError_t e = Enqueue(stream, node);
+    if (e != cudaSuccess) return e;
+  }
   return cudaSuccess;
 }
 
@@ -728,9 +745,11 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
   if (!ShapeOk(transa, transb, m, n, k, lda, ldb, ldc)) return CUBLAS_STATUS_INVALID_VALUE;
   Count("launch cublasGemmEx");
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
-  Enqueue(handle->stream, [=] {
+  if (Enqueue(handle->stream, [=] {
     Gemm(transa, transb, m, n, k, a, A, Atype, lda, B, Btype, ldb, b, C, Ctype, ldc);
-  });
+      }) != cudaSuccess) {  // the legacy stream while a blocking stream is captured
+    return CUBLAS_STATUS_EXECUTION_FAILED;
+  }
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -750,12 +769,14 @@ cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t tran
   const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
   // The pointer arrays are device memory: read when the call runs (a replayed graph reads them
   // again).
-  Enqueue(handle->stream, [=] {
+  if (Enqueue(handle->stream, [=] {
     for (int i = 0; i < batchCount; ++i) {
       Gemm(transa, transb, m, n, k, a, Aarray[i], Atype, lda, Barray[i], Btype, ldb, b,
            Carray[i], Ctype, ldc);
     }
-  });
+      }) != cudaSuccess) {  // the legacy stream while a blocking stream is captured
+    return CUBLAS_STATUS_EXECUTION_FAILED;
+  }
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -788,7 +809,7 @@ cublasStatus_t cublasGemmGroupedBatchedEx(
   }
   Count("launch cublasGemmGroupedBatchedEx");
   std::vector<int> sizes(group_size, group_size + group_count);
-  Enqueue(handle->stream, [=] {
+  if (Enqueue(handle->stream, [=] {
     int i = 0;
     for (int g = 0; g < group_count; ++g) {
       const Problem& p = groups[g];
@@ -797,7 +818,9 @@ cublasStatus_t cublasGemmGroupedBatchedEx(
              p.beta, Carray[i], Ctype, p.ldc);
       }
     }
-  });
+      }) != cudaSuccess) {  // the legacy stream while a blocking stream is captured
+    return CUBLAS_STATUS_EXECUTION_FAILED;
+  }
   return CUBLAS_STATUS_SUCCESS;
 }
 
