@@ -41,11 +41,12 @@ def cuda_emu_engine(suffix = "", copts = []):
         alwayslink = 1,
     )
 
-def cuda_emu_engine_test_deps(suffix = ""):
-    """The deps of cuda_engine_test.cc built against cuda_emu_engine(suffix)."""
+def cuda_engine_test_deps(variant = ""):
+    """The deps of cuda_engine_test.cc against the CUDA engine (variant "") or an emulated one
+    ("_emu", "_emu_asan": cuda_emu_engine's suffix after "_emu")."""
     return [
-        ":backend_emu" + suffix,
-        ":cuda_engine_emu" + suffix,
+        ":backend" + variant,
+        ":cuda_engine" + variant,
         "//engine:arch",
         "//engine:argmax",
         "//engine:config",
