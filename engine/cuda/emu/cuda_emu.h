@@ -133,15 +133,6 @@ template <typename T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
   return ::emu::Shuffle(v, ::emu::Ctx().lane ^ static_cast<unsigned>(lane_mask));
 }
-template <typename T>
-T __shfl_sync(unsigned, T v, int src, int = 32) {
-  return ::emu::Shuffle(v, static_cast<unsigned>(src) & 31u);
-}
-template <typename T>
-T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
-  const unsigned src = ::emu::Ctx().lane + delta;
-  return ::emu::Shuffle(v, src < 32 ? src : ::emu::Ctx().lane);
-}
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);
@@ -153,9 +144,6 @@ inline unsigned __float_as_uint(float f) {
   return u;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __expf(float x) { return std::exp(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-using std::isinf;
 using std::isnan;
 using std::max;
 using std::min;

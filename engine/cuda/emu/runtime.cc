@@ -427,8 +427,6 @@ cudaError_t cudaGetLastError(void) {
   return e;
 }
 
-cudaError_t cudaPeekAtLastError(void) { return emu::g_last_error; }
-
 const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
     case cudaSuccess: return "no error";
@@ -442,8 +440,6 @@ const char* cudaGetErrorString(cudaError_t error) {
     default: return "CUDA emulation error";
   }
 }
-
-const char* cudaGetErrorName(cudaError_t error) { return cudaGetErrorString(error); }
 
 cudaError_t cudaMalloc(void** p, size_t size) {
   Count("cudaMalloc");
@@ -497,19 +493,12 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
   return Enqueue(stream, [dst, src, count] { std::memmove(dst, src, count); });
 }
 
-cudaError_t cudaMemset(void* p, int value, size_t count) {
-  if (UnsafeDuringCapture()) return cudaErrorStreamCaptureUnsupported;
-  std::memset(p, value, count);
-  return cudaSuccess;
-}
-
 cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t stream) {
   return Enqueue(stream, [p, value, count] { std::memset(p, value, count); });
 }
 
 cudaError_t cudaStreamCreate(cudaStream_t* stream) {
-  *stream = new CUstream_st;
-  return cudaSuccess;
+  return cudaStreamCreateWithFlags(stream, cudaStreamDefault);
 }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
@@ -539,11 +528,6 @@ cudaError_t cudaDeviceSynchronize(void) {
 }
 
 cudaError_t cudaEventCreate(cudaEvent_t* event) {
-  *event = new CUevent_st;
-  return cudaSuccess;
-}
-
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
   *event = new CUevent_st;
   return cudaSuccess;
 }
@@ -597,12 +581,6 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
     return cudaErrorStreamCaptureInvalidated;
   }
   *graph = new CUgraph_st{std::move(*nodes)};
-  return cudaSuccess;
-}
-
-cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
-  *status = stream != nullptr && stream->capturing ? cudaStreamCaptureStatusActive
-                                                   : cudaStreamCaptureStatusNone;
   return cudaSuccess;
 }
 
