@@ -56,7 +56,7 @@ KvCache::KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bo
       capacity_(capacity_tokens),
       host_storage_(host_storage),
       dtype_(dtype),
-      elem_bytes_(dtype == KvDType::kBF16 ? 2 : dtype == KvDType::kInt8 ? 1 : 4) {}
+      elem_bytes_(KvElemBytes(dtype)) {}
 
 int64_t KvCache::Reserved(uint64_t seq) const {
   auto it = seqs_.find(seq);

@@ -34,6 +34,11 @@ enum class KvDType { kF32, kBF16, kInt8 };
 // "fp32" / "bf16" / "int8" -> KvDType; InvalidArgument naming --kv_cache_dtype otherwise.
 absl::StatusOr<KvDType> ParseKvDType(std::string_view s);
 
+// Bytes of one element: 4, 2 or 1.
+inline int64_t KvElemBytes(KvDType t) {
+  return t == KvDType::kBF16 ? 2 : t == KvDType::kInt8 ? 1 : 4;
+}
+
 class KvCache {
  public:
   KvCache(int64_t num_layers, int64_t kv_dim, int64_t capacity_tokens, bool host_storage = true,
@@ -77,6 +82,7 @@ class KvCache {
   float* KScale(uint64_t seq, int64_t layer);
   float* VScale(uint64_t seq, int64_t layer);
   KvDType dtype() const { return dtype_; }
+  int64_t num_layers() const { return num_layers_; }
   // Writes positions [pos, pos + n) of `seq` at `layer` from rows k, v [n, kv_dim] (kv head
   // after kv head, as a projection produces them) into the head-major layout. The positions
   // must be reserved. Host storage only.

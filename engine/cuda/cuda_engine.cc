@@ -820,7 +820,6 @@ class CudaKvCache : public KvCache {
               DeviceBuffer pool, int64_t num_pages)
       : KvCache(layers, kv_dim, capacity, /*host_storage=*/false, 1, dtype),
         device_(device),
-        num_layers_(layers),
         pool_(std::move(pool)) {
     for (int64_t p = num_pages - 1; p >= 0; --p) free_pages_.push_back(static_cast<int32_t>(p));
   }
@@ -888,8 +887,8 @@ class CudaKvCache : public KvCache {
     MOEMESH_CUDA(cudaMemcpy(copy_pages_.get(), lists.data(), lists.size() * sizeof(int32_t),
                             cudaMemcpyHostToDevice));
     const int32_t* d = copy_pages_.as<int32_t>();
-    MOEMESH_CUDA(cuda::CopyKvRows(pool(), dtype() == KvDType::kBF16 ? 2 : 4, num_layers_, kPage,
-                                  kv_dim(), d, d + a.size(), begin, end - begin, nullptr));
+    MOEMESH_CUDA(cuda::CopyKvRows(pool(), KvElemBytes(dtype()), num_layers(), kPage, kv_dim(), d,
+                                  d + a.size(), begin, end - begin, nullptr));
     MOEMESH_CUDA(cudaStreamSynchronize(nullptr));
     return absl::OkStatus();
   }
@@ -899,7 +898,6 @@ class CudaKvCache : public KvCache {
 
  private:
   const int device_;
-  const int64_t num_layers_;
   DeviceBuffer pool_;
   DeviceBuffer copy_pages_;  // CopyRows' page lists
   std::vector<int32_t> free_pages_;
@@ -914,9 +912,8 @@ std::unique_ptr<KvCache> CudaAttentionStack::NewCache(int64_t capacity_tokens) c
   // Whole pages for every slot, plus one partial page per sequence in flight.
   const int64_t pages = (capacity_tokens + CudaKvCache::kPage - 1) / CudaKvCache::kPage + 256;
   DeviceBuffer pool;
-  const size_t elem = kv_dtype_ == KvDType::kBF16 ? 2 : 4;
-  absl::Status st =
-      pool.Reserve(static_cast<size_t>(pages * L * 2 * CudaKvCache::kPage * kvd) * elem);
+  absl::Status st = pool.Reserve(
+      static_cast<size_t>(pages * L * 2 * CudaKvCache::kPage * kvd * KvElemBytes(kv_dtype_)));
   if (!st.ok()) {
     std::fprintf(stderr, "CUDA KV cache of %lld tokens: %s; the cache will hold nothing\n",
                  static_cast<long long>(capacity_tokens), std::string(st.message()).c_str());
