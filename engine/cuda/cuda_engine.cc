@@ -170,6 +170,24 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
   return absl::OkStatus();
 }
 
+absl::Status ProjectNormed(Exec& ex, const DeviceMatrix& mat, const float* x,
+                           const float* norm_w, float eps, float* xn, int64_t m, float* y,
+                           int64_t ldy) {
+  if (m <= 0) return absl::OkStatus();
+  if (m <= kSmallM) {
+    SmallMFusion f;
+    f.norm_w = norm_w;
+    f.eps = eps;
+    f.xn = xn;
+    MOEMESH_CUDA(SmallMLinear(mat.matrix(0), mat.wt, mat.has_bias ? mat.bias.as<float>() : nullptr,
+                              mat.rows, mat.in, x, m, y, ldy, false, false, Groups(), ex.stream(),
+                              SmallMChoice::kAuto, f));
+    return absl::OkStatus();
+  }
+  MOEMESH_CUDA(RmsNorm(x, norm_w, m, mat.in, eps, xn, ex.stream()));
+  return Project(ex, mat, 0, xn, m, y, ldy, false, false);
+}
+
 namespace {
 std::atomic<const char*> last_grouped_path{"none"};
 }  // namespace
@@ -518,6 +536,7 @@ struct CudaExpertShard::Scratch {
   std::unique_ptr<Exec> ex;
   PinnedBuffer h_x, h_out, h_idx, h_w;
   DeviceBuffer d_x, d_act, d_y, d_out, d_idx, d_w, d_groups;
+  DeviceBuffer d_counters;  // the fused combine's, zeros between launches
   HostPlan host_plan;
 };
 
@@ -615,9 +634,20 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
     in_place.x_rows = plan.perm;
     MOEMESH_CUDA(SmallMLinear(L.gate_up.w.get(), L.gate_up.wt, nullptr, W, H, x, A, act, W,
                               false, true, in_place, ex.stream()));
+    // The combine goes with the down product (fused into it for a few tokens).
+    SmallMFusion combine;
+    combine.where = plan.where;
+    combine.weights = d_weights;
+    combine.n = static_cast<int32_t>(n);
+    combine.k = static_cast<int32_t>(k);
+    combine.out = out;
+    if (s.d_counters.bytes() < static_cast<size_t>(H) * sizeof(uint32_t)) {
+      MOEMESH_OK(s.d_counters.Reserve(H * sizeof(uint32_t)));
+      MOEMESH_CUDA(cudaMemsetAsync(s.d_counters.get(), 0, s.d_counters.bytes(), ex.stream()));
+    }
+    combine.counters = s.d_counters.as<uint32_t>();
     MOEMESH_CUDA(SmallMLinear(L.down.w.get(), L.down.wt, nullptr, H, W, act, A, y, H, false,
-                              false, plan.groups, ex.stream()));
-    MOEMESH_CUDA(CombineExperts(y, plan.where, d_weights, n, k, H, out, ex.stream()));
+                              false, plan.groups, ex.stream(), SmallMChoice::kAuto, combine));
     return absl::OkStatus();
   }
   // Large groups (prefill): the batched way's padded bf16 rows go to the combine as they are.
@@ -1185,8 +1215,8 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
 
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
-    MOEMESH_CUDA(RmsNorm(d_h, L.input_norm.as<float>(), T, H, eps, d_xn, st));
-    MOEMESH_OK(Project(ex, L.qkv, 0, d_xn, T, s.qkv.as<float>(), qkvd, false, false));
+    MOEMESH_OK(ProjectNormed(ex, L.qkv, d_h, L.input_norm.as<float>(), eps, d_xn, T,
+                             s.qkv.as<float>(), qkvd));
     MOEMESH_CUDA(PrepareQkv(s.qkv.as<float>(), T, nh, nkv, hd, clip, qk_mode,
                             L.q_norm.as<float>(), L.k_norm.as<float>(), eps,
                             inv_freq_.as<float>(), static_cast<int64_t>(l), pk, s.q.as<float>(),
@@ -1195,9 +1225,11 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
                                 s.att.as<float>(), st, a.splits, s.att_part.as<float>()));
     MOEMESH_OK(Project(ex, L.o, 0, s.att.as<float>(), T, d_h, H, true, false));
 
-    MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));
+    if (!L.moe) MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));
     if (L.moe) {
-      MOEMESH_OK(Project(ex, L.router, 0, d_xn, T, s.rl.as<float>(), E, false, false));
+      // The router's product writes xn for the experts (and a shared MLP).
+      MOEMESH_OK(ProjectNormed(ex, L.router, d_h, L.post_norm.as<float>(), eps, d_xn, T,
+                               s.rl.as<float>(), E));
       if (a.same_gpu != nullptr) {
         MOEMESH_OK(a.same_gpu->RunDeviceRouted(ex, static_cast<int32_t>(l), d_xn, T,
                                                s.rl.as<float>(), a.d_k, kmax,
@@ -1243,8 +1275,9 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
   MOEMESH_OK(s.sel.Reserve(R * H * 4));
   MOEMESH_OK(s.logits.Reserve(R * V * 4));
   MOEMESH_CUDA(GatherRows(d_h, a.d_sel, R, H, s.sel.as<float>(), st));
-  MOEMESH_CUDA(RmsNorm(s.sel.as<float>(), final_norm_.as<float>(), R, H, eps, s.sel.as<float>(), st));
-  return Project(ex, lm_head_, 0, s.sel.as<float>(), R, s.logits.as<float>(), V, false, false);
+  // R <= T rows: xn has room for the normalized rows.
+  return ProjectNormed(ex, lm_head_, s.sel.as<float>(), final_norm_.as<float>(), eps, d_xn, R,
+                       s.logits.as<float>(), V);
 }
 
 void CudaAttentionStack::DropGraphs() const {

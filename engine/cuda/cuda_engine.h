@@ -114,6 +114,13 @@ struct DeviceMatrix {
 absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const float* x, int64_t m,
                      float* y, int64_t ldy, bool accumulate, bool swiglu);
 
+// xn = RmsNorm(x, norm_w, eps) ([m, in]; not x's memory), then y[m, out] = xn W^T (+ bias) with
+// matrix 0 of `mat`: one launch for a decode-sized m (the norm fused into the product, see
+// SmallMFusion; the same values up to rounding), two otherwise.
+absl::Status ProjectNormed(Exec& ex, const DeviceMatrix& mat, const float* x,
+                           const float* norm_w, float eps, float* xn, int64_t m, float* y,
+                           int64_t ldy);
+
 // The routed experts' products for rows grouped by expert: group g (rows [row_begin[g],
 // row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up,
 // y = act down^T ([rows, hidden] fp32). bf16 weights (bf16 in and

@@ -284,6 +284,161 @@ INSTANTIATE_TEST_SUITE_P(
       return name;
     });
 
+// SmallMFusion's norm: the product of RmsNorm(x) with the norm taken into the one-row kernels
+// (m <= 8: unsplit, sums split over 2 and 4 warps) or run first (m = 12; x not 16-byte
+// aligned), fp32 and bf16 weights, with bias: y against double precision, xn against the
+// RmsNorm kernel (the same bits where it runs first).
+TEST(SmallMFusionTest, NormTakenInIsNormThenProduct) {
+  SKIP_WITHOUT_GPU();
+  const int64_t in = 264;
+  const float eps = 1e-6f;
+  auto made = cuda::Exec::Create(0);
+  ASSERT_TRUE(made.ok()) << made.status();
+  cuda::Exec* ex = made->get();
+  for (bool bf16 : {false, true}) {
+    for (int64_t out : {76, 5000, 9000}) {
+      cuda::DeviceMatrix mat;
+      std::vector<float> w;
+      MakeMatrix(1, out, in, bf16, 41, 0.1f, &mat, &w);
+      std::vector<float> bias = Random(out, 42), g = Random(in, 43);
+      cuda::DeviceBuffer dbias, dg;
+      ASSERT_TRUE(mat.bias.Reserve(out * 4).ok());
+      ASSERT_EQ(cudaMemcpy(mat.bias.get(), bias.data(), out * 4, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      mat.has_bias = true;
+      const float* d_g = Upload(g, &dg);
+      for (int64_t m : {1, 3, 8, 12, -2}) {  // -2: 2 rows, x misaligned
+        const bool misaligned = m < 0;
+        if (misaligned) m = -m;
+        if (out == 9000 && m > 3) continue;  // the slow emulation; the kernels are the same
+        SCOPED_TRACE(::testing::Message() << (bf16 ? "bf16" : "f32") << " out " << out << " m "
+                                          << m << (misaligned ? " misaligned" : ""));
+        std::vector<float> x = Random(m * in + 1, 44 + m);
+        cuda::DeviceBuffer dx, dy, dxn, dref;
+        const float* d_x = Upload(x, &dx) + (misaligned ? 1 : 0);
+        ASSERT_TRUE(dy.Reserve(m * out * 4).ok());
+        ASSERT_TRUE(dxn.Reserve(m * in * 4).ok());
+        ASSERT_TRUE(dref.Reserve(m * in * 4).ok());
+        ASSERT_TRUE(cuda::ProjectNormed(*ex, mat, d_x, d_g, eps, dxn.as<float>(), m,
+                                        dy.as<float>(), out)
+                        .ok());
+        ASSERT_EQ(cuda::RmsNorm(d_x, d_g, m, in, eps, dref.as<float>(), ex->stream()),
+                  cudaSuccess);
+        ASSERT_TRUE(ex->Sync().ok());
+        const std::vector<float> xn = Download(dxn.as<float>(), m * in),
+                                 ref_xn = Download(dref.as<float>(), m * in);
+        std::vector<double> ref(m * out);
+        float worst_xn = 0;
+        for (int64_t r = 0; r < m; ++r) {
+          const float* xr = &x[r * in + (misaligned ? 1 : 0)];
+          double ss = 0;
+          for (int64_t i = 0; i < in; ++i) ss += double(xr[i]) * xr[i];
+          const double inv = 1 / std::sqrt(ss / in + eps);
+          for (int64_t o = 0; o < out; ++o) {
+            double a = bias[o];
+            for (int64_t i = 0; i < in; ++i) a += xr[i] * inv * g[i] * w[o * in + i];
+            ref[r * out + o] = a;
+          }
+        }
+        for (int64_t i = 0; i < m * in; ++i) {
+          worst_xn = std::max(worst_xn, std::abs(xn[i] - ref_xn[i]));
+        }
+        EXPECT_LT(MaxAbsDiff(Download(dy.as<float>(), m * out), ref), 3e-5);
+        if (m > 8 || misaligned) {
+          EXPECT_EQ(xn, ref_xn) << "RmsNorm first: its own output";
+        } else {
+          EXPECT_LT(worst_xn, 2e-6) << "xn written by the fused product";
+        }
+      }
+    }
+  }
+  // Norm with groups or SwiGLU, or without xn: refused.
+  cuda::DeviceBuffer d;
+  ASSERT_TRUE(d.Reserve(4096).ok());
+  cuda::SmallMFusion f;
+  f.norm_w = d.as<float>();
+  EXPECT_EQ(cuda::SmallMLinear(d.get(), cuda::WType::kF32, nullptr, 8, 8, d.as<float>(), 1,
+                               d.as<float>(), 8, false, false, cuda::Groups(), nullptr,
+                               cuda::SmallMChoice::kAuto, f),
+            cudaErrorInvalidValue);
+}
+
+// SmallMFusion's combine: the MoE combine added by the down product's last warp per column
+// (n <= 8 tokens, one-row kernel split and unsplit, the 8-row kernel) or by CombineExperts after
+// it (more tokens; the multi-output kernel) gives CombineExperts' sums bit for bit, with
+// assignments to experts held elsewhere (where = -1), and again on the next call (the counters
+// are left at zero).
+TEST(SmallMFusionTest, CombineTakenInIsCombineExperts) {
+  SKIP_WITHOUT_GPU();
+  const int64_t in = 96, slots = 12;
+  for (int64_t out : {76, 9000}) {
+    cuda::DeviceMatrix mat;
+    std::vector<float> w;
+    MakeMatrix(slots, out, in, true, 51, 0.1f, &mat, &w);
+    for (int64_t n : {1, 3, 8, 9}) {
+      for (int64_t k : {1, 4, 8}) {
+        for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kAuto, cuda::SmallMChoice::kMulti}) {
+          if (out == 9000 && (n > 3 || choice != cuda::SmallMChoice::kAuto)) continue;  // slow
+          SCOPED_TRACE(::testing::Message() << "out " << out << " n " << n << " k " << k
+                                            << " choice " << static_cast<int>(choice));
+          // Token t's j-th expert: (5 t + 3 j) % 16 (distinct per token); experts 12..15 are
+          // held elsewhere. Groups in expert order.
+          std::vector<int32_t> ids(n * k);
+          for (int64_t t = 0; t < n; ++t) {
+            for (int64_t j = 0; j < k; ++j) ids[t * k + j] = (5 * t + 3 * j) % 16;
+          }
+          std::vector<int32_t> begin = {0}, slot, where(n * k, -1);
+          for (int32_t e = 0; e < slots; ++e) {
+            int32_t c = 0;
+            for (int64_t a = 0; a < n * k; ++a) {
+              if (ids[a] == e) where[a] = begin.back() + c++;
+            }
+            if (c == 0) continue;
+            slot.push_back(e);
+            begin.push_back(begin.back() + c);
+          }
+          const int32_t G = static_cast<int32_t>(slot.size());
+          const int64_t A = begin.back();
+          std::vector<float> act = Random(std::max<int64_t>(A, 1) * in, 52),
+                             weights = Random(n * k, 53), out0 = Random(n * out, 54);
+          cuda::DeviceBuffer dng, dslot, dbeg, dact, dwhere, dwt, dy, dout, dref, dcnt;
+          const std::vector<int32_t> ng = {G};
+          const cuda::Groups groups{Upload(ng, &dng), Upload(slot, &dslot), Upload(begin, &dbeg),
+                                    static_cast<int32_t>(std::min<int64_t>(n * k, slots))};
+          ASSERT_TRUE(dy.Reserve(std::max<int64_t>(A, 1) * out * 4).ok());
+          const std::vector<uint32_t> zeros(out, 0);
+          cuda::SmallMFusion f;
+          f.where = Upload(where, &dwhere);
+          f.weights = Upload(weights, &dwt);
+          f.n = static_cast<int32_t>(n);
+          f.k = static_cast<int32_t>(k);
+          f.out = Upload(out0, &dout);
+          f.counters = Upload(zeros, &dcnt);
+          float* d_ref = Upload(out0, &dref);
+          for (int call = 0; call < 2; ++call) {
+            ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in,
+                                         Upload(act, &dact), A, dy.as<float>(), out, false,
+                                         false, groups, nullptr, choice, f),
+                      cudaSuccess);
+            ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, dact.as<float>(),
+                                         A, dy.as<float>(), out, false, false, groups, nullptr,
+                                         choice),
+                      cudaSuccess);
+            ASSERT_EQ(cuda::CombineExperts(dy.as<float>(), f.where, f.weights, n, k, out, d_ref,
+                                           nullptr),
+                      cudaSuccess);
+            const std::vector<float> got = Download(f.out, n * out),
+                                     want = Download(d_ref, n * out);
+            EXPECT_EQ(got, want) << "call " << call;
+            EXPECT_NE(got, out0);
+            EXPECT_EQ(Download(f.counters, out), zeros) << "call " << call;
+          }
+        }
+      }
+    }
+  }
+}
+
 // The grouped expert GEMMs of large batches (bf16 weights): groups of very different sizes over
 // non-consecutive slots, against a double-precision reference that rounds where the device
 // stores bf16 (x, gate and up, the activation, y). Up to kMaxPadGroups groups run as padded

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 namespace moemesh {
 namespace cuda {
@@ -112,83 +113,153 @@ __device__ __forceinline__ const float* XRow(const float* x, const Groups& group
 
 constexpr int kLinWarps = 8;  // output rows per block
 
+// The fused MoE combine of a product's output (SmallMFusion): each warp of the grid counts
+// itself in when done with its outputs; the last of blockIdx.x's column (all of its groups'
+// blocks) adds outputs [o_begin, o_end) of every token, in CombineColumn's order (same sums).
+// The writers' stores are ordered before the count by the warp barrier and a fence (cumulative),
+// and the last warp's reads after it by a fence and L2 loads.
+__device__ void ArriveAndCombine(const SmallMFusion& c, const float* y, int64_t ldy, int o_begin,
+                                 int o_end, int out) {
+  const int lane = threadIdx.x % kWarp;
+  __syncwarp();
+  unsigned last = 0;
+  if (lane == 0) {
+    __threadfence();
+    const unsigned warps = gridDim.y * (blockDim.x / kWarp);
+    last = atomicAdd(&c.counters[blockIdx.x], 1u) == warps - 1 ? 1u : 0u;
+    if (last != 0) {
+      c.counters[blockIdx.x] = 0;  // for the next launch
+      __threadfence();
+    }
+  }
+  last = __shfl_sync(0xffffffffu, last, 0);
+  if (last == 0) return;
+  const int width = min(o_end, out) - o_begin;
+  for (int p = lane; p < c.n * width; p += kWarp) {
+    const int t = p / width, o = o_begin + p % width;
+    float* dst = c.out + static_cast<int64_t>(t) * out + o;
+    float acc = *dst;
+    for (int j = 0; j < c.k; ++j) {
+      const int32_t at = c.where[static_cast<int64_t>(t) * c.k + j];
+      const float v = at >= 0 ? __ldcg(y + static_cast<int64_t>(at) * ldy + o) : 0.0f;
+      const float wj = at >= 0 ? c.weights[static_cast<int64_t>(t) * c.k + j] : 0.0f;
+      acc = fmaf(wj, v, acc);
+    }
+    *dst = acc;
+  }
+}
+
+// Writes RmsNorm(x row) (x * inv * w, the norm kernel's formula) from threads [first, first +
+// count) of the block.
+__device__ __forceinline__ void WriteNormed(const float* xr, const SmallMFusion& f, float inv,
+                                            int in, float* xn, int first, int count) {
+  for (int i = static_cast<int>(threadIdx.x) - first; i >= 0 && i < in; i += count) {
+    xn[i] = xr[i] * inv * f.norm_w[i];
+  }
+}
+
 // kLinRows: x rows per pass over the weights (8 for batches; 1 for decode, where fewer
-// registers let more warps stream weights at once).
-template <typename WT, bool kVec, bool kSwiglu, int kLinRows>
+// registers let more warps stream weights at once). kNorm, kComb: SmallMFusion's (kNorm: one-row
+// vector kernel without SwiGLU only; kComb: without SwiGLU).
+template <typename WT, bool kVec, bool kSwiglu, int kLinRows, bool kNorm = false,
+          bool kComb = false>
 __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
     SmallMKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                  const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
-                 bool accumulate, Groups groups) {
+                 bool accumulate, Groups groups, SmallMFusion fz) {
+  static_assert(!kNorm || (kVec && !kSwiglu && kLinRows == 1), "norm: one-row vector kernel");
+  static_assert(!kComb || !kSwiglu, "combine: no SwiGLU");
   int r0, r1;
   int64_t slot;
-  if (!BlockGroup(groups, m, &r0, &r1, &slot)) return;
+  const bool has_group = BlockGroup(groups, m, &r0, &r1, &slot);
   const int lane = threadIdx.x % kWarp;
   const int o = blockIdx.x * kLinWarps + threadIdx.x / kWarp;
-  if (o >= out) return;
-  const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
-  const WT* wg = w + (slot * mat_rows + o) * static_cast<int64_t>(in);
-  const WT* wu = kSwiglu ? wg + static_cast<int64_t>(out) * in : nullptr;
-  for (int rb = r0; rb < r1; rb += kLinRows) {
-    const int nr = min(kLinRows, r1 - rb);
-    const float* xr[kLinRows];
+  if (has_group && o < out) {
+    const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
+    const WT* wg = w + (slot * mat_rows + o) * static_cast<int64_t>(in);
+    const WT* wu = kSwiglu ? wg + static_cast<int64_t>(out) * in : nullptr;
+    for (int rb = r0; rb < r1; rb += kLinRows) {
+      const int nr = min(kLinRows, r1 - rb);
+      const float* xr[kLinRows];
 #pragma unroll
-    for (int r = 0; r < kLinRows; ++r) xr[r] = XRow(x, groups, rb + min(r, nr - 1), in);
-    float ag[kLinRows], au[kLinRows];
+      for (int r = 0; r < kLinRows; ++r) xr[r] = XRow(x, groups, rb + min(r, nr - 1), in);
+      float ag[kLinRows], au[kLinRows];
 #pragma unroll
-    for (int r = 0; r < kLinRows; ++r) ag[r] = au[r] = 0.0f;
-    if (kVec) {
+      for (int r = 0; r < kLinRows; ++r) ag[r] = au[r] = 0.0f;
+      float ss = 0.0f;  // kNorm: the row's sum of squares
+      if (kVec) {
 #pragma unroll(kLinRows == 1 ? 4 : 1)
-      for (int i = lane * 8; i < in; i += kWarp * 8) {
-        float wv[8], uv[8];
-        Load8(wg + i, wv);
-        if (kSwiglu) Load8(wu + i, uv);
+        for (int i = lane * 8; i < in; i += kWarp * 8) {
+          float wv[8], uv[8];
+          Load8(wg + i, wv);
+          if (kSwiglu) Load8(wu + i, uv);
 #pragma unroll
-        for (int r = 0; r < kLinRows; ++r) {
-          if (r < nr) {
-            float xv[8];
-            Load8(xr[r] + i, xv);
+          for (int r = 0; r < kLinRows; ++r) {
+            if (r < nr) {
+              float xv[8];
+              Load8(xr[r] + i, xv);
+              if (kNorm) {
+                float nv[8];
+                Load8(fz.norm_w + i, nv);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              ag[r] = fmaf(xv[e], wv[e], ag[r]);
-              if (kSwiglu) au[r] = fmaf(xv[e], uv[e], au[r]);
+                for (int e = 0; e < 8; ++e) {
+                  ss = fmaf(xv[e], xv[e], ss);
+                  xv[e] *= nv[e];
+                }
+              }
+#pragma unroll
+              for (int e = 0; e < 8; ++e) {
+                ag[r] = fmaf(xv[e], wv[e], ag[r]);
+                if (kSwiglu) au[r] = fmaf(xv[e], uv[e], au[r]);
+              }
+            }
+          }
+        }
+      } else {
+        for (int i = lane; i < in; i += kWarp) {
+          const float wv = Load1(wg + i);
+          const float uv = kSwiglu ? Load1(wu + i) : 0.0f;
+#pragma unroll
+          for (int r = 0; r < kLinRows; ++r) {
+            if (r < nr) {
+              const float xv = xr[r][i];
+              ag[r] = fmaf(xv, wv, ag[r]);
+              if (kSwiglu) au[r] = fmaf(xv, uv, au[r]);
             }
           }
         }
       }
-    } else {
-      for (int i = lane; i < in; i += kWarp) {
-        const float wv = Load1(wg + i);
-        const float uv = kSwiglu ? Load1(wu + i) : 0.0f;
+#pragma unroll
+      for (int r = 0; r < kLinRows; ++r) {
+        ag[r] = WarpSum(ag[r]);
+        if (kSwiglu) au[r] = WarpSum(au[r]);
+      }
+      if (kNorm) {
+        const float inv = rsqrtf(WarpSum(ss) / static_cast<float>(in) + fz.eps);
+        ag[0] *= inv;
+        if (blockIdx.x == 0 && threadIdx.x < kWarp) {
+          WriteNormed(xr[0], fz, inv, in, fz.xn + static_cast<int64_t>(rb) * in, 0, kWarp);
+        }
+      }
+      if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < kLinRows; ++r) {
           if (r < nr) {
-            const float xv = xr[r][i];
-            ag[r] = fmaf(xv, wv, ag[r]);
-            if (kSwiglu) au[r] = fmaf(xv, uv, au[r]);
+            float v;
+            if (kSwiglu) {
+              v = Silu(ag[r]) * au[r];
+            } else {
+              v = ag[r] + (bias != nullptr ? bias[o] : 0.0f);
+            }
+            float* dst = y + static_cast<int64_t>(rb + r) * ldy + o;
+            *dst = accumulate ? *dst + v : v;
           }
         }
       }
     }
-#pragma unroll
-    for (int r = 0; r < kLinRows; ++r) {
-      ag[r] = WarpSum(ag[r]);
-      if (kSwiglu) au[r] = WarpSum(au[r]);
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < kLinRows; ++r) {
-        if (r < nr) {
-          float v;
-          if (kSwiglu) {
-            v = Silu(ag[r]) * au[r];
-          } else {
-            v = ag[r] + (bias != nullptr ? bias[o] : 0.0f);
-          }
-          float* dst = y + static_cast<int64_t>(rb + r) * ldy + o;
-          *dst = accumulate ? *dst + v : v;
-        }
-      }
-    }
+  }
+  if (kComb) {
+    ArriveAndCombine(fz, y, ldy, blockIdx.x * kLinWarps, (blockIdx.x + 1) * kLinWarps, out);
   }
 }
 
@@ -279,17 +350,18 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
 // decode products too narrow to give every SM enough warps streaming weights (Qwen3-30B-A3B's
 // o projection has 2048 output rows: ~16 warps per SM of an H100, each reading 8 KiB in a row).
 // The kSplit partial sums meet in shared memory, added in slice order.
-template <typename WT, bool kSwiglu, int kSplit>
+template <typename WT, bool kSwiglu, int kSplit, bool kNorm = false, bool kComb = false>
 __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
     SplitKKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                  const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
-                 bool accumulate, Groups groups) {
+                 bool accumulate, Groups groups, SmallMFusion fz) {
   static_assert(kLinWarps % kSplit == 0, "warps per block must split evenly");
+  static_assert(!(kSwiglu && (kNorm || kComb)), "norm, combine: no SwiGLU");
   constexpr int kOutsPerBlock = kLinWarps / kSplit;
-  __shared__ float part[kLinWarps][2];
+  __shared__ float part[kLinWarps][3];
   int r0, r1;
   int64_t slot;
-  if (!BlockGroup(groups, m, &r0, &r1, &slot)) return;  // the whole block
+  const bool has_group = BlockGroup(groups, m, &r0, &r1, &slot);  // the whole block
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int o = blockIdx.x * kOutsPerBlock + warp / kSplit;
   const int s = warp % kSplit;
@@ -298,18 +370,28 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
   const int chunk = ((in + kSplit - 1) / kSplit + kWarp * 8 - 1) / (kWarp * 8) * (kWarp * 8);
   const int i0 = s * chunk, i1 = min(in, i0 + chunk);
   const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
-  const WT* wg = w + (slot * mat_rows + (active ? o : 0)) * static_cast<int64_t>(in);
+  const WT* wg = w + ((has_group ? slot : 0) * mat_rows + (active ? o : 0)) *
+                         static_cast<int64_t>(in);
   const WT* wu = kSwiglu ? wg + static_cast<int64_t>(out) * in : nullptr;
-  for (int r = r0; r < r1; ++r) {
-    float ag = 0.0f, au = 0.0f;
+  for (int r = r0; has_group && r < r1; ++r) {
+    float ag = 0.0f, au = 0.0f, ss = 0.0f;  // ss: kNorm's sum of squares of this slice
+    const float* xr = XRow(x, groups, r, in);
     if (active) {
-      const float* xr = XRow(x, groups, r, in);
 #pragma unroll(kSwiglu ? 2 : 4)
       for (int i = i0 + lane * 8; i < i1; i += kWarp * 8) {
         float wv[8], uv[8], xv[8];
         Load8(wg + i, wv);
         if (kSwiglu) Load8(wu + i, uv);
         Load8(xr + i, xv);
+        if (kNorm) {
+          float nv[8];
+          Load8(fz.norm_w + i, nv);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            ss = fmaf(xv[e], xv[e], ss);
+            xv[e] *= nv[e];
+          }
+        }
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           ag = fmaf(xv[e], wv[e], ag);
@@ -318,22 +400,37 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
       }
       ag = WarpSum(ag);
       if (kSwiglu) au = WarpSum(au);
+      if (kNorm) ss = WarpSum(ss);
     }
     if (lane == 0) {
       part[warp][0] = ag;
       part[warp][1] = au;
+      part[warp][2] = ss;
     }
     __syncthreads();
     if (s == 0 && lane == 0 && active) {
       for (int t = 1; t < kSplit; ++t) {
         ag += part[warp + t][0];
         au += part[warp + t][1];
+        ss += part[warp + t][2];
       }
+      if (kNorm) ag *= rsqrtf(ss / static_cast<float>(in) + fz.eps);
       const float v = kSwiglu ? Silu(ag) * au : ag + (bias != nullptr ? bias[o] : 0.0f);
       float* dst = y + static_cast<int64_t>(r) * ldy + o;
       *dst = accumulate ? *dst + v : v;
     }
+    if (kNorm && blockIdx.x == 0) {
+      // Output 0's warps (always active) summed the squares as every warp group did.
+      float t = part[0][2];
+      for (int u = 1; u < kSplit; ++u) t += part[u][2];
+      WriteNormed(xr, fz, rsqrtf(t / static_cast<float>(in) + fz.eps), in,
+                  fz.xn + static_cast<int64_t>(r) * in, 0, blockDim.x);
+    }
     __syncthreads();  // `part` is reused by the next row
+  }
+  if (kComb) {
+    ArriveAndCombine(fz, y, ldy, blockIdx.x * kOutsPerBlock, (blockIdx.x + 1) * kOutsPerBlock,
+                     out);
   }
 }
 
@@ -353,70 +450,125 @@ int SmCount() {
 template <typename WT>
 cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in, const float* x,
                          int64_t m, float* y, int64_t ldy, bool accumulate, bool swiglu,
-                         const Groups& groups, cudaStream_t stream, SmallMChoice choice) {
+                         const Groups& groups, cudaStream_t stream, SmallMChoice choice,
+                         SmallMFusion fz) {
+  const bool grouped = groups.num_groups != nullptr;
+  bool norm = fz.norm_w != nullptr;
+  const bool comb = fz.out != nullptr;
+  if ((norm && (grouped || swiglu || fz.xn == nullptr || comb)) ||
+      (comb && (swiglu || ldy != out || fz.k <= 0 || fz.k > 32 || fz.counters == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
   const bool vec = in % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(x) % 16 == 0;
+                   reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                   (!norm || reinterpret_cast<uintptr_t>(fz.norm_w) % 16 == 0);
   dim3 grid(static_cast<unsigned>((out + kLinWarps - 1) / kLinWarps),
-            static_cast<unsigned>(groups.num_groups != nullptr ? groups.max_groups : 1));
+            static_cast<unsigned>(grouped ? groups.max_groups : 1));
   dim3 block(kLinWarps * kWarp);
   const int o = static_cast<int>(out), k = static_cast<int>(in), mm = static_cast<int>(m);
-#define MOEMESH_SMALLM(V, S, R)                                                              \
-  SmallMKernel<WT, V, S, R><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy, accumulate, \
-                                                        groups)
   // Rows per group: all m for one matrix, the mean over the groups of a MoE layer.
-  const int64_t per_group =
-      groups.num_groups != nullptr ? (m + groups.max_groups - 1) / groups.max_groups : m;
-  const bool multi = choice == SmallMChoice::kAuto
-                         ? (groups.num_groups != nullptr ? per_group >= 2 : m > 8)
-                         : choice == SmallMChoice::kMulti;
-  if (vec && multi) {
-    // Several rows per matrix: the multi-output kernel (x loads shared by 4 weight vectors).
-    const int outs_per_block = kLinWarps * (swiglu ? 2 : 4);
-    dim3 mgrid(static_cast<unsigned>((out + outs_per_block - 1) / outs_per_block), grid.y);
-#define MOEMESH_SMALLM_MULTI(S, R)                                                        \
-  SmallMMultiKernel<WT, S, R><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy, \
-                                                           accumulate, groups)
-    if (per_group <= 4) {
-      if (swiglu) MOEMESH_SMALLM_MULTI(true, 4); else MOEMESH_SMALLM_MULTI(false, 4);
-    } else {
-      if (swiglu) MOEMESH_SMALLM_MULTI(true, 8); else MOEMESH_SMALLM_MULTI(false, 8);
-    }
-#undef MOEMESH_SMALLM_MULTI
-    return cudaGetLastError();
-  }
+  const int64_t per_group = grouped ? (m + groups.max_groups - 1) / groups.max_groups : m;
+  const bool multi = vec && (choice == SmallMChoice::kAuto ? (grouped ? per_group >= 2 : m > 8)
+                                                           : choice == SmallMChoice::kMulti);
   const bool one = m <= 8;  // decode-sized: rows re-read the weights from L2, not DRAM
-  if (vec && one) {
-    // Split each sum over 2 or 4 warps while the product has fewer than 2 warps' worth of output
-    // rows per SM slot (32 warps per SM at this kernel's 64 registers).
-    const int64_t rows = out * grid.y;
-    int split = 1;
-    while (split < 4 && rows * split < 2LL * SmCount() * 32) split *= 2;
-    if (split > 1) {
-      dim3 sgrid(static_cast<unsigned>((out + kLinWarps / split - 1) / (kLinWarps / split)),
-                 grid.y);
-#define MOEMESH_SPLITK(S, P)                                                                \
-  SplitKKernel<WT, S, P><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy, accumulate, \
-                                                      groups)
-      if (split == 2) {
-        if (swiglu) MOEMESH_SPLITK(true, 2); else MOEMESH_SPLITK(false, 2);
-      } else {
-        if (swiglu) MOEMESH_SPLITK(true, 4); else MOEMESH_SPLITK(false, 4);
+  if (norm && !(vec && one && !multi)) {
+    // Not the one-row kernels: normalize first, then the product reads xn.
+    const cudaError_t e = RmsNorm(x, fz.norm_w, m, in, fz.eps, fz.xn, stream);
+    if (e != cudaSuccess) return e;
+    x = fz.xn;
+    norm = false;
+    fz.norm_w = nullptr;
+  }
+  const bool fuse_comb = comb && !multi && fz.n <= kFusedCombineRows;
+  SmallMFusion kf = fz;  // what the kernel takes in
+  if (!fuse_comb) kf.out = nullptr;
+  // The kernel variant for (norm, combine fused): SwiGLU products take in neither.
+  auto launch = [&](auto norm_tag, auto comb_tag) -> cudaError_t {
+    constexpr bool kN = decltype(norm_tag)::value, kC = decltype(comb_tag)::value;
+    if (vec && multi) {
+      // Several rows per matrix: the multi-output kernel (x loads shared by 4 weight vectors).
+      const int outs_per_block = kLinWarps * (swiglu ? 2 : 4);
+      dim3 mgrid(static_cast<unsigned>((out + outs_per_block - 1) / outs_per_block), grid.y);
+      if constexpr (!kN && !kC) {
+        if (per_group <= 4) {
+          if (swiglu) {
+            SmallMMultiKernel<WT, true, 4><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
+                                                                        ldy, accumulate, groups);
+          } else {
+            SmallMMultiKernel<WT, false, 4><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
+                                                                         ldy, accumulate, groups);
+          }
+        } else if (swiglu) {
+          SmallMMultiKernel<WT, true, 8><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
+                                                                      ldy, accumulate, groups);
+        } else {
+          SmallMMultiKernel<WT, false, 8><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
+                                                                       ldy, accumulate, groups);
+        }
       }
-#undef MOEMESH_SPLITK
       return cudaGetLastError();
     }
-  }
-  if (vec && swiglu) {
-    if (one) MOEMESH_SMALLM(true, true, 1); else MOEMESH_SMALLM(true, true, 8);
-  } else if (vec) {
-    if (one) MOEMESH_SMALLM(true, false, 1); else MOEMESH_SMALLM(true, false, 8);
-  } else if (swiglu) {
-    MOEMESH_SMALLM(false, true, 8);
-  } else {
-    MOEMESH_SMALLM(false, false, 8);
-  }
-#undef MOEMESH_SMALLM
-  return cudaGetLastError();
+    if (vec && one) {
+      // Split each sum over 2 or 4 warps while the product has fewer than 2 warps' worth of
+      // output rows per SM slot (32 warps per SM at this kernel's 64 registers).
+      const int64_t rows = out * grid.y;
+      int split = 1;
+      while (split < 4 && rows * split < 2LL * SmCount() * 32) split *= 2;
+      if (split > 1) {
+        dim3 sgrid(static_cast<unsigned>((out + kLinWarps / split - 1) / (kLinWarps / split)),
+                   grid.y);
+        if (swiglu) {
+          if constexpr (!kN && !kC) {
+            if (split == 2) {
+              SplitKKernel<WT, true, 2><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                                     accumulate, groups, kf);
+            } else {
+              SplitKKernel<WT, true, 4><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                                     accumulate, groups, kf);
+            }
+          }
+        } else if (split == 2) {
+          SplitKKernel<WT, false, 2, kN, kC><<<sgrid, block, 0, stream>>>(
+              w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
+        } else {
+          SplitKKernel<WT, false, 4, kN, kC><<<sgrid, block, 0, stream>>>(
+              w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
+        }
+        return cudaGetLastError();
+      }
+    }
+    if (swiglu) {
+      if constexpr (!kN && !kC) {
+        if (vec && one) {
+          SmallMKernel<WT, true, true, 1><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                                      accumulate, groups, kf);
+        } else if (vec) {
+          SmallMKernel<WT, true, true, 8><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                                      accumulate, groups, kf);
+        } else {
+          SmallMKernel<WT, false, true, 8><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
+                                                                       ldy, accumulate, groups, kf);
+        }
+      }
+    } else if (vec && one) {
+      SmallMKernel<WT, true, false, 1, kN, kC><<<grid, block, 0, stream>>>(
+          w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
+    } else if constexpr (!kN) {
+      if (vec) {
+        SmallMKernel<WT, true, false, 8, false, kC><<<grid, block, 0, stream>>>(
+            w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
+      } else {
+        SmallMKernel<WT, false, false, 8, false, kC><<<grid, block, 0, stream>>>(
+            w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
+      }
+    }
+    return cudaGetLastError();
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  const cudaError_t e = norm ? launch(T(), F()) : fuse_comb ? launch(F(), T()) : launch(F(), F());
+  if (e != cudaSuccess || !comb || fuse_comb) return e;
+  return CombineExperts(y, fz.where, fz.weights, fz.n, fz.k, out, fz.out, stream);
 }
 
 __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* y) {
@@ -1002,14 +1154,14 @@ unsigned GridFor(int64_t n, int threads) {
 cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
                          const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
                          bool swiglu, const Groups& groups, cudaStream_t stream,
-                         SmallMChoice choice) {
+                         SmallMChoice choice, const SmallMFusion& fusion) {
   if (m <= 0 || out <= 0) return cudaSuccess;
   if (wt == WType::kF32) {
     return LaunchSmallM(static_cast<const float*>(w), bias, out, in, x, m, y, ldy, accumulate,
-                        swiglu, groups, stream, choice);
+                        swiglu, groups, stream, choice, fusion);
   }
   return LaunchSmallM(static_cast<const uint16_t*>(w), bias, out, in, x, m, y, ldy, accumulate,
-                      swiglu, groups, stream, choice);
+                      swiglu, groups, stream, choice, fusion);
 }
 
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,

@@ -44,10 +44,36 @@ struct Groups {
 // 8-row kOne add in the same order (same results bit for bit). The vector kernels need in % 8 == 0
 // and 16-byte aligned w and x; otherwise a scalar variant of kOne runs.
 enum class SmallMChoice { kAuto, kOne, kMulti };
+
+// What a small-batch product can take in with it, so that a decode step launches fewer kernels
+// (each optional; not both in one call).
+// - RMSNorm of the input (norm_w set; no groups, no SwiGLU): the product multiplies
+//   RmsNorm(x, norm_w, eps) rather than x, and that normalized x is written to xn ([m, in], not
+//   x's memory). In the one-row kernels (m <= 8, vector loads) each warp sums its row's squares
+//   as it streams the weights and scales its sum by the row's rsqrt(mean(x^2) + eps): the norm's
+//   value up to rounding; block 0 writes xn. Otherwise RmsNorm runs first, into xn.
+// - The MoE combine of the product's output (out set; no SwiGLU; y's row stride = out):
+//   CombineExperts(y, where, weights, n, k, out dim, out), the same sums bit for bit. In kOne's
+//   kernels, for n <= 8, the last warp to finish each column of blocks adds its outputs (the
+//   blocks count themselves in `counters`: device [out dim] zeros, left zero); otherwise a
+//   separate launch.
+struct SmallMFusion {
+  const float* norm_w = nullptr;  // [in]
+  float eps = 0.0f;
+  float* xn = nullptr;  // [m, in]
+  const int32_t* where = nullptr;  // [n * k]
+  const float* weights = nullptr;  // [n * k]
+  int32_t n = 0, k = 0;
+  float* out = nullptr;  // [n, out dim]
+  uint32_t* counters = nullptr;
+};
+constexpr int64_t kFusedCombineRows = 8;
+
 cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
                          const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
                          bool swiglu, const Groups& groups, cudaStream_t stream,
-                         SmallMChoice kernel = SmallMChoice::kAuto);
+                         SmallMChoice kernel = SmallMChoice::kAuto,
+                         const SmallMFusion& fusion = SmallMFusion());
 
 // y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, rows of `dim`; y may equal x.
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,

@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -132,6 +134,27 @@ inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::SyncWarp(); }
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
   return ::emu::Shuffle(v, ::emu::Ctx().lane ^ static_cast<unsigned>(lane_mask));
+}
+// Lane `src`'s value (the full-warp form only: no kernel uses a narrower width).
+template <typename T>
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  if (width != 32) {
+    std::fprintf(stderr, "CUDA emulation: __shfl_sync: only width 32 is emulated\n");
+    std::abort();
+  }
+  return ::emu::Shuffle(v, static_cast<unsigned>(src) % 32u);
+}
+// One block runs at a time and its threads switch only at barriers and shuffles, so a
+// read-modify-write is atomic and memory is always coherent.
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
 }
 inline float __uint_as_float(unsigned u) {
   float f;
