@@ -641,11 +641,7 @@ absl::Status CudaExpertShard::RunGrouped(Exec& ex, Scratch& s, int32_t layer, co
     combine.n = static_cast<int32_t>(n);
     combine.k = static_cast<int32_t>(k);
     combine.out = out;
-    if (s.d_counters.bytes() < static_cast<size_t>(H) * sizeof(uint32_t)) {
-      MOEMESH_OK(s.d_counters.Reserve(H * sizeof(uint32_t)));
-      MOEMESH_CUDA(cudaMemsetAsync(s.d_counters.get(), 0, s.d_counters.bytes(), ex.stream()));
-    }
-    combine.counters = s.d_counters.as<uint32_t>();
+    MOEMESH_OK(FusionCounters(ex, s, &combine.counters));
     MOEMESH_CUDA(SmallMLinear(L.down.w.get(), L.down.wt, nullptr, H, W, act, A, y, H, false,
                               false, plan.groups, ex.stream(), SmallMChoice::kAuto, combine));
     return absl::OkStatus();
@@ -803,8 +799,8 @@ absl::Status CudaExpertShard::DevicePlan(Scratch& s, int64_t n, int64_t k, Plan*
   return absl::OkStatus();
 }
 
-absl::Status CudaExpertShard::RunDeviceRouted(Exec& ex, int32_t layer, const float* x, int64_t n,
-                                              const float* router_logits,
+absl::Status CudaExpertShard::RunDeviceRouted(Exec& ex, int32_t layer, const float* h,
+                                              int64_t n, const Router& router,
                                               const int32_t* k_per_row, int64_t kmax,
                                               bool normalize, int32_t* ids, float* weights,
                                               float* out) const {
@@ -812,23 +808,55 @@ absl::Status CudaExpertShard::RunDeviceRouted(Exec& ex, int32_t layer, const flo
     return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
   }
   if (n <= 0) return absl::OkStatus();
+  const DeviceMatrix& rm = *router.mat;
+  if (rm.has_bias || rm.rows != num_experts_) {
+    return absl::InvalidArgumentError("router: one row per expert, no bias");
+  }
   if (n <= kRouteMaxRows && GroupsOnDevice(n, kmax) &&
       RouteAndGroupSmem(n, num_experts_, kmax) <= 48 * 1024) {
-    // A decode step: routing and grouping in one launch.
+    // A decode step: norm, router, routing and grouping in one launch (n <= 8) or two.
     std::lock_guard<std::mutex> lock(device_mu_);
     if (device_scratch_ == nullptr) device_scratch_ = std::make_unique<Scratch>();
     Scratch* s = device_scratch_.get();
     Plan plan;
     GroupArrays g;
     MOEMESH_OK(DevicePlan(*s, n, kmax, &plan, &g));
-    MOEMESH_CUDA(RouteAndGroup(router_logits, n, num_experts_, k_per_row, kmax, normalize, ids,
-                               weights, layers_[layer].d_slot.as<int32_t>(), g.num_groups,
-                               g.slot, g.row_begin, g.perm, g.where, ex.stream()));
-    return RunGrouped(ex, *s, layer, x, n, plan, kmax, weights, out);
+    SmallMFusion f;
+    MOEMESH_OK(FusionCounters(ex, *s, &f.counters));
+    f.route = RouteArgs{k_per_row, static_cast<int32_t>(kmax), normalize, ids, weights,
+                        layers_[layer].d_slot.as<int32_t>(), g.num_groups, g.slot,
+                        g.row_begin, g.perm, g.where};
+    if (n <= kSmallM) {
+      f.norm_w = router.norm_w;
+      f.eps = router.eps;
+      f.xn = router.xn;
+      MOEMESH_CUDA(SmallMLinear(rm.matrix(0), rm.wt, nullptr, rm.rows, rm.in, h, n,
+                                router.logits, rm.rows, false, false, Groups(), ex.stream(),
+                                SmallMChoice::kAuto, f));
+    } else {
+      MOEMESH_CUDA(RmsNorm(h, router.norm_w, n, rm.in, router.eps, router.xn, ex.stream()));
+      MOEMESH_OK(Project(ex, rm, 0, router.xn, n, router.logits, rm.rows, false, false));
+      MOEMESH_CUDA(RouteAndGroup(router.logits, n, num_experts_, k_per_row, kmax, normalize, ids,
+                                 weights, f.route.slot_of_expert, g.num_groups, g.slot,
+                                 g.row_begin, g.perm, g.where, ex.stream()));
+    }
+    return RunGrouped(ex, *s, layer, router.xn, n, plan, kmax, weights, out);
   }
-  MOEMESH_CUDA(TopKRouting(router_logits, n, num_experts_, k_per_row, kmax, normalize, ids,
+  MOEMESH_OK(ProjectNormed(ex, rm, h, router.norm_w, router.eps, router.xn, n, router.logits,
+                           rm.rows));
+  MOEMESH_CUDA(TopKRouting(router.logits, n, num_experts_, k_per_row, kmax, normalize, ids,
                            weights, ex.stream()));
-  return RunDevice(ex, layer, x, n, ids, weights, kmax, out);
+  return RunDevice(ex, layer, router.xn, n, ids, weights, kmax, out);
+}
+
+absl::Status CudaExpertShard::FusionCounters(Exec& ex, Scratch& s, uint32_t** counters) const {
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(hidden_, 1)) * sizeof(uint32_t);
+  if (s.d_counters.bytes() < bytes) {
+    MOEMESH_OK(s.d_counters.Reserve(bytes));
+    MOEMESH_CUDA(cudaMemsetAsync(s.d_counters.get(), 0, s.d_counters.bytes(), ex.stream()));
+  }
+  *counters = s.d_counters.as<uint32_t>();
+  return absl::OkStatus();
 }
 
 bool CudaExpertShard::GroupsOnDevice(int64_t n, int64_t k) const {
@@ -959,6 +987,7 @@ struct CudaAttentionStack::Scratch {
   PinnedBuffer h_hidden, h_idx, h_xn, h_route, h_moe, h_argmax;
   DeviceBuffer d_idx, h, xn, qkv, q, att, rl, ids, w, tmp, act, g, sel, logits, d_argmax;
   DeviceBuffer att_part;  // PagedAttention's split partials
+  DeviceBuffer counters;  // the fused qkv product's (a zero, which the kernels leave zero)
 };
 
 CudaAttentionStack::~CudaAttentionStack() {
@@ -1145,6 +1174,10 @@ absl::Status CudaAttentionStack::RunLocked(const std::vector<SeqStep>& batch, fl
   MOEMESH_OK(s.w.Reserve(T * kmax * 4));
   MOEMESH_OK(s.tmp.Reserve(T * H * 4));
   MOEMESH_OK(s.g.Reserve(T * 4));
+  if (s.counters.bytes() == 0) {
+    MOEMESH_OK(s.counters.Reserve(sizeof(uint32_t)));
+    MOEMESH_CUDA(cudaMemsetAsync(s.counters.get(), 0, s.counters.bytes(), st));
+  }
   MOEMESH_CUDA(cudaMemcpyAsync(s.h.get(), s.h_hidden.get(), T * H * 4, cudaMemcpyHostToDevice,
                                st));
 
@@ -1215,12 +1248,30 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
 
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
-    MOEMESH_OK(ProjectNormed(ex, L.qkv, d_h, L.input_norm.as<float>(), eps, d_xn, T,
-                             s.qkv.as<float>(), qkvd));
-    MOEMESH_CUDA(PrepareQkv(s.qkv.as<float>(), T, nh, nkv, hd, clip, qk_mode,
-                            L.q_norm.as<float>(), L.k_norm.as<float>(), eps,
-                            inv_freq_.as<float>(), static_cast<int64_t>(l), pk, s.q.as<float>(),
-                            st));
+    const QkvArgs prep{static_cast<int32_t>(nh), static_cast<int32_t>(nkv),
+                       static_cast<int32_t>(hd), clip, qk_mode, L.q_norm.as<float>(),
+                       L.k_norm.as<float>(), eps, inv_freq_.as<float>(),
+                       static_cast<int64_t>(l), pk, s.q.as<float>()};
+    if (T <= kSmallM) {
+      // Norm, qkv and (one token) the q/k norm, RoPE and KV write in one launch.
+      SmallMFusion f;
+      f.norm_w = L.input_norm.as<float>();
+      f.eps = eps;
+      f.xn = d_xn;
+      f.counters = s.counters.as<uint32_t>();
+      f.qkv = prep;
+      MOEMESH_CUDA(SmallMLinear(L.qkv.matrix(0), L.qkv.wt,
+                                L.qkv.has_bias ? L.qkv.bias.as<float>() : nullptr, qkvd, H, d_h,
+                                T, s.qkv.as<float>(), qkvd, false, false, Groups(), st,
+                                SmallMChoice::kAuto, f));
+    } else {
+      MOEMESH_OK(ProjectNormed(ex, L.qkv, d_h, L.input_norm.as<float>(), eps, d_xn, T,
+                               s.qkv.as<float>(), qkvd));
+      MOEMESH_CUDA(PrepareQkv(s.qkv.as<float>(), T, nh, nkv, hd, clip, qk_mode,
+                              L.q_norm.as<float>(), L.k_norm.as<float>(), eps,
+                              inv_freq_.as<float>(), static_cast<int64_t>(l), pk,
+                              s.q.as<float>(), st));
+    }
     MOEMESH_CUDA(PagedAttention(s.q.as<float>(), T, nh, nkv, hd, static_cast<int64_t>(l), pk,
                                 s.att.as<float>(), st, a.splits, s.att_part.as<float>()));
     MOEMESH_OK(Project(ex, L.o, 0, s.att.as<float>(), T, d_h, H, true, false));
@@ -1228,14 +1279,15 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
     if (!L.moe) MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));
     if (L.moe) {
       // The router's product writes xn for the experts (and a shared MLP).
-      MOEMESH_OK(ProjectNormed(ex, L.router, d_h, L.post_norm.as<float>(), eps, d_xn, T,
-                               s.rl.as<float>(), E));
       if (a.same_gpu != nullptr) {
-        MOEMESH_OK(a.same_gpu->RunDeviceRouted(ex, static_cast<int32_t>(l), d_xn, T,
-                                               s.rl.as<float>(), a.d_k, kmax,
-                                               arch_.norm_topk_prob, s.ids.as<int32_t>(),
-                                               s.w.as<float>(), d_h));
+        const CudaExpertShard::Router router{&L.router, L.post_norm.as<float>(), eps, d_xn,
+                                             s.rl.as<float>()};
+        MOEMESH_OK(a.same_gpu->RunDeviceRouted(ex, static_cast<int32_t>(l), d_h, T, router,
+                                               a.d_k, kmax, arch_.norm_topk_prob,
+                                               s.ids.as<int32_t>(), s.w.as<float>(), d_h));
       } else {
+        MOEMESH_OK(ProjectNormed(ex, L.router, d_h, L.post_norm.as<float>(), eps, d_xn, T,
+                                 s.rl.as<float>(), E));
         MOEMESH_CUDA(TopKRouting(s.rl.as<float>(), T, E, a.d_k, kmax, arch_.norm_topk_prob,
                                  s.ids.as<int32_t>(), s.w.as<float>(), st));
         // Experts elsewhere (other processes, the CPU, another GPU): through host memory.

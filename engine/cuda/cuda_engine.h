@@ -186,13 +186,22 @@ class CudaExpertShard : public ExpertShard {
   // does), so that the work of one call never overlaps the next.
   absl::Status RunDevice(Exec& ex, int32_t layer, const float* x, int64_t n, const int32_t* ids,
                          const float* weights, int64_t k, float* out) const;
-  // RunDevice from the router's logits [n, experts] (top k per row as TopKRouting, written to
-  // the device scratch ids/weights [n, kmax]): a decode-sized step (n <= kRouteMaxRows) routes
-  // and groups in one launch (RouteAndGroup); others run TopKRouting, then RunDevice.
-  absl::Status RunDeviceRouted(Exec& ex, int32_t layer, const float* x, int64_t n,
-                               const float* router_logits, const int32_t* k_per_row,
-                               int64_t kmax, bool normalize, int32_t* ids, float* weights,
-                               float* out) const;
+  // A MoE layer's router and experts from its input h [n, hidden]: xn = RmsNorm(h, norm_w),
+  // logits = xn router^T ([n, experts], no bias), top k per row as TopKRouting (into the device
+  // ids/weights [n, kmax]), then RunDevice on xn. A decode-sized step (n <= 8) does the norm,
+  // the router and the routing and grouping in one launch (SmallMFusion); up to kRouteMaxRows
+  // rows route and group in one launch after the router's; larger batches run TopKRouting,
+  // then RunDevice.
+  struct Router {
+    const DeviceMatrix* mat = nullptr;
+    const float* norm_w = nullptr;
+    float eps = 0.0f;
+    float* xn = nullptr;      // [n, hidden]
+    float* logits = nullptr;  // [n, experts]
+  };
+  absl::Status RunDeviceRouted(Exec& ex, int32_t layer, const float* h, int64_t n,
+                               const Router& router, const int32_t* k_per_row, int64_t kmax,
+                               bool normalize, int32_t* ids, float* weights, float* out) const;
   // Whether RunDevice groups n x k assignments on the GPU: then it makes no host round trip and
   // allocates nothing once its buffers have grown, so the call can be captured in a CUDA graph.
   bool GroupsOnDevice(int64_t n, int64_t k) const;
@@ -209,6 +218,8 @@ class CudaExpertShard : public ExpertShard {
   absl::Status RunGrouped(Exec& ex, Scratch& s, int32_t layer, const float* x, int64_t n,
                           const Plan& plan, int64_t k, const float* d_weights,
                           float* out) const;
+  // s's counters of the fused combine and routing (hidden_ zeros, which the kernels leave zero).
+  absl::Status FusionCounters(Exec& ex, Scratch& s, uint32_t** counters) const;
   std::unique_ptr<Scratch> TakeScratch() const;
   void GiveScratch(std::unique_ptr<Scratch> s) const;
 

@@ -113,6 +113,37 @@ __device__ __forceinline__ const float* XRow(const float* x, const Groups& group
 
 constexpr int kLinWarps = 8;  // output rows per block
 
+// What a small-batch kernel does after its product (SmallMFusion): nothing, the MoE combine of
+// its output, or (SplitKKernel) the routing of its output logits.
+constexpr int kTailNone = 0, kTailCombine = 1, kTailRoute = 2, kTailQkv = 3;
+
+// Whether this block is the grid's last to get here (every thread of the block calls it, after
+// its stores; the same answer in every thread). Resets the count for the next launch. The
+// stores are ordered before the count by the barrier and a fence (cumulative), and the last
+// block's reads after it by a fence; its reads of other blocks' stores go to L2 (__ldcg).
+__device__ bool LastBlock(uint32_t* count) {
+  __shared__ unsigned last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(count, 1u) == gridDim.x * gridDim.y - 1 ? 1u : 0u;
+    if (last != 0) {
+      *count = 0;
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+__device__ void PrepareQkvTokens(const float* qkv, int m, const QkvArgs& a, float* s);
+
+__device__ void RouteGroupsBlock(const float* logits, int rows, int experts,
+                                 const int32_t* k_per_row, int kmax, bool normalize, int32_t* ids,
+                                 float* weights, const int32_t* slot_of_expert,
+                                 int32_t* num_groups, int32_t* group_slot, int32_t* row_begin,
+                                 int32_t* perm, int32_t* where, float* route_sm);
+
 // The fused MoE combine of a product's output (SmallMFusion): each warp of the grid counts
 // itself in when done with its outputs; the last of blockIdx.x's column (all of its groups'
 // blocks) adds outputs [o_begin, o_end) of every token, in CombineColumn's order (same sums).
@@ -159,16 +190,17 @@ __device__ __forceinline__ void WriteNormed(const float* xr, const SmallMFusion&
 }
 
 // kLinRows: x rows per pass over the weights (8 for batches; 1 for decode, where fewer
-// registers let more warps stream weights at once). kNorm, kComb: SmallMFusion's (kNorm: one-row
-// vector kernel without SwiGLU only; kComb: without SwiGLU).
+// registers let more warps stream weights at once). kNorm, kTail: SmallMFusion's (kNorm: one-row
+// vector kernel without SwiGLU only; kTail: none or the combine, without SwiGLU; SplitKKernel
+// alone takes the others).
 template <typename WT, bool kVec, bool kSwiglu, int kLinRows, bool kNorm = false,
-          bool kComb = false>
+          int kTail = kTailNone>
 __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
     SmallMKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                  const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
                  bool accumulate, Groups groups, SmallMFusion fz) {
   static_assert(!kNorm || (kVec && !kSwiglu && kLinRows == 1), "norm: one-row vector kernel");
-  static_assert(!kComb || !kSwiglu, "combine: no SwiGLU");
+  static_assert(kTail == kTailNone || (kTail == kTailCombine && !kSwiglu), "tail: the combine");
   int r0, r1;
   int64_t slot;
   const bool has_group = BlockGroup(groups, m, &r0, &r1, &slot);
@@ -258,7 +290,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
       }
     }
   }
-  if (kComb) {
+  if (kTail == kTailCombine) {
     ArriveAndCombine(fz, y, ldy, blockIdx.x * kLinWarps, (blockIdx.x + 1) * kLinWarps, out);
   }
 }
@@ -350,13 +382,13 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
 // decode products too narrow to give every SM enough warps streaming weights (Qwen3-30B-A3B's
 // o projection has 2048 output rows: ~16 warps per SM of an H100, each reading 8 KiB in a row).
 // The kSplit partial sums meet in shared memory, added in slice order.
-template <typename WT, bool kSwiglu, int kSplit, bool kNorm = false, bool kComb = false>
+template <typename WT, bool kSwiglu, int kSplit, bool kNorm = false, int kTail = kTailNone>
 __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
     SplitKKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                  const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
                  bool accumulate, Groups groups, SmallMFusion fz) {
   static_assert(kLinWarps % kSplit == 0, "warps per block must split evenly");
-  static_assert(!(kSwiglu && (kNorm || kComb)), "norm, combine: no SwiGLU");
+  static_assert(!(kSwiglu && (kNorm || kTail != kTailNone)), "norm, tails: no SwiGLU");
   constexpr int kOutsPerBlock = kLinWarps / kSplit;
   __shared__ float part[kLinWarps][3];
   int r0, r1;
@@ -428,9 +460,23 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
     }
     __syncthreads();  // `part` is reused by the next row
   }
-  if (kComb) {
+  if (kTail == kTailCombine) {
     ArriveAndCombine(fz, y, ldy, blockIdx.x * kOutsPerBlock, (blockIdx.x + 1) * kOutsPerBlock,
                      out);
+  } else if (kTail == kTailRoute || kTail == kTailQkv) {
+    // The grid's last block routes the m rows of logits (y, ldy == out) as RouteAndGroup does,
+    // or prepares the m tokens' q and KV rows as PrepareQkv does.
+    extern __shared__ float tail_sm[];
+    if (LastBlock(fz.counters)) {
+      if (kTail == kTailRoute) {
+        const RouteArgs& a = fz.route;
+        RouteGroupsBlock(y, m, out, a.k_per_row, a.kmax, a.normalize, a.ids, a.weights,
+                         a.slot_of_expert, a.num_groups, a.group_slot, a.row_begin, a.perm,
+                         a.where, tail_sm);
+      } else {
+        PrepareQkvTokens(y, m, fz.qkv, tail_sm);
+      }
+    }
   }
 }
 
@@ -454,9 +500,12 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
                          SmallMFusion fz) {
   const bool grouped = groups.num_groups != nullptr;
   bool norm = fz.norm_w != nullptr;
-  const bool comb = fz.out != nullptr;
+  const bool comb = fz.out != nullptr, route = fz.route.ids != nullptr,
+             qkv = fz.qkv.q_out != nullptr;
   if ((norm && (grouped || swiglu || fz.xn == nullptr || comb)) ||
-      (comb && (swiglu || ldy != out || fz.k <= 0 || fz.k > 32 || fz.counters == nullptr))) {
+      (comb + route + qkv > 1) || ((comb || route || qkv) && (swiglu || ldy != out)) ||
+      (comb && (fz.k <= 0 || fz.k > 32)) || ((route || qkv) && grouped) ||
+      ((comb || route || qkv) && fz.counters == nullptr)) {
     return cudaErrorInvalidValue;
   }
   const bool vec = in % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
@@ -470,8 +519,12 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   const int64_t per_group = grouped ? (m + groups.max_groups - 1) / groups.max_groups : m;
   const bool multi = vec && (choice == SmallMChoice::kAuto ? (grouped ? per_group >= 2 : m > 8)
                                                            : choice == SmallMChoice::kMulti);
-  const bool one = m <= 8;  // decode-sized: rows re-read the weights from L2, not DRAM
-  if (norm && !(vec && one && !multi)) {
+  const bool one = vec && !multi && m <= 8;  // decode-sized: the one-row kernels
+  // Split each sum over 2 or 4 warps while the product has fewer than 2 warps' worth of output
+  // rows per SM slot (32 warps per SM at the one-row kernels' 64 registers).
+  int split = 1;
+  while (one && split < 4 && out * grid.y * split < 2LL * SmCount() * 32) split *= 2;
+  if (norm && !one) {
     // Not the one-row kernels: normalize first, then the product reads xn.
     const cudaError_t e = RmsNorm(x, fz.norm_w, m, in, fz.eps, fz.xn, stream);
     if (e != cudaSuccess) return e;
@@ -479,17 +532,24 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
     norm = false;
     fz.norm_w = nullptr;
   }
-  const bool fuse_comb = comb && !multi && fz.n <= kFusedCombineRows;
-  SmallMFusion kf = fz;  // what the kernel takes in
-  if (!fuse_comb) kf.out = nullptr;
-  // The kernel variant for (norm, combine fused): SwiGLU products take in neither.
-  auto launch = [&](auto norm_tag, auto comb_tag) -> cudaError_t {
-    constexpr bool kN = decltype(norm_tag)::value, kC = decltype(comb_tag)::value;
-    if (vec && multi) {
+  const size_t tail_smem =
+      route ? RouteAndGroupSmem(m, out, fz.route.kmax)
+            : static_cast<size_t>(out) * sizeof(float);  // qkv: a token's row
+  const int tail = comb && !multi && fz.n <= kFusedCombineRows ? kTailCombine
+                   : route && split > 1 && m <= kLinWarps && tail_smem <= 48 * 1024
+                       ? kTailRoute
+                   : qkv && split > 1 && m == 1 && tail_smem <= 48 * 1024 ? kTailQkv
+                                                                         : kTailNone;
+  // The kernel variant for (norm, tail): SwiGLU products take in neither; only the split one-row
+  // kernel routes.
+  auto launch = [&](auto norm_tag, auto tail_tag) -> cudaError_t {
+    constexpr bool kN = decltype(norm_tag)::value;
+    constexpr int kT = decltype(tail_tag)::value;
+    if (multi) {
       // Several rows per matrix: the multi-output kernel (x loads shared by 4 weight vectors).
       const int outs_per_block = kLinWarps * (swiglu ? 2 : 4);
       dim3 mgrid(static_cast<unsigned>((out + outs_per_block - 1) / outs_per_block), grid.y);
-      if constexpr (!kN && !kC) {
+      if constexpr (!kN && kT == kTailNone) {
         if (per_group <= 4) {
           if (swiglu) {
             SmallMMultiKernel<WT, true, 4><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
@@ -506,69 +566,86 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
                                                                        ldy, accumulate, groups);
         }
       }
-      return cudaGetLastError();
-    }
-    if (vec && one) {
-      // Split each sum over 2 or 4 warps while the product has fewer than 2 warps' worth of
-      // output rows per SM slot (32 warps per SM at this kernel's 64 registers).
-      const int64_t rows = out * grid.y;
-      int split = 1;
-      while (split < 4 && rows * split < 2LL * SmCount() * 32) split *= 2;
-      if (split > 1) {
-        dim3 sgrid(static_cast<unsigned>((out + kLinWarps / split - 1) / (kLinWarps / split)),
-                   grid.y);
-        if (swiglu) {
-          if constexpr (!kN && !kC) {
-            if (split == 2) {
-              SplitKKernel<WT, true, 2><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                                     accumulate, groups, kf);
-            } else {
-              SplitKKernel<WT, true, 4><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                                     accumulate, groups, kf);
-            }
+    } else if (split > 1) {
+      dim3 sgrid(static_cast<unsigned>((out + kLinWarps / split - 1) / (kLinWarps / split)),
+                 grid.y);
+      const size_t smem = kT == kTailRoute || kT == kTailQkv ? tail_smem : 0;
+      if (swiglu) {
+        if constexpr (!kN && kT == kTailNone) {
+          if (split == 2) {
+            SplitKKernel<WT, true, 2><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                                   accumulate, groups, fz);
+          } else {
+            SplitKKernel<WT, true, 4><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                                   accumulate, groups, fz);
           }
-        } else if (split == 2) {
-          SplitKKernel<WT, false, 2, kN, kC><<<sgrid, block, 0, stream>>>(
-              w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
-        } else {
-          SplitKKernel<WT, false, 4, kN, kC><<<sgrid, block, 0, stream>>>(
-              w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
         }
-        return cudaGetLastError();
-      }
-    }
-    if (swiglu) {
-      if constexpr (!kN && !kC) {
-        if (vec && one) {
-          SmallMKernel<WT, true, true, 1><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                                      accumulate, groups, kf);
-        } else if (vec) {
-          SmallMKernel<WT, true, true, 8><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                                      accumulate, groups, kf);
-        } else {
-          SmallMKernel<WT, false, true, 8><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
-                                                                       ldy, accumulate, groups, kf);
-        }
-      }
-    } else if (vec && one) {
-      SmallMKernel<WT, true, false, 1, kN, kC><<<grid, block, 0, stream>>>(
-          w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
-    } else if constexpr (!kN) {
-      if (vec) {
-        SmallMKernel<WT, true, false, 8, false, kC><<<grid, block, 0, stream>>>(
-            w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
+      } else if (split == 2) {
+        SplitKKernel<WT, false, 2, kN, kT><<<sgrid, block, smem, stream>>>(
+            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
       } else {
-        SmallMKernel<WT, false, false, 8, false, kC><<<grid, block, 0, stream>>>(
-            w, bias, o, k, x, mm, y, ldy, accumulate, groups, kf);
+        SplitKKernel<WT, false, 4, kN, kT><<<sgrid, block, smem, stream>>>(
+            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+      }
+    } else if constexpr (kT != kTailRoute && kT != kTailQkv) {
+      if (swiglu) {
+        if constexpr (!kN && kT == kTailNone) {
+          if (one) {
+            SmallMKernel<WT, true, true, 1><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
+                                                                        ldy, accumulate, groups, fz);
+          } else if (vec) {
+            SmallMKernel<WT, true, true, 8><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
+                                                                        ldy, accumulate, groups, fz);
+          } else {
+            SmallMKernel<WT, false, true, 8><<<grid, block, 0, stream>>>(
+                w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+          }
+        }
+      } else if (one) {
+        SmallMKernel<WT, true, false, 1, kN, kT><<<grid, block, 0, stream>>>(
+            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+      } else if constexpr (!kN) {
+        if (vec) {
+          SmallMKernel<WT, true, false, 8, false, kT><<<grid, block, 0, stream>>>(
+              w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+        } else {
+          SmallMKernel<WT, false, false, 8, false, kT><<<grid, block, 0, stream>>>(
+              w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+        }
       }
     }
     return cudaGetLastError();
   };
-  using T = std::true_type;
-  using F = std::false_type;
-  const cudaError_t e = norm ? launch(T(), F()) : fuse_comb ? launch(F(), T()) : launch(F(), F());
-  if (e != cudaSuccess || !comb || fuse_comb) return e;
-  return CombineExperts(y, fz.where, fz.weights, fz.n, fz.k, out, fz.out, stream);
+  using N = std::integral_constant<bool, true>;
+  using P = std::integral_constant<bool, false>;
+  using TNone = std::integral_constant<int, kTailNone>;
+  using TComb = std::integral_constant<int, kTailCombine>;
+  using TRoute = std::integral_constant<int, kTailRoute>;
+  using TQkv = std::integral_constant<int, kTailQkv>;
+  cudaError_t e;
+  if (tail == kTailCombine) {
+    e = launch(P(), TComb());
+  } else if (tail == kTailRoute) {
+    e = norm ? launch(N(), TRoute()) : launch(P(), TRoute());
+  } else if (tail == kTailQkv) {
+    e = norm ? launch(N(), TQkv()) : launch(P(), TQkv());
+  } else {
+    e = norm ? launch(N(), TNone()) : launch(P(), TNone());
+  }
+  if (e != cudaSuccess || tail != kTailNone) return e;
+  if (comb) return CombineExperts(y, fz.where, fz.weights, fz.n, fz.k, out, fz.out, stream);
+  if (route) {
+    const RouteArgs& a = fz.route;
+    return RouteAndGroup(y, m, out, a.k_per_row, a.kmax, a.normalize, a.ids, a.weights,
+                         a.slot_of_expert, a.num_groups, a.group_slot, a.row_begin, a.perm,
+                         a.where, stream);
+  }
+  if (qkv) {
+    const QkvArgs& a = fz.qkv;
+    return PrepareQkv(y, m, a.heads, a.kv_heads, a.head_dim, a.clip, a.mode, a.q_norm, a.k_norm,
+                      a.eps, a.inv_freq, a.layer, a.kv, a.q_out, stream);
+  }
+  return cudaSuccess;
 }
 
 __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* y) {
@@ -610,17 +687,19 @@ __device__ __forceinline__ float KvFromF32<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ uint16_t KvFromF32<uint16_t>(float v) { return F32ToBf16(v); }
 
+// Token t's PrepareQkv by the whole block. s: (heads + 2 kv_heads) * hd floats of shared
+// memory; the block's threads meet at barriers. qkv is read from L2 (the fused qkv product's last
+// block reads rows other blocks wrote).
 template <typename KV>
-__global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int hd, float clip,
-                                 int mode, const float* q_norm, const float* k_norm, float eps,
-                                 const float* inv_freq, int64_t layer, PagedKv kv, float* q_out) {
-  extern __shared__ float s[];
+__device__ void PrepareQkvBlock(const float* qkv, int t, int heads, int kv_heads, int hd,
+                                float clip, int mode, const float* q_norm, const float* k_norm,
+                                float eps, const float* inv_freq, int64_t layer,
+                                const PagedKv& kv, float* q_out, float* s) {
   __shared__ float scratch[32];
-  const int t = blockIdx.x;
   const int qd = heads * hd, kvd = kv_heads * hd, n = qd + 2 * kvd;
   const float* row = qkv + static_cast<int64_t>(t) * n;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    float v = row[i];
+    float v = __ldcg(row + i);
     if (clip > 0.0f) v = fminf(fmaxf(v, -clip), clip);
     s[i] = v;
   }
@@ -671,6 +750,29 @@ __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int 
   for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
     kr[i] = KvFromF32<KV>(s[qd + i]);
     vr[i] = KvFromF32<KV>(s[qd + kvd + i]);
+  }
+}
+
+template <typename KV>
+__global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int hd, float clip,
+                                 int mode, const float* q_norm, const float* k_norm, float eps,
+                                 const float* inv_freq, int64_t layer, PagedKv kv, float* q_out) {
+  extern __shared__ float s[];
+  PrepareQkvBlock<KV>(qkv, blockIdx.x, heads, kv_heads, hd, clip, mode, q_norm, k_norm, eps,
+                      inv_freq, layer, kv, q_out, s);
+}
+
+// Tokens [0, m) of PrepareQkv (a QkvArgs) by one block, one after the other.
+__device__ void PrepareQkvTokens(const float* qkv, int m, const QkvArgs& a, float* s) {
+  for (int t = 0; t < m; ++t) {
+    if (a.kv.bf16) {
+      PrepareQkvBlock<uint16_t>(qkv, t, a.heads, a.kv_heads, a.head_dim, a.clip, a.mode,
+                                a.q_norm, a.k_norm, a.eps, a.inv_freq, a.layer, a.kv, a.q_out, s);
+    } else {
+      PrepareQkvBlock<float>(qkv, t, a.heads, a.kv_heads, a.head_dim, a.clip, a.mode, a.q_norm,
+                             a.k_norm, a.eps, a.inv_freq, a.layer, a.kv, a.q_out, s);
+    }
+    __syncthreads();  // s is the next token's
   }
 }
 
@@ -798,11 +900,12 @@ __device__ void TopKRow(const float* logits, int r, int lane, int experts,
                         float* weights, float* p) {
   const float* lr = logits + static_cast<int64_t>(r) * experts;
   float mx = -INFINITY;
-  for (int e = lane; e < experts; e += kWarp) mx = fmaxf(mx, lr[e]);
+  // L2 loads: the fused router product's last block reads logits other blocks wrote.
+  for (int e = lane; e < experts; e += kWarp) mx = fmaxf(mx, __ldcg(lr + e));
   mx = WarpMax(mx);
   float sum = 0.0f;
   for (int e = lane; e < experts; e += kWarp) {
-    const float v = expf(lr[e] - mx);
+    const float v = expf(__ldcg(lr + e) - mx);
     p[e] = v;
     sum += v;
   }
@@ -914,12 +1017,11 @@ __global__ void BuildGroupsKernel(const int32_t* ids, int nk, int k, int experts
 
 // TopK for `rows` rows (a warp each) then the grouping, in one block: a decode step's routing
 // in one launch. Shared: [rows][experts] floats, then GroupBlock's.
-__global__ void RouteGroupsKernel(const float* logits, int rows, int experts,
-                                  const int32_t* k_per_row, int kmax, bool normalize,
-                                  int32_t* ids, float* weights, const int32_t* slot_of_expert,
-                                  int32_t* num_groups, int32_t* group_slot, int32_t* row_begin,
-                                  int32_t* perm, int32_t* where) {
-  extern __shared__ float route_sm[];
+__device__ void RouteGroupsBlock(const float* logits, int rows, int experts,
+                                 const int32_t* k_per_row, int kmax, bool normalize, int32_t* ids,
+                                 float* weights, const int32_t* slot_of_expert,
+                                 int32_t* num_groups, int32_t* group_slot, int32_t* row_begin,
+                                 int32_t* perm, int32_t* where, float* route_sm) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   if (warp < rows) {
     TopKRow(logits, warp, lane, experts, k_per_row, kmax, normalize, ids, weights,
@@ -928,6 +1030,16 @@ __global__ void RouteGroupsKernel(const float* logits, int rows, int experts,
   __syncthreads();  // ids in global memory, visible to the block from here
   GroupBlock(ids, rows * kmax, kmax, experts, slot_of_expert, num_groups, group_slot, row_begin,
              perm, where, reinterpret_cast<int32_t*>(route_sm + rows * experts));
+}
+
+__global__ void RouteGroupsKernel(const float* logits, int rows, int experts,
+                                  const int32_t* k_per_row, int kmax, bool normalize,
+                                  int32_t* ids, float* weights, const int32_t* slot_of_expert,
+                                  int32_t* num_groups, int32_t* group_slot, int32_t* row_begin,
+                                  int32_t* perm, int32_t* where) {
+  extern __shared__ float route_sm[];
+  RouteGroupsBlock(logits, rows, experts, k_per_row, kmax, normalize, ids, weights,
+                   slot_of_expert, num_groups, group_slot, row_begin, perm, where, route_sm);
 }
 
 // Block (position, layer, K or V): one row.

@@ -45,40 +45,6 @@ struct Groups {
 // and 16-byte aligned w and x; otherwise a scalar variant of kOne runs.
 enum class SmallMChoice { kAuto, kOne, kMulti };
 
-// What a small-batch product can take in with it, so that a decode step launches fewer kernels
-// (each optional; not both in one call).
-// - RMSNorm of the input (norm_w set; no groups, no SwiGLU): the product multiplies
-//   RmsNorm(x, norm_w, eps) rather than x, and that normalized x is written to xn ([m, in], not
-//   x's memory). In the one-row kernels (m <= 8, vector loads) each warp sums its row's squares
-//   as it streams the weights and scales its sum by the row's rsqrt(mean(x^2) + eps): the norm's
-//   value up to rounding; block 0 writes xn. Otherwise RmsNorm runs first, into xn.
-// - The MoE combine of the product's output (out set; no SwiGLU; y's row stride = out):
-//   CombineExperts(y, where, weights, n, k, out dim, out), the same sums bit for bit. In kOne's
-//   kernels, for n <= 8, the last warp to finish each column of blocks adds its outputs (the
-//   blocks count themselves in `counters`: device [out dim] zeros, left zero); otherwise a
-//   separate launch.
-struct SmallMFusion {
-  const float* norm_w = nullptr;  // [in]
-  float eps = 0.0f;
-  float* xn = nullptr;  // [m, in]
-  const int32_t* where = nullptr;  // [n * k]
-  const float* weights = nullptr;  // [n * k]
-  int32_t n = 0, k = 0;
-  float* out = nullptr;  // [n, out dim]
-  uint32_t* counters = nullptr;
-};
-constexpr int64_t kFusedCombineRows = 8;
-
-cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
-                         const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
-                         bool swiglu, const Groups& groups, cudaStream_t stream,
-                         SmallMChoice kernel = SmallMChoice::kAuto,
-                         const SmallMFusion& fusion = SmallMFusion());
-
-// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, rows of `dim`; y may equal x.
-cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
-                    float* y, cudaStream_t stream);
-
 // Per-token attention input preparation. qkv: [T, q_dim + 2 kv_dim] (after bias). For token t
 // at position pos[t]: clip (clip > 0), q/k norm (mode 0 none, 1 per head, 2 over the whole
 // projection; weights q_norm, k_norm), rotary embedding (inv_freq: [head_dim / 2]), then
@@ -95,6 +61,82 @@ struct PagedKv {
   const int32_t* page_off = nullptr;  // [T] start of token t's sequence's list in `pages`
   const int32_t* pos = nullptr;       // [T] position of token t
 };
+
+// PrepareQkv's arguments other than qkv and the token count.
+struct QkvArgs {
+  int32_t heads = 0, kv_heads = 0, head_dim = 0;
+  float clip = 0.0f;
+  int32_t mode = 0;  // qk_norm_mode
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  float eps = 0.0f;
+  const float* inv_freq = nullptr;
+  int64_t layer = 0;
+  PagedKv kv;
+  float* q_out = nullptr;  // null: none
+};
+
+// RouteAndGroup's arguments other than the logits (see there).
+struct RouteArgs {
+  const int32_t* k_per_row = nullptr;
+  int32_t kmax = 0;
+  bool normalize = false;
+  int32_t* ids = nullptr;  // null: no routing
+  float* weights = nullptr;
+  const int32_t* slot_of_expert = nullptr;
+  int32_t* num_groups = nullptr;
+  int32_t* group_slot = nullptr;
+  int32_t* row_begin = nullptr;
+  int32_t* perm = nullptr;
+  int32_t* where = nullptr;
+};
+
+// What a small-batch product can take in with it, so that a decode step launches fewer kernels
+// (each optional; the norm goes with the routing, not with the combine).
+// - RMSNorm of the input (norm_w set; no groups, no SwiGLU): the product multiplies
+//   RmsNorm(x, norm_w, eps) rather than x, and that normalized x is written to xn ([m, in], not
+//   x's memory). In the one-row kernels (m <= 8, vector loads) each warp sums its row's squares
+//   as it streams the weights and scales its sum by the row's rsqrt(mean(x^2) + eps): the norm's
+//   value up to rounding; block 0 writes xn. Otherwise RmsNorm runs first, into xn.
+// - The MoE combine of the product's output (out set; no SwiGLU; y's row stride = out):
+//   CombineExperts(y, where, weights, n, k, out dim, out), the same sums bit for bit. In kOne's
+//   kernels, for n <= 8, the last warp to finish each column of blocks adds its outputs (the
+//   blocks count themselves in `counters`: device [out dim] zeros, left zero); otherwise a
+//   separate launch.
+// - The routing of the product's output logits (route.ids set; no groups, no SwiGLU; y's row
+//   stride = out): RouteAndGroup(y, m, out, route...), the same results bit for bit. In the
+//   one-row kernel with split sums (a router's shape), for m <= 8, by the grid's last block
+//   (counted in counters[0]: a device zero, left zero); otherwise a separate launch.
+// - PrepareQkv of the product's output (qkv.q_out set; no groups, no SwiGLU; y's row stride =
+//   out): the q/k norm, RoPE, q rows and the KV cache's rows of the m tokens, the same bits as
+//   PrepareQkv(y, m, qkv...). In the one-row kernel with split sums (the qkv projection's shape
+//   on a GPU of many SMs), for m = 1 and a PrepareQkv block's shared memory <= 48 KiB, by the
+//   grid's last block (counted in counters[0]); otherwise a separate launch. Goes with the norm.
+struct SmallMFusion {
+  const float* norm_w = nullptr;  // [in]
+  float eps = 0.0f;
+  float* xn = nullptr;  // [m, in]
+  const int32_t* where = nullptr;  // [n * k]
+  const float* weights = nullptr;  // [n * k]
+  int32_t n = 0, k = 0;
+  float* out = nullptr;  // [n, out dim]
+  uint32_t* counters = nullptr;
+  RouteArgs route;
+  QkvArgs qkv;
+};
+constexpr int64_t kFusedCombineRows = 8;
+
+cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
+                         const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,
+                         bool swiglu, const Groups& groups, cudaStream_t stream,
+                         SmallMChoice kernel = SmallMChoice::kAuto,
+                         const SmallMFusion& fusion = SmallMFusion());
+
+// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, rows of `dim`; y may equal x.
+cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
+                    float* y, cudaStream_t stream);
+
+// PrepareQkv: see PagedKv above.
 cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t kv_heads,
                        int64_t head_dim, float clip, int qk_norm_mode, const float* q_norm,
                        const float* k_norm, float eps, const float* inv_freq, int64_t layer,
