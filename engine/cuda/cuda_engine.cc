@@ -986,7 +986,8 @@ std::unique_ptr<KvCache> CudaAttentionStack::NewCache(int64_t capacity_tokens) c
 struct CudaAttentionStack::Scratch {
   PinnedBuffer h_hidden, h_idx, h_xn, h_route, h_moe, h_argmax;
   DeviceBuffer d_idx, h, xn, qkv, q, att, rl, ids, w, tmp, act, g, sel, logits, d_argmax;
-  DeviceBuffer att_part;  // PagedAttention's split partials
+  DeviceBuffer att_part;      // PagedAttention's split partials
+  DeviceBuffer att_counters;  // and its fused combine's counters (zeros, left zero)
   DeviceBuffer counters;  // the fused qkv product's (a zero, which the kernels leave zero)
 };
 
@@ -1189,7 +1190,13 @@ absl::Status CudaAttentionStack::RunLocked(const std::vector<SeqStep>& batch, fl
   }
   StepArgs a;
   a.splits = AttentionSplits(T, nh, max_context);
-  if (a.splits > 1) MOEMESH_OK(s.att_part.Reserve(T * nh * a.splits * (hd + 2) * 4));
+  if (a.splits > 1) {
+    MOEMESH_OK(s.att_part.Reserve(T * nh * a.splits * (hd + 2) * 4));
+    if (s.att_counters.bytes() < static_cast<size_t>(T * nh) * sizeof(uint32_t)) {
+      MOEMESH_OK(s.att_counters.Reserve(T * nh * sizeof(uint32_t)));
+      MOEMESH_CUDA(cudaMemsetAsync(s.att_counters.get(), 0, s.att_counters.bytes(), st));
+    }
+  }
   a.tokens = T;
   a.rows = R;
   a.kmax = kmax;
@@ -1273,7 +1280,8 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
                               s.q.as<float>(), st));
     }
     MOEMESH_CUDA(PagedAttention(s.q.as<float>(), T, nh, nkv, hd, static_cast<int64_t>(l), pk,
-                                s.att.as<float>(), st, a.splits, s.att_part.as<float>()));
+                                s.att.as<float>(), st, a.splits, s.att_part.as<float>(),
+                                s.att_counters.as<uint32_t>()));
     MOEMESH_OK(Project(ex, L.o, 0, s.att.as<float>(), T, d_h, H, true, false));
 
     if (!L.moe) MOEMESH_CUDA(RmsNorm(d_h, L.post_norm.as<float>(), T, H, eps, d_xn, st));

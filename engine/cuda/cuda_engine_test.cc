@@ -65,6 +65,24 @@ double MaxAbsDiff(const std::vector<float>& a, const std::vector<double>& b) {
   return m;
 }
 
+// A device routing's outputs (RouteAndGroup's, or TopKRouting's then BuildGroups') in one
+// vector: ids, the groups' slots and row begins, perm, where, then the group count.
+std::vector<int32_t> RoutingOutputs(const cuda::DeviceBuffer& ids, const cuda::DeviceBuffer& gs,
+                                    const cuda::DeviceBuffer& rb, const cuda::DeviceBuffer& perm,
+                                    const cuda::DeviceBuffer& where,
+                                    const cuda::DeviceBuffer& ng, int64_t nk) {
+  const int32_t G = Download(ng.as<int32_t>(), 1)[0];
+  const std::vector<int32_t> begin = Download(rb.as<int32_t>(), G + 1);
+  std::vector<int32_t> out = Download(ids.as<int32_t>(), nk);
+  for (int32_t v : Download(gs.as<int32_t>(), G)) out.push_back(v);
+  out.insert(out.end(), begin.begin(), begin.end());
+  for (int32_t v : Download(perm.as<int32_t>(), begin[G])) out.push_back(v);
+  for (int32_t v : Download(where.as<int32_t>(), nk)) out.push_back(v);
+  out.push_back(G);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  return out;
+}
+
 // ---------------------------------------------------------------- projections
 
 struct LinearCase {
@@ -473,7 +491,7 @@ TEST(SmallMFusionTest, RouteTakenInIsRouteAndGroup) {
       const int32_t* d_k = Upload(k, &dk);
       const std::vector<uint32_t> zero = {0};
       uint32_t* d_cnt = Upload(zero, &dcnt);
-      // Outputs: logits, then ids, group_slot, row_begin, perm, where, num_groups; weights.
+      // Outputs: RoutingOutputs; logits, then weights.
       auto run = [&](bool fused) {
         const int64_t nk = m * kmax;
         cuda::DeviceBuffer logits, xn, ids, wt, ng, gs, rb, perm, where;
@@ -509,18 +527,9 @@ TEST(SmallMFusionTest, RouteTakenInIsRouteAndGroup) {
                                         route.where, nullptr),
                     cudaSuccess);
         }
-        const int32_t G = Download(ng.as<int32_t>(), 1)[0];
-        std::vector<int32_t> begin = Download(rb.as<int32_t>(), G + 1);
         std::vector<float> floats = Download(logits.as<float>(), m * E);
         for (float v : Download(wt.as<float>(), nk)) floats.push_back(v);
-        std::vector<int32_t> ints = Download(ids.as<int32_t>(), nk);
-        for (int32_t v : Download(gs.as<int32_t>(), G)) ints.push_back(v);
-        ints.insert(ints.end(), begin.begin(), begin.end());
-        for (int32_t v : Download(perm.as<int32_t>(), begin[G])) ints.push_back(v);
-        for (int32_t v : Download(where.as<int32_t>(), nk)) ints.push_back(v);
-        ints.push_back(G);
-        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        return std::make_pair(ints, floats);
+        return std::make_pair(RoutingOutputs(ids, gs, rb, perm, where, ng, nk), floats);
       };
       const auto separate = run(false);
       for (int call = 0; call < 2; ++call) {
@@ -799,7 +808,7 @@ TEST(CudaKernelsTest, RouteAndGroupIsTopKThenBuildGroups) {
       const float* d_logits = Upload(logits, &dl);
       const int32_t* d_k = Upload(k, &dk);
       const int32_t* d_slot = Upload(slot, &dslot);
-      // Outputs: ids, weights, num_groups, group_slot, row_begin, perm, where.
+      // Outputs: RoutingOutputs, then the weights.
       auto run = [&](bool fused) {
         const int64_t nk = rows * kmax;
         cuda::DeviceBuffer ids, w, ng, gs, rb, perm, where;
@@ -821,17 +830,8 @@ TEST(CudaKernelsTest, RouteAndGroupIsTopKThenBuildGroups) {
                                       where.as<int32_t>(), nullptr),
                     cudaSuccess);
         }
-        const int32_t G = Download(ng.as<int32_t>(), 1)[0];
-        std::vector<int32_t> begin = Download(rb.as<int32_t>(), G + 1);
-        std::vector<float> weights = Download(w.as<float>(), nk);
-        std::vector<int32_t> out = Download(ids.as<int32_t>(), nk);
-        for (int32_t v : Download(gs.as<int32_t>(), G)) out.push_back(v);
-        out.insert(out.end(), begin.begin(), begin.end());
-        for (int32_t v : Download(perm.as<int32_t>(), begin[G])) out.push_back(v);
-        for (int32_t v : Download(where.as<int32_t>(), nk)) out.push_back(v);
-        out.push_back(G);
-        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        return std::make_pair(out, weights);
+        return std::make_pair(RoutingOutputs(ids, gs, rb, perm, where, ng, nk),
+                              Download(w.as<float>(), nk));
       };
       const auto separate = run(false), fused = run(true);
       EXPECT_EQ(fused.first, separate.first) << E << " experts, " << rows << " rows";
@@ -966,6 +966,24 @@ TEST(CudaKernelsTest, PrepareQkvAndPagedAttentionMatchCpu) {
               cudaSuccess);
     runs.push_back(Download(dout.as<float>(), T * qd));
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (splits > 1) {
+      // The combine by each (token, head)'s last split block: the same bits, twice (the
+      // counters are left at zero).
+      const std::vector<uint32_t> zeros(T * nh, 0);
+      cuda::DeviceBuffer dcnt;
+      uint32_t* d_cnt = Upload(zeros, &dcnt);
+      for (int call = 0; call < 2; ++call) {
+        const std::vector<float> nan_out(T * qd, std::nanf(""));
+        ASSERT_EQ(cudaMemcpy(dout.get(), nan_out.data(), T * qd * 4, cudaMemcpyHostToDevice),
+                  cudaSuccess);
+        ASSERT_EQ(cuda::PagedAttention(dq.as<float>(), T, nh, nkv, hd, layer, kv,
+                                       dout.as<float>(), nullptr, splits, part.as<float>(), d_cnt),
+                  cudaSuccess);
+        EXPECT_EQ(Download(dout.as<float>(), T * qd), runs.back())
+            << splits << " splits, fused combine, call " << call;
+        EXPECT_EQ(Download(d_cnt, T * nh), zeros);
+      }
+    }
   }
 
   // CPU: the same steps per sequence.
@@ -1090,8 +1108,9 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(info.param.rows);
     });
 
-// A long context through the whole model: steps past kAttentionSplitFrom positions (a prefill
-// chunk, then decode) run split attention on the GPU and give the CPU's logits and greedy tokens.
+// A long context through the whole model: steps of 690 positions and more (a prefill chunk, then
+// decode) run attention split over 16 blocks per head on the GPU and give the CPU's logits
+// and greedy tokens.
 TEST(CudaLongContextTest, SplitAttentionDecodeMatchesCpu) {
   SKIP_WITHOUT_GPU();
   ops::SetNumThreads(2);
@@ -1101,7 +1120,7 @@ TEST(CudaLongContextTest, SplitAttentionDecodeMatchesCpu) {
   auto gpu = Model::Load("models/pydoc-moe-17m", on_gpu);
   ASSERT_TRUE(cpu.ok() && gpu.ok());
   const int64_t V = (*cpu)->config().vocab_size;
-  ASSERT_GT(cuda::AttentionSplits(1, (*gpu)->config().num_attention_heads, 700), 1);
+  ASSERT_GT(cuda::AttentionSplits(1, (*gpu)->config().num_attention_heads, 690), 4);
   std::mt19937 g(5);
   std::vector<int32_t> prompt(690);
   for (int32_t& t : prompt) t = static_cast<int32_t>(g() % V);

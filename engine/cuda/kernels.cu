@@ -117,16 +117,16 @@ constexpr int kLinWarps = 8;  // output rows per block
 // its output, or (SplitKKernel) the routing of its output logits.
 constexpr int kTailNone = 0, kTailCombine = 1, kTailRoute = 2, kTailQkv = 3;
 
-// Whether this block is the grid's last to get here (every thread of the block calls it, after
+// Whether this block is the last of `blocks` to get here (every thread of the block calls it, after
 // its stores; the same answer in every thread). Resets the count for the next launch. The
 // stores are ordered before the count by the barrier and a fence (cumulative), and the last
 // block's reads after it by a fence; its reads of other blocks' stores go to L2 (__ldcg).
-__device__ bool LastBlock(uint32_t* count) {
+__device__ bool LastBlock(uint32_t* count, unsigned blocks) {
   __shared__ unsigned last;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    last = atomicAdd(count, 1u) == gridDim.x * gridDim.y - 1 ? 1u : 0u;
+    last = atomicAdd(count, 1u) == blocks - 1 ? 1u : 0u;
     if (last != 0) {
       *count = 0;
       __threadfence();
@@ -137,6 +137,8 @@ __device__ bool LastBlock(uint32_t* count) {
 }
 
 __device__ void PrepareQkvTokens(const float* qkv, int m, const QkvArgs& a, float* s);
+__device__ void CombineSplits(const float* partial, int t, int h, int heads, int hd, int splits,
+                              float* out);
 
 __device__ void RouteGroupsBlock(const float* logits, int rows, int experts,
                                  const int32_t* k_per_row, int kmax, bool normalize, int32_t* ids,
@@ -177,6 +179,23 @@ __device__ void ArriveAndCombine(const SmallMFusion& c, const float* y, int64_t 
       acc = fmaf(wj, v, acc);
     }
     *dst = acc;
+  }
+}
+
+// Eight elements of an x row; with kNorm (SmallMFusion's norm) their squares added to *ss and
+// the elements scaled by the norm's weights (the row's rsqrt is applied to the finished sum).
+template <bool kNorm>
+__device__ __forceinline__ void LoadX8(const float* x, const float* norm_w, float* xv,
+                                       float* ss) {
+  Load8(x, xv);
+  if (kNorm) {
+    float nv[8];
+    Load8(norm_w, nv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      *ss = fmaf(xv[e], xv[e], *ss);
+      xv[e] *= nv[e];
+    }
   }
 }
 
@@ -229,16 +248,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
           for (int r = 0; r < kLinRows; ++r) {
             if (r < nr) {
               float xv[8];
-              Load8(xr[r] + i, xv);
-              if (kNorm) {
-                float nv[8];
-                Load8(fz.norm_w + i, nv);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                  ss = fmaf(xv[e], xv[e], ss);
-                  xv[e] *= nv[e];
-                }
-              }
+              LoadX8<kNorm>(xr[r] + i, fz.norm_w + i, xv, &ss);
 #pragma unroll
               for (int e = 0; e < 8; ++e) {
                 ag[r] = fmaf(xv[e], wv[e], ag[r]);
@@ -414,16 +424,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
         float wv[8], uv[8], xv[8];
         Load8(wg + i, wv);
         if (kSwiglu) Load8(wu + i, uv);
-        Load8(xr + i, xv);
-        if (kNorm) {
-          float nv[8];
-          Load8(fz.norm_w + i, nv);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            ss = fmaf(xv[e], xv[e], ss);
-            xv[e] *= nv[e];
-          }
-        }
+        LoadX8<kNorm>(xr + i, fz.norm_w + i, xv, &ss);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           ag = fmaf(xv[e], wv[e], ag);
@@ -467,7 +468,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
     // The grid's last block routes the m rows of logits (y, ldy == out) as RouteAndGroup does,
     // or prepares the m tokens' q and KV rows as PrepareQkv does.
     extern __shared__ float tail_sm[];
-    if (LastBlock(fz.counters)) {
+    if (LastBlock(fz.counters, gridDim.x * gridDim.y)) {
       if (kTail == kTailRoute) {
         const RouteArgs& a = fz.route;
         RouteGroupsBlock(y, m, out, a.k_per_row, a.kmax, a.normalize, a.ids, a.weights,
@@ -783,7 +784,7 @@ constexpr int kMaxDimPerLane = 8;  // head_dim <= 256
 template <typename KV>
 __global__ void __launch_bounds__(kAttWarps * kWarp)
     PagedAttentionKernel(const float* q, int heads, int kv_heads, int hd, int64_t layer,
-                         PagedKv kv, float* out, float* partial) {
+                         PagedKv kv, float* out, float* partial, uint32_t* counters) {
   __shared__ float sm_m[kAttWarps], sm_l[kAttWarps];
   __shared__ float sm_acc[kAttWarps][kMaxDimPerLane * kWarp];
   const int t = blockIdx.x, h = blockIdx.y;
@@ -870,28 +871,39 @@ __global__ void __launch_bounds__(kAttWarps * kWarp)
       out[static_cast<int64_t>(t) * qd + h * hd + i] = num / denom;
     }
   }
+  // Fused combine: the (token, head)'s last split to finish.
+  if (part != nullptr && counters != nullptr &&
+      LastBlock(counters + static_cast<int64_t>(t) * heads + h, splits)) {
+    CombineSplits(partial, t, h, heads, hd, splits, out);
+  }
 }
 
-// The splits of a (token, head) into its attention output, as the warps of one block combine.
-__global__ void AttentionCombineKernel(const float* partial, int heads, int hd, int splits,
-                                       float* out) {
-  const int t = blockIdx.x, h = blockIdx.y;
+// The splits of (token t, head h) into its attention output, by one block (any size: every
+// output's sums run in split order). L2 loads: in the attention kernel, the last split's block
+// reads the partials of other blocks.
+__device__ void CombineSplits(const float* partial, int t, int h, int heads, int hd, int splits,
+                              float* out) {
   const float* base = partial + (static_cast<int64_t>(t) * heads + h) * splits * (hd + 2);
   float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, base[s * (hd + 2)]);
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, __ldcg(base + s * (hd + 2)));
   float denom = 0.0f;
   for (int s = 0; s < splits; ++s) {
-    const float ms = base[s * (hd + 2)];
-    if (ms != -INFINITY) denom += base[s * (hd + 2) + 1] * expf(ms - mx);
+    const float ms = __ldcg(base + s * (hd + 2));
+    if (ms != -INFINITY) denom += __ldcg(base + s * (hd + 2) + 1) * expf(ms - mx);
   }
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
     float num = 0.0f;
     for (int s = 0; s < splits; ++s) {
-      const float ms = base[s * (hd + 2)];
-      if (ms != -INFINITY) num += base[s * (hd + 2) + 2 + i] * expf(ms - mx);
+      const float ms = __ldcg(base + s * (hd + 2));
+      if (ms != -INFINITY) num += __ldcg(base + s * (hd + 2) + 2 + i) * expf(ms - mx);
     }
     out[static_cast<int64_t>(t) * heads * hd + h * hd + i] = num / denom;
   }
+}
+
+__global__ void AttentionCombineKernel(const float* partial, int heads, int hd, int splits,
+                                       float* out) {
+  CombineSplits(partial, blockIdx.x, blockIdx.y, heads, hd, splits, out);
 }
 
 // Row r's routing by one warp (lane: its lane), p: [experts] floats of shared memory.
@@ -1306,7 +1318,8 @@ cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t 
 
 cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_t kv_heads,
                            int64_t head_dim, int64_t layer, const PagedKv& kv, float* out,
-                           cudaStream_t stream, int splits, float* partial) {
+                           cudaStream_t stream, int splits, float* partial,
+                           uint32_t* counters) {
   if (tokens <= 0) return cudaSuccess;
   if (head_dim > kMaxDimPerLane * kWarp || splits < 1 || (splits > 1 && partial == nullptr)) {
     return cudaErrorInvalidValue;
@@ -1316,13 +1329,13 @@ cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_
   if (kv.bf16) {
     PagedAttentionKernel<uint16_t><<<grid, kAttWarps * kWarp, 0, stream>>>(
         q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
-        layer, kv, out, partial);
+        layer, kv, out, partial, counters);
   } else {
     PagedAttentionKernel<float><<<grid, kAttWarps * kWarp, 0, stream>>>(
         q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
-        layer, kv, out, partial);
+        layer, kv, out, partial, counters);
   }
-  if (splits > 1) {
+  if (splits > 1 && counters == nullptr) {
     AttentionCombineKernel<<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(heads)),
                              128, 0, stream>>>(partial, static_cast<int>(heads),
                                                static_cast<int>(head_dim), splits, out);
@@ -1331,9 +1344,13 @@ cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_
 }
 
 int AttentionSplits(int64_t tokens, int64_t heads, int64_t max_context) {
-  if (max_context < kAttentionSplitFrom) return 1;
   const int64_t blocks = std::max<int64_t>(tokens * heads, 1);
-  return static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(1, 2 * SmCount() / blocks)));
+  int splits = 1;
+  while (splits < 16 && blocks * splits * 2 <= 2 * SmCount() &&
+         max_context >= 2 * splits * kAttentionSplitRows) {
+    splits *= 2;
+  }
+  return splits;
 }
 
 cudaError_t TopKRouting(const float* logits, int64_t rows, int64_t experts,

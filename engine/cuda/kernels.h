@@ -154,17 +154,20 @@ cudaError_t CopyKvRows(void* pool, int64_t elem_bytes, int64_t num_layers, int64
 // Causal attention of each token's query over its sequence's cached positions [0, pos[t]],
 // one pass over the cache with an online softmax. q: [T, heads * head_dim], out likewise.
 // With splits > 1 (flash-decoding), each (token, head) is split over that many blocks, each
-// taking an equal share of the positions, and a second kernel combines their partial softmaxes
-// (partial: device scratch of tokens * heads * splits * (head_dim + 2) floats): a decode step
-// of one sequence has only `heads` blocks otherwise, each reading its whole context.
+// taking an equal share of the positions, and their partial softmaxes are combined (partial:
+// device scratch of tokens * heads * splits * (head_dim + 2) floats): a decode step of one
+// sequence has only `heads` blocks otherwise, each reading its whole context. The combine is a
+// second kernel, or with `counters` (device [tokens * heads] zeros, left zero) the last of each
+// (token, head)'s blocks to finish: the same values bit for bit.
 cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_t kv_heads,
                            int64_t head_dim, int64_t layer, const PagedKv& kv, float* out,
-                           cudaStream_t stream, int splits = 1, float* partial = nullptr);
+                           cudaStream_t stream, int splits = 1, float* partial = nullptr,
+                           uint32_t* counters = nullptr);
 
-// Splits for PagedAttention: 1 below kAttentionSplitFrom positions of context (the longest in
-// the step) or when tokens * heads blocks already fill the GPU twice; else up to 16, enough for
-// two blocks per multiprocessor.
-constexpr int64_t kAttentionSplitFrom = 512;
+// Splits for PagedAttention, a power of 2 up to 16: doubled while the tokens * heads * splits
+// blocks would fill each multiprocessor at most twice and every split keeps at least
+// kAttentionSplitRows positions of the step's longest context.
+constexpr int64_t kAttentionSplitRows = 32;
 int AttentionSplits(int64_t tokens, int64_t heads, int64_t max_context);
 
 // Per row: softmax over `experts` logits, the top k (ties to the lower index), renormalised to

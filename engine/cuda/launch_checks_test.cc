@@ -8,10 +8,13 @@ namespace moemesh {
 namespace {
 
 TEST(CudaLaunchChecksTest, SplitsAndRefusals) {
-  EXPECT_EQ(cuda::AttentionSplits(1, 32, 100), 1) << "short contexts stay unsplit";
-  EXPECT_GT(cuda::AttentionSplits(1, 32, 4096), 1) << "one long sequence's decode is split";
-  EXPECT_LE(cuda::AttentionSplits(1, 1, 1 << 20), 16);
+  EXPECT_EQ(cuda::AttentionSplits(1, 32, 63), 1) << "a few positions stay unsplit";
+  EXPECT_EQ(cuda::AttentionSplits(1, 32, 64), 2) << "at least 32 positions per split";
+  EXPECT_EQ(cuda::AttentionSplits(1, 32, 200), 4);
+  EXPECT_GE(cuda::AttentionSplits(1, 32, 4096), 4) << "one long sequence's decode is split";
+  EXPECT_EQ(cuda::AttentionSplits(1, 1, 1 << 20), 16) << "at most 16";
   EXPECT_EQ(cuda::AttentionSplits(4096, 32, 4096), 1) << "a prefill fills the GPU unsplit";
+  EXPECT_EQ(cuda::AttentionSplits(8, 32, 4096), 1) << "8 sequences' 256 blocks fill the GPU";
   EXPECT_EQ(cuda::RouteAndGroup(nullptr, cuda::kRouteMaxRows + 1, 128, nullptr, 8, true, nullptr,
                                 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                                 nullptr),
