@@ -988,7 +988,7 @@ struct CudaAttentionStack::Scratch {
   DeviceBuffer d_idx, h, xn, qkv, q, att, rl, ids, w, tmp, act, g, sel, logits, d_argmax;
   DeviceBuffer att_part;      // PagedAttention's split partials
   DeviceBuffer att_counters;  // and its fused combine's counters (zeros, left zero)
-  DeviceBuffer counters;  // the fused qkv product's (a zero, which the kernels leave zero)
+  DeviceBuffer counters;  // the fused qkv product's, one per head (zeros, left zero)
 };
 
 CudaAttentionStack::~CudaAttentionStack() {
@@ -1175,8 +1175,10 @@ absl::Status CudaAttentionStack::RunLocked(const std::vector<SeqStep>& batch, fl
   MOEMESH_OK(s.w.Reserve(T * kmax * 4));
   MOEMESH_OK(s.tmp.Reserve(T * H * 4));
   MOEMESH_OK(s.g.Reserve(T * 4));
-  if (s.counters.bytes() == 0) {
-    MOEMESH_OK(s.counters.Reserve(sizeof(uint32_t)));
+  const size_t qkv_heads = static_cast<size_t>(cfg_.num_attention_heads +
+                                                2 * cfg_.num_key_value_heads);
+  if (s.counters.bytes() < qkv_heads * sizeof(uint32_t)) {
+    MOEMESH_OK(s.counters.Reserve(qkv_heads * sizeof(uint32_t)));
     MOEMESH_CUDA(cudaMemsetAsync(s.counters.get(), 0, s.counters.bytes(), st));
   }
   MOEMESH_CUDA(cudaMemcpyAsync(s.h.get(), s.h_hidden.get(), T * H * 4, cudaMemcpyHostToDevice,
@@ -1260,7 +1262,8 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
                        L.k_norm.as<float>(), eps, inv_freq_.as<float>(),
                        static_cast<int64_t>(l), pk, s.q.as<float>()};
     if (T <= kSmallM) {
-      // Norm, qkv and (one token) the q/k norm, RoPE and KV write in one launch.
+      // Norm, qkv and (one token, no whole-projection q/k norm) the q/k norm, RoPE and KV
+      // write in one launch.
       SmallMFusion f;
       f.norm_w = L.input_norm.as<float>();
       f.eps = eps;

@@ -543,9 +543,10 @@ TEST(SmallMFusionTest, RouteTakenInIsRouteAndGroup) {
 }
 
 // SmallMFusion's qkv: the norm, the qkv product (with bias) and PrepareQkv in one launch (one
-// token: the grid's last block prepares it) or with PrepareQkv launched after (3 tokens) give
-// the norm-fused product's qkv rows and then PrepareQkv's q rows and cache rows bit for bit:
-// each q/k norm mode, clipping, fp32 and bf16 caches, twice (the counter is left at zero).
+// token, q/k norm per head or none: each head's last block prepares it) or with PrepareQkv
+// launched after (3 tokens; the whole-projection norm) give the norm-fused product's qkv rows
+// and then PrepareQkv's q rows and cache rows bit for bit: each q/k norm mode, clipping, fp32
+// and bf16 caches, twice (the counters are left at zero).
 TEST(SmallMFusionTest, QkvTakenInIsPrepareQkv) {
   SKIP_WITHOUT_GPU();
   const int64_t nh = 4, nkv = 2, hd = 32, qd = nh * hd, kvd = nkv * hd, qkvd = qd + 2 * kvd;
@@ -561,7 +562,7 @@ TEST(SmallMFusionTest, QkvTakenInIsPrepareQkv) {
   std::vector<float> g = Random(in, 73), qn = Random(qd, 74), kn = Random(kvd, 75), inv(hd / 2);
   for (int64_t i = 0; i < hd / 2; ++i) inv[i] = std::pow(1e4f, -float(2 * i) / float(hd));
   cuda::DeviceBuffer dg, dqn, dkn, dinv, dcnt;
-  const std::vector<uint32_t> zero = {0};
+  const std::vector<uint32_t> zero(nh + 2 * nkv, 0);
   uint32_t* d_cnt = Upload(zero, &dcnt);
   for (bool bf16_kv : {false, true}) {
     for (int mode : {0, 1, 2}) {
@@ -625,7 +626,7 @@ TEST(SmallMFusionTest, QkvTakenInIsPrepareQkv) {
         const std::vector<uint32_t> separate = run(false);
         for (int call = 0; call < 2; ++call) {
           EXPECT_EQ(run(true), separate) << "call " << call;
-          EXPECT_EQ(Download(d_cnt, 1), zero) << "call " << call;
+          EXPECT_EQ(Download(d_cnt, zero.size()), zero) << "call " << call;
         }
       }
     }

@@ -136,7 +136,8 @@ __device__ bool LastBlock(uint32_t* count, unsigned blocks) {
   return last != 0;
 }
 
-__device__ void PrepareQkvTokens(const float* qkv, int m, const QkvArgs& a, float* s);
+template <typename KV>
+__device__ void PrepareQkvHead(const float* qkv, int h, const QkvArgs& a, float* v);
 __device__ void CombineSplits(const float* partial, int t, int h, int heads, int hd, int splits,
                               float* out);
 
@@ -464,18 +465,25 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
   if (kTail == kTailCombine) {
     ArriveAndCombine(fz, y, ldy, blockIdx.x * kOutsPerBlock, (blockIdx.x + 1) * kOutsPerBlock,
                      out);
-  } else if (kTail == kTailRoute || kTail == kTailQkv) {
-    // The grid's last block routes the m rows of logits (y, ldy == out) as RouteAndGroup does,
-    // or prepares the m tokens' q and KV rows as PrepareQkv does.
+  } else if (kTail == kTailRoute) {
+    // The grid's last block routes the m rows of logits (y, ldy == out) as RouteAndGroup does.
     extern __shared__ float tail_sm[];
     if (LastBlock(fz.counters, gridDim.x * gridDim.y)) {
-      if (kTail == kTailRoute) {
-        const RouteArgs& a = fz.route;
-        RouteGroupsBlock(y, m, out, a.k_per_row, a.kmax, a.normalize, a.ids, a.weights,
-                         a.slot_of_expert, a.num_groups, a.group_slot, a.row_begin, a.perm,
-                         a.where, tail_sm);
+      const RouteArgs& a = fz.route;
+      RouteGroupsBlock(y, m, out, a.k_per_row, a.kmax, a.normalize, a.ids, a.weights,
+                       a.slot_of_expert, a.num_groups, a.group_slot, a.row_begin, a.perm,
+                       a.where, tail_sm);
+    }
+  } else if (kTail == kTailQkv) {
+    // One token's qkv row: each head's last block (head_dim a multiple of the outputs per
+    // block) prepares that head as PrepareQkv does.
+    extern __shared__ float tail_sm[];
+    const int hd = fz.qkv.head_dim, head = blockIdx.x * kOutsPerBlock / hd;
+    if (LastBlock(fz.counters + head, hd / kOutsPerBlock)) {
+      if (fz.qkv.kv.bf16) {
+        PrepareQkvHead<uint16_t>(y, head, fz.qkv, tail_sm);
       } else {
-        PrepareQkvTokens(y, m, fz.qkv, tail_sm);
+        PrepareQkvHead<float>(y, head, fz.qkv, tail_sm);
       }
     }
   }
@@ -533,14 +541,17 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
     norm = false;
     fz.norm_w = nullptr;
   }
-  const size_t tail_smem =
-      route ? RouteAndGroupSmem(m, out, fz.route.kmax)
-            : static_cast<size_t>(out) * sizeof(float);  // qkv: a token's row
+  const QkvArgs& qa = fz.qkv;
+  const size_t tail_smem = route ? RouteAndGroupSmem(m, out, fz.route.kmax)
+                                 : static_cast<size_t>(qa.head_dim) * sizeof(float);  // qkv
+  const bool qkv_heads = qkv && qa.mode != 2 && qa.head_dim > 0 &&
+                         out == static_cast<int64_t>(qa.heads + 2 * qa.kv_heads) * qa.head_dim;
   const int tail = comb && !multi && fz.n <= kFusedCombineRows ? kTailCombine
                    : route && split > 1 && m <= kLinWarps && tail_smem <= 48 * 1024
                        ? kTailRoute
-                   : qkv && split > 1 && m == 1 && tail_smem <= 48 * 1024 ? kTailQkv
-                                                                         : kTailNone;
+                   : qkv_heads && split > 1 && m == 1 && qa.head_dim % (kLinWarps / split) == 0
+                       ? kTailQkv
+                       : kTailNone;
   // The kernel variant for (norm, tail): SwiGLU products take in neither; only the split one-row
   // kernel routes.
   auto launch = [&](auto norm_tag, auto tail_tag) -> cudaError_t {
@@ -688,6 +699,31 @@ __device__ __forceinline__ float KvFromF32<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ uint16_t KvFromF32<uint16_t>(float v) { return F32ToBf16(v); }
 
+// The q/k norm of one head (mode 1), v[0, hd) in shared memory, by one warp.
+__device__ __forceinline__ void NormHead(float* v, const float* wn, int hd, float eps, int lane) {
+  float ss = 0.0f;
+  for (int i = lane; i < hd; i += kWarp) ss = fmaf(v[i], v[i], ss);
+  ss = WarpSum(ss);
+  const float inv = rsqrtf(ss / static_cast<float>(hd) + eps);
+  __syncwarp();
+  for (int i = lane; i < hd; i += kWarp) v[i] = v[i] * inv * wn[i];
+}
+
+// Rotary embedding (rotate-half) of pair (i, i + half) of a head v at position pos.
+__device__ __forceinline__ void RopePair(float* v, int i, int half, int pos,
+                                         const float* inv_freq) {
+  const float angle = static_cast<float>(pos) * inv_freq[i];
+  float sn, c;
+  sincosf(angle, &sn, &c);
+  const float x1 = v[i], x2 = v[i + half];
+  v[i] = x1 * c - x2 * sn;
+  v[i + half] = x2 * c + x1 * sn;
+}
+
+__device__ __forceinline__ float Clip(float v, float clip) {
+  return clip > 0.0f ? fminf(fmaxf(v, -clip), clip) : v;
+}
+
 // Token t's PrepareQkv by the whole block. s: (heads + 2 kv_heads) * hd floats of shared
 // memory; the block's threads meet at barriers. qkv is read from L2 (the fused qkv product's last
 // block reads rows other blocks wrote).
@@ -699,23 +735,12 @@ __device__ void PrepareQkvBlock(const float* qkv, int t, int heads, int kv_heads
   __shared__ float scratch[32];
   const int qd = heads * hd, kvd = kv_heads * hd, n = qd + 2 * kvd;
   const float* row = qkv + static_cast<int64_t>(t) * n;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    float v = __ldcg(row + i);
-    if (clip > 0.0f) v = fminf(fmaxf(v, -clip), clip);
-    s[i] = v;
-  }
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s[i] = Clip(__ldcg(row + i), clip);
   __syncthreads();
   if (mode == 1) {  // per head, over q heads then k heads
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
     for (int h = warp; h < heads + kv_heads; h += nw) {
-      float* v = s + h * hd;
-      const float* wn = h < heads ? q_norm : k_norm;
-      float ss = 0.0f;
-      for (int i = lane; i < hd; i += kWarp) ss = fmaf(v[i], v[i], ss);
-      ss = WarpSum(ss);
-      const float inv = rsqrtf(ss / static_cast<float>(hd) + eps);
-      __syncwarp();
-      for (int i = lane; i < hd; i += kWarp) v[i] = v[i] * inv * wn[i];
+      NormHead(s + h * hd, h < heads ? q_norm : k_norm, hd, eps, lane);
     }
     __syncthreads();
   } else if (mode == 2) {  // over the whole q (k) projection
@@ -734,14 +759,7 @@ __device__ void PrepareQkvBlock(const float* qkv, int t, int heads, int kv_heads
   const int pos = kv.pos[t];
   const int half = hd / 2;
   for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
-    const int h = idx / half, i = idx % half;
-    const float angle = static_cast<float>(pos) * inv_freq[i];
-    float sn, c;
-    sincosf(angle, &sn, &c);
-    float* v = s + h * hd;
-    const float x1 = v[i], x2 = v[i + half];
-    v[i] = x1 * c - x2 * sn;
-    v[i + half] = x2 * c + x1 * sn;
+    RopePair(s + idx / half * hd, idx % half, half, pos, inv_freq);
   }
   __syncthreads();
   float* qo = q_out + static_cast<int64_t>(t) * qd;
@@ -763,18 +781,35 @@ __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int 
                       inv_freq, layer, kv, q_out, s);
 }
 
-// Tokens [0, m) of PrepareQkv (a QkvArgs) by one block, one after the other.
-__device__ void PrepareQkvTokens(const float* qkv, int m, const QkvArgs& a, float* s) {
-  for (int t = 0; t < m; ++t) {
-    if (a.kv.bf16) {
-      PrepareQkvBlock<uint16_t>(qkv, t, a.heads, a.kv_heads, a.head_dim, a.clip, a.mode,
-                                a.q_norm, a.k_norm, a.eps, a.inv_freq, a.layer, a.kv, a.q_out, s);
-    } else {
-      PrepareQkvBlock<float>(qkv, t, a.heads, a.kv_heads, a.head_dim, a.clip, a.mode, a.q_norm,
-                             a.k_norm, a.eps, a.inv_freq, a.layer, a.kv, a.q_out, s);
-    }
-    __syncthreads();  // s is the next token's
+// Head h (q heads, then k heads, then v heads) of token 0's PrepareQkv (a QkvArgs, mode 0 or
+// 1) by one block: PrepareQkvBlock's work for that head, the same bits. v: head_dim floats of
+// shared memory.
+template <typename KV>
+__device__ void PrepareQkvHead(const float* qkv, int h, const QkvArgs& a, float* v) {
+  const int hd = a.head_dim, half = hd / 2;
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+    v[i] = Clip(__ldcg(qkv + static_cast<int64_t>(h) * hd + i), a.clip);
   }
+  __syncthreads();
+  const bool rotary = h < a.heads + a.kv_heads;  // q or k
+  if (a.mode == 1 && rotary && threadIdx.x < kWarp) {
+    NormHead(v, h < a.heads ? a.q_norm : a.k_norm, hd, a.eps, threadIdx.x);
+  }
+  __syncthreads();
+  const int pos = a.kv.pos[0];
+  if (rotary) {
+    for (int i = threadIdx.x; i < half; i += blockDim.x) RopePair(v, i, half, pos, a.inv_freq);
+    __syncthreads();
+  }
+  if (h < a.heads) {
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) a.q_out[h * hd + i] = v[i];
+    return;
+  }
+  const int which = rotary ? 0 : 1;  // K or V
+  const int kvh = h - a.heads - which * a.kv_heads;
+  KV* row = static_cast<KV*>(a.kv.pool) + KvRow(a.kv, a.layer, a.kv.page_off[0], pos, which) +
+            static_cast<int64_t>(kvh) * hd;
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) row[i] = KvFromF32<KV>(v[i]);
 }
 
 constexpr int kAttWarps = 8;
