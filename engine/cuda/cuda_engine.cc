@@ -1262,8 +1262,8 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
                        L.k_norm.as<float>(), eps, inv_freq_.as<float>(),
                        static_cast<int64_t>(l), pk, s.q.as<float>()};
     if (T <= kSmallM) {
-      // Norm, qkv and (one token, no whole-projection q/k norm) the q/k norm, RoPE and KV
-      // write in one launch.
+      // Norm, qkv and (up to 8 tokens, no whole-projection q/k norm) the q/k norm, RoPE and
+      // KV write in one launch.
       SmallMFusion f;
       f.norm_w = L.input_norm.as<float>();
       f.eps = eps;

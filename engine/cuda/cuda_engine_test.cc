@@ -542,11 +542,11 @@ TEST(SmallMFusionTest, RouteTakenInIsRouteAndGroup) {
   }
 }
 
-// SmallMFusion's qkv: the norm, the qkv product (with bias) and PrepareQkv in one launch (one
-// token, q/k norm per head or none: each head's last block prepares it) or with PrepareQkv
-// launched after (3 tokens; the whole-projection norm) give the norm-fused product's qkv rows
-// and then PrepareQkv's q rows and cache rows bit for bit: each q/k norm mode, clipping, fp32
-// and bf16 caches, twice (the counters are left at zero).
+// SmallMFusion's qkv: the norm, the qkv product (with bias) and PrepareQkv in one launch (1
+// and 3 tokens, q/k norm per head or none: each head's last block prepares it) or with
+// PrepareQkv launched after (12 tokens; the whole-projection norm) give the norm-fused
+// product's qkv rows and then PrepareQkv's q rows and cache rows bit for bit: each q/k norm
+// mode, clipping, fp32 and bf16 caches, twice (the counters are left at zero).
 TEST(SmallMFusionTest, QkvTakenInIsPrepareQkv) {
   SKIP_WITHOUT_GPU();
   const int64_t nh = 4, nkv = 2, hd = 32, qd = nh * hd, kvd = nkv * hd, qkvd = qd + 2 * kvd;
@@ -566,14 +566,14 @@ TEST(SmallMFusionTest, QkvTakenInIsPrepareQkv) {
   uint32_t* d_cnt = Upload(zero, &dcnt);
   for (bool bf16_kv : {false, true}) {
     for (int mode : {0, 1, 2}) {
-      for (int64_t m : {1, 3}) {
+      for (int64_t m : {1, 3, 12}) {
         SCOPED_TRACE(::testing::Message() << (bf16_kv ? "bf16" : "f32") << " cache, mode " << mode
                                           << ", " << m << " tokens");
         const float clip = mode == 2 ? 0.5f : 0.0f;
         std::vector<float> x = Random(m * in, 76 + m);
-        // Token t at position 5 + 3 t of a sequence on pages {4, 1, 5, 0, 2, 3}.
+        // Token t at position 5 + t of a sequence on pages {4, 1, 5, 0, 2, 3}.
         std::vector<int32_t> pages = {4, 1, 5, 0, 2, 3}, pos(m), off(m, 0);
-        for (int64_t t = 0; t < m; ++t) pos[t] = static_cast<int32_t>(5 + 3 * t);
+        for (int64_t t = 0; t < m; ++t) pos[t] = static_cast<int32_t>(5 + t);
         cuda::DeviceBuffer dx, dpages, dpos, doff;
         const float* d_x = Upload(x, &dx);
         const int64_t pool_elems = num_pages * layers * 2 * page * kvd;

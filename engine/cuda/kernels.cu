@@ -137,7 +137,7 @@ __device__ bool LastBlock(uint32_t* count, unsigned blocks) {
 }
 
 template <typename KV>
-__device__ void PrepareQkvHead(const float* qkv, int h, const QkvArgs& a, float* v);
+__device__ void PrepareQkvHead(const float* qkv, int t, int h, const QkvArgs& a, float* v);
 __device__ void CombineSplits(const float* partial, int t, int h, int heads, int hd, int splits,
                               float* out);
 
@@ -475,15 +475,17 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
                        a.where, tail_sm);
     }
   } else if (kTail == kTailQkv) {
-    // One token's qkv row: each head's last block (head_dim a multiple of the outputs per
-    // block) prepares that head as PrepareQkv does.
+    // The m tokens' qkv rows: each head's last block (head_dim a multiple of the outputs per
+    // block) prepares that head of every token as PrepareQkv does.
     extern __shared__ float tail_sm[];
     const int hd = fz.qkv.head_dim, head = blockIdx.x * kOutsPerBlock / hd;
     if (LastBlock(fz.counters + head, hd / kOutsPerBlock)) {
-      if (fz.qkv.kv.bf16) {
-        PrepareQkvHead<uint16_t>(y, head, fz.qkv, tail_sm);
-      } else {
-        PrepareQkvHead<float>(y, head, fz.qkv, tail_sm);
+      for (int t = 0; t < m; ++t) {
+        if (fz.qkv.kv.bf16) {
+          PrepareQkvHead<uint16_t>(y, t, head, fz.qkv, tail_sm);
+        } else {
+          PrepareQkvHead<float>(y, t, head, fz.qkv, tail_sm);
+        }
       }
     }
   }
@@ -549,7 +551,8 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   const int tail = comb && !multi && fz.n <= kFusedCombineRows ? kTailCombine
                    : route && split > 1 && m <= kLinWarps && tail_smem <= 48 * 1024
                        ? kTailRoute
-                   : qkv_heads && split > 1 && m == 1 && qa.head_dim % (kLinWarps / split) == 0
+                   : qkv_heads && split > 1 && m <= kLinWarps &&
+                           qa.head_dim % (kLinWarps / split) == 0
                        ? kTailQkv
                        : kTailNone;
   // The kernel variant for (norm, tail): SwiGLU products take in neither; only the split one-row
@@ -781,14 +784,16 @@ __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int 
                       inv_freq, layer, kv, q_out, s);
 }
 
-// Head h (q heads, then k heads, then v heads) of token 0's PrepareQkv (a QkvArgs, mode 0 or
+// Head h (q heads, then k heads, then v heads) of token t's PrepareQkv (a QkvArgs, mode 0 or
 // 1) by one block: PrepareQkvBlock's work for that head, the same bits. v: head_dim floats of
 // shared memory.
 template <typename KV>
-__device__ void PrepareQkvHead(const float* qkv, int h, const QkvArgs& a, float* v) {
-  const int hd = a.head_dim, half = hd / 2;
+__device__ void PrepareQkvHead(const float* qkv, int t, int h, const QkvArgs& a, float* v) {
+  const int hd = a.head_dim, half = hd / 2, qd = a.heads * hd;
+  const float* row = qkv + static_cast<int64_t>(t) * (qd + 2 * a.kv_heads * hd);
+  __syncthreads();  // v may still be read for the previous token
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-    v[i] = Clip(__ldcg(qkv + static_cast<int64_t>(h) * hd + i), a.clip);
+    v[i] = Clip(__ldcg(row + static_cast<int64_t>(h) * hd + i), a.clip);
   }
   __syncthreads();
   const bool rotary = h < a.heads + a.kv_heads;  // q or k
@@ -796,20 +801,21 @@ __device__ void PrepareQkvHead(const float* qkv, int h, const QkvArgs& a, float*
     NormHead(v, h < a.heads ? a.q_norm : a.k_norm, hd, a.eps, threadIdx.x);
   }
   __syncthreads();
-  const int pos = a.kv.pos[0];
+  const int pos = a.kv.pos[t];
   if (rotary) {
     for (int i = threadIdx.x; i < half; i += blockDim.x) RopePair(v, i, half, pos, a.inv_freq);
     __syncthreads();
   }
   if (h < a.heads) {
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) a.q_out[h * hd + i] = v[i];
+    float* qo = a.q_out + static_cast<int64_t>(t) * qd + h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qo[i] = v[i];
     return;
   }
   const int which = rotary ? 0 : 1;  // K or V
   const int kvh = h - a.heads - which * a.kv_heads;
-  KV* row = static_cast<KV*>(a.kv.pool) + KvRow(a.kv, a.layer, a.kv.page_off[0], pos, which) +
+  KV* dst = static_cast<KV*>(a.kv.pool) + KvRow(a.kv, a.layer, a.kv.page_off[t], pos, which) +
             static_cast<int64_t>(kvh) * hd;
-  for (int i = threadIdx.x; i < hd; i += blockDim.x) row[i] = KvFromF32<KV>(v[i]);
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = KvFromF32<KV>(v[i]);
 }
 
 constexpr int kAttWarps = 8;

@@ -110,9 +110,9 @@ struct RouteArgs {
 // - PrepareQkv of the product's output (qkv.q_out set; no groups, no SwiGLU; y's row stride =
 //   out): the q/k norm, RoPE, q rows and the KV cache's rows of the m tokens, the same bits as
 //   PrepareQkv(y, m, qkv...). In the one-row kernel with split sums (the qkv projection's shape
-//   on a GPU of many SMs), for m = 1 and a per-head q/k norm or none, by the last block to
-//   finish each head's outputs (counters: device [heads + 2 kv_heads] zeros, left zero);
-//   otherwise a separate launch. Goes with the norm.
+//   on a GPU of many SMs), for m <= 8 and a per-head q/k norm or none, by the last block to
+//   finish each head's outputs, token by token (counters: device [heads + 2 kv_heads] zeros,
+//   left zero); otherwise a separate launch. Goes with the norm.
 struct SmallMFusion {
   const float* norm_w = nullptr;  // [in]
   float eps = 0.0f;
