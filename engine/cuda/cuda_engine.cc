@@ -172,21 +172,33 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
 
 absl::Status ProjectNormed(Exec& ex, const DeviceMatrix& mat, const float* x,
                            const float* norm_w, float eps, float* xn, int64_t m, float* y,
-                           int64_t ldy) {
+                           int64_t ldy, SmallMFusion tail) {
   if (m <= 0) return absl::OkStatus();
   if (m <= kSmallM) {
-    SmallMFusion f;
-    f.norm_w = norm_w;
-    f.eps = eps;
-    f.xn = xn;
+    tail.norm_w = norm_w;
+    tail.eps = eps;
+    tail.xn = xn;
     MOEMESH_CUDA(SmallMLinear(mat.matrix(0), mat.wt, mat.has_bias ? mat.bias.as<float>() : nullptr,
                               mat.rows, mat.in, x, m, y, ldy, false, false, Groups(), ex.stream(),
-                              SmallMChoice::kAuto, f));
+                              SmallMChoice::kAuto, tail));
     return absl::OkStatus();
   }
   MOEMESH_CUDA(RmsNorm(x, norm_w, m, mat.in, eps, xn, ex.stream()));
-  return Project(ex, mat, 0, xn, m, y, ldy, false, false);
+  MOEMESH_OK(Project(ex, mat, 0, xn, m, y, ldy, false, false));
+  MOEMESH_CUDA(FusionTail(y, m, mat.rows, tail, ex.stream()));
+  return absl::OkStatus();
 }
+
+namespace {
+// b holds at least `bytes`, zeros where it grew (on `stream`): the fused kernels' counters,
+// which they leave at zero.
+absl::Status ReserveZeros(DeviceBuffer& b, size_t bytes, cudaStream_t stream) {
+  if (b.bytes() >= bytes) return absl::OkStatus();
+  MOEMESH_OK(b.Reserve(bytes));
+  MOEMESH_CUDA(cudaMemsetAsync(b.get(), 0, b.bytes(), stream));
+  return absl::OkStatus();
+}
+}  // namespace
 
 namespace {
 std::atomic<const char*> last_grouped_path{"none"};
@@ -821,25 +833,13 @@ absl::Status CudaExpertShard::RunDeviceRouted(Exec& ex, int32_t layer, const flo
     Plan plan;
     GroupArrays g;
     MOEMESH_OK(DevicePlan(*s, n, kmax, &plan, &g));
-    SmallMFusion f;
-    MOEMESH_OK(FusionCounters(ex, *s, &f.counters));
-    f.route = RouteArgs{k_per_row, static_cast<int32_t>(kmax), normalize, ids, weights,
-                        layers_[layer].d_slot.as<int32_t>(), g.num_groups, g.slot,
-                        g.row_begin, g.perm, g.where};
-    if (n <= kSmallM) {
-      f.norm_w = router.norm_w;
-      f.eps = router.eps;
-      f.xn = router.xn;
-      MOEMESH_CUDA(SmallMLinear(rm.matrix(0), rm.wt, nullptr, rm.rows, rm.in, h, n,
-                                router.logits, rm.rows, false, false, Groups(), ex.stream(),
-                                SmallMChoice::kAuto, f));
-    } else {
-      MOEMESH_CUDA(RmsNorm(h, router.norm_w, n, rm.in, router.eps, router.xn, ex.stream()));
-      MOEMESH_OK(Project(ex, rm, 0, router.xn, n, router.logits, rm.rows, false, false));
-      MOEMESH_CUDA(RouteAndGroup(router.logits, n, num_experts_, k_per_row, kmax, normalize, ids,
-                                 weights, f.route.slot_of_expert, g.num_groups, g.slot,
-                                 g.row_begin, g.perm, g.where, ex.stream()));
-    }
+    SmallMFusion route;
+    MOEMESH_OK(FusionCounters(ex, *s, &route.counters));
+    route.route = RouteArgs{k_per_row, static_cast<int32_t>(kmax), normalize, ids, weights,
+                            layers_[layer].d_slot.as<int32_t>(), g.num_groups, g.slot,
+                            g.row_begin, g.perm, g.where};
+    MOEMESH_OK(ProjectNormed(ex, rm, h, router.norm_w, router.eps, router.xn, n, router.logits,
+                             rm.rows, route));
     return RunGrouped(ex, *s, layer, router.xn, n, plan, kmax, weights, out);
   }
   MOEMESH_OK(ProjectNormed(ex, rm, h, router.norm_w, router.eps, router.xn, n, router.logits,
@@ -850,11 +850,9 @@ absl::Status CudaExpertShard::RunDeviceRouted(Exec& ex, int32_t layer, const flo
 }
 
 absl::Status CudaExpertShard::FusionCounters(Exec& ex, Scratch& s, uint32_t** counters) const {
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(hidden_, 1)) * sizeof(uint32_t);
-  if (s.d_counters.bytes() < bytes) {
-    MOEMESH_OK(s.d_counters.Reserve(bytes));
-    MOEMESH_CUDA(cudaMemsetAsync(s.d_counters.get(), 0, s.d_counters.bytes(), ex.stream()));
-  }
+  MOEMESH_OK(ReserveZeros(
+      s.d_counters, static_cast<size_t>(std::max<int64_t>(hidden_, 1)) * sizeof(uint32_t),
+      ex.stream()));
   *counters = s.d_counters.as<uint32_t>();
   return absl::OkStatus();
 }
@@ -1175,12 +1173,11 @@ absl::Status CudaAttentionStack::RunLocked(const std::vector<SeqStep>& batch, fl
   MOEMESH_OK(s.w.Reserve(T * kmax * 4));
   MOEMESH_OK(s.tmp.Reserve(T * H * 4));
   MOEMESH_OK(s.g.Reserve(T * 4));
-  const size_t qkv_heads = static_cast<size_t>(cfg_.num_attention_heads +
-                                                2 * cfg_.num_key_value_heads);
-  if (s.counters.bytes() < qkv_heads * sizeof(uint32_t)) {
-    MOEMESH_OK(s.counters.Reserve(qkv_heads * sizeof(uint32_t)));
-    MOEMESH_CUDA(cudaMemsetAsync(s.counters.get(), 0, s.counters.bytes(), st));
-  }
+  MOEMESH_OK(ReserveZeros(
+      s.counters,
+      static_cast<size_t>(cfg_.num_attention_heads + 2 * cfg_.num_key_value_heads) *
+          sizeof(uint32_t),
+      st));
   MOEMESH_CUDA(cudaMemcpyAsync(s.h.get(), s.h_hidden.get(), T * H * 4, cudaMemcpyHostToDevice,
                                st));
 
@@ -1194,10 +1191,7 @@ absl::Status CudaAttentionStack::RunLocked(const std::vector<SeqStep>& batch, fl
   a.splits = AttentionSplits(T, nh, max_context);
   if (a.splits > 1) {
     MOEMESH_OK(s.att_part.Reserve(T * nh * a.splits * (hd + 2) * 4));
-    if (s.att_counters.bytes() < static_cast<size_t>(T * nh) * sizeof(uint32_t)) {
-      MOEMESH_OK(s.att_counters.Reserve(T * nh * sizeof(uint32_t)));
-      MOEMESH_CUDA(cudaMemsetAsync(s.att_counters.get(), 0, s.att_counters.bytes(), st));
-    }
+    MOEMESH_OK(ReserveZeros(s.att_counters, T * nh * sizeof(uint32_t), st));
   }
   a.tokens = T;
   a.rows = R;
@@ -1257,31 +1251,16 @@ absl::Status CudaAttentionStack::EnqueueStep(const StepArgs& a) const {
 
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
-    const QkvArgs prep{static_cast<int32_t>(nh), static_cast<int32_t>(nkv),
+    // Norm, qkv and (up to 8 tokens, no whole-projection q/k norm) the q/k norm, RoPE and KV
+    // write in one launch.
+    SmallMFusion prep;
+    prep.counters = s.counters.as<uint32_t>();
+    prep.qkv = QkvArgs{static_cast<int32_t>(nh), static_cast<int32_t>(nkv),
                        static_cast<int32_t>(hd), clip, qk_mode, L.q_norm.as<float>(),
                        L.k_norm.as<float>(), eps, inv_freq_.as<float>(),
                        static_cast<int64_t>(l), pk, s.q.as<float>()};
-    if (T <= kSmallM) {
-      // Norm, qkv and (up to 8 tokens, no whole-projection q/k norm) the q/k norm, RoPE and
-      // KV write in one launch.
-      SmallMFusion f;
-      f.norm_w = L.input_norm.as<float>();
-      f.eps = eps;
-      f.xn = d_xn;
-      f.counters = s.counters.as<uint32_t>();
-      f.qkv = prep;
-      MOEMESH_CUDA(SmallMLinear(L.qkv.matrix(0), L.qkv.wt,
-                                L.qkv.has_bias ? L.qkv.bias.as<float>() : nullptr, qkvd, H, d_h,
-                                T, s.qkv.as<float>(), qkvd, false, false, Groups(), st,
-                                SmallMChoice::kAuto, f));
-    } else {
-      MOEMESH_OK(ProjectNormed(ex, L.qkv, d_h, L.input_norm.as<float>(), eps, d_xn, T,
-                               s.qkv.as<float>(), qkvd));
-      MOEMESH_CUDA(PrepareQkv(s.qkv.as<float>(), T, nh, nkv, hd, clip, qk_mode,
-                              L.q_norm.as<float>(), L.k_norm.as<float>(), eps,
-                              inv_freq_.as<float>(), static_cast<int64_t>(l), pk,
-                              s.q.as<float>(), st));
-    }
+    MOEMESH_OK(ProjectNormed(ex, L.qkv, d_h, L.input_norm.as<float>(), eps, d_xn, T,
+                             s.qkv.as<float>(), qkvd, prep));
     MOEMESH_CUDA(PagedAttention(s.q.as<float>(), T, nh, nkv, hd, static_cast<int64_t>(l), pk,
                                 s.att.as<float>(), st, a.splits, s.att_part.as<float>(),
                                 s.att_counters.as<uint32_t>()));

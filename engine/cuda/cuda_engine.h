@@ -115,11 +115,12 @@ absl::Status Project(Exec& ex, const DeviceMatrix& mat, int64_t slot, const floa
                      float* y, int64_t ldy, bool accumulate, bool swiglu);
 
 // xn = RmsNorm(x, norm_w, eps) ([m, in]; not x's memory), then y[m, out] = xn W^T (+ bias) with
-// matrix 0 of `mat`: one launch for a decode-sized m (the norm fused into the product, see
-// SmallMFusion; the same values up to rounding), two otherwise.
+// matrix 0 of `mat`, then `tail`'s routing or qkv preparation of y if it has one (its counters
+// with it; its norm fields are these): one launch for a decode-sized m (SmallMFusion; the norm's
+// values up to rounding), separate ones otherwise (FusionTail after cuBLAS).
 absl::Status ProjectNormed(Exec& ex, const DeviceMatrix& mat, const float* x,
                            const float* norm_w, float eps, float* xn, int64_t m, float* y,
-                           int64_t ldy);
+                           int64_t ldy, SmallMFusion tail = SmallMFusion());
 
 // The routed experts' products for rows grouped by expert: group g (rows [row_begin[g],
 // row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up,

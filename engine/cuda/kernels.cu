@@ -117,21 +117,27 @@ constexpr int kLinWarps = 8;  // output rows per block
 // its output, or (SplitKKernel) the routing of its output logits.
 constexpr int kTailNone = 0, kTailCombine = 1, kTailRoute = 2, kTailQkv = 3;
 
+// One thread counts its group of threads (a block, a warp) in, after a barrier that follows
+// their stores: whether it is the last of `total`. The stores are ordered before the count by
+// the barrier and the fence (cumulative), the last one's later reads after it by the second
+// fence; reads of other blocks' stores go to L2 (__ldcg). The last one resets the count for the
+// next launch.
+__device__ __forceinline__ bool CountIn(uint32_t* count, unsigned total) {
+  __threadfence();
+  const bool last = atomicAdd(count, 1u) == total - 1;
+  if (last) {
+    *count = 0;
+    __threadfence();
+  }
+  return last;
+}
+
 // Whether this block is the last of `blocks` to get here (every thread of the block calls it, after
-// its stores; the same answer in every thread). Resets the count for the next launch. The
-// stores are ordered before the count by the barrier and a fence (cumulative), and the last
-// block's reads after it by a fence; its reads of other blocks' stores go to L2 (__ldcg).
+// its stores; the same answer in every thread).
 __device__ bool LastBlock(uint32_t* count, unsigned blocks) {
   __shared__ unsigned last;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(count, 1u) == blocks - 1 ? 1u : 0u;
-    if (last != 0) {
-      *count = 0;
-      __threadfence();
-    }
-  }
+  if (threadIdx.x == 0) last = CountIn(count, blocks) ? 1u : 0u;
   __syncthreads();
   return last != 0;
 }
@@ -150,21 +156,15 @@ __device__ void RouteGroupsBlock(const float* logits, int rows, int experts,
 // The fused MoE combine of a product's output (SmallMFusion): each warp of the grid counts
 // itself in when done with its outputs; the last of blockIdx.x's column (all of its groups'
 // blocks) adds outputs [o_begin, o_end) of every token, in CombineColumn's order (same sums).
-// The writers' stores are ordered before the count by the warp barrier and a fence (cumulative),
-// and the last warp's reads after it by a fence and L2 loads.
+// Not through CombineColumn's preloading code: its 32-entry arrays make the 64-register
+// one-row kernels spill (ptxas).
 __device__ void ArriveAndCombine(const SmallMFusion& c, const float* y, int64_t ldy, int o_begin,
                                  int o_end, int out) {
   const int lane = threadIdx.x % kWarp;
   __syncwarp();
   unsigned last = 0;
   if (lane == 0) {
-    __threadfence();
-    const unsigned warps = gridDim.y * (blockDim.x / kWarp);
-    last = atomicAdd(&c.counters[blockIdx.x], 1u) == warps - 1 ? 1u : 0u;
-    if (last != 0) {
-      c.counters[blockIdx.x] = 0;  // for the next launch
-      __threadfence();
-    }
+    last = CountIn(&c.counters[blockIdx.x], gridDim.y * (blockDim.x / kWarp)) ? 1u : 0u;
   }
   last = __shfl_sync(0xffffffffu, last, 0);
   if (last == 0) return;
@@ -201,7 +201,8 @@ __device__ __forceinline__ void LoadX8(const float* x, const float* norm_w, floa
 }
 
 // Writes RmsNorm(x row) (x * inv * w, the norm kernel's formula) from threads [first, first +
-// count) of the block.
+// count) of the block. (Every caller has first = 0; without it, ptxas spills 24 bytes in the
+// fused norm + qkv kernel.)
 __device__ __forceinline__ void WriteNormed(const float* xr, const SmallMFusion& f, float inv,
                                             int in, float* xn, int first, int count) {
   for (int i = static_cast<int>(threadIdx.x) - first; i >= 0 && i < in; i += count) {
@@ -648,19 +649,7 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
     e = norm ? launch(N(), TNone()) : launch(P(), TNone());
   }
   if (e != cudaSuccess || tail != kTailNone) return e;
-  if (comb) return CombineExperts(y, fz.where, fz.weights, fz.n, fz.k, out, fz.out, stream);
-  if (route) {
-    const RouteArgs& a = fz.route;
-    return RouteAndGroup(y, m, out, a.k_per_row, a.kmax, a.normalize, a.ids, a.weights,
-                         a.slot_of_expert, a.num_groups, a.group_slot, a.row_begin, a.perm,
-                         a.where, stream);
-  }
-  if (qkv) {
-    const QkvArgs& a = fz.qkv;
-    return PrepareQkv(y, m, a.heads, a.kv_heads, a.head_dim, a.clip, a.mode, a.q_norm, a.k_norm,
-                      a.eps, a.inv_freq, a.layer, a.kv, a.q_out, stream);
-  }
-  return cudaSuccess;
+  return FusionTail(y, m, out, fz, stream);
 }
 
 __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* y) {
@@ -1327,6 +1316,25 @@ cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out
   }
   return LaunchSmallM(static_cast<const uint16_t*>(w), bias, out, in, x, m, y, ldy, accumulate,
                       swiglu, groups, stream, choice, fusion);
+}
+
+cudaError_t FusionTail(const float* y, int64_t m, int64_t out, const SmallMFusion& fz,
+                       cudaStream_t stream) {
+  if (fz.out != nullptr) {
+    return CombineExperts(y, fz.where, fz.weights, fz.n, fz.k, out, fz.out, stream);
+  }
+  if (fz.route.ids != nullptr) {
+    const RouteArgs& a = fz.route;
+    return RouteAndGroup(y, m, out, a.k_per_row, a.kmax, a.normalize, a.ids, a.weights,
+                         a.slot_of_expert, a.num_groups, a.group_slot, a.row_begin, a.perm,
+                         a.where, stream);
+  }
+  if (fz.qkv.q_out != nullptr) {
+    const QkvArgs& a = fz.qkv;
+    return PrepareQkv(y, m, a.heads, a.kv_heads, a.head_dim, a.clip, a.mode, a.q_norm, a.k_norm,
+                      a.eps, a.inv_freq, a.layer, a.kv, a.q_out, stream);
+  }
+  return cudaSuccess;
 }
 
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,

@@ -133,6 +133,12 @@ cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out
                          SmallMChoice kernel = SmallMChoice::kAuto,
                          const SmallMFusion& fusion = SmallMFusion());
 
+// The kernels of a fusion's combine, routing or qkv preparation (not its norm) on a product's
+// output y ([m, out]) that was computed without them: SmallMLinear's separate launch, for
+// products computed some other way (cuBLAS).
+cudaError_t FusionTail(const float* y, int64_t m, int64_t out, const SmallMFusion& fusion,
+                       cudaStream_t stream);
+
 // y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w, rows of `dim`; y may equal x.
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
                     float* y, cudaStream_t stream);
