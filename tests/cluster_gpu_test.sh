@@ -73,11 +73,15 @@ check() {  # check MODEL_DIR
     extra=() http=() http_port=""
     if [ "$dev" != cpu ]; then
       extra=(--speculative_tokens=3 --prefix_cache_tokens=4096)
-      http_port=$("$PY" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
-      http=(--http_address=127.0.0.1:$http_port)
+      http=(--http_address=127.0.0.1:0)  # the router picks a free port and logs it
     fi
     att=$(start "att_$dev" "$attention_bin" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096 "${extra[@]}")
     rt=$(start "router_$dev" "$BIN/router/router" "$m" --address=127.0.0.1:0 --attention="$att" "${http[@]}")
+    if [ ${#http[@]} -gt 0 ]; then
+      # The router starts its HTTP server before it logs its gRPC address.
+      http_port=$(grep -oE "HTTP API on [0-9.]+:[0-9]+" "$LOG/router_$dev.log" | head -1 | sed 's/.*://')
+      [ -n "$http_port" ] || { cat "$LOG/router_$dev.log"; echo "router did not log its HTTP address"; exit 1; }
+    fi
     "$PY" - "$rt" "$model" "$dev" "${http_port:-}" <<'PYEOF'
 import importlib.util, json, os, re, sys, urllib.request
 spec = importlib.util.spec_from_file_location("client", "scripts/client.py")
