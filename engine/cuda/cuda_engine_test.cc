@@ -286,8 +286,11 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
     EXPECT_EQ(Download(d_y, m * out), got) << "x_rows";
   }
 
-  // Either kernel, chosen explicitly, is as exact.
-  for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti}) {
+  // Either kernel, chosen explicitly, is as exact, and so is every split of the one-row kernel's
+  // sums (forced; where the rows allow it).
+  for (cuda::SmallMChoice choice :
+       {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kSplit1,
+        cuda::SmallMChoice::kSplit2, cuda::SmallMChoice::kSplit4, cuda::SmallMChoice::kSplit8}) {
     ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, d_x, m, d_y, out, false,
                                  true, groups, nullptr, choice),
@@ -402,7 +405,8 @@ TEST(SmallMFusionTest, CombineTakenInIsCombineExperts) {
     MakeMatrix(slots, out, in, true, 51, 0.1f, &mat, &w);
     for (int64_t n : {1, 3, 8, 9}) {
       for (int64_t k : {1, 4, 8}) {
-        for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kAuto, cuda::SmallMChoice::kMulti}) {
+        for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kAuto, cuda::SmallMChoice::kMulti,
+                                          cuda::SmallMChoice::kSplit8}) {
           if (out == 9000 && (n > 3 || choice != cuda::SmallMChoice::kAuto)) continue;  // slow
           SCOPED_TRACE(::testing::Message() << "out " << out << " n " << n << " k " << k
                                             << " choice " << static_cast<int>(choice));
@@ -482,61 +486,65 @@ TEST(SmallMFusionTest, RouteTakenInIsRouteAndGroup) {
     const float* d_g = Upload(g, &dg);
     const int32_t* d_slot = Upload(slot, &dslot);
     for (int64_t m : {1, 5, 8, 12}) {
-      SCOPED_TRACE(::testing::Message() << E << " experts, " << m << " rows");
-      std::vector<float> x = Random(m * in, 63 + m);
-      std::vector<int32_t> k(m);
-      for (int64_t r = 0; r < m; ++r) k[r] = r % 3 == 2 ? 3 : 8;
-      cuda::DeviceBuffer dx, dk, dcnt;
-      const float* d_x = Upload(x, &dx);
-      const int32_t* d_k = Upload(k, &dk);
-      const std::vector<uint32_t> zero = {0};
-      uint32_t* d_cnt = Upload(zero, &dcnt);
-      // Outputs: RoutingOutputs; logits, then weights.
-      auto run = [&](bool fused) {
-        const int64_t nk = m * kmax;
-        cuda::DeviceBuffer logits, xn, ids, wt, ng, gs, rb, perm, where;
-        EXPECT_TRUE(logits.Reserve(m * E * 4).ok() && xn.Reserve(m * in * 4).ok() &&
-                    ids.Reserve(nk * 4).ok() && wt.Reserve(nk * 4).ok() && ng.Reserve(4).ok() &&
-                    gs.Reserve(E * 4).ok() && rb.Reserve((E + 1) * 4).ok() &&
-                    perm.Reserve(nk * 4).ok() && where.Reserve(nk * 4).ok());
-        cuda::SmallMFusion f;
-        f.norm_w = d_g;
-        f.eps = 1e-6f;
-        f.xn = xn.as<float>();
-        f.counters = d_cnt;
-        const cuda::RouteArgs route{d_k,
-                                    static_cast<int32_t>(kmax),
-                                    true,
-                                    ids.as<int32_t>(),
-                                    wt.as<float>(),
-                                    d_slot,
-                                    ng.as<int32_t>(),
-                                    gs.as<int32_t>(),
-                                    rb.as<int32_t>(),
-                                    perm.as<int32_t>(),
-                                    where.as<int32_t>()};
-        if (fused) f.route = route;
-        EXPECT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, E, in, d_x, m,
-                                     logits.as<float>(), E, false, false, cuda::Groups(), nullptr,
-                                     cuda::SmallMChoice::kAuto, f),
-                  cudaSuccess);
-        if (!fused) {
-          EXPECT_EQ(cuda::RouteAndGroup(logits.as<float>(), m, E, d_k, kmax, true,
-                                        route.ids, route.weights, d_slot, route.num_groups,
-                                        route.group_slot, route.row_begin, route.perm,
-                                        route.where, nullptr),
-                    cudaSuccess);
+      for (cuda::SmallMChoice choice :
+           {cuda::SmallMChoice::kAuto, cuda::SmallMChoice::kSplit1, cuda::SmallMChoice::kSplit8}) {
+        if (m > 5 && choice != cuda::SmallMChoice::kAuto) continue;
+        SCOPED_TRACE(::testing::Message()
+                     << E << " experts, " << m << " rows, choice " << static_cast<int>(choice));
+        std::vector<float> x = Random(m * in, 63 + m);
+        std::vector<int32_t> k(m);
+        for (int64_t r = 0; r < m; ++r) k[r] = r % 3 == 2 ? 3 : 8;
+        cuda::DeviceBuffer dx, dk, dcnt;
+        const float* d_x = Upload(x, &dx);
+        const int32_t* d_k = Upload(k, &dk);
+        const std::vector<uint32_t> zero = {0};
+        uint32_t* d_cnt = Upload(zero, &dcnt);
+        // Outputs: RoutingOutputs; logits, then weights.
+        auto run = [&](bool fused) {
+          const int64_t nk = m * kmax;
+          cuda::DeviceBuffer logits, xn, ids, wt, ng, gs, rb, perm, where;
+          EXPECT_TRUE(logits.Reserve(m * E * 4).ok() && xn.Reserve(m * in * 4).ok() &&
+                      ids.Reserve(nk * 4).ok() && wt.Reserve(nk * 4).ok() && ng.Reserve(4).ok() &&
+                      gs.Reserve(E * 4).ok() && rb.Reserve((E + 1) * 4).ok() &&
+                      perm.Reserve(nk * 4).ok() && where.Reserve(nk * 4).ok());
+          cuda::SmallMFusion f;
+          f.norm_w = d_g;
+          f.eps = 1e-6f;
+          f.xn = xn.as<float>();
+          f.counters = d_cnt;
+          const cuda::RouteArgs route{d_k,
+                                      static_cast<int32_t>(kmax),
+                                      true,
+                                      ids.as<int32_t>(),
+                                      wt.as<float>(),
+                                      d_slot,
+                                      ng.as<int32_t>(),
+                                      gs.as<int32_t>(),
+                                      rb.as<int32_t>(),
+                                      perm.as<int32_t>(),
+                                      where.as<int32_t>()};
+          if (fused) f.route = route;
+          EXPECT_EQ(
+              cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, E, in, d_x, m, logits.as<float>(), E,
+                                 false, false, cuda::Groups(), nullptr, choice, f),
+              cudaSuccess);
+          if (!fused) {
+            EXPECT_EQ(cuda::RouteAndGroup(logits.as<float>(), m, E, d_k, kmax, true, route.ids,
+                                          route.weights, d_slot, route.num_groups, route.group_slot,
+                                          route.row_begin, route.perm, route.where, nullptr),
+                      cudaSuccess);
+          }
+          std::vector<float> floats = Download(logits.as<float>(), m * E);
+          for (float v : Download(wt.as<float>(), nk)) floats.push_back(v);
+          return std::make_pair(RoutingOutputs(ids, gs, rb, perm, where, ng, nk), floats);
+        };
+        const auto separate = run(false);
+        for (int call = 0; call < 2; ++call) {
+          const auto fused = run(true);
+          EXPECT_EQ(fused.first, separate.first) << "call " << call;
+          EXPECT_EQ(fused.second, separate.second) << "call " << call;
+          EXPECT_EQ(Download(d_cnt, 1), zero) << "call " << call;
         }
-        std::vector<float> floats = Download(logits.as<float>(), m * E);
-        for (float v : Download(wt.as<float>(), nk)) floats.push_back(v);
-        return std::make_pair(RoutingOutputs(ids, gs, rb, perm, where, ng, nk), floats);
-      };
-      const auto separate = run(false);
-      for (int call = 0; call < 2; ++call) {
-        const auto fused = run(true);
-        EXPECT_EQ(fused.first, separate.first) << "call " << call;
-        EXPECT_EQ(fused.second, separate.second) << "call " << call;
-        EXPECT_EQ(Download(d_cnt, 1), zero) << "call " << call;
       }
     }
   }
@@ -556,8 +564,7 @@ TEST(SmallMFusionTest, QkvTakenInIsPrepareQkv) {
   MakeMatrix(1, qkvd, in, true, 71, 0.2f, &mat, &w);
   const std::vector<float> bias = Random(qkvd, 72);
   ASSERT_TRUE(mat.bias.Reserve(qkvd * 4).ok());
-  ASSERT_EQ(cudaMemcpy(mat.bias.get(), bias.data(), qkvd * 4, cudaMemcpyHostToDevice),
-            cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(mat.bias.get(), bias.data(), qkvd * 4, cudaMemcpyHostToDevice), cudaSuccess);
   mat.has_bias = true;
   std::vector<float> g = Random(in, 73), qn = Random(qd, 74), kn = Random(kvd, 75), inv(hd / 2);
   for (int64_t i = 0; i < hd / 2; ++i) inv[i] = std::pow(1e4f, -float(2 * i) / float(hd));
@@ -567,66 +574,78 @@ TEST(SmallMFusionTest, QkvTakenInIsPrepareQkv) {
   for (bool bf16_kv : {false, true}) {
     for (int mode : {0, 1, 2}) {
       for (int64_t m : {1, 3, 12}) {
-        SCOPED_TRACE(::testing::Message() << (bf16_kv ? "bf16" : "f32") << " cache, mode " << mode
-                                          << ", " << m << " tokens");
-        const float clip = mode == 2 ? 0.5f : 0.0f;
-        std::vector<float> x = Random(m * in, 76 + m);
-        // Token t at position 5 + t of a sequence on pages {4, 1, 5, 0, 2, 3}.
-        std::vector<int32_t> pages = {4, 1, 5, 0, 2, 3}, pos(m), off(m, 0);
-        for (int64_t t = 0; t < m; ++t) pos[t] = static_cast<int32_t>(5 + t);
-        cuda::DeviceBuffer dx, dpages, dpos, doff;
-        const float* d_x = Upload(x, &dx);
-        const int64_t pool_elems = num_pages * layers * 2 * page * kvd;
-        auto run = [&](bool fused) {
-          cuda::DeviceBuffer pool, y, xn, q;
-          const std::vector<float> nan_pool(pool_elems, std::nanf(""));
-          Upload(nan_pool, &pool);
-          EXPECT_TRUE(y.Reserve(m * qkvd * 4).ok() && xn.Reserve(m * in * 4).ok() &&
-                      q.Reserve(m * qd * 4).ok());
-          cuda::QkvArgs a{static_cast<int32_t>(nh), static_cast<int32_t>(nkv),
-                          static_cast<int32_t>(hd), clip, mode, Upload(qn, &dqn),
-                          Upload(kn, &dkn), 1e-6f, Upload(inv, &dinv), layer, cuda::PagedKv(),
-                          q.as<float>()};
-          a.kv.pool = pool.get();
-          a.kv.bf16 = bf16_kv;
-          a.kv.page_size = page;
-          a.kv.num_layers = layers;
-          a.kv.kv_dim = kvd;
-          a.kv.pages = Upload(pages, &dpages);
-          a.kv.page_off = Upload(off, &doff);
-          a.kv.pos = Upload(pos, &dpos);
-          cuda::SmallMFusion f;
-          f.norm_w = Upload(g, &dg);
-          f.eps = 1e-6f;
-          f.xn = xn.as<float>();
-          f.counters = d_cnt;
-          if (fused) f.qkv = a;
-          EXPECT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, mat.bias.as<float>(), qkvd, in, d_x,
-                                       m, y.as<float>(), qkvd, false, false, cuda::Groups(),
-                                       nullptr, cuda::SmallMChoice::kAuto, f),
-                    cudaSuccess);
-          if (!fused) {
-            EXPECT_EQ(cuda::PrepareQkv(y.as<float>(), m, nh, nkv, hd, clip, mode, a.q_norm,
-                                       a.k_norm, a.eps, a.inv_freq, layer, a.kv, a.q_out,
-                                       nullptr),
+        for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kAuto, cuda::SmallMChoice::kSplit8}) {
+          if ((m > 3 || bf16_kv) && choice != cuda::SmallMChoice::kAuto) continue;
+          SCOPED_TRACE(::testing::Message()
+                       << (bf16_kv ? "bf16" : "f32") << " cache, mode " << mode << ", " << m
+                       << " tokens, choice " << static_cast<int>(choice));
+          const float clip = mode == 2 ? 0.5f : 0.0f;
+          std::vector<float> x = Random(m * in, 76 + m);
+          // Token t at position 5 + t of a sequence on pages {4, 1, 5, 0, 2, 3}.
+          std::vector<int32_t> pages = {4, 1, 5, 0, 2, 3}, pos(m), off(m, 0);
+          for (int64_t t = 0; t < m; ++t) pos[t] = static_cast<int32_t>(5 + t);
+          cuda::DeviceBuffer dx, dpages, dpos, doff;
+          const float* d_x = Upload(x, &dx);
+          const int64_t pool_elems = num_pages * layers * 2 * page * kvd;
+          auto run = [&](bool fused) {
+            cuda::DeviceBuffer pool, y, xn, q;
+            const std::vector<float> nan_pool(pool_elems, std::nanf(""));
+            Upload(nan_pool, &pool);
+            EXPECT_TRUE(y.Reserve(m * qkvd * 4).ok() && xn.Reserve(m * in * 4).ok() &&
+                        q.Reserve(m * qd * 4).ok());
+            cuda::QkvArgs a{static_cast<int32_t>(nh),
+                            static_cast<int32_t>(nkv),
+                            static_cast<int32_t>(hd),
+                            clip,
+                            mode,
+                            Upload(qn, &dqn),
+                            Upload(kn, &dkn),
+                            1e-6f,
+                            Upload(inv, &dinv),
+                            layer,
+                            cuda::PagedKv(),
+                            q.as<float>()};
+            a.kv.pool = pool.get();
+            a.kv.bf16 = bf16_kv;
+            a.kv.page_size = page;
+            a.kv.num_layers = layers;
+            a.kv.kv_dim = kvd;
+            a.kv.pages = Upload(pages, &dpages);
+            a.kv.page_off = Upload(off, &doff);
+            a.kv.pos = Upload(pos, &dpos);
+            cuda::SmallMFusion f;
+            f.norm_w = Upload(g, &dg);
+            f.eps = 1e-6f;
+            f.xn = xn.as<float>();
+            f.counters = d_cnt;
+            if (fused) f.qkv = a;
+            EXPECT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, mat.bias.as<float>(), qkvd, in, d_x,
+                                         m, y.as<float>(), qkvd, false, false, cuda::Groups(),
+                                         nullptr, choice, f),
                       cudaSuccess);
-          }
-          // qkv rows, xn, q rows, then the pool's bytes (NaN where nothing was written).
-          std::vector<uint32_t> bits;
-          auto add = [&](const std::vector<float>& v) {
-            for (float f : v) bits.push_back(BitsOf(f));
+            if (!fused) {
+              EXPECT_EQ(
+                  cuda::PrepareQkv(y.as<float>(), m, nh, nkv, hd, clip, mode, a.q_norm, a.k_norm,
+                                   a.eps, a.inv_freq, layer, a.kv, a.q_out, nullptr),
+                  cudaSuccess);
+            }
+            // qkv rows, xn, q rows, then the pool's bytes (NaN where nothing was written).
+            std::vector<uint32_t> bits;
+            auto add = [&](const std::vector<float>& v) {
+              for (float f : v) bits.push_back(BitsOf(f));
+            };
+            add(Download(y.as<float>(), m * qkvd));
+            add(Download(xn.as<float>(), m * in));
+            add(Download(q.as<float>(), m * qd));
+            add(Download(pool.as<float>(), pool_elems));
+            EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            return bits;
           };
-          add(Download(y.as<float>(), m * qkvd));
-          add(Download(xn.as<float>(), m * in));
-          add(Download(q.as<float>(), m * qd));
-          add(Download(pool.as<float>(), pool_elems));
-          EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          return bits;
-        };
-        const std::vector<uint32_t> separate = run(false);
-        for (int call = 0; call < 2; ++call) {
-          EXPECT_EQ(run(true), separate) << "call " << call;
-          EXPECT_EQ(Download(d_cnt, zero.size()), zero) << "call " << call;
+          const std::vector<uint32_t> separate = run(false);
+          for (int call = 0; call < 2; ++call) {
+            EXPECT_EQ(run(true), separate) << "call " << call;
+            EXPECT_EQ(Download(d_cnt, zero.size()), zero) << "call " << call;
+          }
         }
       }
     }

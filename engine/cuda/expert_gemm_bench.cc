@@ -1,7 +1,8 @@
 // Grouped expert GEMM throughput on the GPU against one dense cuBLAS GEMM of the same FLOPs.
 //
 //   expert_gemm_bench [--tokens=4096] [--experts=128] [--top_k=8] [--hidden=2048] [--width=768]
-//                     [--streams=64] [--iters=20]
+//                     [--streams=64] [--iters=20] [--decode_products] [--heads=32] [--kv_heads=4]
+//                     [--head_dim=128] [--vocab=151936]
 //
 // Routes `tokens` rows uniformly at random to `top_k` of `experts` experts (Qwen3-30B-A3B's
 // expert shape by default, bf16 weights) and times the expert computation as the expert worker
@@ -9,7 +10,8 @@
 // GEMMs [A, hidden] x [hidden, 2 width] and [A, width] x [width, hidden] with A = tokens * top_k.
 // Also times single-token decode (top_k experts, one row each: the small-batch kernel) and the
 // decode step of --streams sequences (their rows grouped by expert on the device, all experts
-// in two launches) as achieved GB/s of the expert weights they read.
+// in two launches) as achieved GB/s of the expert weights they read. And (--decode_products) each
+// one-row product of a decode step of that shape with each split of its sums.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -29,6 +31,18 @@ ABSL_FLAG(int64_t, hidden, 2048, "Hidden size.");
 ABSL_FLAG(int64_t, width, 768, "Expert width (moe_intermediate_size).");
 ABSL_FLAG(int32_t, iters, 20, "Timed iterations.");
 ABSL_FLAG(int64_t, streams, 64, "Sequences of the batched-decode figure (one row each).");
+ABSL_FLAG(bool, decode_products, true,
+          "Also time each one-row product of a decode step of this shape (qkv, o, router, the "
+          "experts' gate/up and down, LM head) with each split of the one-row kernel's sums, in "
+          "CUDA graphs, against a device-to-device copy's bandwidth.");
+ABSL_FLAG(int64_t, heads, 32, "Query heads (decode products).");
+ABSL_FLAG(int64_t, kv_heads, 4, "KV heads (decode products).");
+ABSL_FLAG(int64_t, head_dim, 128, "Head dimension (decode products).");
+ABSL_FLAG(int64_t, vocab, 151936, "Vocabulary (decode products' LM head).");
+ABSL_FLAG(int64_t, weight_pool_mb, 256,
+          "Decode products: each product's weights are copied until the copies fill this many MiB "
+          "and the timed launches go round them, so they read HBM rather than the L2 cache "
+          "(50 MB on an H100); also the size of the reference copy. 0: one copy.");
 
 namespace moemesh {
 namespace cuda {
@@ -58,6 +72,122 @@ double TimeMs(Exec& ex, int iters, F&& f) {
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   return ms / iters;
+}
+
+// Milliseconds per launch of `launch(rep)` for reps 0..reps-1 captured into one CUDA graph
+// (the decode step's way with --cuda_graphs: no host launch cost), replayed `iters` times.
+template <typename F>
+double GraphMs(Exec& ex, int reps, int iters, F&& launch) {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (cudaStreamBeginCapture(ex.stream(), cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+    return -1;
+  }
+  for (int r = 0; r < reps; ++r) launch(r);
+  if (cudaStreamEndCapture(ex.stream(), &graph) != cudaSuccess ||
+      cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    return -1;
+  }
+  const double ms = TimeMs(ex, iters, [&] { cudaGraphLaunch(exec, ex.stream()); }) / reps;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ms;
+}
+
+// The one-row products of one sequence's decode step (m = 1) for the model's shape, each timed
+// with the engine's choice and with every split of the one-row kernel's sums forced, from enough
+// copies of the weights that they are read from HBM, not L2. Prints a table; 0 on success.
+int DecodeProducts(Exec& ex, int iters, int64_t E, int64_t K, int64_t H, int64_t W) {
+  const int64_t nh = absl::GetFlag(FLAGS_heads), nkv = absl::GetFlag(FLAGS_kv_heads),
+                hd = absl::GetFlag(FLAGS_head_dim), V = absl::GetFlag(FLAGS_vocab);
+  struct Product {
+    const char* name;
+    int64_t out, in, groups;  // groups > 0: one row to each of `groups` matrices
+    bool swiglu, norm;
+  };
+  const std::vector<Product> products = {
+      {"qkv", (nh + 2 * nkv) * hd, H, 0, false, false},
+      {"qkv + RMSNorm", (nh + 2 * nkv) * hd, H, 0, false, true},
+      {"o", H, nh * hd, 0, false, false},
+      {"router + RMSNorm", E, H, 0, false, true},
+      {"experts gate/up (SwiGLU)", W, H, K, true, false},
+      {"experts down", H, W, K, false, false},
+      {"LM head + RMSNorm", V, H, 0, false, true},
+  };
+  const int64_t pool_bytes = absl::GetFlag(FLAGS_weight_pool_mb) << 20;
+  // The reference: a device-to-device copy of the pool's size (bytes read + written per second).
+  const int64_t copy_bytes = std::max<int64_t>(pool_bytes, 1 << 20);
+  DeviceBuffer ca, cb;
+  if (!ca.Reserve(copy_bytes).ok() || !cb.Reserve(copy_bytes).ok()) return 1;
+  const double copy_ms = TimeMs(ex, iters, [&] {
+    cudaMemcpyAsync(cb.get(), ca.get(), copy_bytes, cudaMemcpyDeviceToDevice, ex.stream());
+  });
+  std::printf("decode products (m = 1, bf16 weights, weights read from HBM), us per product and GB/s "
+              "of weights; device-to-device copy %.0f GB/s (read + write)\n",
+              2.0 * copy_bytes / copy_ms / 1e6);
+  const std::vector<std::pair<const char*, SmallMChoice>> choices = {
+      {"auto", SmallMChoice::kAuto},     {"split 1", SmallMChoice::kSplit1},
+      {"split 2", SmallMChoice::kSplit2}, {"split 4", SmallMChoice::kSplit4},
+      {"split 8", SmallMChoice::kSplit8}};
+  std::printf("  %-26s %8s %6s", "product", "MB", "auto");
+  for (const auto& c : choices) std::printf(" %17s", c.first);
+  std::printf(" %17s\n", "auto, no graph");
+  for (const Product& p : products) {
+    const int64_t mats = std::max<int64_t>(p.groups, 1);
+    const int64_t mat_rows = p.swiglu ? 2 * p.out : p.out;
+    const int64_t bytes = mats * mat_rows * p.in * 2;
+    const int64_t copies = std::max<int64_t>(1, (pool_bytes + bytes - 1) / bytes);
+    DeviceBuffer w, x, y, norm_w, xn, d_groups;
+    if (!w.Reserve(copies * bytes).ok() || !x.Reserve(mats * p.in * 4).ok() ||
+        !y.Reserve(mats * p.out * 4).ok() || !norm_w.Reserve(p.in * 4).ok() ||
+        !xn.Reserve(p.in * 4).ok()) {
+      std::printf("  %-26s out of device memory\n", p.name);
+      continue;
+    }
+    FillRandom(w.get(), WType::kBF16, copies * bytes / 2, 11, 0.02f, false, ex.stream());
+    FillRandom(x.get(), WType::kF32, mats * p.in, 12, 1.0f, false, ex.stream());
+    FillRandom(norm_w.get(), WType::kF32, p.in, 13, 1.0f, false, ex.stream());
+    Groups groups;
+    if (p.groups > 0) {
+      // Group g: row g with matrix g (the step's K experts, one row each).
+      std::vector<int32_t> packed = {static_cast<int32_t>(p.groups)};
+      for (int64_t g = 0; g < p.groups; ++g) packed.push_back(static_cast<int32_t>(g));
+      for (int64_t g = 0; g <= p.groups; ++g) packed.push_back(static_cast<int32_t>(g));
+      if (!d_groups.Reserve(packed.size() * 4).ok()) return 1;
+      cudaMemcpy(d_groups.get(), packed.data(), packed.size() * 4, cudaMemcpyHostToDevice);
+      const int32_t* pk = d_groups.as<int32_t>();
+      groups = Groups{pk, pk + 1, pk + 1 + p.groups, static_cast<int32_t>(p.groups)};
+    }
+    SmallMFusion fz;
+    if (p.norm) {
+      fz.norm_w = norm_w.as<float>();
+      fz.eps = 1e-6f;
+      fz.xn = xn.as<float>();
+    }
+    const int64_t m = p.groups > 0 ? p.groups : 1;
+    auto launch = [&](SmallMChoice choice, int rep) {
+      const char* wc = static_cast<const char*>(w.get()) + (rep % copies) * bytes;
+      SmallMLinear(wc, WType::kBF16, nullptr, p.out, p.in, x.as<float>(), m, y.as<float>(),
+                   p.out, false, p.swiglu, groups, ex.stream(), choice, fz);
+    };
+    const int reps = static_cast<int>(std::max<int64_t>(copies, 16) / copies * copies);
+    std::printf("  %-26s %8.1f %6d", p.name, bytes / 1e6,
+                SmallMSplit(p.out, std::max<int64_t>(p.groups, 1)));
+    for (const auto& c : choices) {
+      const double ms = GraphMs(ex, reps, iters, [&](int r) { launch(c.second, r); });
+      if (ms <= 0) {
+        std::printf(" %17s", "capture failed");
+      } else {
+        std::printf(" %7.1f us %5.0f", ms * 1e3, bytes / ms / 1e6);
+      }
+    }
+    int rep = 0;
+    const double plain_ms = TimeMs(ex, reps * iters, [&] { launch(SmallMChoice::kAuto, rep++); });
+    std::printf(" %7.1f us %5.0f\n", plain_ms * 1e3, bytes / plain_ms / 1e6);
+    if (!ex.Sync().ok()) return 1;
+  }
+  return 0;
 }
 
 int Main() {
@@ -228,6 +358,7 @@ int Main() {
   std::printf("    one-output kernel %.1f us (%.0f GB/s), multi-output kernel %.1f us (%.0f GB/s)\n",
               streams_one_ms * 1e3, streams_bytes / streams_one_ms / 1e6, streams_multi_ms * 1e3,
               streams_bytes / streams_multi_ms / 1e6);
+  if (absl::GetFlag(FLAGS_decode_products)) return DecodeProducts(ex, iters, E, K, H, W);
   return 0;
 }
 

@@ -505,6 +505,16 @@ int SmCount() {
   return n;
 }
 
+int SmallMForcedSplit(SmallMChoice choice) {
+  switch (choice) {
+    case SmallMChoice::kSplit1: return 1;
+    case SmallMChoice::kSplit2: return 2;
+    case SmallMChoice::kSplit4: return 4;
+    case SmallMChoice::kSplit8: return 8;
+    default: return 0;
+  }
+}
+
 template <typename WT>
 cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in, const float* x,
                          int64_t m, float* y, int64_t ldy, bool accumulate, bool swiglu,
@@ -529,13 +539,11 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   const int o = static_cast<int>(out), k = static_cast<int>(in), mm = static_cast<int>(m);
   // Rows per group: all m for one matrix, the mean over the groups of a MoE layer.
   const int64_t per_group = grouped ? (m + groups.max_groups - 1) / groups.max_groups : m;
+  const int forced_split = SmallMForcedSplit(choice);
   const bool multi = vec && (choice == SmallMChoice::kAuto ? (grouped ? per_group >= 2 : m > 8)
                                                            : choice == SmallMChoice::kMulti);
   const bool one = vec && !multi && m <= 8;  // decode-sized: the one-row kernels
-  // Split each sum over 2 or 4 warps while the product has fewer than 2 warps' worth of output
-  // rows per SM slot (32 warps per SM at the one-row kernels' 64 registers).
-  int split = 1;
-  while (one && split < 4 && out * grid.y * split < 2LL * SmCount() * 32) split *= 2;
+  const int split = one ? (forced_split > 0 ? forced_split : SmallMSplit(out, grid.y)) : 1;
   if (norm && !one) {
     // Not the one-row kernels: normalize first, then the product reads xn.
     const cudaError_t e = RmsNorm(x, fz.norm_w, m, in, fz.eps, fz.xn, stream);
@@ -591,16 +599,22 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
           if (split == 2) {
             SplitKKernel<WT, true, 2><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
                                                                    accumulate, groups, fz);
-          } else {
+          } else if (split == 4) {
             SplitKKernel<WT, true, 4><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
+                                                                   accumulate, groups, fz);
+          } else {
+            SplitKKernel<WT, true, 8><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
                                                                    accumulate, groups, fz);
           }
         }
       } else if (split == 2) {
         SplitKKernel<WT, false, 2, kN, kT><<<sgrid, block, smem, stream>>>(
             w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-      } else {
+      } else if (split == 4) {
         SplitKKernel<WT, false, 4, kN, kT><<<sgrid, block, smem, stream>>>(
+            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+      } else {
+        SplitKKernel<WT, false, 8, kN, kT><<<sgrid, block, smem, stream>>>(
             w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
       }
     } else if constexpr (kT != kTailRoute && kT != kTailQkv) {
@@ -1304,6 +1318,14 @@ unsigned GridFor(int64_t n, int threads) {
 }
 
 }  // namespace
+
+int SmallMSplit(int64_t out, int64_t groups) {
+  // While the product has fewer than 2 warps' worth of output rows per SM slot (32 warps per SM
+  // at the one-row kernels' 64 registers).
+  int split = 1;
+  while (split < 4 && out * groups * split < 2LL * SmCount() * 32) split *= 2;
+  return split;
+}
 
 cudaError_t SmallMLinear(const void* w, WType wt, const float* bias, int64_t out, int64_t in,
                          const float* x, int64_t m, float* y, int64_t ldy, bool accumulate,

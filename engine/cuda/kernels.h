@@ -42,8 +42,15 @@ struct Groups {
 // with SwiGLU) sharing each x load among them (several rows per matrix: batched decode). kAuto:
 // kMulti when there are >= 2 rows per group on average (or m > 8 without groups). kMulti and the
 // 8-row kOne add in the same order (same results bit for bit). The vector kernels need in % 8 == 0
-// and 16-byte aligned w and x; otherwise a scalar variant of kOne runs.
-enum class SmallMChoice { kAuto, kOne, kMulti };
+// and 16-byte aligned w and x; otherwise a scalar variant of kOne runs. kSplitN (benchmarks):
+// kOne's one-row kernel with each sum split over exactly N warps where kOne would run it (m <= 8,
+// vector loads), kOne otherwise.
+enum class SmallMChoice { kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8 };
+
+// The warps each output's sum is split over in kOne's one-row kernel (kAuto, kOne) for a product
+// of `out` outputs in `groups` groups (1 without): doubled up to 4 while the product has fewer
+// than 2 warps' worth of outputs per SM slot of this GPU.
+int SmallMSplit(int64_t out, int64_t groups);
 
 // Per-token attention input preparation. qkv: [T, q_dim + 2 kv_dim] (after bias). For token t
 // at position pos[t]: clip (clip > 0), q/k norm (mode 0 none, 1 per head, 2 over the whole
