@@ -45,6 +45,11 @@ struct LoadOptions {
   // on the same GPU) from CUDA graphs, one per batch shape, instead of launching each step's
   // ~13 kernels per layer from the host. Off by default until measured on a GPU.
   bool cuda_graphs = false;
+  // CUDA stacks and shards: launch the decode step's kernels with programmatic dependent launch
+  // (cuda::SetProgrammaticLaunch; process-wide once a load asks for it; sm_90), so each kernel's
+  // blocks are scheduled, and a product's weights fetched, while the kernel before it finishes.
+  // Same results. Off by default until measured on a GPU.
+  bool cuda_pdl = false;
   // Element type of the KV cache the attention stack's NewCache makes (--kv_cache_dtype): fp32
   // (default, exact), bf16 (half the memory and attention reads) or int8 (a quarter plus row
   // scales); CPU only.

@@ -12,6 +12,11 @@ ABSL_FLAG(bool, cuda_graphs, false,
           "With --device=cuda and experts in the same process on the same GPU: replay decode "
           "steps from CUDA graphs (one per batch shape) instead of launching every kernel from "
           "the host");
+ABSL_FLAG(bool, cuda_pdl, false,
+          "With --device=cuda (Hopper GPUs): launch each decode step's kernels with programmatic "
+          "dependent launch, so a kernel's blocks start, and a product's weights are fetched, "
+          "while the kernel before it finishes; works with or without --cuda_graphs. Same "
+          "outputs");
 
 ABSL_FLAG(std::string, kv_cache_dtype, "fp32",
           "KV cache element type: fp32 (exact), bf16 (half the memory and the bytes attention "
@@ -40,6 +45,7 @@ absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
   opt->load_format = *format;
   opt->num_layers = n;
   opt->cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  opt->cuda_pdl = absl::GetFlag(FLAGS_cuda_pdl);
   auto kv = ParseKvDType(absl::GetFlag(FLAGS_kv_cache_dtype));
   if (!kv.ok()) return kv.status();
   opt->kv_dtype = *kv;
@@ -62,6 +68,7 @@ std::vector<std::string> LoadFlagsForChild() {
     args.push_back(absl::StrCat("--num_layers=", absl::GetFlag(FLAGS_num_layers)));
   }
   if (absl::GetFlag(FLAGS_cuda_graphs)) args.push_back("--cuda_graphs");
+  if (absl::GetFlag(FLAGS_cuda_pdl)) args.push_back("--cuda_pdl");
   if (absl::GetFlag(FLAGS_kv_cache_dtype) != "fp32") {
     args.push_back("--kv_cache_dtype=" + absl::GetFlag(FLAGS_kv_cache_dtype));
   }

@@ -581,6 +581,7 @@ absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
   }
   MOEMESH_OK(CheckDevice(opt.device));
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));
+  if (opt.cuda_pdl) SetProgrammaticLaunch(true);
   auto s = std::unique_ptr<CudaExpertShard>(new CudaExpertShard());
   MOEMESH_OK(s->SetShards(cfg, shards));
   s->device_ = opt.device;
@@ -1020,6 +1021,7 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   s->arch_ = arch;
   s->device_ = opt.device;
   s->use_graphs_ = opt.cuda_graphs;
+  if (opt.cuda_pdl) SetProgrammaticLaunch(true);
   s->kv_dtype_ = opt.kv_dtype;
   auto ex = Exec::Create(opt.device.index);
   if (!ex.ok()) return ex.status();

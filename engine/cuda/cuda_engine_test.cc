@@ -1184,10 +1184,12 @@ TEST(CudaLongContextTest, SplitAttentionDecodeMatchesCpu) {
 // (read on the device, not baked into the graph).
 class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
 
-std::vector<std::vector<float>> DecodeTrace(const std::string& dir, bool graphs) {
+std::vector<std::vector<float>> DecodeTrace(const std::string& dir, bool graphs,
+                                            bool pdl = false) {
   LoadOptions opt;
   opt.device = *ParseDevice("cuda:0");
   opt.cuda_graphs = graphs;
+  opt.cuda_pdl = pdl;
   auto model = Model::Load(dir, opt);
   EXPECT_TRUE(model.ok()) << model.status();
   if (!model.ok()) return {};
@@ -1254,6 +1256,27 @@ TEST_P(CudaGraphTest, ReplayedStepsMatchLaunchedSteps) {
   EXPECT_GE(after.captured - before.captured, 2);
   EXPECT_LE(after.captured - before.captured, 4);
   EXPECT_GE(after.replayed - before.replayed, 2 * 36);
+}
+
+// Programmatic dependent launch (LoadOptions::cuda_pdl): every kernel that may now start before
+// the one before it has finished must still wait for it, so launched and replayed steps give the
+// plain launches' logits bit for bit. (On a GPU a missing wait shows as a race; the emulation
+// runs kernels one after another and checks the launch path only.)
+TEST_P(CudaGraphTest, ProgrammaticLaunchGivesThePlainLaunchesSteps) {
+  SKIP_WITHOUT_GPU();
+  ops::SetNumThreads(2);
+  const auto plain = DecodeTrace(GetParam(), false);
+  const auto pdl = DecodeTrace(GetParam(), false, true);
+  EXPECT_TRUE(cuda::ProgrammaticLaunch());
+  const auto pdl_graphs = DecodeTrace(GetParam(), true, true);
+  cuda::SetProgrammaticLaunch(false);  // process-wide: the other tests launch plainly
+  ASSERT_EQ(plain.size(), 3u + 80u);
+  ASSERT_EQ(pdl.size(), plain.size());
+  ASSERT_EQ(pdl_graphs.size(), plain.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_EQ(pdl[i], plain[i]) << "step " << i;
+    EXPECT_EQ(pdl_graphs[i], plain[i]) << "step " << i << ", replayed";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaGraphTest,

@@ -1,15 +1,81 @@
 #include "engine/cuda/kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 namespace moemesh {
 namespace cuda {
 namespace {
 
 constexpr int kWarp = 32;
+
+// Programmatic dependent launch (SetProgrammaticLaunch). Every kernel launched through
+// LaunchPdl starts with these, in this order: its blocks may then be scheduled while the kernel
+// before it in the stream still runs, so nothing before WaitForPriorGrids may touch memory that
+// earlier work writes or reads (the weights of a product, never written, may be prefetched).
+// LetDependentsLaunch lets the next such kernel be scheduled once every block of this one has
+// started. Without the launch attribute (and on the emulation) both are no-ops.
+__device__ __forceinline__ void WaitForPriorGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void LetDependentsLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// WaitForPriorGrids, then LetDependentsLaunch: the start of a kernel launched through LaunchPdl.
+__device__ __forceinline__ void PdlStart() {
+  WaitForPriorGrids();
+  LetDependentsLaunch();
+}
+
+// Asks the L2 cache for the bytes [p, p + bytes) of a warp's weights, one 128-byte line per lane
+// at a time (before WaitForPriorGrids: the wait overlaps their fetch).
+__device__ __forceinline__ void PrefetchL2(const void* p, int64_t bytes, int lane) {
+#if defined(__CUDA_ARCH__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = static_cast<int64_t>(lane) * 128; b < bytes; b += 32 * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + b));
+  }
+#else
+  (void)p, (void)bytes, (void)lane;
+#endif
+}
+
+std::atomic<bool> g_programmatic{false};
+
+// Launches kernel(args) on (grid, block, smem, stream), with the programmatic stream
+// serialization launch attribute while SetProgrammaticLaunch is on. `kernel` must begin with
+// PdlStart (or prefetch its weights, then PdlStart). `name`: for the emulation's statistics.
+template <typename... P, typename... A>
+cudaError_t LaunchPdl(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, A&&... args) {
+#ifdef MOEMESH_CUDA_EMU
+  ::emu::Launch(grid, block, smem, stream).With(kernel, name)(std::forward<A>(args)...);
+  return cudaPeekAtLastError();  // left for the caller's cudaGetLastError, as CUDA does
+#else
+  (void)name;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = g_programmatic.load(std::memory_order_relaxed) ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+#endif
+}
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
@@ -222,11 +288,20 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
                  bool accumulate, Groups groups, SmallMFusion fz) {
   static_assert(!kNorm || (kVec && !kSwiglu && kLinRows == 1), "norm: one-row vector kernel");
   static_assert(kTail == kTailNone || (kTail == kTailCombine && !kSwiglu), "tail: the combine");
+  const int lane = threadIdx.x % kWarp;
+  const int o = blockIdx.x * kLinWarps + threadIdx.x / kWarp;
+  if (groups.num_groups == nullptr && o < out) {
+    // One matrix, known before the work this kernel waits for is done: fetch this warp's rows.
+    PrefetchL2(w + static_cast<int64_t>(o) * in, static_cast<int64_t>(in) * sizeof(WT), lane);
+    if (kSwiglu) {
+      PrefetchL2(w + (static_cast<int64_t>(out) + o) * in, static_cast<int64_t>(in) * sizeof(WT),
+                 lane);
+    }
+  }
+  PdlStart();
   int r0, r1;
   int64_t slot;
   const bool has_group = BlockGroup(groups, m, &r0, &r1, &slot);
-  const int lane = threadIdx.x % kWarp;
-  const int o = blockIdx.x * kLinWarps + threadIdx.x / kWarp;
   if (has_group && o < out) {
     const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
     const WT* wg = w + (slot * mat_rows + o) * static_cast<int64_t>(in);
@@ -319,6 +394,7 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
                       const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
                       bool accumulate, Groups groups) {
   constexpr int kOuts = kSwiglu ? 2 : 4;
+  PdlStart();
   constexpr int kVecs = kSwiglu ? 2 * kOuts : kOuts;  // weight vectors per step
   int r0, r1;
   int64_t slot;
@@ -403,9 +479,6 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
   static_assert(!(kSwiglu && (kNorm || kTail != kTailNone)), "norm, tails: no SwiGLU");
   constexpr int kOutsPerBlock = kLinWarps / kSplit;
   __shared__ float part[kLinWarps][3];
-  int r0, r1;
-  int64_t slot;
-  const bool has_group = BlockGroup(groups, m, &r0, &r1, &slot);  // the whole block
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int o = blockIdx.x * kOutsPerBlock + warp / kSplit;
   const int s = warp % kSplit;
@@ -414,6 +487,16 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
   const int chunk = ((in + kSplit - 1) / kSplit + kWarp * 8 - 1) / (kWarp * 8) * (kWarp * 8);
   const int i0 = s * chunk, i1 = min(in, i0 + chunk);
   const int64_t mat_rows = kSwiglu ? 2 * static_cast<int64_t>(out) : out;
+  if (groups.num_groups == nullptr && active && i0 < i1) {
+    // One matrix, known before the work this kernel waits for is done: fetch this warp's slice.
+    const int64_t bytes = static_cast<int64_t>(i1 - i0) * sizeof(WT);
+    PrefetchL2(w + static_cast<int64_t>(o) * in + i0, bytes, lane);
+    if (kSwiglu) PrefetchL2(w + (static_cast<int64_t>(out) + o) * in + i0, bytes, lane);
+  }
+  PdlStart();
+  int r0, r1;
+  int64_t slot;
+  const bool has_group = BlockGroup(groups, m, &r0, &r1, &slot);  // the whole block
   const WT* wg = w + ((has_group ? slot : 0) * mat_rows + (active ? o : 0)) *
                          static_cast<int64_t>(in);
   const WT* wu = kSwiglu ? wg + static_cast<int64_t>(out) * in : nullptr;
@@ -576,18 +659,18 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
       if constexpr (!kN && kT == kTailNone) {
         if (per_group <= 4) {
           if (swiglu) {
-            SmallMMultiKernel<WT, true, 4><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
-                                                                        ldy, accumulate, groups);
+            LaunchPdl("SmallMMultiKernel<WT, true, 4>", SmallMMultiKernel<WT, true, 4>, mgrid,
+                      block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
           } else {
-            SmallMMultiKernel<WT, false, 4><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
-                                                                         ldy, accumulate, groups);
+            LaunchPdl("SmallMMultiKernel<WT, false, 4>", SmallMMultiKernel<WT, false, 4>, mgrid,
+                      block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
           }
         } else if (swiglu) {
-          SmallMMultiKernel<WT, true, 8><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
-                                                                      ldy, accumulate, groups);
+          LaunchPdl("SmallMMultiKernel<WT, true, 8>", SmallMMultiKernel<WT, true, 8>, mgrid, block,
+                    0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
         } else {
-          SmallMMultiKernel<WT, false, 8><<<mgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
-                                                                       ldy, accumulate, groups);
+          LaunchPdl("SmallMMultiKernel<WT, false, 8>", SmallMMultiKernel<WT, false, 8>, mgrid,
+                    block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
         }
       }
     } else if (split > 1) {
@@ -597,50 +680,53 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
       if (swiglu) {
         if constexpr (!kN && kT == kTailNone) {
           if (split == 2) {
-            SplitKKernel<WT, true, 2><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                                   accumulate, groups, fz);
+            LaunchPdl("SplitKKernel<WT, true, 2>", SplitKKernel<WT, true, 2>, sgrid, block, 0,
+                      stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
           } else if (split == 4) {
-            SplitKKernel<WT, true, 4><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                                   accumulate, groups, fz);
+            LaunchPdl("SplitKKernel<WT, true, 4>", SplitKKernel<WT, true, 4>, sgrid, block, 0,
+                      stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
           } else {
-            SplitKKernel<WT, true, 8><<<sgrid, block, 0, stream>>>(w, bias, o, k, x, mm, y, ldy,
-                                                                   accumulate, groups, fz);
+            LaunchPdl("SplitKKernel<WT, true, 8>", SplitKKernel<WT, true, 8>, sgrid, block, 0,
+                      stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
           }
         }
       } else if (split == 2) {
-        SplitKKernel<WT, false, 2, kN, kT><<<sgrid, block, smem, stream>>>(
-            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+        LaunchPdl("SplitKKernel<WT, false, 2, kN, kT>", SplitKKernel<WT, false, 2, kN, kT>, sgrid,
+                  block, smem, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
       } else if (split == 4) {
-        SplitKKernel<WT, false, 4, kN, kT><<<sgrid, block, smem, stream>>>(
-            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+        LaunchPdl("SplitKKernel<WT, false, 4, kN, kT>", SplitKKernel<WT, false, 4, kN, kT>, sgrid,
+                  block, smem, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
       } else {
-        SplitKKernel<WT, false, 8, kN, kT><<<sgrid, block, smem, stream>>>(
-            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+        LaunchPdl("SplitKKernel<WT, false, 8, kN, kT>", SplitKKernel<WT, false, 8, kN, kT>, sgrid,
+                  block, smem, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
       }
     } else if constexpr (kT != kTailRoute && kT != kTailQkv) {
       if (swiglu) {
         if constexpr (!kN && kT == kTailNone) {
           if (one) {
-            SmallMKernel<WT, true, true, 1><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
-                                                                        ldy, accumulate, groups, fz);
+            LaunchPdl("SmallMKernel<WT, true, true, 1>", SmallMKernel<WT, true, true, 1>, grid,
+                      block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
           } else if (vec) {
-            SmallMKernel<WT, true, true, 8><<<grid, block, 0, stream>>>(w, bias, o, k, x, mm, y,
-                                                                        ldy, accumulate, groups, fz);
+            LaunchPdl("SmallMKernel<WT, true, true, 8>", SmallMKernel<WT, true, true, 8>, grid,
+                      block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
           } else {
-            SmallMKernel<WT, false, true, 8><<<grid, block, 0, stream>>>(
-                w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+            LaunchPdl("SmallMKernel<WT, false, true, 8>", SmallMKernel<WT, false, true, 8>, grid,
+                      block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
           }
         }
       } else if (one) {
-        SmallMKernel<WT, true, false, 1, kN, kT><<<grid, block, 0, stream>>>(
-            w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+        LaunchPdl("SmallMKernel<WT, true, false, 1, kN, kT>",
+                  SmallMKernel<WT, true, false, 1, kN, kT>, grid, block, 0, stream, w, bias, o, k,
+                  x, mm, y, ldy, accumulate, groups, fz);
       } else if constexpr (!kN) {
         if (vec) {
-          SmallMKernel<WT, true, false, 8, false, kT><<<grid, block, 0, stream>>>(
-              w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+          LaunchPdl("SmallMKernel<WT, true, false, 8, false, kT>",
+                    SmallMKernel<WT, true, false, 8, false, kT>, grid, block, 0, stream, w, bias, o,
+                    k, x, mm, y, ldy, accumulate, groups, fz);
         } else {
-          SmallMKernel<WT, false, false, 8, false, kT><<<grid, block, 0, stream>>>(
-              w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+          LaunchPdl("SmallMKernel<WT, false, false, 8, false, kT>",
+                    SmallMKernel<WT, false, false, 8, false, kT>, grid, block, 0, stream, w, bias,
+                    o, k, x, mm, y, ldy, accumulate, groups, fz);
         }
       }
     }
@@ -668,6 +754,7 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
 
 __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* y) {
   __shared__ float scratch[32];
+  PdlStart();
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
   float* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
   float ss = 0.0f;
@@ -783,6 +870,7 @@ __global__ void PrepareQkvKernel(const float* qkv, int heads, int kv_heads, int 
                                  int mode, const float* q_norm, const float* k_norm, float eps,
                                  const float* inv_freq, int64_t layer, PagedKv kv, float* q_out) {
   extern __shared__ float s[];
+  PdlStart();
   PrepareQkvBlock<KV>(qkv, blockIdx.x, heads, kv_heads, hd, clip, mode, q_norm, k_norm, eps,
                       inv_freq, layer, kv, q_out, s);
 }
@@ -829,6 +917,7 @@ template <typename KV>
 __global__ void __launch_bounds__(kAttWarps * kWarp)
     PagedAttentionKernel(const float* q, int heads, int kv_heads, int hd, int64_t layer,
                          PagedKv kv, float* out, float* partial, uint32_t* counters) {
+  PdlStart();
   __shared__ float sm_m[kAttWarps], sm_l[kAttWarps];
   __shared__ float sm_acc[kAttWarps][kMaxDimPerLane * kWarp];
   const int t = blockIdx.x, h = blockIdx.y;
@@ -947,6 +1036,7 @@ __device__ void CombineSplits(const float* partial, int t, int h, int heads, int
 
 __global__ void AttentionCombineKernel(const float* partial, int heads, int hd, int splits,
                                        float* out) {
+  PdlStart();
   CombineSplits(partial, blockIdx.x, blockIdx.y, heads, hd, splits, out);
 }
 
@@ -1094,6 +1184,7 @@ __global__ void RouteGroupsKernel(const float* logits, int rows, int experts,
                                   int32_t* num_groups, int32_t* group_slot, int32_t* row_begin,
                                   int32_t* perm, int32_t* where) {
   extern __shared__ float route_sm[];
+  PdlStart();
   RouteGroupsBlock(logits, rows, experts, k_per_row, kmax, normalize, ids, weights,
                    slot_of_expert, num_groups, group_slot, row_begin, perm, where, route_sm);
 }
@@ -1112,6 +1203,7 @@ __global__ void CopyKvRowsKernel(KV* pool, int num_layers, int page_size, int kv
 }
 
 __global__ void GatherRowsKernel(const float* src, const int32_t* perm, int64_t dim, float* dst) {
+  PdlStart();
   const float* s = src + static_cast<int64_t>(perm[blockIdx.x]) * dim;
   float* d = dst + static_cast<int64_t>(blockIdx.x) * dim;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) d[i] = s[i];
@@ -1145,6 +1237,7 @@ __device__ __forceinline__ void CombineColumn(const int32_t* where, const float*
 
 __global__ void CombineKernel(const float* y, const int32_t* where, const float* weights, int k,
                               int64_t dim, float* out) {
+  PdlStart();
   CombineColumn(where, weights, k, dim, out,
                 [&](int32_t at, int64_t i) { return y[at * dim + i]; });
 }
@@ -1205,6 +1298,7 @@ __global__ void ToBf16Kernel(const float* x, int64_t n, uint16_t* y) {
 __global__ void ArgMaxRowsKernel(const float* x, int64_t n, int32_t* out) {
   __shared__ float sv[32];
   __shared__ int si[32];
+  PdlStart();
   const float* row = x + static_cast<int64_t>(blockIdx.x) * n;
   float bv = -INFINITY;
   int bi = INT_MAX;
@@ -1319,6 +1413,10 @@ unsigned GridFor(int64_t n, int threads) {
 
 }  // namespace
 
+void SetProgrammaticLaunch(bool on) { g_programmatic.store(on, std::memory_order_relaxed); }
+
+bool ProgrammaticLaunch() { return g_programmatic.load(std::memory_order_relaxed); }
+
 int SmallMSplit(int64_t out, int64_t groups) {
   // While the product has fewer than 2 warps' worth of output rows per SM slot (32 warps per SM
   // at the one-row kernels' 64 registers).
@@ -1362,8 +1460,8 @@ cudaError_t FusionTail(const float* y, int64_t m, int64_t out, const SmallMFusio
 cudaError_t RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float eps,
                     float* y, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  RmsNormKernel<<<static_cast<unsigned>(rows), 512, 0, stream>>>(x, w, static_cast<int>(dim),
-                                                                  eps, y);
+  LaunchPdl("RmsNormKernel", RmsNormKernel, static_cast<unsigned>(rows), 512, 0, stream, x, w,
+            static_cast<int>(dim), eps, y);
   return cudaGetLastError();
 }
 
@@ -1379,9 +1477,9 @@ cudaError_t PrepareQkv(const float* qkv, int64_t tokens, int64_t heads, int64_t 
                                            static_cast<int>(smem));
       if (e != cudaSuccess) return e;
     }
-    kernel<<<static_cast<unsigned>(tokens), 256, smem, stream>>>(
-        qkv, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
-        clip, qk_norm_mode, q_norm, k_norm, eps, inv_freq, layer, kv, q_out);
+    LaunchPdl("PrepareQkvKernel", kernel, static_cast<unsigned>(tokens), 256, smem, stream, qkv,
+              static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim), clip,
+              qk_norm_mode, q_norm, k_norm, eps, inv_freq, layer, kv, q_out);
     return cudaGetLastError();
   };
   return kv.bf16 ? launch(PrepareQkvKernel<uint16_t>) : launch(PrepareQkvKernel<float>);
@@ -1398,18 +1496,18 @@ cudaError_t PagedAttention(const float* q, int64_t tokens, int64_t heads, int64_
   dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(heads),
             static_cast<unsigned>(splits));
   if (kv.bf16) {
-    PagedAttentionKernel<uint16_t><<<grid, kAttWarps * kWarp, 0, stream>>>(
-        q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
-        layer, kv, out, partial, counters);
+    LaunchPdl("PagedAttentionKernel<uint16_t>", PagedAttentionKernel<uint16_t>, grid,
+              kAttWarps * kWarp, 0, stream, q, static_cast<int>(heads), static_cast<int>(kv_heads),
+              static_cast<int>(head_dim), layer, kv, out, partial, counters);
   } else {
-    PagedAttentionKernel<float><<<grid, kAttWarps * kWarp, 0, stream>>>(
-        q, static_cast<int>(heads), static_cast<int>(kv_heads), static_cast<int>(head_dim),
-        layer, kv, out, partial, counters);
+    LaunchPdl("PagedAttentionKernel<float>", PagedAttentionKernel<float>, grid, kAttWarps * kWarp,
+              0, stream, q, static_cast<int>(heads), static_cast<int>(kv_heads),
+              static_cast<int>(head_dim), layer, kv, out, partial, counters);
   }
   if (splits > 1 && counters == nullptr) {
-    AttentionCombineKernel<<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(heads)),
-                             128, 0, stream>>>(partial, static_cast<int>(heads),
-                                               static_cast<int>(head_dim), splits, out);
+    LaunchPdl("AttentionCombineKernel", AttentionCombineKernel,
+              dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(heads)), 128, 0, stream,
+              partial, static_cast<int>(heads), static_cast<int>(head_dim), splits, out);
   }
   return cudaGetLastError();
 }
@@ -1442,10 +1540,11 @@ cudaError_t RouteAndGroup(const float* logits, int64_t rows, int64_t experts,
   if (rows <= 0) return cudaSuccess;
   const size_t smem = RouteAndGroupSmem(rows, experts, kmax);
   if (rows > kRouteMaxRows || smem > 48 * 1024) return cudaErrorInvalidValue;
-  RouteGroupsKernel<<<1, static_cast<unsigned>(std::max<int64_t>(rows, 8) * kWarp), smem,
-                      stream>>>(logits, static_cast<int>(rows), static_cast<int>(experts),
-                                k_per_row, static_cast<int>(kmax), normalize, ids, weights,
-                                slot_of_expert, num_groups, group_slot, row_begin, perm, where);
+  LaunchPdl("RouteGroupsKernel", RouteGroupsKernel, 1,
+            static_cast<unsigned>(std::max<int64_t>(rows, 8) * kWarp), smem, stream, logits,
+            static_cast<int>(rows), static_cast<int>(experts), k_per_row, static_cast<int>(kmax),
+            normalize, ids, weights, slot_of_expert, num_groups, group_slot, row_begin, perm,
+            where);
   return cudaGetLastError();
 }
 
@@ -1485,7 +1584,8 @@ cudaError_t CopyKvRows(void* pool, int64_t elem_bytes, int64_t num_layers, int64
 cudaError_t GatherRows(const float* src, const int32_t* perm, int64_t rows, int64_t dim,
                        float* dst, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  GatherRowsKernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(src, perm, dim, dst);
+  LaunchPdl("GatherRowsKernel", GatherRowsKernel, static_cast<unsigned>(rows), 256, 0, stream, src,
+            perm, dim, dst);
   return cudaGetLastError();
 }
 
@@ -1494,7 +1594,8 @@ cudaError_t CombineExperts(const float* y, const int32_t* where, const float* we
   if (n <= 0) return cudaSuccess;
   if (k > 32) return cudaErrorInvalidValue;
   dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim + 255) / 256));
-  CombineKernel<<<grid, 256, 0, stream>>>(y, where, weights, static_cast<int>(k), dim, out);
+  LaunchPdl("CombineKernel", CombineKernel, grid, 256, 0, stream, y, where, weights,
+            static_cast<int>(k), dim, out);
   return cudaGetLastError();
 }
 
@@ -1561,7 +1662,8 @@ cudaError_t ArgMaxRows(const float* x, int64_t rows, int64_t n, int32_t* out,
                        cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (n <= 0 || n > INT_MAX) return cudaErrorInvalidValue;
-  ArgMaxRowsKernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(x, n, out);
+  LaunchPdl("ArgMaxRowsKernel", ArgMaxRowsKernel, static_cast<unsigned>(rows), 1024, 0, stream, x,
+            n, out);
   return cudaGetLastError();
 }
 

@@ -47,6 +47,17 @@ struct Groups {
 // vector loads), kOne otherwise.
 enum class SmallMChoice { kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8 };
 
+// Programmatic dependent launch (Hopper's griddepcontrol), process-wide, off by default
+// (LoadOptions::cuda_pdl turns it on). While on, the kernels of a decode step (the small-batch
+// products, RmsNorm, PrepareQkv, PagedAttention and its combine, RouteAndGroup, GatherRows,
+// CombineExperts, ArgMaxRows) are launched with cudaLaunchAttributeProgrammaticStreamSerialization:
+// each may be scheduled once every block of the kernel before it has started, and waits
+// (griddepcontrol.wait) for that kernel's completion before it touches memory. Products of one
+// matrix first ask L2 for their weights, so the fetch overlaps the previous kernel's end. The
+// results are the same bits either way. Also in captured CUDA graphs (programmatic edges).
+void SetProgrammaticLaunch(bool on);
+bool ProgrammaticLaunch();
+
 // The warps each output's sum is split over in kOne's one-row kernel (kAuto, kOne) for a product
 // of `out` outputs in `groups` groups (1 without): doubled up to 4 while the product has fewer
 // than 2 warps' worth of outputs per SM slot of this GPU.

@@ -34,6 +34,9 @@
 #include <cuda_runtime.h>  // first: its own code uses the names defined below
 #include <vector_types.h>
 
+// For the few places of the kernels' host code that launch other than through `<<<...>>>`.
+#define MOEMESH_CUDA_EMU 1
+
 namespace emu {
 
 // The running thread's coordinates (valid inside a kernel).

@@ -427,6 +427,8 @@ cudaError_t cudaGetLastError(void) {
   return e;
 }
 
+cudaError_t cudaPeekAtLastError(void) { return emu::g_last_error; }
+
 const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
     case cudaSuccess: return "no error";
