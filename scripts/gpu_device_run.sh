@@ -25,6 +25,9 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --json=$OUT/ours_30b.json 2>&1 | tail -8
   # The same with decode steps replayed from CUDA graphs.
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_graphs --json=$OUT/ours_30b_graphs.json 2>&1 | tail -8
+  # And with programmatic dependent launch, with and without graphs.
+  timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_graphs --cuda_pdl --json=$OUT/ours_30b_graphs_pdl.json 2>&1 | tail -8
+  timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_pdl --json=$OUT/ours_30b_pdl.json 2>&1 | tail -8
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = hf ]; then
   PYTHONUNBUFFERED=1 timeout 280 python3 scripts/hf_baseline.py --config=models/configs/qwen3-30b-a3b --batches=1,64 --prompt_tokens=128 --new_tokens=16 --json=$OUT/hf_30b.json 2>&1 | grep -v Warning | tail -6

@@ -1424,7 +1424,8 @@ void RegisterCudaBackend() {
   b.report = []() {
     const GraphCounts c = StepGraphCounts();
     return absl::StrCat("CUDA graphs: ", c.captured, " captured, ", c.replayed,
-                        " decode steps replayed");
+                        " decode steps replayed; programmatic dependent launch ",
+                        ProgrammaticLaunch() ? "on" : "off");
   };
   RegisterDeviceBackend(Device::Kind::kCuda, std::move(b));
 }
