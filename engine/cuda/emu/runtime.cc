@@ -108,7 +108,9 @@ std::mutex g_device;  // one kernel at a time, like one GPU's worth of fibers
 bool g_reverse = [] {
   const char* o = std::getenv("EMU_ORDER");
   const bool reverse = o != nullptr && std::string(o) == "reverse";
-  if (reverse) std::fprintf(stderr, "CUDA emulation: each block's threads run in reverse order\n");
+  if (reverse) {
+    std::fprintf(stderr, "CUDA emulation: blocks, and each block's threads, run in reverse order\n");
+  }
   return reverse;
 }();
 
@@ -261,14 +263,17 @@ void RunNow(dim3 grid, dim3 block, size_t smem, const std::function<void()>& bod
   b->body = &body;
   Block* saved = g_block;
   g_block = b.get();
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        // Fresh dynamic shared memory, filled with NaNs: reads before writes show.
-        b->dynamic_shared.assign(std::max<size_t>(smem, 16), static_cast<char>(0xFF));
-        RunBlock(b.get(), &stacks, grid, block, uint3{x, y, z});
-      }
-    }
+  // Blocks in order, or (EMU_ORDER=reverse) last first: a kernel whose result depends on the
+  // order its blocks finish in (the last-arriver tails) gives the same result both ways.
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  for (uint64_t n = 0; n < blocks; ++n) {
+    const uint64_t i = g_reverse ? blocks - 1 - n : n;
+    const unsigned x = static_cast<unsigned>(i % grid.x),
+                   y = static_cast<unsigned>(i / grid.x % grid.y),
+                   z = static_cast<unsigned>(i / grid.x / grid.y);
+    // Fresh dynamic shared memory, filled with NaNs: reads before writes show.
+    b->dynamic_shared.assign(std::max<size_t>(smem, 16), static_cast<char>(0xFF));
+    RunBlock(b.get(), &stacks, grid, block, uint3{x, y, z});
   }
   g_block = saved;
 }
