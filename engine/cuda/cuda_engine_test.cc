@@ -288,15 +288,34 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
 
   // Either kernel, chosen explicitly, is as exact, and so is every split of the one-row kernel's
   // sums (forced; where the rows allow it).
+  // kMultiDeep (more loads in flight) adds in kMulti's order: its bits.
+  std::vector<float> multi;
   for (cuda::SmallMChoice choice :
        {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kSplit1,
-        cuda::SmallMChoice::kSplit2, cuda::SmallMChoice::kSplit4, cuda::SmallMChoice::kSplit8}) {
+        cuda::SmallMChoice::kSplit2, cuda::SmallMChoice::kSplit4, cuda::SmallMChoice::kSplit8,
+        cuda::SmallMChoice::kMultiDeep}) {
     ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, d_x, m, d_y, out, false,
                                  true, groups, nullptr, choice),
               cudaSuccess);
-    EXPECT_LT(MaxAbsDiff(Download(d_y, m * out), act), 2e-5)
-        << "SwiGLU, kernel " << static_cast<int>(choice);
+    const std::vector<float> got_choice = Download(d_y, m * out);
+    EXPECT_LT(MaxAbsDiff(got_choice, act), 2e-5) << "SwiGLU, kernel " << static_cast<int>(choice);
+    if (choice == cuda::SmallMChoice::kMulti) multi = got_choice;
+    if (choice == cuda::SmallMChoice::kMultiDeep) EXPECT_EQ(got_choice, multi) << "deep";
+  }
+  // And plain (4 outputs per warp) with bias, accumulated.
+  {
+    std::vector<std::vector<float>> outs;
+    for (cuda::SmallMChoice choice :
+         {cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kMultiDeep}) {
+      ASSERT_EQ(cudaMemcpy(d_y2, y2.data(), y2.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, Upload(bias2, &db2), 2 * out, in, d_x, m,
+                                   d_y2, 2 * out, true, false, groups, nullptr, choice),
+                cudaSuccess);
+      outs.push_back(Download(d_y2, m * 2 * out));
+      EXPECT_LT(MaxAbsDiff(outs.back(), ref), 2e-5) << "plain, kernel " << static_cast<int>(choice);
+    }
+    EXPECT_EQ(outs[1], outs[0]) << "deep, plain";
   }
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

@@ -131,22 +131,48 @@ __device__ __forceinline__ uint16_t F32ToBf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// Eight consecutive weights as fp32.
-__device__ __forceinline__ void Load8(const float* p, float* w) {
-  const float4 a = *reinterpret_cast<const float4*>(p);
-  const float4 b = *reinterpret_cast<const float4*>(p + 4);
-  w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
-  w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+// Eight consecutive weights as loaded (16 bytes of bf16 or 32 of fp32; LoadRaw8), and as fp32
+// (Widen8), so that a kernel can have several loads in flight before it widens them.
+template <typename WT>
+struct Raw8;
+template <>
+struct Raw8<float> {
+  float4 a, b;
+};
+template <>
+struct Raw8<uint16_t> {
+  uint4 a;
+};
+
+__device__ __forceinline__ void LoadRaw8(const float* p, Raw8<float>* r) {
+  r->a = *reinterpret_cast<const float4*>(p);
+  r->b = *reinterpret_cast<const float4*>(p + 4);
 }
 
-__device__ __forceinline__ void Load8(const uint16_t* p, float* w) {
-  const uint4 a = *reinterpret_cast<const uint4*>(p);
-  const uint32_t words[4] = {a.x, a.y, a.z, a.w};
+__device__ __forceinline__ void LoadRaw8(const uint16_t* p, Raw8<uint16_t>* r) {
+  r->a = *reinterpret_cast<const uint4*>(p);
+}
+
+__device__ __forceinline__ void Widen8(const Raw8<float>& r, float* w) {
+  w[0] = r.a.x; w[1] = r.a.y; w[2] = r.a.z; w[3] = r.a.w;
+  w[4] = r.b.x; w[5] = r.b.y; w[6] = r.b.z; w[7] = r.b.w;
+}
+
+__device__ __forceinline__ void Widen8(const Raw8<uint16_t>& r, float* w) {
+  const uint32_t words[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     w[2 * i] = __uint_as_float(words[i] << 16);
     w[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
   }
+}
+
+// Eight consecutive weights as fp32.
+template <typename WT>
+__device__ __forceinline__ void Load8(const WT* p, float* w) {
+  Raw8<WT> r;
+  LoadRaw8(p, &r);
+  Widen8(r, w);
 }
 
 __device__ __forceinline__ float Load1(const float* p) { return *p; }
@@ -388,7 +414,9 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, kLinRows == 1 ? 4 : 1)
 // rows (4 weight vectors per step: 4 outputs, or 2 gate/up pairs) and reuses every x load for all
 // of them, with those 4 weight loads in flight together. kRows: x rows per pass over the
 // weights. Each output's sum runs in the plain kernel's order (lane-strided, then WarpSum).
-template <typename WT, bool kSwiglu, int kRows>
+// kDepth: steps whose weight loads are issued together (2: 8 loads in flight per lane, for
+// SmallMChoice::kMultiDeep; the same sums).
+template <typename WT, bool kSwiglu, int kRows, int kDepth = 1>
 __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
     SmallMMultiKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                       const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
@@ -422,19 +450,32 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
 #pragma unroll
       for (int v = 0; v < kVecs; ++v) acc[r][v] = 0.0f;
     }
-    for (int i = lane * 8; i < in; i += kWarp * 8) {
-      float wv[kVecs][8];
+    for (int i0 = lane * 8; i0 < in; i0 += kWarp * 8 * kDepth) {
+      Raw8<WT> raw[kDepth][kVecs];
 #pragma unroll
-      for (int v = 0; v < kVecs; ++v) Load8(wr[v] + i, wv[v]);
+      for (int d = 0; d < kDepth; ++d) {
+        if (i0 + d * kWarp * 8 < in) {
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (r < nr) {
-          float xv[8];
-          Load8(xr[r] + i, xv);
+          for (int v = 0; v < kVecs; ++v) LoadRaw8(wr[v] + i0 + d * kWarp * 8, &raw[d][v]);
+        }
+      }
 #pragma unroll
-          for (int v = 0; v < kVecs; ++v) {
+      for (int d = 0; d < kDepth; ++d) {
+        const int i = i0 + d * kWarp * 8;
+        if (i >= in) break;
+        float wv[kVecs][8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r][v] = fmaf(xv[e], wv[v][e], acc[r][v]);
+        for (int v = 0; v < kVecs; ++v) Widen8(raw[d][v], wv[v]);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          if (r < nr) {
+            float xv[8];
+            Load8(xr[r] + i, xv);
+#pragma unroll
+            for (int v = 0; v < kVecs; ++v) {
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[r][v] = fmaf(xv[e], wv[v][e], acc[r][v]);
+            }
           }
         }
       }
@@ -623,8 +664,10 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   // Rows per group: all m for one matrix, the mean over the groups of a MoE layer.
   const int64_t per_group = grouped ? (m + groups.max_groups - 1) / groups.max_groups : m;
   const int forced_split = SmallMForcedSplit(choice);
-  const bool multi = vec && (choice == SmallMChoice::kAuto ? (grouped ? per_group >= 2 : m > 8)
-                                                           : choice == SmallMChoice::kMulti);
+  const bool multi =
+      vec && (choice == SmallMChoice::kAuto ? (grouped ? per_group >= 2 : m > 8)
+                                            : choice == SmallMChoice::kMulti ||
+                                                  choice == SmallMChoice::kMultiDeep);
   const bool one = vec && !multi && m <= 8;  // decode-sized: the one-row kernels
   const int split = one ? (forced_split > 0 ? forced_split : SmallMSplit(out, grid.y)) : 1;
   if (norm && !one) {
@@ -657,21 +700,27 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
       const int outs_per_block = kLinWarps * (swiglu ? 2 : 4);
       dim3 mgrid(static_cast<unsigned>((out + outs_per_block - 1) / outs_per_block), grid.y);
       if constexpr (!kN && kT == kTailNone) {
-        if (per_group <= 4) {
+        // kRows x rows per pass; kDepth steps of weight loads in flight (kMultiDeep, bf16).
+        auto go = [&](auto rows_tag, auto depth_tag) {
+          constexpr int kR = decltype(rows_tag)::value, kD = decltype(depth_tag)::value;
           if (swiglu) {
-            LaunchPdl("SmallMMultiKernel<WT, true, 4>", SmallMMultiKernel<WT, true, 4>, mgrid,
-                      block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
+            LaunchPdl("SmallMMultiKernel<WT, true, kR, kD>", SmallMMultiKernel<WT, true, kR, kD>,
+                      mgrid, block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
           } else {
-            LaunchPdl("SmallMMultiKernel<WT, false, 4>", SmallMMultiKernel<WT, false, 4>, mgrid,
-                      block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
+            LaunchPdl("SmallMMultiKernel<WT, false, kR, kD>", SmallMMultiKernel<WT, false, kR, kD>,
+                      mgrid, block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
           }
-        } else if (swiglu) {
-          LaunchPdl("SmallMMultiKernel<WT, true, 8>", SmallMMultiKernel<WT, true, 8>, mgrid, block,
-                    0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
-        } else {
-          LaunchPdl("SmallMMultiKernel<WT, false, 8>", SmallMMultiKernel<WT, false, 8>, mgrid,
-                    block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
+        };
+        using R4 = std::integral_constant<int, 4>;
+        using R8 = std::integral_constant<int, 8>;
+        using D1 = std::integral_constant<int, 1>;
+        using D2 = std::integral_constant<int, 2>;
+        bool deep = false;
+        if constexpr (sizeof(WT) == 2) {
+          deep = choice == SmallMChoice::kMultiDeep;
+          if (deep) per_group <= 4 ? go(R4(), D2()) : go(R8(), D2());
         }
+        if (!deep) per_group <= 4 ? go(R4(), D1()) : go(R8(), D1());
       }
     } else if (split > 1) {
       dim3 sgrid(static_cast<unsigned>((out + kLinWarps / split - 1) / (kLinWarps / split)),

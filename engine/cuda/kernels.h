@@ -42,10 +42,11 @@ struct Groups {
 // with SwiGLU) sharing each x load among them (several rows per matrix: batched decode). kAuto:
 // kMulti when there are >= 2 rows per group on average (or m > 8 without groups). kMulti and the
 // 8-row kOne add in the same order (same results bit for bit). The vector kernels need in % 8 == 0
-// and 16-byte aligned w and x; otherwise a scalar variant of kOne runs. kSplitN (benchmarks):
+// and 16-byte aligned w and x; otherwise a scalar variant of kOne runs. For benchmarks: kSplitN,
 // kOne's one-row kernel with each sum split over exactly N warps where kOne would run it (m <= 8,
-// vector loads), kOne otherwise.
-enum class SmallMChoice { kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8 };
+// vector loads), kOne otherwise; kMultiDeep, kMulti with two steps of weight loads in flight per
+// lane instead of one (bf16 weights; fp32 as kMulti), the same sums.
+enum class SmallMChoice { kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8, kMultiDeep };
 
 // Programmatic dependent launch (Hopper's griddepcontrol), process-wide, off by default
 // (LoadOptions::cuda_pdl turns it on). While on, the kernels of a decode step (the small-batch
