@@ -33,6 +33,13 @@ if [ "$PHASE" = all ] || [ "$PHASE" = hf ]; then
   PYTHONUNBUFFERED=1 timeout 280 python3 scripts/hf_baseline.py --config=models/configs/qwen3-30b-a3b --batches=1,64 --prompt_tokens=128 --new_tokens=16 --json=$OUT/hf_30b.json 2>&1 | grep -v Warning | tail -6
 fi
 if [ "$PHASE" = profile ]; then
+  # The kernels' SASS (whether the one-row and multi-output products keep their weight loads in
+  # flight together), where the machine has a disassembler.
+  if command -v cuobjdump >/dev/null; then
+    cuobjdump -sass $B/expert_gemm_bench 2>&1 | gzip > $OUT/kernels_sass.txt.gz
+  else
+    echo "no cuobjdump on this machine"
+  fi
   # Where the time of a 64-sequence decode step goes, per kernel (4 layers of the 30B shape).
   P="$B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --num_layers=4 --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=16 --decode_tokens=16 --repeats=1 --batch=64 --bandwidth_gbs=3350"
   if command -v nsys >/dev/null; then
