@@ -288,12 +288,12 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
 
   // Either kernel, chosen explicitly, is as exact, and so is every split of the one-row kernel's
   // sums (forced; where the rows allow it).
-  // kMultiDeep (more loads in flight) adds in kMulti's order: its bits.
-  std::vector<float> multi;
+  // kMultiDeep and kOneDeep (more loads in flight) add in kMulti's and kOne's order: their bits.
+  std::vector<float> multi, one;
   for (cuda::SmallMChoice choice :
        {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kSplit1,
         cuda::SmallMChoice::kSplit2, cuda::SmallMChoice::kSplit4, cuda::SmallMChoice::kSplit8,
-        cuda::SmallMChoice::kMultiDeep}) {
+        cuda::SmallMChoice::kMultiDeep, cuda::SmallMChoice::kOneDeep}) {
     ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, d_x, m, d_y, out, false,
                                  true, groups, nullptr, choice),
@@ -301,13 +301,15 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
     const std::vector<float> got_choice = Download(d_y, m * out);
     EXPECT_LT(MaxAbsDiff(got_choice, act), 2e-5) << "SwiGLU, kernel " << static_cast<int>(choice);
     if (choice == cuda::SmallMChoice::kMulti) multi = got_choice;
+    if (choice == cuda::SmallMChoice::kOne) one = got_choice;
     if (choice == cuda::SmallMChoice::kMultiDeep) EXPECT_EQ(got_choice, multi) << "deep";
+    if (choice == cuda::SmallMChoice::kOneDeep) EXPECT_EQ(got_choice, one) << "one, deep";
   }
   // And plain (4 outputs per warp) with bias, accumulated.
   {
     std::vector<std::vector<float>> outs;
-    for (cuda::SmallMChoice choice :
-         {cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kMultiDeep}) {
+    for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kMultiDeep,
+                                      cuda::SmallMChoice::kOne, cuda::SmallMChoice::kOneDeep}) {
       ASSERT_EQ(cudaMemcpy(d_y2, y2.data(), y2.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
       ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, Upload(bias2, &db2), 2 * out, in, d_x, m,
                                    d_y2, 2 * out, true, false, groups, nullptr, choice),
@@ -316,6 +318,7 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
       EXPECT_LT(MaxAbsDiff(outs.back(), ref), 2e-5) << "plain, kernel " << static_cast<int>(choice);
     }
     EXPECT_EQ(outs[1], outs[0]) << "deep, plain";
+    EXPECT_EQ(outs[3], outs[2]) << "one, deep, plain";
   }
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
@@ -330,6 +333,53 @@ INSTANTIATE_TEST_SUITE_P(
       for (int32_t r : info.param.rows) name += "_" + std::to_string(r);
       return name;
     });
+
+// The deep variants (weight loads of several steps issued before they are used) over rows long
+// enough that a warp has several steps, the last one partial: kOneDeep gives kOne's bits and
+// kMultiDeep kMulti's, plain (with bias) and SwiGLU, 1 and 3 rows, against double precision.
+TEST(SmallMDeepTest, DeepLoadsGiveTheSameSums) {
+  SKIP_WITHOUT_GPU();
+  const int64_t out = 40, in = 2056;
+  cuda::DeviceMatrix mat;
+  std::vector<float> w;
+  MakeMatrix(1, 2 * out, in, true, 81, 0.05f, &mat, &w);
+  const std::vector<float> bias = Random(2 * out, 82);
+  cuda::DeviceBuffer dbias;
+  const float* d_bias = Upload(bias, &dbias);
+  for (int64_t m : {1, 3}) {
+    for (bool swiglu : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << m << " rows" << (swiglu ? ", SwiGLU" : ", plain"));
+      const std::vector<float> x = Random(m * in, 83 + m);
+      const int64_t n = swiglu ? out : 2 * out;
+      // Plain: rows o of W (+ bias). SwiGLU: silu(gate row o) * (up row out + o).
+      std::vector<double> ref(m * n);
+      for (int64_t r = 0; r < m; ++r) {
+        std::vector<double> dot(2 * out);
+        for (int64_t o = 0; o < 2 * out; ++o) {
+          for (int64_t i = 0; i < in; ++i) dot[o] += double(x[r * in + i]) * w[o * in + i];
+        }
+        for (int64_t o = 0; o < n; ++o) {
+          ref[r * n + o] = swiglu ? dot[o] / (1 + std::exp(-dot[o])) * dot[out + o]
+                                  : dot[o] + bias[o];
+        }
+      }
+      cuda::DeviceBuffer dx, dy;
+      const float* d_x = Upload(x, &dx);
+      ASSERT_TRUE(dy.Reserve(m * n * 4).ok());
+      auto run = [&](cuda::SmallMChoice choice) {
+        EXPECT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, swiglu ? nullptr : d_bias, n, in, d_x,
+                                     m, dy.as<float>(), n, false, swiglu, cuda::Groups(), nullptr,
+                                     choice),
+                  cudaSuccess);
+        std::vector<float> got = Download(dy.as<float>(), m * n);
+        EXPECT_LT(MaxAbsDiff(got, ref), 2e-5) << "choice " << static_cast<int>(choice);
+        return got;
+      };
+      EXPECT_EQ(run(cuda::SmallMChoice::kOneDeep), run(cuda::SmallMChoice::kOne));
+      EXPECT_EQ(run(cuda::SmallMChoice::kMultiDeep), run(cuda::SmallMChoice::kMulti));
+    }
+  }
+}
 
 // SmallMFusion's norm: the product of RmsNorm(x) with the norm taken into the one-row kernels
 // (m <= 8: unsplit, sums split over 2 and 4 warps) or run first (m = 12; x not 16-byte

@@ -33,8 +33,10 @@ ABSL_FLAG(int32_t, iters, 20, "Timed iterations.");
 ABSL_FLAG(int64_t, streams, 64, "Sequences of the batched-decode figure (one row each).");
 ABSL_FLAG(bool, decode_products, true,
           "Also time each one-row product of a decode step of this shape (qkv, o, router, the "
-          "experts' gate/up and down, LM head) with each split of the one-row kernel's sums, in "
-          "CUDA graphs, against a device-to-device copy's bandwidth.");
+          "experts' gate/up and down, LM head) with each split of the one-row kernel's sums and "
+          "with its weight loads issued 4 steps at a time (auto, deep: SmallMChoice::kOneDeep; "
+          "products with the norm taken in run as auto there), in CUDA graphs, against a "
+          "device-to-device copy's bandwidth.");
 ABSL_FLAG(int64_t, heads, 32, "Query heads (decode products).");
 ABSL_FLAG(int64_t, kv_heads, 4, "KV heads (decode products).");
 ABSL_FLAG(int64_t, head_dim, 128, "Head dimension (decode products).");
@@ -129,7 +131,7 @@ int DecodeProducts(Exec& ex, int iters, int64_t E, int64_t K, int64_t H, int64_t
   const std::vector<std::pair<const char*, SmallMChoice>> choices = {
       {"auto", SmallMChoice::kAuto},     {"split 1", SmallMChoice::kSplit1},
       {"split 2", SmallMChoice::kSplit2}, {"split 4", SmallMChoice::kSplit4},
-      {"split 8", SmallMChoice::kSplit8}};
+      {"split 8", SmallMChoice::kSplit8}, {"auto, deep", SmallMChoice::kOneDeep}};
   std::printf("  %-26s %8s %6s", "product", "MB", "auto");
   for (const auto& c : choices) std::printf(" %17s", c.first);
   std::printf(" %17s\n", "auto, no graph");

@@ -510,8 +510,11 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 2)
 // The one-row kernel with each output's sum split over kSplit warps (slices of `in`), for
 // decode products too narrow to give every SM enough warps streaming weights (Qwen3-30B-A3B's
 // o projection has 2048 output rows: ~16 warps per SM of an H100, each reading 8 KiB in a row).
-// The kSplit partial sums meet in shared memory, added in slice order.
-template <typename WT, bool kSwiglu, int kSplit, bool kNorm = false, int kTail = kTailNone>
+// The kSplit partial sums meet in shared memory, added in slice order. kDepth > 1 (for
+// SmallMChoice::kOneDeep): that many steps' weight loads are issued before any is used, rather
+// than leaving the overlap to the compiler's unrolling; the same sums.
+template <typename WT, bool kSwiglu, int kSplit, bool kNorm = false, int kTail = kTailNone,
+          int kDepth = 1>
 __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
     SplitKKernel(const WT* __restrict__ w, const float* __restrict__ bias, int out, int in,
                  const float* __restrict__ x, int m, float* __restrict__ y, int64_t ldy,
@@ -545,16 +548,37 @@ __global__ void __launch_bounds__(kLinWarps * kWarp, 4)
     float ag = 0.0f, au = 0.0f, ss = 0.0f;  // ss: kNorm's sum of squares of this slice
     const float* xr = XRow(x, groups, r, in);
     if (active) {
-#pragma unroll(kSwiglu ? 2 : 4)
-      for (int i = i0 + lane * 8; i < i1; i += kWarp * 8) {
-        float wv[8], uv[8], xv[8];
-        Load8(wg + i, wv);
-        if (kSwiglu) Load8(wu + i, uv);
-        LoadX8<kNorm>(xr + i, fz.norm_w + i, xv, &ss);
+      constexpr int kStep = kWarp * 8;
+#pragma unroll(kDepth > 1 ? 1 : kSwiglu ? 2 : 4)
+      for (int i0l = i0 + lane * 8; i0l < i1; i0l += kStep * kDepth) {
+        Raw8<WT> rw[kDepth], ru[kDepth];
+        if (kDepth > 1) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          ag = fmaf(xv[e], wv[e], ag);
-          if (kSwiglu) au = fmaf(xv[e], uv[e], au);
+          for (int d = 0; d < kDepth; ++d) {
+            if (i0l + d * kStep < i1) {
+              LoadRaw8(wg + i0l + d * kStep, &rw[d]);
+              if (kSwiglu) LoadRaw8(wu + i0l + d * kStep, &ru[d]);
+            }
+          }
+        }
+#pragma unroll
+        for (int d = 0; d < kDepth; ++d) {
+          const int i = i0l + d * kStep;
+          if (d > 0 && i >= i1) break;
+          float wv[8], uv[8], xv[8];
+          if (kDepth > 1) {
+            Widen8(rw[d], wv);
+            if (kSwiglu) Widen8(ru[d], uv);
+          } else {
+            Load8(wg + i, wv);
+            if (kSwiglu) Load8(wu + i, uv);
+          }
+          LoadX8<kNorm>(xr + i, fz.norm_w + i, xv, &ss);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            ag = fmaf(xv[e], wv[e], ag);
+            if (kSwiglu) au = fmaf(xv[e], uv[e], au);
+          }
         }
       }
       ag = WarpSum(ag);
@@ -695,6 +719,31 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   auto launch = [&](auto norm_tag, auto tail_tag) -> cudaError_t {
     constexpr bool kN = decltype(norm_tag)::value;
     constexpr int kT = decltype(tail_tag)::value;
+    if constexpr (!kN && kT == kTailNone && sizeof(WT) == 2) {
+      if (one && choice == SmallMChoice::kOneDeep) {
+        // The split kernel (even at split 1) with its steps' weight loads issued together.
+        auto go = [&](auto split_tag) {
+          constexpr int kS = decltype(split_tag)::value;
+          dim3 sgrid(static_cast<unsigned>((out + kLinWarps / kS - 1) / (kLinWarps / kS)), grid.y);
+          if (swiglu) {
+            LaunchPdl("SplitKKernel<WT, true, kS, false, kTailNone, 2>",
+                      SplitKKernel<WT, true, kS, false, kTailNone, 2>, sgrid, block, 0, stream, w,
+                      bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+          } else {
+            LaunchPdl("SplitKKernel<WT, false, kS, false, kTailNone, 4>",
+                      SplitKKernel<WT, false, kS, false, kTailNone, 4>, sgrid, block, 0, stream, w,
+                      bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+          }
+        };
+        switch (split) {
+          case 1: go(std::integral_constant<int, 1>()); break;
+          case 2: go(std::integral_constant<int, 2>()); break;
+          case 4: go(std::integral_constant<int, 4>()); break;
+          default: go(std::integral_constant<int, 8>()); break;
+        }
+        return cudaGetLastError();
+      }
+    }
     if (multi) {
       // Several rows per matrix: the multi-output kernel (x loads shared by 4 weight vectors).
       const int outs_per_block = kLinWarps * (swiglu ? 2 : 4);

@@ -45,8 +45,13 @@ struct Groups {
 // and 16-byte aligned w and x; otherwise a scalar variant of kOne runs. For benchmarks: kSplitN,
 // kOne's one-row kernel with each sum split over exactly N warps where kOne would run it (m <= 8,
 // vector loads), kOne otherwise; kMultiDeep, kMulti with two steps of weight loads in flight per
-// lane instead of one (bf16 weights; fp32 as kMulti), the same sums.
-enum class SmallMChoice { kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8, kMultiDeep };
+// lane instead of one (bf16 weights; fp32 as kMulti), the same sums; kOneDeep, kOne's split
+// kernel (at kOne's split, 1 included) issuing 4 steps' weight loads (SwiGLU: 2) before it uses
+// them, rather than leaving that to the compiler (bf16 weights, no fused norm or tail; otherwise
+// as kOne), the same sums as the split kernel.
+enum class SmallMChoice {
+  kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8, kMultiDeep, kOneDeep
+};
 
 // Programmatic dependent launch (Hopper's griddepcontrol), process-wide, off by default
 // (LoadOptions::cuda_pdl turns it on). While on, the kernels of a decode step (the small-batch
