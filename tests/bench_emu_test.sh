@@ -36,7 +36,7 @@ for name, want_replays in (("plain", False), ("graphs", True), ("graphs_pdl", Tr
 PYEOF
 GEMM="${MOEMESH_BIN_DIR:-$PWD}/engine/cuda/expert_gemm_bench_emu"
 "$GEMM" --tokens=64 --experts=8 --top_k=2 --hidden=64 --width=32 --iters=1 --streams=4 \
-  --heads=2 --kv_heads=1 --head_dim=16 --vocab=300 --weight_pool_mb=0 > "$OUTDIR/gemm.log" 2>&1 || { cat "$OUTDIR/gemm.log"; exit 1; }
+  --heads=2 --kv_heads=1 --head_dim=16 --vocab=300 --weight_pool_mb=0 --attention_contexts=40 > "$OUTDIR/gemm.log" 2>&1 || { cat "$OUTDIR/gemm.log"; exit 1; }
 cat "$OUTDIR/gemm.log"
 grep -qE "^  grouped / dense throughput: [0-9.]+ \(target >= 0.70\); path batched; with y unpadded to fp32: [0-9.]+ ms \([0-9.]+\)$" "$OUTDIR/gemm.log"
 grep -qE "^  by path: batched [0-9.]+ ms \(2 buckets, padded rows [0-9.]+ x\), cuBLAS grouped [0-9.]+ ms, one GEMM per expert [0-9.]+ ms$" "$OUTDIR/gemm.log"
@@ -44,4 +44,7 @@ grep -qE "one-output kernel [0-9.]+ us .*multi-output kernel [0-9.]+ us .*in fli
 # The decode products: 7 rows, each with the auto split and 7 timings (6 choices in graphs, then
 # the auto choice launched).
 test "$(grep -cE "^  (qkv|o|router|experts|LM head)[^0-9]*( +[0-9.]+){2}( +[0-9.]+ us +[0-9]+){7}$" "$OUTDIR/gemm.log")" = 7
+# Decode attention: 1 and 4 sequences of 40 positions, fp32 and bf16 caches; the auto split
+# count and 5 forced ones.
+test "$(grep -cE "^  [14] x 40, (fp32|bf16) +[0-9]+( +[0-9.]+ +[0-9]+){5}$" "$OUTDIR/gemm.log")" = 4
 echo "[  PASSED  ] 1 test."

@@ -2,7 +2,8 @@
 //
 //   expert_gemm_bench [--tokens=4096] [--experts=128] [--top_k=8] [--hidden=2048] [--width=768]
 //                     [--streams=64] [--iters=20] [--decode_products] [--heads=32] [--kv_heads=4]
-//                     [--head_dim=128] [--vocab=151936]
+//                     [--head_dim=128] [--vocab=151936] [--decode_attention]
+//                     [--attention_contexts=128,512,2048,8192]
 //
 // Routes `tokens` rows uniformly at random to `top_k` of `experts` experts (Qwen3-30B-A3B's
 // expert shape by default, bf16 weights) and times the expert computation as the expert worker
@@ -21,6 +22,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "engine/cuda/cuda_engine.h"
 #include "engine/expert_groups.h"
 
@@ -41,6 +43,13 @@ ABSL_FLAG(int64_t, heads, 32, "Query heads (decode products).");
 ABSL_FLAG(int64_t, kv_heads, 4, "KV heads (decode products).");
 ABSL_FLAG(int64_t, head_dim, 128, "Head dimension (decode products).");
 ABSL_FLAG(int64_t, vocab, 151936, "Vocabulary (decode products' LM head).");
+ABSL_FLAG(bool, decode_attention, true,
+          "Also time decode attention over a paged KV cache (1 and --streams sequences, each "
+          "context of --attention_contexts, fp32 and bf16 caches) with the engine's splits and "
+          "each split forced, in CUDA graphs.");
+ABSL_FLAG(std::vector<std::string>, attention_contexts,
+          std::vector<std::string>({"128", "512", "2048", "8192"}),
+          "Decode attention: cached positions per sequence.");
 ABSL_FLAG(int64_t, weight_pool_mb, 256,
           "Decode products: each product's weights are copied until the copies fill this many MiB "
           "and the timed launches go round them, so they read HBM rather than the L2 cache "
@@ -188,6 +197,83 @@ int DecodeProducts(Exec& ex, int iters, int64_t E, int64_t K, int64_t H, int64_t
     const double plain_ms = TimeMs(ex, reps * iters, [&] { launch(SmallMChoice::kAuto, rep++); });
     std::printf(" %7.1f us %5.0f\n", plain_ms * 1e3, bytes / plain_ms / 1e6);
     if (!ex.Sync().ok()) return 1;
+  }
+  return 0;
+}
+
+// Decode attention: `tokens` sequences of `context` cached positions each (one query row each,
+// page size 16, one layer), timed with the engine's split count (AttentionSplits, the combine by
+// each (token, head)'s last block) and with 1..16 splits forced. Prints a table; 0 on success.
+int DecodeAttention(Exec& ex, int iters, int64_t streams) {
+  const int64_t nh = absl::GetFlag(FLAGS_heads), nkv = absl::GetFlag(FLAGS_kv_heads),
+                hd = absl::GetFlag(FLAGS_head_dim), kvd = nkv * hd, page = 16;
+  const std::vector<int> splits = {1, 2, 4, 8, 16};
+  std::printf("decode attention (%lld heads, %lld KV heads, head_dim %lld; page 16), us per layer "
+              "and GB/s of the KV read\n",
+              static_cast<long long>(nh), static_cast<long long>(nkv), static_cast<long long>(hd));
+  std::printf("  %-30s %6s", "sequences x context, cache", "auto");
+  for (int sp : splits) std::printf(" %11s%-2d", "splits ", sp);
+  std::printf("\n");
+  for (const std::string& cs : absl::GetFlag(FLAGS_attention_contexts)) {
+    int64_t context = 0;
+    if (!absl::SimpleAtoi(cs, &context) || context <= 0) {
+      std::fprintf(stderr, "--attention_contexts: not a positive count: %s\n", cs.c_str());
+      return 1;
+    }
+    for (int64_t T : {int64_t{1}, streams}) {
+      for (bool bf16 : {false, true}) {
+        const int64_t P = (context + 1 + page - 1) / page;  // pages per sequence
+        const int64_t elem = bf16 ? 2 : 4;
+        DeviceBuffer pool, q, out, partial, counters, pages, page_off, pos;
+        std::vector<int32_t> h_pages(T * P), h_off(T), h_pos(T, static_cast<int32_t>(context));
+        for (int64_t i = 0; i < T * P; ++i) h_pages[i] = static_cast<int32_t>(i);
+        for (int64_t t = 0; t < T; ++t) h_off[t] = static_cast<int32_t>(t * P);
+        if (!pool.Reserve(T * P * 2 * page * kvd * elem).ok() || !q.Reserve(T * nh * hd * 4).ok() ||
+            !out.Reserve(T * nh * hd * 4).ok() ||
+            !partial.Reserve(T * nh * 16 * (hd + 2) * 4).ok() ||
+            !counters.Reserve(T * nh * 4).ok() || !pages.Reserve(T * P * 4).ok() ||
+            !page_off.Reserve(T * 4).ok() || !pos.Reserve(T * 4).ok()) {
+          std::printf("  %lld x %lld: out of device memory\n", static_cast<long long>(T),
+                      static_cast<long long>(context));
+          continue;
+        }
+        FillRandom(pool.get(), bf16 ? WType::kBF16 : WType::kF32, T * P * 2 * page * kvd, 21,
+                   1.0f, false, ex.stream());
+        FillRandom(q.get(), WType::kF32, T * nh * hd, 22, 1.0f, false, ex.stream());
+        cudaMemsetAsync(counters.get(), 0, T * nh * 4, ex.stream());
+        cudaMemcpy(pages.get(), h_pages.data(), h_pages.size() * 4, cudaMemcpyHostToDevice);
+        cudaMemcpy(page_off.get(), h_off.data(), T * 4, cudaMemcpyHostToDevice);
+        cudaMemcpy(pos.get(), h_pos.data(), T * 4, cudaMemcpyHostToDevice);
+        PagedKv kv;
+        kv.pool = pool.get();
+        kv.bf16 = bf16;
+        kv.page_size = page;
+        kv.num_layers = 1;
+        kv.kv_dim = kvd;
+        kv.pages = pages.as<int32_t>();
+        kv.page_off = page_off.as<int32_t>();
+        kv.pos = pos.as<int32_t>();
+        const double bytes = static_cast<double>(T) * (context + 1) * 2 * kvd * elem;
+        const int automatic = AttentionSplits(T, nh, context + 1);
+        char label[64];
+        std::snprintf(label, sizeof(label), "%lld x %lld, %s", static_cast<long long>(T),
+                      static_cast<long long>(context), bf16 ? "bf16" : "fp32");
+        std::printf("  %-30s %6d", label, automatic);
+        for (int sp : splits) {
+          const double ms = GraphMs(ex, 16, iters, [&](int) {
+            PagedAttention(q.as<float>(), T, nh, nkv, hd, 0, kv, out.as<float>(), ex.stream(), sp,
+                           partial.as<float>(), counters.as<uint32_t>());
+          });
+          if (ms <= 0) {
+            std::printf(" %13s", "failed");
+          } else {
+            std::printf(" %6.1f %6.0f", ms * 1e3, bytes / ms / 1e6);
+          }
+        }
+        std::printf("\n");
+        if (!ex.Sync().ok()) return 1;
+      }
+    }
   }
   return 0;
 }
@@ -363,7 +449,8 @@ int Main() {
               streams_one_ms * 1e3, streams_bytes / streams_one_ms / 1e6, streams_multi_ms * 1e3,
               streams_bytes / streams_multi_ms / 1e6, streams_deep_ms * 1e3,
               streams_bytes / streams_deep_ms / 1e6);
-  if (absl::GetFlag(FLAGS_decode_products)) return DecodeProducts(ex, iters, E, K, H, W);
+  if (absl::GetFlag(FLAGS_decode_products) && DecodeProducts(ex, iters, E, K, H, W) != 0) return 1;
+  if (absl::GetFlag(FLAGS_decode_attention) && DecodeAttention(ex, iters, S) != 0) return 1;
   return 0;
 }
 
