@@ -21,7 +21,7 @@ if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
   MOEMESH_BIN_DIR=/tmp/rt PYTHON=python3 XDG_CACHE_HOME=$PWD/.devbundle/cache timeout 300 bash tests/cluster_gpu_test.sh 2>&1 | tail -15
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
-  timeout 240 $B/expert_gemm_bench 2>&1 | tail -20
+  timeout 300 $B/expert_gemm_bench 2>&1 | tee $OUT/expert_gemm_bench.txt | tail -45
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --json=$OUT/ours_30b.json 2>&1 | tail -8
   # The same with decode steps replayed from CUDA graphs.
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_graphs --json=$OUT/ours_30b_graphs.json 2>&1 | tail -8
