@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-.devbundle}
+# What scripts/gpu_device_run.sh runs (not //tools:moemesh: the bundle and the working tree
+# must stay under the device tool's 64 MiB).
 targets=(//engine/cuda:cuda_engine_test //engine/cuda:model_test //engine/cuda:expert_gemm_bench
-         //tools:moemesh_bench //tools:moemesh //expert_worker //attention_worker //encoder_worker
-         //router)
+         //tools:moemesh_bench //expert_worker //attention_worker //encoder_worker //router)
 bazel build --config=cuda "${targets[@]}"
 bins=()
 for t in "${targets[@]}"; do
@@ -17,7 +18,7 @@ for t in "${targets[@]}"; do
   [ "$t" = "//$pkg" ] && name=${pkg##*/}
   bins+=("bazel-bin/$pkg/$name")
 done
-../shared/tools/device_bundle.sh "$out" "${bins[@]}"
+XZ_OPT="-9 -T0" ../shared/tools/device_bundle.sh "$out" "${bins[@]}"
 # The Python client's generated stubs, made here with protoc (the GPU machine has none); this
 # machine may lack the protobuf Python module the stubs import, which the GPU machine has.
 XDG_CACHE_HOME=$PWD/$out/cache python3 -c '
@@ -29,5 +30,6 @@ try:
 except ImportError:
     pass'
 ls "$out"/cache/moemesh/py/*/protos/generation_pb2_grpc.py > /dev/null
+mkdir -p .git/info
 grep -qx "/$out/" .git/info/exclude 2>/dev/null || echo "/$out/" >> .git/info/exclude
 du -sh "$out"

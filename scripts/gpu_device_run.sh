@@ -2,7 +2,7 @@
 # The GPU runs of docs/BENCHMARKS.md: run on the GPU machine from the repository root, after
 # scripts/gpu_bundle.sh (which does the following) here:
 #   bazel build --config=cuda //engine/cuda:cuda_engine_test //engine/cuda:model_test //engine/cuda:expert_gemm_bench \
-#     //tools:moemesh_bench //tools:moemesh //expert_worker //attention_worker //encoder_worker //router
+#     //tools:moemesh_bench //expert_worker //attention_worker //encoder_worker //router
 #   ../shared/tools/device_bundle.sh .devbundle <those binaries from bazel-bin>
 # and the Python stubs generated into .devbundle/cache (XDG_CACHE_HOME=$PWD/.devbundle/cache, scripts/client.py load_stubs()).
 # Usage: scripts/gpu_device_run.sh [all|tests|bench|hf|profile]   (results under $OUT; all = the first three)
