@@ -5,7 +5,8 @@
 #     //tools:moemesh_bench //expert_worker //attention_worker //encoder_worker //router
 #   ../shared/tools/device_bundle.sh .devbundle <those binaries from bazel-bin>
 # and the Python stubs generated into .devbundle/cache (XDG_CACHE_HOME=$PWD/.devbundle/cache, scripts/client.py load_stubs()).
-# Usage: scripts/gpu_device_run.sh [all|tests|bench|hf|profile]   (results under $OUT; all = the first three)
+# Usage: scripts/gpu_device_run.sh [all|tests|bench|bench2|hf|profile]   (results under $OUT; all =
+# the first four, more than one device call's 10 minutes: run them one by one)
 set -x
 tar xJf .devbundle/bundle.tar.xz -C /tmp
 export LD_LIBRARY_PATH=/tmp/bundle/lib:${LD_LIBRARY_PATH:-}
@@ -25,9 +26,13 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --json=$OUT/ours_30b.json 2>&1 | tail -8
   # The same with decode steps replayed from CUDA graphs.
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_graphs --json=$OUT/ours_30b_graphs.json 2>&1 | tail -8
-  # And with programmatic dependent launch, with and without graphs.
+fi
+if [ "$PHASE" = all ] || [ "$PHASE" = bench2 ]; then
+  # With programmatic dependent launch, with and without graphs; then with the bf16 KV cache
+  # (transformers' generate keeps its cache in the model's bf16).
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_graphs --cuda_pdl --json=$OUT/ours_30b_graphs_pdl.json 2>&1 | tail -8
   timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_pdl --json=$OUT/ours_30b_pdl.json 2>&1 | tail -8
+  timeout 240 $B/moemesh_bench --mode=offline --device=cuda --load_format=dummy --model=models/configs/qwen3-30b-a3b --compute_dtype=bf16 --prompt_tokens=128 --decode_tokens=64 --repeats=2 --batch=64 --bandwidth_gbs=3350 --cuda_graphs --cuda_pdl --kv_cache_dtype=bf16 --json=$OUT/ours_30b_graphs_pdl_bf16kv.json 2>&1 | tail -8
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = hf ]; then
   PYTHONUNBUFFERED=1 timeout 280 python3 scripts/hf_baseline.py --config=models/configs/qwen3-30b-a3b --batches=1,64 --prompt_tokens=128 --new_tokens=16 --json=$OUT/hf_30b.json 2>&1 | grep -v Warning | tail -6
