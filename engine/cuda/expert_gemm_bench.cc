@@ -39,9 +39,9 @@ ABSL_FLAG(bool, decode_products, true,
           "with its weight loads issued 4 steps at a time (auto, deep: SmallMChoice::kOneDeep; "
           "products with the norm taken in run as auto there), in CUDA graphs, against a "
           "device-to-device copy's bandwidth.");
-ABSL_FLAG(int64_t, heads, 32, "Query heads (decode products).");
-ABSL_FLAG(int64_t, kv_heads, 4, "KV heads (decode products).");
-ABSL_FLAG(int64_t, head_dim, 128, "Head dimension (decode products).");
+ABSL_FLAG(int64_t, heads, 32, "Query heads (decode products and attention).");
+ABSL_FLAG(int64_t, kv_heads, 4, "KV heads (decode products and attention).");
+ABSL_FLAG(int64_t, head_dim, 128, "Head dimension (decode products and attention).");
 ABSL_FLAG(int64_t, vocab, 151936, "Vocabulary (decode products' LM head).");
 ABSL_FLAG(bool, decode_attention, true,
           "Also time decode attention over a paged KV cache (1 and --streams sequences, each "
