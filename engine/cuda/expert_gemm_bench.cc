@@ -12,9 +12,11 @@
 // Also times single-token decode (top_k experts, one row each: the small-batch kernel) and the
 // decode step of --streams sequences (their rows grouped by expert on the device, all experts
 // in two launches) as achieved GB/s of the expert weights they read. And (--decode_products) each
-// one-row product of a decode step of that shape with each split of its sums.
+// one-row product of a decode step of that shape with each split of its sums, and
+// (--decode_attention) decode attention with each split count.
 #include <algorithm>
 #include <chrono>
+#include <numeric>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -22,6 +24,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "engine/cuda/cuda_engine.h"
 #include "engine/expert_groups.h"
@@ -83,6 +86,22 @@ double TimeMs(Exec& ex, int iters, F&& f) {
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   return ms / iters;
+}
+
+// Device group arrays (Groups) for groups of rows [begin[g], begin[g + 1]) on matrices slot[g],
+// in `buf`: the count, the slots, then the row offsets.
+absl::StatusOr<Groups> UploadGroups(const std::vector<int32_t>& slot,
+                                    const std::vector<int32_t>& begin, int32_t max_groups,
+                                    DeviceBuffer* buf) {
+  const int32_t n = static_cast<int32_t>(slot.size());
+  std::vector<int32_t> packed = {n};
+  packed.insert(packed.end(), slot.begin(), slot.end());
+  packed.insert(packed.end(), begin.begin(), begin.end());
+  absl::Status st = buf->Reserve(packed.size() * 4);
+  if (!st.ok()) return st;
+  cudaMemcpy(buf->get(), packed.data(), packed.size() * 4, cudaMemcpyHostToDevice);
+  const int32_t* pk = buf->as<int32_t>();
+  return Groups{pk, pk + 1, pk + 1 + n, max_groups};
 }
 
 // Milliseconds per launch of `launch(rep)` for reps 0..reps-1 captured into one CUDA graph
@@ -162,13 +181,12 @@ int DecodeProducts(Exec& ex, int iters, int64_t E, int64_t K, int64_t H, int64_t
     Groups groups;
     if (p.groups > 0) {
       // Group g: row g with matrix g (the step's K experts, one row each).
-      std::vector<int32_t> packed = {static_cast<int32_t>(p.groups)};
-      for (int64_t g = 0; g < p.groups; ++g) packed.push_back(static_cast<int32_t>(g));
-      for (int64_t g = 0; g <= p.groups; ++g) packed.push_back(static_cast<int32_t>(g));
-      if (!d_groups.Reserve(packed.size() * 4).ok()) return 1;
-      cudaMemcpy(d_groups.get(), packed.data(), packed.size() * 4, cudaMemcpyHostToDevice);
-      const int32_t* pk = d_groups.as<int32_t>();
-      groups = Groups{pk, pk + 1, pk + 1 + p.groups, static_cast<int32_t>(p.groups)};
+      std::vector<int32_t> slot(p.groups), begin(p.groups + 1);
+      std::iota(slot.begin(), slot.end(), 0);
+      std::iota(begin.begin(), begin.end(), 0);
+      auto up = UploadGroups(slot, begin, static_cast<int32_t>(p.groups), &d_groups);
+      if (!up.ok()) return 1;
+      groups = *up;
     }
     SmallMFusion fz;
     if (p.norm) {
@@ -404,13 +422,9 @@ int Main() {
   route(S, &sslot, &sbegin);
   const int32_t sgroups = static_cast<int32_t>(sslot.size());
   DeviceBuffer d_sgroups;
-  CHECK_OK(d_sgroups.Reserve((1 + sslot.size() + sbegin.size()) * 4));
-  std::vector<int32_t> packed = {sgroups};
-  packed.insert(packed.end(), sslot.begin(), sslot.end());
-  packed.insert(packed.end(), sbegin.begin(), sbegin.end());
-  cudaMemcpy(d_sgroups.get(), packed.data(), packed.size() * 4, cudaMemcpyHostToDevice);
-  const int32_t* pk = d_sgroups.as<int32_t>();
-  const Groups sg{pk, pk + 1, pk + 1 + sgroups, static_cast<int32_t>(std::min(S * K, E))};
+  auto sg_or = UploadGroups(sslot, sbegin, static_cast<int32_t>(std::min(S * K, E)), &d_sgroups);
+  CHECK_OK(sg_or.status());
+  const Groups sg = *sg_or;
   const int64_t SA = S * K;
   auto streams_with = [&](SmallMChoice choice) {
     return TimeMs(ex, iters * 5, [&] {

@@ -719,28 +719,38 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   auto launch = [&](auto norm_tag, auto tail_tag) -> cudaError_t {
     constexpr bool kN = decltype(norm_tag)::value;
     constexpr int kT = decltype(tail_tag)::value;
+    // The split kernel at `split` warps per sum; kDeep (kOneDeep): with its steps' weight loads
+    // issued together, 4 (SwiGLU: 2) at a time, and at split 1 too.
+    auto launch_split = [&](auto deep_tag) {
+      constexpr bool kDeep = decltype(deep_tag)::value;
+      auto go = [&](auto split_tag) {
+        constexpr int kS = decltype(split_tag)::value;
+        dim3 sgrid(static_cast<unsigned>((out + kLinWarps / kS - 1) / (kLinWarps / kS)), grid.y);
+        const size_t smem = kT == kTailRoute || kT == kTailQkv ? tail_smem : 0;
+        if (swiglu) {
+          if constexpr (!kN && kT == kTailNone) {
+            LaunchPdl("SplitKKernel<WT, true, kS, false, kTailNone, kDeep ? 2 : 1>",
+                      SplitKKernel<WT, true, kS, false, kTailNone, kDeep ? 2 : 1>, sgrid, block, 0,
+                      stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+          }
+        } else {
+          LaunchPdl("SplitKKernel<WT, false, kS, kN, kT, kDeep ? 4 : 1>",
+                    SplitKKernel<WT, false, kS, kN, kT, kDeep ? 4 : 1>, sgrid, block, smem, stream,
+                    w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
+        }
+      };
+      switch (split) {
+        case 1:
+          if constexpr (kDeep) go(std::integral_constant<int, 1>());  // else: SmallMKernel's
+          break;
+        case 2: go(std::integral_constant<int, 2>()); break;
+        case 4: go(std::integral_constant<int, 4>()); break;
+        default: go(std::integral_constant<int, 8>()); break;
+      }
+    };
     if constexpr (!kN && kT == kTailNone && sizeof(WT) == 2) {
       if (one && choice == SmallMChoice::kOneDeep) {
-        // The split kernel (even at split 1) with its steps' weight loads issued together.
-        auto go = [&](auto split_tag) {
-          constexpr int kS = decltype(split_tag)::value;
-          dim3 sgrid(static_cast<unsigned>((out + kLinWarps / kS - 1) / (kLinWarps / kS)), grid.y);
-          if (swiglu) {
-            LaunchPdl("SplitKKernel<WT, true, kS, false, kTailNone, 2>",
-                      SplitKKernel<WT, true, kS, false, kTailNone, 2>, sgrid, block, 0, stream, w,
-                      bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-          } else {
-            LaunchPdl("SplitKKernel<WT, false, kS, false, kTailNone, 4>",
-                      SplitKKernel<WT, false, kS, false, kTailNone, 4>, sgrid, block, 0, stream, w,
-                      bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-          }
-        };
-        switch (split) {
-          case 1: go(std::integral_constant<int, 1>()); break;
-          case 2: go(std::integral_constant<int, 2>()); break;
-          case 4: go(std::integral_constant<int, 4>()); break;
-          default: go(std::integral_constant<int, 8>()); break;
-        }
+        launch_split(std::true_type());
         return cudaGetLastError();
       }
     }
@@ -772,32 +782,7 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
         if (!deep) per_group <= 4 ? go(R4(), D1()) : go(R8(), D1());
       }
     } else if (split > 1) {
-      dim3 sgrid(static_cast<unsigned>((out + kLinWarps / split - 1) / (kLinWarps / split)),
-                 grid.y);
-      const size_t smem = kT == kTailRoute || kT == kTailQkv ? tail_smem : 0;
-      if (swiglu) {
-        if constexpr (!kN && kT == kTailNone) {
-          if (split == 2) {
-            LaunchPdl("SplitKKernel<WT, true, 2>", SplitKKernel<WT, true, 2>, sgrid, block, 0,
-                      stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-          } else if (split == 4) {
-            LaunchPdl("SplitKKernel<WT, true, 4>", SplitKKernel<WT, true, 4>, sgrid, block, 0,
-                      stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-          } else {
-            LaunchPdl("SplitKKernel<WT, true, 8>", SplitKKernel<WT, true, 8>, sgrid, block, 0,
-                      stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-          }
-        }
-      } else if (split == 2) {
-        LaunchPdl("SplitKKernel<WT, false, 2, kN, kT>", SplitKKernel<WT, false, 2, kN, kT>, sgrid,
-                  block, smem, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-      } else if (split == 4) {
-        LaunchPdl("SplitKKernel<WT, false, 4, kN, kT>", SplitKKernel<WT, false, 4, kN, kT>, sgrid,
-                  block, smem, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-      } else {
-        LaunchPdl("SplitKKernel<WT, false, 8, kN, kT>", SplitKKernel<WT, false, 8, kN, kT>, sgrid,
-                  block, smem, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
-      }
+      launch_split(std::false_type());
     } else if constexpr (kT != kTailRoute && kT != kTailQkv) {
       if (swiglu) {
         if constexpr (!kN && kT == kTailNone) {
