@@ -13,10 +13,10 @@
 namespace moemesh {
 
 // Sets opt->load_format, num_layers, cuda_graphs, cuda_pdl, kv_dtype, expert_quant and
-// attention_quant from the flags (other fields are left alone). InvalidArgument, naming the flag, for a --load_format other
-// than auto/dummy, a negative --num_layers (a count above the model's is refused when
-// config.json is read), a --kv_cache_dtype other than fp32/bf16/int8 or a --quantize_experts or
-// --quantize_attention other than none/int8/int4.
+// attention_quant from the flags (other fields are left alone). InvalidArgument, naming the
+// flag, for a --load_format other than auto/dummy, a negative --num_layers (a count above the
+// model's is refused when config.json is read), a --kv_cache_dtype other than fp32/bf16/int8 or
+// a --quantize_experts or --quantize_attention other than none/int8/int4.
 absl::Status LoadOptionsFromFlags(LoadOptions* opt);
 
 // The same flags as arguments for a child process ("--load_format=dummy", "--num_layers=4",

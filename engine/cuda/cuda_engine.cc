@@ -198,9 +198,7 @@ absl::Status ReserveZeros(DeviceBuffer& b, size_t bytes, cudaStream_t stream) {
   MOEMESH_CUDA(cudaMemsetAsync(b.get(), 0, b.bytes(), stream));
   return absl::OkStatus();
 }
-}  // namespace
 
-namespace {
 std::atomic<const char*> last_grouped_path{"none"};
 }  // namespace
 

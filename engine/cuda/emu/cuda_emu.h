@@ -5,10 +5,11 @@
 // as cooperative fibers (one stack each) that switch only at __syncthreads, __syncwarp and warp
 // shuffles, so a read of shared memory another thread writes without a barrier in between sees
 // the old value for half the orderings (EMU_ORDER=reverse runs the blocks of a grid, and the
-// threads of a block, in reverse order; run the tests both ways). Device memory is host memory; streams run in issue order,
-// synchronously; graph capture records launches, copies and cuBLAS calls for replay; cuBLAS's
-// GEMMs are plain loops with fp32 sums. A barrier that can never complete (threads of a block at
-// different barriers, a shuffle after a lane exited) aborts with a message.
+// threads of a block, in reverse order; run the tests both ways). Device memory is host memory;
+// streams run in issue order, synchronously; graph capture records launches, copies and cuBLAS
+// calls for replay; cuBLAS's GEMMs are plain loops with fp32 sums. A barrier that can never
+// complete (threads of a block at different barriers, a shuffle after a lane exited) aborts with
+// a message.
 //
 // This header is what the kernels' source sees in place of nvcc's device environment:
 // engine/cuda/emu/cu_to_emu.py turns a .cu file's `K<<<grid, block, smem, stream>>>(args)`
