@@ -2,7 +2,8 @@
 # Builds the CUDA binaries here (no GPU needed) and packs them for the GPU machine, where
 # scripts/gpu_device_run.sh runs them (docs/BENCHMARKS.md, "GPU").
 #   scripts/gpu_bundle.sh [OUT_DIR]     (default .devbundle; keep it out of git: .git/info/exclude)
-# Then, with the device tool: carry OUT_DIR and run `bash scripts/gpu_device_run.sh tests|bench|hf|profile`.
+# Then, with the device tool: carry OUT_DIR and run `bash scripts/gpu_device_run.sh [PHASE...]`
+# (default all: bench bench2 tests hf; then profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-.devbundle}

@@ -206,7 +206,8 @@ const char* LastGroupedSwiGluPath() { return last_grouped_path.load(); }
 
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y, const int32_t* x_rows, PadMap* padded) {
+                           const float* x, float* y, const int32_t* x_rows, PadMap* padded,
+                           double fill) {
   const int G = static_cast<int>(slot.size());
   if (G == 0) return absl::OkStatus();
   if (gate_up.wt != WType::kBF16 || down.wt != WType::kBF16 || G > kMaxPadGroups) {
@@ -218,7 +219,7 @@ absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   // Groups of similar size padded to one row count per bucket, each bucket one cuBLAS batched
   // GEMM per projection (bf16 in and out, fp32 accumulation). Row maps and pointer arrays travel
   // as kernel parameters: no host synchronisation, no upload.
-  const PaddedBuckets pb = PadGroups(row_begin);
+  const PaddedBuckets pb = PadGroups(row_begin, 8, fill);
   const int64_t P = pb.padded_rows();
   MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(P * H) * 2));  // x, later y
   MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(P * W) * 2));

@@ -152,10 +152,13 @@ const char* LastGroupedSwiGluPath();
 // (UNIMPLEMENTED otherwise; BatchedSwiGlu also at most kMaxPadGroups groups).
 // BatchedSwiGlu with x_rows (device [rows]): grouped row i is row x_rows[i] of x, read in place.
 // With `padded`, the output stays padded in ex.xb16 (bf16) as *padded describes; y is unused.
+// `fill`: PadGroups' (a group joins a bucket while its rows fill at least that share of the
+// bucket's; GroupedSwiGlu uses kBucketFill, expert_gemm_bench --bucket_fills times others).
+constexpr double kBucketFill = 0.8;
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
                            const float* x, float* y, const int32_t* x_rows = nullptr,
-                           PadMap* padded = nullptr);
+                           PadMap* padded = nullptr, double fill = kBucketFill);
 absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                                  const std::vector<int32_t>& slot,
                                  const std::vector<int32_t>& row_begin, const float* x, float* y);

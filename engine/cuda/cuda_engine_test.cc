@@ -824,6 +824,12 @@ TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
       ASSERT_TRUE(batched.ok()) << batched;
       ASSERT_TRUE((*ex)->Sync().ok());
       runs.emplace_back("batched", Download(dy.as<float>(), m * H));
+      // Fewer, more padded buckets (fill 0.5: the 40-row group joins the 70-row one).
+      ASSERT_TRUE(cuda::BatchedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x, dy.as<float>(),
+                                      nullptr, nullptr, 0.5)
+                      .ok());
+      ASSERT_TRUE((*ex)->Sync().ok());
+      runs.emplace_back("batched, fill 0.5", Download(dy.as<float>(), m * H));
     } else {
       EXPECT_EQ(batched.code(), absl::StatusCode::kUnimplemented) << batched;
     }

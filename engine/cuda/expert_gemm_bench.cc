@@ -3,12 +3,14 @@
 //   expert_gemm_bench [--tokens=4096] [--experts=128] [--top_k=8] [--hidden=2048] [--width=768]
 //                     [--streams=64] [--iters=20] [--decode_products] [--heads=32] [--kv_heads=4]
 //                     [--head_dim=128] [--vocab=151936] [--decode_attention]
-//                     [--attention_contexts=128,512,2048,8192]
+//                     [--attention_contexts=128,512,2048,8192] [--bucket_fills=0.8,0.9,0.95,1]
 //
 // Routes `tokens` rows uniformly at random to `top_k` of `experts` experts (Qwen3-30B-A3B's
-// expert shape by default, bf16 weights) and times the expert computation as the expert worker
-// runs it (per expert: gate/up GEMM, SwiGLU, down GEMM; cuda::Project), against dense bf16
-// GEMMs [A, hidden] x [hidden, 2 width] and [A, width] x [width, hidden] with A = tokens * top_k.
+// expert shape by default, bf16 weights) and times the expert computation as a prefill MoE layer
+// on the GPU runs it (GroupedSwiGlu: the tokens' rows read in place as they are padded into
+// buckets, batched gate/up GEMMs, SwiGLU, batched down GEMMs, output left for the combine), and
+// each of its paths by name, against dense bf16 GEMMs [A, hidden] x [hidden, 2 width] and
+// [A, width] x [width, hidden] with A = tokens * top_k.
 // Also times single-token decode (top_k experts, one row each: the small-batch kernel) and the
 // decode step of --streams sequences (their rows grouped by expert on the device, all experts
 // in two launches) as achieved GB/s of the expert weights they read. And (--decode_products) each
@@ -26,6 +28,7 @@
 #include "absl/flags/parse.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "engine/cuda/cuda_engine.h"
 #include "engine/expert_groups.h"
 
@@ -53,6 +56,11 @@ ABSL_FLAG(bool, decode_attention, true,
 ABSL_FLAG(std::vector<std::string>, attention_contexts,
           std::vector<std::string>({"128", "512", "2048", "8192"}),
           "Decode attention: cached positions per sequence.");
+ABSL_FLAG(std::vector<std::string>, bucket_fills,
+          std::vector<std::string>({"0.8", "0.9", "0.95", "1"}),
+          "The batched path with each of these bucket fills (PadGroups: a group joins a bucket "
+          "while its rows fill at least that share of the bucket's; fewer buckets pad more). "
+          "The engine's is cuda::kBucketFill.");
 ABSL_FLAG(int64_t, weight_pool_mb, 256,
           "Decode products: each product's weights are copied until the copies fill this many MiB "
           "and the timed launches go round them, so they read HBM rather than the L2 cache "
@@ -301,6 +309,15 @@ int Main() {
                 K = absl::GetFlag(FLAGS_top_k), H = absl::GetFlag(FLAGS_hidden),
                 W = absl::GetFlag(FLAGS_width);
   const int iters = absl::GetFlag(FLAGS_iters);
+  std::vector<double> fills;
+  for (const std::string& fs : absl::GetFlag(FLAGS_bucket_fills)) {
+    double fill = 0;
+    if (!absl::SimpleAtod(fs, &fill) || !(fill > 0 && fill <= 1)) {
+      std::fprintf(stderr, "--bucket_fills: not a share in (0, 1]: %s\n", fs.c_str());
+      return 1;
+    }
+    fills.push_back(fill);
+  }
   if (DeviceCount() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
@@ -326,44 +343,54 @@ int Main() {
   FillRandom(down.w.get(), WType::kBF16, E * H * W, 2, 0.03f, false, ex.stream());
 
   // Uniform routing of `tokens` rows to K of E experts each: the experts with rows (their
-  // slots) and the groups' row offsets.
+  // slots), the groups' row offsets and, if `token` is given, each grouped row's token.
   std::mt19937 g(7);
-  auto route = [&](int64_t tokens, std::vector<int32_t>* slot, std::vector<int32_t>* begin) {
-    std::vector<int64_t> rows(E, 0);
+  auto route = [&](int64_t tokens, std::vector<int32_t>* slot, std::vector<int32_t>* begin,
+                   std::vector<int32_t>* token = nullptr) {
+    std::vector<std::vector<int32_t>> rows(E);
     for (int64_t t = 0; t < tokens; ++t) {
       std::vector<int64_t> pick(E);
       for (int64_t e = 0; e < E; ++e) pick[e] = e;
       std::shuffle(pick.begin(), pick.end(), g);
-      for (int64_t j = 0; j < K; ++j) ++rows[pick[j]];
+      for (int64_t j = 0; j < K; ++j) rows[pick[j]].push_back(static_cast<int32_t>(t));
     }
     *begin = {0};
     for (int64_t e = 0; e < E; ++e) {
-      if (rows[e] == 0) continue;
+      if (rows[e].empty()) continue;
       slot->push_back(static_cast<int32_t>(e));
-      begin->push_back(begin->back() + static_cast<int32_t>(rows[e]));
+      begin->push_back(begin->back() + static_cast<int32_t>(rows[e].size()));
+      if (token != nullptr) token->insert(token->end(), rows[e].begin(), rows[e].end());
     }
   };
   const int64_t A = T * K;
-  DeviceBuffer x, act, y, xb, ab, dense_gu;
+  // x: A rows already in grouped order (the paths by name below, the decode figures); x_tok:
+  // the T tokens' rows, which the engine's prefill reads in place (x_rows) as it pads them.
+  DeviceBuffer x, x_tok, d_x_rows, act, y, xb, ab, dense_gu;
   CHECK_OK(x.Reserve(A * H * 4));
+  CHECK_OK(x_tok.Reserve(T * H * 4));
   CHECK_OK(act.Reserve(A * W * 4));
   CHECK_OK(y.Reserve(A * H * 4));
   FillRandom(x.get(), WType::kF32, A * H, 3, 1.0f, false, ex.stream());
+  FillRandom(x_tok.get(), WType::kF32, T * H, 4, 1.0f, false, ex.stream());
   const double flops = 2.0 * A * H * (2 * W) + 2.0 * A * W * H;
 
-  std::vector<int32_t> slot, row_begin;
-  route(T, &slot, &row_begin);
-  // The engine's choice as the expert shards run it (GroupedSwiGlu leaving its output in place
-  // for the combine: padded bf16 rows on the batched way), then with y unpadded to fp32 in
-  // grouped order, then each path by name.
+  std::vector<int32_t> slot, row_begin, x_rows;
+  route(T, &slot, &row_begin, &x_rows);
+  CHECK_OK(d_x_rows.Reserve(A * 4));
+  cudaMemcpy(d_x_rows.get(), x_rows.data(), A * 4, cudaMemcpyHostToDevice);
+  const int32_t* rows_in_place = d_x_rows.as<int32_t>();
+  // The engine's choice as a prefill MoE layer runs it (GroupedSwiGlu reading the tokens' rows
+  // in place and leaving its output for the combine: padded bf16 rows on the batched way), then
+  // with y unpadded to fp32 in grouped order, then each path by name.
   GroupedOut in_place;
   const double grouped_ms = TimeMs(ex, iters, [&] {
-    (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), nullptr, nullptr,
+    (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), nullptr, rows_in_place,
                         &in_place);
   });
   const std::string path = LastGroupedSwiGluPath();
   const double unpadded_ms = TimeMs(ex, iters, [&] {
-    (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
+    (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
+                        rows_in_place);
   });
   const PaddedBuckets pb = PadGroups(row_begin);
   auto time_path = [&](const char* name, auto&& run) {
@@ -375,11 +402,24 @@ int Main() {
     return TimeMs(ex, iters, [&] { (void)run(); });
   };
   const double batched_ms = time_path("batched (padded buckets)", [&] {
-    return BatchedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
+    return BatchedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
+                         rows_in_place);
   });
   const double cublas_grouped_ms = time_path("cuBLAS grouped", [&] {
     return CublasGroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   });
+  // The batched path with other bucket fills: fewer, more padded buckets or more, tighter ones.
+  std::string by_fill;
+  for (const double fill : fills) {
+    const PaddedBuckets fb = PadGroups(row_begin, 8, fill);
+    const double ms = time_path("batched, other fill", [&] {
+      return BatchedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
+                           rows_in_place, nullptr, fill);
+    });
+    by_fill += absl::StrFormat("%s%.2f: %.3f ms (%d buckets, %.3f x)", by_fill.empty() ? "" : ", ",
+                               fill, ms, fb.buckets(),
+                               static_cast<double>(fb.padded_rows()) / A);
+  }
   const double per_group_ms = time_path("one GEMM per expert", [&] {
     return PerGroupSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   });
@@ -444,15 +484,18 @@ int Main() {
   std::printf("expert_gemm_bench on %s: tokens=%lld experts=%lld top_k=%lld hidden=%lld width=%lld bf16\n",
               prop.name, static_cast<long long>(T), static_cast<long long>(E),
               static_cast<long long>(K), static_cast<long long>(H), static_cast<long long>(W));
-  std::printf("  grouped experts (GroupedSwiGlu, as the workers run them): %8.3f ms  %7.1f TFLOP/s\n",
+  std::printf("  grouped experts (GroupedSwiGlu as a prefill MoE layer runs it, from %lld token rows): %8.3f ms  %7.1f TFLOP/s\n",
+              static_cast<long long>(T),
               grouped_ms, flops / grouped_ms / 1e9);
   std::printf("  dense cuBLAS GEMMs of the same FLOPs:             %8.3f ms  %7.1f TFLOP/s\n",
               dense_ms, flops / dense_ms / 1e9);
   std::printf("  grouped / dense throughput: %.2f (target >= 0.70); path %s; with y unpadded to fp32: %.3f ms (%.2f)\n",
               dense_ms / grouped_ms, path.c_str(), unpadded_ms, dense_ms / unpadded_ms);
-  std::printf("  by path: batched %.3f ms (%d buckets, padded rows %.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms\n",
+  std::printf("  by path, y unpadded: batched %.3f ms (%d buckets, padded rows %.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms (these two: rows gathered beforehand)\n",
               batched_ms, pb.buckets(), static_cast<double>(pb.padded_rows()) / A,
               cublas_grouped_ms, per_group_ms);
+  std::printf("  batched by bucket fill (engine: %.2f), y unpadded: %s\n", kBucketFill,
+              by_fill.c_str());
   std::printf("  decode, 1 row x %lld experts: %.1f us, %.0f GB/s of expert weights\n",
               static_cast<long long>(K), decode_ms * 1e3, decode_bytes / decode_ms / 1e6);
   std::printf("  decode of %lld streams (%lld rows over %d experts, 2 launches): %.1f us, %.0f GB/s of expert weights\n",
