@@ -76,7 +76,17 @@ check() {  # check MODEL_DIR
       http=(--http_address=127.0.0.1:0)  # the router picks a free port and logs it
     fi
     att=$(start "att_$dev" "$attention_bin" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096 "${extra[@]}")
-    rt=$(start "router_$dev" "$BIN/router/router" "$m" --address=127.0.0.1:0 --attention="$att" "${http[@]}")
+    # The router from a cluster config naming every worker, so its GetModelInfo lists them all
+    # with the devices they report.
+    cat > "$LOG/cluster_$dev.pbtxt" <<CFG
+model: "$model"
+router { address: "127.0.0.1:0" }
+encoder { address: "$enc" }
+attention { address: "$att" device: "$dev" }
+experts { address: "$e0" device: "cpu" shards { layers: "*" experts: "0-$((half - 1))" } }
+experts { address: "$e1" device: "cuda:0" shards { layers: "*" experts: "$half-$((experts - 1))" } }
+CFG
+    rt=$(start "router_$dev" "$BIN/router/router" --config="$LOG/cluster_$dev.pbtxt" "${http[@]}")
     if [ ${#http[@]} -gt 0 ]; then
       # The router starts its HTTP server before it logs its gRPC address.
       http_port=$(grep -oE "HTTP API on [0-9.]+:[0-9]+" "$LOG/router_$dev.log" | head -1 | sed 's/.*://')
@@ -101,8 +111,12 @@ for rep in range(2 if http_port else 1):
         ids = [i for r in stub.Generate(req, timeout=300) for i in r.ids]
         assert ids == c["greedy"], (model, dev, rep, ids, c["greedy"])
 info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
-devices = [w.device for w in info.workers if w.role == "attention"]
-assert devices == [dev], devices
+devices = [(w.role, w.device) for w in info.workers]
+want = [("router", "cpu"), ("encoder", "cpu"), ("attention", dev), ("expert", "cpu"),
+        ("expert", "cuda:0")]
+assert devices == want, devices
+shards = [list(w.shards) for w in info.workers if w.role == "expert"]
+assert all(len(s) == 1 and s[0] for s in shards), shards
 note = ""
 if http_port:
     metrics = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % http_port, timeout=10).read().decode()
@@ -111,7 +125,7 @@ if http_port:
     hits, drafts = total("moemesh_prefix_cache_hit_tokens_total"), total("moemesh_spec_draft_tokens_total")
     assert hits > 0 and drafts > 0, (model, hits, drafts)
     note = ", twice; %d prefix-cache rows reused, %d drafts" % (hits, drafts)
-print("%s, attention on %s, experts on cpu + cuda:0: %d prompts, greedy ids match%s" % (model, dev, len(cases), note))
+print("%s, attention on %s, experts on cpu + cuda:0: %d prompts, greedy ids match%s; GetModelInfo: %s" % (model, dev, len(cases), note, ", ".join("%s %s" % d for d in devices)))
 PYEOF
   done
   cleanup
