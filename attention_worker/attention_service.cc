@@ -19,6 +19,8 @@ grpc::Status AttentionService::Release(grpc::ServerContext*, const wire::Release
 grpc::Status AttentionService::GetStats(grpc::ServerContext*, const wire::StatsRequest*,
                                         wire::Stats* resp) {
   *resp = worker_->GetStats();
+  resp->set_encoder_address(encoder_address_);
+  for (const std::string& a : expert_addresses_) resp->add_expert_addresses(a);
   return grpc::Status::OK;
 }
 

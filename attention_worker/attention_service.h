@@ -2,6 +2,10 @@
 #ifndef MOEMESH_ATTENTION_WORKER_ATTENTION_SERVICE_H_
 #define MOEMESH_ATTENTION_WORKER_ATTENTION_SERVICE_H_
 
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "attention_worker/attention_worker.h"
 #include "protos/worker.grpc.pb.h"
 
@@ -14,7 +18,13 @@ namespace moemesh {
 // on their own thread pool.
 class AttentionService final : public internal::v1::Attention::Service {
  public:
-  explicit AttentionService(AttentionWorker* worker) : worker_(worker) {}
+  // encoder_address, expert_addresses: the workers `worker` reaches ("" / none: in process),
+  // reported by GetStats.
+  explicit AttentionService(AttentionWorker* worker, std::string encoder_address = "",
+                            std::vector<std::string> expert_addresses = {})
+      : worker_(worker),
+        encoder_address_(std::move(encoder_address)),
+        expert_addresses_(std::move(expert_addresses)) {}
   grpc::Status Step(grpc::ServerContext* ctx, const wire::StepRequest* req,
                     wire::StepResponse* resp) override;
   grpc::Status Release(grpc::ServerContext* ctx, const wire::ReleaseRequest* req,
@@ -24,6 +34,8 @@ class AttentionService final : public internal::v1::Attention::Service {
 
  private:
   AttentionWorker* worker_;
+  const std::string encoder_address_;
+  const std::vector<std::string> expert_addresses_;
 };
 
 }  // namespace moemesh

@@ -81,9 +81,12 @@ int Main() {
   o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
   const char* products = ComputeTypeName(o.load.attention_compute());
+  std::string encoder_address = o.encoder_address;
+  std::vector<std::string> expert_addresses = o.expert_addresses;
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
-  AttentionService service((*setup)->worker.get());
+  AttentionService service((*setup)->worker.get(), std::move(encoder_address),
+                           std::move(expert_addresses));
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());

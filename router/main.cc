@@ -1,6 +1,7 @@
 // router: serves the public API (moemesh.v1.Generation) over one or more attention workers.
 //   router --model=DIR --address=127.0.0.1:50051 --attention=127.0.0.1:50053[,127.0.0.1:50054]
 //   router --config=cluster.textproto
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <memory>
@@ -74,18 +75,32 @@ int Main() {
   RouterOptions ro = RouterOptionsFromFlags();
   auto router = Router::Create(tok->get(), *cfg, *gen, lanes, ro);
   if (!router.ok()) return Fail(router.status());
+  // Every worker in GetModelInfo: from the cluster config, or (given only --attention) the
+  // encoder and expert workers the attention workers say they reach.
   moemesh::v1::ModelInfo info = BasicModelInfo(*cfg);
   AddWorker(&info, "router", address, "cpu");
-  if (!cluster.encoder().address().empty()) AddWorker(&info, "encoder", cluster.encoder().address(), "cpu");
+  std::string encoder = cluster.encoder().address();
+  std::vector<std::string> experts;
+  for (const auto& e : cluster.experts()) experts.push_back(e.address());
+  std::vector<std::string> attention_devices;
   for (size_t i = 0; i < attention.size(); ++i) {
     auto stats = (*clients)[i]->GetStats();
-    AddWorker(&info, "attention", attention[i], stats.ok() ? stats->device() : "cpu");
+    attention_devices.push_back(stats.ok() ? stats->device() : "cpu");
+    if (!stats.ok() || !absl::GetFlag(FLAGS_config).empty()) continue;
+    if (encoder.empty()) encoder = stats->encoder_address();
+    for (const std::string& e : stats->expert_addresses()) {
+      if (std::find(experts.begin(), experts.end(), e) == experts.end()) experts.push_back(e);
+    }
   }
-  for (const auto& e : cluster.experts()) {
-    GrpcExpertTransport t(e.address(), 10);
+  if (!encoder.empty()) AddWorker(&info, "encoder", encoder, "cpu");
+  for (size_t i = 0; i < attention.size(); ++i) {
+    AddWorker(&info, "attention", attention[i], attention_devices[i]);
+  }
+  for (const std::string& e : experts) {
+    GrpcExpertTransport t(e, 10);
     auto es = t.GetStats();
     auto shards = es.ok() ? ShardsFromStats(*es) : absl::StatusOr<std::set<ExpertId>>(es.status());
-    AddWorker(&info, "expert", e.address(), es.ok() ? es->device() : "unknown",
+    AddWorker(&info, "expert", e, es.ok() ? es->device() : "unknown",
               shards.ok() ? ShardSummary(*shards) : "");
   }
   GenerationService service(router->get(), tok->get(), info);

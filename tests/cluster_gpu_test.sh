@@ -76,9 +76,13 @@ check() {  # check MODEL_DIR
       http=(--http_address=127.0.0.1:0)  # the router picks a free port and logs it
     fi
     att=$(start "att_$dev" "$attention_bin" "$m" --address=127.0.0.1:0 --device=$dev --encoder="$enc" --experts="$e0,$e1" --kv_capacity_tokens=4096 "${extra[@]}")
-    # The router from a cluster config naming every worker, so its GetModelInfo lists them all
-    # with the devices they report.
-    cat > "$LOG/cluster_$dev.pbtxt" <<CFG
+    # GetModelInfo must list every worker with the device it reports, whether the router knows
+    # the cluster from its config (the GPU attention worker's round) or from the attention
+    # worker alone (--attention: the encoder and expert workers that worker says it reaches).
+    if [ "$dev" = cpu ]; then
+      rt=$(start "router_$dev" "$BIN/router/router" "$m" --address=127.0.0.1:0 --attention="$att" "${http[@]}")
+    else
+      cat > "$LOG/cluster_$dev.pbtxt" <<CFG
 model: "$model"
 router { address: "127.0.0.1:0" }
 encoder { address: "$enc" }
@@ -86,7 +90,8 @@ attention { address: "$att" device: "$dev" }
 experts { address: "$e0" device: "cpu" shards { layers: "*" experts: "0-$((half - 1))" } }
 experts { address: "$e1" device: "cuda:0" shards { layers: "*" experts: "$half-$((experts - 1))" } }
 CFG
-    rt=$(start "router_$dev" "$BIN/router/router" --config="$LOG/cluster_$dev.pbtxt" "${http[@]}")
+      rt=$(start "router_$dev" "$BIN/router/router" --config="$LOG/cluster_$dev.pbtxt" "${http[@]}")
+    fi
     if [ ${#http[@]} -gt 0 ]; then
       # The router starts its HTTP server before it logs its gRPC address.
       http_port=$(grep -oE "HTTP API on [0-9.]+:[0-9]+" "$LOG/router_$dev.log" | head -1 | sed 's/.*://')

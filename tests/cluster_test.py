@@ -733,6 +733,12 @@ class DataParallelAttentionTest(unittest.TestCase):
             info = c.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
             self.assertEqual(sorted(w.address for w in info.workers if w.role == "attention"),
                              sorted(c.attentions))
+            # Given only --attention, the router lists the encoder and expert workers the
+            # attention workers reach (each once, though both reach them), with their devices.
+            self.assertEqual([(w.role, w.address, w.device) for w in info.workers
+                              if w.role in ("encoder", "expert")],
+                             [("encoder", c.encoder, "cpu")] +
+                             [("expert", e, "cpu") for e in c.experts])
             before = [s.GetStats(wpb2.StatsRequest(), timeout=10) for s in c.att_stubs]
             barrier = threading.Barrier(len(PYDOC_CASES))
 
