@@ -50,6 +50,10 @@ struct LoadOptions {
   // blocks are scheduled, and a product's weights fetched, while the kernel before it finishes.
   // Same results. Off by default until measured on a GPU.
   bool cuda_pdl = false;
+  // CUDA stacks and shards: the small-batch products' automatic choice takes the deep-load
+  // kernels (cuda::SetDeepLoads; process-wide once a load asks for it; bf16 weights): several
+  // steps of weight loads issued before they are used. Same results. Off until measured.
+  bool cuda_deep_loads = false;
   // Element type of the KV cache the attention stack's NewCache makes (--kv_cache_dtype): fp32
   // (default, exact), bf16 (half the memory and attention reads) or int8 (a quarter plus row
   // scales); CPU only.

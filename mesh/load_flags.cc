@@ -17,6 +17,11 @@ ABSL_FLAG(bool, cuda_pdl, false,
           "dependent launch, so a kernel's blocks start, and a product's weights are fetched, "
           "while the kernel before it finishes; works with or without --cuda_graphs. Same "
           "outputs");
+ABSL_FLAG(bool, cuda_deep_loads, false,
+          "With --device=cuda and bf16 weights: the small-batch products (decode steps) issue "
+          "several steps of weight loads before using them (2 to 4 per lane instead of what the "
+          "compiler overlaps), in the one-row kernel's plain products and the batched-decode "
+          "multi-output kernel. Same outputs; off until timed on a GPU");
 
 ABSL_FLAG(std::string, kv_cache_dtype, "fp32",
           "KV cache element type: fp32 (exact), bf16 (half the memory and the bytes attention "
@@ -46,6 +51,7 @@ absl::Status LoadOptionsFromFlags(LoadOptions* opt) {
   opt->num_layers = n;
   opt->cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   opt->cuda_pdl = absl::GetFlag(FLAGS_cuda_pdl);
+  opt->cuda_deep_loads = absl::GetFlag(FLAGS_cuda_deep_loads);
   auto kv = ParseKvDType(absl::GetFlag(FLAGS_kv_cache_dtype));
   if (!kv.ok()) return kv.status();
   opt->kv_dtype = *kv;
@@ -69,6 +75,7 @@ std::vector<std::string> LoadFlagsForChild() {
   }
   if (absl::GetFlag(FLAGS_cuda_graphs)) args.push_back("--cuda_graphs");
   if (absl::GetFlag(FLAGS_cuda_pdl)) args.push_back("--cuda_pdl");
+  if (absl::GetFlag(FLAGS_cuda_deep_loads)) args.push_back("--cuda_deep_loads");
   if (absl::GetFlag(FLAGS_kv_cache_dtype) != "fp32") {
     args.push_back("--kv_cache_dtype=" + absl::GetFlag(FLAGS_kv_cache_dtype));
   }

@@ -9,7 +9,8 @@
 # Usage: scripts/gpu_device_run.sh [PHASE...]     (default: all)
 #   bench    expert_gemm_bench (grouped GEMM vs dense, the decode-products and decode-attention
 #            tables), the Qwen3-30B-A3B runs plain and with --cuda_graphs
-#   bench2   the 30B runs with --cuda_pdl (with and without graphs) and with a bf16 KV cache
+#   bench2   the 30B runs with --cuda_pdl (with and without graphs), with a bf16 KV cache and
+#            with --cuda_deep_loads
 #   tests    cuda_engine_test, model_test, cluster_gpu_test
 #   hf       transformers' generate on the same configuration (scripts/hf_baseline.py)
 #   profile  the kernels' SASS, ncu over expert_gemm_bench's grouped GEMMs and over 4 layers of a
@@ -76,6 +77,9 @@ phase_bench2() {
   ours ours_30b_graphs_pdl --cuda_graphs --cuda_pdl
   ours ours_30b_pdl --cuda_pdl
   ours ours_30b_graphs_pdl_bf16kv --cuda_graphs --cuda_pdl --kv_cache_dtype=bf16
+  # The small-batch products with several steps of weight loads in flight (single stream: the
+  # one-row kernel's plain products; 64 streams: the multi-output kernel).
+  ours ours_30b_graphs_pdl_deep --cuda_graphs --cuda_pdl --cuda_deep_loads
 }
 
 phase_tests() {

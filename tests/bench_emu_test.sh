@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # expert_gemm_bench's every path at toy sizes, and moemesh_bench's GPU path (--device=cuda, dummy weights, argmax-only batched steps, with and
-# without --cuda_graphs, and with --cuda_pdl) on the CUDA emulation: the figures the H100 runs record must come out,
+# without --cuda_graphs, with --cuda_pdl and with --cuda_deep_loads) on the CUDA emulation: the figures the H100 runs record must come out,
 # and --cuda_graphs must replay decode steps (single stream and batch) while the default replays
 # none.
 set -euo pipefail
@@ -15,18 +15,20 @@ run() {  # run NAME EXTRA_FLAGS...
 run plain
 run graphs --cuda_graphs
 run graphs_pdl --cuda_graphs --cuda_pdl
+run graphs_deep --cuda_graphs --cuda_deep_loads
 /usr/bin/python3 - "$OUTDIR" <<'PYEOF'
 import json, re, sys
 d = sys.argv[1]
-for name, want_replays in (("plain", False), ("graphs", True), ("graphs_pdl", True)):
+for name, want_replays in (("plain", False), ("graphs", True), ("graphs_pdl", True), ("graphs_deep", True)):
     r = json.load(open("%s/%s.json" % (d, name)))
     assert r["device"].startswith("cuda:0 (CUDA emulation"), r["device"]
     for k in ("prefill_tok_s", "decode_tok_s", "batch_out_tok_s", "batch_step_ms"):
         assert r[k] > 0, (name, k, r[k])
-    m = re.match(r"CUDA graphs: (\d+) captured, (\d+) decode steps replayed; programmatic dependent launch (on|off)$", r["device_report"])
+    m = re.match(r"CUDA graphs: (\d+) captured, (\d+) decode steps replayed; programmatic dependent launch (on|off); deep weight loads (on|off)$", r["device_report"])
     assert m, r["device_report"]
     captured, replayed = int(m.group(1)), int(m.group(2))
     assert m.group(3) == ("on" if name.endswith("pdl") else "off"), r["device_report"]
+    assert m.group(4) == ("on" if name.endswith("deep") else "off"), r["device_report"]
     if want_replays:
         # 7 single-stream and 7 batched decode steps after each shape's warm-up and capture.
         assert captured >= 2 and replayed >= 10, r["device_report"]

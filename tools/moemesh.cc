@@ -148,7 +148,7 @@ int RunGenerateSwitch() {
   for (const char* name : {"temperature", "top_p", "top_k", "seed", "ignore_eos", "logits_out",
                            "experts_per_token", "compute_dtype", "quantize_experts", "load_format",
                            "num_layers", "kv_cache_dtype", "cuda_graphs", "cuda_pdl",
-                           "thinking_budget"}) {
+                           "cuda_deep_loads", "thinking_budget"}) {
     if (FlagChanged(name)) {
       return Fail(absl::InvalidArgumentError(absl::StrCat(
           "--", name, " is not supported for switch_transformers models (greedy fp32 decoding "

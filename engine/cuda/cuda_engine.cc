@@ -581,6 +581,7 @@ absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
   MOEMESH_OK(CheckDevice(opt.device));
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));
   if (opt.cuda_pdl) SetProgrammaticLaunch(true);
+  if (opt.cuda_deep_loads) SetDeepLoads(true);
   auto s = std::unique_ptr<CudaExpertShard>(new CudaExpertShard());
   MOEMESH_OK(s->SetShards(cfg, shards));
   s->device_ = opt.device;
@@ -1021,6 +1022,7 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   s->device_ = opt.device;
   s->use_graphs_ = opt.cuda_graphs;
   if (opt.cuda_pdl) SetProgrammaticLaunch(true);
+  if (opt.cuda_deep_loads) SetDeepLoads(true);
   s->kv_dtype_ = opt.kv_dtype;
   auto ex = Exec::Create(opt.device.index);
   if (!ex.ok()) return ex.status();
@@ -1424,7 +1426,8 @@ void RegisterCudaBackend() {
     const GraphCounts c = StepGraphCounts();
     return absl::StrCat("CUDA graphs: ", c.captured, " captured, ", c.replayed,
                         " decode steps replayed; programmatic dependent launch ",
-                        ProgrammaticLaunch() ? "on" : "off");
+                        ProgrammaticLaunch() ? "on" : "off", "; deep weight loads ",
+                        DeepLoads() ? "on" : "off");
   };
   RegisterDeviceBackend(Device::Kind::kCuda, std::move(b));
 }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -21,6 +22,13 @@
 #include "engine/ops/threading.h"
 #include "engine/safetensors.h"
 #include "gtest/gtest.h"
+
+#ifdef MOEMESH_CUDA_EMU_BUILD
+namespace emu {  // engine/cuda/emu/cuda_emu.h's launch statistics
+void EnableStatistics();
+std::map<std::string, int64_t> Statistics();
+}  // namespace emu
+#endif
 
 namespace moemesh {
 namespace {
@@ -1259,12 +1267,16 @@ TEST(CudaLongContextTest, SplitAttentionDecodeMatchesCpu) {
 // (read on the device, not baked into the graph).
 class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
 
+// bf16: weights stored in bf16 (deep_loads: the deep-load kernels' automatic use, bf16 only).
 std::vector<std::vector<float>> DecodeTrace(const std::string& dir, bool graphs,
-                                            bool pdl = false) {
+                                            bool pdl = false, bool bf16 = false,
+                                            bool deep_loads = false) {
   LoadOptions opt;
   opt.device = *ParseDevice("cuda:0");
   opt.cuda_graphs = graphs;
   opt.cuda_pdl = pdl;
+  if (bf16) opt.compute = ComputeType::kBF16;
+  opt.cuda_deep_loads = deep_loads;
   auto model = Model::Load(dir, opt);
   EXPECT_TRUE(model.ok()) << model.status();
   if (!model.ok()) return {};
@@ -1351,6 +1363,42 @@ TEST_P(CudaGraphTest, ProgrammaticLaunchGivesThePlainLaunchesSteps) {
   for (size_t i = 0; i < plain.size(); ++i) {
     EXPECT_EQ(pdl[i], plain[i]) << "step " << i;
     EXPECT_EQ(pdl_graphs[i], plain[i]) << "step " << i << ", replayed";
+  }
+}
+
+// Deep weight loads (LoadOptions::cuda_deep_loads): the automatic choice's one-row and
+// multi-output kernels with several steps of weight loads in flight give the default kernels'
+// logits bit for bit, launched and replayed (bf16 weights, which those kernels need). On the
+// emulation the deep kernels must have run (its launch statistics).
+TEST_P(CudaGraphTest, DeepLoadsGiveTheDefaultKernelsSteps) {
+  SKIP_WITHOUT_GPU();
+  ops::SetNumThreads(2);
+  const auto plain = DecodeTrace(GetParam(), false, false, true);
+#ifdef MOEMESH_CUDA_EMU_BUILD
+  emu::EnableStatistics();
+  auto deep_runs = [] {
+    int64_t n = 0;
+    for (const auto& [name, count] : emu::Statistics()) {
+      if (name.rfind("run ", 0) == 0 && name.find("(deep loads)") != std::string::npos) n += count;
+    }
+    return n;
+  };
+  const int64_t before = deep_runs();
+#endif
+  const auto deep = DecodeTrace(GetParam(), false, false, true, true);
+  EXPECT_TRUE(cuda::DeepLoads());
+  const auto deep_graphs = DecodeTrace(GetParam(), true, false, true, true);
+  cuda::SetDeepLoads(false);  // process-wide: the other tests run the default kernels
+#ifdef MOEMESH_CUDA_EMU_BUILD
+  // At least the o projections and the experts' gate/up of every decode step.
+  EXPECT_GE(deep_runs() - before, 2 * 80);
+#endif
+  ASSERT_EQ(plain.size(), 3u + 80u);
+  ASSERT_EQ(deep.size(), plain.size());
+  ASSERT_EQ(deep_graphs.size(), plain.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_EQ(deep[i], plain[i]) << "step " << i;
+    EXPECT_EQ(deep_graphs[i], plain[i]) << "step " << i << ", replayed";
   }
 }
 

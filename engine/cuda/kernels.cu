@@ -51,6 +51,7 @@ __device__ __forceinline__ void PrefetchL2(const void* p, int64_t bytes, int lan
 }
 
 std::atomic<bool> g_programmatic{false};
+std::atomic<bool> g_deep_loads{false};  // SetDeepLoads
 
 // Launches kernel(args) on (grid, block, smem, stream), with the programmatic stream
 // serialization launch attribute while SetProgrammaticLaunch is on. `kernel` must begin with
@@ -688,6 +689,9 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   // Rows per group: all m for one matrix, the mean over the groups of a MoE layer.
   const int64_t per_group = grouped ? (m + groups.max_groups - 1) / groups.max_groups : m;
   const int forced_split = SmallMForcedSplit(choice);
+  // Deep loads (SetDeepLoads): kAuto's kernels with several steps of weight loads in flight.
+  const bool auto_deep =
+      choice == SmallMChoice::kAuto && g_deep_loads.load(std::memory_order_relaxed);
   const bool multi =
       vec && (choice == SmallMChoice::kAuto ? (grouped ? per_group >= 2 : m > 8)
                                             : choice == SmallMChoice::kMulti ||
@@ -729,12 +733,14 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
         const size_t smem = kT == kTailRoute || kT == kTailQkv ? tail_smem : 0;
         if (swiglu) {
           if constexpr (!kN && kT == kTailNone) {
-            LaunchPdl("SplitKKernel<WT, true, kS, false, kTailNone, kDeep ? 2 : 1>",
+            LaunchPdl(kDeep ? "SplitKKernel<WT, true, kS, false, kTailNone, 2> (deep loads)"
+                            : "SplitKKernel<WT, true, kS, false, kTailNone, 1>",
                       SplitKKernel<WT, true, kS, false, kTailNone, kDeep ? 2 : 1>, sgrid, block, 0,
                       stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
           }
         } else {
-          LaunchPdl("SplitKKernel<WT, false, kS, kN, kT, kDeep ? 4 : 1>",
+          LaunchPdl(kDeep ? "SplitKKernel<WT, false, kS, kN, kT, 4> (deep loads)"
+                          : "SplitKKernel<WT, false, kS, kN, kT, 1>",
                     SplitKKernel<WT, false, kS, kN, kT, kDeep ? 4 : 1>, sgrid, block, smem, stream,
                     w, bias, o, k, x, mm, y, ldy, accumulate, groups, fz);
         }
@@ -749,7 +755,7 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
       }
     };
     if constexpr (!kN && kT == kTailNone && sizeof(WT) == 2) {
-      if (one && choice == SmallMChoice::kOneDeep) {
+      if (one && (choice == SmallMChoice::kOneDeep || auto_deep)) {
         launch_split(std::true_type());
         return cudaGetLastError();
       }
@@ -763,11 +769,15 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
         auto go = [&](auto rows_tag, auto depth_tag) {
           constexpr int kR = decltype(rows_tag)::value, kD = decltype(depth_tag)::value;
           if (swiglu) {
-            LaunchPdl("SmallMMultiKernel<WT, true, kR, kD>", SmallMMultiKernel<WT, true, kR, kD>,
-                      mgrid, block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
+            LaunchPdl(kD > 1 ? "SmallMMultiKernel<WT, true, kR, 2> (deep loads)"
+                             : "SmallMMultiKernel<WT, true, kR, 1>",
+                      SmallMMultiKernel<WT, true, kR, kD>, mgrid, block, 0, stream, w, bias, o, k,
+                      x, mm, y, ldy, accumulate, groups);
           } else {
-            LaunchPdl("SmallMMultiKernel<WT, false, kR, kD>", SmallMMultiKernel<WT, false, kR, kD>,
-                      mgrid, block, 0, stream, w, bias, o, k, x, mm, y, ldy, accumulate, groups);
+            LaunchPdl(kD > 1 ? "SmallMMultiKernel<WT, false, kR, 2> (deep loads)"
+                             : "SmallMMultiKernel<WT, false, kR, 1>",
+                      SmallMMultiKernel<WT, false, kR, kD>, mgrid, block, 0, stream, w, bias, o, k,
+                      x, mm, y, ldy, accumulate, groups);
           }
         };
         using R4 = std::integral_constant<int, 4>;
@@ -776,7 +786,7 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
         using D2 = std::integral_constant<int, 2>;
         bool deep = false;
         if constexpr (sizeof(WT) == 2) {
-          deep = choice == SmallMChoice::kMultiDeep;
+          deep = choice == SmallMChoice::kMultiDeep || auto_deep;
           if (deep) per_group <= 4 ? go(R4(), D2()) : go(R8(), D2());
         }
         if (!deep) per_group <= 4 ? go(R4(), D1()) : go(R8(), D1());
@@ -1499,6 +1509,10 @@ unsigned GridFor(int64_t n, int threads) {
 void SetProgrammaticLaunch(bool on) { g_programmatic.store(on, std::memory_order_relaxed); }
 
 bool ProgrammaticLaunch() { return g_programmatic.load(std::memory_order_relaxed); }
+
+void SetDeepLoads(bool on) { g_deep_loads.store(on, std::memory_order_relaxed); }
+
+bool DeepLoads() { return g_deep_loads.load(std::memory_order_relaxed); }
 
 int SmallMSplit(int64_t out, int64_t groups) {
   // While the product has fewer than 2 warps' worth of output rows per SM slot (32 warps per SM

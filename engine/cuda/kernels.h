@@ -64,6 +64,13 @@ enum class SmallMChoice {
 void SetProgrammaticLaunch(bool on);
 bool ProgrammaticLaunch();
 
+// Deep weight loads, process-wide, off by default (LoadOptions::cuda_deep_loads turns it on):
+// SmallMChoice::kAuto then runs kOneDeep where it would run kOne's one-row kernel on a plain
+// product (bf16, no fused norm or tail) and kMultiDeep where it would run kMulti. The same
+// results bit for bit.
+void SetDeepLoads(bool on);
+bool DeepLoads();
+
 // The warps each output's sum is split over in kOne's one-row kernel (kAuto, kOne) for a product
 // of `out` outputs in `groups` groups (1 without): doubled up to 4 while the product has fewer
 // than 2 warps' worth of outputs per SM slot of this GPU.
