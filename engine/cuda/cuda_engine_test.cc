@@ -1345,6 +1345,20 @@ TEST_P(CudaGraphTest, ReplayedStepsMatchLaunchedSteps) {
   EXPECT_GE(after.replayed - before.replayed, 2 * 36);
 }
 
+// DecodeTrace's steps launched (`launched`) and replayed (`replayed`) another way give
+// `plain`'s logits bit for bit.
+void ExpectTheSameSteps(const std::vector<std::vector<float>>& plain,
+                        const std::vector<std::vector<float>>& launched,
+                        const std::vector<std::vector<float>>& replayed) {
+  ASSERT_EQ(plain.size(), 3u + 80u);
+  ASSERT_EQ(launched.size(), plain.size());
+  ASSERT_EQ(replayed.size(), plain.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_EQ(launched[i], plain[i]) << "step " << i;
+    EXPECT_EQ(replayed[i], plain[i]) << "step " << i << ", replayed";
+  }
+}
+
 // Programmatic dependent launch (LoadOptions::cuda_pdl): every kernel that may now start before
 // the one before it has finished must still wait for it, so launched and replayed steps give the
 // plain launches' logits bit for bit. (On a GPU a missing wait shows as a race; the emulation
@@ -1357,13 +1371,7 @@ TEST_P(CudaGraphTest, ProgrammaticLaunchGivesThePlainLaunchesSteps) {
   EXPECT_TRUE(cuda::ProgrammaticLaunch());
   const auto pdl_graphs = DecodeTrace(GetParam(), true, true);
   cuda::SetProgrammaticLaunch(false);  // process-wide: the other tests launch plainly
-  ASSERT_EQ(plain.size(), 3u + 80u);
-  ASSERT_EQ(pdl.size(), plain.size());
-  ASSERT_EQ(pdl_graphs.size(), plain.size());
-  for (size_t i = 0; i < plain.size(); ++i) {
-    EXPECT_EQ(pdl[i], plain[i]) << "step " << i;
-    EXPECT_EQ(pdl_graphs[i], plain[i]) << "step " << i << ", replayed";
-  }
+  ExpectTheSameSteps(plain, pdl, pdl_graphs);
 }
 
 // Deep weight loads (LoadOptions::cuda_deep_loads): the automatic choice's one-row and
@@ -1393,13 +1401,7 @@ TEST_P(CudaGraphTest, DeepLoadsGiveTheDefaultKernelsSteps) {
   // At least the o projections and the experts' gate/up of every decode step.
   EXPECT_GE(deep_runs() - before, 2 * 80);
 #endif
-  ASSERT_EQ(plain.size(), 3u + 80u);
-  ASSERT_EQ(deep.size(), plain.size());
-  ASSERT_EQ(deep_graphs.size(), plain.size());
-  for (size_t i = 0; i < plain.size(); ++i) {
-    EXPECT_EQ(deep[i], plain[i]) << "step " << i;
-    EXPECT_EQ(deep_graphs[i], plain[i]) << "step " << i << ", replayed";
-  }
+  ExpectTheSameSteps(plain, deep, deep_graphs);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaGraphTest,
