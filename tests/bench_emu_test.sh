@@ -43,7 +43,7 @@ cat "$OUTDIR/gemm.log"
 grep -qE "^  grouped / dense throughput: [0-9.]+ \(target >= 0.70\); path batched; with y unpadded to fp32: [0-9.]+ ms \([0-9.]+\)$" "$OUTDIR/gemm.log"
 grep -qE "^  by path, y unpadded: batched [0-9.]+ ms \(2 buckets, padded rows [0-9.]+ x\), cuBLAS grouped [0-9.]+ ms, one GEMM per expert [0-9.]+ ms \(these two: rows gathered beforehand\)$" "$OUTDIR/gemm.log"
 grep -qE "^  batched by bucket fill \(engine: 0.80\), y unpadded: 0.80: [0-9.]+ ms \([0-9]+ buckets, [0-9.]+ x\)(, [0-9.]+: [0-9.]+ ms \([0-9]+ buckets, [0-9.]+ x\)){3}$" "$OUTDIR/gemm.log"
-grep -qE "one-output kernel [0-9.]+ us .*multi-output kernel [0-9.]+ us .*in flight [0-9.]+ us" "$OUTDIR/gemm.log"
+grep -qE "one-output kernel [0-9.]+ us .*multi-output kernel [0-9.]+ us .*in flight [0-9.]+ us .*with 8 rows per pass [0-9.]+ us" "$OUTDIR/gemm.log"
 # The decode products: 7 rows, each with the auto split and 7 timings (6 choices in graphs, then
 # the auto choice launched).
 test "$(grep -cE "^  (qkv|o|router|experts|LM head)[^0-9]*( +[0-9.]+){2}( +[0-9.]+ us +[0-9]+){7}$" "$OUTDIR/gemm.log")" = 7

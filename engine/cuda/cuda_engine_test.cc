@@ -296,12 +296,14 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
 
   // Either kernel, chosen explicitly, is as exact, and so is every split of the one-row kernel's
   // sums (forced; where the rows allow it).
-  // kMultiDeep and kOneDeep (more loads in flight) add in kMulti's and kOne's order: their bits.
+  // kMultiDeep and kOneDeep (more loads in flight) add in kMulti's and kOne's order: their bits;
+  // so does kMulti8 (8 rows per pass).
   std::vector<float> multi, one;
   for (cuda::SmallMChoice choice :
        {cuda::SmallMChoice::kOne, cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kSplit1,
         cuda::SmallMChoice::kSplit2, cuda::SmallMChoice::kSplit4, cuda::SmallMChoice::kSplit8,
-        cuda::SmallMChoice::kMultiDeep, cuda::SmallMChoice::kOneDeep}) {
+        cuda::SmallMChoice::kMultiDeep, cuda::SmallMChoice::kOneDeep,
+        cuda::SmallMChoice::kMulti8}) {
     ASSERT_EQ(cudaMemcpy(d_y, y0.data(), y0.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, nullptr, out, in, d_x, m, d_y, out, false,
                                  true, groups, nullptr, choice),
@@ -311,13 +313,15 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
     if (choice == cuda::SmallMChoice::kMulti) multi = got_choice;
     if (choice == cuda::SmallMChoice::kOne) one = got_choice;
     if (choice == cuda::SmallMChoice::kMultiDeep) EXPECT_EQ(got_choice, multi) << "deep";
+    if (choice == cuda::SmallMChoice::kMulti8) EXPECT_EQ(got_choice, multi) << "8 rows a pass";
     if (choice == cuda::SmallMChoice::kOneDeep) EXPECT_EQ(got_choice, one) << "one, deep";
   }
   // And plain (4 outputs per warp) with bias, accumulated.
   {
     std::vector<std::vector<float>> outs;
     for (cuda::SmallMChoice choice : {cuda::SmallMChoice::kMulti, cuda::SmallMChoice::kMultiDeep,
-                                      cuda::SmallMChoice::kOne, cuda::SmallMChoice::kOneDeep}) {
+                                      cuda::SmallMChoice::kOne, cuda::SmallMChoice::kOneDeep,
+                                      cuda::SmallMChoice::kMulti8}) {
       ASSERT_EQ(cudaMemcpy(d_y2, y2.data(), y2.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
       ASSERT_EQ(cuda::SmallMLinear(mat.w.get(), mat.wt, Upload(bias2, &db2), 2 * out, in, d_x, m,
                                    d_y2, 2 * out, true, false, groups, nullptr, choice),
@@ -327,6 +331,7 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
     }
     EXPECT_EQ(outs[1], outs[0]) << "deep, plain";
     EXPECT_EQ(outs[3], outs[2]) << "one, deep, plain";
+    EXPECT_EQ(outs[4], outs[0]) << "8 rows a pass, plain";
   }
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }

@@ -478,6 +478,7 @@ int Main() {
   const double streams_one_ms = streams_with(SmallMChoice::kOne);
   const double streams_multi_ms = streams_with(SmallMChoice::kMulti);
   const double streams_deep_ms = streams_with(SmallMChoice::kMultiDeep);
+  const double streams_multi8_ms = streams_with(SmallMChoice::kMulti8);
   const double streams_bytes = sgroups * 3.0 * H * W * 2;
   CHECK_OK(ex.Sync());
 
@@ -502,10 +503,12 @@ int Main() {
               static_cast<long long>(S), static_cast<long long>(SA), sgroups, streams_ms * 1e3,
               streams_bytes / streams_ms / 1e6);
   std::printf("    one-output kernel %.1f us (%.0f GB/s), multi-output kernel %.1f us (%.0f GB/s), "
-              "the same with 2 steps of loads in flight %.1f us (%.0f GB/s)\n",
+              "the same with 2 steps of loads in flight %.1f us (%.0f GB/s), "
+              "with 8 rows per pass %.1f us (%.0f GB/s)\n",
               streams_one_ms * 1e3, streams_bytes / streams_one_ms / 1e6, streams_multi_ms * 1e3,
               streams_bytes / streams_multi_ms / 1e6, streams_deep_ms * 1e3,
-              streams_bytes / streams_deep_ms / 1e6);
+              streams_bytes / streams_deep_ms / 1e6, streams_multi8_ms * 1e3,
+              streams_bytes / streams_multi8_ms / 1e6);
   if (absl::GetFlag(FLAGS_decode_products) && DecodeProducts(ex, iters, E, K, H, W) != 0) return 1;
   if (absl::GetFlag(FLAGS_decode_attention) && DecodeAttention(ex, iters, S) != 0) return 1;
   return 0;

@@ -695,7 +695,8 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
   const bool multi =
       vec && (choice == SmallMChoice::kAuto ? (grouped ? per_group >= 2 : m > 8)
                                             : choice == SmallMChoice::kMulti ||
-                                                  choice == SmallMChoice::kMultiDeep);
+                                                  choice == SmallMChoice::kMultiDeep ||
+                                                  choice == SmallMChoice::kMulti8);
   const bool one = vec && !multi && m <= 8;  // decode-sized: the one-row kernels
   const int split = one ? (forced_split > 0 ? forced_split : SmallMSplit(out, grid.y)) : 1;
   if (norm && !one) {
@@ -784,12 +785,14 @@ cudaError_t LaunchSmallM(const WT* w, const float* bias, int64_t out, int64_t in
         using R8 = std::integral_constant<int, 8>;
         using D1 = std::integral_constant<int, 1>;
         using D2 = std::integral_constant<int, 2>;
+        // 4 x rows per pass up to a mean of 4 per group, else (or kMulti8) 8.
+        const bool rows4 = per_group <= 4 && choice != SmallMChoice::kMulti8;
         bool deep = false;
         if constexpr (sizeof(WT) == 2) {
           deep = choice == SmallMChoice::kMultiDeep || auto_deep;
-          if (deep) per_group <= 4 ? go(R4(), D2()) : go(R8(), D2());
+          if (deep) rows4 ? go(R4(), D2()) : go(R8(), D2());
         }
-        if (!deep) per_group <= 4 ? go(R4(), D1()) : go(R8(), D1());
+        if (!deep) rows4 ? go(R4(), D1()) : go(R8(), D1());
       }
     } else if (split > 1) {
       launch_split(std::false_type());

@@ -39,7 +39,8 @@ struct Groups {
 // Kernels: kOne, a warp per output row, one x row at a time up to m = 8 (the decode of one
 // sequence; when that gives too few warps for the GPU, each sum is split over 2 or 4 warps and
 // the partial sums added in order), 8 rows per pass above; kMulti, a warp per 4 output rows (2
-// with SwiGLU) sharing each x load among them (several rows per matrix: batched decode). kAuto:
+// with SwiGLU) sharing each x load among them (several rows per matrix: batched decode), 4 x
+// rows per pass while the groups average at most 4 rows, 8 above. kAuto:
 // kMulti when there are >= 2 rows per group on average (or m > 8 without groups). kMulti and the
 // 8-row kOne add in the same order (same results bit for bit). The vector kernels need in % 8 == 0
 // and 16-byte aligned w and x; otherwise a scalar variant of kOne runs. For benchmarks: kSplitN,
@@ -48,9 +49,10 @@ struct Groups {
 // lane instead of one (bf16 weights; fp32 as kMulti), the same sums; kOneDeep, kOne's split
 // kernel (at kOne's split, 1 included) issuing 4 steps' weight loads (SwiGLU: 2) before it uses
 // them, rather than leaving that to the compiler (bf16 weights, no fused norm or tail; otherwise
-// as kOne), the same sums as the split kernel.
+// as kOne), the same sums as the split kernel; kMulti8, kMulti with 8 x rows per pass whatever
+// the mean (fewer passes over the weights of groups above 4 rows; more registers), the same sums.
 enum class SmallMChoice {
-  kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8, kMultiDeep, kOneDeep
+  kAuto, kOne, kMulti, kSplit1, kSplit2, kSplit4, kSplit8, kMultiDeep, kOneDeep, kMulti8
 };
 
 // Programmatic dependent launch (Hopper's griddepcontrol), process-wide, off by default
