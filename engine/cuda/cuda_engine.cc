@@ -200,9 +200,19 @@ absl::Status ReserveZeros(DeviceBuffer& b, size_t bytes, cudaStream_t stream) {
 }
 
 std::atomic<const char*> last_grouped_path{"none"};
+
+// The process-wide launch settings a load asks for (on once any load of the process does).
+void UseLaunchOptions(const LoadOptions& opt) {
+  if (opt.cuda_pdl) SetProgrammaticLaunch(true);
+  if (opt.cuda_deep_loads) SetDeepLoads(true);
+}
 }  // namespace
 
 const char* LastGroupedSwiGluPath() { return last_grouped_path.load(); }
+
+PaddedBuckets BatchedBuckets(const std::vector<int32_t>& row_begin, double fill) {
+  return PadGroups(row_begin, 8, fill);  // rows in multiples of 8
+}
 
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
@@ -219,7 +229,7 @@ absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   // Groups of similar size padded to one row count per bucket, each bucket one cuBLAS batched
   // GEMM per projection (bf16 in and out, fp32 accumulation). Row maps and pointer arrays travel
   // as kernel parameters: no host synchronisation, no upload.
-  const PaddedBuckets pb = PadGroups(row_begin, 8, fill);
+  const PaddedBuckets pb = BatchedBuckets(row_begin, fill);
   const int64_t P = pb.padded_rows();
   MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(P * H) * 2));  // x, later y
   MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(P * W) * 2));
@@ -580,8 +590,7 @@ absl::StatusOr<std::unique_ptr<CudaExpertShard>> CudaExpertShard::Load(
   }
   MOEMESH_OK(CheckDevice(opt.device));
   MOEMESH_CUDA(cudaSetDevice(opt.device.index));
-  if (opt.cuda_pdl) SetProgrammaticLaunch(true);
-  if (opt.cuda_deep_loads) SetDeepLoads(true);
+  UseLaunchOptions(opt);
   auto s = std::unique_ptr<CudaExpertShard>(new CudaExpertShard());
   MOEMESH_OK(s->SetShards(cfg, shards));
   s->device_ = opt.device;
@@ -1021,8 +1030,7 @@ absl::StatusOr<std::unique_ptr<CudaAttentionStack>> CudaAttentionStack::Load(
   s->arch_ = arch;
   s->device_ = opt.device;
   s->use_graphs_ = opt.cuda_graphs;
-  if (opt.cuda_pdl) SetProgrammaticLaunch(true);
-  if (opt.cuda_deep_loads) SetDeepLoads(true);
+  UseLaunchOptions(opt);
   s->kv_dtype_ = opt.kv_dtype;
   auto ex = Exec::Create(opt.device.index);
   if (!ex.ok()) return ex.status();

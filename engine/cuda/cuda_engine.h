@@ -28,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/cuda/kernels.h"
+#include "engine/expert_groups.h"
 #include "engine/model.h"
 
 namespace moemesh {
@@ -155,6 +156,8 @@ const char* LastGroupedSwiGluPath();
 // `fill`: PadGroups' (a group joins a bucket while its rows fill at least that share of the
 // bucket's; GroupedSwiGlu uses kBucketFill, expert_gemm_bench --bucket_fills times others).
 constexpr double kBucketFill = 0.8;
+// The buckets BatchedSwiGlu pads groups of rows [row_begin[g], row_begin[g + 1]) into.
+PaddedBuckets BatchedBuckets(const std::vector<int32_t>& row_begin, double fill = kBucketFill);
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
                            const float* x, float* y, const int32_t* x_rows = nullptr,

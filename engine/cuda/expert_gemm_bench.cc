@@ -96,6 +96,25 @@ double TimeMs(Exec& ex, int iters, F&& f) {
   return ms / iters;
 }
 
+bool ParseNumber(const std::string& s, double* v) { return absl::SimpleAtod(s, v); }
+bool ParseNumber(const std::string& s, int64_t* v) { return absl::SimpleAtoi(s, v); }
+
+// The values of a list flag, each parsed and accepted by `ok`; false (after saying which value
+// is not `what`) if one is not.
+template <typename T, typename Ok>
+bool ParseList(const char* flag, const char* what, const std::vector<std::string>& values, Ok ok,
+               std::vector<T>* out) {
+  for (const std::string& s : values) {
+    T v{};
+    if (!ParseNumber(s, &v) || !ok(v)) {
+      std::fprintf(stderr, "--%s: not %s: %s\n", flag, what, s.c_str());
+      return false;
+    }
+    out->push_back(v);
+  }
+  return true;
+}
+
 // Device group arrays (Groups) for groups of rows [begin[g], begin[g + 1]) on matrices slot[g],
 // in `buf`: the count, the slots, then the row offsets.
 absl::StatusOr<Groups> UploadGroups(const std::vector<int32_t>& slot,
@@ -227,10 +246,11 @@ int DecodeProducts(Exec& ex, int iters, int64_t E, int64_t K, int64_t H, int64_t
   return 0;
 }
 
-// Decode attention: `tokens` sequences of `context` cached positions each (one query row each,
-// page size 16, one layer), timed with the engine's split count (AttentionSplits, the combine by
-// each (token, head)'s last block) and with 1..16 splits forced. Prints a table; 0 on success.
-int DecodeAttention(Exec& ex, int iters, int64_t streams) {
+// Decode attention: 1 and `streams` sequences of each of `contexts` cached positions (one query
+// row each, page size 16, one layer), timed with the engine's split count (AttentionSplits, the
+// combine by each (token, head)'s last block) and with 1..16 splits forced. Prints a table; 0 on
+// success.
+int DecodeAttention(Exec& ex, int iters, int64_t streams, const std::vector<int64_t>& contexts) {
   const int64_t nh = absl::GetFlag(FLAGS_heads), nkv = absl::GetFlag(FLAGS_kv_heads),
                 hd = absl::GetFlag(FLAGS_head_dim), kvd = nkv * hd, page = 16;
   const std::vector<int> splits = {1, 2, 4, 8, 16};
@@ -240,12 +260,7 @@ int DecodeAttention(Exec& ex, int iters, int64_t streams) {
   std::printf("  %-30s %6s", "sequences x context, cache", "auto");
   for (int sp : splits) std::printf(" %11s%-2d", "splits ", sp);
   std::printf("\n");
-  for (const std::string& cs : absl::GetFlag(FLAGS_attention_contexts)) {
-    int64_t context = 0;
-    if (!absl::SimpleAtoi(cs, &context) || context <= 0) {
-      std::fprintf(stderr, "--attention_contexts: not a positive count: %s\n", cs.c_str());
-      return 1;
-    }
+  for (const int64_t context : contexts) {
     for (int64_t T : {int64_t{1}, streams}) {
       for (bool bf16 : {false, true}) {
         const int64_t P = (context + 1 + page - 1) / page;  // pages per sequence
@@ -310,13 +325,13 @@ int Main() {
                 W = absl::GetFlag(FLAGS_width);
   const int iters = absl::GetFlag(FLAGS_iters);
   std::vector<double> fills;
-  for (const std::string& fs : absl::GetFlag(FLAGS_bucket_fills)) {
-    double fill = 0;
-    if (!absl::SimpleAtod(fs, &fill) || !(fill > 0 && fill <= 1)) {
-      std::fprintf(stderr, "--bucket_fills: not a share in (0, 1]: %s\n", fs.c_str());
-      return 1;
-    }
-    fills.push_back(fill);
+  std::vector<int64_t> contexts;
+  if (!ParseList("bucket_fills", "a share in (0, 1]", absl::GetFlag(FLAGS_bucket_fills),
+                 [](double f) { return f > 0 && f <= 1; }, &fills) ||
+      !ParseList("attention_contexts", "a positive count",
+                 absl::GetFlag(FLAGS_attention_contexts), [](int64_t c) { return c > 0; },
+                 &contexts)) {
+    return 1;
   }
   if (DeviceCount() == 0) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -392,7 +407,7 @@ int Main() {
     (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
                         rows_in_place);
   });
-  const PaddedBuckets pb = PadGroups(row_begin);
+  const PaddedBuckets pb = BatchedBuckets(row_begin);
   auto time_path = [&](const char* name, auto&& run) {
     absl::Status st = run();
     if (!st.ok()) {
@@ -411,7 +426,7 @@ int Main() {
   // The batched path with other bucket fills: fewer, more padded buckets or more, tighter ones.
   std::string by_fill;
   for (const double fill : fills) {
-    const PaddedBuckets fb = PadGroups(row_begin, 8, fill);
+    const PaddedBuckets fb = BatchedBuckets(row_begin, fill);
     const double ms = time_path("batched, other fill", [&] {
       return BatchedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
                            rows_in_place, nullptr, fill);
@@ -510,7 +525,9 @@ int Main() {
               streams_bytes / streams_deep_ms / 1e6, streams_multi8_ms * 1e3,
               streams_bytes / streams_multi8_ms / 1e6);
   if (absl::GetFlag(FLAGS_decode_products) && DecodeProducts(ex, iters, E, K, H, W) != 0) return 1;
-  if (absl::GetFlag(FLAGS_decode_attention) && DecodeAttention(ex, iters, S) != 0) return 1;
+  if (absl::GetFlag(FLAGS_decode_attention) && DecodeAttention(ex, iters, S, contexts) != 0) {
+    return 1;
+  }
   return 0;
 }
 
