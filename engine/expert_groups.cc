@@ -61,4 +61,29 @@ PaddedBuckets PadGroups(const std::vector<int32_t>& begin, int32_t align, double
   return p;
 }
 
+std::optional<PaddedBuckets> PadGroupsBySlot(const std::vector<int32_t>& begin,
+                                             const std::vector<int32_t>& slot, int32_t align) {
+  const int32_t G = begin.empty() ? 0 : static_cast<int32_t>(begin.size()) - 1;
+  if (static_cast<int32_t>(slot.size()) != G) return std::nullopt;
+  for (int32_t g = 1; g < G; ++g) {
+    if (slot[g] <= slot[g - 1]) return std::nullopt;
+  }
+  PaddedBuckets p;
+  p.bucket_begin.push_back(0);
+  if (G == 0) return p;
+  int32_t most = 1;
+  for (int32_t g = 0; g < G; ++g) most = std::max(most, begin[g + 1] - begin[g]);
+  const int32_t rows = (most + align - 1) / align * align;
+  p.order.resize(G);
+  p.dst_begin.resize(G + 1);
+  for (int32_t g = 0; g < G; ++g) {
+    p.order[g] = g;
+    p.dst_begin[g] = (slot[g] - slot[0]) * rows;
+  }
+  p.dst_begin[G] = (slot[G - 1] - slot[0] + 1) * rows;
+  p.bucket_begin.push_back(G);
+  p.bucket_rows.push_back(rows);
+  return p;
+}
+
 }  // namespace moemesh

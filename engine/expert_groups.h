@@ -4,6 +4,7 @@
 #define MOEMESH_ENGINE_EXPERT_GROUPS_H_
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace moemesh {
@@ -45,6 +46,15 @@ struct PaddedBuckets {
 
 // begin: [G + 1] row offsets of the groups (ascending; empty groups allowed).
 PaddedBuckets PadGroups(const std::vector<int32_t>& begin, int32_t align = 8, double fill = 0.8);
+
+// The layout of one strided batched product (cuBLAS's strided batched GEMM: no pointer arrays)
+// over groups whose `slot`s (the experts' places in one weight array) strictly ascend: one
+// bucket whose row count is the largest group's, padded to `align`, and group g at padded row
+// (slot[g] - slot[0]) * that count, so the i-th padded block is slot slot[0] + i's. The blocks of
+// slots without a group are padding (batch entries computed on zero rows). nullopt when the slots
+// do not strictly ascend. Every group in one bucket, in group order.
+std::optional<PaddedBuckets> PadGroupsBySlot(const std::vector<int32_t>& begin,
+                                             const std::vector<int32_t>& slot, int32_t align = 8);
 
 }  // namespace moemesh
 

@@ -94,5 +94,28 @@ TEST(PadGroupsTest, EveryGroupFitsItsBucketWithBoundedPadding) {
   }
 }
 
+TEST(PadGroupsTest, BySlotPadsEveryGroupToTheLargestAtItsSlot) {
+  // Rows per group: 30, 17, 0, 25 at slots 2, 3, 5, 6 (slot 4 has no group).
+  const std::optional<PaddedBuckets> p = PadGroupsBySlot({0, 30, 47, 47, 72}, {2, 3, 5, 6}, 8);
+  ASSERT_TRUE(p.has_value());
+  EXPECT_EQ(p->bucket_rows, (std::vector<int32_t>{32}));
+  EXPECT_EQ(p->bucket_begin, (std::vector<int32_t>{0, 4}));
+  EXPECT_EQ(p->order, (std::vector<int32_t>{0, 1, 2, 3}));
+  // Slot s's block starts at (s - 2) * 32; slot 4's block is padding.
+  EXPECT_EQ(p->dst_begin, (std::vector<int32_t>{0, 32, 96, 128, 160}));
+  EXPECT_EQ(p->padded_rows(), 5 * 32);
+  // Every group fits its block.
+  const std::vector<int32_t> begin = {0, 30, 47, 47, 72};
+  for (int g = 0; g < 4; ++g) {
+    EXPECT_LE(begin[g + 1] - begin[g], p->dst_begin[g + 1] - p->dst_begin[g]);
+  }
+  // Slots that do not strictly ascend, or a slot list of another length: no such layout.
+  EXPECT_FALSE(PadGroupsBySlot({0, 4, 8}, {3, 3}).has_value());
+  EXPECT_FALSE(PadGroupsBySlot({0, 4, 8}, {3, 1}).has_value());
+  EXPECT_FALSE(PadGroupsBySlot({0, 4, 8}, {3}).has_value());
+  EXPECT_EQ(PadGroupsBySlot({0, 3}, {7})->padded_rows(), 8);
+  EXPECT_EQ(PadGroupsBySlot({0}, {})->padded_rows(), 0);
+}
+
 }  // namespace
 }  // namespace moemesh

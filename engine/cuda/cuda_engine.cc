@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -210,72 +211,125 @@ void UseLaunchOptions(const LoadOptions& opt) {
 
 const char* LastGroupedSwiGluPath() { return last_grouped_path.load(); }
 
-PaddedBuckets BatchedBuckets(const std::vector<int32_t>& row_begin, double fill) {
-  return PadGroups(row_begin, 8, fill);  // rows in multiples of 8
+absl::StatusOr<BatchedPlan> PlanBatched(const std::vector<int32_t>& slot,
+                                        const std::vector<int32_t>& row_begin, double fill,
+                                        BatchedLayout layout) {
+  constexpr int32_t kAlign = 8;  // padded rows in multiples of 8
+  BatchedPlan plan;
+  if (layout != BatchedLayout::kStrided) plan.buckets = PadGroups(row_begin, kAlign, fill);
+  if (layout == BatchedLayout::kBuckets) return plan;
+  std::optional<PaddedBuckets> by_slot = PadGroupsBySlot(row_begin, slot, kAlign);
+  if (!by_slot.has_value()) {
+    if (layout == BatchedLayout::kAuto) return plan;
+    return absl::InvalidArgumentError(
+        "strided batched expert GEMMs take groups whose slots strictly ascend");
+  }
+  if (layout == BatchedLayout::kStrided ||
+      by_slot->padded_rows() <= (1 + kStridedSlack) * plan.buckets.padded_rows()) {
+    plan.buckets = *std::move(by_slot);
+    plan.strided = true;
+  }
+  return plan;
 }
 
-absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
-                           const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
-                           const float* x, float* y, const int32_t* x_rows, PadMap* padded,
-                           double fill) {
+namespace {
+// BatchedSwiGlu with its plan made.
+absl::Status RunBatched(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                        const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
+                        const BatchedPlan& plan, const float* x, float* y, const int32_t* x_rows,
+                        PadMap* padded) {
   const int G = static_cast<int>(slot.size());
   if (G == 0) return absl::OkStatus();
-  if (gate_up.wt != WType::kBF16 || down.wt != WType::kBF16 || G > kMaxPadGroups) {
-    return absl::UnimplementedError(
-        absl::StrCat("batched expert GEMMs take bf16 weights and at most ", kMaxPadGroups,
-                     " groups"));
-  }
   const int64_t H = gate_up.in, W = down.in;
-  // Groups of similar size padded to one row count per bucket, each bucket one cuBLAS batched
-  // GEMM per projection (bf16 in and out, fp32 accumulation). Row maps and pointer arrays travel
-  // as kernel parameters: no host synchronisation, no upload.
-  const PaddedBuckets pb = BatchedBuckets(row_begin, fill);
+  // Groups padded to one row count per bucket (the strided plan: one bucket laid out by slot),
+  // each bucket one cuBLAS batched GEMM per projection (bf16 in and out, fp32 accumulation). Row
+  // maps and pointer arrays travel as kernel parameters: no host synchronisation, no upload.
+  const PaddedBuckets& pb = plan.buckets;
   const int64_t P = pb.padded_rows();
   MOEMESH_OK(ex.xb16.Reserve(static_cast<size_t>(P * H) * 2));  // x, later y
   MOEMESH_OK(ex.ab16.Reserve(static_cast<size_t>(P * W) * 2));
   MOEMESH_OK(ex.gu.Reserve(static_cast<size_t>(P * 2 * W) * 2));
-  MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
   PadMap map;
   map.groups = G;
-  BatchList list;
-  list.n = G;
   for (int g = 0; g <= G; ++g) {
     map.src_begin[g] = row_begin[g];
     map.dst_begin[g] = pb.dst_begin[g];
-    if (g < G) {
+  }
+  MOEMESH_CUDA(PadRowsToBf16(x, H, map, ex.xb16.get(), ex.stream(), x_rows));
+  const float one = 1.0f, zero = 0.0f;
+  // The two projections (pass 0: gate/up [P, H] -> [P, 2 W], 1: down [P, W] -> [P, H]). Strides as
+  // DeviceMatrix::matrix(slot) has them ([2 W, H] and [H, W] bf16).
+  std::function<absl::Status(const DeviceMatrix&, int, const void*, void*)> project;
+  if (plan.strided) {
+    // Batch entry i: slot slot[0] + i's matrix and padded rows [i R, (i + 1) R).
+    const int R = pb.bucket_rows[0];
+    const int count = static_cast<int>(P / R);
+    project = [&, R, count](const DeviceMatrix& w, int, const void* in, void* out) -> absl::Status {
+      const int m = static_cast<int>(w.rows), k = static_cast<int>(w.in);
+      MOEMESH_BLAS(cublasGemmStridedBatchedEx(
+          ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, R, k, &one, w.matrix(slot[0]), CUDA_R_16BF, k,
+          w.rows * w.in, in, CUDA_R_16BF, k, int64_t{R} * k, &zero, out, CUDA_R_16BF, m,
+          int64_t{R} * m, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return absl::OkStatus();
+    };
+  } else {
+    MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
+    BatchList list;
+    list.n = G;
+    for (int g = 0; g < G; ++g) {
       list.slot[g] = slot[g];
       list.row[g] = pb.dst_begin[g];
       list.order[g] = pb.order[g];
     }
+    void** dp = ex.ptrs.as<void*>();
+    MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), gate_up.rows * gate_up.in * 2,
+                                   ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2, dp,
+                                   ex.stream()));
+    MOEMESH_CUDA(FillBatchPointers(list, down.w.get(), down.rows * down.in * 2, ex.ab16.get(),
+                                   W * 2, ex.xb16.get(), H * 2, dp + 3 * G, ex.stream()));
+    // Bucket b: groups order[bucket_begin[b] ..), each [bucket_rows[b], ...].
+    project = [&, dp, G](const DeviceMatrix& w, int pass, const void*, void*) -> absl::Status {
+      void** arrays = dp + 3 * G * pass;
+      const int m = static_cast<int>(w.rows), k = static_cast<int>(w.in);
+      for (int b = 0; b < pb.buckets(); ++b) {
+        const int j = pb.bucket_begin[b], count = pb.bucket_begin[b + 1] - j;
+        MOEMESH_BLAS(cublasGemmBatchedEx(
+            ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, pb.bucket_rows[b], k, &one, arrays + j,
+            CUDA_R_16BF, k, arrays + G + j, CUDA_R_16BF, k, &zero, arrays + 2 * G + j,
+            CUDA_R_16BF, m, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
+      return absl::OkStatus();
+    };
   }
-  void** dp = ex.ptrs.as<void*>();
-  MOEMESH_CUDA(PadRowsToBf16(x, H, map, ex.xb16.get(), ex.stream(), x_rows));
-  // Matrix strides as DeviceMatrix::matrix(slot) has them ([2 W, H] and [H, W] bf16).
-  MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), gate_up.rows * gate_up.in * 2,
-                                 ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2, dp, ex.stream()));
-  MOEMESH_CUDA(FillBatchPointers(list, down.w.get(), down.rows * down.in * 2, ex.ab16.get(),
-                                 W * 2, ex.xb16.get(), H * 2, dp + 3 * G, ex.stream()));
-  const float one = 1.0f, zero = 0.0f;
-  // Bucket b: groups order[bucket_begin[b] ..), each [bucket_rows[b], ...].
-  auto batched = [&](void** arrays, int m, int k, int ldc) -> absl::Status {
-    for (int b = 0; b < pb.buckets(); ++b) {
-      const int j = pb.bucket_begin[b], count = pb.bucket_begin[b + 1] - j;
-      MOEMESH_BLAS(cublasGemmBatchedEx(
-          ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, pb.bucket_rows[b], k, &one, arrays + j,
-          CUDA_R_16BF, k, arrays + G + j, CUDA_R_16BF, k, &zero, arrays + 2 * G + j, CUDA_R_16BF,
-          ldc, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    }
-    return absl::OkStatus();
-  };
-  MOEMESH_OK(batched(dp, static_cast<int>(2 * W), static_cast<int>(H), static_cast<int>(2 * W)));
+  MOEMESH_OK(project(gate_up, 0, ex.xb16.get(), ex.gu.get()));
   MOEMESH_CUDA(SiluMulBf16(ex.gu.get(), P, W, ex.ab16.get(), ex.stream()));
-  MOEMESH_OK(batched(dp + 3 * G, static_cast<int>(H), static_cast<int>(W), static_cast<int>(H)));
+  MOEMESH_OK(project(down, 1, ex.ab16.get(), ex.xb16.get()));
   if (padded != nullptr) {
     *padded = map;  // the caller's combine reads the padded rows
   } else {
     MOEMESH_CUDA(UnpadRowsToF32(ex.xb16.get(), H, map, y, ex.stream()));
   }
   return absl::OkStatus();
+}
+
+absl::Status BatchedTakes(const DeviceMatrix& gate_up, const DeviceMatrix& down, size_t groups) {
+  if (gate_up.wt != WType::kBF16 || down.wt != WType::kBF16 || groups > kMaxPadGroups) {
+    return absl::UnimplementedError(
+        absl::StrCat("batched expert GEMMs take bf16 weights and at most ", kMaxPadGroups,
+                     " groups"));
+  }
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
+                           const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
+                           const float* x, float* y, const int32_t* x_rows, PadMap* padded,
+                           double fill, BatchedLayout layout) {
+  MOEMESH_OK(BatchedTakes(gate_up, down, slot.size()));
+  absl::StatusOr<BatchedPlan> plan = PlanBatched(slot, row_begin, fill, layout);
+  if (!plan.ok()) return plan.status();
+  return RunBatched(ex, gate_up, down, slot, row_begin, *plan, x, y, x_rows, padded);
 }
 
 absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
@@ -367,12 +421,15 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
     return false;
   };
   const bool bf16 = gate_up.wt == WType::kBF16 && down.wt == WType::kBF16;
-  if (bf16 && static_cast<int>(slot.size()) <= kMaxPadGroups && batched_ok.load() &&
-      attempt(batched_ok, "batched", "cuBLAS's grouped GEMM",
-              BatchedSwiGlu(ex, gate_up, down, slot, row_begin, x, y, x_rows,
-                            out != nullptr ? &out->map : nullptr))) {
-    if (out != nullptr) out->padded = ex.xb16.get();
-    return absl::OkStatus();
+  if (BatchedTakes(gate_up, down, slot.size()).ok() && batched_ok.load()) {
+    absl::StatusOr<BatchedPlan> plan = PlanBatched(slot, row_begin);
+    if (!plan.ok()) return plan.status();  // (kAuto always has one)
+    if (attempt(batched_ok, plan->strided ? "strided" : "batched", "cuBLAS's grouped GEMM",
+                RunBatched(ex, gate_up, down, slot, row_begin, *plan, x, y, x_rows,
+                           out != nullptr ? &out->map : nullptr))) {
+      if (out != nullptr) out->padded = ex.xb16.get();
+      return absl::OkStatus();
+    }
   }
   if (out != nullptr) {
     if (y == nullptr) {

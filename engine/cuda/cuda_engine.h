@@ -125,12 +125,13 @@ absl::Status ProjectNormed(Exec& ex, const DeviceMatrix& mat, const float* x,
 
 // The routed experts' products for rows grouped by expert: group g (rows [row_begin[g],
 // row_begin[g+1]) of x) uses matrix slot[g] of gate_up and down; act = silu(gate) * up,
-// y = act down^T ([rows, hidden] fp32). bf16 weights (bf16 in and
-// out of every GEMM, fp32 accumulation): up to kMaxPadGroups groups are padded into buckets of
-// one row count (PadGroups) and each bucket runs as one cuBLAS batched GEMM per projection, with
-// the cast to bf16, the SwiGLU and the widening back to fp32 as three passes around them (no
-// host synchronisation; the expert shards skip the widening, see `out`); more groups (or if cuBLAS refuses the batched call) go through
-// cublasGemmGroupedBatchedEx; fp32 weights (or if that is refused too) Project per group.
+// y = act down^T ([rows, hidden] fp32). bf16 weights (bf16 in and out of every GEMM, fp32
+// accumulation): up to kMaxPadGroups groups are padded to a few row counts and run as one cuBLAS
+// batched GEMM per projection and row count (BatchedSwiGlu, BatchedLayout::kAuto), with the cast
+// to bf16, the SwiGLU and the widening back to fp32 as three passes around them (no host
+// synchronisation; the expert shards skip the widening, see `out`); more groups (or if cuBLAS
+// refuses the batched call) go through cublasGemmGroupedBatchedEx; fp32 weights (or if that is
+// refused too) Project per group.
 // With x_rows (device [rows]), grouped row i is row x_rows[i] of x: the batched way reads the
 // rows in place as it pads them; the others gather them into ex.gathered first.
 //
@@ -146,22 +147,43 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
                            const float* x, float* y, const int32_t* x_rows = nullptr,
                            GroupedOut* out = nullptr);
-// The way the last GroupedSwiGlu call in the process ran: "batched", "grouped" or "per-group".
+// The way the last GroupedSwiGlu call in the process ran: "strided" or "batched" (BatchedSwiGlu
+// with a strided or a bucketed plan), "grouped" or "per-group".
 const char* LastGroupedSwiGluPath();
 
 // GroupedSwiGlu's three ways, for tests and expert_gemm_bench. The first two take bf16 weights
 // (UNIMPLEMENTED otherwise; BatchedSwiGlu also at most kMaxPadGroups groups).
 // BatchedSwiGlu with x_rows (device [rows]): grouped row i is row x_rows[i] of x, read in place.
 // With `padded`, the output stays padded in ex.xb16 (bf16) as *padded describes; y is unused.
-// `fill`: PadGroups' (a group joins a bucket while its rows fill at least that share of the
-// bucket's; GroupedSwiGlu uses kBucketFill, expert_gemm_bench --bucket_fills times others).
+//
+// How BatchedSwiGlu lays out its padded rows (PlanBatched):
+//   kBuckets: PadGroups' buckets at `fill` (a group joins a bucket while its rows fill at least
+//     that share of the bucket's; GroupedSwiGlu uses kBucketFill, expert_gemm_bench
+//     --bucket_fills times others), each bucket one pointer-array batched GEMM
+//     (cublasGemmBatchedEx) per projection, its pointers made on the device;
+//   kStrided: one bucket laid out by slot (PadGroupsBySlot: every group padded to the largest
+//     one's rows, at its slot's place; slots between the groups' are zero rows), one strided
+//     batched GEMM (cublasGemmStridedBatchedEx) per projection: weights and rows at fixed
+//     strides, no pointer arrays. The groups' slots must strictly ascend (INVALID_ARGUMENT
+//     otherwise), as a shard's groups do (experts ascend, slots follow them);
+//   kAuto: kStrided where the slots ascend and its padded rows are at most 1 + kStridedSlack
+//     times the buckets', kBuckets otherwise.
+enum class BatchedLayout { kAuto, kBuckets, kStrided };
 constexpr double kBucketFill = 0.8;
-// The buckets BatchedSwiGlu pads groups of rows [row_begin[g], row_begin[g + 1]) into.
-PaddedBuckets BatchedBuckets(const std::vector<int32_t>& row_begin, double fill = kBucketFill);
+constexpr double kStridedSlack = 0.1;
+struct BatchedPlan {
+  PaddedBuckets buckets;  // the padded rows' layout
+  bool strided = false;
+};
+absl::StatusOr<BatchedPlan> PlanBatched(const std::vector<int32_t>& slot,
+                                        const std::vector<int32_t>& row_begin,
+                                        double fill = kBucketFill,
+                                        BatchedLayout layout = BatchedLayout::kAuto);
 absl::Status BatchedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
                            const float* x, float* y, const int32_t* x_rows = nullptr,
-                           PadMap* padded = nullptr, double fill = kBucketFill);
+                           PadMap* padded = nullptr, double fill = kBucketFill,
+                           BatchedLayout layout = BatchedLayout::kAuto);
 absl::Status CublasGroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatrix& down,
                                  const std::vector<int32_t>& slot,
                                  const std::vector<int32_t>& row_begin, const float* x, float* y);

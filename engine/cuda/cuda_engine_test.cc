@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <random>
@@ -751,8 +752,13 @@ TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
     std::vector<int32_t> rows, slot;
     const char* path;
   };
+  // Slots out of order (buckets); one group and consecutive slots (one strided bucket pads no
+  // more than the buckets); ascending slots with gaps, where one strided bucket would pad 280
+  // rows against the buckets' 184 (buckets, but forced strided below).
   std::vector<Case> cases = {{{40, 3, 33, 1, 70, 17}, {5, 0, 2, 3, 6, 1}, "batched"},
-                             {{300}, {4}, "batched"}};
+                             {{300}, {4}, "strided"},
+                             {{40, 36, 38, 33}, {2, 3, 4, 5}, "strided"},
+                             {{40, 33, 17, 35, 38}, {0, 1, 3, 4, 6}, "batched"}};
   Case many;  // more groups than kMaxPadGroups
   for (int g = 0; g < cuda::kMaxPadGroups + 20; ++g) {
     many.rows.push_back(1 + g % 3);
@@ -843,6 +849,24 @@ TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
                       .ok());
       ASSERT_TRUE((*ex)->Sync().ok());
       runs.emplace_back("batched, fill 0.5", Download(dy.as<float>(), m * H));
+      // Each layout by name: strided only where the slots ascend.
+      const bool ascend = std::is_sorted(c.slot.begin(), c.slot.end(), std::less_equal<>());
+      for (const auto layout : {cuda::BatchedLayout::kBuckets, cuda::BatchedLayout::kStrided}) {
+        const bool strided = layout == cuda::BatchedLayout::kStrided;
+        absl::Status st = cuda::BatchedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x,
+                                              dy.as<float>(), nullptr, nullptr,
+                                              cuda::kBucketFill, layout);
+        if (strided && !ascend) {
+          EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+          continue;
+        }
+        ASSERT_TRUE(st.ok()) << st;
+        ASSERT_TRUE((*ex)->Sync().ok());
+        runs.emplace_back(strided ? "strided" : "buckets", Download(dy.as<float>(), m * H));
+        auto plan = cuda::PlanBatched(c.slot, begin, cuda::kBucketFill, layout);
+        ASSERT_TRUE(plan.ok());
+        EXPECT_EQ(plan->strided, strided);
+      }
     } else {
       EXPECT_EQ(batched.code(), absl::StatusCode::kUnimplemented) << batched;
     }

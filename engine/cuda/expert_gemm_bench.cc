@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <chrono>
 #include <numeric>
+#include <optional>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -407,7 +408,12 @@ int Main() {
     (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
                         rows_in_place);
   });
-  const PaddedBuckets pb = BatchedBuckets(row_begin);
+  // The engine's plan for these groups (strided or buckets), and the buckets alone.
+  auto plan_or = PlanBatched(slot, row_begin);
+  CHECK_OK(plan_or.status());
+  const BatchedPlan plan = *plan_or;
+  const PaddedBuckets pb = PadGroups(row_begin, 8, kBucketFill);
+  const std::optional<PaddedBuckets> by_slot = PadGroupsBySlot(row_begin, slot, 8);
   auto time_path = [&](const char* name, auto&& run) {
     absl::Status st = run();
     if (!st.ok()) {
@@ -416,21 +422,24 @@ int Main() {
     }
     return TimeMs(ex, iters, [&] { (void)run(); });
   };
-  const double batched_ms = time_path("batched (padded buckets)", [&] {
-    return BatchedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
-                         rows_in_place);
-  });
+  auto batched_with = [&](const char* name, double fill, BatchedLayout layout) {
+    return time_path(name, [&] {
+      return BatchedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
+                           rows_in_place, nullptr, fill, layout);
+    });
+  };
+  const double batched_ms = batched_with("batched (padded buckets)", kBucketFill,
+                                         BatchedLayout::kBuckets);
+  const double strided_ms = batched_with("strided (one bucket by slot)", kBucketFill,
+                                         BatchedLayout::kStrided);
   const double cublas_grouped_ms = time_path("cuBLAS grouped", [&] {
     return CublasGroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   });
   // The batched path with other bucket fills: fewer, more padded buckets or more, tighter ones.
   std::string by_fill;
   for (const double fill : fills) {
-    const PaddedBuckets fb = BatchedBuckets(row_begin, fill);
-    const double ms = time_path("batched, other fill", [&] {
-      return BatchedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
-                           rows_in_place, nullptr, fill);
-    });
+    const PaddedBuckets fb = PadGroups(row_begin, 8, fill);
+    const double ms = batched_with("batched, other fill", fill, BatchedLayout::kBuckets);
     by_fill += absl::StrFormat("%s%.2f: %.3f ms (%d buckets, %.3f x)", by_fill.empty() ? "" : ", ",
                                fill, ms, fb.buckets(),
                                static_cast<double>(fb.padded_rows()) / A);
@@ -505,13 +514,16 @@ int Main() {
               grouped_ms, flops / grouped_ms / 1e9);
   std::printf("  dense cuBLAS GEMMs of the same FLOPs:             %8.3f ms  %7.1f TFLOP/s\n",
               dense_ms, flops / dense_ms / 1e9);
-  std::printf("  grouped / dense throughput: %.2f (target >= 0.70); path %s; with y unpadded to fp32: %.3f ms (%.2f)\n",
-              dense_ms / grouped_ms, path.c_str(), unpadded_ms, dense_ms / unpadded_ms);
-  std::printf("  by path, y unpadded: batched %.3f ms (%d buckets, padded rows %.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms (these two: rows gathered beforehand)\n",
-              batched_ms, pb.buckets(), static_cast<double>(pb.padded_rows()) / A,
+  std::printf("  grouped / dense throughput: %.2f (target >= 0.70); path %s (padded rows %.3f x); with y unpadded to fp32: %.3f ms (%.2f)\n",
+              dense_ms / grouped_ms, path.c_str(),
+              static_cast<double>(plan.buckets.padded_rows()) / A, unpadded_ms,
+              dense_ms / unpadded_ms);
+  std::printf("  by path, y unpadded: batched %.3f ms (%d buckets, padded rows %.3f x), strided %.3f ms (one bucket by slot, padded rows %.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms (these two: rows gathered beforehand)\n",
+              batched_ms, pb.buckets(), static_cast<double>(pb.padded_rows()) / A, strided_ms,
+              by_slot.has_value() ? static_cast<double>(by_slot->padded_rows()) / A : 0.0,
               cublas_grouped_ms, per_group_ms);
-  std::printf("  batched by bucket fill (engine: %.2f), y unpadded: %s\n", kBucketFill,
-              by_fill.c_str());
+  std::printf("  batched by bucket fill (engine: %.2f; strided where it pads at most %.0f%% more), y unpadded: %s\n",
+              kBucketFill, kStridedSlack * 100, by_fill.c_str());
   std::printf("  decode, 1 row x %lld experts: %.1f us, %.0f GB/s of expert weights\n",
               static_cast<long long>(K), decode_ms * 1e3, decode_bytes / decode_ms / 1e6);
   std::printf("  decode of %lld streams (%lld rows over %d experts, 2 launches): %.1f us, %.0f GB/s of expert weights\n",

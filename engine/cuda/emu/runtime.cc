@@ -765,6 +765,33 @@ cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t tran
   return CUBLAS_STATUS_SUCCESS;
 }
 
+cublasStatus_t cublasGemmStridedBatchedEx(
+    cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+    int k, const void* alpha, const void* A, cudaDataType Atype, int lda, long long int strideA,
+    const void* B, cudaDataType Btype, int ldb, long long int strideB, const void* beta, void* C,
+    cudaDataType Ctype, int ldc, long long int strideC, int batchCount,
+    cublasComputeType_t computeType, cublasGemmAlgo_t) {
+  if (!Supported(Atype, Btype, Ctype, computeType)) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (!ShapeOk(transa, transb, m, n, k, lda, ldb, ldc) || batchCount < 0) {
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
+  Count("launch cublasGemmStridedBatchedEx");
+  const float a = *static_cast<const float*>(alpha), b = *static_cast<const float*>(beta);
+  auto at = [](const void* p, cudaDataType t, long long i) {
+    return static_cast<const char*>(p) + i * (t == CUDA_R_32F ? 4 : 2);
+  };
+  if (Enqueue(handle->stream, [=] {
+    for (int i = 0; i < batchCount; ++i) {
+      Gemm(transa, transb, m, n, k, a, at(A, Atype, i * strideA), Atype, lda,
+           at(B, Btype, i * strideB), Btype, ldb, b,
+           const_cast<char*>(at(C, Ctype, i * strideC)), Ctype, ldc);
+    }
+      }) != cudaSuccess) {  // the legacy stream while a blocking stream is captured
+    return CUBLAS_STATUS_EXECUTION_FAILED;
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t cublasGemmGroupedBatchedEx(
     cublasHandle_t handle, const cublasOperation_t transa_array[],
     const cublasOperation_t transb_array[], const int m_array[], const int n_array[],
