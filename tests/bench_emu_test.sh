@@ -51,7 +51,7 @@ grep -qE "^  batched by bucket fill \(engine: 0.80; strided where it pads at mos
   --decode_products=false --decode_attention=false --bucket_fills=1 > "$OUTDIR/gemm256.log" 2>&1 || { cat "$OUTDIR/gemm256.log"; exit 1; }
 grep "path" "$OUTDIR/gemm256.log"
 grep -qE "^  grouped / dense throughput: [0-9.]+ \(target >= 0.70\); path strided \(padded rows [0-9.]+ x\)" "$OUTDIR/gemm256.log"
-grep -qE "one-output kernel [0-9.]+ us .*multi-output kernel [0-9.]+ us .*in flight [0-9.]+ us .*with 8 rows per pass [0-9.]+ us" "$OUTDIR/gemm.log"
+grep -qE "one-output kernel [0-9.]+ us .*multi-output kernel [0-9.]+ us .*in flight [0-9.]+ us .*with 8 rows per pass [0-9.]+ us .*; cuBLAS strided batched, [0-9]+ rows per expert [0-9.]+ us \([0-9]+ GB/s\)$" "$OUTDIR/gemm.log"
 # The decode products: 7 rows, each with the auto split and 7 timings (6 choices in graphs, then
 # the auto choice launched).
 test "$(grep -cE "^  (qkv|o|router|experts|LM head)[^0-9]*( +[0-9.]+){2}( +[0-9.]+ us +[0-9]+){7}$" "$OUTDIR/gemm.log")" = 7

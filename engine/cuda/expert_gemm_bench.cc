@@ -503,6 +503,14 @@ int Main() {
   const double streams_multi_ms = streams_with(SmallMChoice::kMulti);
   const double streams_deep_ms = streams_with(SmallMChoice::kMultiDeep);
   const double streams_multi8_ms = streams_with(SmallMChoice::kMulti8);
+  // The same products as cuBLAS's strided batched GEMMs (BatchedSwiGlu, every group padded to the
+  // largest one's rows, with its bf16 padding, SwiGLU and widening passes): tensor cores instead
+  // of the small-batch kernels' FMAs.
+  const std::optional<PaddedBuckets> s_by_slot = PadGroupsBySlot(sbegin, sslot, 8);
+  const double streams_strided_ms = time_path("decode streams, strided", [&] {
+    return BatchedSwiGlu(ex, gu, down, sslot, sbegin, x.as<float>(), y.as<float>(), nullptr,
+                         nullptr, kBucketFill, BatchedLayout::kStrided);
+  });
   const double streams_bytes = sgroups * 3.0 * H * W * 2;
   CHECK_OK(ex.Sync());
 
@@ -531,11 +539,14 @@ int Main() {
               streams_bytes / streams_ms / 1e6);
   std::printf("    one-output kernel %.1f us (%.0f GB/s), multi-output kernel %.1f us (%.0f GB/s), "
               "the same with 2 steps of loads in flight %.1f us (%.0f GB/s), "
-              "with 8 rows per pass %.1f us (%.0f GB/s)\n",
+              "with 8 rows per pass %.1f us (%.0f GB/s); cuBLAS strided batched, %d rows per expert %.1f us (%.0f GB/s)\n",
               streams_one_ms * 1e3, streams_bytes / streams_one_ms / 1e6, streams_multi_ms * 1e3,
               streams_bytes / streams_multi_ms / 1e6, streams_deep_ms * 1e3,
               streams_bytes / streams_deep_ms / 1e6, streams_multi8_ms * 1e3,
-              streams_bytes / streams_multi8_ms / 1e6);
+              streams_bytes / streams_multi8_ms / 1e6,
+              s_by_slot.has_value() && s_by_slot->buckets() > 0 ? s_by_slot->bucket_rows[0] : 0,
+              streams_strided_ms * 1e3,
+              streams_bytes / streams_strided_ms / 1e6);
   if (absl::GetFlag(FLAGS_decode_products) && DecodeProducts(ex, iters, E, K, H, W) != 0) return 1;
   if (absl::GetFlag(FLAGS_decode_attention) && DecodeAttention(ex, iters, S, contexts) != 0) {
     return 1;
