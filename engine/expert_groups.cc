@@ -61,6 +61,23 @@ PaddedBuckets PadGroups(const std::vector<int32_t>& begin, int32_t align, double
   return p;
 }
 
+PaddedBuckets PadGroupsToBlocks(const std::vector<int32_t>& begin, int32_t block) {
+  PaddedBuckets p;
+  const int32_t G = begin.empty() ? 0 : static_cast<int32_t>(begin.size()) - 1;
+  p.bucket_begin.push_back(0);
+  if (G == 0) return p;
+  p.order.resize(G);
+  p.dst_begin.assign(G + 1, 0);
+  for (int32_t g = 0; g < G; ++g) {
+    p.order[g] = g;
+    const int32_t rows = begin[g + 1] - begin[g];
+    p.dst_begin[g + 1] = p.dst_begin[g] + (rows + block - 1) / block * block;
+  }
+  p.bucket_begin.push_back(G);
+  p.bucket_rows.push_back(block);
+  return p;
+}
+
 std::optional<PaddedBuckets> PadGroupsBySlot(const std::vector<int32_t>& begin,
                                              const std::vector<int32_t>& slot, int32_t align) {
   const int32_t G = begin.empty() ? 0 : static_cast<int32_t>(begin.size()) - 1;

@@ -40,12 +40,19 @@ struct PaddedBuckets {
   std::vector<int32_t> order;         // [G] groups, bucket by bucket
   std::vector<int32_t> bucket_begin;  // [B + 1] into order
   std::vector<int32_t> bucket_rows;   // [B] padded rows of each group of bucket b
+                                      // (PadGroupsToBlocks: of each block)
   int32_t padded_rows() const { return dst_begin.empty() ? 0 : dst_begin.back(); }
   int32_t buckets() const { return static_cast<int32_t>(bucket_rows.size()); }
 };
 
 // begin: [G + 1] row offsets of the groups (ascending; empty groups allowed).
 PaddedBuckets PadGroups(const std::vector<int32_t>& begin, int32_t align = 8, double fill = 0.8);
+
+// Groups padded to multiples of `block` rows, in group order, for a batched product whose
+// entries are blocks of `block` rows (each with its group's weights): one bucket of
+// `block`-row entries (bucket_rows {block}; a group spans (dst_begin[g + 1] - dst_begin[g]) /
+// block entries, none when empty). Padding per group is under `block` rows.
+PaddedBuckets PadGroupsToBlocks(const std::vector<int32_t>& begin, int32_t block);
 
 // The layout of one strided batched product (cuBLAS's strided batched GEMM: no pointer arrays)
 // over groups whose `slot`s (the experts' places in one weight array) strictly ascend: one

@@ -117,5 +117,15 @@ TEST(PadGroupsTest, BySlotPadsEveryGroupToTheLargestAtItsSlot) {
   EXPECT_EQ(PadGroupsBySlot({0}, {})->padded_rows(), 0);
 }
 
+TEST(PadGroupsTest, ToBlocksPadsEachGroupToWholeBlocks) {
+  // Rows per group: 130, 0, 64, 1.
+  const PaddedBuckets p = PadGroupsToBlocks({0, 130, 130, 194, 195}, 64);
+  EXPECT_EQ(p.dst_begin, (std::vector<int32_t>{0, 192, 192, 256, 320}));
+  EXPECT_EQ(p.bucket_rows, (std::vector<int32_t>{64}));
+  EXPECT_EQ(p.bucket_begin, (std::vector<int32_t>{0, 4}));
+  EXPECT_EQ(p.order, (std::vector<int32_t>{0, 1, 2, 3}));
+  EXPECT_EQ(PadGroupsToBlocks({0}, 64).padded_rows(), 0);
+}
+
 }  // namespace
 }  // namespace moemesh

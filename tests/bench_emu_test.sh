@@ -43,7 +43,7 @@ cat "$OUTDIR/gemm.log"
 # 128 rows over 8 experts: one strided bucket pads 1.5 x against the buckets' 1.19 x, so the engine
 # takes the buckets (both ways are timed by name).
 grep -qE "^  grouped / dense throughput: [0-9.]+ \(target >= 0.70\); path batched \(padded rows 1.188 x\); with y unpadded to fp32: [0-9.]+ ms \([0-9.]+\)$" "$OUTDIR/gemm.log"
-grep -qE "^  by path, y unpadded: batched [0-9.]+ ms \(2 buckets, padded rows 1.188 x\), strided [0-9.]+ ms \(one bucket by slot, padded rows 1.500 x\), cuBLAS grouped [0-9.]+ ms, one GEMM per expert [0-9.]+ ms \(these two: rows gathered beforehand\)$" "$OUTDIR/gemm.log"
+grep -qE "^  by path, y unpadded: batched [0-9.]+ ms \(2 buckets, padded rows 1.188 x\), strided [0-9.]+ ms \(one bucket by slot, padded rows 1.500 x\), blocks of 64 rows [0-9.]+ ms \(4.000 x\), of 128 rows [0-9.]+ ms \(8.000 x\), cuBLAS grouped [0-9.]+ ms, one GEMM per expert [0-9.]+ ms \(these two: rows gathered beforehand\)$" "$OUTDIR/gemm.log"
 grep -qE "^  batched by bucket fill \(engine: 0.80; strided where it pads at most 10% more\), y unpadded: 0.80: [0-9.]+ ms \([0-9]+ buckets, [0-9.]+ x\)(, [0-9.]+: [0-9.]+ ms \([0-9]+ buckets, [0-9.]+ x\)){3}$" "$OUTDIR/gemm.log"
 # With 256 tokens (512 rows, 64 per expert) one strided bucket pads little enough: the engine's path.
 "$GEMM" --tokens=256 --experts=8 --top_k=2 --hidden=64 --width=32 --iters=1 --streams=4 \

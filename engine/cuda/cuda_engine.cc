@@ -216,6 +216,11 @@ absl::StatusOr<BatchedPlan> PlanBatched(const std::vector<int32_t>& slot,
                                         BatchedLayout layout) {
   constexpr int32_t kAlign = 8;  // padded rows in multiples of 8
   BatchedPlan plan;
+  if (layout == BatchedLayout::kBlocks64 || layout == BatchedLayout::kBlocks128) {
+    plan.block_rows = layout == BatchedLayout::kBlocks64 ? 64 : 128;
+    plan.buckets = PadGroupsToBlocks(row_begin, plan.block_rows);
+    return plan;
+  }
   if (layout != BatchedLayout::kStrided) plan.buckets = PadGroups(row_begin, kAlign, fill);
   if (layout == BatchedLayout::kBuckets) return plan;
   std::optional<PaddedBuckets> by_slot = PadGroupsBySlot(row_begin, slot, kAlign);
@@ -260,7 +265,32 @@ absl::Status RunBatched(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatri
   // The two projections (pass 0: gate/up [P, H] -> [P, 2 W], 1: down [P, W] -> [P, H]). Strides as
   // DeviceMatrix::matrix(slot) has them ([2 W, H] and [H, W] bf16).
   std::function<absl::Status(const DeviceMatrix&, int, const void*, void*)> project;
-  if (plan.strided) {
+  if (plan.block_rows > 0) {
+    // Entry j: padded rows [j B, (j + 1) B) and their group's matrix.
+    const int B = plan.block_rows;
+    const int count = static_cast<int>(P / B);  // 0 when every group is empty
+    MOEMESH_OK(ex.ptrs.Reserve(6 * static_cast<size_t>(std::max(count, 1)) * sizeof(void*)));
+    SlotList slots;
+    std::copy(slot.begin(), slot.end(), slots.slot);
+    void** dp = ex.ptrs.as<void*>();
+    MOEMESH_CUDA(FillBlockPointers(map, slots, B, gate_up.w.get(), gate_up.rows * gate_up.in * 2,
+                                   ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2, dp,
+                                   ex.stream()));
+    MOEMESH_CUDA(FillBlockPointers(map, slots, B, down.w.get(), down.rows * down.in * 2,
+                                   ex.ab16.get(), W * 2, ex.xb16.get(), H * 2, dp + 3 * count,
+                                   ex.stream()));
+    project = [&, dp, B, count](const DeviceMatrix& w, int pass, const void*,
+                                void*) -> absl::Status {
+      void** arrays = dp + 3 * count * pass;
+      const int m = static_cast<int>(w.rows), k = static_cast<int>(w.in);
+      if (count == 0) return absl::OkStatus();
+      MOEMESH_BLAS(cublasGemmBatchedEx(ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, B, k, &one, arrays,
+                                       CUDA_R_16BF, k, arrays + count, CUDA_R_16BF, k, &zero,
+                                       arrays + 2 * count, CUDA_R_16BF, m, count,
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return absl::OkStatus();
+    };
+  } else if (plan.strided) {
     // Batch entry i: slot slot[0] + i's matrix and padded rows [i R, (i + 1) R).
     const int R = pb.bucket_rows[0];
     const int count = static_cast<int>(P / R);
@@ -424,7 +454,7 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
   if (BatchedTakes(gate_up, down, slot.size()).ok() && batched_ok.load()) {
     absl::StatusOr<BatchedPlan> plan = PlanBatched(slot, row_begin);
     if (!plan.ok()) return plan.status();  // (kAuto always has one)
-    if (attempt(batched_ok, plan->strided ? "strided" : "batched", "cuBLAS's grouped GEMM",
+    if (attempt(batched_ok, plan->name(), "cuBLAS's grouped GEMM",
                 RunBatched(ex, gate_up, down, slot, row_begin, *plan, x, y, x_rows,
                            out != nullptr ? &out->map : nullptr))) {
       if (out != nullptr) out->padded = ex.xb16.get();

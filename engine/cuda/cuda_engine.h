@@ -147,8 +147,8 @@ absl::Status GroupedSwiGlu(Exec& ex, const DeviceMatrix& gate_up, const DeviceMa
                            const std::vector<int32_t>& slot, const std::vector<int32_t>& row_begin,
                            const float* x, float* y, const int32_t* x_rows = nullptr,
                            GroupedOut* out = nullptr);
-// The way the last GroupedSwiGlu call in the process ran: "strided" or "batched" (BatchedSwiGlu
-// with a strided or a bucketed plan), "grouped" or "per-group".
+// The way the last GroupedSwiGlu call in the process ran: BatchedSwiGlu's plan's name
+// ("strided", "batched" or "blocks"), "grouped" or "per-group".
 const char* LastGroupedSwiGluPath();
 
 // GroupedSwiGlu's three ways, for tests and expert_gemm_bench. The first two take bf16 weights
@@ -166,14 +166,21 @@ const char* LastGroupedSwiGluPath();
 //     batched GEMM (cublasGemmStridedBatchedEx) per projection: weights and rows at fixed
 //     strides, no pointer arrays. The groups' slots must strictly ascend (INVALID_ARGUMENT
 //     otherwise), as a shard's groups do (experts ascend, slots follow them);
+//   kBlocks64, kBlocks128: every group padded to whole blocks of 64 or 128 rows
+//     (PadGroupsToBlocks) and one pointer-array batched GEMM per projection whose entries are
+//     the blocks (each with its group's weights): padding under a block per group, the way a
+//     grouped GEMM kernel tiles its groups; pointers made on the device;
 //   kAuto: kStrided where the slots ascend and its padded rows are at most 1 + kStridedSlack
 //     times the buckets', kBuckets otherwise.
-enum class BatchedLayout { kAuto, kBuckets, kStrided };
+enum class BatchedLayout { kAuto, kBuckets, kStrided, kBlocks64, kBlocks128 };
 constexpr double kBucketFill = 0.8;
 constexpr double kStridedSlack = 0.1;
 struct BatchedPlan {
   PaddedBuckets buckets;  // the padded rows' layout
   bool strided = false;
+  int32_t block_rows = 0;  // kBlocks*: the rows of each batch entry
+  // The way's name: "strided", "blocks" or "batched" (buckets).
+  const char* name() const { return strided ? "strided" : block_rows > 0 ? "blocks" : "batched"; }
 };
 absl::StatusOr<BatchedPlan> PlanBatched(const std::vector<int32_t>& slot,
                                         const std::vector<int32_t>& row_begin,

@@ -851,7 +851,8 @@ TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
       runs.emplace_back("batched, fill 0.5", Download(dy.as<float>(), m * H));
       // Each layout by name: strided only where the slots ascend.
       const bool ascend = std::is_sorted(c.slot.begin(), c.slot.end(), std::less_equal<>());
-      for (const auto layout : {cuda::BatchedLayout::kBuckets, cuda::BatchedLayout::kStrided}) {
+      for (const auto layout : {cuda::BatchedLayout::kBuckets, cuda::BatchedLayout::kStrided,
+                                cuda::BatchedLayout::kBlocks64, cuda::BatchedLayout::kBlocks128}) {
         const bool strided = layout == cuda::BatchedLayout::kStrided;
         absl::Status st = cuda::BatchedSwiGlu(**ex, gate_up, down, c.slot, begin, d_x,
                                               dy.as<float>(), nullptr, nullptr,
@@ -862,10 +863,11 @@ TEST(GroupedSwiGluTest, EveryPathMatchesTheReference) {
         }
         ASSERT_TRUE(st.ok()) << st;
         ASSERT_TRUE((*ex)->Sync().ok());
-        runs.emplace_back(strided ? "strided" : "buckets", Download(dy.as<float>(), m * H));
         auto plan = cuda::PlanBatched(c.slot, begin, cuda::kBucketFill, layout);
         ASSERT_TRUE(plan.ok());
         EXPECT_EQ(plan->strided, strided);
+        runs.emplace_back(std::string(plan->name()) + " " + std::to_string(plan->block_rows),
+                          Download(dy.as<float>(), m * H));
       }
     } else {
       EXPECT_EQ(batched.code(), absl::StatusCode::kUnimplemented) << batched;

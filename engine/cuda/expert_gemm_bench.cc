@@ -432,6 +432,13 @@ int Main() {
                                          BatchedLayout::kBuckets);
   const double strided_ms = batched_with("strided (one bucket by slot)", kBucketFill,
                                          BatchedLayout::kStrided);
+  const double blocks64_ms = batched_with("blocks of 64 rows", kBucketFill,
+                                          BatchedLayout::kBlocks64);
+  const double blocks128_ms = batched_with("blocks of 128 rows", kBucketFill,
+                                           BatchedLayout::kBlocks128);
+  auto padded_by_blocks = [&](int32_t block) {
+    return static_cast<double>(PadGroupsToBlocks(row_begin, block).padded_rows()) / A;
+  };
   const double cublas_grouped_ms = time_path("cuBLAS grouped", [&] {
     return CublasGroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   });
@@ -526,9 +533,10 @@ int Main() {
               dense_ms / grouped_ms, path.c_str(),
               static_cast<double>(plan.buckets.padded_rows()) / A, unpadded_ms,
               dense_ms / unpadded_ms);
-  std::printf("  by path, y unpadded: batched %.3f ms (%d buckets, padded rows %.3f x), strided %.3f ms (one bucket by slot, padded rows %.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms (these two: rows gathered beforehand)\n",
+  std::printf("  by path, y unpadded: batched %.3f ms (%d buckets, padded rows %.3f x), strided %.3f ms (one bucket by slot, padded rows %.3f x), blocks of 64 rows %.3f ms (%.3f x), of 128 rows %.3f ms (%.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms (these two: rows gathered beforehand)\n",
               batched_ms, pb.buckets(), static_cast<double>(pb.padded_rows()) / A, strided_ms,
               by_slot.has_value() ? static_cast<double>(by_slot->padded_rows()) / A : 0.0,
+              blocks64_ms, padded_by_blocks(64), blocks128_ms, padded_by_blocks(128),
               cublas_grouped_ms, per_group_ms);
   std::printf("  batched by bucket fill (engine: %.2f; strided where it pads at most %.0f%% more), y unpadded: %s\n",
               kBucketFill, kStridedSlack * 100, by_fill.c_str());

@@ -1477,6 +1477,22 @@ __global__ void BatchPointersKernel(const __grid_constant__ BatchList list, cons
   }
 }
 
+// Kernel parameters stay within the 4 KiB every CUDA version takes.
+static_assert(sizeof(PadMap) + sizeof(SlotList) + 8 * sizeof(int64_t) <= 4096,
+              "BlockPointersKernel's parameters");
+__global__ void BlockPointersKernel(const __grid_constant__ PadMap map,
+                                    const __grid_constant__ SlotList slots, int block, int n,
+                                    const char* a, int64_t a_stride, const char* b, int64_t b_row,
+                                    char* c, int64_t c_row, void** out) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  const int64_t p = static_cast<int64_t>(j) * block;
+  const int g = FindGroup(map.dst_begin, map.groups, static_cast<int>(p));
+  out[j] = const_cast<char*>(a + slots.slot[g] * a_stride);
+  out[n + j] = const_cast<char*>(b + p * b_row);
+  out[2 * n + j] = c + p * c_row;
+}
+
 __device__ __forceinline__ uint64_t SplitMix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -1795,6 +1811,21 @@ cudaError_t FillBatchPointers(const BatchList& list, const void* a, int64_t a_st
   BatchPointersKernel<<<1, 256, 0, stream>>>(list, static_cast<const char*>(a), a_stride,
                                              static_cast<const char*>(b), b_row,
                                              static_cast<char*>(c), c_row, out);
+  return cudaGetLastError();
+}
+
+cudaError_t FillBlockPointers(const PadMap& map, const SlotList& slots, int32_t block,
+                              const void* a, int64_t a_stride, const void* b, int64_t b_row,
+                              void* c, int64_t c_row, void** out, cudaStream_t stream) {
+  if (map.groups <= 0 || map.groups > kMaxPadGroups || block <= 0 ||
+      map.dst_begin[map.groups] % block != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int n = map.dst_begin[map.groups] / block;
+  if (n == 0) return cudaSuccess;
+  BlockPointersKernel<<<GridFor(n, 256), 256, 0, stream>>>(
+      map, slots, block, n, static_cast<const char*>(a), a_stride, static_cast<const char*>(b),
+      b_row, static_cast<char*>(c), c_row, out);
   return cudaGetLastError();
 }
 

@@ -319,6 +319,18 @@ cudaError_t FillBatchPointers(const BatchList& list, const void* a, int64_t a_st
                               const void* b, int64_t b_row, void* c, int64_t c_row, void** out,
                               cudaStream_t stream);
 
+// Pointer arrays of a batched GEMM over blocks of `block` padded rows, the groups of `map` padded
+// to multiples of `block` (PadGroupsToBlocks): for entry j < n = map.dst_begin[groups] / block,
+// with g the group of padded row j * block,
+//   out[j] = a + slot[g] * a_stride, out[n + j] = b + j * block * b_row,
+//   out[2n + j] = c + j * block * c_row (byte offsets). out: device array of 3n pointers.
+struct SlotList {
+  int32_t slot[kMaxPadGroups];  // by group
+};
+cudaError_t FillBlockPointers(const PadMap& map, const SlotList& slots, int32_t block,
+                              const void* a, int64_t a_stride, const void* b, int64_t b_row,
+                              void* c, int64_t c_row, void** out, cudaStream_t stream);
+
 // Random weights for --load_format=dummy: uniform in [-scale, scale] from (seed, index), or
 // the constant `scale` when `constant`. n elements of type wt.
 cudaError_t FillRandom(void* dst, WType wt, int64_t n, uint64_t seed, float scale, bool constant,
