@@ -7,9 +7,10 @@
 //
 // Routes `tokens` rows uniformly at random to `top_k` of `experts` experts (Qwen3-30B-A3B's
 // expert shape by default, bf16 weights) and times the expert computation as a prefill MoE layer
-// on the GPU runs it (GroupedSwiGlu: the tokens' rows read in place as they are padded into
-// buckets, batched gate/up GEMMs, SwiGLU, batched down GEMMs, output left for the combine), and
-// each of its paths by name, against dense bf16 GEMMs [A, hidden] x [hidden, 2 width] and
+// on the GPU runs it (GroupedSwiGlu: the tokens' rows read in place as they are padded (one
+// strided bucket by slot, or buckets of similar size), batched gate/up GEMMs, SwiGLU, batched
+// down GEMMs, output left for the combine), and each of its paths and layouts by name (buckets,
+// strided, blocks of 64 and 128 rows, cuBLAS grouped, one GEMM per expert), against dense bf16 GEMMs [A, hidden] x [hidden, 2 width] and
 // [A, width] x [width, hidden] with A = tokens * top_k.
 // Also times single-token decode (top_k experts, one row each: the small-batch kernel) and the
 // decode step of --streams sequences (their rows grouped by expert on the device, all experts
