@@ -265,32 +265,7 @@ absl::Status RunBatched(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatri
   // The two projections (pass 0: gate/up [P, H] -> [P, 2 W], 1: down [P, W] -> [P, H]). Strides as
   // DeviceMatrix::matrix(slot) has them ([2 W, H] and [H, W] bf16).
   std::function<absl::Status(const DeviceMatrix&, int, const void*, void*)> project;
-  if (plan.block_rows > 0) {
-    // Entry j: padded rows [j B, (j + 1) B) and their group's matrix.
-    const int B = plan.block_rows;
-    const int count = static_cast<int>(P / B);  // 0 when every group is empty
-    MOEMESH_OK(ex.ptrs.Reserve(6 * static_cast<size_t>(std::max(count, 1)) * sizeof(void*)));
-    SlotList slots;
-    std::copy(slot.begin(), slot.end(), slots.slot);
-    void** dp = ex.ptrs.as<void*>();
-    MOEMESH_CUDA(FillBlockPointers(map, slots, B, gate_up.w.get(), gate_up.rows * gate_up.in * 2,
-                                   ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2, dp,
-                                   ex.stream()));
-    MOEMESH_CUDA(FillBlockPointers(map, slots, B, down.w.get(), down.rows * down.in * 2,
-                                   ex.ab16.get(), W * 2, ex.xb16.get(), H * 2, dp + 3 * count,
-                                   ex.stream()));
-    project = [&, dp, B, count](const DeviceMatrix& w, int pass, const void*,
-                                void*) -> absl::Status {
-      void** arrays = dp + 3 * count * pass;
-      const int m = static_cast<int>(w.rows), k = static_cast<int>(w.in);
-      if (count == 0) return absl::OkStatus();
-      MOEMESH_BLAS(cublasGemmBatchedEx(ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, B, k, &one, arrays,
-                                       CUDA_R_16BF, k, arrays + count, CUDA_R_16BF, k, &zero,
-                                       arrays + 2 * count, CUDA_R_16BF, m, count,
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      return absl::OkStatus();
-    };
-  } else if (plan.strided) {
+  if (plan.strided) {
     // Batch entry i: slot slot[0] + i's matrix and padded rows [i R, (i + 1) R).
     const int R = pb.bucket_rows[0];
     const int count = static_cast<int>(P / R);
@@ -303,29 +278,50 @@ absl::Status RunBatched(Exec& ex, const DeviceMatrix& gate_up, const DeviceMatri
       return absl::OkStatus();
     };
   } else {
-    MOEMESH_OK(ex.ptrs.Reserve(6 * G * sizeof(void*)));
-    BatchList list;
-    list.n = G;
-    for (int g = 0; g < G; ++g) {
-      list.slot[g] = slot[g];
-      list.row[g] = pb.dst_begin[g];
-      list.order[g] = pb.order[g];
-    }
+    // Pointer arrays, made on the device: n batch entries, bucket b's entries
+    // [entry_begin[b], entry_begin[b + 1]), each pb.bucket_rows[b] padded rows. Buckets: an entry
+    // per group (groups order[bucket_begin[b] ..)); blocks: one bucket, an entry per block of a
+    // group's padded rows (none when every group is empty).
+    const bool blocks = plan.block_rows > 0;
+    const int n = blocks ? static_cast<int>(P / plan.block_rows) : G;
+    const std::vector<int32_t> entry_begin =
+        blocks ? std::vector<int32_t>{0, n} : pb.bucket_begin;
+    MOEMESH_OK(ex.ptrs.Reserve(6 * static_cast<size_t>(std::max(n, 1)) * sizeof(void*)));
     void** dp = ex.ptrs.as<void*>();
-    MOEMESH_CUDA(FillBatchPointers(list, gate_up.w.get(), gate_up.rows * gate_up.in * 2,
-                                   ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2, dp,
-                                   ex.stream()));
-    MOEMESH_CUDA(FillBatchPointers(list, down.w.get(), down.rows * down.in * 2, ex.ab16.get(),
-                                   W * 2, ex.xb16.get(), H * 2, dp + 3 * G, ex.stream()));
-    // Bucket b: groups order[bucket_begin[b] ..), each [bucket_rows[b], ...].
-    project = [&, dp, G](const DeviceMatrix& w, int pass, const void*, void*) -> absl::Status {
-      void** arrays = dp + 3 * G * pass;
+    BatchList list;
+    SlotList slots;
+    if (blocks) {
+      std::copy(slot.begin(), slot.end(), slots.slot);
+    } else {
+      list.n = G;
+      for (int g = 0; g < G; ++g) {
+        list.slot[g] = slot[g];
+        list.row[g] = pb.dst_begin[g];
+        list.order[g] = pb.order[g];
+      }
+    }
+    // Pass 0's arrays at dp, pass 1's at dp + 3 n.
+    auto fill = [&](const DeviceMatrix& w, int pass, const void* in, int64_t in_row, void* out,
+                    int64_t out_row) {
+      const int64_t stride = w.rows * w.in * 2;
+      void** at = dp + 3 * n * pass;
+      return blocks ? FillBlockPointers(map, slots, plan.block_rows, w.w.get(), stride, in,
+                                        in_row, out, out_row, at, ex.stream())
+                    : FillBatchPointers(list, w.w.get(), stride, in, in_row, out, out_row, at,
+                                        ex.stream());
+    };
+    MOEMESH_CUDA(fill(gate_up, 0, ex.xb16.get(), H * 2, ex.gu.get(), 2 * W * 2));
+    MOEMESH_CUDA(fill(down, 1, ex.ab16.get(), W * 2, ex.xb16.get(), H * 2));
+    project = [&, dp, n, entry_begin](const DeviceMatrix& w, int pass, const void*,
+                                      void*) -> absl::Status {
+      void** arrays = dp + 3 * n * pass;
       const int m = static_cast<int>(w.rows), k = static_cast<int>(w.in);
       for (int b = 0; b < pb.buckets(); ++b) {
-        const int j = pb.bucket_begin[b], count = pb.bucket_begin[b + 1] - j;
+        const int j = entry_begin[b], count = entry_begin[b + 1] - j;
+        if (count == 0) continue;
         MOEMESH_BLAS(cublasGemmBatchedEx(
             ex.blas(), CUBLAS_OP_T, CUBLAS_OP_N, m, pb.bucket_rows[b], k, &one, arrays + j,
-            CUDA_R_16BF, k, arrays + G + j, CUDA_R_16BF, k, &zero, arrays + 2 * G + j,
+            CUDA_R_16BF, k, arrays + n + j, CUDA_R_16BF, k, &zero, arrays + 2 * n + j,
             CUDA_R_16BF, m, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       }
       return absl::OkStatus();

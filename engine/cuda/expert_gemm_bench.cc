@@ -10,8 +10,8 @@
 // on the GPU runs it (GroupedSwiGlu: the tokens' rows read in place as they are padded (one
 // strided bucket by slot, or buckets of similar size), batched gate/up GEMMs, SwiGLU, batched
 // down GEMMs, output left for the combine), and each of its paths and layouts by name (buckets,
-// strided, blocks of 64 and 128 rows, cuBLAS grouped, one GEMM per expert), against dense bf16 GEMMs [A, hidden] x [hidden, 2 width] and
-// [A, width] x [width, hidden] with A = tokens * top_k.
+// strided, blocks of 64 and 128 rows, cuBLAS grouped, one GEMM per expert), against dense bf16
+// GEMMs [A, hidden] x [hidden, 2 width] and [A, width] x [width, hidden] with A = tokens * top_k.
 // Also times single-token decode (top_k experts, one row each: the small-batch kernel) and the
 // decode step of --streams sequences (their rows grouped by expert on the device, all experts
 // in two launches) as achieved GB/s of the expert weights they read. And (--decode_products) each
@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <chrono>
 #include <numeric>
-#include <optional>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -409,12 +408,17 @@ int Main() {
     (void)GroupedSwiGlu(ex, gu, down, slot, row_begin, x_tok.as<float>(), y.as<float>(),
                         rows_in_place);
   });
-  // The engine's plan for these groups (strided or buckets), and the buckets alone.
-  auto plan_or = PlanBatched(slot, row_begin);
-  CHECK_OK(plan_or.status());
-  const BatchedPlan plan = *plan_or;
-  const PaddedBuckets pb = PadGroups(row_begin, 8, kBucketFill);
-  const std::optional<PaddedBuckets> by_slot = PadGroupsBySlot(row_begin, slot, 8);
+  // Each layout's padded rows as the engine plans them (PlanBatched; none where it refuses the
+  // layout, as strided for slots that do not ascend).
+  auto planned = [](const std::vector<int32_t>& s, const std::vector<int32_t>& b, double fill,
+                    BatchedLayout layout) {
+    absl::StatusOr<BatchedPlan> p = PlanBatched(s, b, fill, layout);
+    return p.ok() ? *p : BatchedPlan();
+  };
+  auto share = [&](BatchedLayout layout, double fill = kBucketFill) {
+    return static_cast<double>(planned(slot, row_begin, fill, layout).buckets.padded_rows()) / A;
+  };
+  const PaddedBuckets pb = planned(slot, row_begin, kBucketFill, BatchedLayout::kBuckets).buckets;
   auto time_path = [&](const char* name, auto&& run) {
     absl::Status st = run();
     if (!st.ok()) {
@@ -437,20 +441,17 @@ int Main() {
                                           BatchedLayout::kBlocks64);
   const double blocks128_ms = batched_with("blocks of 128 rows", kBucketFill,
                                            BatchedLayout::kBlocks128);
-  auto padded_by_blocks = [&](int32_t block) {
-    return static_cast<double>(PadGroupsToBlocks(row_begin, block).padded_rows()) / A;
-  };
   const double cublas_grouped_ms = time_path("cuBLAS grouped", [&] {
     return CublasGroupedSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
   });
   // The batched path with other bucket fills: fewer, more padded buckets or more, tighter ones.
   std::string by_fill;
   for (const double fill : fills) {
-    const PaddedBuckets fb = PadGroups(row_begin, 8, fill);
     const double ms = batched_with("batched, other fill", fill, BatchedLayout::kBuckets);
-    by_fill += absl::StrFormat("%s%.2f: %.3f ms (%d buckets, %.3f x)", by_fill.empty() ? "" : ", ",
-                               fill, ms, fb.buckets(),
-                               static_cast<double>(fb.padded_rows()) / A);
+    by_fill += absl::StrFormat(
+        "%s%.2f: %.3f ms (%d buckets, %.3f x)", by_fill.empty() ? "" : ", ", fill, ms,
+        planned(slot, row_begin, fill, BatchedLayout::kBuckets).buckets.buckets(),
+        share(BatchedLayout::kBuckets, fill));
   }
   const double per_group_ms = time_path("one GEMM per expert", [&] {
     return PerGroupSwiGlu(ex, gu, down, slot, row_begin, x.as<float>(), y.as<float>());
@@ -514,7 +515,8 @@ int Main() {
   // The same products as cuBLAS's strided batched GEMMs (BatchedSwiGlu, every group padded to the
   // largest one's rows, with its bf16 padding, SwiGLU and widening passes): tensor cores instead
   // of the small-batch kernels' FMAs.
-  const std::optional<PaddedBuckets> s_by_slot = PadGroupsBySlot(sbegin, sslot, 8);
+  const PaddedBuckets s_by_slot =
+      planned(sslot, sbegin, kBucketFill, BatchedLayout::kStrided).buckets;
   const double streams_strided_ms = time_path("decode streams, strided", [&] {
     return BatchedSwiGlu(ex, gu, down, sslot, sbegin, x.as<float>(), y.as<float>(), nullptr,
                          nullptr, kBucketFill, BatchedLayout::kStrided);
@@ -531,14 +533,12 @@ int Main() {
   std::printf("  dense cuBLAS GEMMs of the same FLOPs:             %8.3f ms  %7.1f TFLOP/s\n",
               dense_ms, flops / dense_ms / 1e9);
   std::printf("  grouped / dense throughput: %.2f (target >= 0.70); path %s (padded rows %.3f x); with y unpadded to fp32: %.3f ms (%.2f)\n",
-              dense_ms / grouped_ms, path.c_str(),
-              static_cast<double>(plan.buckets.padded_rows()) / A, unpadded_ms,
+              dense_ms / grouped_ms, path.c_str(), share(BatchedLayout::kAuto), unpadded_ms,
               dense_ms / unpadded_ms);
   std::printf("  by path, y unpadded: batched %.3f ms (%d buckets, padded rows %.3f x), strided %.3f ms (one bucket by slot, padded rows %.3f x), blocks of 64 rows %.3f ms (%.3f x), of 128 rows %.3f ms (%.3f x), cuBLAS grouped %.3f ms, one GEMM per expert %.3f ms (these two: rows gathered beforehand)\n",
-              batched_ms, pb.buckets(), static_cast<double>(pb.padded_rows()) / A, strided_ms,
-              by_slot.has_value() ? static_cast<double>(by_slot->padded_rows()) / A : 0.0,
-              blocks64_ms, padded_by_blocks(64), blocks128_ms, padded_by_blocks(128),
-              cublas_grouped_ms, per_group_ms);
+              batched_ms, pb.buckets(), share(BatchedLayout::kBuckets), strided_ms,
+              share(BatchedLayout::kStrided), blocks64_ms, share(BatchedLayout::kBlocks64),
+              blocks128_ms, share(BatchedLayout::kBlocks128), cublas_grouped_ms, per_group_ms);
   std::printf("  batched by bucket fill (engine: %.2f; strided where it pads at most %.0f%% more), y unpadded: %s\n",
               kBucketFill, kStridedSlack * 100, by_fill.c_str());
   std::printf("  decode, 1 row x %lld experts: %.1f us, %.0f GB/s of expert weights\n",
@@ -553,7 +553,7 @@ int Main() {
               streams_bytes / streams_multi_ms / 1e6, streams_deep_ms * 1e3,
               streams_bytes / streams_deep_ms / 1e6, streams_multi8_ms * 1e3,
               streams_bytes / streams_multi8_ms / 1e6,
-              s_by_slot.has_value() && s_by_slot->buckets() > 0 ? s_by_slot->bucket_rows[0] : 0,
+              s_by_slot.buckets() > 0 ? s_by_slot.bucket_rows[0] : 0,
               streams_strided_ms * 1e3,
               streams_bytes / streams_strided_ms / 1e6);
   if (absl::GetFlag(FLAGS_decode_products) && DecodeProducts(ex, iters, E, K, H, W) != 0) return 1;
