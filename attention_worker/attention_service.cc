@@ -21,6 +21,10 @@ grpc::Status AttentionService::GetStats(grpc::ServerContext*, const wire::StatsR
   *resp = worker_->GetStats();
   resp->set_encoder_address(encoder_address_);
   for (const std::string& a : expert_addresses_) resp->add_expert_addresses(a);
+  if (dispatcher_ != nullptr) {
+    resp->set_expert_failovers(dispatcher_->failovers());
+    for (const std::string& w : dispatcher_->down_workers()) resp->add_expert_workers_down(w);
+  }
   return grpc::Status::OK;
 }
 

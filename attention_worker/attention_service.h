@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "attention_worker/attention_worker.h"
+#include "mesh/expert_dispatch.h"
 #include "protos/worker.grpc.pb.h"
 
 namespace moemesh {
@@ -19,12 +20,15 @@ namespace moemesh {
 class AttentionService final : public internal::v1::Attention::Service {
  public:
   // encoder_address, expert_addresses: the workers `worker` reaches ("" / none: in process),
-  // reported by GetStats.
+  // reported by GetStats, as are `dispatcher`'s failovers and down workers (null: experts in
+  // process).
   explicit AttentionService(AttentionWorker* worker, std::string encoder_address = "",
-                            std::vector<std::string> expert_addresses = {})
+                            std::vector<std::string> expert_addresses = {},
+                            const ExpertDispatcher* dispatcher = nullptr)
       : worker_(worker),
         encoder_address_(std::move(encoder_address)),
-        expert_addresses_(std::move(expert_addresses)) {}
+        expert_addresses_(std::move(expert_addresses)),
+        dispatcher_(dispatcher) {}
   grpc::Status Step(grpc::ServerContext* ctx, const wire::StepRequest* req,
                     wire::StepResponse* resp) override;
   grpc::Status Release(grpc::ServerContext* ctx, const wire::ReleaseRequest* req,
@@ -36,6 +40,7 @@ class AttentionService final : public internal::v1::Attention::Service {
   AttentionWorker* worker_;
   const std::string encoder_address_;
   const std::vector<std::string> expert_addresses_;
+  const ExpertDispatcher* const dispatcher_;
 };
 
 }  // namespace moemesh

@@ -86,7 +86,7 @@ int Main() {
   auto setup = BuildAttentionWorker(std::move(o));
   if (!setup.ok()) return Fail(setup.status());
   AttentionService service((*setup)->worker.get(), std::move(encoder_address),
-                           std::move(expert_addresses));
+                           std::move(expert_addresses), (*setup)->dispatcher);
   std::string bound;
   auto server = StartServer(address, {&service}, &bound);
   if (!server.ok()) return Fail(server.status());

@@ -94,8 +94,10 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
     }
     absl::Status cov = CheckCoverage(sets, s->cfg);
     if (!cov.ok()) return cov;
-    s->experts = std::make_unique<ExpertDispatcher>(std::move(handles), s->cfg.hidden_size,
-                                                    opt.wire_dtype);
+    auto dispatcher = std::make_unique<ExpertDispatcher>(std::move(handles), s->cfg.hidden_size,
+                                                         opt.wire_dtype);
+    s->dispatcher = dispatcher.get();
+    s->experts = std::move(dispatcher);
   }
   // JSON mode needs the token bytes: from the caller's tokenizer, else from tokenizer.json when
   // the model has one.

@@ -54,6 +54,7 @@ struct AttentionSetup {
   std::unique_ptr<EncoderBackend> encoder;
   std::unique_ptr<ExpertShard> local_experts;
   std::unique_ptr<ExpertBackend> experts;
+  const ExpertDispatcher* dispatcher = nullptr;  // = experts when they are remote, else null
   std::vector<std::pair<std::string, std::string>> expert_placement;  // (name, shard summary)
   std::unique_ptr<TokenTable> json_tokens;  // null without tokenizer.json (JSON mode refused)
   std::unique_ptr<AttentionWorker> worker;

@@ -1,7 +1,9 @@
 #include "mesh/expert_dispatch.h"
 
 #include <condition_variable>
+#include <algorithm>
 #include <cstring>
+#include <iostream>
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
@@ -34,7 +36,61 @@ absl::Status RunExpertsOnShard(const ExpertShard& shard, int64_t hidden,
 
 ExpertDispatcher::ExpertDispatcher(std::vector<ExpertWorkerHandle> workers, int64_t hidden,
                                    wire::DType wire_dtype)
-    : workers_(std::move(workers)), hidden_(hidden), wire_dtype_(wire_dtype) {}
+    : workers_(std::move(workers)),
+      hidden_(hidden),
+      wire_dtype_(wire_dtype),
+      health_(workers_.size()) {}
+
+std::vector<char> ExpertDispatcher::Usable() {
+  const auto now = std::chrono::steady_clock::now();
+  std::lock_guard<std::mutex> l(health_mu_);
+  std::vector<char> usable(health_.size(), 1);
+  for (size_t w = 0; w < health_.size(); ++w) {
+    Health& h = health_[w];
+    if (!h.down) continue;
+    if (now < h.retry_at) {
+      usable[w] = 0;
+    } else {  // this call probes it; the others wait for the outcome
+      h.retry_at = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                             std::chrono::duration<double>(h.retry_seconds));
+    }
+  }
+  return usable;
+}
+
+void ExpertDispatcher::Answered(int w, const absl::Status& st) {
+  std::lock_guard<std::mutex> l(health_mu_);
+  Health& h = health_[w];
+  if (st.ok()) {
+    if (h.down) {
+      std::cerr << "expert worker " << workers_[w].transport->name() << " answers again"
+                << std::endl;
+    }
+    h.down = false;
+    return;
+  }
+  if (!h.down) {
+    h.retry_seconds = kFirstRetrySeconds;
+    std::cerr << "expert worker " << workers_[w].transport->name() << " is down (" << st
+              << "): its experts go to their replicas, and it is tried again from time to time"
+              << std::endl;
+  } else {
+    h.retry_seconds = std::min(2 * h.retry_seconds, kMaxRetrySeconds);
+  }
+  h.down = true;
+  h.retry_at = std::chrono::steady_clock::now() +
+               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                   std::chrono::duration<double>(h.retry_seconds));
+}
+
+std::vector<std::string> ExpertDispatcher::down_workers() const {
+  std::lock_guard<std::mutex> l(health_mu_);
+  std::vector<std::string> out;
+  for (size_t w = 0; w < health_.size(); ++w) {
+    if (health_[w].down) out.push_back(workers_[w].transport->name());
+  }
+  return out;
+}
 
 absl::Status ExpertDispatcher::RunExperts(int32_t layer, const float* x, int64_t n,
                                           const int32_t* ids, const float* weights, int64_t k,
@@ -42,12 +98,18 @@ absl::Status ExpertDispatcher::RunExperts(int32_t layer, const float* x, int64_t
   const int nw = static_cast<int>(workers_.size());
   std::vector<int> assign(n * k, -1);
   std::vector<int64_t> load(nw, 0);
-  std::vector<char> dead(nw, 0);
+  std::vector<char> dead(nw, 0);  // failed in this call
+  const std::vector<char> usable = Usable();
+  // The least-loaded holder, preferring usable ones: a worker that is down takes rows only
+  // where it is an expert's last holder.
   auto pick = [&](int32_t e) {
     int best = -1;
     for (int w = 0; w < nw; ++w) {
       if (dead[w] || workers_[w].shards.count(ExpertId(layer, e)) == 0) continue;
-      if (best < 0 || load[w] < load[best]) best = w;
+      if (best < 0 || usable[w] > usable[best] ||
+          (usable[w] == usable[best] && load[w] < load[best])) {
+        best = w;
+      }
     }
     return best;
   };
@@ -150,6 +212,7 @@ absl::Status ExpertDispatcher::Round(int32_t layer, const float* x, int64_t n, c
       int64_t m = static_cast<int64_t>(c.rows.size()), h = hidden_;
       c.status = DecodeFloats(c.resp.out(), "out", &m, &h, &part);
     }
+    Answered(w, c.status);
     if (!c.status.ok()) {
       failed->push_back(w);
       if (first.ok()) {

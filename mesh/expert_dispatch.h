@@ -4,8 +4,10 @@
 #define MOEMESH_MESH_EXPERT_DISPATCH_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
@@ -61,15 +63,29 @@ struct ExpertWorkerHandle {
 // (so the result does not depend on which call finished first). An expert held by several workers
 // (a replica) goes to the one with the fewest rows so far in this call; if a worker fails, its
 // rows are retried once on replicas when every expert it had is held elsewhere.
+//
+// A worker whose call failed is down: later calls pass it over for any live holder of the same
+// expert, except for one call now and then (after `kFirstRetrySeconds`, doubling up to
+// `kMaxRetrySeconds` while it keeps failing) that sends it its rows again as a probe; the first
+// call it answers brings it back. So a dead worker costs an extra round now and then instead of
+// on every layer, and a restarted one is used again within seconds. Where it holds the only copy
+// of an expert its rows still go to it, and its error is the call's. Transitions are logged to
+// stderr.
 class ExpertDispatcher : public ExpertBackend {
  public:
+  static constexpr double kFirstRetrySeconds = 0.5;
+  static constexpr double kMaxRetrySeconds = 8.0;
+
   ExpertDispatcher(std::vector<ExpertWorkerHandle> workers, int64_t hidden, wire::DType wire_dtype);
   absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
                           const float* weights, int64_t k, float* out) override;
 
   int num_workers() const { return static_cast<int>(workers_.size()); }
   int64_t calls() const { return calls_.load(); }
+  // Calls to workers that failed and whose rows went to replicas, in total.
   int64_t failovers() const { return failovers_.load(); }
+  // The workers (by transport name) down now, in worker order.
+  std::vector<std::string> down_workers() const;
 
  private:
   // Runs one round: `assign[r * k + j]` = worker index for slot j of row r (-1 = none).
@@ -77,10 +93,24 @@ class ExpertDispatcher : public ExpertBackend {
                      const float* weights, int64_t k, const std::vector<int>& assign, float* out,
                      std::vector<int>* failed);
 
+  // Which workers the next call may pick: not down, or down and due for a probe (whose retry
+  // time moves on, so that concurrent calls do not all probe it).
+  std::vector<char> Usable();
+  // Records the outcome of a call to worker w.
+  void Answered(int w, const absl::Status& st);
+
+  struct Health {
+    bool down = false;
+    double retry_seconds = 0;
+    std::chrono::steady_clock::time_point retry_at;
+  };
+
   std::vector<ExpertWorkerHandle> workers_;
   const int64_t hidden_;
   const wire::DType wire_dtype_;
   std::atomic<int64_t> calls_{0}, failovers_{0};
+  mutable std::mutex health_mu_;
+  std::vector<Health> health_;  // per worker, under health_mu_
 };
 
 }  // namespace moemesh

@@ -1,7 +1,10 @@
 // The dispatcher over several in-process expert shards against the single-shard computation.
 #include "mesh/expert_dispatch.h"
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <thread>
 #include <random>
 
 #include "engine/arch.h"
@@ -23,6 +26,28 @@ class DeadTransport : public ExpertTransport {
     done(absl::UnavailableError("connection refused"));
   }
   std::string name() const override { return "dead"; }
+};
+
+// A worker that can be made to fail (down) or to answer again, counting the calls it gets.
+class SwitchedTransport : public ExpertTransport {
+ public:
+  SwitchedTransport(const ExpertShard* shard, int64_t hidden) : local_(shard, hidden, "switched") {}
+  void RunExpertsAsync(const wire::RunExpertsRequest* req, wire::RunExpertsResponse* resp,
+                       std::function<void(absl::Status)> done) override {
+    ++calls;
+    if (down) {
+      done(absl::UnavailableError("connection refused"));
+    } else {
+      local_.RunExpertsAsync(req, resp, std::move(done));
+    }
+  }
+  std::string name() const override { return "switched"; }
+
+  std::atomic<bool> down{false};
+  std::atomic<int> calls{0};
+
+ private:
+  LocalExpertTransport local_;
 };
 
 class DispatchTest : public ::testing::Test {
@@ -131,6 +156,45 @@ TEST_F(DispatchTest, FailsOverToReplicaAndReportsWhenNoneLeft) {
   absl::Status st = d2.RunExperts(1, x_.data(), n_, ids_.data(), w_.data(), k_, out.data());
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(st.message().find("dead"), std::string::npos);
+}
+
+TEST_F(DispatchTest, ADownWorkerIsPassedOverUntilAProbeFindsItAnswering) {
+  std::vector<ExpertWorkerHandle> ws;
+  auto sw = std::make_unique<SwitchedTransport>(all_.get(), h());
+  SwitchedTransport* s = sw.get();
+  ws.push_back({std::move(sw), all_->shards()});
+  ws.push_back({std::make_unique<LocalExpertTransport>(all_.get(), h(), "replica"), all_->shards()});
+  ExpertDispatcher d(std::move(ws), h(), wire::DTYPE_F32);
+  auto run = [&]() {
+    std::vector<float> out(n_ * h(), 0.0f);
+    ASSERT_TRUE(d.RunExperts(1, x_.data(), n_, ids_.data(), w_.data(), k_, out.data()).ok());
+    ExpectClose(out);
+  };
+  run();  // both up: the rows are shared
+  EXPECT_EQ(s->calls, 1);
+  EXPECT_TRUE(d.down_workers().empty());
+
+  s->down = true;
+  const auto failed_at = std::chrono::steady_clock::now();
+  run();  // fails, its rows go to the replica
+  EXPECT_EQ(s->calls, 2);
+  EXPECT_EQ(d.failovers(), 1);
+  EXPECT_EQ(d.down_workers(), std::vector<std::string>{"switched"});
+  s->down = false;  // back, but not asked until its retry time
+  for (int i = 0; i < 3 && std::chrono::steady_clock::now() - failed_at <
+                               std::chrono::milliseconds(400); ++i) {
+    run();
+    EXPECT_EQ(s->calls, 2);
+  }
+  EXPECT_EQ(d.failovers(), 1);
+  std::this_thread::sleep_until(failed_at + std::chrono::milliseconds(static_cast<int>(
+                                                ExpertDispatcher::kFirstRetrySeconds * 1000 + 50)));
+  run();  // the probe: it answers and is back
+  EXPECT_EQ(s->calls, 3);
+  EXPECT_TRUE(d.down_workers().empty());
+  run();
+  EXPECT_EQ(s->calls, 4);
+  EXPECT_EQ(d.failovers(), 1);
 }
 
 TEST_F(DispatchTest, ShardRejectsExpertsItDoesNotHold) {

@@ -799,6 +799,76 @@ class DataParallelAttentionTest(unittest.TestCase):
             c.stop()
 
 
+class ExpertFailoverTest(unittest.TestCase):
+    def test_a_killed_expert_worker_loses_no_request_and_a_restarted_one_is_used_again(self):
+        """Expert workers A (experts 0..E/2-1), B (the rest) and C (every expert, a replica of
+        both). SIGKILL A while six greedy streams run: every stream still gives the reference ids,
+        its rows going to C. Kill C as well: experts 0..E/2-1 have no holder left, so a request
+        fails at once with UNAVAILABLE naming the worker, and the attention worker stays up.
+        Start a new worker for those experts on A's address: requests succeed again, without
+        restarting anything else."""
+        _, experts, layers = load_config(PYDOC)
+        half = experts // 2
+        shards = ["0-%d:0-%d" % (layers - 1, half - 1),
+                  "0-%d:%d-%d" % (layers - 1, half, experts - 1),
+                  "0-%d:0-%d" % (layers - 1, experts - 1)]
+        c = start_cluster(PYDOC, shards, name="failover")
+        try:
+            a, b, r = c.experts
+            first = threading.Event()
+
+            def run(ids, n):
+                out = Result()
+                for resp in c.stub.Generate(make_request(ids, n), timeout=240):
+                    out.ids.extend(resp.ids)
+                    first.set()
+                return out
+
+            jobs = [Background(lambda ids=ids, g=g: run(ids, len(g))) for ids, g in PYDOC_CASES]
+            self.assertTrue(first.wait(120), "no token streamed")
+            os.kill(c.expert_procs[0].pid, signal.SIGKILL)
+            for i, (j, (ids, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
+                self.assertEqual(j.join(timeout=300).ids, greedy, "prompt %d" % i)
+            s = c.stats()
+            self.assertGreater(s.expert_failovers, 0)
+            self.assertEqual(list(s.expert_workers_down), [a])
+            # A new request after the kill, A still down.
+            ids, greedy = PYDOC_CASES[0]
+            self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+
+            os.kill(c.expert_procs[2].pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with self.assertRaises(grpc.RpcError) as cm:
+                generate(c.stub, make_request(ids, 8), timeout=60)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE,
+                             cm.exception.details())
+            self.assertIn("expert worker", cm.exception.details())
+            self.assertLess(time.monotonic() - t0, 30)
+            self.assertEqual(sorted(c.stats().expert_workers_down), sorted([a, r]))
+
+            back = c._start("failover-expert0-again",
+                            [EXPERT, "--model=" + PYDOC, "--address=" + a, "--threads=1",
+                             "--shards=" + shards[0]])
+            back.wait_for(r"expert_worker: serving .* on (\S+)")
+            wait_healthy(a, proc=back)
+            t0 = time.monotonic()
+
+            def served():
+                try:
+                    return greedy_ids(c.stub, ids, len(greedy))
+                except grpc.RpcError:
+                    return None
+
+            got = poll_until(served, 30, interval=0.2)
+            self.assertEqual(got, greedy, "no request served within 30 s of the restart")
+            print("expert worker restarted: serving again after %.1f s" % (time.monotonic() - t0))
+            self.assertEqual(list(c.stats().expert_workers_down), [r])
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
+
+
 class CancelAndDeadlineTest(unittest.TestCase):
     def wait_idle(self, c, timeout=10):
         s = poll_until(lambda: c.stats().active_sequences == 0 or None, timeout)

@@ -229,7 +229,8 @@ int Main(int rank, int size, int thread_level) {
     auto s = BuildAttentionWorker(std::move(o));
     if (!s.ok()) return Fail(rank, s.status());
     setup = std::move(*s);
-    service = std::make_unique<AttentionService>(setup->worker.get());
+    service = std::make_unique<AttentionService>(setup->worker.get(), "",
+                                                 std::vector<std::string>{}, setup->dispatcher);
     std::string bound;
     auto srv = StartServer(listen, {service.get()}, &bound);
     if (!srv.ok()) return Fail(rank, srv.status());
