@@ -35,27 +35,53 @@ absl::Status RunExpertsOnShard(const ExpertShard& shard, int64_t hidden,
 }
 
 ExpertDispatcher::ExpertDispatcher(std::vector<ExpertWorkerHandle> workers, int64_t hidden,
-                                   wire::DType wire_dtype)
+                                   wire::DType wire_dtype, Clock now)
     : workers_(std::move(workers)),
       hidden_(hidden),
       wire_dtype_(wire_dtype),
+      now_(now ? std::move(now) : Clock([] { return std::chrono::steady_clock::now(); })),
       health_(workers_.size()) {}
 
-std::vector<char> ExpertDispatcher::Usable() {
-  const auto now = std::chrono::steady_clock::now();
-  std::lock_guard<std::mutex> l(health_mu_);
-  std::vector<char> usable(health_.size(), 1);
-  for (size_t w = 0; w < health_.size(); ++w) {
-    Health& h = health_[w];
-    if (!h.down) continue;
-    if (now < h.retry_at) {
-      usable[w] = 0;
-    } else {  // this call probes it; the others wait for the outcome
-      h.retry_at = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                             std::chrono::duration<double>(h.retry_seconds));
+namespace {
+
+std::chrono::steady_clock::duration Seconds(double s) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(s));
+}
+
+}  // namespace
+
+ExpertDispatcher::~ExpertDispatcher() {
+  std::unique_lock<std::mutex> l(health_mu_);
+  probes_done_.wait(l, [this] { return probes_in_flight_ == 0; });
+}
+
+std::vector<char> ExpertDispatcher::Up() {
+  std::vector<int> due;
+  {
+    const auto now = now_();
+    std::lock_guard<std::mutex> l(health_mu_);
+    for (size_t w = 0; w < health_.size(); ++w) {
+      Health& h = health_[w];
+      if (h.down && !h.probing && now >= h.retry_at) {
+        h.probing = true;
+        ++probes_in_flight_;
+        due.push_back(static_cast<int>(w));
+      }
     }
   }
-  return usable;
+  for (int w : due) {
+    workers_[w].transport->ProbeAsync([this, w](absl::Status st) {
+      Answered(w, st);
+      std::lock_guard<std::mutex> l(health_mu_);
+      health_[w].probing = false;
+      if (--probes_in_flight_ == 0) probes_done_.notify_all();
+    });
+  }
+  std::lock_guard<std::mutex> l(health_mu_);
+  std::vector<char> up(health_.size());
+  for (size_t w = 0; w < health_.size(); ++w) up[w] = !health_[w].down;
+  return up;
 }
 
 void ExpertDispatcher::Answered(int w, const absl::Status& st) {
@@ -72,15 +98,12 @@ void ExpertDispatcher::Answered(int w, const absl::Status& st) {
   if (!h.down) {
     h.retry_seconds = kFirstRetrySeconds;
     std::cerr << "expert worker " << workers_[w].transport->name() << " is down (" << st
-              << "): its experts go to their replicas, and it is tried again from time to time"
-              << std::endl;
+              << "): its experts go to their replicas while it is probed" << std::endl;
   } else {
     h.retry_seconds = std::min(2 * h.retry_seconds, kMaxRetrySeconds);
   }
   h.down = true;
-  h.retry_at = std::chrono::steady_clock::now() +
-               std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                   std::chrono::duration<double>(h.retry_seconds));
+  h.retry_at = now_() + Seconds(h.retry_seconds);
 }
 
 std::vector<std::string> ExpertDispatcher::down_workers() const {
@@ -99,15 +122,14 @@ absl::Status ExpertDispatcher::RunExperts(int32_t layer, const float* x, int64_t
   std::vector<int> assign(n * k, -1);
   std::vector<int64_t> load(nw, 0);
   std::vector<char> dead(nw, 0);  // failed in this call
-  const std::vector<char> usable = Usable();
-  // The least-loaded holder, preferring usable ones: a worker that is down takes rows only
-  // where it is an expert's last holder.
+  const std::vector<char> up = Up();
+  // The least-loaded holder, preferring those up: a worker that is down takes rows only where it
+  // is an expert's last holder.
   auto pick = [&](int32_t e) {
     int best = -1;
     for (int w = 0; w < nw; ++w) {
       if (dead[w] || workers_[w].shards.count(ExpertId(layer, e)) == 0) continue;
-      if (best < 0 || usable[w] > usable[best] ||
-          (usable[w] == usable[best] && load[w] < load[best])) {
+      if (best < 0 || up[w] > up[best] || (up[w] == up[best] && load[w] < load[best])) {
         best = w;
       }
     }

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -28,6 +29,10 @@ class ExpertTransport {
   virtual void RunExpertsAsync(const wire::RunExpertsRequest* req, wire::RunExpertsResponse* resp,
                                std::function<void(absl::Status)> done) = 0;
   virtual std::string name() const = 0;  // for errors: the address or rank
+  // Asks whether the worker answers, cheaply and with a short deadline (no rows); calls `done`
+  // exactly once, on any thread. The default has no such call and reports OK: the dispatcher
+  // then learns from the worker's next rows.
+  virtual void ProbeAsync(std::function<void(absl::Status)> done) { done(absl::OkStatus()); }
 };
 
 // The expert worker's side of RunExperts: validates the request against the shard (shapes, layer,
@@ -65,18 +70,23 @@ struct ExpertWorkerHandle {
 // rows are retried once on replicas when every expert it had is held elsewhere.
 //
 // A worker whose call failed is down: later calls pass it over for any live holder of the same
-// expert, except for one call now and then (after `kFirstRetrySeconds`, doubling up to
-// `kMaxRetrySeconds` while it keeps failing) that sends it its rows again as a probe; the first
-// call it answers brings it back. So a dead worker costs an extra round now and then instead of
-// on every layer, and a restarted one is used again within seconds. Where it holds the only copy
-// of an expert its rows still go to it, and its error is the call's. Transitions are logged to
-// stderr.
+// expert, and probe it on the side (ExpertTransport::ProbeAsync, started by a call once
+// `kFirstRetrySeconds` have passed, then at intervals doubling up to `kMaxRetrySeconds` while it
+// keeps failing); a probe or a call it answers brings it back. So neither a dead worker nor a
+// hung one (whose calls would wait for their deadline) slows the steps down after its first
+// failure, and a restarted one is used again within seconds. Where it holds the only copy of an
+// expert its rows still go to it, and its error is the call's. Transitions are logged to stderr.
 class ExpertDispatcher : public ExpertBackend {
  public:
-  static constexpr double kFirstRetrySeconds = 0.5;
-  static constexpr double kMaxRetrySeconds = 8.0;
+  static constexpr double kFirstRetrySeconds = 0.25;
+  static constexpr double kMaxRetrySeconds = 2.0;
 
-  ExpertDispatcher(std::vector<ExpertWorkerHandle> workers, int64_t hidden, wire::DType wire_dtype);
+  using Clock = std::function<std::chrono::steady_clock::time_point()>;
+
+  // `now`: the clock of the probe intervals (tests give their own; null = steady_clock).
+  ExpertDispatcher(std::vector<ExpertWorkerHandle> workers, int64_t hidden, wire::DType wire_dtype,
+                   Clock now = nullptr);
+  ~ExpertDispatcher() override;  // waits for the probes in flight
   absl::Status RunExperts(int32_t layer, const float* x, int64_t n, const int32_t* ids,
                           const float* weights, int64_t k, float* out) override;
 
@@ -93,24 +103,27 @@ class ExpertDispatcher : public ExpertBackend {
                      const float* weights, int64_t k, const std::vector<int>& assign, float* out,
                      std::vector<int>* failed);
 
-  // Which workers the next call may pick: not down, or down and due for a probe (whose retry
-  // time moves on, so that concurrent calls do not all probe it).
-  std::vector<char> Usable();
-  // Records the outcome of a call to worker w.
+  // Starts the probes that are due; returns which workers are up.
+  std::vector<char> Up();
+  // Records the outcome of a call or probe to worker w.
   void Answered(int w, const absl::Status& st);
 
   struct Health {
     bool down = false;
+    bool probing = false;  // a probe is in flight
     double retry_seconds = 0;
-    std::chrono::steady_clock::time_point retry_at;
+    std::chrono::steady_clock::time_point retry_at;  // of the next probe, while down
   };
 
   std::vector<ExpertWorkerHandle> workers_;
   const int64_t hidden_;
   const wire::DType wire_dtype_;
+  const Clock now_;
   std::atomic<int64_t> calls_{0}, failovers_{0};
   mutable std::mutex health_mu_;
+  std::condition_variable probes_done_;
   std::vector<Health> health_;  // per worker, under health_mu_
+  int probes_in_flight_ = 0;    // under health_mu_
 };
 
 }  // namespace moemesh

@@ -4,7 +4,6 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <thread>
 #include <random>
 
 #include "engine/arch.h"
@@ -28,7 +27,8 @@ class DeadTransport : public ExpertTransport {
   std::string name() const override { return "dead"; }
 };
 
-// A worker that can be made to fail (down) or to answer again, counting the calls it gets.
+// A worker that can be made to fail (down) or to answer again, counting the calls and probes it
+// gets.
 class SwitchedTransport : public ExpertTransport {
  public:
   SwitchedTransport(const ExpertShard* shard, int64_t hidden) : local_(shard, hidden, "switched") {}
@@ -42,9 +42,13 @@ class SwitchedTransport : public ExpertTransport {
     }
   }
   std::string name() const override { return "switched"; }
+  void ProbeAsync(std::function<void(absl::Status)> done) override {
+    ++probes;
+    done(down ? absl::UnavailableError("connection refused") : absl::OkStatus());
+  }
 
   std::atomic<bool> down{false};
-  std::atomic<int> calls{0};
+  std::atomic<int> calls{0}, probes{0};
 
  private:
   LocalExpertTransport local_;
@@ -158,42 +162,55 @@ TEST_F(DispatchTest, FailsOverToReplicaAndReportsWhenNoneLeft) {
   EXPECT_NE(st.message().find("dead"), std::string::npos);
 }
 
-TEST_F(DispatchTest, ADownWorkerIsPassedOverUntilAProbeFindsItAnswering) {
+TEST_F(DispatchTest, ADownWorkerGetsNoRowsUntilAProbeFindsItAnswering) {
   std::vector<ExpertWorkerHandle> ws;
   auto sw = std::make_unique<SwitchedTransport>(all_.get(), h());
   SwitchedTransport* s = sw.get();
   ws.push_back({std::move(sw), all_->shards()});
   ws.push_back({std::make_unique<LocalExpertTransport>(all_.get(), h(), "replica"), all_->shards()});
-  ExpertDispatcher d(std::move(ws), h(), wire::DTYPE_F32);
+  auto now = std::chrono::steady_clock::now();  // the dispatcher's clock, moved by hand
+  ExpertDispatcher d(std::move(ws), h(), wire::DTYPE_F32, [&now] { return now; });
   auto run = [&]() {
     std::vector<float> out(n_ * h(), 0.0f);
     ASSERT_TRUE(d.RunExperts(1, x_.data(), n_, ids_.data(), w_.data(), k_, out.data()).ok());
     ExpectClose(out);
+  };
+  auto after = [&now](std::chrono::steady_clock::time_point t, double seconds) {
+    now = t + std::chrono::milliseconds(static_cast<int>(seconds * 1000));
   };
   run();  // both up: the rows are shared
   EXPECT_EQ(s->calls, 1);
   EXPECT_TRUE(d.down_workers().empty());
 
   s->down = true;
-  const auto failed_at = std::chrono::steady_clock::now();
-  run();  // fails, its rows go to the replica
+  auto failed_at = now;
+  run();  // fails; its rows go to the replica
   EXPECT_EQ(s->calls, 2);
   EXPECT_EQ(d.failovers(), 1);
   EXPECT_EQ(d.down_workers(), std::vector<std::string>{"switched"});
-  s->down = false;  // back, but not asked until its retry time
-  for (int i = 0; i < 3 && std::chrono::steady_clock::now() - failed_at <
-                               std::chrono::milliseconds(400); ++i) {
-    run();
-    EXPECT_EQ(s->calls, 2);
-  }
-  EXPECT_EQ(d.failovers(), 1);
-  std::this_thread::sleep_until(failed_at + std::chrono::milliseconds(static_cast<int>(
-                                                ExpertDispatcher::kFirstRetrySeconds * 1000 + 50)));
-  run();  // the probe: it answers and is back
-  EXPECT_EQ(s->calls, 3);
-  EXPECT_TRUE(d.down_workers().empty());
+  after(failed_at, ExpertDispatcher::kFirstRetrySeconds - 0.001);
+  run();  // passed over, not probed yet
+  EXPECT_EQ(s->calls, 2);
+  EXPECT_EQ(s->probes, 0);
+  after(failed_at, ExpertDispatcher::kFirstRetrySeconds);
+  failed_at = now;
+  run();  // probed (it fails: still down), no rows
+  EXPECT_EQ(s->probes, 1);
+  EXPECT_EQ(s->calls, 2);
+  EXPECT_EQ(d.down_workers(), std::vector<std::string>{"switched"});
+
+  s->down = false;  // back, but not probed again before twice the first interval
+  after(failed_at, 2 * ExpertDispatcher::kFirstRetrySeconds - 0.001);
   run();
-  EXPECT_EQ(s->calls, 4);
+  EXPECT_EQ(s->probes, 1);
+  EXPECT_EQ(s->calls, 2);
+  after(failed_at, 2 * ExpertDispatcher::kFirstRetrySeconds);
+  run();  // the probe answers: it is up again
+  EXPECT_EQ(s->probes, 2);
+  EXPECT_TRUE(d.down_workers().empty());
+  const int calls = s->calls;
+  run();
+  EXPECT_EQ(s->calls, calls + 1);
   EXPECT_EQ(d.failovers(), 1);
 }
 

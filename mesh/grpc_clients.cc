@@ -1,5 +1,6 @@
 #include "mesh/grpc_clients.h"
 
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -83,6 +84,20 @@ void GrpcExpertTransport::RunExpertsAsync(const wire::RunExpertsRequest* req,
   ctx->set_deadline(After(timeout_));
   stub_->async()->RunExperts(ctx, req, resp, [ctx, done = std::move(done)](grpc::Status s) {
     delete ctx;
+    done(FromGrpc(s));
+  });
+}
+
+void GrpcExpertTransport::ProbeAsync(std::function<void(absl::Status)> done) {
+  struct Probe {
+    grpc::ClientContext ctx;
+    wire::StatsRequest req;
+    wire::ExpertStats resp;
+  };
+  auto* p = new Probe;
+  p->ctx.set_deadline(After(std::min(timeout_, kProbeSeconds)));
+  stub_->async()->GetStats(&p->ctx, &p->req, &p->resp, [p, done = std::move(done)](grpc::Status s) {
+    delete p;
     done(FromGrpc(s));
   });
 }

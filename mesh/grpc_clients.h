@@ -34,7 +34,11 @@ class GrpcExpertTransport : public ExpertTransport {
   void RunExpertsAsync(const wire::RunExpertsRequest* req, wire::RunExpertsResponse* resp,
                        std::function<void(absl::Status)> done) override;
   std::string name() const override { return address_; }
+  // An Expert.GetStats call with a deadline of at most kProbeSeconds.
+  void ProbeAsync(std::function<void(absl::Status)> done) override;
   absl::StatusOr<wire::ExpertStats> GetStats();
+
+  static constexpr double kProbeSeconds = 1.0;
 
  private:
   const std::string address_;

@@ -800,21 +800,45 @@ class DataParallelAttentionTest(unittest.TestCase):
 
 
 class ExpertFailoverTest(unittest.TestCase):
-    def test_a_killed_expert_worker_loses_no_request_and_a_restarted_one_is_used_again(self):
+    def test_hung_killed_and_restarted_expert_workers(self):
         """Expert workers A (experts 0..E/2-1), B (the rest) and C (every expert, a replica of
-        both). SIGKILL A while six greedy streams run: every stream still gives the reference ids,
-        its rows going to C. Kill C as well: experts 0..E/2-1 have no holder left, so a request
-        fails at once with UNAVAILABLE naming the worker, and the attention worker stays up.
-        Start a new worker for those experts on A's address: requests succeed again, without
-        restarting anything else."""
+        both); the attention worker's --expert_timeout is 2 s.
+        - Stop B (SIGSTOP: hung, not dead): a request waits out one call's deadline, then B's
+          rows go to C and the request gives the reference ids; later requests send B no rows
+          (no more failovers), only probes. Resume B: a probe finds it and it is used again.
+        - SIGKILL A while six greedy streams run: every stream still gives the reference ids,
+          its rows going to C.
+        - Kill C as well: experts 0..E/2-1 have no holder left, so a request fails at once
+          with UNAVAILABLE naming the worker, and the attention worker stays up.
+        - Start a new worker for those experts on A's address: requests succeed again, without
+          restarting anything else."""
         _, experts, layers = load_config(PYDOC)
         half = experts // 2
         shards = ["0-%d:0-%d" % (layers - 1, half - 1),
                   "0-%d:%d-%d" % (layers - 1, half, experts - 1),
                   "0-%d:0-%d" % (layers - 1, experts - 1)]
-        c = start_cluster(PYDOC, shards, name="failover")
+        c = start_cluster(PYDOC, shards, name="failover", attention_flags=["--expert_timeout=2"])
+        hung = c.expert_procs[1]
         try:
             a, b, r = c.experts
+            ids, greedy = PYDOC_CASES[0]
+
+            os.kill(hung.pid, signal.SIGSTOP)
+            self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+            s = c.stats()
+            self.assertGreater(s.expert_failovers, 0)
+            self.assertEqual(list(s.expert_workers_down), [b])
+            self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+            self.assertEqual(c.stats().expert_failovers, s.expert_failovers,
+                             "rows were sent to the hung worker again")
+            os.kill(hung.pid, signal.SIGCONT)
+
+            def b_back():
+                greedy_ids(c.stub, ids, 4)  # the calls that start probes
+                return not c.stats().expert_workers_down
+
+            self.assertTrue(poll_until(b_back, 20, interval=0.2), "B not used again")
+
             first = threading.Event()
 
             def run(ids, n):
@@ -824,17 +848,16 @@ class ExpertFailoverTest(unittest.TestCase):
                     first.set()
                 return out
 
+            before = c.stats().expert_failovers
             jobs = [Background(lambda ids=ids, g=g: run(ids, len(g))) for ids, g in PYDOC_CASES]
             self.assertTrue(first.wait(120), "no token streamed")
             os.kill(c.expert_procs[0].pid, signal.SIGKILL)
-            for i, (j, (ids, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
-                self.assertEqual(j.join(timeout=300).ids, greedy, "prompt %d" % i)
+            for i, (j, (pids, pgreedy)) in enumerate(zip(jobs, PYDOC_CASES)):
+                self.assertEqual(j.join(timeout=300).ids, pgreedy, "prompt %d" % i)
             s = c.stats()
-            self.assertGreater(s.expert_failovers, 0)
+            self.assertGreater(s.expert_failovers, before)  # A failed mid-stream
             self.assertEqual(list(s.expert_workers_down), [a])
-            # A new request after the kill, A still down.
-            ids, greedy = PYDOC_CASES[0]
-            self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
+            self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)  # A still down
 
             os.kill(c.expert_procs[2].pid, signal.SIGKILL)
             t0 = time.monotonic()
@@ -866,6 +889,10 @@ class ExpertFailoverTest(unittest.TestCase):
         except AssertionError as e:
             raise AssertionError("%s%s" % (e, c.describe())) from None
         finally:
+            try:
+                os.kill(hung.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
             c.stop()
 
 
