@@ -886,6 +886,10 @@ class ExpertFailoverTest(unittest.TestCase):
             self.assertEqual(got, greedy, "no request served within 30 s of the restart")
             print("expert worker restarted: serving again after %.1f s" % (time.monotonic() - t0))
             self.assertEqual(list(c.stats().expert_workers_down), [r])
+            # Nothing leaked: the failed steps' sequences were released with the others.
+            idle = poll_until(lambda: (lambda s: s.active_sequences == 0 and
+                                       s.kv_used_tokens == 0)(c.stats()), 10, interval=0.05)
+            self.assertTrue(idle, "sequences or KV rows left: %s" % c.stats())
         except AssertionError as e:
             raise AssertionError("%s%s" % (e, c.describe())) from None
         finally:
