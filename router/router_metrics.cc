@@ -110,6 +110,13 @@ std::string PrometheusMetrics(const Router::Counters& c,
     reported("moemesh_worker_sampling_seconds_total", "counter",
              "Seconds the attention worker spent sampling.",
              [](const wire::Stats& s) { return s.sampling_seconds(); });
+    reported("moemesh_expert_failovers_total", "counter",
+             "Calls from the attention worker to expert workers that failed and whose rows went "
+             "to replicas.",
+             [](const wire::Stats& s) { return static_cast<double>(s.expert_failovers()); });
+    reported("moemesh_expert_workers_down", "gauge",
+             "Expert workers the attention worker passes over (failed, not yet answering again).",
+             [](const wire::Stats& s) { return static_cast<double>(s.expert_workers_down_size()); });
   }
 
   p.AddHistogram("moemesh_time_to_first_token_seconds",

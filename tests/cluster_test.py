@@ -817,11 +817,14 @@ class ExpertFailoverTest(unittest.TestCase):
         shards = ["0-%d:0-%d" % (layers - 1, half - 1),
                   "0-%d:%d-%d" % (layers - 1, half, experts - 1),
                   "0-%d:0-%d" % (layers - 1, experts - 1)]
-        c = start_cluster(PYDOC, shards, name="failover", attention_flags=["--expert_timeout=2"])
+        c = start_cluster(PYDOC, shards, name="failover", attention_flags=["--expert_timeout=2"],
+                          router_flags=["--http_address=127.0.0.1:0"])
         hung = c.expert_procs[1]
         try:
             a, b, r = c.experts
             ids, greedy = PYDOC_CASES[0]
+            http_addr = c.procs[-1].wait_for(r"OpenAI-compatible HTTP API on (\S+)").group(1)
+            worker0 = (("worker", "0"),)
 
             os.kill(hung.pid, signal.SIGSTOP)
             self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)
@@ -857,6 +860,9 @@ class ExpertFailoverTest(unittest.TestCase):
             s = c.stats()
             self.assertGreater(s.expert_failovers, before)  # A failed mid-stream
             self.assertEqual(list(s.expert_workers_down), [a])
+            m = scrape_metrics(self, http_addr)  # the router reports what the worker does
+            self.assertEqual(m[("moemesh_expert_failovers_total", worker0)], s.expert_failovers)
+            self.assertEqual(m[("moemesh_expert_workers_down", worker0)], 1)
             self.assertEqual(greedy_ids(c.stub, ids, len(greedy)), greedy)  # A still down
 
             os.kill(c.expert_procs[2].pid, signal.SIGKILL)
@@ -868,6 +874,8 @@ class ExpertFailoverTest(unittest.TestCase):
             self.assertIn("expert worker", cm.exception.details())
             self.assertLess(time.monotonic() - t0, 30)
             self.assertEqual(sorted(c.stats().expert_workers_down), sorted([a, r]))
+            self.assertEqual(scrape_metrics(self, http_addr)[("moemesh_expert_workers_down",
+                                                              worker0)], 2)
 
             back = c._start("failover-expert0-again",
                             [EXPERT, "--model=" + PYDOC, "--address=" + a, "--threads=1",
@@ -1118,6 +1126,48 @@ class SpeculativeDecodingTest(unittest.TestCase):
             self.assertEqual(c.stats().kv_used_tokens, 0)
         finally:
             c.stop()
+
+
+def scrape_metrics(t, http_addr):
+    """GET /metrics of the router at http_addr, parsed: {(name, labels): value}, labels a sorted
+    tuple of pairs; checks the text format on the way with t's assertions (HELP and TYPE before
+    each family's samples; histograms' buckets cumulative, their +Inf bucket equal to _count)."""
+    conn = http.client.HTTPConnection(http_addr, timeout=CALL_TIMEOUT)
+    try:
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        t.assertEqual(r.status, 200)
+        t.assertTrue(r.getheader("Content-Type").startswith("text/plain; version=0.0.4"))
+        text = r.read().decode("utf-8")
+    finally:
+        conn.close()
+    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+    label = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+    types, out = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            t.assertNotIn(name, types)
+            types[name] = kind
+            continue
+        m = sample.match(line)
+        t.assertIsNotNone(m, line)
+        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        t.assertIn(family, types, line)
+        out[(name, tuple(sorted(label.findall(labels))))] = float(value)
+    for name, kind in types.items():
+        if kind != "histogram":
+            continue
+        buckets = sorted((float(dict(k[1])["le"]), v) for k, v in out.items()
+                         if k[0] == name + "_bucket")
+        t.assertEqual(buckets[-1][0], float("inf"))
+        counts = [v for _, v in buckets]
+        t.assertEqual(counts, sorted(counts), name)
+        t.assertEqual(counts[-1], out[(name + "_count", ())], name)
+    return out
 
 
 class HttpApiTest(unittest.TestCase):
@@ -1559,45 +1609,7 @@ class HttpApiTest(unittest.TestCase):
         conn.close()
 
     def metrics(self):
-        """GET /metrics parsed: {(name, labels): value}, labels a sorted tuple of pairs; checks
-        the text format on the way (HELP and TYPE before each family's samples; histograms'
-        buckets cumulative, their +Inf bucket equal to _count)."""
-        conn = http.client.HTTPConnection(self.http, timeout=CALL_TIMEOUT)
-        try:
-            conn.request("GET", "/metrics")
-            r = conn.getresponse()
-            self.assertEqual(r.status, 200)
-            self.assertTrue(r.getheader("Content-Type").startswith("text/plain; version=0.0.4"))
-            text = r.read().decode("utf-8")
-        finally:
-            conn.close()
-        sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
-        label = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-        types, out = {}, {}
-        for line in text.splitlines():
-            if line.startswith("# HELP "):
-                continue
-            if line.startswith("# TYPE "):
-                _, _, name, kind = line.split(" ")
-                self.assertNotIn(name, types)
-                types[name] = kind
-                continue
-            m = sample.match(line)
-            self.assertIsNotNone(m, line)
-            name, labels, value = m.group(1), m.group(2) or "", m.group(3)
-            family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
-            self.assertIn(family, types, line)
-            out[(name, tuple(sorted(label.findall(labels))))] = float(value)
-        for name, kind in types.items():
-            if kind != "histogram":
-                continue
-            buckets = sorted((float(dict(k[1])["le"]), v) for k, v in out.items()
-                             if k[0] == name + "_bucket")
-            self.assertEqual(buckets[-1][0], float("inf"))
-            counts = [v for _, v in buckets]
-            self.assertEqual(counts, sorted(counts), name)
-            self.assertEqual(counts[-1], out[(name + "_count", ())], name)
-        return out
+        return scrape_metrics(self, self.http)
 
     def test_tokenize_and_detokenize_match_the_grpc_api(self):
         text = "import os\nprint(os.getcwd())"
@@ -1667,6 +1679,8 @@ class HttpApiTest(unittest.TestCase):
         self.assertGreater(delta("moemesh_worker_attention_seconds_total", worker="0"), 0)
         self.assertGreater(delta("moemesh_worker_expert_wait_seconds_total", worker="0"), 0)
         self.assertEqual(delta("moemesh_spec_draft_tokens_total", worker="0"), 0)
+        self.assertEqual(delta("moemesh_expert_failovers_total", worker="0"), 0)
+        self.assertEqual(after[("moemesh_expert_workers_down", (("worker", "0"),))], 0)
         self.assertEqual(self.call("POST", "/metrics")[0], 405)
 
     def test_a_client_leaving_mid_stream_cancels_its_request(self):
