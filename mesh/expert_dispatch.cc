@@ -1,7 +1,7 @@
 #include "mesh/expert_dispatch.h"
 
-#include <condition_variable>
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <iostream>
 #include <mutex>
