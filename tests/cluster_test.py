@@ -391,12 +391,11 @@ class Cluster:
                  expert_flags=(), attention_flags=()):
         self.model_dir = model_dir
         self.procs = []
+        self.expert_flags = list(expert_flags)
         mflag = "--model=" + model_dir
         if encoder is None:
             enc = self._start("%s-encoder" % name, [ENCODER, mflag, "--address=127.0.0.1:0"])
-            exps = [self._start("%s-expert%d" % (name, i),
-                                [EXPERT, mflag, "--address=127.0.0.1:0", "--threads=1",
-                                 "--shards=" + spec] + list(expert_flags))
+            exps = [self._start("%s-expert%d" % (name, i), self.expert_argv(spec))
                     for i, spec in enumerate(shards)]
             self.expert_procs = exps
             self.encoder = enc.wait_for(r"encoder_worker: serving .* on (\S+)").group(1)
@@ -433,6 +432,11 @@ class Cluster:
         p = Proc(name, argv)
         self.procs.append(p)
         return p
+
+    def expert_argv(self, spec, address="127.0.0.1:0"):
+        """The command of an expert worker of this cluster holding `spec` (--shards)."""
+        return ([EXPERT, "--model=" + self.model_dir, "--address=" + address, "--threads=1",
+                 "--shards=" + spec] + self.expert_flags)
 
     def stats(self):
         return self.att_stub.GetStats(wpb2.StatsRequest(), timeout=10)
@@ -877,9 +881,7 @@ class ExpertFailoverTest(unittest.TestCase):
             self.assertEqual(scrape_metrics(self, http_addr)[("moemesh_expert_workers_down",
                                                               worker0)], 2)
 
-            back = c._start("failover-expert0-again",
-                            [EXPERT, "--model=" + PYDOC, "--address=" + a, "--threads=1",
-                             "--shards=" + shards[0]])
+            back = c._start("failover-expert0-again", c.expert_argv(shards[0], address=a))
             back.wait_for(r"expert_worker: serving .* on (\S+)")
             wait_healthy(a, proc=back)
             t0 = time.monotonic()
@@ -895,9 +897,12 @@ class ExpertFailoverTest(unittest.TestCase):
             print("expert worker restarted: serving again after %.1f s" % (time.monotonic() - t0))
             self.assertEqual(list(c.stats().expert_workers_down), [r])
             # Nothing leaked: the failed steps' sequences were released with the others.
-            idle = poll_until(lambda: (lambda s: s.active_sequences == 0 and
-                                       s.kv_used_tokens == 0)(c.stats()), 10, interval=0.05)
-            self.assertTrue(idle, "sequences or KV rows left: %s" % c.stats())
+            def idle():
+                s = c.stats()
+                return s.active_sequences == 0 and s.kv_used_tokens == 0
+
+            self.assertTrue(poll_until(idle, 10, interval=0.05),
+                            "sequences or KV rows left: %s" % c.stats())
         except AssertionError as e:
             raise AssertionError("%s%s" % (e, c.describe())) from None
         finally:
