@@ -587,8 +587,13 @@ int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
 }
 
 wire::Stats AttentionWorker::GetStats() const {
-  std::lock_guard<std::mutex> lock(mu_);
   wire::Stats s;
+  // Outside the lock: these may ask the encoder or start probes of the expert workers.
+  std::string why = encoder_->Unavailable();
+  const std::string experts = experts_->Unavailable();
+  if (!experts.empty()) absl::StrAppend(&why, why.empty() ? "" : "; ", experts);
+  s.set_not_ready(why);
+  std::lock_guard<std::mutex> lock(mu_);
   s.set_kv_capacity_tokens(kv_capacity_);
   s.set_kv_used_tokens(LiveTokens());
   s.set_prefix_cache_tokens(prefix_tokens_);

@@ -135,6 +135,9 @@ class ExpertBackend {
   // a shard on its own device calls that shard's device-memory entry point instead of going
   // through host memory. nullptr for remote experts.
   virtual const ExpertShard* local_shard() const { return nullptr; }
+  // Why RunExperts would fail now ("" when nothing is known to stop it): remote experts with no
+  // holder in service. Thread-safe.
+  virtual std::string Unavailable() { return ""; }
 };
 
 // The experts an expert worker holds, on one device. RunExperts is const and thread-safe.

@@ -16,6 +16,8 @@ class EncoderBackend {
   virtual ~EncoderBackend() = default;
   // out: [n, hidden]. Thread-safe.
   virtual absl::Status Encode(const int32_t* ids, int64_t n, float* out) = 0;
+  // Why Encode would fail now ("" when nothing is known to stop it). Thread-safe.
+  virtual std::string Unavailable() { return ""; }
 };
 
 class LocalEncoder : public EncoderBackend {

@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace moemesh {
 
@@ -113,6 +114,27 @@ std::vector<std::string> ExpertDispatcher::down_workers() const {
     if (health_[w].down) out.push_back(workers_[w].transport->name());
   }
   return out;
+}
+
+std::string ExpertDispatcher::Unavailable() {
+  const std::vector<char> up = Up();
+  std::set<ExpertId> served;
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    if (up[w]) served.insert(workers_[w].shards.begin(), workers_[w].shards.end());
+  }
+  std::vector<std::string> needed;
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    if (up[w]) continue;
+    for (const ExpertId& e : workers_[w].shards) {
+      if (served.count(e) == 0) {
+        needed.push_back(workers_[w].transport->name());
+        break;
+      }
+    }
+  }
+  if (needed.empty()) return "";
+  return absl::StrCat("expert worker", needed.size() > 1 ? "s " : " ", absl::StrJoin(needed, ", "),
+                      " down, holding experts no other worker in service holds");
 }
 
 absl::Status ExpertDispatcher::RunExperts(int32_t layer, const float* x, int64_t n,

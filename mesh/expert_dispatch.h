@@ -96,6 +96,10 @@ class ExpertDispatcher : public ExpertBackend {
   int64_t failovers() const { return failovers_.load(); }
   // The workers (by transport name) down now, in worker order.
   std::vector<std::string> down_workers() const;
+  // "" while every expert has a holder that is up; otherwise names the down workers that hold
+  // an expert no worker up holds. Starts the probes that are due first, so asking while no
+  // calls are made (the router waits for this to be empty) still brings workers back.
+  std::string Unavailable() override;
 
  private:
   // Runs one round: `assign[r * k + j]` = worker index for slot j of row r (-1 = none).

@@ -214,6 +214,40 @@ TEST_F(DispatchTest, ADownWorkerGetsNoRowsUntilAProbeFindsItAnswering) {
   EXPECT_EQ(d.failovers(), 1);
 }
 
+// Unavailable (what the attention worker's GetStats reports as not_ready) names a down worker only
+// while it holds experts no worker up holds, and asking it starts the probes that are due.
+TEST_F(DispatchTest, UnavailableNamesDownWorkersWhoseExpertsNoOneElseServes) {
+  for (bool replicated : {false, true}) {
+    SCOPED_TRACE(replicated);
+    std::vector<ExpertWorkerHandle> ws;
+    auto sw = std::make_unique<SwitchedTransport>(halves_[0].get(), h());
+    SwitchedTransport* s = sw.get();
+    ws.push_back({std::move(sw), halves_[0]->shards()});
+    ExpertShard* other = replicated ? all_.get() : halves_[1].get();
+    ws.push_back({std::make_unique<LocalExpertTransport>(other, h(), "other"), other->shards()});
+    auto now = std::chrono::steady_clock::now();
+    ExpertDispatcher d(std::move(ws), h(), wire::DTYPE_F32, [&now] { return now; });
+    EXPECT_EQ(d.Unavailable(), "");
+    s->down = true;
+    std::vector<float> out(n_ * h(), 0.0f);
+    EXPECT_EQ(d.RunExperts(1, x_.data(), n_, ids_.data(), w_.data(), k_, out.data()).ok(),
+              replicated);
+    EXPECT_EQ(d.down_workers(), std::vector<std::string>{"switched"});
+    if (replicated) {
+      EXPECT_EQ(d.Unavailable(), "");
+      continue;
+    }
+    EXPECT_NE(d.Unavailable().find("expert worker switched down"), std::string::npos)
+        << d.Unavailable();
+    EXPECT_EQ(s->probes, 0);  // not due yet
+    s->down = false;
+    now += std::chrono::milliseconds(static_cast<int>(ExpertDispatcher::kFirstRetrySeconds * 1000));
+    EXPECT_EQ(d.Unavailable(), "");  // the probe it started found the worker answering
+    EXPECT_EQ(s->probes, 1);
+    EXPECT_TRUE(d.down_workers().empty());
+  }
+}
+
 TEST_F(DispatchTest, ShardRejectsExpertsItDoesNotHold) {
   wire::RunExpertsRequest req;
   wire::RunExpertsResponse resp;

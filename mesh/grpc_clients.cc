@@ -113,7 +113,9 @@ absl::StatusOr<wire::ExpertStats> GrpcExpertTransport::GetStats() {
 }
 
 GrpcEncoder::GrpcEncoder(const std::string& address)
-    : address_(address), stub_(wire::Encoder::NewStub(InternalChannel(address))) {}
+    : address_(address),
+      channel_(InternalChannel(address)),
+      stub_(wire::Encoder::NewStub(channel_)) {}
 
 absl::Status GrpcEncoder::Encode(const int32_t* ids, int64_t n, float* out) {
   grpc::ClientContext ctx;
@@ -122,6 +124,7 @@ absl::Status GrpcEncoder::Encode(const int32_t* ids, int64_t n, float* out) {
   req.mutable_ids()->Add(ids, ids + n);
   wire::EncodeResponse resp;
   grpc::Status s = stub_->Encode(&ctx, req, &resp);
+  failing_ = !s.ok();
   if (!s.ok()) {
     return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
                         absl::StrCat("encoder ", address_, ": ", s.error_message()));
@@ -132,6 +135,21 @@ absl::Status GrpcEncoder::Encode(const int32_t* ids, int64_t n, float* out) {
   if (!st.ok()) return st;
   std::copy(h.begin(), h.end(), out);
   return absl::OkStatus();
+}
+
+std::string GrpcEncoder::Unavailable() {
+  if (!failing_) return "";
+  grpc::ClientContext ctx;
+  ctx.set_deadline(After(1.0));
+  grpc::health::v1::HealthCheckRequest req;
+  grpc::health::v1::HealthCheckResponse resp;
+  const grpc::Status s = grpc::health::v1::Health::NewStub(channel_)->Check(&ctx, req, &resp);
+  if (s.ok() && resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+    failing_ = false;
+    return "";
+  }
+  return absl::StrCat("encoder ", address_, " does not answer: ",
+                      s.ok() ? "not serving" : s.error_message());
 }
 
 }  // namespace moemesh

@@ -2,6 +2,7 @@
 #ifndef MOEMESH_MESH_GRPC_CLIENTS_H_
 #define MOEMESH_MESH_GRPC_CLIENTS_H_
 
+#include <atomic>
 #include <memory>
 #include <set>
 #include <string>
@@ -50,10 +51,15 @@ class GrpcEncoder : public EncoderBackend {
  public:
   explicit GrpcEncoder(const std::string& address);
   absl::Status Encode(const int32_t* ids, int64_t n, float* out) override;
+  // After a failed Encode, until one succeeds: asks the encoder's health service (deadline 1 s)
+  // and names the encoder unless it answers SERVING.
+  std::string Unavailable() override;
 
  private:
   const std::string address_;
+  std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<wire::Encoder::Stub> stub_;
+  std::atomic<bool> failing_{false};
 };
 
 }  // namespace moemesh

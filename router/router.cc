@@ -1,6 +1,7 @@
 #include "router/router.h"
 
 #include <algorithm>
+#include <iostream>
 #include <optional>
 #include <random>
 #include <string>
@@ -58,6 +59,13 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, con
                                                        std::vector<AttentionClient*> attention,
                                                        const RouterOptions& opt) {
   if (attention.empty()) return absl::InvalidArgumentError("the router needs an attention worker");
+  if (!(opt.worker_retry_seconds > 0 && opt.worker_retry_seconds <= kMaxRetrySeconds)) {
+    return absl::InvalidArgumentError(absl::StrCat("--worker_retry_seconds must be in (0, ",
+                                                   kMaxRetrySeconds, "]"));
+  }
+  if (!(opt.outage_wait_seconds >= 0)) {
+    return absl::InvalidArgumentError("--outage_wait_seconds must be >= 0");
+  }
   auto think_ids = ThinkTokenIds(*tok, cfg, opt.think_tokens);
   if (!think_ids.ok()) return think_ids.status();
   std::vector<int64_t> caps;
@@ -275,6 +283,10 @@ absl::StatusOr<uint64_t> Router::SubmitChecked(const GenerateRequest& req, Gener
     return absl::UnavailableError(
         "the server is shutting down (draining its requests): send this one to another replica");
   }
+  if (absl::Status e = OutageError(); !e.ok()) {
+    ++counters_.refused_unavailable;
+    return e;
+  }
   if (need > max_kv_capacity_) {
     ++counters_.rejected;
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -433,17 +445,12 @@ void Router::Fail(Request* r, const absl::Status& st, std::vector<Outgoing>* out
   r->sink = nullptr;
 }
 
-void Router::MoveOrFail(size_t index, const absl::Status& st,
-                        const std::vector<Request*>& in_step, std::vector<Outgoing>* out) {
+void Router::Requeue(size_t index, const absl::Status& st, std::vector<Outgoing>* out) {
   Lane& lane = lanes_[index];
   const absl::Status failed(st.code(), absl::StrCat("step failed: ", st.message()));
-  bool other_up = false;
-  for (size_t j = 0; j < lanes_.size(); ++j) other_up = other_up || (j != index && !lanes_[j].down);
-  if (!other_up) {
-    // Nowhere to go: the step's requests fail, as with a single worker (which stays in service,
-    // so that while it is down new requests fail fast rather than wait).
-    for (Request* r : in_step) Fail(r, failed, out);
-    return;
+  if (!lane.down) {
+    std::cerr << "router: attention worker " << index << " is out of service (" << failed
+              << "); its requests go back to the queue" << std::endl;
   }
   lane.down = true;
   lane.AskAgainIn(lane.retry_seconds);
@@ -472,7 +479,26 @@ void Router::MoveOrFail(size_t index, const absl::Status& st,
   // Ahead of the queue, in their order: they were admitted before anything waiting.
   waiting_.insert(waiting_.begin(), std::make_move_iterator(moved.begin()),
                   std::make_move_iterator(moved.end()));
+  outage_status_ = failed;
+  if (!outage_ && std::all_of(lanes_.begin(), lanes_.end(), [](const Lane& l) { return l.down; })) {
+    outage_ = true;
+    outage_since_ = std::chrono::steady_clock::now();
+  }
+  if (absl::Status e = OutageError(); !e.ok()) {  // outage_wait_seconds = 0
+    for (auto& r : waiting_) Fail(r.get(), e, out);
+    waiting_.clear();
+  }
   Admit();
+}
+
+absl::Status Router::OutageError() const {
+  if (!outage_) return absl::OkStatus();
+  const double down = Seconds(std::chrono::steady_clock::now() - outage_since_);
+  if (down < opt_.outage_wait_seconds) return absl::OkStatus();
+  return absl::UnavailableError(
+      absl::StrCat("no attention worker has been in service for ", absl::SixDigits(down),
+                   " s (--outage_wait_seconds=", opt_.outage_wait_seconds,
+                   "); the last failure: ", outage_status_.message()));
 }
 
 void Router::Unreserve(Request* r) {
@@ -571,20 +597,37 @@ void Router::Loop(size_t index) {
       std::unique_lock<std::mutex> l(mu_);
       while (!stop_) {
         if (lane.down) {
-          // Ask the failed worker again at retry_at; back in service once it answers.
-          if (std::chrono::steady_clock::now() < lane.retry_at) {
-            cv_.wait_until(l, lane.retry_at);
+          // An outage past its wait fails the waiting requests (any lane's thread, once).
+          if (absl::Status e = OutageError(); !e.ok() && !waiting_.empty()) {
+            for (auto& r : waiting_) Fail(r.get(), e, &out);
+            waiting_.clear();
+            l.unlock();
+            Deliver(&out);
+            l.lock();
+            continue;
+          }
+          // Ask the failed worker again at retry_at (or wake at the outage's end, above).
+          const auto now = std::chrono::steady_clock::now();
+          if (now < lane.retry_at) {
+            auto until = lane.retry_at;
+            if (outage_ && !waiting_.empty()) {
+              until = std::min(until, outage_since_ + std::chrono::microseconds(static_cast<int64_t>(
+                                                          opt_.outage_wait_seconds * 1e6)));
+            }
+            cv_.wait_until(l, std::max(until, now + std::chrono::milliseconds(1)));
             continue;
           }
           l.unlock();
-          const bool up = lane.client->GetStats().ok();
+          const absl::StatusOr<wire::Stats> stats = lane.client->GetStats();
           l.lock();
-          if (up) {
+          if (stats.ok() && stats->not_ready().empty()) {
+            std::cerr << "router: attention worker " << index << " serves again" << std::endl;
             lane.down = false;
             lane.retry_seconds = opt_.worker_retry_seconds;
+            outage_ = false;
             Admit();
           } else {
-            lane.retry_seconds = std::min(lane.retry_seconds * 2, 60.0);
+            lane.retry_seconds = std::min(lane.retry_seconds * 2, kMaxRetrySeconds);
             lane.AskAgainIn(lane.retry_seconds);
           }
           continue;
@@ -663,7 +706,7 @@ void Router::Loop(size_t index) {
         st = absl::InternalError("the attention worker answered a different number of sequences");
       }
       if (!st.ok()) {
-        MoveOrFail(index, st, in_step, &out);  // the step's results are void
+        Requeue(index, st, &out);  // the step's results are void
         in_step.clear();
       }
       for (size_t i = 0; i < in_step.size(); ++i) {

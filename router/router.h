@@ -57,8 +57,16 @@ struct RouterOptions {
   int64_t max_running = 64;      // sequences in one step's batch (per attention worker)
   int64_t prefill_chunk = 256;   // prompt tokens per step over all prefilling sequences
   int64_t kv_capacity_tokens = 0;  // per attention worker; 0 = ask each worker
-  int max_moves = 2;               // times a request may move to another attention worker
-  double worker_retry_seconds = 2;  // a failed worker is asked again after this (then doubling)
+  // Times a request may go back to the queue after its worker's step failed as a whole (to move
+  // to another worker, or to wait for this one); the next failure fails it.
+  int max_moves = 2;
+  // A worker whose step failed is asked again (GetStats) after this, then at doubling intervals
+  // up to Router::kMaxRetrySeconds; it is back in service once it answers with an empty not_ready.
+  double worker_retry_seconds = 0.5;
+  // With no attention worker in service, requests wait this long for one to come back (a worker
+  // restarted, an expert worker back); then those waiting fail with UNAVAILABLE, and new ones are
+  // refused with UNAVAILABLE until a worker serves again. 0: at once.
+  double outage_wait_seconds = 10;
   // "START,END": the tokens between which SamplingParams::thinking_budget counts. Empty:
   // <think>,</think> when the tokenizer has both (otherwise budgets are refused).
   std::string think_tokens;
@@ -73,16 +81,21 @@ absl::StatusOr<std::pair<int32_t, int32_t>> ThinkTokenIds(const Tokenizer& tok,
 
 class Router {
  public:
+  // The longest interval between two GetStats calls to a worker that is down.
+  static constexpr double kMaxRetrySeconds = 2;
+
   // `tok` and the attention clients must outlive the router. With several attention workers,
   // each request is admitted to the one with the most free KV cache (among those with room
   // for its prompt + max_tokens) and stays there; each worker gets its own scheduler thread
   // and steps, so the workers compute side by side. Requests wait in one queue, by priority
   // then arrival (GenerateRequest.priority: lower first). When a worker's step fails as a
-  // whole (the worker is down or unreachable) and another worker is up, its requests go back
-  // to the head of the queue and continue on another worker from their last token (its KV cache rebuilt by a prefill of the prompt and
-  // the tokens generated so far; greedy output is unchanged, sampling continues with a fresh
-  // random stream), at most RouterOptions::max_moves times; the failed worker takes no new
-  // requests until its GetStats answers again.
+  // whole (the worker is down or unreachable, or one of its encoder or expert workers is), its
+  // requests go back to the head of the queue and continue from their last token on another
+  // worker, or on the same one once it serves again (the KV cache rebuilt by a prefill of the
+  // prompt and the tokens generated so far; greedy output is unchanged, sampling continues with
+  // a fresh random stream), at most RouterOptions::max_moves times; the failed worker takes no
+  // requests until its GetStats answers with an empty not_ready. While no worker is in service
+  // requests wait, for RouterOptions::outage_wait_seconds.
   static absl::StatusOr<std::unique_ptr<Router>> Create(const Tokenizer* tok, const ModelConfig& cfg,
                                                         const GenerationDefaults& defaults,
                                                         std::vector<AttentionClient*> attention,
@@ -114,9 +127,11 @@ class Router {
     int64_t submitted = 0, finished = 0, cancelled = 0, failed = 0, rejected = 0, invalid = 0;
     int64_t finished_length = 0;  // of `finished`, those that reached max_tokens or the context
     int64_t refused_draining = 0;  // UNAVAILABLE at Submit: the router is draining (Drain)
+    // UNAVAILABLE at Submit: no worker has been in service for outage_wait_seconds.
+    int64_t refused_unavailable = 0;
     bool draining = false;
     int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
-    int64_t moved = 0;  // requests moved to another worker after a worker failed
+    int64_t moved = 0;  // requests requeued after their worker's step failed
     // Prompt tokens of requests whose prompt is prefilled (once each: not again when a moved
     // request rebuilds its cache), and tokens generated (sent to clients).
     int64_t prompt_tokens = 0, generation_tokens = 0;
@@ -195,7 +210,8 @@ class Router {
     std::vector<std::unique_ptr<Request>> running;
     std::vector<uint64_t> to_release;
     int64_t steps = 0;
-    // Down after a failed step: takes no requests until GetStats answers (asked at retry_at).
+    // Down after a failed step: takes no requests until GetStats answers with an empty not_ready
+    // (asked at retry_at).
     bool down = false;
     std::chrono::steady_clock::time_point retry_at;
     double retry_seconds = 0;
@@ -230,11 +246,13 @@ class Router {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Returns r's KV reservation to its worker and queues its sequence's release there.
   void Unreserve(Request* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // After lane `lane`'s step over `in_step` failed with `st`: marks the lane down and moves its
-  // requests back to the queue's head (failing those that moved max_moves times); with no other
-  // worker up, fails the step's requests instead.
-  void MoveOrFail(size_t lane, const absl::Status& st, const std::vector<Request*>& in_step,
-                  std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After lane `lane`'s step failed with `st`: marks the lane down and moves its requests back to
+  // the queue's head (failing those that moved max_moves times); starts an outage when no lane
+  // is up.
+  void Requeue(size_t lane, const absl::Status& st, std::vector<Outgoing>* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The error of an outage that has lasted outage_wait_seconds (OK: none, or not that long).
+  absl::Status OutageError() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies one sampled token, a SeqResult's `token` or one of its `earlier` ones (both carry
   // token, logprob, top_ids, top_logprobs); true when the request is finished.
   template <typename Sampled>
@@ -266,6 +284,11 @@ class Router {
   // after construction but by their own thread).
   std::vector<Lane> lanes_;
   Counters counters_ ABSL_GUARDED_BY(mu_);
+  // Since outage_since_ no lane has been up (a failed step took down the last one); the status
+  // of the last failed step.
+  bool outage_ ABSL_GUARDED_BY(mu_) = false;
+  std::chrono::steady_clock::time_point outage_since_ ABSL_GUARDED_BY(mu_);
+  absl::Status outage_status_ ABSL_GUARDED_BY(mu_);
 };
 
 // INVALID_ARGUMENT "field 'FIELD' holds id X outside the vocabulary [0, VOCAB)" for the first

@@ -5,6 +5,8 @@
 #include <iostream>
 
 #include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
+#include "absl/strings/str_cat.h"
 #include "mesh/server.h"
 
 ABSL_FLAG(int64_t, max_queue, 256,
@@ -13,11 +15,18 @@ ABSL_FLAG(int64_t, max_running, 64, "Sequences batched in one step (per attentio
 ABSL_FLAG(int64_t, prefill_chunk, 256,
           "Prompt tokens prefilled per step (long prompts go in chunks).");
 ABSL_FLAG(int32_t, max_moves, 2,
-          "With several attention workers: times a request may move to another worker after its "
-          "worker failed (it continues from its last token); beyond, it fails.");
-ABSL_FLAG(double, worker_retry_seconds, 2,
-          "With several attention workers: a failed worker takes no requests until its GetStats "
-          "answers, asked after this many seconds, then doubling (at most 60).");
+          "Times a request may go back to the queue after its attention worker's step failed as "
+          "a whole (it continues from its last token on another worker, or on the same one once "
+          "it serves again); the next failure fails it.");
+ABSL_FLAG(double, worker_retry_seconds, 0.5,
+          "An attention worker whose step failed takes no requests until its GetStats answers "
+          "with nothing that stops a step (its encoder and every expert reachable), asked after "
+          "this many seconds, then doubling (at most 2).");
+ABSL_FLAG(double, outage_wait_seconds, 10,
+          "With no attention worker in service (each failed a step and is not back), requests "
+          "wait this long for one to serve again (a restarted worker, an expert worker back); "
+          "then the waiting ones fail with UNAVAILABLE, and new ones are refused with UNAVAILABLE "
+          "until a worker serves again. 0 = fail them at once.");
 
 ABSL_FLAG(std::string, think_tokens, "",
           "The tokens between which a request's thinking_budget counts, as START,END; empty: "
@@ -63,8 +72,21 @@ RouterOptions RouterOptionsFromFlags() {
   ro.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   ro.max_moves = absl::GetFlag(FLAGS_max_moves);
   ro.worker_retry_seconds = absl::GetFlag(FLAGS_worker_retry_seconds);
+  ro.outage_wait_seconds = absl::GetFlag(FLAGS_outage_wait_seconds);
   ro.think_tokens = absl::GetFlag(FLAGS_think_tokens);
   return ro;
+}
+
+std::vector<std::string> RouterFlagsForChild() {
+  std::vector<std::string> args;
+  for (const char* name :
+       {"max_queue", "max_running", "prefill_chunk", "max_moves", "worker_retry_seconds",
+        "outage_wait_seconds", "think_tokens", "http_address", "served_model_name",
+        "http_keep_alive_seconds", "drain_seconds"}) {
+    const absl::CommandLineFlag* f = absl::FindCommandLineFlag(name);
+    if (f != nullptr) args.push_back(absl::StrCat("--", name, "=", f->CurrentValue()));
+  }
+  return args;
 }
 
 absl::StatusOr<std::unique_ptr<HttpServer>> StartHttpFromFlags(Router* router,

@@ -1,11 +1,12 @@
 // Command-line flags of the router's scheduler, shared by every binary that runs a router
 // (router, moemesh serve, moemesh_node): --max_queue, --max_running, --prefill_chunk, --max_moves,
-// --worker_retry_seconds, --think_tokens, and the HTTP API's --http_address, --served_model_name,
+// --worker_retry_seconds, --outage_wait_seconds, --think_tokens, and the HTTP API's --http_address, --served_model_name,
 // --http_keep_alive_seconds, and shutdown's --drain_seconds.
 #ifndef MOEMESH_ROUTER_ROUTER_FLAGS_H_
 #define MOEMESH_ROUTER_ROUTER_FLAGS_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/flags/declare.h"
 #include "grpcpp/grpcpp.h"
@@ -23,6 +24,10 @@ ABSL_DECLARE_FLAG(double, drain_seconds);
 namespace moemesh {
 
 RouterOptions RouterOptionsFromFlags();
+
+// The router's flags above (scheduling, HTTP API, shutdown) as given to this process, as
+// "--NAME=VALUE" arguments for a router it starts (`moemesh cluster`).
+std::vector<std::string> RouterFlagsForChild();
 
 // Blocks until SIGINT or SIGTERM, then drains: `router` refuses new requests, `server`'s gRPC
 // health turns NOT_SERVING, and the accepted requests get --drain_seconds to finish. Logs as

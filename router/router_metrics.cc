@@ -37,13 +37,16 @@ std::string PrometheusMetrics(const Router::Counters& c,
       d(c.failed));
   by("moemesh_requests_rejected_total",
      "Requests refused at submission: invalid (INVALID_ARGUMENT), no room (RESOURCE_EXHAUSTED: "
-     "queue full, or more KV cache than a worker holds) or draining (UNAVAILABLE: shutting "
-     "down).",
+     "queue full, or more KV cache than a worker holds), draining (UNAVAILABLE: shutting "
+     "down) or unavailable (UNAVAILABLE: no attention worker in service for "
+     "--outage_wait_seconds).",
      "reason",
      {{"invalid", c.invalid}, {"resource_exhausted", c.rejected},
-      {"draining", c.refused_draining}});
+      {"draining", c.refused_draining}, {"unavailable", c.refused_unavailable}});
   one("moemesh_requests_moved_total", "counter",
-      "Requests moved to another attention worker after theirs failed.", d(c.moved));
+      "Requests sent back to the queue after their attention worker's step failed (to continue "
+      "on another worker, or on the same one once it serves again).",
+      d(c.moved));
   one("moemesh_prompt_tokens_total", "counter", "Prompt tokens prefilled (each prompt once).",
       d(c.prompt_tokens));
   one("moemesh_generation_tokens_total", "counter", "Tokens generated and sent to clients.",

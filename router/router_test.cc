@@ -25,7 +25,8 @@ constexpr char kModel[] = "models/pydoc-moe-17m";
 constexpr int32_t kToken = 100;  // what the fake workers sample
 
 // Answers every step with kToken for each sequence that samples; from step `fail_from` on
-// (counting from 0; -1: never), fails every step as a worker that went down does.
+// (counting from 0; -1: never), fails every step as a worker that went down does, and reports
+// why in GetStats' not_ready, until Recover().
 class FakeAttention : public AttentionClient {
  public:
   explicit FakeAttention(int64_t kv_capacity, int fail_from = -1)
@@ -33,7 +34,7 @@ class FakeAttention : public AttentionClient {
   absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) override {
     std::unique_lock<std::mutex> l(mu_);
     gate_.wait(l, [&] { return open_; });
-    const bool fail = fail_from_ >= 0 && steps_ >= fail_from_;
+    const bool fail = !recovered_ && fail_from_ >= 0 && steps_ >= fail_from_;
     ++steps_;
     for (const wire::SeqStep& s : req.seqs()) seqs_.insert(s.seq_id());
     if (fail) return absl::UnavailableError("worker down");
@@ -64,9 +65,24 @@ class FakeAttention : public AttentionClient {
     return absl::OkStatus();
   }
   absl::StatusOr<wire::Stats> GetStats() override {
+    std::lock_guard<std::mutex> l(mu_);
+    ++stats_calls_;
     wire::Stats s;
     s.set_kv_capacity_tokens(kv_capacity_);
+    if (!recovered_ && fail_from_ >= 0 && steps_ >= fail_from_) s.set_not_ready("expert down");
     return s;
+  }
+  void Recover() {
+    std::lock_guard<std::mutex> l(mu_);
+    recovered_ = true;
+  }
+  int64_t steps() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return steps_;
+  }
+  int64_t stats_calls() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return stats_calls_;
   }
   // Steps wait while held (so that a test's requests are all admitted before any ends).
   void Hold() {
@@ -116,8 +132,8 @@ class FakeAttention : public AttentionClient {
   const int fail_from_;
   mutable std::mutex mu_;
   std::condition_variable gate_;
-  bool open_ = true;
-  int64_t steps_ = 0, released_ = 0;
+  bool open_ = true, recovered_ = false;
+  int64_t steps_ = 0, released_ = 0, stats_calls_ = 0;
   std::set<uint64_t> seqs_;
   std::map<uint64_t, std::vector<int32_t>> kv_;
   std::map<uint64_t, std::pair<int32_t, int32_t>> think_;
@@ -243,9 +259,7 @@ TEST_F(RouterTest, RequestsOfAFailedWorkerMoveToAnother) {
   FakeAttention good(1000), bad(1000, /*fail_from=*/6);
   good.Hold();
   bad.Hold();
-  RouterOptions opt;
-  opt.worker_retry_seconds = 600;  // stays down for the test
-  auto r = Router::Create(tok_.get(), cfg_, gen_, {&good, &bad}, opt);
+  auto r = Router::Create(tok_.get(), cfg_, gen_, {&good, &bad}, RouterOptions());
   ASSERT_TRUE(r.ok()) << r.status();
   Router& router = **r;
   std::vector<Sink> sinks(4);
@@ -270,7 +284,8 @@ TEST_F(RouterTest, RequestsOfAFailedWorkerMoveToAnother) {
   std::vector<int32_t> want(req.token_ids().ids().begin(), req.token_ids().ids().end());
   want.insert(want.end(), 29, kToken);
   for (uint64_t id : ids) EXPECT_EQ(good.kv(id), want) << "sequence " << id;
-  // The failed worker is out of service: a new request goes to the good one.
+  // The failed worker is out of service (its GetStats reports not_ready): a new request goes to
+  // the good one.
   Sink late;
   auto id = router.Submit(Request(5, 3), &late);
   ASSERT_TRUE(id.ok());
@@ -279,15 +294,90 @@ TEST_F(RouterTest, RequestsOfAFailedWorkerMoveToAnother) {
   EXPECT_FALSE(bad.seqs().count(*id));
 }
 
-// A lone worker's failed step fails the step's requests (nowhere to move them).
-TEST_F(RouterTest, ALoneFailedWorkerFailsItsRequests) {
-  FakeAttention bad(1000, /*fail_from=*/0);
-  auto router = Make({&bad});
-  ASSERT_NE(router, nullptr);
-  Sink s;
-  ASSERT_TRUE(router->Submit(Request(5, 30), &s).ok());
-  EXPECT_EQ(s.Wait().code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ(router->counters().moved, 0);
+// With no other worker up, a failed step's requests wait for their worker: it gets no step while
+// its GetStats reports something in not_ready (an expert worker down), and once that clears the
+// requests continue from their last token over a rebuilt KV cache.
+TEST_F(RouterTest, RequestsOfALoneFailedWorkerWaitForItToServeAgain) {
+  FakeAttention w(1000, /*fail_from=*/6);
+  w.Hold();
+  RouterOptions opt;
+  opt.worker_retry_seconds = 0.02;
+  opt.outage_wait_seconds = 60;
+  auto r = Router::Create(tok_.get(), cfg_, gen_, {&w}, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  Router& router = **r;
+  std::vector<Sink> sinks(2);
+  std::vector<uint64_t> ids;
+  for (Sink& s : sinks) {
+    auto id = router.Submit(Request(5, 30), &s);
+    ASSERT_TRUE(id.ok()) << id.status();
+    ids.push_back(*id);
+  }
+  w.Open();
+  // Step 6 fails; the worker is then asked (GetStats) at doubling intervals and gets no step.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (w.stats_calls() < 5 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_GE(w.stats_calls(), 5);
+  EXPECT_EQ(w.steps(), 7);
+  EXPECT_EQ(router.counters().moved, 2);
+  EXPECT_EQ(router.counters().worker_up, std::vector<bool>{false});
+  EXPECT_EQ(sinks[0].ids().size(), 6u);  // a token from each of steps 0-5
+  w.Recover();
+  for (Sink& s : sinks) {
+    ASSERT_TRUE(s.Wait().ok());
+    EXPECT_EQ(s.ids(), std::vector<int32_t>(30, kToken));
+  }
+  const moemesh::v1::GenerateRequest req = Request(5, 30);
+  std::vector<int32_t> want(req.token_ids().ids().begin(), req.token_ids().ids().end());
+  want.insert(want.end(), 29, kToken);
+  for (uint64_t id : ids) EXPECT_EQ(w.kv(id), want) << "sequence " << id;
+  EXPECT_EQ(router.counters().failed, 0);
+}
+
+// An outage longer than outage_wait_seconds fails the requests waiting, with UNAVAILABLE naming
+// the last failure, and refuses new ones until the worker serves again; a wait of 0 fails a
+// failed step's requests at once.
+TEST_F(RouterTest, AnOutagePastItsWaitFailsTheWaitingAndRefusesNewRequests) {
+  for (double wait : {0.0, 0.3}) {
+    SCOPED_TRACE(wait);
+    FakeAttention w(1000, /*fail_from=*/0);
+    RouterOptions opt;
+    opt.worker_retry_seconds = 0.02;
+    opt.outage_wait_seconds = wait;
+    auto r = Router::Create(tok_.get(), cfg_, gen_, {&w}, opt);
+    ASSERT_TRUE(r.ok()) << r.status();
+    Router& router = **r;
+    Sink s;
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(router.Submit(Request(5, 30), &s).ok());
+    const absl::Status st = s.Wait();
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+    EXPECT_NE(st.message().find("worker down"), std::string::npos) << st;
+    EXPECT_GE(waited, wait);
+    EXPECT_LT(waited, wait + 10);
+    if (wait > 0) {
+      EXPECT_NE(st.message().find("--outage_wait_seconds"), std::string::npos) << st;
+      EXPECT_EQ(w.steps(), 1);  // not tried again while it reported not_ready
+    }
+    Sink refused;
+    const auto id = router.Submit(Request(5, 3), &refused);
+    EXPECT_EQ(id.status().code(), absl::StatusCode::kUnavailable) << id.status();
+    EXPECT_EQ(router.counters().refused_unavailable, 1);
+    EXPECT_EQ(router.counters().failed, 1);
+    // Back in service once GetStats has nothing in not_ready.
+    w.Recover();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!router.counters().worker_up[0] && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    Sink late;
+    ASSERT_TRUE(router.Submit(Request(5, 3), &late).ok());
+    ASSERT_TRUE(late.Wait().ok());
+    EXPECT_EQ(late.ids(), std::vector<int32_t>(3, kToken));
+  }
 }
 
 // Cancelling: a waiting request ends at once, a running one at its worker's next step boundary;

@@ -1736,7 +1736,7 @@ class WorkerDownHealthTest(unittest.TestCase):
             c.attention_procs[0].stop()
             status, text = get("/health")
             self.assertEqual(status, 503)
-            self.assertTrue(text.startswith("no attention worker answers: UNAVAILABLE"), text)
+            self.assertTrue(text.startswith("no attention worker can serve: UNAVAILABLE"), text)
             with self.assertRaises(grpc.RpcError) as cm:
                 generate(c.stub, make_request(PYDOC_CASES[0][0], 4))
             self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -26,6 +27,12 @@ ABSL_FLAG(int32_t, attention_workers, 1,
 ABSL_FLAG(std::string, bin_dir, "", "cluster: directory holding router/, encoder_worker/, attention_worker/, expert_worker/ binaries (default: the bazel-bin this tool runs from).");
 ABSL_FLAG(std::string, wire_dtype, "f32", "cluster: hidden states to expert workers as f32 (exact) or bf16.");
 ABSL_FLAG(std::string, log_dir, "", "cluster: where each process's log goes (default: a new directory under /tmp).");
+ABSL_FLAG(bool, restart_workers, true,
+          "cluster: when a process exits after start-up, start it again (same command and address, "
+          "its log appended), so the router's requests wait for it and continue "
+          "(--outage_wait_seconds); after 5 restarts within a minute, its next exit stops the "
+          "cluster. false: "
+          "any exit stops the cluster.");
 
 namespace moemesh {
 namespace {
@@ -37,17 +44,30 @@ struct Child {
   std::string name;
   pid_t pid = -1;
   std::string address;
+  std::vector<std::string> argv;
+  std::string log;
+  int status = 0;                                         // waitpid's, once it exited
+  std::deque<std::chrono::steady_clock::time_point> restarts;  // within the last minute
 };
+
+// A process that exits this often within a minute is not started again.
+constexpr int kMaxRestartsPerMinute = 5;
+
+std::string ExitDescription(int status) {
+  if (WIFSIGNALED(status)) return absl::StrCat("killed by signal ", WTERMSIG(status));
+  if (WIFEXITED(status)) return absl::StrCat("exit status ", WEXITSTATUS(status));
+  return "exited";
+}
 
 std::string Dirname(const std::string& p) {
   auto i = p.rfind('/');
   return i == std::string::npos ? "." : p.substr(0, i);
 }
 
-pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log, bool append) {
   pid_t pid = fork();
   if (pid == 0) {
-    FILE* f = std::fopen(log.c_str(), "w");
+    FILE* f = std::fopen(log.c_str(), append ? "a" : "w");
     if (f != nullptr) {
       dup2(fileno(f), 1);
       dup2(fileno(f), 2);
@@ -167,8 +187,10 @@ int RunCluster(const std::string& argv0) {
     Child c;
     c.name = name;
     c.address = a;
-    c.pid = Spawn(argv, logs + "/" + name + ".log");
-    children.push_back(c);
+    c.argv = std::move(argv);
+    c.log = logs + "/" + name + ".log";
+    c.pid = Spawn(c.argv, c.log, /*append=*/false);
+    children.push_back(std::move(c));
   };
   start("encoder", {bin + "/encoder_worker/encoder_worker", "--config=" + config}, addr(1));
   for (int i = 0; i < n; ++i) {
@@ -187,15 +209,13 @@ int RunCluster(const std::string& argv0) {
   // The router also serves the HTTP API with --http_address (it listens before it is healthy).
   const std::string http = absl::GetFlag(FLAGS_http_address);
   std::vector<std::string> router_argv = {bin + "/router/router", "--config=" + config};
-  if (!http.empty()) router_argv.push_back("--http_address=" + http);
-  router_argv.push_back(absl::StrCat("--drain_seconds=", absl::GetFlag(FLAGS_drain_seconds)));
+  for (std::string& f : RouterFlagsForChild()) router_argv.push_back(std::move(f));
   start("router", router_argv, addr(0));
 
   // Healthy, in start order; give up if a process dies or the deadline passes.
-  auto died = [&]() -> const Child* {
+  auto died = [&]() -> Child* {
     for (auto& c : children) {
-      int status;
-      if (c.pid > 0 && waitpid(c.pid, &status, WNOHANG) == c.pid) {
+      if (c.pid > 0 && waitpid(c.pid, &c.status, WNOHANG) == c.pid) {
         c.pid = -1;
         return &c;
       }
@@ -235,14 +255,29 @@ int RunCluster(const std::string& argv0) {
     std::cout << "HTTP API (OpenAI-compatible): http://" << http
               << "/v1/completions, /v1/chat/completions" << std::endl;
   }
+  const bool restart = absl::GetFlag(FLAGS_restart_workers);
   while (!g_signal) {
-    if (const Child* d = died()) {
-      std::cerr << "moemesh cluster: " << d->name << " exited; stopping the cluster (see " << logs
-                << "/" << d->name << ".log)" << std::endl;
-      StopAll(&children);
-      return 1;
+    if (Child* d = died()) {
+      const auto now = std::chrono::steady_clock::now();
+      while (!d->restarts.empty() && now - d->restarts.front() > std::chrono::minutes(1)) {
+        d->restarts.pop_front();
+      }
+      if (!restart || d->restarts.size() >= kMaxRestartsPerMinute) {
+        std::cerr << "moemesh cluster: " << d->name << " exited (" << ExitDescription(d->status)
+                  << (restart ? absl::StrCat(", its ", kMaxRestartsPerMinute + 1,
+                                             "th exit within a minute")
+                              : std::string())
+                  << "); stopping the cluster (see " << d->log << ")" << std::endl;
+        StopAll(&children);
+        return 1;
+      }
+      d->restarts.push_back(now);
+      std::cerr << "moemesh cluster: " << d->name << " exited (" << ExitDescription(d->status)
+                << "); starting it again on " << d->address << " (see " << d->log << ")"
+                << std::endl;
+      d->pid = Spawn(d->argv, d->log, /*append=*/true);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   std::cout << "moemesh cluster: stopping" << std::endl;
   StopAll(&children);
