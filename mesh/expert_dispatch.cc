@@ -57,7 +57,7 @@ ExpertDispatcher::~ExpertDispatcher() {
   probes_done_.wait(l, [this] { return probes_in_flight_ == 0; });
 }
 
-std::vector<char> ExpertDispatcher::Up() {
+std::vector<char> ExpertDispatcher::Up(double wait_seconds) {
   std::vector<int> due;
   {
     const auto now = now_();
@@ -76,10 +76,14 @@ std::vector<char> ExpertDispatcher::Up() {
       Answered(w, st);
       std::lock_guard<std::mutex> l(health_mu_);
       health_[w].probing = false;
-      if (--probes_in_flight_ == 0) probes_done_.notify_all();
+      --probes_in_flight_;
+      probes_done_.notify_all();
     });
   }
-  std::lock_guard<std::mutex> l(health_mu_);
+  std::unique_lock<std::mutex> l(health_mu_);
+  probes_done_.wait_for(l, std::chrono::duration<double>(wait_seconds), [&] {
+    return std::none_of(due.begin(), due.end(), [&](int w) { return health_[w].probing; });
+  });
   std::vector<char> up(health_.size());
   for (size_t w = 0; w < health_.size(); ++w) up[w] = !health_[w].down;
   return up;
@@ -117,7 +121,7 @@ std::vector<std::string> ExpertDispatcher::down_workers() const {
 }
 
 std::string ExpertDispatcher::Unavailable() {
-  const std::vector<char> up = Up();
+  const std::vector<char> up = Up(kProbeWaitSeconds);
   std::set<ExpertId> served;
   for (size_t w = 0; w < workers_.size(); ++w) {
     if (up[w]) served.insert(workers_[w].shards.begin(), workers_[w].shards.end());

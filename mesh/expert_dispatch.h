@@ -97,9 +97,11 @@ class ExpertDispatcher : public ExpertBackend {
   // The workers (by transport name) down now, in worker order.
   std::vector<std::string> down_workers() const;
   // "" while every expert has a holder that is up; otherwise names the down workers that hold
-  // an expert no worker up holds. Starts the probes that are due first, so asking while no
-  // calls are made (the router waits for this to be empty) still brings workers back.
+  // an expert no worker up holds. First starts the probes that are due and waits for them (up
+  // to kProbeWaitSeconds), so asking while no calls are made (the router waits for this to be
+  // empty) brings workers back, and the answer is that of the probe.
   std::string Unavailable() override;
+  static constexpr double kProbeWaitSeconds = 1.5;
 
  private:
   // Runs one round: `assign[r * k + j]` = worker index for slot j of row r (-1 = none).
@@ -107,8 +109,9 @@ class ExpertDispatcher : public ExpertBackend {
                      const float* weights, int64_t k, const std::vector<int>& assign, float* out,
                      std::vector<int>* failed);
 
-  // Starts the probes that are due; returns which workers are up.
-  std::vector<char> Up();
+  // Starts the probes that are due, waits up to `wait_seconds` for them to answer, and returns
+  // which workers are up.
+  std::vector<char> Up(double wait_seconds = 0);
   // Records the outcome of a call or probe to worker w.
   void Answered(int w, const absl::Status& st);
 

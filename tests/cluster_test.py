@@ -812,8 +812,10 @@ class ExpertFailoverTest(unittest.TestCase):
           (no more failovers), only probes. Resume B: a probe finds it and it is used again.
         - SIGKILL A while six greedy streams run: every stream still gives the reference ids,
           its rows going to C.
-        - Kill C as well: experts 0..E/2-1 have no holder left, so a request fails at once
-          with UNAVAILABLE naming the worker, and the attention worker stays up.
+        - Kill C as well: experts 0..E/2-1 have no holder left, so a request's step fails, and
+          the router keeps it queued for its --outage_wait_seconds (2 s here) while the
+          attention worker reports not_ready; then it fails with UNAVAILABLE naming the
+          worker, and the attention worker stays up.
         - Start a new worker for those experts on A's address: requests succeed again, without
           restarting anything else."""
         _, experts, layers = load_config(PYDOC)
@@ -822,7 +824,7 @@ class ExpertFailoverTest(unittest.TestCase):
                   "0-%d:%d-%d" % (layers - 1, half, experts - 1),
                   "0-%d:0-%d" % (layers - 1, experts - 1)]
         c = start_cluster(PYDOC, shards, name="failover", attention_flags=["--expert_timeout=2"],
-                          router_flags=["--http_address=127.0.0.1:0"])
+                          router_flags=["--http_address=127.0.0.1:0", "--outage_wait_seconds=2"])
         hung = c.expert_procs[1]
         try:
             a, b, r = c.experts
@@ -876,6 +878,7 @@ class ExpertFailoverTest(unittest.TestCase):
             self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE,
                              cm.exception.details())
             self.assertIn("expert worker", cm.exception.details())
+            self.assertIn("--outage_wait_seconds=2", cm.exception.details())
             self.assertLess(time.monotonic() - t0, 30)
             self.assertEqual(sorted(c.stats().expert_workers_down), sorted([a, r]))
             self.assertEqual(scrape_metrics(self, http_addr)[("moemesh_expert_workers_down",
@@ -1715,13 +1718,13 @@ class HttpApiTest(unittest.TestCase):
 
 class WorkerDownHealthTest(unittest.TestCase):
     """A router whose only attention worker is gone: GET /health answers 503 (a readiness probe
-    takes the pod out), a request fails UNAVAILABLE."""
+    takes the pod out), a request fails UNAVAILABLE once the router's outage wait is over."""
 
     def test_health_is_503_while_no_attention_worker_is_up(self):
         shared = shared_pydoc_cluster()
         c = start_cluster(PYDOC, [], name="down", encoder=shared.encoder,
                           experts=shared.experts,
-                          router_flags=["--http_address=127.0.0.1:0"])
+                          router_flags=["--http_address=127.0.0.1:0", "--outage_wait_seconds=1"])
         try:
             http_addr = c.procs[-1].wait_for(r"OpenAI-compatible HTTP API on (\S+)").group(1)
 
@@ -2073,6 +2076,70 @@ class ClusterCommandTest(unittest.TestCase):
             self.assertEqual(left, [], "processes of the cluster still running after SIGINT")
             self.assertIn(rc, (0, 130, -signal.SIGINT), "exit status after SIGINT")
             self.assertFalse(health_ok(addr, timeout=1), "the router still answers")
+        except AssertionError as e:
+            children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
+                               for f in sorted(os.listdir(p.logs)))
+            raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
+        finally:
+            p.stop()
+
+    def test_killed_processes_start_again_and_lose_no_request(self):
+        """SIGKILL an expert worker, then the attention worker, then the encoder of a running
+        `moemesh cluster`, each at the first token of three greedy streams: the command starts
+        the process again on its address, the router keeps the streams' requests queued until
+        the attention worker can serve a step again (its GetStats not_ready empty), and every
+        stream gives the reference ids."""
+        p, _, addr = self.start_cluster_command()
+        router_log = os.path.join(p.logs, "router.log")
+
+        def pid_of(binary, *args):
+            for k in descendants(p.pid):
+                try:
+                    with open("/proc/%d/cmdline" % k, "rb") as f:
+                        argv = f.read().decode().split("\0")
+                except OSError:
+                    continue
+                if argv[0].endswith(binary) and all(a in argv for a in args):
+                    return k
+            return None
+
+        def out_of_service():
+            with open(router_log) as f:
+                return f.read().count("is out of service")
+
+        try:
+            wait_healthy(addr, proc=p)
+            ch = grpc.insecure_channel(addr)
+            stub = pb2_grpc.GenerationStub(ch)
+            for name, binary, args in [("expert1", "/expert_worker", ["--index=1"]),
+                                       ("attention", "/attention_worker", []),
+                                       ("encoder", "/encoder_worker", [])]:
+                old = pid_of(binary, *args)
+                self.assertIsNotNone(old, "no %s process under %d" % (name, p.pid))
+                failures = out_of_service()
+                first = threading.Event()
+
+                def run(ids, n):
+                    out = Result()
+                    for resp in stub.Generate(make_request(ids, n), timeout=120):
+                        out.ids.extend(resp.ids)
+                        first.set()
+                    return out
+
+                jobs = [Background(lambda ids=ids, g=g: run(ids, len(g)))
+                        for ids, g in PYDOC_CASES[:3]]
+                self.assertTrue(first.wait(60), "no token streamed")
+                os.kill(old, signal.SIGKILL)
+                for i, (j, (_, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
+                    self.assertEqual(j.join(timeout=180).ids, greedy,
+                                     "%s killed: prompt %d" % (name, i))
+                self.assertGreater(out_of_service(), failures,
+                                   "%s killed: no step failed (the streams had ended?)" % name)
+                self.assertTrue(poll_until(lambda: (pid_of(binary, *args) or old) != old, 10),
+                                "%s not started again" % name)
+                self.assertIn("%s exited (killed by signal 9); starting it again" % name,
+                              _tail(p.err_path, 5000))
+            ch.close()
         except AssertionError as e:
             children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
                                for f in sorted(os.listdir(p.logs)))
