@@ -1,5 +1,6 @@
 #include "router/attention_client.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -58,7 +59,7 @@ absl::Status GrpcAttentionClient::Release(const std::vector<uint64_t>& seq_ids) 
 
 absl::StatusOr<wire::Stats> GrpcAttentionClient::GetStats() {
   grpc::ClientContext ctx;
-  SetDeadline(&ctx, timeout_);
+  SetDeadline(&ctx, std::min(timeout_, kStatsSeconds));
   wire::StatsRequest req;
   wire::Stats resp;
   absl::Status st = Annotate(address_, stub_->GetStats(&ctx, req, &resp));

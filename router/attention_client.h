@@ -20,7 +20,10 @@ class GrpcAttentionClient : public AttentionClient {
   GrpcAttentionClient(const std::string& address, double step_timeout_seconds);
   absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) override;
   absl::Status Release(const std::vector<uint64_t>& seq_ids) override;
+  // With a deadline of at most kStatsSeconds: the router asks a failed worker this way (and
+  // /health, /metrics), and a hung one must not hold them for a step's timeout.
   absl::StatusOr<wire::Stats> GetStats() override;
+  static constexpr double kStatsSeconds = 5;
 
  private:
   const std::string address_;

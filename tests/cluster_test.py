@@ -2121,8 +2121,12 @@ class ClusterCommandTest(unittest.TestCase):
 
                 def run(ids, n):
                     out = Result()
+                    out.stall, last = 0.0, None
                     for resp in stub.Generate(make_request(ids, n), timeout=120):
                         out.ids.extend(resp.ids)
+                        now = time.monotonic()
+                        out.stall = max(out.stall, now - (last or now))
+                        last = now
                         first.set()
                     return out
 
@@ -2130,9 +2134,12 @@ class ClusterCommandTest(unittest.TestCase):
                         for ids, g in PYDOC_CASES[:3]]
                 self.assertTrue(first.wait(60), "no token streamed")
                 os.kill(old, signal.SIGKILL)
+                stall = 0.0
                 for i, (j, (_, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
-                    self.assertEqual(j.join(timeout=180).ids, greedy,
-                                     "%s killed: prompt %d" % (name, i))
+                    got = j.join(timeout=180)
+                    self.assertEqual(got.ids, greedy, "%s killed: prompt %d" % (name, i))
+                    stall = max(stall, got.stall)
+                print("%s killed mid-stream: the streams paused %.1f s at most" % (name, stall))
                 self.assertGreater(out_of_service(), failures,
                                    "%s killed: no step failed (the streams had ended?)" % name)
                 self.assertTrue(poll_until(lambda: (pid_of(binary, *args) or old) != old, 10),
