@@ -18,6 +18,7 @@ Set MOEMESH_TEST_KEEP_LOGS=DIR to keep the processes' logs in DIR.
 """
 
 import atexit
+import contextlib
 import faulthandler
 import http.client
 import importlib
@@ -2028,9 +2029,22 @@ class ClusterCommandTest(unittest.TestCase):
             return p, line, m.group(1)
         raise last
 
+    @contextlib.contextmanager
+    def explained(self, p):
+        """Stops `moemesh cluster` `p` at the end; an assertion that fails inside gets its output
+        and its processes' logs."""
+        try:
+            yield
+        except AssertionError as e:
+            children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
+                               for f in sorted(os.listdir(p.logs)))
+            raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
+        finally:
+            p.stop()
+
     def test_moemesh_cluster_serves_and_stops_on_sigint(self):
         p, line, addr = self.start_cluster_command(extra=["--attention_workers=2"])
-        try:
+        with self.explained(p):
             # The processes of the cluster: everything the command started.
             kids = descendants(p.pid)
             p.extra_pids = list(kids)
@@ -2076,12 +2090,6 @@ class ClusterCommandTest(unittest.TestCase):
             self.assertEqual(left, [], "processes of the cluster still running after SIGINT")
             self.assertIn(rc, (0, 130, -signal.SIGINT), "exit status after SIGINT")
             self.assertFalse(health_ok(addr, timeout=1), "the router still answers")
-        except AssertionError as e:
-            children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
-                               for f in sorted(os.listdir(p.logs)))
-            raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
-        finally:
-            p.stop()
 
     def test_killed_processes_start_again_and_lose_no_request(self):
         """SIGKILL an expert worker, then the attention worker, then the encoder of a running
@@ -2107,7 +2115,7 @@ class ClusterCommandTest(unittest.TestCase):
             with open(router_log) as f:
                 return f.read().count("is out of service")
 
-        try:
+        with self.explained(p):
             wait_healthy(addr, proc=p)
             ch = grpc.insecure_channel(addr)
             stub = pb2_grpc.GenerationStub(ch)
@@ -2147,12 +2155,6 @@ class ClusterCommandTest(unittest.TestCase):
                 self.assertIn("%s exited (killed by signal 9); starting it again" % name,
                               _tail(p.err_path, 5000))
             ch.close()
-        except AssertionError as e:
-            children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
-                               for f in sorted(os.listdir(p.logs)))
-            raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
-        finally:
-            p.stop()
 
     def test_dummy_weights_are_the_same_model_in_every_process(self):
         """--load_format=dummy makes each tensor from its name alone: `moemesh cluster` passes the
@@ -2160,19 +2162,13 @@ class ClusterCommandTest(unittest.TestCase):
         flags = ["--load_format=dummy", "--num_layers=3"]
         ids = heldout_ids()[:20]
         p, _, addr = self.start_cluster_command(flags)
-        try:
+        with self.explained(p):
             wait_healthy(addr, proc=p)
             with grpc.insecure_channel(addr) as ch:
                 stub = pb2_grpc.GenerationStub(ch)
                 info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)
                 self.assertEqual(info.num_layers, 3)
                 from_cluster = greedy_ids(stub, ids, 12)
-        except AssertionError as e:
-            children = "".join("\n--- %s:\n%s" % (f, _tail(os.path.join(p.logs, f), 1500))
-                               for f in sorted(os.listdir(p.logs)))
-            raise AssertionError("%s%s%s" % (e, p.describe(), children)) from None
-        finally:
-            p.stop()
         s, saddr = start_serve(PYDOC, "serve-dummy", flags)
         try:
             with grpc.insecure_channel(saddr) as ch:
