@@ -27,7 +27,7 @@ absl::StatusOr<std::string> RenderChatML(
     const auto& [role, content] = messages[i];
     if (!IsChatRole(role)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("chat message ", i, " has role \"", role,
+          absl::StrCat("message ", i, " has role \"", role,
                        "\"; expected system, user, assistant or tool"));
     }
     absl::StrAppend(&out, kImStart, role, "\n", content, kImEnd, "\n");

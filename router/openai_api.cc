@@ -82,8 +82,13 @@ json Bytes(const std::string& s) {
 // The body as a JSON object whose "model", if given, is the served one.
 absl::StatusOr<json> ParseBody(std::string_view body, const std::string& served_model) {
   json j = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError("the request body must be a JSON object");
+  if (j.is_discarded()) {
+    return absl::InvalidArgumentError(
+        "the request body is not valid JSON (RFC 8259: no NaN or Infinity, strings in UTF-8)");
+  }
+  if (!j.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the request body must be a JSON object, not ", j.type_name()));
   }
   if (auto it = j.find("model"); it != j.end() && !it->is_null()) {
     if (!it->is_string()) return Bad("model", "must be a string");

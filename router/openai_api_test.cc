@@ -200,7 +200,9 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
     const char* word;
   };
   const Case cases[] = {
-      {Endpoint::kCompletions, "not json", absl::StatusCode::kInvalidArgument, "JSON"},
+      {Endpoint::kCompletions, "not json", absl::StatusCode::kInvalidArgument, "not valid JSON"},
+      {Endpoint::kCompletions, R"({"prompt": "x", "temperature": NaN})",
+       absl::StatusCode::kInvalidArgument, "not valid JSON (RFC 8259: no NaN"},
       {Endpoint::kChat,
        R"({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
            "function": {"name": "f", "parameters": {}}}]})",
@@ -217,7 +219,8 @@ TEST(OpenAiApiTest, BadRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "json_schema needs"},
       {Endpoint::kCompletions, R"({"prompt": "x", "response_format": {"type": "grammar"}})",
        absl::StatusCode::kInvalidArgument, "json_schema"},
-      {Endpoint::kCompletions, "[1]", absl::StatusCode::kInvalidArgument, "JSON object"},
+      {Endpoint::kCompletions, "[1]", absl::StatusCode::kInvalidArgument,
+       "must be a JSON object, not array"},
       {Endpoint::kCompletions, "{}", absl::StatusCode::kInvalidArgument, "prompt"},
       {Endpoint::kCompletions, R"({"prompt": ["a", 5]})", absl::StatusCode::kInvalidArgument,
        "prompt"},
