@@ -2096,8 +2096,9 @@ class ClusterCommandTest(unittest.TestCase):
         `moemesh cluster`, each at the first token of three greedy streams: the command starts
         the process again on its address, the router keeps the streams' requests queued until
         the attention worker can serve a step again (its GetStats not_ready empty), and every
-        stream gives the reference ids."""
-        p, _, addr = self.start_cluster_command()
+        stream gives the reference ids. The command passes its router flags
+        (--outage_wait_seconds here) to the router."""
+        p, _, addr = self.start_cluster_command(extra=["--outage_wait_seconds=30"])
         router_log = os.path.join(p.logs, "router.log")
 
         def pid_of(binary, *args):
@@ -2117,6 +2118,9 @@ class ClusterCommandTest(unittest.TestCase):
 
         with self.explained(p):
             wait_healthy(addr, proc=p)
+            # The router's flags given to the command reach its router.
+            self.assertIsNotNone(pid_of("/router", "--outage_wait_seconds=30"),
+                                 "the router was not given --outage_wait_seconds=30")
             ch = grpc.insecure_channel(addr)
             stub = pb2_grpc.GenerationStub(ch)
             for name, binary, args in [("expert1", "/expert_worker", ["--index=1"]),
