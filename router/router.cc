@@ -484,21 +484,31 @@ void Router::Requeue(size_t index, const absl::Status& st, std::vector<Outgoing>
     outage_ = true;
     outage_since_ = std::chrono::steady_clock::now();
   }
-  if (absl::Status e = OutageError(); !e.ok()) {  // outage_wait_seconds = 0
-    for (auto& r : waiting_) Fail(r.get(), e, out);
-    waiting_.clear();
-  }
+  FailWaitingAfterOutage(out);  // at once with outage_wait_seconds = 0
   Admit();
 }
 
+std::chrono::steady_clock::time_point Router::OutageDeadline() const {
+  return outage_since_ +
+         std::chrono::microseconds(static_cast<int64_t>(opt_.outage_wait_seconds * 1e6));
+}
+
 absl::Status Router::OutageError() const {
-  if (!outage_) return absl::OkStatus();
-  const double down = Seconds(std::chrono::steady_clock::now() - outage_since_);
-  if (down < opt_.outage_wait_seconds) return absl::OkStatus();
+  const auto now = std::chrono::steady_clock::now();
+  if (!outage_ || now < OutageDeadline()) return absl::OkStatus();
+  const double down = Seconds(now - outage_since_);
   return absl::UnavailableError(
       absl::StrCat("no attention worker has been in service for ", absl::SixDigits(down),
                    " s (--outage_wait_seconds=", opt_.outage_wait_seconds,
                    "); the last failure: ", outage_status_.message()));
+}
+
+bool Router::FailWaitingAfterOutage(std::vector<Outgoing>* out) {
+  const absl::Status e = OutageError();
+  if (e.ok() || waiting_.empty()) return false;
+  for (auto& r : waiting_) Fail(r.get(), e, out);
+  waiting_.clear();
+  return true;
 }
 
 void Router::Unreserve(Request* r) {
@@ -598,9 +608,7 @@ void Router::Loop(size_t index) {
       while (!stop_) {
         if (lane.down) {
           // An outage past its wait fails the waiting requests (any lane's thread, once).
-          if (absl::Status e = OutageError(); !e.ok() && !waiting_.empty()) {
-            for (auto& r : waiting_) Fail(r.get(), e, &out);
-            waiting_.clear();
+          if (FailWaitingAfterOutage(&out)) {
             l.unlock();
             Deliver(&out);
             l.lock();
@@ -610,10 +618,7 @@ void Router::Loop(size_t index) {
           const auto now = std::chrono::steady_clock::now();
           if (now < lane.retry_at) {
             auto until = lane.retry_at;
-            if (outage_ && !waiting_.empty()) {
-              until = std::min(until, outage_since_ + std::chrono::microseconds(static_cast<int64_t>(
-                                                          opt_.outage_wait_seconds * 1e6)));
-            }
+            if (outage_ && !waiting_.empty()) until = std::min(until, OutageDeadline());
             cv_.wait_until(l, std::max(until, now + std::chrono::milliseconds(1)));
             continue;
           }

@@ -251,8 +251,12 @@ class Router {
   // is up.
   void Requeue(size_t lane, const absl::Status& st, std::vector<Outgoing>* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // When the outage that began at outage_since_ has waited outage_wait_seconds.
+  std::chrono::steady_clock::time_point OutageDeadline() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The error of an outage that has lasted outage_wait_seconds (OK: none, or not that long).
   absl::Status OutageError() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After that: fails every waiting request with OutageError; whether there was one.
+  bool FailWaitingAfterOutage(std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies one sampled token, a SeqResult's `token` or one of its `earlier` ones (both carry
   // token, logprob, top_ids, top_logprobs); true when the request is finished.
   template <typename Sampled>
