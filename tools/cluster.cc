@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <deque>
 #include <cstdio>
+#include <deque>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -31,8 +31,7 @@ ABSL_FLAG(bool, restart_workers, true,
           "cluster: when a process exits after start-up, start it again (same command and address, "
           "its log appended), so the router's requests wait for it and continue "
           "(--outage_wait_seconds); after 5 restarts within a minute, its next exit stops the "
-          "cluster. false: "
-          "any exit stops the cluster.");
+          "cluster. false: any exit stops the cluster.");
 
 namespace moemesh {
 namespace {
@@ -46,11 +45,11 @@ struct Child {
   std::string address;
   std::vector<std::string> argv;
   std::string log;
-  int status = 0;                                         // waitpid's, once it exited
+  int status = 0;  // waitpid's, once it exited
   std::deque<std::chrono::steady_clock::time_point> restarts;  // within the last minute
 };
 
-// A process that exits this often within a minute is not started again.
+// Restarts of one process within a minute; its next exit stops the cluster.
 constexpr int kMaxRestartsPerMinute = 5;
 
 std::string ExitDescription(int status) {
