@@ -2097,7 +2097,8 @@ class ClusterCommandTest(unittest.TestCase):
         the process again on its address, the router keeps the streams' requests queued until
         the attention worker can serve a step again (its GetStats not_ready empty), and every
         stream gives the reference ids. The command passes its router flags
-        (--outage_wait_seconds here) to the router."""
+        (--outage_wait_seconds here) to the router. A process that exits a sixth time within a
+        minute stops the cluster."""
         p, _, addr = self.start_cluster_command(extra=["--outage_wait_seconds=30"])
         router_log = os.path.join(p.logs, "router.log")
 
@@ -2159,6 +2160,22 @@ class ClusterCommandTest(unittest.TestCase):
                 self.assertIn("%s exited (killed by signal 9); starting it again" % name,
                               _tail(p.err_path, 5000))
             ch.close()
+            # A process that keeps exiting: after 5 restarts within a minute, the next exit
+            # stops the cluster (expert1 was restarted once above).
+            for i in range(5):
+                old = pid_of("/expert_worker", "--index=1")
+                self.assertIsNotNone(old, "expert1 not running")
+                os.kill(old, signal.SIGKILL)
+                if i < 4:  # restarts 2-5
+                    self.assertTrue(poll_until(
+                        lambda: (pid_of("/expert_worker", "--index=1") or old) != old, 10))
+            try:
+                rc = p.p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.fail("moemesh cluster still running after expert1's 6th exit in a minute")
+            self.assertEqual(rc, 1)
+            self.assertIn("expert1 exited (killed by signal 9, its 6th exit within a minute); "
+                          "stopping the cluster", _tail(p.err_path, 5000))
 
     def test_dummy_weights_are_the_same_model_in_every_process(self):
         """--load_format=dummy makes each tensor from its name alone: `moemesh cluster` passes the
