@@ -113,9 +113,7 @@ absl::StatusOr<wire::ExpertStats> GrpcExpertTransport::GetStats() {
 }
 
 GrpcEncoder::GrpcEncoder(const std::string& address)
-    : address_(address),
-      channel_(InternalChannel(address)),
-      stub_(wire::Encoder::NewStub(channel_)) {}
+    : address_(address), stub_(wire::Encoder::NewStub(InternalChannel(address))) {}
 
 absl::Status GrpcEncoder::Encode(const int32_t* ids, int64_t n, float* out) {
   grpc::ClientContext ctx;
@@ -139,17 +137,12 @@ absl::Status GrpcEncoder::Encode(const int32_t* ids, int64_t n, float* out) {
 
 std::string GrpcEncoder::Unavailable() {
   if (!failing_) return "";
-  grpc::ClientContext ctx;
-  ctx.set_deadline(After(1.0));
-  grpc::health::v1::HealthCheckRequest req;
-  grpc::health::v1::HealthCheckResponse resp;
-  const grpc::Status s = grpc::health::v1::Health::NewStub(channel_)->Check(&ctx, req, &resp);
-  if (s.ok() && resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+  const absl::Status st = WaitHealthy(address_, kHealthSeconds);
+  if (st.ok()) {
     failing_ = false;
     return "";
   }
-  return absl::StrCat("encoder ", address_, " does not answer: ",
-                      s.ok() ? "not serving" : s.error_message());
+  return absl::StrCat("encoder: ", st.message());
 }
 
 }  // namespace moemesh

@@ -51,13 +51,13 @@ class GrpcEncoder : public EncoderBackend {
  public:
   explicit GrpcEncoder(const std::string& address);
   absl::Status Encode(const int32_t* ids, int64_t n, float* out) override;
-  // After a failed Encode, until one succeeds: asks the encoder's health service (deadline 1 s)
-  // and names the encoder unless it answers SERVING.
+  // After a failed Encode, until one succeeds: WaitHealthy for up to kHealthSeconds, and the
+  // encoder named unless it answers SERVING.
   std::string Unavailable() override;
+  static constexpr double kHealthSeconds = 1.0;
 
  private:
   const std::string address_;
-  std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<wire::Encoder::Stub> stub_;
   std::atomic<bool> failing_{false};
 };
