@@ -269,8 +269,7 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
     // Ready while some attention worker answers with nothing that stops a step (one GetStats
     // each).
     const auto stats = router->WorkerStats();
-    if (std::none_of(stats.begin(), stats.end(),
-                     [](const auto& s) { return s.ok() && s->not_ready().empty(); })) {
+    if (std::none_of(stats.begin(), stats.end(), CanServe)) {
       std::string why = "none";
       if (!stats.empty()) why = stats[0].ok() ? stats[0]->not_ready() : stats[0].status().ToString();
       return SendResponse(c, 503, "text/plain",

@@ -625,7 +625,7 @@ void Router::Loop(size_t index) {
           l.unlock();
           const absl::StatusOr<wire::Stats> stats = lane.client->GetStats();
           l.lock();
-          if (stats.ok() && stats->not_ready().empty()) {
+          if (CanServe(stats)) {
             std::cerr << "router: attention worker " << index << " serves again" << std::endl;
             lane.down = false;
             lane.retry_seconds = opt_.worker_retry_seconds;

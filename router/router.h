@@ -42,6 +42,12 @@ class AttentionClient {
   virtual absl::StatusOr<wire::Stats> GetStats() = 0;
 };
 
+// Whether a worker whose GetStats answered `stats` can serve a step: it answered, with nothing in
+// not_ready. The router takes a failed worker back on this, and GET /health is 200 on it.
+inline bool CanServe(const absl::StatusOr<wire::Stats>& stats) {
+  return stats.ok() && stats->not_ready().empty();
+}
+
 // Receives one request's responses. The router calls it from its scheduler thread (or from
 // Submit/Cancel's caller), never concurrently for one request, and never after OnFinish.
 class GenerationSink {
