@@ -197,6 +197,23 @@ class RouterTest : public ::testing::Test {
     r.mutable_sampling()->set_ignore_eos(true);
     return r;
   }
+  // Submits `req` once per sink; the ids in `ids`.
+  static void SubmitAll(Router& router, const moemesh::v1::GenerateRequest& req,
+                        std::vector<Sink>* sinks, std::vector<uint64_t>* ids) {
+    for (Sink& s : *sinks) {
+      auto id = router.Submit(req, &s);
+      ASSERT_TRUE(id.ok()) << id.status();
+      ids->push_back(*id);
+    }
+  }
+  // What a finished greedy sequence of Request(prompt_tokens, max_tokens) leaves in a fake
+  // worker's cache: its prompt, then the generated tokens but the last (never fed back).
+  static std::vector<int32_t> FinishedCache(int prompt_tokens, int max_tokens) {
+    const moemesh::v1::GenerateRequest req = Request(prompt_tokens, max_tokens);
+    std::vector<int32_t> want(req.token_ids().ids().begin(), req.token_ids().ids().end());
+    want.insert(want.end(), max_tokens - 1, kToken);
+    return want;
+  }
   std::unique_ptr<Router> Make(std::vector<AttentionClient*> workers) {
     auto r = Router::Create(tok_.get(), cfg_, gen_, std::move(workers), RouterOptions());
     EXPECT_TRUE(r.ok()) << r.status();
@@ -264,11 +281,7 @@ TEST_F(RouterTest, RequestsOfAFailedWorkerMoveToAnother) {
   Router& router = **r;
   std::vector<Sink> sinks(4);
   std::vector<uint64_t> ids;
-  for (Sink& s : sinks) {
-    auto id = router.Submit(Request(5, 30), &s);
-    ASSERT_TRUE(id.ok()) << id.status();
-    ids.push_back(*id);
-  }
+  ASSERT_NO_FATAL_FAILURE(SubmitAll(router, Request(5, 30), &sinks, &ids));
   good.Open();
   bad.Open();
   for (Sink& s : sinks) {
@@ -278,12 +291,8 @@ TEST_F(RouterTest, RequestsOfAFailedWorkerMoveToAnother) {
   EXPECT_EQ(router.counters().moved, 2);
   EXPECT_EQ(bad.seqs().size(), 2u);
   EXPECT_EQ(good.seqs().size(), 4u);
-  // Every sequence's cache on the good worker: the prompt, then the generated tokens but the
-  // last (never fed back), at consecutive positions (checked as they came).
-  const moemesh::v1::GenerateRequest req = Request(5, 30);
-  std::vector<int32_t> want(req.token_ids().ids().begin(), req.token_ids().ids().end());
-  want.insert(want.end(), 29, kToken);
-  for (uint64_t id : ids) EXPECT_EQ(good.kv(id), want) << "sequence " << id;
+  // Every sequence's cache on the good worker, at consecutive positions (checked as they came).
+  for (uint64_t id : ids) EXPECT_EQ(good.kv(id), FinishedCache(5, 30)) << "sequence " << id;
   // The failed worker is out of service (its GetStats reports not_ready): a new request goes to
   // the good one.
   Sink late;
@@ -308,11 +317,7 @@ TEST_F(RouterTest, RequestsOfALoneFailedWorkerWaitForItToServeAgain) {
   Router& router = **r;
   std::vector<Sink> sinks(2);
   std::vector<uint64_t> ids;
-  for (Sink& s : sinks) {
-    auto id = router.Submit(Request(5, 30), &s);
-    ASSERT_TRUE(id.ok()) << id.status();
-    ids.push_back(*id);
-  }
+  ASSERT_NO_FATAL_FAILURE(SubmitAll(router, Request(5, 30), &sinks, &ids));
   w.Open();
   // Step 6 fails; the worker is then asked (GetStats) at doubling intervals and gets no step.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
@@ -329,10 +334,7 @@ TEST_F(RouterTest, RequestsOfALoneFailedWorkerWaitForItToServeAgain) {
     ASSERT_TRUE(s.Wait().ok());
     EXPECT_EQ(s.ids(), std::vector<int32_t>(30, kToken));
   }
-  const moemesh::v1::GenerateRequest req = Request(5, 30);
-  std::vector<int32_t> want(req.token_ids().ids().begin(), req.token_ids().ids().end());
-  want.insert(want.end(), 29, kToken);
-  for (uint64_t id : ids) EXPECT_EQ(w.kv(id), want) << "sequence " << id;
+  for (uint64_t id : ids) EXPECT_EQ(w.kv(id), FinishedCache(5, 30)) << "sequence " << id;
   EXPECT_EQ(router.counters().failed, 0);
 }
 
