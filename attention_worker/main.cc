@@ -14,6 +14,7 @@
 #include "attention_worker/setup.h"
 #include "attention_worker/worker_flags.h"
 #include "engine/ops/threading.h"
+#include "mesh/grpc_clients.h"
 #include "mesh/load_flags.h"
 #include "mesh/placement.h"
 #include "mesh/server.h"
@@ -78,6 +79,8 @@ int Main() {
   o.kv_capacity_tokens = absl::GetFlag(FLAGS_kv_capacity_tokens);
   AttentionFlagsInto(&o);
   o.expert_timeout_seconds = absl::GetFlag(FLAGS_expert_timeout);
+  absl::Status peer = CheckPeerTimeoutFlag();
+  if (!peer.ok()) return Fail(peer);
   o.overlap_halves = absl::GetFlag(FLAGS_overlap_halves);
   ops::SetNumThreads(absl::GetFlag(FLAGS_threads));
   const char* products = ComputeTypeName(o.load.attention_compute());

@@ -4,11 +4,20 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "protos/grpc/health/v1/health.grpc.pb.h"
+
+ABSL_FLAG(double, peer_timeout, 4,
+          "Seconds a worker may leave a call in flight without a sign of life before the call "
+          "fails: while calls are in flight, each internal channel sends an HTTP/2 keepalive ping "
+          "every peer_timeout/2 s and closes when one goes peer_timeout/2 s unanswered. It catches "
+          "a stopped process or a lost machine or network long before the call's own deadline "
+          "(--step_timeout, --expert_timeout); a busy worker still answers pings. 0 = off; "
+          "otherwise at least 0.5.");
 
 namespace moemesh {
 namespace {
@@ -22,12 +31,31 @@ std::chrono::system_clock::time_point After(double seconds) {
 
 absl::Status FromGrpc(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  const auto code = static_cast<absl::StatusCode>(s.error_code());
+  if (s.error_message() == "keepalive watchdog timeout") {  // InternalChannel's pings
+    const double peer = absl::GetFlag(FLAGS_peer_timeout);
+    return absl::Status(code, absl::StrCat("no answer to a keepalive ping within ", peer / 2,
+                                           " s (--peer_timeout=", peer,
+                                           "): the process is stopped or hung, or its machine "
+                                           "or network is down"));
+  }
+  return absl::Status(code, s.error_message());
 }
 
 grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status CheckPeerTimeoutFlag() {
+  const double s = absl::GetFlag(FLAGS_peer_timeout);
+  if (s == 0 || s >= kMinPeerTimeoutSeconds) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("--peer_timeout must be 0 (off) or at least ",
+                                                 kMinPeerTimeoutSeconds, " s, not ", s));
+}
+
+std::string PeerTimeoutFlagForChild() {
+  return absl::StrCat("--peer_timeout=", absl::GetFlag(FLAGS_peer_timeout));
 }
 
 std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address) {
@@ -36,6 +64,16 @@ std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address) {
   args.SetMaxSendMessageSize(-1);
   // A channel of its own per peer (not shared through the global subchannel pool).
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  const double peer = absl::GetFlag(FLAGS_peer_timeout);
+  if (peer >= kMinPeerTimeoutSeconds) {
+    // Pings only while calls are in flight, as many as a long call needs (gRPC's default stops
+    // after 2 without data); the servers accept them this often (StartServer).
+    const int half_ms = static_cast<int>(peer * 500);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, half_ms);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, half_ms);
+    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 0);
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 
@@ -121,11 +159,10 @@ absl::Status GrpcEncoder::Encode(const int32_t* ids, int64_t n, float* out) {
   wire::EncodeRequest req;
   req.mutable_ids()->Add(ids, ids + n);
   wire::EncodeResponse resp;
-  grpc::Status s = stub_->Encode(&ctx, req, &resp);
-  failing_ = !s.ok();
-  if (!s.ok()) {
-    return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                        absl::StrCat("encoder ", address_, ": ", s.error_message()));
+  const absl::Status called = FromGrpc(stub_->Encode(&ctx, req, &resp));
+  failing_ = !called.ok();
+  if (!called.ok()) {
+    return absl::Status(called.code(), absl::StrCat("encoder ", address_, ": ", called.message()));
   }
   int64_t rows = n, cols = -1;
   std::vector<float> h;

@@ -20,8 +20,17 @@ namespace moemesh {
 absl::Status FromGrpc(const grpc::Status& s);
 grpc::Status ToGrpc(const absl::Status& s);
 
-// A channel for internal traffic: insecure loopback/cluster network, large messages allowed.
+// A channel for internal traffic: insecure loopback/cluster network, large messages allowed, and
+// keepalive pings while calls are in flight (--peer_timeout), so that a call to a peer that
+// stopped answering fails UNAVAILABLE within --peer_timeout s.
 std::shared_ptr<grpc::Channel> InternalChannel(const std::string& address);
+
+// --peer_timeout (defined with InternalChannel): InvalidArgument unless 0 or at least
+// kMinPeerTimeoutSeconds (the servers accept a ping every 0.1 s; pings go every half of it).
+inline constexpr double kMinPeerTimeoutSeconds = 0.5;
+absl::Status CheckPeerTimeoutFlag();
+// "--peer_timeout=S" with this process's value, for a child that makes internal channels.
+std::string PeerTimeoutFlagForChild();
 
 // Waits until `address` answers grpc.health.v1 with SERVING (or the deadline passes).
 absl::Status WaitHealthy(const std::string& address, double timeout_seconds);

@@ -11,6 +11,8 @@
 namespace moemesh {
 namespace {
 
+constexpr int kMinPingMs = 100;
+
 volatile std::sig_atomic_t g_stop = 0;
 void OnSignal(int) { g_stop = 1; }
 
@@ -26,6 +28,10 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::string& add
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(-1);
   builder.SetMaxSendMessageSize(-1);
+  // Clients' keepalive pings during long calls (InternalChannel's --peer_timeout): accepted as
+  // often as every kMinPingMs (gRPC's default refuses more than one per 5 minutes without data,
+  // and closes the connection after two such).
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, kMinPingMs);
   for (grpc::Service* s : services) builder.RegisterService(s);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {

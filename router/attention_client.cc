@@ -15,9 +15,9 @@ void SetDeadline(grpc::ClientContext* ctx, double seconds) {
 }
 
 absl::Status Annotate(const std::string& address, const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                      absl::StrCat("attention worker ", address, ": ", s.error_message()));
+  const absl::Status st = FromGrpc(s);
+  if (st.ok()) return st;
+  return absl::Status(st.code(), absl::StrCat("attention worker ", address, ": ", st.message()));
 }
 
 }  // namespace

@@ -68,6 +68,8 @@ int Main() {
   if (!gen.ok()) return Fail(gen.status());
   auto tok = Tokenizer::FromFile(model_dir + "/tokenizer.json");
   if (!tok.ok()) return Fail(tok.status());
+  absl::Status peer = CheckPeerTimeoutFlag();
+  if (!peer.ok()) return Fail(peer);
   std::vector<AttentionClient*> lanes;
   auto clients =
       ConnectAttentionWorkers(attention, absl::GetFlag(FLAGS_step_timeout), 120, &lanes);

@@ -2091,6 +2091,56 @@ class ClusterCommandTest(unittest.TestCase):
             self.assertIn(rc, (0, 130, -signal.SIGINT), "exit status after SIGINT")
             self.assertFalse(health_ok(addr, timeout=1), "the router still answers")
 
+    @staticmethod
+    def pid_of(p, binary, *args):
+        """The pid of the process under `moemesh cluster` `p` running `binary` with `args`."""
+        for k in descendants(p.pid):
+            try:
+                with open("/proc/%d/cmdline" % k, "rb") as f:
+                    argv = f.read().decode().split("\0")
+            except OSError:
+                continue
+            if argv[0].endswith(binary) and all(a in argv for a in args):
+                return k
+        return None
+
+    @staticmethod
+    def out_of_service(p):
+        """The failed steps the router of `moemesh cluster` `p` logged so far."""
+        with open(os.path.join(p.logs, "router.log")) as f:
+            return f.read().count("is out of service")
+
+    def streams_through(self, stub, fault, what):
+        """Three greedy streams; `fault()` at their first token. Each must give the reference ids.
+        Returns the longest pause between two of a stream's responses (s)."""
+        first = threading.Event()
+
+        def run(ids, n):
+            out = Result()
+            out.stall, last = 0.0, None
+            for resp in stub.Generate(make_request(ids, n), timeout=120):
+                out.ids.extend(resp.ids)
+                now = time.monotonic()
+                out.stall = max(out.stall, now - (last or now))
+                last = now
+                first.set()
+            return out
+
+        jobs = [Background(lambda ids=ids, g=g: run(ids, len(g))) for ids, g in PYDOC_CASES[:3]]
+        self.assertTrue(first.wait(60), "no token streamed")
+        fault()
+        stall = 0.0
+        for i, (j, (_, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
+            got = j.join(timeout=180)
+            self.assertEqual(got.ids, greedy, "%s: prompt %d" % (what, i))
+            stall = max(stall, got.stall)
+        return stall
+
+    # The worker processes of `moemesh cluster`: (name, binary, arguments that tell it apart).
+    WORKERS = [("expert1", "/expert_worker", ["--index=1"]),
+               ("attention", "/attention_worker", []),
+               ("encoder", "/encoder_worker", [])]
+
     def test_killed_processes_start_again_and_lose_no_request(self):
         """SIGKILL an expert worker, then the attention worker, then the encoder of a running
         `moemesh cluster`, each at the first token of three greedy streams: the command starts
@@ -2100,75 +2150,37 @@ class ClusterCommandTest(unittest.TestCase):
         (--outage_wait_seconds here) to the router. A process that exits a sixth time within a
         minute stops the cluster."""
         p, _, addr = self.start_cluster_command(extra=["--outage_wait_seconds=30"])
-        router_log = os.path.join(p.logs, "router.log")
-
-        def pid_of(binary, *args):
-            for k in descendants(p.pid):
-                try:
-                    with open("/proc/%d/cmdline" % k, "rb") as f:
-                        argv = f.read().decode().split("\0")
-                except OSError:
-                    continue
-                if argv[0].endswith(binary) and all(a in argv for a in args):
-                    return k
-            return None
-
-        def out_of_service():
-            with open(router_log) as f:
-                return f.read().count("is out of service")
-
         with self.explained(p):
             wait_healthy(addr, proc=p)
             # The router's flags given to the command reach its router.
-            self.assertIsNotNone(pid_of("/router", "--outage_wait_seconds=30"),
+            self.assertIsNotNone(self.pid_of(p, "/router", "--outage_wait_seconds=30"),
                                  "the router was not given --outage_wait_seconds=30")
             ch = grpc.insecure_channel(addr)
             stub = pb2_grpc.GenerationStub(ch)
-            for name, binary, args in [("expert1", "/expert_worker", ["--index=1"]),
-                                       ("attention", "/attention_worker", []),
-                                       ("encoder", "/encoder_worker", [])]:
-                old = pid_of(binary, *args)
+            for name, binary, args in self.WORKERS:
+                old = self.pid_of(p, binary, *args)
                 self.assertIsNotNone(old, "no %s process under %d" % (name, p.pid))
-                failures = out_of_service()
-                first = threading.Event()
-
-                def run(ids, n):
-                    out = Result()
-                    out.stall, last = 0.0, None
-                    for resp in stub.Generate(make_request(ids, n), timeout=120):
-                        out.ids.extend(resp.ids)
-                        now = time.monotonic()
-                        out.stall = max(out.stall, now - (last or now))
-                        last = now
-                        first.set()
-                    return out
-
-                jobs = [Background(lambda ids=ids, g=g: run(ids, len(g)))
-                        for ids, g in PYDOC_CASES[:3]]
-                self.assertTrue(first.wait(60), "no token streamed")
-                os.kill(old, signal.SIGKILL)
-                stall = 0.0
-                for i, (j, (_, greedy)) in enumerate(zip(jobs, PYDOC_CASES)):
-                    got = j.join(timeout=180)
-                    self.assertEqual(got.ids, greedy, "%s killed: prompt %d" % (name, i))
-                    stall = max(stall, got.stall)
+                failures = self.out_of_service(p)
+                stall = self.streams_through(stub, lambda: os.kill(old, signal.SIGKILL),
+                                             "%s killed" % name)
                 print("%s killed mid-stream: the streams paused %.1f s at most" % (name, stall))
-                self.assertGreater(out_of_service(), failures,
+                self.assertGreater(self.out_of_service(p), failures,
                                    "%s killed: no step failed (the streams had ended?)" % name)
-                self.assertTrue(poll_until(lambda: (pid_of(binary, *args) or old) != old, 10),
-                                "%s not started again" % name)
+                self.assertTrue(
+                    poll_until(lambda: (self.pid_of(p, binary, *args) or old) != old, 10),
+                    "%s not started again" % name)
                 self.assertIn("%s exited (killed by signal 9); starting it again" % name,
                               _tail(p.err_path, 5000))
             ch.close()
             # A process that keeps exiting: after 5 restarts within a minute, the next exit
             # stops the cluster (expert1 was restarted once above).
             for i in range(5):
-                old = pid_of("/expert_worker", "--index=1")
+                old = self.pid_of(p, "/expert_worker", "--index=1")
                 self.assertIsNotNone(old, "expert1 not running")
                 os.kill(old, signal.SIGKILL)
                 if i < 4:  # restarts 2-5
                     self.assertTrue(poll_until(
-                        lambda: (pid_of("/expert_worker", "--index=1") or old) != old, 10))
+                        lambda: (self.pid_of(p, "/expert_worker", "--index=1") or old) != old, 10))
             try:
                 rc = p.p.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -2176,6 +2188,57 @@ class ClusterCommandTest(unittest.TestCase):
             self.assertEqual(rc, 1)
             self.assertIn("expert1 exited (killed by signal 9, its 6th exit within a minute); "
                           "stopping the cluster", _tail(p.err_path, 5000))
+
+    def test_stopped_processes_fail_their_calls_within_the_peer_timeout(self):
+        """SIGSTOP an expert worker, then the attention worker, then the encoder, each at the
+        first token of three greedy streams: the calls in flight to it (the router's step, the
+        attention worker's expert or encoder call) fail within --peer_timeout (2 s here; the
+        calls' own deadlines are 30 and 60 s), as their keepalive pings go unanswered. The
+        router puts the requests back in the queue; once the process continues (SIGCONT, 3 s
+        after the failure), every stream gives the reference ids."""
+        peer = 2.0
+        p, _, addr = self.start_cluster_command(
+            extra=["--outage_wait_seconds=60", "--peer_timeout=%g" % peer])
+        with self.explained(p):
+            wait_healthy(addr, proc=p)
+            for binary in ("/router", "/attention_worker"):
+                self.assertIsNotNone(self.pid_of(p, binary, "--peer_timeout=%g" % peer),
+                                     "%s was not given --peer_timeout" % binary)
+            ch = grpc.insecure_channel(addr)
+            stub = pb2_grpc.GenerationStub(ch)
+            for name, binary, args in self.WORKERS:
+                pid = self.pid_of(p, binary, *args)
+                self.assertIsNotNone(pid, "no %s process under %d" % (name, p.pid))
+                failures = self.out_of_service(p)
+                detected = []
+
+                def stop_then_continue():
+                    os.kill(pid, signal.SIGSTOP)
+                    t0 = time.monotonic()
+                    try:
+                        failed = poll_until(lambda: self.out_of_service(p) > failures, 20)
+                        detected.append(time.monotonic() - t0 if failed else None)
+                        time.sleep(3)
+                    finally:
+                        os.kill(pid, signal.SIGCONT)
+
+                self.streams_through(stub, stop_then_continue, "%s stopped" % name)
+                self.assertIsNotNone(detected[0], "%s stopped: no step failed in 20 s" % name)
+                print("%s stopped mid-stream: its calls failed after %.1f s" % (name, detected[0]))
+                # The ping that goes unanswered is sent within peer/2 s, answered within peer/2.
+                self.assertLess(detected[0], peer + 2, "%s stopped" % name)
+                self.assertEqual(self.pid_of(p, binary, *args), pid, "%s was restarted" % name)
+            with open(os.path.join(p.logs, "router.log")) as f:
+                log = f.read()
+            self.assertEqual(log.count("no answer to a keepalive ping within 1 s "
+                                       "(--peer_timeout=2)"), 3, log[-3000:])
+            ch.close()
+        # A timeout too short for the servers' ping limit is refused.
+        res = subprocess.run([MOEMESH, "cluster", "--model=" + PYDOC, "--peer_timeout=0.2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(res.returncode, 2)
+        self.assertIn("--peer_timeout must be 0 (off) or at least 0.5 s, not 0.2",
+                      res.stderr.decode())
 
     def test_dummy_weights_are_the_same_model_in_every_process(self):
         """--load_format=dummy makes each tensor from its name alone: `moemesh cluster` passes the

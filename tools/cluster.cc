@@ -136,6 +136,11 @@ int RunCluster(const std::string& argv0) {
     return 2;
   }
   const std::vector<std::string> load_args = LoadFlagsForChild();
+  absl::Status peer = CheckPeerTimeoutFlag();
+  if (!peer.ok()) {
+    std::cerr << "moemesh cluster: " << peer.message() << std::endl;
+    return 2;
+  }
   std::string bin = absl::GetFlag(FLAGS_bin_dir);
   if (bin.empty()) {
     char self[4096];
@@ -202,12 +207,13 @@ int RunCluster(const std::string& argv0) {
     start(na == 1 ? std::string("attention") : absl::StrCat("attention", i),
           {bin + "/attention_worker/attention_worker", "--config=" + config,
            absl::StrCat("--index=", i), threads,
-           "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype)},
+           "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype), PeerTimeoutFlagForChild()},
           attention_addr(i));
   }
   // The router also serves the HTTP API with --http_address (it listens before it is healthy).
   const std::string http = absl::GetFlag(FLAGS_http_address);
-  std::vector<std::string> router_argv = {bin + "/router/router", "--config=" + config};
+  std::vector<std::string> router_argv = {bin + "/router/router", "--config=" + config,
+                                          PeerTimeoutFlagForChild()};
   for (std::string& f : RouterFlagsForChild()) router_argv.push_back(std::move(f));
   start("router", router_argv, addr(0));
 

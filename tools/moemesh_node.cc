@@ -153,6 +153,8 @@ int Main(int rank, int size, int thread_level) {
   if (absl::GetFlag(FLAGS_compute_dtype) == "bf16") lo.compute = ComputeType::kBF16;
   absl::Status load_flags = LoadOptionsFromFlags(&lo);
   if (!load_flags.ok()) return Fail(rank, load_flags);
+  absl::Status peer = CheckPeerTimeoutFlag();
+  if (!peer.ok()) return Fail(rank, peer);
   auto cfg = LoadModelConfig(model_dir, lo);
   if (!cfg.ok()) return Fail(rank, cfg.status());
   const int attention_threads = absl::GetFlag(FLAGS_attention_threads);
