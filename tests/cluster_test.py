@@ -2141,6 +2141,18 @@ class ClusterCommandTest(unittest.TestCase):
                ("attention", "/attention_worker", []),
                ("encoder", "/encoder_worker", [])]
 
+    def workers_of(self, p):
+        """(name, binary, args, pid) of each of WORKERS, which must be running under `p`."""
+        for name, binary, args in self.WORKERS:
+            pid = self.pid_of(p, binary, *args)
+            self.assertIsNotNone(pid, "no %s process under %d" % (name, p.pid))
+            yield name, binary, args, pid
+
+    def assert_given(self, p, flag, *binaries):
+        """`moemesh cluster` `p` passed `flag` to its processes running `binaries`."""
+        for binary in binaries:
+            self.assertIsNotNone(self.pid_of(p, binary, flag), "%s not given %s" % (binary, flag))
+
     def test_killed_processes_start_again_and_lose_no_request(self):
         """SIGKILL an expert worker, then the attention worker, then the encoder of a running
         `moemesh cluster`, each at the first token of three greedy streams: the command starts
@@ -2152,14 +2164,10 @@ class ClusterCommandTest(unittest.TestCase):
         p, _, addr = self.start_cluster_command(extra=["--outage_wait_seconds=30"])
         with self.explained(p):
             wait_healthy(addr, proc=p)
-            # The router's flags given to the command reach its router.
-            self.assertIsNotNone(self.pid_of(p, "/router", "--outage_wait_seconds=30"),
-                                 "the router was not given --outage_wait_seconds=30")
+            self.assert_given(p, "--outage_wait_seconds=30", "/router")
             ch = grpc.insecure_channel(addr)
             stub = pb2_grpc.GenerationStub(ch)
-            for name, binary, args in self.WORKERS:
-                old = self.pid_of(p, binary, *args)
-                self.assertIsNotNone(old, "no %s process under %d" % (name, p.pid))
+            for name, binary, args, old in self.workers_of(p):
                 failures = self.out_of_service(p)
                 stall = self.streams_through(stub, lambda: os.kill(old, signal.SIGKILL),
                                              "%s killed" % name)
@@ -2201,14 +2209,10 @@ class ClusterCommandTest(unittest.TestCase):
             extra=["--outage_wait_seconds=60", "--peer_timeout=%g" % peer])
         with self.explained(p):
             wait_healthy(addr, proc=p)
-            for binary in ("/router", "/attention_worker"):
-                self.assertIsNotNone(self.pid_of(p, binary, "--peer_timeout=%g" % peer),
-                                     "%s was not given --peer_timeout" % binary)
+            self.assert_given(p, "--peer_timeout=%g" % peer, "/router", "/attention_worker")
             ch = grpc.insecure_channel(addr)
             stub = pb2_grpc.GenerationStub(ch)
-            for name, binary, args in self.WORKERS:
-                pid = self.pid_of(p, binary, *args)
-                self.assertIsNotNone(pid, "no %s process under %d" % (name, p.pid))
+            for name, binary, args, pid in self.workers_of(p):
                 failures = self.out_of_service(p)
                 detected = []
 
