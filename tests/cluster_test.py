@@ -2229,8 +2229,9 @@ class ClusterCommandTest(unittest.TestCase):
                 self.streams_through(stub, stop_then_continue, "%s stopped" % name)
                 self.assertIsNotNone(detected[0], "%s stopped: no step failed in 20 s" % name)
                 print("%s stopped mid-stream: its calls failed after %.1f s" % (name, detected[0]))
-                # The ping that goes unanswered is sent within peer/2 s, answered within peer/2.
-                self.assertLess(detected[0], peer + 2, "%s stopped" % name)
+                # The ping that goes unanswered is sent within peer/2 s and given peer/2 s;
+                # the rest is slack for a loaded machine (the calls' deadlines are 30 s, 60 s).
+                self.assertLess(detected[0], 3 * peer, "%s stopped" % name)
                 self.assertEqual(self.pid_of(p, binary, *args), pid, "%s was restarted" % name)
             with open(os.path.join(p.logs, "router.log")) as f:
                 log = f.read()
