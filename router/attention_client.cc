@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
+#include <future>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "mesh/grpc_clients.h"
@@ -58,13 +61,32 @@ absl::Status GrpcAttentionClient::Release(const std::vector<uint64_t>& seq_ids) 
 }
 
 absl::StatusOr<wire::Stats> GrpcAttentionClient::GetStats() {
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx, std::min(timeout_, kStatsSeconds));
-  wire::StatsRequest req;
-  wire::Stats resp;
-  absl::Status st = Annotate(address_, stub_->GetStats(&ctx, req, &resp));
-  if (!st.ok()) return st;
-  return resp;
+  std::promise<absl::StatusOr<wire::Stats>> answer;
+  GetStatsAsync([&answer](absl::StatusOr<wire::Stats> s) { answer.set_value(std::move(s)); });
+  return answer.get_future().get();
+}
+
+void GrpcAttentionClient::GetStatsAsync(std::function<void(absl::StatusOr<wire::Stats>)> done) {
+  struct Call {
+    grpc::ClientContext ctx;
+    wire::StatsRequest req;
+    wire::Stats resp;
+    std::string address;
+    std::function<void(absl::StatusOr<wire::Stats>)> done;
+  };
+  auto* c = new Call;
+  SetDeadline(&c->ctx, std::min(timeout_, kStatsSeconds));
+  c->address = address_;  // (the callback may run after this client is gone)
+  c->done = std::move(done);
+  stub_->async()->GetStats(&c->ctx, &c->req, &c->resp, [c](grpc::Status s) {
+    std::unique_ptr<Call> call(c);
+    const absl::Status st = Annotate(call->address, s);
+    if (st.ok()) {
+      call->done(std::move(call->resp));
+    } else {
+      call->done(st);
+    }
+  });
 }
 
 moemesh::v1::ModelInfo BasicModelInfo(const ModelConfig& cfg) {

@@ -23,6 +23,7 @@ class GrpcAttentionClient : public AttentionClient {
   // With a deadline of at most kStatsSeconds: the router asks a failed worker this way (and
   // /health, /metrics), and a hung one must not hold them for a step's timeout.
   absl::StatusOr<wire::Stats> GetStats() override;
+  void GetStatsAsync(std::function<void(absl::StatusOr<wire::Stats>)> done) override;
   static constexpr double kStatsSeconds = 5;
 
  private:

@@ -266,14 +266,11 @@ bool Handle(const Conn& c, const HttpRequest& req, Router* router, const HttpSer
   if (req.path == "/health") {
     if (req.method != "GET") return SendMethodNotAllowed(c, "GET");
     if (router->draining()) return SendResponse(c, 503, "text/plain", "draining\n");
-    // Ready while some attention worker answers with nothing that stops a step (one GetStats
-    // each).
-    const auto stats = router->WorkerStats();
-    if (std::none_of(stats.begin(), stats.end(), CanServe)) {
-      std::string why = "none";
-      if (!stats.empty()) why = stats[0].ok() ? stats[0]->not_ready() : stats[0].status().ToString();
+    // Ready once some attention worker answers with nothing that stops a step.
+    const absl::Status ready = router->SomeWorkerCanServe();
+    if (!ready.ok()) {
       return SendResponse(c, 503, "text/plain",
-                          absl::StrCat("no attention worker can serve: ", why, "\n"));
+                          absl::StrCat("no attention worker can serve: ", ready.message(), "\n"));
     }
     return SendResponse(c, 200, "text/plain", "ok\n");
   }

@@ -358,10 +358,50 @@ void Router::Cancel(uint64_t id) {
   Deliver(&out);
 }
 
+struct Router::StatsRound {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<absl::StatusOr<wire::Stats>> stats ABSL_GUARDED_BY(mu);
+  size_t waiting ABSL_GUARDED_BY(mu) = 0;  // workers yet to answer
+  bool can_serve ABSL_GUARDED_BY(mu) = false;  // some worker's answer CanServe
+};
+
+std::shared_ptr<Router::StatsRound> Router::AskStats() const {
+  auto round = std::make_shared<StatsRound>();
+  {
+    std::lock_guard<std::mutex> l(round->mu);
+    round->stats.assign(lanes_.size(), absl::UnavailableError("no answer yet"));
+    round->waiting = lanes_.size();
+  }
+  for (size_t i = 0; i < lanes_.size(); ++i) {
+    // The callback holds the round, not the router: it may come after the caller stopped waiting.
+    lanes_[i].client->GetStatsAsync([round, i](absl::StatusOr<wire::Stats> s) {  // client: fixed
+      std::lock_guard<std::mutex> l(round->mu);
+      round->can_serve = round->can_serve || CanServe(s);
+      round->stats[i] = std::move(s);
+      --round->waiting;
+      round->cv.notify_all();
+    });
+  }
+  return round;
+}
+
 std::vector<absl::StatusOr<wire::Stats>> Router::WorkerStats() const {
-  std::vector<absl::StatusOr<wire::Stats>> out;
-  for (const Lane& lane : lanes_) out.push_back(lane.client->GetStats());  // client: fixed
-  return out;
+  const std::shared_ptr<StatsRound> round = AskStats();
+  std::unique_lock<std::mutex> l(round->mu);
+  round->cv.wait(l, [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return round->waiting == 0; });
+  return round->stats;
+}
+
+absl::Status Router::SomeWorkerCanServe() const {
+  const std::shared_ptr<StatsRound> round = AskStats();
+  std::unique_lock<std::mutex> l(round->mu);
+  round->cv.wait(l, [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return round->can_serve || round->waiting == 0;
+  });
+  if (round->can_serve) return absl::OkStatus();
+  const absl::StatusOr<wire::Stats>& first = round->stats[0];
+  return absl::UnavailableError(first.ok() ? first->not_ready() : first.status().ToString());
 }
 
 void Router::Drain() {

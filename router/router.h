@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,14 +33,20 @@ namespace moemesh {
 
 namespace wire = ::moemesh::internal::v1;
 
-// How the router reaches an attention worker (in-process or gRPC). Thread-compatible: the
-// router calls each one from that worker's scheduler thread only.
+// How the router reaches an attention worker (in-process or gRPC). The router calls Step and
+// Release from that worker's scheduler thread only; GetStats and GetStatsAsync also from the
+// HTTP server's threads (/health, /metrics), at the same time.
 class AttentionClient {
  public:
   virtual ~AttentionClient() = default;
   virtual absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) = 0;
   virtual absl::Status Release(const std::vector<uint64_t>& seq_ids) = 0;
   virtual absl::StatusOr<wire::Stats> GetStats() = 0;
+  // GetStats without waiting for the answer: `done` gets it once, on any thread, possibly before
+  // this returns, possibly after this client is gone. The default calls GetStats here.
+  virtual void GetStatsAsync(std::function<void(absl::StatusOr<wire::Stats>)> done) {
+    done(GetStats());
+  }
 };
 
 // Whether a worker whose GetStats answered `stats` can serve a step: it answered, with nothing in
@@ -158,8 +165,12 @@ class Router {
   Counters counters() const;
 
   // Each attention worker's own Stats (KV rows in use, prefix cache, speculative decoding,
-  // time spent), in Create's order: one GetStats call each, not under the router's lock.
+  // time spent), in Create's order: one GetStats call each, all at once (so a worker that does
+  // not answer costs its deadline once, not once per worker), not under the router's lock.
   std::vector<absl::StatusOr<wire::Stats>> WorkerStats() const;
+  // OK as soon as some worker's GetStats CanServe (GET /health), without waiting for the others;
+  // otherwise UNAVAILABLE with why the first worker cannot (its not_ready, or its error).
+  absl::Status SomeWorkerCanServe() const;
 
   // Graceful shutdown: from now on Submit refuses new requests with UNAVAILABLE while those
   // accepted run to their end.
@@ -173,6 +184,10 @@ class Router {
   int64_t kv_capacity_tokens() const { return max_kv_capacity_; }
 
  private:
+  // One GetStatsAsync to every worker; the answers arrive in it (WorkerStats, SomeWorkerCanServe).
+  struct StatsRound;
+  std::shared_ptr<StatsRound> AskStats() const;
+
   struct Request {
     uint64_t id = 0;
     int32_t priority = 0;  // GenerateRequest.priority: lower first

@@ -4,6 +4,8 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -140,6 +142,47 @@ class FakeAttention : public AttentionClient {
   std::map<uint64_t, std::optional<uint64_t>> seed_;
   std::map<uint64_t, wire::SeqStep> first_;
   std::vector<uint64_t> order_;
+};
+
+// A FakeAttention whose GetStats, after Silence(), answers only when the test says (a worker that
+// does not answer yet), by GetStatsAsync or by GetStats alike. (Router::Create asks it first.)
+class SilentAttention : public FakeAttention {
+ public:
+  using FakeAttention::FakeAttention;
+  void Silence() {
+    std::lock_guard<std::mutex> l(pending_mu_);
+    silent_ = true;
+  }
+  absl::StatusOr<wire::Stats> GetStats() override {
+    std::promise<absl::StatusOr<wire::Stats>> answer;
+    GetStatsAsync([&answer](absl::StatusOr<wire::Stats> s) { answer.set_value(std::move(s)); });
+    return answer.get_future().get();
+  }
+  void GetStatsAsync(std::function<void(absl::StatusOr<wire::Stats>)> done) override {
+    {
+      std::lock_guard<std::mutex> l(pending_mu_);
+      if (silent_) {
+        pending_.push_back(std::move(done));
+        return;
+      }
+    }
+    done(FakeAttention::GetStats());
+  }
+  // Answers the calls so far with `answer`; how many there were.
+  size_t Answer(const absl::StatusOr<wire::Stats>& answer) {
+    std::vector<std::function<void(absl::StatusOr<wire::Stats>)>> calls;
+    {
+      std::lock_guard<std::mutex> l(pending_mu_);
+      calls.swap(pending_);
+    }
+    for (auto& done : calls) done(answer);
+    return calls.size();
+  }
+
+ private:
+  std::mutex pending_mu_;
+  bool silent_ = false;
+  std::vector<std::function<void(absl::StatusOr<wire::Stats>)>> pending_;
 };
 
 class Sink : public GenerationSink {
@@ -500,6 +543,51 @@ TEST_F(RouterTest, MetricsCountTokensRequestsAndLatencies) {
 
 // response_format JSON_SCHEMA: the schema is compiled at Submit (what the subset lacks is
 // INVALID_ARGUMENT naming it) and travels to the worker with the end tokens.
+// GET /health (SomeWorkerCanServe) asks every worker at once and is ready at the first that can
+// serve, without waiting for one that does not answer (a stopped process: its GetStats would
+// take its 5 s deadline, past a readiness probe's 1 s); /metrics' WorkerStats asks every worker
+// at once too and waits for every answer. With none that can serve, the first worker's reason.
+TEST_F(RouterTest, WorkerStatsAskEveryWorkerAtOnce) {
+  using std::chrono::milliseconds;
+  FakeAttention ready(1000), not_ready(1000, /*fail_from=*/0);
+  {
+    SilentAttention silent(1000);
+    auto router = Make({&silent, &ready});
+    ASSERT_NE(router, nullptr);
+    silent.Silence();
+    auto health = std::async(std::launch::async, [&] { return router->SomeWorkerCanServe(); });
+    const bool answered = health.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+    if (!answered) silent.Answer(absl::UnavailableError("late"));
+    ASSERT_TRUE(answered) << "GET /health waited for the worker that does not answer";
+    EXPECT_TRUE(health.get().ok());
+    auto all = std::async(std::launch::async, [&] { return router->WorkerStats(); });
+    EXPECT_EQ(all.wait_for(milliseconds(200)), std::future_status::timeout);
+    // Both rounds asked it; the first round's answer comes after its caller stopped waiting.
+    EXPECT_EQ(silent.Answer(absl::DeadlineExceededError("Deadline Exceeded")), 2u);
+    const auto stats = all.get();
+    ASSERT_EQ(stats.size(), 2u);
+    EXPECT_EQ(stats[0].status().code(), absl::StatusCode::kDeadlineExceeded);
+    ASSERT_TRUE(stats[1].ok()) << stats[1].status();
+    EXPECT_EQ(stats[1]->kv_capacity_tokens(), 1000);
+  }
+  {
+    SilentAttention silent(1000);
+    auto router = Make({&silent, &not_ready});
+    ASSERT_NE(router, nullptr);
+    silent.Silence();
+    auto health = std::async(std::launch::async, [&] { return router->SomeWorkerCanServe(); });
+    EXPECT_EQ(health.wait_for(milliseconds(200)), std::future_status::timeout);  // no one can yet
+    EXPECT_EQ(silent.Answer(absl::UnavailableError("attention worker A: stopped")), 1u);
+    const absl::Status st = health.get();
+    EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
+    EXPECT_EQ(st.message(), "UNAVAILABLE: attention worker A: stopped");
+    // A worker that answers but cannot serve: its not_ready.
+    auto router2 = Make({&not_ready});
+    ASSERT_NE(router2, nullptr);
+    EXPECT_EQ(router2->SomeWorkerCanServe().message(), "expert down");
+  }
+}
+
 TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
   FakeAttention a(1000);
   auto router = Make({&a});

@@ -2198,15 +2198,20 @@ class ClusterCommandTest(unittest.TestCase):
                           "stopping the cluster", _tail(p.err_path, 5000))
 
     def test_stopped_processes_fail_their_calls_within_the_peer_timeout(self):
-        """SIGSTOP an expert worker, then the attention worker, then the encoder, each at the
-        first token of three greedy streams: the calls in flight to it (the router's step, the
-        attention worker's expert or encoder call) fail within --peer_timeout (2 s here; the
-        calls' own deadlines are 30 and 60 s), as their keepalive pings go unanswered. The
-        router puts the requests back in the queue; once the process continues (SIGCONT, 3 s
-        after the failure), every stream gives the reference ids."""
+        """Two attention workers. SIGSTOP an expert worker, then an attention worker, then the
+        encoder, each at the first token of three greedy streams: the calls in flight to it (the
+        router's steps, the attention workers' expert or encoder calls) fail within
+        --peer_timeout (2 s here; the calls' own deadlines are 30 and 60 s), as their keepalive
+        pings go unanswered. The router puts the requests back in the queue (or, for the stopped
+        attention worker's, moves them to the other); once the process continues (SIGCONT, 3 s
+        after the failure), every stream gives the reference ids. While an attention worker is
+        stopped, GET /health answers 200 at once: it does not wait for the stopped one."""
         peer = 2.0
+        http_addr = "127.0.0.1:%d" % free_port()
         p, _, addr = self.start_cluster_command(
-            extra=["--outage_wait_seconds=60", "--peer_timeout=%g" % peer])
+            extra=["--attention_workers=2", "--outage_wait_seconds=60",
+                   "--peer_timeout=%g" % peer, "--http_address=" + http_addr])
+        router_log = os.path.join(p.logs, "router.log")
         with self.explained(p):
             wait_healthy(addr, proc=p)
             self.assert_given(p, "--peer_timeout=%g" % peer, "/router", "/attention_worker")
@@ -2214,12 +2219,19 @@ class ClusterCommandTest(unittest.TestCase):
             stub = pb2_grpc.GenerationStub(ch)
             for name, binary, args, pid in self.workers_of(p):
                 failures = self.out_of_service(p)
-                detected = []
+                logged = os.path.getsize(router_log)
+                detected, health = [], []
 
                 def stop_then_continue():
                     os.kill(pid, signal.SIGSTOP)
                     t0 = time.monotonic()
                     try:
+                        if binary == "/attention_worker":
+                            conn = http.client.HTTPConnection(http_addr, timeout=30)
+                            conn.request("GET", "/health")
+                            r = conn.getresponse()
+                            health.append((r.status, r.read().decode(), time.monotonic() - t0))
+                            conn.close()
                         failed = poll_until(lambda: self.out_of_service(p) > failures, 20)
                         detected.append(time.monotonic() - t0 if failed else None)
                         time.sleep(3)
@@ -2232,11 +2244,18 @@ class ClusterCommandTest(unittest.TestCase):
                 # The ping that goes unanswered is sent within peer/2 s and given peer/2 s;
                 # the rest is slack for a loaded machine (the calls' deadlines are 30 s, 60 s).
                 self.assertLess(detected[0], 3 * peer, "%s stopped" % name)
+                with open(router_log) as f:
+                    f.seek(logged)
+                    self.assertIn("no answer to a keepalive ping within 1 s (--peer_timeout=2)",
+                                  f.read(), "%s stopped" % name)
                 self.assertEqual(self.pid_of(p, binary, *args), pid, "%s was restarted" % name)
-            with open(os.path.join(p.logs, "router.log")) as f:
-                log = f.read()
-            self.assertEqual(log.count("no answer to a keepalive ping within 1 s "
-                                       "(--peer_timeout=2)"), 3, log[-3000:])
+                if health:
+                    status, text, seconds = health[0]
+                    print("GET /health with an attention worker stopped: %d in %.2f s"
+                          % (status, seconds))
+                    self.assertEqual((status, text), (200, "ok\n"))
+                    # Asked one after the other, the stopped worker's 5 s deadline came first.
+                    self.assertLess(seconds, 2.5)
             ch.close()
         # A timeout too short for the servers' ping limit is refused.
         res = subprocess.run([MOEMESH, "cluster", "--model=" + PYDOC, "--peer_timeout=0.2"],
