@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <functional>
+#include <iostream>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -126,6 +127,7 @@ AttentionWorker::AttentionWorker(const AttentionStack* stack, EncoderBackend* en
       json_tokens_(opt.json_tokens),
       speculative_tokens_(std::max(opt.speculative_tokens, 0)),
       speculative_max_batch_(opt.speculative_max_batch),
+      idle_sequence_seconds_(opt.idle_sequence_seconds),
       cache_(stack->NewCache(opt.kv_capacity_tokens + prefix_budget_)) {
   if (overlap_halves_) side_ = std::make_unique<SideThread>();
 }
@@ -209,6 +211,7 @@ AttentionWorker::~AttentionWorker() = default;
 
 absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepResponse* resp) {
   std::lock_guard<std::mutex> lock(mu_);
+  ReleaseIdle();
   const ModelConfig& cfg = stack_->config();
   auto t_start = Clock::now();
   std::vector<SeqStep> batch;
@@ -297,6 +300,7 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       continue;
     }
     SeqState& st = *it->second;
+    st.last_step = t_start;
     if (s.start_pos() != st.length) {
       fail(absl::FailedPreconditionError(absl::StrCat("sequence ", s.seq_id(), " has ", st.length,
                                                       " tokens, step starts at ", s.start_pos())));
@@ -571,6 +575,28 @@ absl::Status AttentionWorker::Forward(const std::vector<SeqStep>& batch, float* 
 
 int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
   std::lock_guard<std::mutex> lock(mu_);
+  ReleaseLocked(seq_ids);
+  return kv_capacity_ - LiveTokens();
+}
+
+void AttentionWorker::ReleaseIdle() {
+  if (idle_sequence_seconds_ <= 0) return;
+  const auto now = Clock::now();
+  std::vector<uint64_t> idle;
+  for (const auto& [id, st] : seqs_) {
+    if (std::chrono::duration<double>(now - st->last_step).count() > idle_sequence_seconds_) {
+      idle.push_back(id);
+    }
+  }
+  if (idle.empty()) return;
+  ReleaseLocked(idle);
+  idle_released_ += static_cast<int64_t>(idle.size());
+  std::cerr << "attention_worker: released " << idle.size() << " sequences no step touched for "
+            << idle_sequence_seconds_ << " s (--idle_sequence_seconds: their router is gone)"
+            << std::endl;
+}
+
+void AttentionWorker::ReleaseLocked(const std::vector<uint64_t>& seq_ids) {
   for (uint64_t id : seq_ids) {
     auto it = seqs_.find(id);
     if (it != seqs_.end()) {
@@ -583,7 +609,6 @@ int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
     }
     cache_->Free(id);
   }
-  return kv_capacity_ - LiveTokens();
 }
 
 wire::Stats AttentionWorker::GetStats() const {
@@ -602,6 +627,7 @@ wire::Stats AttentionWorker::GetStats() const {
   s.set_accepted_draft_tokens(accepted_draft_tokens_);
   s.set_active_sequences(static_cast<int64_t>(seqs_.size()));
   s.set_released_sequences(released_);
+  s.set_idle_released_sequences(idle_released_);
   s.set_steps(steps_);
   s.set_attention_seconds(attention_s_);
   s.set_expert_wait_seconds(expert_s_);

@@ -5,6 +5,7 @@
 #ifndef MOEMESH_ATTENTION_WORKER_ATTENTION_WORKER_H_
 #define MOEMESH_ATTENTION_WORKER_ATTENTION_WORKER_H_
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -55,6 +56,10 @@ class AttentionWorker {
     // given back).
     int speculative_tokens = 0;
     int speculative_max_batch = 8;
+    // A sequence no step has touched for this long is released at the next step (its router is
+    // gone: killed or restarted without releasing it, so its KV rows would stay taken). A
+    // router steps every sequence it runs each step. 0 = never.
+    double idle_sequence_seconds = 600;
   };
   // `stack`, `encoder` and `experts` must outlive the worker.
   AttentionWorker(const AttentionStack* stack, EncoderBackend* encoder, ExpertBackend* experts,
@@ -88,6 +93,7 @@ class AttentionWorker {
     Sampler sampler;
     std::vector<int32_t> prompt, generated;
     int64_t length = 0;  // tokens in the KV cache
+    std::chrono::steady_clock::time_point last_step = std::chrono::steady_clock::now();
     int64_t prompt_len = 0;  // SeqStep::prompt_tokens of a moved sequence, else 0
     // SamplingConfig::prompt_logprobs (-1: none). While the prompt is prefilled, the logits of
     // a chunk's last token, which score the next chunk's first token.
@@ -131,6 +137,10 @@ class AttentionWorker {
   // Drops the least recently used prefix entry; false when there is none.
   bool DropOldestPrefix() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // KV positions held by live sequences (the prefix cache's excluded).
+  // Release's work, under the lock.
+  void ReleaseLocked(const std::vector<uint64_t>& seq_ids) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Releases the sequences idle past Options::idle_sequence_seconds.
+  void ReleaseIdle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t LiveTokens() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return cache_->used_tokens() - prefix_tokens_;
   }
@@ -148,6 +158,7 @@ class AttentionWorker {
   const int64_t prefix_budget_;   // Options::prefix_cache_tokens (0 when unsupported)
   const TokenTable* const json_tokens_;
   const int speculative_tokens_, speculative_max_batch_;
+  const double idle_sequence_seconds_;
   // Draft n-gram lengths tried, longest first.
   static constexpr int kDraftMaxNgram = 4, kDraftMinNgram = 2;
 
@@ -161,6 +172,7 @@ class AttentionWorker {
   std::unordered_map<uint64_t, std::unique_ptr<SeqState>> seqs_ ABSL_GUARDED_BY(mu_);
   int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t released_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t idle_released_ ABSL_GUARDED_BY(mu_) = 0;
   double attention_s_ ABSL_GUARDED_BY(mu_) = 0, expert_s_ ABSL_GUARDED_BY(mu_) = 0,
          sampling_s_ ABSL_GUARDED_BY(mu_) = 0;
   // A step's hidden rows and logits (the second overlapped half's apart), reused step to step.

@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
-#include <iostream>
 #include <functional>
+#include <iostream>
+#include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/arch.h"
@@ -419,6 +421,50 @@ TEST(PrefixCacheTest, KeptPrefixesGiveWayToLiveSequences) {
   EXPECT_EQ(worker.GetStats().prefix_cache_tokens(), 24);  // both kept: the cache is full
   run(3, 300);
   EXPECT_EQ(worker.GetStats().prefix_cache_tokens(), 24);  // the first gave way, the third kept
+}
+
+// A sequence no step touched for --idle_sequence_seconds (its router went away without releasing
+// it) is released at the next step: its KV rows are free and a step on it is refused, while a
+// sequence stepped in time is kept.
+TEST(IdleSequenceTest, SequencesLeftIdleAreReleasedAtTheNextStep) {
+  auto parts = Load("models/pydoc-moe-17m");
+  AttentionWorker::Options opt;
+  opt.idle_sequence_seconds = 1.0;
+  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(), opt);
+  std::map<uint64_t, int64_t> length;  // tokens each sequence has
+  // One step: the sequences `ids` get 4 tokens each (new ones start); each one's error.
+  auto step = [&](std::vector<uint64_t> ids) {
+    wire::StepRequest req;
+    for (uint64_t id : ids) {
+      wire::SeqStep* s = req.add_seqs();
+      s->set_seq_id(id);
+      for (int32_t t = 0; t < 4; ++t) s->add_tokens(100 + t);
+      s->set_start_pos(length[id]);
+      s->set_new_sequence(length[id] == 0);
+      s->set_sample(true);
+      s->mutable_sampling()->set_temperature(0);
+    }
+    wire::StepResponse resp;
+    EXPECT_TRUE(worker.Step(req, &resp).ok());
+    std::vector<std::string> errors;
+    for (int i = 0; i < resp.results_size(); ++i) {
+      errors.push_back(resp.results(i).error());
+      if (resp.results(i).error().empty()) length[ids[i]] += 4;
+    }
+    return errors;
+  };
+  EXPECT_EQ(step({1, 2}), std::vector<std::string>({"", ""}));
+  EXPECT_EQ(worker.GetStats().kv_used_tokens(), 8);
+  // Sequence 2 is stepped within the idle time, 1 is not.
+  for (int i = 0; i < 5; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    EXPECT_EQ(step({2}), std::vector<std::string>({""}));
+  }
+  const wire::Stats stats = worker.GetStats();
+  EXPECT_EQ(stats.idle_released_sequences(), 1);
+  EXPECT_EQ(stats.active_sequences(), 1);
+  EXPECT_EQ(stats.kv_used_tokens(), length[2]);
+  EXPECT_EQ(step({1}), std::vector<std::string>({"unknown sequence 1"}));
 }
 
 // Speculative decoding: three sequences of the embedded model decoded together for 80 tokens with

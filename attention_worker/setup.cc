@@ -29,6 +29,9 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   if (opt.speculative_max_batch < 1) {
     return absl::InvalidArgumentError("--speculative_max_batch must be >= 1");
   }
+  if (!(opt.idle_sequence_seconds >= 0)) {
+    return absl::InvalidArgumentError("--idle_sequence_seconds must be >= 0");
+  }
   auto cfg = LoadModelConfig(opt.model_dir, lo);
   if (!cfg.ok()) return cfg.status();
   s->cfg = *cfg;
@@ -114,6 +117,7 @@ absl::StatusOr<std::unique_ptr<AttentionSetup>> BuildAttentionWorker(AttentionSe
   wo.prefix_cache_tokens = opt.prefix_cache_tokens;
   wo.speculative_tokens = opt.speculative_tokens;
   wo.speculative_max_batch = opt.speculative_max_batch;
+  wo.idle_sequence_seconds = opt.idle_sequence_seconds;
   wo.device = lo.device.ToString();
   wo.overlap_halves = opt.overlap_halves;
   s->worker = std::make_unique<AttentionWorker>(s->stack.get(), s->encoder.get(), s->experts.get(), wo);

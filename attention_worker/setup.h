@@ -40,6 +40,7 @@ struct AttentionSetupOptions {
   int64_t prefix_cache_tokens = 0;  // AttentionWorker::Options::prefix_cache_tokens
   int speculative_tokens = 0;       // AttentionWorker::Options::speculative_tokens
   int speculative_max_batch = 8;
+  double idle_sequence_seconds = 600;  // AttentionWorker::Options::idle_sequence_seconds
   double expert_timeout_seconds = 30;
   double connect_timeout_seconds = 60;
   bool overlap_halves = true;  // AttentionWorker::Options::overlap_halves

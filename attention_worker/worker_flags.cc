@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
 
 ABSL_FLAG(int64_t, prefix_cache_tokens, 0,
           "Attention worker: KV rows of finished requests kept for reuse, in tokens, beyond "
@@ -19,12 +20,25 @@ ABSL_FLAG(int32_t, speculative_max_batch, 8,
           "Attention worker: speculate only in steps with at most this many decoding sequences "
           "(larger steps gain less from the extra rows than they cost).");
 
+ABSL_FLAG(double, idle_sequence_seconds, 600,
+          "Attention worker: release a sequence no step has touched for this many seconds (its "
+          "router was killed or restarted without releasing it; a router steps each of its "
+          "sequences every step), so its KV cache rows are free again. 0 = never.");
+
 namespace moemesh {
 
 void AttentionFlagsInto(AttentionSetupOptions* o) {
   o->prefix_cache_tokens = absl::GetFlag(FLAGS_prefix_cache_tokens);
   o->speculative_tokens = absl::GetFlag(FLAGS_speculative_tokens);
   o->speculative_max_batch = absl::GetFlag(FLAGS_speculative_max_batch);
+  o->idle_sequence_seconds = absl::GetFlag(FLAGS_idle_sequence_seconds);
+}
+
+std::vector<std::string> AttentionFlagsForChild() {
+  return {absl::StrCat("--prefix_cache_tokens=", absl::GetFlag(FLAGS_prefix_cache_tokens)),
+          absl::StrCat("--speculative_tokens=", absl::GetFlag(FLAGS_speculative_tokens)),
+          absl::StrCat("--speculative_max_batch=", absl::GetFlag(FLAGS_speculative_max_batch)),
+          absl::StrCat("--idle_sequence_seconds=", absl::GetFlag(FLAGS_idle_sequence_seconds))};
 }
 
 }  // namespace moemesh

@@ -93,6 +93,13 @@ Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDef
       think_end_id_(think_ids.second),
       seed_base_((static_cast<uint64_t>(std::random_device()()) << 32) ^ std::random_device()()),
       lanes_(attention.size()) {
+  {
+    // Sequence ids unique to this router in their high 31 bits (bit 63 is the workers' own):
+    // a router started while another is still draining on the same workers (a rolling update),
+    // or after one was killed, takes no sequence of the other's over.
+    std::lock_guard<std::mutex> l(mu_);
+    next_id_ = (static_cast<uint64_t>(std::random_device()() & 0x7fffffffu) << 32) + 1;
+  }
   for (size_t i = 0; i < lanes_.size(); ++i) {
     lanes_[i].client = attention[i];
     lanes_[i].kv_capacity = kv_capacity[i];

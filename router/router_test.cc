@@ -588,6 +588,27 @@ TEST_F(RouterTest, WorkerStatsAskEveryWorkerAtOnce) {
   }
 }
 
+// Two routers over the same worker (a rolling update: the new one starts while the old one
+// drains; or one restarted after the other was killed) give their sequences distinct ids, so
+// neither takes over the other's KV cache. Ids stay below 2^63 (the worker's own above).
+TEST_F(RouterTest, RoutersOverTheSameWorkerUseDistinctSequenceIds) {
+  FakeAttention a(1000);
+  auto first = Make({&a});
+  auto second = Make({&a});
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(second, nullptr);
+  std::vector<Sink> sinks(2);
+  auto id1 = first->Submit(Request(5, 4), &sinks[0]);
+  auto id2 = second->Submit(Request(7, 4), &sinks[1]);
+  ASSERT_TRUE(id1.ok() && id2.ok());
+  for (Sink& s : sinks) ASSERT_TRUE(s.Wait().ok());
+  EXPECT_NE(*id1, *id2);
+  EXPECT_EQ(a.seqs(), std::set<uint64_t>({*id1, *id2}));
+  EXPECT_EQ(a.kv(*id1), FinishedCache(5, 4));
+  EXPECT_EQ(a.kv(*id2), FinishedCache(7, 4));
+  EXPECT_LT(std::max(*id1, *id2), uint64_t{1} << 63);
+}
+
 TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
   FakeAttention a(1000);
   auto router = Make({&a});

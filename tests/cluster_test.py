@@ -2264,6 +2264,59 @@ class ClusterCommandTest(unittest.TestCase):
         self.assertIn("--peer_timeout must be 0 (off) or at least 0.5 s, not 0.2",
                       res.stderr.decode())
 
+    def test_a_killed_router_leaves_no_kv_cache_taken(self):
+        """SIGKILL the router while three streams run: their clients get UNAVAILABLE, and
+        `moemesh cluster` starts the router again. Its sequence ids do not reuse the dead
+        router's, and the attention worker releases the dead router's sequences once no step
+        has touched them for --idle_sequence_seconds (2 s here, passed to the attention worker
+        by the command): after a request through the new router, no KV cache row is taken."""
+        p, line, addr = self.start_cluster_command(extra=["--idle_sequence_seconds=2"])
+        m = re.search(r"attention (%s)" % HOST_PORT, line)
+        self.assertIsNotNone(m, "no attention address in the ready line %r" % line)
+        with self.explained(p), grpc.insecure_channel(m.group(1)) as ach:
+            attention = wpb2_grpc.AttentionStub(ach)
+
+            def stats():
+                return attention.GetStats(wpb2.StatsRequest(), timeout=10)
+
+            wait_healthy(addr, proc=p)
+            self.assert_given(p, "--idle_sequence_seconds=2", "/attention_worker")
+            router = self.pid_of(p, "/router")
+            ch = grpc.insecure_channel(addr)
+            stub = pb2_grpc.GenerationStub(ch)
+            first = threading.Event()
+
+            def run(ids):
+                try:
+                    for _ in stub.Generate(make_request(ids, 500), timeout=120):
+                        first.set()
+                except grpc.RpcError as e:
+                    return e.code()
+                return grpc.StatusCode.OK
+
+            jobs = [Background(lambda ids=ids: run(ids)) for ids, _ in PYDOC_CASES[:3]]
+            self.assertTrue(first.wait(60), "no token streamed")
+            self.assertTrue(poll_until(lambda: stats().active_sequences == 3, 30))
+            os.kill(router, signal.SIGKILL)
+            for j in jobs:
+                self.assertEqual(j.join(timeout=60), grpc.StatusCode.UNAVAILABLE)
+            ch.close()
+            taken = stats().kv_used_tokens
+            self.assertGreater(taken, 0, "the dead router's sequences left no rows?")
+            self.assertTrue(poll_until(
+                lambda: (self.pid_of(p, "/router") or router) != router, 10),
+                "the router was not started again")
+            wait_healthy(addr, proc=p)
+            time.sleep(2.5)  # the dead router's sequences are idle past 2 s by now
+            with grpc.insecure_channel(addr) as ch2:
+                ids, greedy = PYDOC_CASES[0]
+                self.assertEqual(greedy_ids(pb2_grpc.GenerationStub(ch2), ids, len(greedy)),
+                                 greedy)
+            s = stats()
+            self.assertEqual(s.idle_released_sequences, 3)
+            self.assertEqual((s.active_sequences, s.kv_used_tokens), (0, 0),
+                             "rows still taken (%d before)" % taken)
+
     def test_dummy_weights_are_the_same_model_in_every_process(self):
         """--load_format=dummy makes each tensor from its name alone: `moemesh cluster` passes the
         flags to its 5 processes, and they serve the same model as `moemesh serve`."""

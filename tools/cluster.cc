@@ -16,6 +16,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "mesh/grpc_clients.h"
+#include "attention_worker/worker_flags.h"
 #include "mesh/load_flags.h"
 #include "router/router_flags.h"
 #include "tools/commands.h"
@@ -186,8 +187,10 @@ int RunCluster(const std::string& argv0) {
   signal(SIGTERM, OnSignal);
   const std::string threads = absl::StrCat("--threads=", absl::GetFlag(FLAGS_threads));
   std::vector<Child> children;
-  auto start = [&](const std::string& name, std::vector<std::string> argv, const std::string& a) {
+  auto start = [&](const std::string& name, std::vector<std::string> argv, const std::string& a,
+                   const std::vector<std::string>& more = {}) {
     argv.insert(argv.end(), load_args.begin(), load_args.end());
+    argv.insert(argv.end(), more.begin(), more.end());
     Child c;
     c.name = name;
     c.address = a;
@@ -208,7 +211,7 @@ int RunCluster(const std::string& argv0) {
           {bin + "/attention_worker/attention_worker", "--config=" + config,
            absl::StrCat("--index=", i), threads,
            "--compute_dtype=" + absl::GetFlag(FLAGS_compute_dtype), PeerTimeoutFlagForChild()},
-          attention_addr(i));
+          attention_addr(i), AttentionFlagsForChild());
   }
   // The router also serves the HTTP API with --http_address (it listens before it is healthy).
   const std::string http = absl::GetFlag(FLAGS_http_address);
