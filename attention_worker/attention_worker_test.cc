@@ -561,7 +561,9 @@ TEST(SpeculativeDecodingTest, GivesThePlainTokensInFewerSteps) {
     EXPECT_GT(spec.accepted, 0);
     EXPECT_GE(spec.drafts, spec.accepted);
     EXPECT_LE(spec.steps, plain.steps);
-    if (sp.temperature() == 0) EXPECT_LT(spec.steps, plain.steps * 2 / 3);
+    if (sp.temperature() == 0) {
+      EXPECT_LT(spec.steps, plain.steps * 2 / 3);
+    }
     std::cout << "temperature " << sp.temperature() << ": " << plain.steps << " steps plain, "
               << spec.steps << " speculating; drafts " << spec.accepted << "/" << spec.drafts
               << " confirmed\n";

@@ -1,7 +1,7 @@
 // attention_worker: serves moemesh.internal.v1.Attention (batched forward steps, KV cache,
 // sampling) with embeddings from an encoder worker and experts on expert workers.
-//   attention_worker --model=DIR --address=127.0.0.1:50053 --encoder=127.0.0.1:50052 \
-//                    --experts=127.0.0.1:50061,127.0.0.1:50062
+//   attention_worker --model=DIR --address=127.0.0.1:50053 --encoder=127.0.0.1:50052
+//                    --experts=127.0.0.1:50061,127.0.0.1:50062   (one command line)
 //   attention_worker --config=cluster.textproto [--index=I]   (the config's I-th attention worker)
 #include <iostream>
 
