@@ -68,23 +68,26 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, con
   }
   auto think_ids = ThinkTokenIds(*tok, cfg, opt.think_tokens);
   if (!think_ids.ok()) return think_ids.status();
-  std::vector<int64_t> caps;
+  std::vector<int64_t> caps, foreign;
   for (AttentionClient* a : attention) {
-    int64_t cap = opt.kv_capacity_tokens;
+    int64_t cap = opt.kv_capacity_tokens, used = 0;
     if (cap <= 0) {
       auto stats = a->GetStats();
       if (!stats.ok()) return stats.status();
       cap = stats->kv_capacity_tokens();
+      used = stats->kv_used_tokens();  // none of them ours yet
     }
     caps.push_back(cap);
+    foreign.push_back(used);
   }
   return std::unique_ptr<Router>(
-      new Router(tok, cfg, defaults, std::move(attention), opt, caps, *think_ids));
+      new Router(tok, cfg, defaults, std::move(attention), opt, caps, foreign, *think_ids));
 }
 
 Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
                std::vector<AttentionClient*> attention, const RouterOptions& opt,
-               const std::vector<int64_t>& kv_capacity, std::pair<int32_t, int32_t> think_ids)
+               const std::vector<int64_t>& kv_capacity, const std::vector<int64_t>& kv_foreign,
+               std::pair<int32_t, int32_t> think_ids)
     : tok_(tok),
       cfg_(cfg),
       defaults_(defaults),
@@ -103,6 +106,7 @@ Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDef
   for (size_t i = 0; i < lanes_.size(); ++i) {
     lanes_[i].client = attention[i];
     lanes_[i].kv_capacity = kv_capacity[i];
+    lanes_[i].foreign = kv_foreign[i];  // asked again at once (foreign_check)
     lanes_[i].retry_seconds = opt_.worker_retry_seconds;
     max_kv_capacity_ = std::max(max_kv_capacity_, kv_capacity[i]);
   }
@@ -323,13 +327,17 @@ void Router::Admit() {
     Request* r = waiting_.front().get();
     const int64_t need = static_cast<int64_t>(r->prompt.size()) + r->max_tokens;
     Lane* best = nullptr;
+    int64_t best_free = 0;
     for (Lane& lane : lanes_) {
-      const int64_t free = lane.kv_capacity - lane.kv_reserved;
+      const int64_t free = lane.kv_capacity - lane.kv_reserved - lane.foreign;
       if (lane.down || free < need ||
           static_cast<int64_t>(lane.running.size()) >= opt_.max_running) {
         continue;
       }
-      if (best == nullptr || free > best->kv_capacity - best->kv_reserved) best = &lane;
+      if (best == nullptr || free > best_free) {
+        best = &lane;
+        best_free = free;
+      }
     }
     if (best == nullptr) break;  // in queue order: the head waits for room
     if (r->moves == 0) {  // its first admission (a moved request is back in the queue)
@@ -447,6 +455,7 @@ Router::Counters Router::counters() const {
     c.steps_per_worker.push_back(lane.steps);
     c.kv_reserved_per_worker.push_back(lane.kv_reserved);
     c.kv_capacity_per_worker.push_back(lane.kv_capacity);
+    c.kv_foreign_per_worker.push_back(lane.foreign);
     c.worker_up.push_back(!lane.down);
   }
   return c;
@@ -513,11 +522,7 @@ void Router::Requeue(size_t index, const absl::Status& st, std::vector<Outgoing>
       Fail(r, failed, out);
       continue;
     }
-    Unreserve(r);  // its sequence is released on this worker once it answers again
-    r->lane = -1;
-    r->started = false;
-    r->prefilled = 0;
-    r->replay = std::max<int64_t>(static_cast<int64_t>(r->generated.size()) - 1, 0);
+    Unadmit(r);  // its sequence is released on this worker once it answers again
     ++r->moves;
     ++counters_.moved;
     moved.push_back(std::move(rp));
@@ -533,6 +538,68 @@ void Router::Requeue(size_t index, const absl::Status& st, std::vector<Outgoing>
   }
   FailWaitingAfterOutage(out);  // at once with outage_wait_seconds = 0
   Admit();
+}
+
+void Router::Unadmit(Request* r) {
+  Unreserve(r);
+  r->lane = -1;
+  r->started = false;
+  r->prefilled = 0;
+  r->replay = std::max<int64_t>(static_cast<int64_t>(r->generated.size()) - 1, 0);
+}
+
+void Router::RequeueNoRoom(size_t index, const std::vector<Request*>& refused,
+                           const absl::Status& why, std::vector<Outgoing>* out) {
+  Lane& lane = lanes_[index];
+  std::deque<std::unique_ptr<Request>> back;
+  for (auto& rp : lane.running) {
+    Request* r = rp.get();
+    if (r->sink == nullptr || std::find(refused.begin(), refused.end(), r) == refused.end()) {
+      continue;
+    }
+    if (r->cancelled) {
+      Finish(r, moemesh::v1::FINISH_REASON_CANCELLED, "", out);
+      continue;
+    }
+    Unadmit(r);
+    ++counters_.requeued_no_room;
+    back.push_back(std::move(rp));
+  }
+  lane.running.erase(std::remove(lane.running.begin(), lane.running.end(), nullptr),
+                     lane.running.end());
+  if (!back.empty() && lane.foreign == 0) {
+    std::cerr << "router: attention worker " << index << " has no KV cache room for "
+              << back.size() << " of its requests (" << why.message()
+              << "): it holds sequences this router does not run (another router's, or a "
+                 "stopped one's until --idle_sequence_seconds); they go back to the queue"
+              << std::endl;
+  }
+  // Until it is asked, the worker has no room but what this router's reservations leave.
+  lane.foreign = std::max<int64_t>(
+      {lane.foreign, lane.kv_capacity - lane.kv_reserved, int64_t{1}});
+  lane.foreign_check = std::chrono::steady_clock::now();
+  // Ahead of the queue, in their order: they were admitted before anything waiting.
+  waiting_.insert(waiting_.begin(), std::make_move_iterator(back.begin()),
+                  std::make_move_iterator(back.end()));
+}
+
+void Router::CheckForeignRows(size_t index, std::unique_lock<std::mutex>& l) {
+  Lane& lane = lanes_[index];
+  std::vector<uint64_t> releases;
+  releases.swap(lane.to_release);
+  l.unlock();
+  if (!releases.empty()) lane.client->Release(releases).IgnoreError();
+  const absl::StatusOr<wire::Stats> stats = lane.client->GetStats();
+  l.lock();
+  // Only this thread steps the lane, so its requests' rows are those the worker reported
+  // (those admitted meanwhile have none yet).
+  int64_t own = 0;
+  for (const auto& r : lane.running) own += r->rows();
+  const int64_t before = lane.foreign;
+  if (stats.ok()) lane.foreign = std::max<int64_t>(stats->kv_used_tokens() - own, 0);
+  lane.foreign_check = std::chrono::steady_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(kForeignPollSeconds * 1e3));
+  if (lane.foreign < before) Admit();
 }
 
 std::chrono::steady_clock::time_point Router::OutageDeadline() const {
@@ -684,8 +751,16 @@ void Router::Loop(size_t index) {
           }
           continue;
         }
+        if (lane.foreign > 0 && std::chrono::steady_clock::now() >= lane.foreign_check) {
+          CheckForeignRows(index, l);
+          continue;
+        }
         if (!lane.running.empty() || !lane.to_release.empty()) break;
-        cv_.wait(l);
+        if (lane.foreign > 0) {
+          cv_.wait_until(l, lane.foreign_check);
+        } else {
+          cv_.wait(l);
+        }
       }
       if (stop_) break;
       // Cancelled requests end at this step boundary.
@@ -761,10 +836,18 @@ void Router::Loop(size_t index) {
         Requeue(index, st, &out);  // the step's results are void
         in_step.clear();
       }
+      std::vector<Request*> no_room;
+      absl::Status no_room_why;
       for (size_t i = 0; i < in_step.size(); ++i) {
         Request* r = in_step[i];
         if (r->sink == nullptr) continue;
         const wire::SeqResult& res = resp.results(static_cast<int>(i));
+        // No KV room: the worker holds other routers' sequences. The request waits for room.
+        if (res.error_code() == static_cast<int>(absl::StatusCode::kResourceExhausted)) {
+          no_room.push_back(r);
+          no_room_why = absl::ResourceExhaustedError(res.error());
+          continue;
+        }
         if (res.error_code() != 0) {
           Fail(r, absl::Status(static_cast<absl::StatusCode>(res.error_code()), res.error()), &out);
           continue;
@@ -789,6 +872,7 @@ void Router::Loop(size_t index) {
         }
         if (!finished) OnToken(r, res, &out);
       }
+      if (!no_room.empty()) RequeueNoRoom(index, no_room, no_room_why, &out);
       remove_ended();
       Admit();  // the KV cache freed above may fit waiting requests (on any worker)
     }

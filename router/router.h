@@ -96,6 +96,8 @@ class Router {
  public:
   // The longest interval between two GetStats calls to a worker that is down.
   static constexpr double kMaxRetrySeconds = 2;
+  // How often a worker that holds rows of other routers' sequences is asked how many (Lane).
+  static constexpr double kForeignPollSeconds = 1;
 
   // `tok` and the attention clients must outlive the router. With several attention workers,
   // each request is admitted to the one with the most free KV cache (among those with room
@@ -145,11 +147,16 @@ class Router {
     bool draining = false;
     int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
     int64_t moved = 0;  // requests requeued after their worker's step failed
+    // Requests sent back to the queue because their worker had no KV room for them (rows held
+    // by sequences this router does not run: another router's, or a killed router's).
+    int64_t requeued_no_room = 0;
     // Prompt tokens of requests whose prompt is prefilled (once each: not again when a moved
     // request rebuilds its cache), and tokens generated (sent to clients).
     int64_t prompt_tokens = 0, generation_tokens = 0;
     // Per attention worker, in Create's order.
     std::vector<int64_t> steps_per_worker, kv_reserved_per_worker, kv_capacity_per_worker;
+    // KV rows each worker holds for sequences this router does not run, as last asked (Lane).
+    std::vector<int64_t> kv_foreign_per_worker;
     std::vector<bool> worker_up;
     // Seconds from Submit to the first token; between two tokens of a request (tokens that
     // arrive together, as speculative decoding's, count a gap of 0 after the first); Submit to
@@ -222,12 +229,27 @@ class Router {
       const int64_t plen = static_cast<int64_t>(prompt.size());
       return i < plen ? prompt[i] : generated[i - plen];
     }
+    // KV rows its worker holds for it: those prefilled, then one per decode step (the last
+    // generated token is the next step's input).
+    int64_t rows() const {
+      if (!started) return 0;
+      if (prefilled < context() || generated.empty()) return prefilled;
+      return std::max(prefilled,
+                      static_cast<int64_t>(prompt.size() + generated.size()) - 1);
+    }
   };
   // One attention worker and the requests admitted to it.
   struct Lane {
     AttentionClient* client = nullptr;
     int64_t kv_capacity = 0;
     int64_t kv_reserved = 0;
+    // KV rows the worker holds for sequences this router does not run: another router's (two
+    // routers over the same workers in a rolling update's overlap) or a killed router's (until
+    // the worker releases them, --idle_sequence_seconds). Admission leaves them room. Learned
+    // from GetStats (kv_used_tokens less this router's own rows) at Create and, once a step
+    // finds the worker without room, every kForeignPollSeconds until none are left.
+    int64_t foreign = 0;
+    std::chrono::steady_clock::time_point foreign_check;  // when to ask again (foreign > 0)
     std::vector<std::unique_ptr<Request>> running;
     std::vector<uint64_t> to_release;
     int64_t steps = 0;
@@ -252,9 +274,23 @@ class Router {
 
   Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
          std::vector<AttentionClient*> attention, const RouterOptions& opt,
-         const std::vector<int64_t>& kv_capacity, std::pair<int32_t, int32_t> think_ids);
+         const std::vector<int64_t>& kv_capacity, const std::vector<int64_t>& kv_foreign,
+         std::pair<int32_t, int32_t> think_ids);
   // Scheduler of lanes_[lane]: one step after another.
   void Loop(size_t lane);
+  // Sends the lane's pending releases, then asks its worker's GetStats for the rows of other
+  // routers' sequences (Lane::foreign); unlocks `l` meanwhile. Admits if that made room.
+  void CheckForeignRows(size_t lane, std::unique_lock<std::mutex>& l)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After a step in which lane `lane`'s worker had no KV room for `refused` (its
+  // RESOURCE_EXHAUSTED results): sends them back to the queue's head, to start again (replaying
+  // their tokens), and counts the worker's free rows as foreign until it is asked again.
+  void RequeueNoRoom(size_t lane, const std::vector<Request*>& refused,
+                     const absl::Status& why, std::vector<Outgoing>* out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes `r` (running) off its worker, to start again from the queue: frees its reservation,
+  // queues its sequence's release, and sets it to replay its generated tokens.
+  void Unadmit(Request* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves waiting requests, in order, to the lane with the most free KV cache that has room
   // for them; stops at the first that fits nowhere yet. Wakes the lanes.
   void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

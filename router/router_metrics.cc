@@ -47,6 +47,11 @@ std::string PrometheusMetrics(const Router::Counters& c,
       "Requests sent back to the queue after their attention worker's step failed (to continue "
       "on another worker, or on the same one once it serves again).",
       d(c.moved));
+  one("moemesh_requests_requeued_no_room_total", "counter",
+      "Requests sent back to the queue because their attention worker had no KV cache room for "
+      "them: it held sequences this router does not run (another router's over the same "
+      "workers, or a stopped router's until the worker releases them).",
+      d(c.requeued_no_room));
   one("moemesh_prompt_tokens_total", "counter", "Prompt tokens prefilled (each prompt once).",
       d(c.prompt_tokens));
   one("moemesh_generation_tokens_total", "counter", "Tokens generated and sent to clients.",
@@ -74,6 +79,10 @@ std::string PrometheusMetrics(const Router::Counters& c,
              [&c](size_t w) { return c.kv_reserved_per_worker[w]; });
   per_worker("moemesh_kv_cache_capacity_tokens", "gauge", "KV cache slots of the worker.",
              [&c](size_t w) { return c.kv_capacity_per_worker[w]; });
+  per_worker("moemesh_kv_cache_foreign_tokens", "gauge",
+             "KV cache rows the worker holds for sequences this router does not run (another "
+             "router's, or a stopped router's), as last asked; admission leaves them room.",
+             [&c](size_t w) { return c.kv_foreign_per_worker[w]; });
   per_worker("moemesh_worker_up", "gauge",
              "1 while the attention worker takes requests, 0 after a failed step until it "
              "answers again.",

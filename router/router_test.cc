@@ -36,11 +36,30 @@ class FakeAttention : public AttentionClient {
   absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) override {
     std::unique_lock<std::mutex> l(mu_);
     gate_.wait(l, [&] { return open_; });
+    if (step_delay_ms_ > 0) {
+      l.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(step_delay_ms_));
+      l.lock();
+    }
     const bool fail = !recovered_ && fail_from_ >= 0 && steps_ >= fail_from_;
     ++steps_;
     for (const wire::SeqStep& s : req.seqs()) seqs_.insert(s.seq_id());
     if (fail) return absl::UnavailableError("worker down");
+    std::set<uint64_t> refused;
     for (const wire::SeqStep& s : req.seqs()) {
+      // With a KV cache limit: the rows it would take past the capacity are refused, as the
+      // real worker's Reserve does (a new sequence is forgotten, an old one keeps its rows).
+      if (enforce_) {
+        const int64_t had = s.new_sequence() || !live_.count(s.seq_id())
+                                ? 0
+                                : static_cast<int64_t>(kv_[s.seq_id()].size());
+        if (UsedRows() - had + s.start_pos() + s.tokens_size() > kv_capacity_) {
+          refused.insert(s.seq_id());
+          if (s.new_sequence()) live_.erase(s.seq_id());
+          continue;
+        }
+        live_.insert(s.seq_id());
+      }
       // Every token it was given, by position; a new sequence starts over.
       std::vector<int32_t>& kv = kv_[s.seq_id()];
       if (s.new_sequence()) {
@@ -54,8 +73,15 @@ class FakeAttention : public AttentionClient {
       EXPECT_EQ(static_cast<int64_t>(kv.size()), s.start_pos()) << "sequence " << s.seq_id();
       kv.insert(kv.end(), s.tokens().begin(), s.tokens().end());
     }
+    max_used_ = std::max(max_used_, UsedRows());
     for (const wire::SeqStep& s : req.seqs()) {
       wire::SeqResult* r = resp->add_results();
+      if (refused.count(s.seq_id())) {
+        r->set_error_code(static_cast<int>(absl::StatusCode::kResourceExhausted));
+        r->set_error("KV cache full");
+        ++refusals_;
+        continue;
+      }
       r->set_sampled(s.sample());
       if (s.sample()) r->set_token(kToken);
     }
@@ -64,6 +90,7 @@ class FakeAttention : public AttentionClient {
   absl::Status Release(const std::vector<uint64_t>& ids) override {
     std::lock_guard<std::mutex> l(mu_);
     released_ += static_cast<int64_t>(ids.size());
+    for (uint64_t id : ids) live_.erase(id);
     return absl::OkStatus();
   }
   absl::StatusOr<wire::Stats> GetStats() override {
@@ -71,6 +98,7 @@ class FakeAttention : public AttentionClient {
     ++stats_calls_;
     wire::Stats s;
     s.set_kv_capacity_tokens(kv_capacity_);
+    s.set_kv_used_tokens(UsedRows());
     if (!recovered_ && fail_from_ >= 0 && steps_ >= fail_from_) s.set_not_ready("expert down");
     return s;
   }
@@ -128,14 +156,42 @@ class FakeAttention : public AttentionClient {
     auto it = kv_.find(seq);
     return it == kv_.end() ? std::vector<int32_t>() : it->second;
   }
+  // From now on the KV cache holds at most kv_capacity rows: those of its sequences not yet
+  // released, plus `foreign` ones (another router's sequences). Steps past it are refused.
+  void LimitRows(int64_t foreign) {
+    std::lock_guard<std::mutex> l(mu_);
+    enforce_ = true;
+    foreign_ = foreign;
+  }
+  void SetStepDelay(int ms) {
+    std::lock_guard<std::mutex> l(mu_);
+    step_delay_ms_ = ms;
+  }
+  int64_t refusals() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return refusals_;
+  }
+  int64_t max_used() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return max_used_;
+  }
 
  private:
+  int64_t UsedRows() const {
+    int64_t used = foreign_;
+    for (uint64_t id : live_) used += static_cast<int64_t>(kv_.at(id).size());
+    return used;
+  }
+
   const int64_t kv_capacity_;
   const int fail_from_;
   mutable std::mutex mu_;
   std::condition_variable gate_;
-  bool open_ = true, recovered_ = false;
+  bool open_ = true, recovered_ = false, enforce_ = false;
   int64_t steps_ = 0, released_ = 0, stats_calls_ = 0;
+  int64_t foreign_ = 0, refusals_ = 0, max_used_ = 0;
+  int step_delay_ms_ = 0;
+  std::set<uint64_t> live_;  // sequences holding rows (LimitRows), not yet released
   std::set<uint64_t> seqs_;
   std::map<uint64_t, std::vector<int32_t>> kv_;
   std::map<uint64_t, std::pair<int32_t, int32_t>> think_;
@@ -209,6 +265,10 @@ class Sink : public GenerationSink {
   std::vector<int32_t> ids() {
     std::lock_guard<std::mutex> l(mu_);
     return ids_;
+  }
+  bool done() {
+    std::lock_guard<std::mutex> l(mu_);
+    return done_;
   }
 
  private:
@@ -607,6 +667,76 @@ TEST_F(RouterTest, RoutersOverTheSameWorkerUseDistinctSequenceIds) {
   EXPECT_EQ(a.kv(*id1), FinishedCache(5, 4));
   EXPECT_EQ(a.kv(*id2), FinishedCache(7, 4));
   EXPECT_LT(std::max(*id1, *id2), uint64_t{1} << 63);
+}
+
+// A worker that holds another router's sequences (two routers over the same workers in a rolling
+// update) refuses steps it has no KV room for: their requests go back to the queue and start
+// again once there is room, rather than fail; meanwhile the router admits around the other
+// router's rows, as the worker reports them, and stops counting them once they are released.
+TEST_F(RouterTest, RequestsAWorkerHasNoKvRoomForWaitForRoom) {
+  FakeAttention a(100);
+  auto router = Make({&a});  // nothing foreign when it starts
+  ASSERT_NE(router, nullptr);
+  a.LimitRows(/*foreign=*/60);  // then another router's sequences take 60 rows
+  a.Hold();
+  std::vector<Sink> sinks(4);
+  std::vector<uint64_t> ids;
+  ASSERT_NO_FATAL_FAILURE(SubmitAll(*router, Request(5, 20), &sinks, &ids));
+  EXPECT_EQ(router->counters().running, 4);  // 4 x 25 reserved of 100: all admitted at first
+  a.Open();
+  for (Sink& s : sinks) {
+    ASSERT_TRUE(s.Wait().ok());
+    EXPECT_EQ(s.ids(), std::vector<int32_t>(20, kToken));
+  }
+  const Router::Counters c = router->counters();
+  EXPECT_GT(a.refusals(), 0);
+  EXPECT_GT(c.requeued_no_room, 0);
+  EXPECT_EQ(c.failed, 0);
+  EXPECT_LE(a.max_used(), 100);
+  // Each started over with its prompt and its tokens so far, at consecutive positions.
+  for (uint64_t id : ids) EXPECT_EQ(a.kv(id), FinishedCache(5, 20)) << "sequence " << id;
+  EXPECT_EQ(c.kv_foreign_per_worker, std::vector<int64_t>({60}));  // asked since
+  // The other router's sequences end: within a few polls the router no longer counts them.
+  a.LimitRows(0);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (router->counters().kv_foreign_per_worker[0] != 0 &&
+         std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(router->counters().kv_foreign_per_worker[0], 0);
+}
+
+// A router started while a worker holds other sequences' rows (a killed router's, until the
+// worker releases them; another router's) admits only what fits beside them, so that the worker
+// refuses nothing, and takes the rest once those rows are gone.
+TEST_F(RouterTest, AdmitsAroundRowsAWorkerHoldsForOthers) {
+  FakeAttention a(2000);
+  a.LimitRows(/*foreign=*/1090);
+  a.SetStepDelay(5);  // the first request lasts 4.5 s
+  auto router = Make({&a});
+  ASSERT_NE(router, nullptr);
+  EXPECT_EQ(router->counters().kv_foreign_per_worker, std::vector<int64_t>({1090}));
+  Sink first, second;
+  auto long_id = router->Submit(Request(5, 900), &first);  // 905 of the 910 left
+  ASSERT_TRUE(long_id.ok());
+  ASSERT_TRUE(router->Submit(Request(5, 900), &second).ok());
+  Router::Counters c = router->counters();
+  EXPECT_EQ(c.running, 1);
+  EXPECT_EQ(c.waiting, 1);
+  a.LimitRows(0);  // released: the second is admitted beside the first, which still runs
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (router->counters().running < 2 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(router->counters().running, 2);
+  EXPECT_FALSE(first.done());
+  a.SetStepDelay(0);
+  router->Cancel(*long_id);
+  ASSERT_TRUE(first.Wait().ok());
+  ASSERT_TRUE(second.Wait().ok());
+  EXPECT_EQ(second.ids().size(), 900u);
+  EXPECT_EQ(a.refusals(), 0);
+  EXPECT_EQ(router->counters().requeued_no_room, 0);
 }
 
 TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
