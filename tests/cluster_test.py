@@ -804,6 +804,50 @@ class DataParallelAttentionTest(unittest.TestCase):
             c.stop()
 
 
+class TwoRoutersTest(unittest.TestCase):
+    def test_two_routers_over_one_small_kv_cache_lose_no_request(self):
+        """A rolling update's overlap: two routers over one attention worker whose KV cache
+        holds what either admits, not both. The worker refuses the rows it has no room for; the
+        router of each refused sequence queues it again (to start over, replaying its tokens)
+        instead of failing it, and admits around the other router's rows. Every request ends
+        with its reference ids and the cache ends empty."""
+        shared = shared_pydoc_cluster()
+        # 12 requests per router reserve 2 x (32 + 6 x 40) = 544 of the 600 rows, so each
+        # router admits all of its own; together they would hold up to 2 x 532 rows.
+        c = start_cluster(PYDOC, None, name="tworouters", kv_capacity_tokens=600,
+                          encoder=shared.encoder, experts=shared.experts)
+        try:
+            other = c._start("tworouters-router2",
+                             [ROUTER, "--model=" + PYDOC, "--address=127.0.0.1:0",
+                              "--attention=" + c.attention])
+            addr = other.wait_for(r"serving moemesh\.v1\.Generation on (\S+)").group(1)
+            wait_healthy(addr, proc=other)
+            with grpc.insecure_channel(addr) as ch:
+                stubs = [c.stub, pb2_grpc.GenerationStub(ch)]
+                cases = PYDOC_CASES * 2
+                barrier = threading.Barrier(len(stubs) * len(cases))
+
+                def run(stub, ids, n):
+                    barrier.wait(timeout=30)
+                    return generate(stub, make_request(ids, n), timeout=240)
+
+                jobs = [(i, Background(lambda s=s, ids=ids, g=g: run(s, ids, len(g))))
+                        for s in stubs for i, (ids, g) in enumerate(cases)]
+                for n, (i, j) in enumerate(jobs):
+                    self.assertEqual(j.join(timeout=300).ids, cases[i][1],
+                                     "router %d, prompt %d" % (n // len(cases), i))
+            # The worker did run out of room (the case this test is about), and told the
+            # routers so; the routers kept it from failing any request.
+            logs = "".join(_tail(p.err_path, 100000) for p in c.procs if "router" in p.name)
+            self.assertIn("has no KV cache room for", logs)
+            s = poll_until(lambda: c.stats().kv_used_tokens == 0 or None, 10)
+            self.assertIsNotNone(s, "KV rows left: %s" % c.stats())
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
+
+
 class ExpertFailoverTest(unittest.TestCase):
     def test_hung_killed_and_restarted_expert_workers(self):
         """Expert workers A (experts 0..E/2-1), B (the rest) and C (every expert, a replica of
