@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "engine/config.h"
 #include "engine/tokenizer.h"
 #include "gtest/gtest.h"
@@ -696,6 +697,12 @@ TEST_F(RouterTest, RequestsAWorkerHasNoKvRoomForWaitForRoom) {
   // Each started over with its prompt and its tokens so far, at consecutive positions.
   for (uint64_t id : ids) EXPECT_EQ(a.kv(id), FinishedCache(5, 20)) << "sequence " << id;
   EXPECT_EQ(c.kv_foreign_per_worker, std::vector<int64_t>({60}));  // asked since
+  const std::string text = PrometheusMetrics(c);
+  for (const std::string& line :
+       {absl::StrCat("moemesh_requests_requeued_no_room_total ", c.requeued_no_room, "\n"),
+        std::string("moemesh_kv_cache_foreign_tokens{worker=\"0\"} 60\n")}) {
+    EXPECT_NE(text.find(line), std::string::npos) << line << " not in\n" << text;
+  }
   // The other router's sequences end: within a few polls the router no longer counts them.
   a.LimitRows(0);
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
