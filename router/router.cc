@@ -340,7 +340,8 @@ void Router::Admit() {
       }
     }
     if (best == nullptr) break;  // in queue order: the head waits for room
-    if (r->moves == 0) {  // its first admission (a moved request is back in the queue)
+    if (!r->admitted_once) {  // (a moved or refused request is back in the queue)
+      r->admitted_once = true;
       counters_.queue_time.Observe(Seconds(std::chrono::steady_clock::now() - r->submitted_at));
     }
     best->kv_reserved += need;

@@ -223,6 +223,7 @@ class Router {
     // the KV cache; the last is the next decode step's input.
     int64_t replay = 0;
     int moves = 0;
+    bool admitted_once = false;  // in Counters::queue_time
     // Tokens the KV cache holds once prefilled (prompt, then replayed ones).
     int64_t context() const { return static_cast<int64_t>(prompt.size()) + replay; }
     int32_t context_token(int64_t i) const {

@@ -693,6 +693,7 @@ TEST_F(RouterTest, RequestsAWorkerHasNoKvRoomForWaitForRoom) {
   EXPECT_GT(a.refusals(), 0);
   EXPECT_GT(c.requeued_no_room, 0);
   EXPECT_EQ(c.failed, 0);
+  EXPECT_EQ(c.queue_time.count(), 4);  // each request's first admission only
   EXPECT_LE(a.max_used(), 100);
   // Each started over with its prompt and its tokens so far, at consecutive positions.
   for (uint64_t id : ids) EXPECT_EQ(a.kv(id), FinishedCache(5, 20)) << "sequence " << id;
