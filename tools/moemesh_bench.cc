@@ -207,7 +207,9 @@ class BandwidthProbe {
       for (int k = 0; k < 8; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_loadu_ps(a + i + 16 * k));
     }
     for (int k = 1; k < 8; ++k) acc[0] = _mm512_add_ps(acc[0], acc[k]);
-    s = _mm512_reduce_add_ps(acc[0]);
+    alignas(64) float lanes[16];  // (not _mm512_reduce_add_ps: GCC 12 warns in its header here)
+    _mm512_store_ps(lanes, acc[0]);
+    for (float v : lanes) s += v;
 #endif
     for (; i < hi; ++i) s += a[i];
     return s;

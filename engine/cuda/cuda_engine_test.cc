@@ -313,9 +313,15 @@ TEST_P(GroupedSmallMTest, MatchesDoubleReference) {
     EXPECT_LT(MaxAbsDiff(got_choice, act), 2e-5) << "SwiGLU, kernel " << static_cast<int>(choice);
     if (choice == cuda::SmallMChoice::kMulti) multi = got_choice;
     if (choice == cuda::SmallMChoice::kOne) one = got_choice;
-    if (choice == cuda::SmallMChoice::kMultiDeep) EXPECT_EQ(got_choice, multi) << "deep";
-    if (choice == cuda::SmallMChoice::kMulti8) EXPECT_EQ(got_choice, multi) << "8 rows a pass";
-    if (choice == cuda::SmallMChoice::kOneDeep) EXPECT_EQ(got_choice, one) << "one, deep";
+    if (choice == cuda::SmallMChoice::kMultiDeep) {
+      EXPECT_EQ(got_choice, multi) << "deep";
+    }
+    if (choice == cuda::SmallMChoice::kMulti8) {
+      EXPECT_EQ(got_choice, multi) << "8 rows a pass";
+    }
+    if (choice == cuda::SmallMChoice::kOneDeep) {
+      EXPECT_EQ(got_choice, one) << "one, deep";
+    }
   }
   // And plain (4 outputs per warp) with bias, accumulated.
   {
