@@ -549,36 +549,53 @@ void Router::Unadmit(Request* r) {
   r->replay = std::max<int64_t>(static_cast<int64_t>(r->generated.size()) - 1, 0);
 }
 
-void Router::RequeueNoRoom(size_t index, const std::vector<Request*>& refused,
-                           const absl::Status& why, std::vector<Outgoing>* out) {
+void Router::SendBack(size_t index, const std::vector<Request*>& which, const absl::Status& why,
+                      bool no_room, std::vector<Outgoing>* out) {
   Lane& lane = lanes_[index];
   std::deque<std::unique_ptr<Request>> back;
   for (auto& rp : lane.running) {
     Request* r = rp.get();
-    if (r->sink == nullptr || std::find(refused.begin(), refused.end(), r) == refused.end()) {
-      continue;
-    }
+    if (r->sink == nullptr || std::find(which.begin(), which.end(), r) == which.end()) continue;
     if (r->cancelled) {
       Finish(r, moemesh::v1::FINISH_REASON_CANCELLED, "", out);
       continue;
     }
+    if (!no_room && r->moves >= opt_.max_moves) {
+      Fail(r, why, out);
+      continue;
+    }
     Unadmit(r);
-    ++counters_.requeued_no_room;
+    if (no_room) {
+      ++counters_.requeued_no_room;
+    } else {
+      ++r->moves;
+      ++counters_.moved;
+    }
     back.push_back(std::move(rp));
   }
   lane.running.erase(std::remove(lane.running.begin(), lane.running.end(), nullptr),
                      lane.running.end());
-  if (!back.empty() && lane.foreign == 0) {
-    std::cerr << "router: attention worker " << index << " has no KV cache room for "
-              << back.size() << " of its requests (" << why.message()
-              << "): it holds sequences this router does not run (another router's, or a "
-                 "stopped one's until --idle_sequence_seconds); they go back to the queue"
-              << std::endl;
+  if (!no_room) {
+    if (!back.empty()) {
+      std::cerr << "router: attention worker " << index << " no longer has the sequences of "
+                << back.size() << " of its requests (" << why.message()
+                << ": it was restarted, or released them after --idle_sequence_seconds); they "
+                   "start again from the queue"
+                << std::endl;
+    }
+  } else {
+    if (!back.empty() && lane.foreign == 0) {
+      std::cerr << "router: attention worker " << index << " has no KV cache room for "
+                << back.size() << " of its requests (" << why.message()
+                << "): it holds sequences this router does not run (another router's, or a "
+                   "stopped one's until --idle_sequence_seconds); they go back to the queue"
+                << std::endl;
+    }
+    // Until it is asked, the worker has no room but what this router's reservations leave.
+    lane.foreign = std::max<int64_t>(
+        {lane.foreign, lane.kv_capacity - lane.kv_reserved, int64_t{1}});
+    lane.foreign_check = std::chrono::steady_clock::now();
   }
-  // Until it is asked, the worker has no room but what this router's reservations leave.
-  lane.foreign = std::max<int64_t>(
-      {lane.foreign, lane.kv_capacity - lane.kv_reserved, int64_t{1}});
-  lane.foreign_check = std::chrono::steady_clock::now();
   // Ahead of the queue, in their order: they were admitted before anything waiting.
   waiting_.insert(waiting_.begin(), std::make_move_iterator(back.begin()),
                   std::make_move_iterator(back.end()));
@@ -717,6 +734,7 @@ void Router::Loop(size_t index) {
     wire::StepRequest req;
     std::vector<Request*> in_step;
     std::vector<int64_t> chunk;  // prompt tokens each step entry carries (0 = decode)
+    std::vector<bool> fresh;     // whether each step entry starts its sequence
     std::vector<uint64_t> releases;
     {
       std::unique_lock<std::mutex> l(mu_);
@@ -802,6 +820,7 @@ void Router::Loop(size_t index) {
         }
         s->set_seq_id(r->id);
         s->set_experts_per_token(r->experts_per_token);
+        fresh.push_back(!r->started);
         if (!r->started) {
           s->set_new_sequence(true);
           *s->mutable_sampling() = r->sampling;
@@ -837,16 +856,25 @@ void Router::Loop(size_t index) {
         Requeue(index, st, &out);  // the step's results are void
         in_step.clear();
       }
-      std::vector<Request*> no_room;
-      absl::Status no_room_why;
+      std::vector<Request*> no_room, lost;
+      absl::Status no_room_why, lost_why;
       for (size_t i = 0; i < in_step.size(); ++i) {
         Request* r = in_step[i];
         if (r->sink == nullptr) continue;
         const wire::SeqResult& res = resp.results(static_cast<int>(i));
+        const auto code = static_cast<absl::StatusCode>(res.error_code());
         // No KV room: the worker holds other routers' sequences. The request waits for room.
-        if (res.error_code() == static_cast<int>(absl::StatusCode::kResourceExhausted)) {
+        if (code == absl::StatusCode::kResourceExhausted) {
           no_room.push_back(r);
           no_room_why = absl::ResourceExhaustedError(res.error());
+          continue;
+        }
+        // A sequence the worker no longer has as this router left it ("unknown sequence": the
+        // worker was restarted, or released it as idle while this router was stopped): it
+        // starts again, as a moved request does.
+        if (code == absl::StatusCode::kFailedPrecondition && !fresh[i]) {
+          lost.push_back(r);
+          lost_why = absl::FailedPreconditionError(res.error());
           continue;
         }
         if (res.error_code() != 0) {
@@ -873,7 +901,8 @@ void Router::Loop(size_t index) {
         }
         if (!finished) OnToken(r, res, &out);
       }
-      if (!no_room.empty()) RequeueNoRoom(index, no_room, no_room_why, &out);
+      if (!no_room.empty()) SendBack(index, no_room, no_room_why, /*no_room=*/true, &out);
+      if (!lost.empty()) SendBack(index, lost, lost_why, /*no_room=*/false, &out);
       remove_ended();
       Admit();  // the KV cache freed above may fit waiting requests (on any worker)
     }

@@ -146,7 +146,8 @@ class Router {
     int64_t refused_unavailable = 0;
     bool draining = false;
     int64_t waiting = 0, running = 0, steps = 0, kv_reserved = 0;  // over all workers
-    int64_t moved = 0;  // requests requeued after their worker's step failed
+    // Requests requeued after their worker's step failed, or after it lost their sequence.
+    int64_t moved = 0;
     // Requests sent back to the queue because their worker had no KV room for them (rows held
     // by sequences this router does not run: another router's, or a killed router's).
     int64_t requeued_no_room = 0;
@@ -283,12 +284,13 @@ class Router {
   // routers' sequences (Lane::foreign); unlocks `l` meanwhile. Admits if that made room.
   void CheckForeignRows(size_t lane, std::unique_lock<std::mutex>& l)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // After a step in which lane `lane`'s worker had no KV room for `refused` (its
-  // RESOURCE_EXHAUSTED results): sends them back to the queue's head, to start again (replaying
-  // their tokens), and counts the worker's free rows as foreign until it is asked again.
-  void RequeueNoRoom(size_t lane, const std::vector<Request*>& refused,
-                     const absl::Status& why, std::vector<Outgoing>* out)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After a step in which lane `lane`'s worker refused `which` (their results' `why`): sends
+  // them back to the queue's head, to start again (replaying their tokens). With `no_room` (the
+  // worker had no KV room: rows other routers' sequences hold) they wait for room, and the
+  // worker's free rows count as foreign until it is asked again; otherwise (it lost their
+  // sequences) they count as moved (failing those that moved max_moves times).
+  void SendBack(size_t lane, const std::vector<Request*>& which, const absl::Status& why,
+                bool no_room, std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Takes `r` (running) off its worker, to start again from the queue: frees its reservation,
   // queues its sequence's release, and sets it to replay its generated tokens.
   void Unadmit(Request* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -44,8 +44,8 @@ std::string PrometheusMetrics(const Router::Counters& c,
      {{"invalid", c.invalid}, {"resource_exhausted", c.rejected},
       {"draining", c.refused_draining}, {"unavailable", c.refused_unavailable}});
   one("moemesh_requests_moved_total", "counter",
-      "Requests sent back to the queue after their attention worker's step failed (to continue "
-      "on another worker, or on the same one once it serves again).",
+      "Requests sent back to the queue after their attention worker's step failed or it lost "
+      "their sequence (to continue on another worker, or on the same one once it serves again).",
       d(c.moved));
   one("moemesh_requests_requeued_no_room_total", "counter",
       "Requests sent back to the queue because their attention worker had no KV cache room for "

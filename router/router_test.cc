@@ -43,11 +43,19 @@ class FakeAttention : public AttentionClient {
       l.lock();
     }
     const bool fail = !recovered_ && fail_from_ >= 0 && steps_ >= fail_from_;
+    if (steps_ == forget_at_) {  // restarted between two steps: it knows no sequence
+      kv_.clear();
+      live_.clear();
+    }
     ++steps_;
     for (const wire::SeqStep& s : req.seqs()) seqs_.insert(s.seq_id());
     if (fail) return absl::UnavailableError("worker down");
-    std::set<uint64_t> refused;
+    std::set<uint64_t> refused, unknown;
     for (const wire::SeqStep& s : req.seqs()) {
+      if (!s.new_sequence() && !kv_.count(s.seq_id())) {
+        unknown.insert(s.seq_id());
+        continue;
+      }
       // With a KV cache limit: the rows it would take past the capacity are refused, as the
       // real worker's Reserve does (a new sequence is forgotten, an old one keeps its rows).
       if (enforce_) {
@@ -77,6 +85,11 @@ class FakeAttention : public AttentionClient {
     max_used_ = std::max(max_used_, UsedRows());
     for (const wire::SeqStep& s : req.seqs()) {
       wire::SeqResult* r = resp->add_results();
+      if (unknown.count(s.seq_id())) {
+        r->set_error_code(static_cast<int>(absl::StatusCode::kFailedPrecondition));
+        r->set_error(absl::StrCat("unknown sequence ", s.seq_id()));
+        continue;
+      }
       if (refused.count(s.seq_id())) {
         r->set_error_code(static_cast<int>(absl::StatusCode::kResourceExhausted));
         r->set_error("KV cache full");
@@ -164,6 +177,11 @@ class FakeAttention : public AttentionClient {
     enforce_ = true;
     foreign_ = foreign;
   }
+  // Forgets every sequence before step `step` (counting from 0), as a worker restarted then.
+  void ForgetAtStep(int64_t step) {
+    std::lock_guard<std::mutex> l(mu_);
+    forget_at_ = step;
+  }
   void SetStepDelay(int ms) {
     std::lock_guard<std::mutex> l(mu_);
     step_delay_ms_ = ms;
@@ -190,7 +208,7 @@ class FakeAttention : public AttentionClient {
   std::condition_variable gate_;
   bool open_ = true, recovered_ = false, enforce_ = false;
   int64_t steps_ = 0, released_ = 0, stats_calls_ = 0;
-  int64_t foreign_ = 0, refusals_ = 0, max_used_ = 0;
+  int64_t foreign_ = 0, refusals_ = 0, max_used_ = 0, forget_at_ = -1;
   int step_delay_ms_ = 0;
   std::set<uint64_t> live_;  // sequences holding rows (LimitRows), not yet released
   std::set<uint64_t> seqs_;
@@ -745,6 +763,41 @@ TEST_F(RouterTest, AdmitsAroundRowsAWorkerHoldsForOthers) {
   EXPECT_EQ(second.ids().size(), 900u);
   EXPECT_EQ(a.refusals(), 0);
   EXPECT_EQ(router->counters().requeued_no_room, 0);
+}
+
+// A worker that no longer has a running sequence (restarted between two steps, or it released
+// the sequence as idle while the router was stopped) answers "unknown sequence": the request
+// starts again from the queue, replaying its tokens, as a moved one does, and ends with all of
+// them; past --max_moves it fails with that error.
+TEST_F(RouterTest, RequestsWhoseSequenceTheWorkerLostStartAgain) {
+  FakeAttention a(1000);
+  a.ForgetAtStep(6);
+  auto router = Make({&a});
+  ASSERT_NE(router, nullptr);
+  a.Hold();
+  std::vector<Sink> sinks(2);
+  std::vector<uint64_t> ids;
+  ASSERT_NO_FATAL_FAILURE(SubmitAll(*router, Request(5, 30), &sinks, &ids));
+  a.Open();
+  for (Sink& s : sinks) {
+    ASSERT_TRUE(s.Wait().ok());
+    EXPECT_EQ(s.ids(), std::vector<int32_t>(30, kToken));
+  }
+  EXPECT_EQ(router->counters().moved, 2);
+  EXPECT_EQ(router->counters().failed, 0);
+  for (uint64_t id : ids) EXPECT_EQ(a.kv(id), FinishedCache(5, 30)) << "sequence " << id;
+
+  RouterOptions no_moves;
+  no_moves.max_moves = 0;
+  FakeAttention b(1000);
+  b.ForgetAtStep(3);
+  auto strict = Router::Create(tok_.get(), cfg_, gen_, {&b}, no_moves);
+  ASSERT_TRUE(strict.ok()) << strict.status();
+  Sink sink;
+  ASSERT_TRUE((*strict)->Submit(Request(5, 30), &sink).ok());
+  const absl::Status st = sink.Wait();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("unknown sequence"), absl::string_view::npos) << st;
 }
 
 TEST_F(RouterTest, JsonSchemaIsCheckedAtSubmitAndSentToTheWorker) {
