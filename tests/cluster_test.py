@@ -848,6 +848,49 @@ class TwoRoutersTest(unittest.TestCase):
             c.stop()
 
 
+class PausedRouterTest(unittest.TestCase):
+    def test_a_router_stopped_past_the_idle_release_loses_no_request(self):
+        """SIGSTOP the router during three streams for longer than the attention worker's
+        --idle_sequence_seconds (1 s here): the worker releases their sequences at the next step,
+        which answers "unknown sequence". The router starts each request again (replaying its
+        tokens) instead of failing it, and every stream ends with the ids of a solo run."""
+        shared = shared_pydoc_cluster()
+        c = start_cluster(PYDOC, None, name="pausedrouter", encoder=shared.encoder,
+                          experts=shared.experts, attention_flags=["--idle_sequence_seconds=1"])
+        try:
+            cases = PYDOC_CASES[:3]
+            solo = [greedy_ids(c.stub, ids, 300) for ids, _ in cases]
+            for (ids, greedy), ref in zip(cases, solo):
+                self.assertEqual(ref[:len(greedy)], greedy)
+            first = threading.Event()
+
+            def run(ids):
+                got = []
+                for resp in c.stub.Generate(make_request(ids, 300), timeout=120):
+                    got.extend(resp.ids)
+                    first.set()
+                return got
+
+            jobs = [Background(lambda ids=ids: run(ids)) for ids, _ in cases]
+            self.assertTrue(first.wait(60), "no token streamed")
+            self.assertTrue(poll_until(lambda: c.stats().active_sequences == 3, 30))
+            router = next(p for p in c.procs if p.name.endswith("-router"))
+            os.kill(router.pid, signal.SIGSTOP)
+            try:
+                time.sleep(2.5)
+            finally:
+                os.kill(router.pid, signal.SIGCONT)
+            for i, (j, ref) in enumerate(zip(jobs, solo)):
+                self.assertEqual(j.join(timeout=120), ref, "stream %d" % i)
+            self.assertEqual(c.stats().idle_released_sequences, 3)
+            self.assertIn("no longer has the sequences of 3 of its requests",
+                          _tail(router.err_path, 100000))
+        except AssertionError as e:
+            raise AssertionError("%s%s" % (e, c.describe())) from None
+        finally:
+            c.stop()
+
+
 class ExpertFailoverTest(unittest.TestCase):
     def test_hung_killed_and_restarted_expert_workers(self):
         """Expert workers A (experts 0..E/2-1), B (the rest) and C (every expert, a replica of
