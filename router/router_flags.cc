@@ -16,8 +16,9 @@ ABSL_FLAG(int64_t, prefill_chunk, 256,
           "Prompt tokens prefilled per step (long prompts go in chunks).");
 ABSL_FLAG(int32_t, max_moves, 2,
           "Times a request may go back to the queue after its attention worker's step failed as "
-          "a whole (it continues from its last token on another worker, or on the same one once "
-          "it serves again); the next failure fails it.");
+          "a whole, or the worker no longer had its sequence (it continues from its last token "
+          "on another worker, or on the same one once it serves again); the next failure fails "
+          "it.");
 ABSL_FLAG(double, worker_retry_seconds, 0.5,
           "An attention worker whose step failed takes no requests until its GetStats answers "
           "with nothing that stops a step (its encoder and every expert reachable), asked after "
