@@ -11,6 +11,7 @@ grpc::Status AttentionService::Step(grpc::ServerContext*, const wire::StepReques
 
 grpc::Status AttentionService::Release(grpc::ServerContext*, const wire::ReleaseRequest* req,
                                        wire::ReleaseResponse* resp) {
+  if (!req->router().empty()) worker_->ReleaseStale(req->router(), req->router_run());
   resp->set_free_tokens(
       worker_->Release(std::vector<uint64_t>(req->seq_ids().begin(), req->seq_ids().end())));
   return grpc::Status::OK;

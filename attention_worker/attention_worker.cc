@@ -289,6 +289,8 @@ absl::Status AttentionWorker::Step(const wire::StepRequest& req, wire::StepRespo
       if (it != seqs_.end()) cache_->Free(s.seq_id());
       it = seqs_.insert_or_assign(s.seq_id(), std::make_unique<SeqState>(sc)).first;
       it->second->prompt_len = std::max<int64_t>(s.prompt_tokens(), 0);
+      it->second->router = req.router();
+      it->second->router_run = req.router_run();
       it->second->prompt_logprobs = sc.prompt_logprobs;
       if (json) {
         it->second->sampler.Constrain(std::make_unique<JsonConstraint>(
@@ -579,6 +581,20 @@ int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
   return kv_capacity_ - LiveTokens();
 }
 
+int64_t AttentionWorker::ReleaseStale(const std::string& router, uint64_t keep_run) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<uint64_t> stale;
+  for (const auto& [id, st] : seqs_) {
+    if (st->router == router && st->router_run != keep_run) stale.push_back(id);
+  }
+  if (stale.empty()) return 0;
+  ReleaseLocked(stale);
+  stale_released_ += static_cast<int64_t>(stale.size());
+  std::cerr << "attention_worker: released " << stale.size() << " sequences of router " << router
+            << "'s earlier run (it started again)" << std::endl;
+  return static_cast<int64_t>(stale.size());
+}
+
 void AttentionWorker::ReleaseIdle() {
   if (idle_sequence_seconds_ <= 0) return;
   const auto now = Clock::now();
@@ -628,6 +644,7 @@ wire::Stats AttentionWorker::GetStats() const {
   s.set_active_sequences(static_cast<int64_t>(seqs_.size()));
   s.set_released_sequences(released_);
   s.set_idle_released_sequences(idle_released_);
+  s.set_stale_released_sequences(stale_released_);
   s.set_steps(steps_);
   s.set_attention_seconds(attention_s_);
   s.set_expert_wait_seconds(expert_s_);

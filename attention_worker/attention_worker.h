@@ -83,6 +83,9 @@ class AttentionWorker {
   // Frees the sequences' KV cache and sampler state (with a prefix cache, keeps their rows
   // there); returns the free KV slots after (prefix cache excluded).
   int64_t Release(const std::vector<uint64_t>& seq_ids);
+  // Frees the sequences `router` started in a run other than `keep_run` (StepRequest.router,
+  // .router_run): those of an earlier run of a router that started again. Returns how many.
+  int64_t ReleaseStale(const std::string& router, uint64_t keep_run);
   wire::Stats GetStats() const;
 
   const ModelConfig& config() const { return stack_->config(); }
@@ -95,6 +98,9 @@ class AttentionWorker {
     int64_t length = 0;  // tokens in the KV cache
     std::chrono::steady_clock::time_point last_step = std::chrono::steady_clock::now();
     int64_t prompt_len = 0;  // SeqStep::prompt_tokens of a moved sequence, else 0
+    // The router that started it, and that router's run (StepRequest.router, .router_run).
+    std::string router;
+    uint64_t router_run = 0;
     // SamplingConfig::prompt_logprobs (-1: none). While the prompt is prefilled, the logits of
     // a chunk's last token, which score the next chunk's first token.
     int32_t prompt_logprobs = -1;
@@ -173,6 +179,7 @@ class AttentionWorker {
   int64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t released_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t idle_released_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t stale_released_ ABSL_GUARDED_BY(mu_) = 0;
   double attention_s_ ABSL_GUARDED_BY(mu_) = 0, expert_s_ ABSL_GUARDED_BY(mu_) = 0,
          sampling_s_ ABSL_GUARDED_BY(mu_) = 0;
   // A step's hidden rows and logits (the second overlapped half's apart), reused step to step.

@@ -467,6 +467,52 @@ TEST(IdleSequenceTest, SequencesLeftIdleAreReleasedAtTheNextStep) {
   EXPECT_EQ(step({1}), std::vector<std::string>({"unknown sequence 1"}));
 }
 
+// A router started again asks for the sequences its earlier run left (ReleaseRequest.router): only
+// those the same router name started in another run are freed; its current run's, another
+// router's and those of a step without a name stay, and the freed ones are unknown after.
+TEST(StaleSequenceTest, ARouterStartedAgainFreesOnlyItsEarlierRunsSequences) {
+  auto parts = Load("models/pydoc-moe-17m");
+  AttentionWorker worker(parts->stack.get(), parts->encoder.get(), parts->experts.get(), {});
+  // One step of `router`'s run `run` starting sequence `id` with `n` tokens; its error.
+  auto start = [&](uint64_t id, const std::string& router, uint64_t run, int n) {
+    wire::StepRequest req;
+    req.set_router(router);
+    req.set_router_run(run);
+    wire::SeqStep* s = req.add_seqs();
+    s->set_seq_id(id);
+    for (int32_t t = 0; t < n; ++t) s->add_tokens(100 + t);
+    s->set_new_sequence(true);
+    s->set_sample(true);
+    s->mutable_sampling()->set_temperature(0);
+    wire::StepResponse resp;
+    EXPECT_TRUE(worker.Step(req, &resp).ok());
+    return resp.results(0).error();
+  };
+  EXPECT_EQ(start(1, "h/a:1", 7, 3), "");  // router a's earlier run
+  EXPECT_EQ(start(2, "h/a:1", 7, 5), "");
+  EXPECT_EQ(start(3, "h/a:1", 8, 7), "");  // its current run
+  EXPECT_EQ(start(4, "h/b:1", 7, 11), "");  // another router, same run id
+  EXPECT_EQ(start(5, "", 7, 13), "");      // a router without a name
+  EXPECT_EQ(worker.GetStats().kv_used_tokens(), 39);
+  EXPECT_EQ(worker.ReleaseStale("h/a:1", 8), 2);
+  wire::Stats stats = worker.GetStats();
+  EXPECT_EQ(stats.stale_released_sequences(), 2);
+  EXPECT_EQ(stats.active_sequences(), 3);
+  EXPECT_EQ(stats.kv_used_tokens(), 31);
+  EXPECT_EQ(worker.ReleaseStale("h/a:1", 8), 0);  // nothing left of it
+  // A step continuing a freed sequence finds it unknown.
+  wire::StepRequest req;
+  wire::SeqStep* s = req.add_seqs();
+  s->set_seq_id(1);
+  s->add_tokens(100);
+  s->set_start_pos(3);
+  s->set_sample(true);
+  wire::StepResponse resp;
+  ASSERT_TRUE(worker.Step(req, &resp).ok());
+  EXPECT_EQ(resp.results(0).error(), "unknown sequence 1");
+  EXPECT_EQ(worker.GetStats().stale_released_sequences(), 2);
+}
+
 // Speculative decoding: three sequences of the embedded model decoded together for 80 tokens with
 // up to 4 prompt-lookup drafts per step give the tokens of plain decoding, greedy and seeded
 // sampling with penalties alike, with logprobs within 1e-4 (a step over several tokens of a

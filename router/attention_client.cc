@@ -60,6 +60,16 @@ absl::Status GrpcAttentionClient::Release(const std::vector<uint64_t>& seq_ids) 
   return Annotate(address_, stub_->Release(&ctx, req, &resp));
 }
 
+absl::Status GrpcAttentionClient::ReleaseStale(const std::string& router, uint64_t keep_run) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, kStatsSeconds);
+  wire::ReleaseRequest req;
+  req.set_router(router);
+  req.set_router_run(keep_run);
+  wire::ReleaseResponse resp;
+  return Annotate(address_, stub_->Release(&ctx, req, &resp));
+}
+
 absl::StatusOr<wire::Stats> GrpcAttentionClient::GetStats() {
   std::promise<absl::StatusOr<wire::Stats>> answer;
   GetStatsAsync([&answer](absl::StatusOr<wire::Stats> s) { answer.set_value(std::move(s)); });

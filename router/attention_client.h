@@ -20,6 +20,8 @@ class GrpcAttentionClient : public AttentionClient {
   GrpcAttentionClient(const std::string& address, double step_timeout_seconds);
   absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) override;
   absl::Status Release(const std::vector<uint64_t>& seq_ids) override;
+  // With a deadline of kStatsSeconds (the router asks it while it starts).
+  absl::Status ReleaseStale(const std::string& router, uint64_t keep_run) override;
   // With a deadline of at most kStatsSeconds: the router asks a failed worker this way (and
   // /health, /metrics), and a hung one must not hold them for a step's timeout.
   absl::StatusOr<wire::Stats> GetStats() override;

@@ -1,6 +1,8 @@
 // router: serves the public API (moemesh.v1.Generation) over one or more attention workers.
 //   router --model=DIR --address=127.0.0.1:50051 --attention=127.0.0.1:50053[,127.0.0.1:50054]
 //   router --config=cluster.textproto
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <iostream>
@@ -11,6 +13,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "engine/config.h"
 #include "engine/model.h"
@@ -31,6 +35,13 @@ ABSL_FLAG(std::string, attention, "127.0.0.1:50053",
           "request goes to the one with the most free KV cache).");
 ABSL_FLAG(std::string, config, "", "Cluster config (protobuf text): gives model and every address.");
 ABSL_FLAG(double, step_timeout, 60, "Seconds before a step RPC to the attention worker fails.");
+ABSL_FLAG(std::string, router_name, "",
+          "This router's name on the attention workers. When it starts, they free at once the "
+          "sequences an earlier run of the same name left (a router killed and started again), "
+          "instead of holding their KV rows until --idle_sequence_seconds. Routers running at "
+          "the same time over the same workers need different names. Empty: HOSTNAME/ADDRESS "
+          "(this host's name and --address: the same router started again is the same, one on "
+          "another host or address another; off for a port 0 address); none: off.");
 
 namespace moemesh {
 namespace {
@@ -38,6 +49,18 @@ namespace {
 int Fail(const absl::Status& st) {
   std::cerr << "router: " << st << std::endl;
   return 1;
+}
+
+// --router_name, or its default for a router listening on `address`.
+std::string RouterName(const std::string& address) {
+  const std::string flag = absl::GetFlag(FLAGS_router_name);
+  if (flag == "none") return "";
+  if (!flag.empty()) return flag;
+  // A port the system picks is another each run: no earlier run is known by it.
+  if (absl::EndsWith(address, ":0")) return "";
+  char host[256] = {};
+  if (gethostname(host, sizeof(host) - 1) != 0) host[0] = '\0';
+  return absl::StrCat(host[0] != '\0' ? host : "localhost", "/", address);
 }
 
 int Main() {
@@ -75,6 +98,7 @@ int Main() {
       ConnectAttentionWorkers(attention, absl::GetFlag(FLAGS_step_timeout), 120, &lanes);
   if (!clients.ok()) return Fail(clients.status());
   RouterOptions ro = RouterOptionsFromFlags();
+  ro.name = RouterName(address);
   auto router = Router::Create(tok->get(), *cfg, *gen, lanes, ro);
   if (!router.ok()) return Fail(router.status());
   // Every worker in GetModelInfo: from the cluster config, or (given only --attention) the

@@ -68,8 +68,22 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, con
   }
   auto think_ids = ThinkTokenIds(*tok, cfg, opt.think_tokens);
   if (!think_ids.ok()) return think_ids.status();
+  // Sequence ids unique to this run in their high 31 bits (bit 63 is the workers' own): a
+  // router started while another is still draining on the same workers (a rolling update), or
+  // after one was killed, takes no sequence of the other's over.
+  const uint32_t run = std::random_device()() & 0x7fffffffu;
   std::vector<int64_t> caps, foreign;
-  for (AttentionClient* a : attention) {
+  for (size_t i = 0; i < attention.size(); ++i) {
+    AttentionClient* a = attention[i];
+    if (!opt.name.empty()) {
+      // What an earlier run of this router left (it was killed): free now, before counting.
+      absl::Status st = a->ReleaseStale(opt.name, run);
+      if (!st.ok()) {
+        std::cerr << "router: could not ask attention worker " << i << " to free what an "
+                  << "earlier run of router " << opt.name << " left (" << st.message()
+                  << "); its --idle_sequence_seconds will" << std::endl;
+      }
+    }
     int64_t cap = opt.kv_capacity_tokens, used = 0;
     if (cap <= 0) {
       auto stats = a->GetStats();
@@ -81,13 +95,13 @@ absl::StatusOr<std::unique_ptr<Router>> Router::Create(const Tokenizer* tok, con
     foreign.push_back(used);
   }
   return std::unique_ptr<Router>(
-      new Router(tok, cfg, defaults, std::move(attention), opt, caps, foreign, *think_ids));
+      new Router(tok, cfg, defaults, std::move(attention), opt, caps, foreign, *think_ids, run));
 }
 
 Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
                std::vector<AttentionClient*> attention, const RouterOptions& opt,
                const std::vector<int64_t>& kv_capacity, const std::vector<int64_t>& kv_foreign,
-               std::pair<int32_t, int32_t> think_ids)
+               std::pair<int32_t, int32_t> think_ids, uint32_t run)
     : tok_(tok),
       cfg_(cfg),
       defaults_(defaults),
@@ -95,13 +109,11 @@ Router::Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDef
       think_start_id_(think_ids.first),
       think_end_id_(think_ids.second),
       seed_base_((static_cast<uint64_t>(std::random_device()()) << 32) ^ std::random_device()()),
+      run_(run),
       lanes_(attention.size()) {
   {
-    // Sequence ids unique to this router in their high 31 bits (bit 63 is the workers' own):
-    // a router started while another is still draining on the same workers (a rolling update),
-    // or after one was killed, takes no sequence of the other's over.
     std::lock_guard<std::mutex> l(mu_);
-    next_id_ = (static_cast<uint64_t>(std::random_device()() & 0x7fffffffu) << 32) + 1;
+    next_id_ = (static_cast<uint64_t>(run) << 32) + 1;
   }
   for (size_t i = 0; i < lanes_.size(); ++i) {
     lanes_[i].client = attention[i];
@@ -839,6 +851,10 @@ void Router::Loop(size_t index) {
         in_step.push_back(r);
       }
       releases.swap(lane.to_release);
+    }
+    if (!opt_.name.empty()) {  // noted on the sequences it starts (ReleaseStale)
+      req.set_router(opt_.name);
+      req.set_router_run(run_);
     }
     Deliver(&out);
     if (!releases.empty()) lane.client->Release(releases).IgnoreError();

@@ -41,6 +41,9 @@ class AttentionClient {
   virtual ~AttentionClient() = default;
   virtual absl::Status Step(const wire::StepRequest& req, wire::StepResponse* resp) = 0;
   virtual absl::Status Release(const std::vector<uint64_t>& seq_ids) = 0;
+  // Frees the sequences router `router` started in runs other than `keep_run`
+  // (ReleaseRequest.router).
+  virtual absl::Status ReleaseStale(const std::string& router, uint64_t keep_run) = 0;
   virtual absl::StatusOr<wire::Stats> GetStats() = 0;
   // GetStats without waiting for the answer: `done` gets it once, on any thread, possibly before
   // this returns, possibly after this client is gone. The default calls GetStats here.
@@ -83,6 +86,12 @@ struct RouterOptions {
   // "START,END": the tokens between which SamplingParams::thinking_budget counts. Empty:
   // <think>,</think> when the tokenizer has both (otherwise budgets are refused).
   std::string think_tokens;
+  // This router's name (--router_name). Its steps carry it, with a random id of this run; at
+  // start it asks each attention worker to free the sequences an earlier run of the same name
+  // left (a router killed and started again), which otherwise hold KV rows until the worker's
+  // --idle_sequence_seconds. Routers running at once over the same workers need different
+  // names. Empty: none of this.
+  std::string name;
 };
 
 // The ids of the think markers named by `spec` ("START,END", as --think_tokens). Empty:
@@ -277,7 +286,7 @@ class Router {
   Router(const Tokenizer* tok, const ModelConfig& cfg, const GenerationDefaults& defaults,
          std::vector<AttentionClient*> attention, const RouterOptions& opt,
          const std::vector<int64_t>& kv_capacity, const std::vector<int64_t>& kv_foreign,
-         std::pair<int32_t, int32_t> think_ids);
+         std::pair<int32_t, int32_t> think_ids, uint32_t run);
   // Scheduler of lanes_[lane]: one step after another.
   void Loop(size_t lane);
   // Sends the lane's pending releases, then asks its worker's GetStats for the rows of other
@@ -343,6 +352,7 @@ class Router {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  const uint32_t run_;  // this run's id (StepRequest.router_run): random, and next_id_'s high bits
   std::deque<std::unique_ptr<Request>> waiting_ ABSL_GUARDED_BY(mu_);
   // The lanes' scheduling state is guarded by mu_ (their clients and threads are not touched
   // after construction but by their own thread).
@@ -375,6 +385,10 @@ class LocalAttentionClient : public AttentionClient {
   }
   absl::Status Release(const std::vector<uint64_t>& ids) override {
     w_->Release(ids);
+    return absl::OkStatus();
+  }
+  absl::Status ReleaseStale(const std::string& router, uint64_t keep_run) override {
+    w_->ReleaseStale(router, keep_run);
     return absl::OkStatus();
   }
   absl::StatusOr<wire::Stats> GetStats() override { return w_->GetStats(); }

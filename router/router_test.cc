@@ -77,6 +77,7 @@ class FakeAttention : public AttentionClient {
         seed_[s.seq_id()] = s.sampling().has_seed() ? std::optional<uint64_t>(s.sampling().seed())
                                                     : std::nullopt;
         first_[s.seq_id()] = s;
+        owner_[s.seq_id()] = {req.router(), req.router_run()};
         order_.push_back(s.seq_id());
       }
       EXPECT_EQ(static_cast<int64_t>(kv.size()), s.start_pos()) << "sequence " << s.seq_id();
@@ -105,6 +106,14 @@ class FakeAttention : public AttentionClient {
     std::lock_guard<std::mutex> l(mu_);
     released_ += static_cast<int64_t>(ids.size());
     for (uint64_t id : ids) live_.erase(id);
+    return absl::OkStatus();
+  }
+  // As the real worker: frees the rows of `router`'s sequences from other runs.
+  absl::Status ReleaseStale(const std::string& router, uint64_t keep_run) override {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& [id, owner] : owner_) {
+      if (owner.first == router && owner.second != keep_run) live_.erase(id);
+    }
     return absl::OkStatus();
   }
   absl::StatusOr<wire::Stats> GetStats() override {
@@ -165,6 +174,12 @@ class FakeAttention : public AttentionClient {
     auto it = first_.find(seq);
     return it == first_.end() ? wire::SeqStep() : it->second;
   }
+  // The router name and run a sequence's first step carried.
+  std::pair<std::string, uint64_t> owner(uint64_t seq) const {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = owner_.find(seq);
+    return it == owner_.end() ? std::make_pair(std::string("?"), uint64_t{0}) : it->second;
+  }
   std::vector<int32_t> kv(uint64_t seq) const {
     std::lock_guard<std::mutex> l(mu_);
     auto it = kv_.find(seq);
@@ -213,6 +228,7 @@ class FakeAttention : public AttentionClient {
   std::set<uint64_t> live_;  // sequences holding rows (LimitRows), not yet released
   std::set<uint64_t> seqs_;
   std::map<uint64_t, std::vector<int32_t>> kv_;
+  std::map<uint64_t, std::pair<std::string, uint64_t>> owner_;
   std::map<uint64_t, std::pair<int32_t, int32_t>> think_;
   std::map<uint64_t, std::optional<uint64_t>> seed_;
   std::map<uint64_t, wire::SeqStep> first_;
@@ -763,6 +779,44 @@ TEST_F(RouterTest, AdmitsAroundRowsAWorkerHoldsForOthers) {
   EXPECT_EQ(second.ids().size(), 900u);
   EXPECT_EQ(a.refusals(), 0);
   EXPECT_EQ(router->counters().requeued_no_room, 0);
+}
+
+// A router started again under its name (killed, then restarted) has each worker free at once
+// the sequences its earlier run left, and admits against the whole cache; another router's
+// sequences stay, and are admitted around. Its own steps carry its name and run.
+TEST_F(RouterTest, ARouterStartedAgainFreesWhatItsEarlierRunLeft) {
+  FakeAttention a(1000);
+  a.LimitRows(0);
+  RouterOptions opt;
+  opt.name = "host/127.0.0.1:1";
+  // The earlier run (an id no run takes: runs are below 2^31) and another router each left a
+  // 400-row sequence, as their steps would have.
+  for (const auto& [id, router] : {std::make_pair(uint64_t{1}, opt.name),
+                                   std::make_pair(uint64_t{2}, std::string("host/127.0.0.1:2"))}) {
+    wire::StepRequest req;
+    req.set_router(router);
+    req.set_router_run(uint64_t{1} << 31);
+    wire::SeqStep* s = req.add_seqs();
+    s->set_seq_id(id);
+    s->set_new_sequence(true);
+    for (int i = 0; i < 400; ++i) s->add_tokens(10);
+    wire::StepResponse resp;
+    ASSERT_TRUE(a.Step(req, &resp).ok());
+  }
+  ASSERT_EQ(a.GetStats()->kv_used_tokens(), 800);
+  auto router = Router::Create(tok_.get(), cfg_, gen_, {&a}, opt);
+  ASSERT_TRUE(router.ok()) << router.status();
+  EXPECT_EQ(a.GetStats()->kv_used_tokens(), 400);
+  EXPECT_EQ((*router)->counters().kv_foreign_per_worker, std::vector<int64_t>({400}));
+  // 550 rows fit beside the other router's 400 (not beside the earlier run's 400 as well).
+  Sink sink;
+  auto id = (*router)->Submit(Request(50, 500), &sink);
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ((*router)->counters().running, 1);
+  ASSERT_TRUE(sink.Wait().ok());
+  EXPECT_EQ(sink.ids().size(), 500u);
+  EXPECT_EQ(a.refusals(), 0);
+  EXPECT_EQ(a.owner(*id), std::make_pair(opt.name, *id >> 32));
 }
 
 // A worker that no longer has a running sequence (restarted between two steps, or it released

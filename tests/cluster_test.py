@@ -2353,11 +2353,12 @@ class ClusterCommandTest(unittest.TestCase):
 
     def test_a_killed_router_leaves_no_kv_cache_taken(self):
         """SIGKILL the router while three streams run: their clients get UNAVAILABLE, and
-        `moemesh cluster` starts the router again. Its sequence ids do not reuse the dead
-        router's, and the attention worker releases the dead router's sequences once no step
-        has touched them for --idle_sequence_seconds (2 s here, passed to the attention worker
-        by the command): after a request through the new router, no KV cache row is taken."""
-        p, line, addr = self.start_cluster_command(extra=["--idle_sequence_seconds=2"])
+        `moemesh cluster` starts the router again on its address. Its sequence ids do not reuse
+        the dead router's, and, being the same router (--router_name: host and address), it has
+        the attention worker free the sequences its killed run left before it serves, rather
+        than after --idle_sequence_seconds (600 s here): no KV cache row is taken once it is
+        up, and after a request through it."""
+        p, line, addr = self.start_cluster_command()
         m = re.search(r"attention (%s)" % HOST_PORT, line)
         self.assertIsNotNone(m, "no attention address in the ready line %r" % line)
         with self.explained(p), grpc.insecure_channel(m.group(1)) as ach:
@@ -2367,7 +2368,6 @@ class ClusterCommandTest(unittest.TestCase):
                 return attention.GetStats(wpb2.StatsRequest(), timeout=10)
 
             wait_healthy(addr, proc=p)
-            self.assert_given(p, "--idle_sequence_seconds=2", "/attention_worker")
             router = self.pid_of(p, "/router")
             ch = grpc.insecure_channel(addr)
             stub = pb2_grpc.GenerationStub(ch)
@@ -2394,18 +2394,19 @@ class ClusterCommandTest(unittest.TestCase):
                 lambda: (self.pid_of(p, "/router") or router) != router, 10),
                 "the router was not started again")
             wait_healthy(addr, proc=p)
-            time.sleep(2.5)  # the dead router's sequences are idle past 2 s by now
+            s = stats()
+            self.assertEqual((s.stale_released_sequences, s.idle_released_sequences), (3, 0))
+            self.assertEqual((s.active_sequences, s.kv_used_tokens), (0, 0),
+                             "rows still taken (%d before)" % taken)
             with grpc.insecure_channel(addr) as ch2:
                 ids, greedy = PYDOC_CASES[0]
                 self.assertEqual(greedy_ids(pb2_grpc.GenerationStub(ch2), ids, len(greedy)),
                                  greedy)
-            # The router releases a finished sequence right after its last token goes out:
-            # within a moment, well before the worker's 2 s idle release would take it.
-            poll_until(lambda: stats().active_sequences == 0, 1.5)
-            s = stats()
-            self.assertEqual(s.idle_released_sequences, 3, "the router did not release its own")
-            self.assertEqual((s.active_sequences, s.kv_used_tokens), (0, 0),
-                             "rows still taken (%d before)" % taken)
+            # The router releases a finished sequence right after its last token goes out.
+            self.assertTrue(poll_until(lambda: stats().kv_used_tokens == 0, 10))
+            self.assertEqual(stats().stale_released_sequences, 3)
+            with open(os.path.join(p.logs, "attention.log")) as f:
+                self.assertIn("released 3 sequences of router ", f.read())
 
     def test_dummy_weights_are_the_same_model_in_every_process(self):
         """--load_format=dummy makes each tensor from its name alone: `moemesh cluster` passes the
