@@ -13,10 +13,18 @@
 namespace moemesh {
 
 // Builds and starts a server on `address` ("host:port"; port 0 picks a free one, reported in
-// `bound_address`). InvalidArgument/Unavailable with the address when it cannot listen.
+// `bound_address`). InvalidArgument/Unavailable with the address when it cannot listen, among
+// others when another process listens there: no two servers share a port (gRPC's default,
+// SO_REUSEPORT, would split the calls between them).
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(const std::string& address,
                                                           const std::vector<grpc::Service*>& services,
                                                           std::string* bound_address = nullptr);
+
+// Unavailable when another process listens on `address` ("host:port") now, as a server would
+// find it (port 0, "unix:" and addresses that do not resolve: OK). For a process that must not
+// act before it knows it can serve there (a router, whose start frees what an earlier run under
+// its name left).
+absl::Status CheckCanListen(const std::string& address);
 
 // Blocks until SIGINT or SIGTERM.
 void WaitForSignal();

@@ -99,6 +99,8 @@ int Main() {
   if (!clients.ok()) return Fail(clients.status());
   RouterOptions ro = RouterOptionsFromFlags();
   ro.name = RouterName(address);
+  // Before Create frees what an earlier run under this name left: not while it still serves.
+  if (absl::Status free = CheckCanListen(address); !free.ok()) return Fail(free);
   auto router = Router::Create(tok->get(), *cfg, *gen, lanes, ro);
   if (!router.ok()) return Fail(router.status());
   // Every worker in GetModelInfo: from the cluster config, or (given only --attention) the
