@@ -2357,7 +2357,8 @@ class ClusterCommandTest(unittest.TestCase):
         the dead router's, and, being the same router (--router_name: host and address), it has
         the attention worker free the sequences its killed run left before it serves, rather
         than after --idle_sequence_seconds (600 s here): no KV cache row is taken once it is
-        up, and after a request through it."""
+        up, and after a request through it. A second router started on the address while the
+        first serves stops (the port is in use) and frees nothing."""
         p, line, addr = self.start_cluster_command()
         m = re.search(r"attention (%s)" % HOST_PORT, line)
         self.assertIsNotNone(m, "no attention address in the ready line %r" % line)
@@ -2384,6 +2385,14 @@ class ClusterCommandTest(unittest.TestCase):
             jobs = [Background(lambda ids=ids: run(ids)) for ids, _ in PYDOC_CASES[:3]]
             self.assertTrue(first.wait(60), "no token streamed")
             self.assertTrue(poll_until(lambda: stats().active_sequences == 3, 30))
+            # A second router on the running one's address (its name too) stops, the port in
+            # use, before it frees anything of the first's.
+            second = subprocess.run(
+                [ROUTER, "--config=" + os.path.join(p.logs, "cluster.textproto")],
+                capture_output=True, text=True, timeout=120)
+            self.assertNotEqual(second.returncode, 0, second.stderr)
+            self.assertIn("in use", second.stderr)
+            self.assertEqual((stats().stale_released_sequences, stats().active_sequences), (0, 3))
             os.kill(router, signal.SIGKILL)
             for j in jobs:
                 self.assertEqual(j.join(timeout=60), grpc.StatusCode.UNAVAILABLE)
