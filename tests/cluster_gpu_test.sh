@@ -43,7 +43,8 @@ start() {  # start NAME ARGS... ; waits for "... on HOST:PORT" and prints the ad
   local pid=$!
   echo "$pid" >> "$LOG/pids"
   for _ in $(seq 600); do
-    if a=$(grep -oE "(Generation on|embeddings of .* on|listening on|serving on) [0-9.]+:[0-9]+" "$LOG/$name.log" | head -1 | awk '{print $NF}'); [ -n "$a" ]; then
+    # Complete lines only (a line written in pieces may end "on 127.0.0.1:4" for now).
+    if a=$(head -n "$(wc -l < "$LOG/$name.log")" "$LOG/$name.log" | grep -oE "(Generation on|embeddings of .* on|listening on|serving on) [0-9.]+:[0-9]+" | head -1 | awk '{print $NF}'); [ -n "$a" ]; then
       echo "$a"; return 0
     fi
     kill -0 "$pid" 2>/dev/null || { cat "$LOG/$name.log" >&2; echo "$name exited" >&2; return 1; }

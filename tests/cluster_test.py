@@ -251,13 +251,16 @@ class Proc:
             raise AssertionError("%s exited early%s" % (self.name, self.describe()))
 
     def wait_for(self, regex, stream="err", timeout=START_TIMEOUT):
-        """Waits for `regex` in the process's stdout or stderr; returns the match."""
+        """Waits for `regex` in the complete lines of the process's stdout or stderr; returns
+        the match. (std::cerr writes a line in pieces: "serving ... on cpu (fp32 products),
+        listening" must not pass for the whole line, nor "on 127.0.0.1:4" for its address.)"""
         path = self.err_path if stream == "err" else self.out_path
         pat = re.compile(regex, re.M)
         deadline = time.monotonic() + timeout
         while True:
             with open(path, "rb") as f:
-                m = pat.search(f.read().decode("utf-8", errors="replace"))
+                text = f.read().decode("utf-8", errors="replace")
+            m = pat.search(text[:text.rfind("\n") + 1])
             if m:
                 return m
             if self.p.poll() is not None:
