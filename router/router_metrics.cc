@@ -122,6 +122,14 @@ std::string PrometheusMetrics(const Router::Counters& c,
     reported("moemesh_worker_sampling_seconds_total", "counter",
              "Seconds the attention worker spent sampling.",
              [](const wire::Stats& s) { return s.sampling_seconds(); });
+    reported("moemesh_worker_idle_released_sequences_total", "counter",
+             "Sequences the attention worker released because no step touched them for "
+             "--idle_sequence_seconds (their router went away).",
+             [](const wire::Stats& s) { return static_cast<double>(s.idle_released_sequences()); });
+    reported("moemesh_worker_stale_released_sequences_total", "counter",
+             "Sequences the attention worker released because their router started again "
+             "(--router_name): those its killed run left.",
+             [](const wire::Stats& s) { return static_cast<double>(s.stale_released_sequences()); });
     reported("moemesh_expert_failovers_total", "counter",
              "Calls from the attention worker to expert workers that failed and whose rows went "
              "to replicas.",

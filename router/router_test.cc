@@ -625,11 +625,15 @@ TEST_F(RouterTest, MetricsCountTokensRequestsAndLatencies) {
   w0.set_draft_tokens(3);
   w0.set_accepted_draft_tokens(2);
   w0.set_attention_seconds(0.25);
+  w0.set_idle_released_sequences(4);
+  w0.set_stale_released_sequences(7);
   const std::string with = PrometheusMetrics(c, {w0, absl::UnavailableError("down")});
   for (const char* line : {"moemesh_kv_cache_used_tokens{worker=\"0\"} 5\n",
                            "moemesh_spec_draft_tokens_total{worker=\"0\"} 3\n",
                            "moemesh_spec_accepted_draft_tokens_total{worker=\"0\"} 2\n",
-                           "moemesh_worker_attention_seconds_total{worker=\"0\"} 0.25\n"}) {
+                           "moemesh_worker_attention_seconds_total{worker=\"0\"} 0.25\n",
+                           "moemesh_worker_idle_released_sequences_total{worker=\"0\"} 4\n",
+                           "moemesh_worker_stale_released_sequences_total{worker=\"0\"} 7\n"}) {
     EXPECT_NE(with.find(line), std::string::npos) << line << " not in\n" << with;
   }
   EXPECT_EQ(with.find("moemesh_kv_cache_used_tokens{worker=\"1\"}"), std::string::npos);

@@ -1780,6 +1780,8 @@ class HttpApiTest(unittest.TestCase):
         self.assertEqual(delta("moemesh_spec_draft_tokens_total", worker="0"), 0)
         self.assertEqual(delta("moemesh_expert_failovers_total", worker="0"), 0)
         self.assertEqual(after[("moemesh_expert_workers_down", (("worker", "0"),))], 0)
+        self.assertEqual(delta("moemesh_worker_idle_released_sequences_total", worker="0"), 0)
+        self.assertEqual(delta("moemesh_worker_stale_released_sequences_total", worker="0"), 0)
         self.assertEqual(self.call("POST", "/metrics")[0], 405)
 
     def test_a_client_leaving_mid_stream_cancels_its_request(self):
