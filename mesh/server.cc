@@ -7,7 +7,6 @@
 #include <cerrno>
 #include <csignal>
 #include <chrono>
-#include <cstring>
 #include <thread>
 
 #include "absl/strings/str_cat.h"

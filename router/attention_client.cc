@@ -52,20 +52,21 @@ absl::Status GrpcAttentionClient::Step(const wire::StepRequest& req, wire::StepR
 }
 
 absl::Status GrpcAttentionClient::Release(const std::vector<uint64_t>& seq_ids) {
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx, timeout_);
   wire::ReleaseRequest req;
   for (uint64_t id : seq_ids) req.add_seq_ids(id);
-  wire::ReleaseResponse resp;
-  return Annotate(address_, stub_->Release(&ctx, req, &resp));
+  return CallRelease(req, timeout_);
 }
 
 absl::Status GrpcAttentionClient::ReleaseStale(const std::string& router, uint64_t keep_run) {
-  grpc::ClientContext ctx;
-  SetDeadline(&ctx, kStatsSeconds);
   wire::ReleaseRequest req;
   req.set_router(router);
   req.set_router_run(keep_run);
+  return CallRelease(req, kStatsSeconds);
+}
+
+absl::Status GrpcAttentionClient::CallRelease(const wire::ReleaseRequest& req, double seconds) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, seconds);
   wire::ReleaseResponse resp;
   return Annotate(address_, stub_->Release(&ctx, req, &resp));
 }

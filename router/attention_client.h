@@ -29,6 +29,8 @@ class GrpcAttentionClient : public AttentionClient {
   static constexpr double kStatsSeconds = 5;
 
  private:
+  absl::Status CallRelease(const wire::ReleaseRequest& req, double seconds);
+
   const std::string address_;
   const double timeout_;
   std::unique_ptr<wire::Attention::Stub> stub_;

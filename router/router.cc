@@ -523,27 +523,7 @@ void Router::Requeue(size_t index, const absl::Status& st, std::vector<Outgoing>
   }
   lane.down = true;
   lane.AskAgainIn(lane.retry_seconds);
-  std::deque<std::unique_ptr<Request>> moved;
-  for (auto& rp : lane.running) {
-    Request* r = rp.get();
-    if (r->sink == nullptr) continue;
-    if (r->cancelled) {
-      Finish(r, moemesh::v1::FINISH_REASON_CANCELLED, "", out);
-      continue;
-    }
-    if (r->moves >= opt_.max_moves) {
-      Fail(r, failed, out);
-      continue;
-    }
-    Unadmit(r);  // its sequence is released on this worker once it answers again
-    ++r->moves;
-    ++counters_.moved;
-    moved.push_back(std::move(rp));
-  }
-  lane.running.clear();
-  // Ahead of the queue, in their order: they were admitted before anything waiting.
-  waiting_.insert(waiting_.begin(), std::make_move_iterator(moved.begin()),
-                  std::make_move_iterator(moved.end()));
+  TakeBack(index, nullptr, failed, /*move=*/true, out);
   outage_status_ = failed;
   if (!outage_ && std::all_of(lanes_.begin(), lanes_.end(), [](const Lane& l) { return l.down; })) {
     outage_ = true;
@@ -553,52 +533,64 @@ void Router::Requeue(size_t index, const absl::Status& st, std::vector<Outgoing>
   Admit();
 }
 
-void Router::Unadmit(Request* r) {
-  Unreserve(r);
-  r->lane = -1;
-  r->started = false;
-  r->prefilled = 0;
-  r->replay = std::max<int64_t>(static_cast<int64_t>(r->generated.size()) - 1, 0);
+size_t Router::TakeBack(size_t index, const std::vector<Request*>* which,
+                        const absl::Status& why, bool move, std::vector<Outgoing>* out) {
+  Lane& lane = lanes_[index];
+  std::deque<std::unique_ptr<Request>> back;
+  for (auto& rp : lane.running) {
+    Request* r = rp.get();
+    if (r->sink == nullptr ||
+        (which != nullptr && std::find(which->begin(), which->end(), r) == which->end())) {
+      continue;
+    }
+    if (r->cancelled) {
+      Finish(r, moemesh::v1::FINISH_REASON_CANCELLED, "", out);
+      continue;
+    }
+    if (move && r->moves >= opt_.max_moves) {
+      Fail(r, why, out);
+      continue;
+    }
+    Unreserve(r);  // its sequence is released on this worker (once it answers again)
+    r->lane = -1;
+    r->started = false;
+    r->prefilled = 0;
+    r->replay = std::max<int64_t>(static_cast<int64_t>(r->generated.size()) - 1, 0);
+    if (move) {
+      ++r->moves;
+      ++counters_.moved;
+    } else {
+      ++counters_.requeued_no_room;
+    }
+    back.push_back(std::move(rp));
+  }
+  // Those taken back, and those that ended.
+  lane.running.erase(std::remove_if(lane.running.begin(), lane.running.end(),
+                                    [](const auto& r) { return r == nullptr || r->sink == nullptr; }),
+                     lane.running.end());
+  // Ahead of the queue, in their order: they were admitted before anything waiting.
+  const size_t n = back.size();
+  waiting_.insert(waiting_.begin(), std::make_move_iterator(back.begin()),
+                  std::make_move_iterator(back.end()));
+  return n;
 }
 
 void Router::SendBack(size_t index, const std::vector<Request*>& which, const absl::Status& why,
                       bool no_room, std::vector<Outgoing>* out) {
   Lane& lane = lanes_[index];
-  std::deque<std::unique_ptr<Request>> back;
-  for (auto& rp : lane.running) {
-    Request* r = rp.get();
-    if (r->sink == nullptr || std::find(which.begin(), which.end(), r) == which.end()) continue;
-    if (r->cancelled) {
-      Finish(r, moemesh::v1::FINISH_REASON_CANCELLED, "", out);
-      continue;
-    }
-    if (!no_room && r->moves >= opt_.max_moves) {
-      Fail(r, why, out);
-      continue;
-    }
-    Unadmit(r);
-    if (no_room) {
-      ++counters_.requeued_no_room;
-    } else {
-      ++r->moves;
-      ++counters_.moved;
-    }
-    back.push_back(std::move(rp));
-  }
-  lane.running.erase(std::remove(lane.running.begin(), lane.running.end(), nullptr),
-                     lane.running.end());
+  const size_t back = TakeBack(index, &which, why, /*move=*/!no_room, out);
   if (!no_room) {
-    if (!back.empty()) {
+    if (back > 0) {
       std::cerr << "router: attention worker " << index << " no longer has the sequences of "
-                << back.size() << " of its requests (" << why.message()
+                << back << " of its requests (" << why.message()
                 << ": it was restarted, or released them after --idle_sequence_seconds); they "
                    "start again from the queue"
                 << std::endl;
     }
   } else {
-    if (!back.empty() && lane.foreign == 0) {
+    if (back > 0 && lane.foreign == 0) {
       std::cerr << "router: attention worker " << index << " has no KV cache room for "
-                << back.size() << " of its requests (" << why.message()
+                << back << " of its requests (" << why.message()
                 << "): it holds sequences this router does not run (another router's, or a "
                    "stopped one's until --idle_sequence_seconds); they go back to the queue"
                 << std::endl;
@@ -608,9 +600,6 @@ void Router::SendBack(size_t index, const std::vector<Request*>& which, const ab
         {lane.foreign, lane.kv_capacity - lane.kv_reserved, int64_t{1}});
     lane.foreign_check = std::chrono::steady_clock::now();
   }
-  // Ahead of the queue, in their order: they were admitted before anything waiting.
-  waiting_.insert(waiting_.begin(), std::make_move_iterator(back.begin()),
-                  std::make_move_iterator(back.end()));
 }
 
 void Router::CheckForeignRows(size_t index, std::unique_lock<std::mutex>& l) {
@@ -852,7 +841,8 @@ void Router::Loop(size_t index) {
       }
       releases.swap(lane.to_release);
     }
-    if (!opt_.name.empty()) {  // noted on the sequences it starts (ReleaseStale)
+    // Noted on the sequences the step starts (ReleaseStale); only those read it.
+    if (!opt_.name.empty() && std::find(fresh.begin(), fresh.end(), true) != fresh.end()) {
       req.set_router(opt_.name);
       req.set_router_run(run_);
     }

@@ -300,9 +300,13 @@ class Router {
   // sequences) they count as moved (failing those that moved max_moves times).
   void SendBack(size_t lane, const std::vector<Request*>& which, const absl::Status& why,
                 bool no_room, std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Takes `r` (running) off its worker, to start again from the queue: frees its reservation,
-  // queues its sequence's release, and sets it to replay its generated tokens.
-  void Unadmit(Request* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Takes lane `lane`'s running requests in `which` (every one when null) off it, to start
+  // again from the queue's head, in their order, replaying their generated tokens (their
+  // reservations freed, their sequences' releases queued); drops its ended ones. Cancelled ones
+  // finish. With `move` each counts as a move, and those that moved max_moves times fail with
+  // `why`; otherwise each counts as requeued for want of room. Returns how many went back.
+  size_t TakeBack(size_t lane, const std::vector<Request*>* which, const absl::Status& why,
+                  bool move, std::vector<Outgoing>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves waiting requests, in order, to the lane with the most free KV cache that has room
   // for them; stops at the first that fits nowhere yet. Wakes the lanes.
   void Admit() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
