@@ -583,33 +583,36 @@ int64_t AttentionWorker::Release(const std::vector<uint64_t>& seq_ids) {
 
 int64_t AttentionWorker::ReleaseStale(const std::string& router, uint64_t keep_run) {
   std::lock_guard<std::mutex> lock(mu_);
-  std::vector<uint64_t> stale;
-  for (const auto& [id, st] : seqs_) {
-    if (st->router == router && st->router_run != keep_run) stale.push_back(id);
-  }
-  if (stale.empty()) return 0;
-  ReleaseLocked(stale);
-  stale_released_ += static_cast<int64_t>(stale.size());
-  std::cerr << "attention_worker: released " << stale.size() << " sequences of router " << router
+  const int64_t n = ReleaseWhere([&](const SeqState& st) {
+    return st.router == router && st.router_run != keep_run;
+  });
+  if (n == 0) return 0;
+  stale_released_ += n;
+  std::cerr << "attention_worker: released " << n << " sequences of router " << router
             << "'s earlier run (it started again)" << std::endl;
-  return static_cast<int64_t>(stale.size());
+  return n;
 }
 
 void AttentionWorker::ReleaseIdle() {
   if (idle_sequence_seconds_ <= 0) return;
   const auto now = Clock::now();
-  std::vector<uint64_t> idle;
-  for (const auto& [id, st] : seqs_) {
-    if (std::chrono::duration<double>(now - st->last_step).count() > idle_sequence_seconds_) {
-      idle.push_back(id);
-    }
-  }
-  if (idle.empty()) return;
-  ReleaseLocked(idle);
-  idle_released_ += static_cast<int64_t>(idle.size());
-  std::cerr << "attention_worker: released " << idle.size() << " sequences no step touched for "
+  const int64_t n = ReleaseWhere([&](const SeqState& st) {
+    return std::chrono::duration<double>(now - st.last_step).count() > idle_sequence_seconds_;
+  });
+  if (n == 0) return;
+  idle_released_ += n;
+  std::cerr << "attention_worker: released " << n << " sequences no step touched for "
             << idle_sequence_seconds_ << " s (--idle_sequence_seconds: their router is gone)"
             << std::endl;
+}
+
+int64_t AttentionWorker::ReleaseWhere(const std::function<bool(const SeqState&)>& which) {
+  std::vector<uint64_t> ids;
+  for (const auto& [id, st] : seqs_) {
+    if (which(*st)) ids.push_back(id);
+  }
+  ReleaseLocked(ids);
+  return static_cast<int64_t>(ids.size());
 }
 
 void AttentionWorker::ReleaseLocked(const std::vector<uint64_t>& seq_ids) {

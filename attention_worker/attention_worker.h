@@ -6,6 +6,7 @@
 #define MOEMESH_ATTENTION_WORKER_ATTENTION_WORKER_H_
 
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -147,6 +148,9 @@ class AttentionWorker {
   void ReleaseLocked(const std::vector<uint64_t>& seq_ids) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Releases the sequences idle past Options::idle_sequence_seconds.
   void ReleaseIdle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Releases the sequences `which` picks; returns how many.
+  int64_t ReleaseWhere(const std::function<bool(const SeqState&)>& which)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t LiveTokens() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return cache_->used_tokens() - prefix_tokens_;
   }
